@@ -1,0 +1,3 @@
+from portcullis.cli import main
+
+raise SystemExit(main())

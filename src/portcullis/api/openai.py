@@ -1,0 +1,58 @@
+"""The OpenAI-compatible endpoints. Each handler reads top to bottom like the request path in DESIGN.md:
+
+    read body (capped) → parse once → validate → look up the model → forward upstream → relay
+
+Stages still to come (identity, quotas, moderation, cache, routing, admission) slot in between, in order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from portcullis.http import Request
+from portcullis.safety import validation
+from portcullis.upstream.exchange import Exchange
+from portcullis.upstream.proxy import forward
+
+if TYPE_CHECKING:
+    from portcullis.app import Gateway
+
+
+async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
+    body = await req.read_body(gw.config.server.max_body_bytes)
+    payload = validation.parse_json_object(body, gw.config.validation)
+    chat = validation.validate_chat(payload, gw.config.validation)
+    ex.model, ex.stream = chat.model, bool(chat.stream)
+    replicas = gw.catalog.replicas_for(chat.model)
+    await forward(req, ex, path="/v1/chat/completions", payload=payload, replicas=replicas, model=chat.model)
+
+
+async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
+    body = await req.read_body(gw.config.server.max_body_bytes)
+    payload = validation.parse_json_object(body, gw.config.validation)
+    completion = validation.validate_completion(payload, gw.config.validation)
+    ex.model, ex.stream = completion.model, bool(completion.stream)
+    replicas = gw.catalog.replicas_for(completion.model)
+    await forward(req, ex, path="/v1/completions", payload=payload, replicas=replicas, model=completion.model)
+
+
+async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
+    body = await req.read_body(gw.config.server.max_body_bytes)
+    payload = validation.parse_json_object(body, gw.config.validation)
+    embedding = validation.validate_embedding(payload, gw.config.validation)
+    ex.model = embedding.model
+    replicas = gw.catalog.replicas_for(embedding.model)
+    await forward(req, ex, path="/v1/embeddings", payload=payload, replicas=replicas, model=embedding.model)
+
+
+async def list_models(gw: Gateway, req: Request, ex: Exchange) -> None:
+    created = int(gw.started_at)
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "portcullis"} for name in gw.catalog.models]
+    await req.respond_json(200, {"object": "list", "data": data})
+
+
+async def get_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
+    gw.catalog.replicas_for(model)  # 404 model_not_found when unknown
+    await req.respond_json(
+        200, {"id": model, "object": "model", "created": int(gw.started_at), "owned_by": "portcullis"}
+    )

@@ -1,0 +1,212 @@
+"""`portcullis` command line: serve, sim, config check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from portcullis.config import Config, ConfigError, demo_config, load_config
+from portcullis.server import DrainingServer, QuietServer, bound_port, uvicorn_config
+
+
+def _add_listen_args(p: argparse.ArgumentParser, default_port: int | None) -> None:
+    p.add_argument("--host", default=None, help="address to listen on (default: from the config, or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=default_port, help="port to listen on (0 picks a free one)")
+    p.add_argument("--fd", type=int, default=None, help="serve on an already-bound listening socket (its fd)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="portcullis", description="A gateway for self-hosted LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=os.environ.get("PORTCULLIS_CONFIG"), help="YAML config file")
+    serve.add_argument("--demo", action="store_true", help="embedded defaults with the simulator as backend")
+    _add_listen_args(serve, None)
+
+    sim = sub.add_parser("sim", help="run the llama-server simulator")
+    _add_listen_args(sim, 8080)
+    sim.add_argument("--slots", type=int, default=4)
+    sim.add_argument("--n-ctx", type=int, default=4096, help="context per slot, in tokens")
+    sim.add_argument("--model-alias", default="sim-model.gguf")
+    sim.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
+    sim.add_argument("--tokens-per-s", type=float, default=0.0, help="generation speed (0: no delay)")
+    sim.add_argument("--default-max-tokens", type=int, default=32)
+    sim.add_argument("--embedding-dim", type=int, default=64)
+    sim.add_argument("--loading-s", type=float, default=0.0, help="answer 503 'Loading model' this long")
+    sim.add_argument("--ping-interval-s", type=float, default=0.0, help="send ':' keep-alive pings in streams")
+    sim.add_argument("--error-rate", type=float, default=0.0)
+    sim.add_argument("--unavailable-rate", type=float, default=0.0)
+    sim.add_argument("--hang-rate", type=float, default=0.0)
+    sim.add_argument("--drop-rate", type=float, default=0.0, help="streams cut after --fault-after-tokens")
+    sim.add_argument("--stream-error-rate", type=float, default=0.0)
+    sim.add_argument("--fault-after-tokens", type=int, default=2)
+    sim.add_argument("--fixed", action="store_true", help="answer every completion at once with a canned body")
+    sim.add_argument("--stamp-chunks", action="store_true", help="add sim_emitted_at to every stream chunk")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "config":
+        return _config_check(args.file)
+    if args.command == "sim":
+        return _run_sim(args)
+    return _serve(args)
+
+
+def _config_check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    replicas = sum(len(m.deployments) for m in config.models.values())
+    print(f"{path}: ok ({len(config.models)} model(s), {replicas} deployment(s))")
+    return 0
+
+
+def _run_sim(args: argparse.Namespace) -> int:
+    from portcullis.sim.simulator import SimSettings, Simulator
+
+    settings = SimSettings(
+        slots=args.slots,
+        n_ctx=args.n_ctx,
+        model_alias=args.model_alias,
+        ttft_ms=args.ttft_ms,
+        tokens_per_s=args.tokens_per_s,
+        default_max_tokens=args.default_max_tokens,
+        embedding_dim=args.embedding_dim,
+        loading_s=args.loading_s,
+        ping_interval_s=args.ping_interval_s,
+        error_rate=args.error_rate,
+        unavailable_rate=args.unavailable_rate,
+        hang_rate=args.hang_rate,
+        drop_rate=args.drop_rate,
+        stream_error_rate=args.stream_error_rate,
+        fault_after_tokens=args.fault_after_tokens,
+        fixed=args.fixed,
+        stamp_chunks=args.stamp_chunks,
+    )
+    import uvicorn
+
+    config = uvicorn_config(
+        Simulator(settings),
+        host=args.host or "127.0.0.1",
+        port=args.port,
+        fd=args.fd,
+        keep_alive_s=75,
+        log_level="warning",
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from portcullis.obs.logging import configure_logging
+
+    if not args.demo and not args.config:
+        print("portcullis serve: give --config FILE (or PORTCULLIS_CONFIG), or --demo", file=sys.stderr)
+        return 2
+    config: Config | None = None
+    if not args.demo:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(exc.render(), file=sys.stderr)
+            return 1
+    configure_logging(config.server.log_level if config else "info")
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve_async(args, config))
+
+
+async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
+    from portcullis.app import create_app
+    from portcullis.server import DrainingServer, uvicorn_config
+
+    sim_server = None
+    sim_task = None
+    if config is None:  # --demo: start the simulator in this process, on a free loopback port
+        from portcullis.sim.simulator import SimSettings, Simulator
+
+        sim_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sim_sock.bind(("127.0.0.1", 0))
+        sim_port = sim_sock.getsockname()[1]
+        sim_server = QuietServer(
+            uvicorn_config(
+                Simulator(SimSettings(model_alias="demo.gguf", ttft_ms=80, tokens_per_s=40)),
+                host="127.0.0.1",
+                port=sim_port,
+                fd=None,
+                keep_alive_s=75,
+            )
+        )
+        sim_task = asyncio.create_task(sim_server.serve(sockets=[sim_sock]))
+        while not sim_server.started:
+            if sim_task.done():
+                return 1
+            await asyncio.sleep(0.01)
+        config = demo_config(f"http://127.0.0.1:{sim_port}")
+
+    gateway = create_app(config)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    server = DrainingServer(
+        uvicorn_config(gateway, host=host, port=port, fd=args.fd, keep_alive_s=config.server.keep_alive_s),
+        on_drain=gateway.begin_drain,
+        on_deadline=gateway.cut_in_flight,
+        drain_grace_s=config.server.drain_grace_s,
+        shutdown_timeout_s=config.server.shutdown_timeout_s,
+    )
+    if args.demo:
+        asyncio.get_running_loop().create_task(_demo_banner(server))
+    await server.serve()
+    if sim_server is not None and sim_task is not None:
+        sim_server.should_exit = True
+        await sim_task
+    return 0 if server.started else 3
+
+
+async def _demo_banner(server: DrainingServer) -> None:
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag
+        await asyncio.sleep(0.05)
+    port = bound_port(server)
+    base = f"http://127.0.0.1:{port}/v1"
+    print(
+        f"""
+Portcullis demo gateway is up on {base} (backend: the built-in llama-server simulator).
+
+  curl {base}/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "demo", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='demo')
+r = c.chat.completions.create(model='demo', messages=[{{'role': 'user', 'content': 'Hi'}}])
+print(r.choices[0].message.content)"
+
+Models: demo (chat, completions), demo-embed (embeddings). Metrics: http://127.0.0.1:{port}/metrics
+Stop with Ctrl-C.
+""",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _port_of(server) -> int | None:
+    from portcullis.server import bound_port
+
+    return bound_port(server)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

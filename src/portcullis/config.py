@@ -1,0 +1,242 @@
+"""The configuration: one YAML file, validated once at startup, overridable from the environment.
+
+Every section is a frozen pydantic model that forbids unknown keys: a typo is an error that names the
+file, the field path and the reason, never a silently ignored setting. Secrets are never values in the
+file: a deployment names the environment variable (`api_key_env`) or the file (`api_key_file`) that
+holds its key.
+
+Environment overrides: `PORTCULLIS_<SECTION>__<FIELD>[__<FIELD>...]=value`, for example
+`PORTCULLIS_SERVER__PORT=9000`. Values are parsed as YAML scalars (so `true`, `3`, `[a, b]` work).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "PORTCULLIS_"
+# Variables with the prefix that are not config overrides.
+_ENV_NOT_OVERRIDES = {"PORTCULLIS_CONFIG"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    # On SIGTERM /readyz turns 503 at once; the listener stays open this long so load balancers
+    # notice before connections are refused.
+    drain_grace_s: float = Field(5.0, ge=0)
+    # From SIGTERM, how long in-flight requests and streams may run before they are cut (a cut
+    # stream ends with an error event).
+    shutdown_timeout_s: PositiveFloat = 30.0
+    access_log: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Keep-alive for client connections (seconds idle before the server closes one).
+    keep_alive_s: PositiveFloat = 75.0
+
+
+class ValidationLimits(_Section):
+    max_messages: int = Field(2048, ge=1)
+    max_message_chars: int = Field(1_000_000, ge=1)
+    max_total_chars: int = Field(4_000_000, ge=1)
+    max_tokens_ceiling: int | None = Field(None, ge=1)
+    max_json_depth: int = Field(32, ge=2, le=256)
+    max_embedding_inputs: int = Field(2048, ge=1)
+
+
+class UpstreamTimeouts(_Section):
+    connect_s: PositiveFloat = 5.0
+    # Longest silence between two reads from the upstream (not the whole response: a long
+    # generation is fine as long as bytes keep coming).
+    read_s: PositiveFloat = 300.0
+    # Longest wait for a free pooled connection.
+    pool_s: PositiveFloat = 10.0
+
+
+class UpstreamConfig(_Section):
+    timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    max_connections_per_replica: int = Field(1024, ge=1)
+    keepalive_s: PositiveFloat = 30.0
+
+
+class HealthConfig(_Section):
+    interval_s: PositiveFloat = 2.0
+    timeout_s: PositiveFloat = 2.0
+    # Wait this long at startup for a first probe of every replica before serving.
+    startup_probe_timeout_s: float = Field(5.0, ge=0)
+
+
+class DeploymentConfig(_Section):
+    url: str
+    kind: Literal["llama_cpp", "openai"] = "llama_cpp"
+    upstream_model: str | None = None
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    weight: int = Field(1, ge=1)
+    name: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> DeploymentConfig:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        return self
+
+    def api_key(self) -> str | None:
+        """The upstream's key, read from the environment or a file (never from the config itself)."""
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env)
+        if self.api_key_file:
+            return self.api_key_file.read_text().strip()
+        return None
+
+
+class ModelConfig(_Section):
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    validation: ValidationLimits = ValidationLimits()
+    upstream: UpstreamConfig = UpstreamConfig()
+    health: HealthConfig = HealthConfig()
+    models: dict[str, ModelConfig] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for name in value:
+            if not name or len(name) > 256 or any(c.isspace() for c in name):
+                raise ValueError(f"model name {name!r} must be 1-256 characters without spaces")
+        return value
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. `problems` is a list of (field path, reason)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: invalid configuration ({len(self.problems)} error(s))"]
+        lines += [f"  {self.source}: {path or '(root)'}: {reason}" for path, reason in self.problems]
+        return "\n".join(lines)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown key"
+        out.append((_field_path(err["loc"]), reason))
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn PORTCULLIS_A__B=v into {"a": {"b": v}}."""
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_OVERRIDES or "__" not in key:
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(data: Any, *, source: str, environ: Mapping[str, str] | None = None) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("", "the file must hold a mapping at the top level")])
+    overrides = env_overrides(os.environ if environ is None else environ)
+    if overrides:
+        data = _merge(data, overrides)
+        source = f"{source} (+ {ENV_PREFIX}* environment)"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from exc
+
+
+def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(source, [("", f"cannot read the file: {exc.strerror}")]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(source, [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from exc
+    return build_config(data, source=source, environ=environ)
+
+
+def demo_config(sim_url: str) -> Config:
+    """Embedded defaults for `serve --demo`: one chat model and one embedding model on the simulator."""
+    return build_config(
+        {
+            "server": {"drain_grace_s": 0.5, "shutdown_timeout_s": 10},
+            "models": {
+                "demo": {"deployments": [{"url": sim_url, "name": "sim"}]},
+                "demo-embed": {"deployments": [{"url": sim_url, "name": "sim"}]},
+            },
+        },
+        source="(demo defaults)",
+    )

@@ -1,0 +1,103 @@
+"""The gateway's one error tree, and the one place it becomes OpenAI-shaped JSON.
+
+    GatewayError                      status  type                     code
+     ├── InvalidRequest               400     invalid_request_error    (varies; param names the field)
+     │    └── ContextLengthExceeded   400     invalid_request_error    context_length_exceeded
+     ├── NotFound                     404     invalid_request_error    model_not_found / not_found
+     ├── MethodNotAllowed             405     invalid_request_error    method_not_allowed
+     ├── PayloadTooLarge              413     invalid_request_error    request_too_large
+     ├── UpstreamError                (the upstream's status, normalised)
+     ├── BadGateway                   502     server_error             upstream_unreachable
+     ├── ServiceUnavailable           503     server_error             no_ready_replica / model_loading / ...
+     └── GatewayTimeout               504     server_error             upstream_timeout
+
+The `openai` SDK picks its exception class from the status alone (400 BadRequestError, 404
+NotFoundError, 413 APIStatusError, 429 RateLimitError, >=500 InternalServerError), so the status is
+the contract; type/code/param refine it for humans and for code that inspects `err.code`.
+Third-party errors (aiohttp, pydantic) are translated into this tree at the boundary that sees them.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, type=self.type, code=self.code, param=self.param)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(GatewayError):
+    """An error answer from the upstream, already normalised to the OpenAI shape."""
+
+
+class BadGateway(GatewayError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    code = "service_unavailable"
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+    code = "upstream_timeout"
+
+
+def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> bytes:
+    """The OpenAI error JSON. Every error the gateway emits, in a body or an SSE event, goes through here."""
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})

@@ -1,0 +1,126 @@
+"""The HTTP layer: a request object over raw ASGI, the body cap enforced while reading, responses.
+
+Plain ASGI rather than a framework: the benchmark target is a bare uvicorn + aiohttp pass-through,
+and routing here is a dict lookup on (method, path). Nothing in this module buffers a streamed body.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from portcullis.errors import GatewayError, PayloadTooLarge
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class Request:
+    """One HTTP request. Holds what every stage needs and nothing it has to compute twice."""
+
+    __slots__ = (
+        "_body_read",
+        "_headers",
+        "disconnected",
+        "method",
+        "path",
+        "receive",
+        "request_id",
+        "response_headers",
+        "scope",
+        "send",
+        "started",
+        "status",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.started = time.perf_counter()
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self._headers: dict[bytes, bytes] | None = None
+        self._body_read = False
+        self.status = 0
+        self.disconnected = False
+        rid = self.header(b"x-request-id")
+        self.request_id = rid.decode() if rid and _REQUEST_ID_OK.match(rid) else os.urandom(12).hex()
+        self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.request_id.encode())]
+
+    def header(self, name: bytes) -> bytes | None:
+        if self._headers is None:
+            self._headers = dict(self.scope["headers"])
+        return self._headers.get(name)
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, refusing with 413 as soon as it is known to exceed `limit` bytes."""
+        declared = self.header(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"The request body is {int(declared)} bytes; the limit is {limit}.")
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        self._body_read = True
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def wait_disconnect(self) -> None:
+        """Returns when the client goes away. Only call once the body has been read."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                return
+
+    async def respond(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = JSON_HEADERS) -> None:
+        self.status = status
+        await self.send({"type": "http.response.start", "status": status, "headers": self.response_headers + headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def respond_json(self, status: int, value: Any) -> None:
+        await self.respond(status, orjson.dumps(value))
+
+    async def respond_error(self, error: GatewayError) -> None:
+        extra = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+        await self.respond(error.status, error.body(), JSON_HEADERS + extra)
+
+    async def start_stream(self, status: int = 200) -> None:
+        self.status = status
+        await self.send(
+            {"type": "http.response.start", "status": status, "headers": self.response_headers + SSE_HEADERS}
+        )
+
+    async def stream_chunk(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end_stream(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class ClientDisconnected(Exception):
+    """The client went away; nothing more can be sent to it."""

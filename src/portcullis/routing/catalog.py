@@ -1,0 +1,93 @@
+"""The catalog: logical model names → their replicas (one per configured deployment), with live state.
+
+A `Replica` is shared data: the prober writes its health and capacity, the balancer reads them, the
+upstream stage counts its in-flight requests. Nobody else mutates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from portcullis.config import Config, DeploymentConfig
+from portcullis.errors import NotFound
+
+if TYPE_CHECKING:
+    from portcullis.upstream.client import UpstreamClient
+
+
+class ReplicaState(StrEnum):
+    UNKNOWN = "unknown"  # not probed yet
+    READY = "ready"
+    WARMING = "warming"  # llama-server answers 503 "Loading model": alive, not serving yet
+    DOWN = "down"  # no answer, or an unexpected one
+
+
+@dataclass(eq=False, slots=True)
+class Replica:
+    model: str
+    name: str
+    url: str
+    kind: str  # "llama_cpp" | "openai"
+    upstream_model: str | None
+    weight: int
+    api_key: str | None = field(default=None, repr=False)
+    state: ReplicaState = ReplicaState.UNKNOWN
+    in_flight: int = 0
+    # llama-server's parallel slots (/props total_slots); for other backends the configured weight.
+    slots: int = 1
+    n_ctx: int | None = None  # context per slot, when the upstream tells
+    last_error: str | None = None
+    client: UpstreamClient | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.slots if self.kind == "llama_cpp" else self.weight
+
+    @classmethod
+    def from_config(cls, model: str, index: int, dep: DeploymentConfig) -> Replica:
+        parts = urlsplit(dep.url)
+        name = dep.name or f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        return cls(
+            model=model,
+            name=name,
+            url=dep.url,
+            kind=dep.kind,
+            upstream_model=dep.upstream_model,
+            weight=dep.weight,
+            api_key=dep.api_key(),
+        )
+
+
+class Catalog:
+    def __init__(self, models: dict[str, list[Replica]]) -> None:
+        self.models = models
+
+    @classmethod
+    def from_config(cls, config: Config) -> Catalog:
+        return cls(
+            {
+                name: [Replica.from_config(name, i, dep) for i, dep in enumerate(model.deployments)]
+                for name, model in config.models.items()
+            }
+        )
+
+    def replicas_for(self, model: str) -> list[Replica]:
+        replicas = self.models.get(model)
+        if replicas is None:
+            raise NotFound(
+                f"The model '{model}' does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        return replicas
+
+    def all_replicas(self) -> list[Replica]:
+        return [r for replicas in self.models.values() for r in replicas]
+
+    def unready_models(self) -> list[str]:
+        return [
+            name for name, replicas in self.models.items() if not any(r.state is ReplicaState.READY for r in replicas)
+        ]

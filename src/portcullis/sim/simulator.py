@@ -1,0 +1,573 @@
+"""A llama-server stand-in: same endpoints, same wire format, same habits, no model.
+
+What it reproduces from llama.cpp's tools/server:
+  - N parallel slots; requests beyond them wait silently and without bound (llama-server's queue);
+  - a context of `n_ctx` tokens per slot: a longer prompt is refused with its
+    `exceed_context_size_error` (400, with n_prompt_tokens and n_ctx), generation stops at the end;
+  - `/health` 503 `{"error": {"message": "Loading model", ...}}` during a loading phase (every other
+    endpoint answers the same, as the real server does);
+  - streams of `data: {...}` chunks: a role chunk, content deltas, a finish chunk, the usage chunk
+    (`choices: []`) only with `stream_options.include_usage`, `timings` on the last chunk, `[DONE]`;
+    optional `:` keep-alive pings; a mid-stream error as `data: {"error": ...}` without `[DONE]`;
+  - `/props` (total_slots, default_generation_settings.n_ctx), `/slots`, `/metrics` (llamacpp:*),
+    `/v1/models`, `/tokenize`, `/v1/embeddings`.
+Output is deterministic for `temperature: 0` (and for a given `seed`). Faults can be injected by
+probability, at start-up or at run time through `POST /sim/control`; `GET /sim/stats` counts what
+happened (tests use it to see, for instance, that a client disconnect cancelled the generation).
+`fixed` mode answers every completion at once with a canned body: an upstream that is never the
+bottleneck of a benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+Scope = dict[str, Any]
+
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while llamas graze on quiet hills and servers hum "
+    "softly through the night as tokens flow from slot to slot in patient order every answer "
+    "finds its way home"
+).split()
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+@dataclass
+class SimSettings:
+    slots: int = 4
+    n_ctx: int = 4096
+    model_alias: str = "sim-model.gguf"
+    ttft_ms: float = 0.0
+    tokens_per_s: float = 0.0  # 0 = no delay between tokens
+    default_max_tokens: int = 32
+    embedding_dim: int = 64
+    loading_s: float = 0.0
+    ping_interval_s: float = 0.0
+    # fault injection, each a probability per request
+    error_rate: float = 0.0  # 500 before anything is sent
+    unavailable_rate: float = 0.0  # 503 before anything is sent
+    hang_rate: float = 0.0  # accept, then never answer
+    drop_rate: float = 0.0  # streams: cut the connection after `fault_after_tokens`
+    stream_error_rate: float = 0.0  # streams: a `data: {"error": ...}` event after `fault_after_tokens`
+    fault_after_tokens: int = 2
+    fixed: bool = False
+    stamp_chunks: bool = False  # add `sim_emitted_at` (time.time()) to every chunk
+
+
+def tokenize(text: str) -> list[int]:
+    return [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=2).digest(), "big") for t in _TOKEN_RE.findall(text)]
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+class _Drop(Exception):
+    """Raised inside a response to make the server drop the connection."""
+
+
+class Simulator:
+    def __init__(self, settings: SimSettings | None = None) -> None:
+        self.settings = settings or SimSettings()
+        self.started = time.monotonic()
+        self.loading_until = self.started + self.settings.loading_s
+        self._slots = asyncio.Semaphore(self.settings.slots)
+        self._slot_busy = [False] * self.settings.slots
+        self.stats = {
+            "requests": 0,
+            "completed": 0,
+            "cancelled": 0,
+            "active": 0,
+            "waiting": 0,
+            "max_active": 0,
+            "prompt_tokens": 0,
+            "predicted_tokens": 0,
+        }
+        self._fixed_chat = b""
+        self._fixed_completion = b""
+        self._prepare_fixed()
+
+    # -- ASGI ---------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    self._slots = asyncio.Semaphore(self.settings.slots)
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if self.settings.fixed and method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+            await self._fixed(path, receive, send)
+            return
+        body = await _read_body(receive)
+        if path.startswith("/sim/"):
+            await self._control(path, method, body, send)
+            return
+        if time.monotonic() < self.loading_until:
+            await _json(send, 503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})
+            return
+        try:
+            if path == "/health" and method == "GET":
+                await _json(send, 200, {"status": "ok"})
+            elif path == "/props" and method == "GET":
+                await _json(send, 200, self._props())
+            elif path == "/slots" and method == "GET":
+                await _json(send, 200, self._slots_json())
+            elif path == "/metrics" and method == "GET":
+                await _send(send, 200, self._metrics(), b"text/plain; version=0.0.4")
+            elif path in ("/v1/models", "/models") and method == "GET":
+                await _json(send, 200, self._models())
+            elif path == "/tokenize" and method == "POST":
+                req = orjson.loads(body or b"{}")
+                await _json(send, 200, {"tokens": tokenize(str(req.get("content", "")))})
+            elif path in ("/v1/chat/completions", "/chat/completions") and method == "POST":
+                await self._completion(orjson.loads(body), receive, send, chat=True)
+            elif path in ("/v1/completions", "/completions") and method == "POST":
+                await self._completion(orjson.loads(body), receive, send, chat=False)
+            elif path in ("/v1/embeddings", "/embeddings") and method == "POST":
+                await self._embeddings(orjson.loads(body), send)
+            else:
+                await _json(send, 404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+        except orjson.JSONDecodeError:
+            await _json(send, 400, {"error": {"code": 400, "message": "invalid JSON", "type": "invalid_request_error"}})
+
+    # -- control ------------------------------------------------------------------------------
+
+    async def _control(self, path: str, method: str, body: bytes, send: Any) -> None:
+        if path == "/sim/stats":
+            await _json(send, 200, self.stats)
+            return
+        if path == "/sim/control" and method == "POST":
+            changes = orjson.loads(body or b"{}")
+            loading = changes.pop("loading", None)
+            names = {f.name for f in dataclasses.fields(SimSettings)}
+            unknown = set(changes) - names
+            if unknown:
+                await _json(send, 400, {"error": f"unknown settings {sorted(unknown)}"})
+                return
+            self.settings = dataclasses.replace(self.settings, **changes)
+            if loading is True:
+                self.loading_until = float("inf")
+            elif loading is False:
+                self.loading_until = 0.0
+            self._prepare_fixed()
+            await _json(send, 200, dataclasses.asdict(self.settings))
+            return
+        await _json(send, 404, {"error": "unknown control path"})
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def _props(self) -> dict[str, Any]:
+        return {
+            "default_generation_settings": {"n_ctx": self.settings.n_ctx, "params": {"temperature": 0.8}},
+            "total_slots": self.settings.slots,
+            "model_alias": self.settings.model_alias,
+            "model_path": f"/models/{self.settings.model_alias}",
+            "modalities": {"vision": False, "audio": False},
+            "build_info": "portcullis-sim",
+        }
+
+    def _slots_json(self) -> list[dict[str, Any]]:
+        return [
+            {"id": i, "n_ctx": self.settings.n_ctx, "is_processing": busy} for i, busy in enumerate(self._slot_busy)
+        ]
+
+    def _models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.settings.model_alias,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "llamacpp",
+                    "meta": {"n_ctx_train": self.settings.n_ctx},
+                }
+            ],
+        }
+
+    def _metrics(self) -> bytes:
+        s = self.stats
+        lines = [
+            "# TYPE llamacpp:prompt_tokens_total counter",
+            f"llamacpp:prompt_tokens_total {s['prompt_tokens']}",
+            "# TYPE llamacpp:tokens_predicted_total counter",
+            f"llamacpp:tokens_predicted_total {s['predicted_tokens']}",
+            "# TYPE llamacpp:requests_processing gauge",
+            f"llamacpp:requests_processing {s['active']}",
+            "# TYPE llamacpp:requests_deferred gauge",
+            f"llamacpp:requests_deferred {s['waiting']}",
+            "# TYPE llamacpp:n_decode_total counter",
+            f"llamacpp:n_decode_total {s['predicted_tokens']}",
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
+    async def _embeddings(self, req: dict[str, Any], send: Any) -> None:
+        inputs = req.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            await _json(
+                send,
+                400,
+                {"error": {"code": 400, "message": '"input" must be provided', "type": "invalid_request_error"}},
+            )
+            return
+        data, total = [], 0
+        for i, item in enumerate(inputs):
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            n = len(tokenize(text)) if isinstance(item, str) else len(item)
+            if n > self.settings.n_ctx:
+                await _json(send, 400, _context_error(n, self.settings.n_ctx))
+                return
+            total += n
+            rng = random.Random(hashlib.sha256(text.encode()).digest())
+            vec = [rng.gauss(0, 1) for _ in range(self.settings.embedding_dim)]
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            data.append({"object": "embedding", "index": i, "embedding": [v / norm for v in vec]})
+        self.stats["prompt_tokens"] += total
+        await _json(
+            send,
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": self.settings.model_alias,
+                "usage": {"prompt_tokens": total, "total_tokens": total},
+            },
+        )
+
+    async def _completion(self, req: dict[str, Any], receive: Any, send: Any, *, chat: bool) -> None:
+        s = self.settings
+        self.stats["requests"] += 1
+        if chat:
+            messages = req.get("messages") or []
+            prompt_text = "\n".join(
+                f"{m.get('role')}: {_text_of(m.get('content'))}" for m in messages if isinstance(m, dict)
+            )
+            n_prompt = sum(4 + len(tokenize(_text_of(m.get("content")))) for m in messages if isinstance(m, dict)) + 3
+        else:
+            prompt = req.get("prompt", "")
+            prompt_text = prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
+            n_prompt = len(tokenize(prompt_text)) if isinstance(prompt, str) else len(prompt_text) // 3
+        roll = random.random()
+        if roll < s.error_rate:
+            await _json(send, 500, {"error": {"code": 500, "message": "simulated failure", "type": "server_error"}})
+            return
+        if roll < s.error_rate + s.unavailable_rate:
+            await _json(
+                send, 503, {"error": {"code": 503, "message": "Service Unavailable", "type": "unavailable_error"}}
+            )
+            return
+        if roll < s.error_rate + s.unavailable_rate + s.hang_rate:
+            await _wait_disconnect(receive)
+            self.stats["cancelled"] += 1
+            return
+        if n_prompt >= s.n_ctx:
+            await _json(send, 400, _context_error(n_prompt, s.n_ctx))
+            return
+        stream_fault = None
+        fault_roll = random.random()
+        if fault_roll < s.drop_rate:
+            stream_fault = "drop"
+        elif fault_roll < s.drop_rate + s.stream_error_rate:
+            stream_fault = "error"
+
+        max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or req.get("n_predict")
+        temperature = req.get("temperature", 0.8)
+        seed = req.get("seed")
+        if temperature == 0:
+            rng = random.Random(hashlib.sha256(f"{prompt_text}|{max_tokens}".encode()).digest())
+        elif isinstance(seed, int):
+            rng = random.Random(f"{seed}|{prompt_text}")
+        else:
+            rng = random.Random()
+        natural = rng.randint(max(1, s.default_max_tokens // 2), max(1, s.default_max_tokens))
+        limit = min(int(max_tokens) if max_tokens else natural, s.n_ctx - n_prompt)
+        n_gen = min(natural, limit)
+        finish = "stop" if n_gen == natural else "length"
+        words = [(" " if i else "") + rng.choice(_WORDS) for i in range(n_gen)]
+
+        stream = bool(req.get("stream"))
+        disconnected = asyncio.Event()
+        watcher = asyncio.ensure_future(_wait_disconnect(receive, disconnected))
+        self.stats["waiting"] += 1
+        try:
+            async with self._slots:
+                self.stats["waiting"] -= 1
+                slot = self._slot_busy.index(False)
+                self._slot_busy[slot] = True
+                self.stats["active"] += 1
+                self.stats["max_active"] = max(self.stats["max_active"], self.stats["active"])
+                try:
+                    ok = await self._generate(
+                        req,
+                        send,
+                        disconnected,
+                        chat=chat,
+                        stream=stream,
+                        words=words,
+                        n_prompt=n_prompt,
+                        finish=finish,
+                        fault=stream_fault,
+                    )
+                finally:
+                    self._slot_busy[slot] = False
+                    self.stats["active"] -= 1
+        except asyncio.CancelledError:
+            self.stats["cancelled"] += 1
+            raise
+        finally:
+            watcher.cancel()
+        self.stats["completed" if ok else "cancelled"] += 1
+
+    async def _generate(
+        self,
+        req: dict[str, Any],
+        send: Any,
+        disconnected: asyncio.Event,
+        *,
+        chat: bool,
+        stream: bool,
+        words: list[str],
+        n_prompt: int,
+        finish: str,
+        fault: str | None,
+    ) -> bool:
+        s = self.settings
+        cid = ("chatcmpl-" if chat else "cmpl-") + random.randbytes(12).hex()
+        created = int(time.time())
+        t0 = time.perf_counter()
+        if s.ttft_ms and await _sleep_or_gone(s.ttft_ms / 1000, disconnected):
+            return False
+        t_prompt = time.perf_counter()
+        self.stats["prompt_tokens"] += n_prompt
+        delay = 1.0 / s.tokens_per_s if s.tokens_per_s > 0 else 0.0
+        base = {"id": cid, "created": created, "model": s.model_alias, "system_fingerprint": "b0-portcullis-sim"}
+
+        def timings(n: int) -> dict[str, Any]:
+            gen_ms = (time.perf_counter() - t_prompt) * 1000
+            prompt_ms = (t_prompt - t0) * 1000
+            return {
+                "cache_n": 0,
+                "prompt_n": n_prompt,
+                "prompt_ms": prompt_ms,
+                "prompt_per_token_ms": prompt_ms / max(n_prompt, 1),
+                "prompt_per_second": n_prompt / (prompt_ms / 1000) if prompt_ms else 0.0,
+                "predicted_n": n,
+                "predicted_ms": gen_ms,
+                "predicted_per_token_ms": gen_ms / max(n, 1),
+                "predicted_per_second": n / (gen_ms / 1000) if gen_ms else 0.0,
+            }
+
+        def usage(n: int) -> dict[str, Any]:
+            return {
+                "completion_tokens": n,
+                "prompt_tokens": n_prompt,
+                "total_tokens": n + n_prompt,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            }
+
+        if not stream:
+            for _ in words:
+                if delay and await _sleep_or_gone(delay, disconnected):
+                    return False
+            self.stats["predicted_tokens"] += len(words)
+            text = "".join(words)
+            if chat:
+                choice = {"finish_reason": finish, "index": 0, "message": {"role": "assistant", "content": text}}
+                obj = {**base, "object": "chat.completion", "choices": [choice]}
+            else:
+                choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+                obj = {**base, "object": "text_completion", "choices": [choice]}
+            obj["usage"] = usage(len(words))
+            obj["timings"] = timings(len(words))
+            await _json(send, 200, obj)
+            return True
+
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+            }
+        )
+
+        async def event(payload: dict[str, Any]) -> None:
+            if s.stamp_chunks:
+                payload["sim_emitted_at"] = time.time()
+            await send(
+                {"type": "http.response.body", "body": b"data: " + orjson.dumps(payload) + b"\n\n", "more_body": True}
+            )
+
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+        if chat:
+            await event(
+                {
+                    **base,
+                    "object": chunk_kind,
+                    "choices": [{"finish_reason": None, "index": 0, "delta": {"role": "assistant", "content": None}}],
+                }
+            )
+        last_ping = time.monotonic()
+        for i, word in enumerate(words):
+            if fault and i == s.fault_after_tokens:
+                if fault == "drop":
+                    raise _Drop
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "more_body": False,
+                        "body": b"data: "
+                        + orjson.dumps(
+                            {"error": {"code": 500, "message": "simulated decode failure", "type": "server_error"}}
+                        )
+                        + b"\n\n",
+                    }
+                )
+                return True
+            if delay:
+                if s.ping_interval_s and time.monotonic() - last_ping >= s.ping_interval_s:
+                    await send({"type": "http.response.body", "body": b":\n\n", "more_body": True})
+                    last_ping = time.monotonic()
+                if await _sleep_or_gone(delay, disconnected):
+                    return False
+            if disconnected.is_set():
+                return False
+            self.stats["predicted_tokens"] += 1
+            if chat:
+                delta: dict[str, Any] = {"finish_reason": None, "index": 0, "delta": {"content": word}}
+            else:
+                delta = {"text": word, "index": 0, "logprobs": None, "finish_reason": None}
+            await event({**base, "object": chunk_kind, "choices": [delta]})
+        final_choice: dict[str, Any] = (
+            {"finish_reason": finish, "index": 0, "delta": {}}
+            if chat
+            else {"text": "", "index": 0, "logprobs": None, "finish_reason": finish}
+        )
+        last: dict[str, Any] = {**base, "object": chunk_kind, "choices": [final_choice]}
+        include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        if include_usage:
+            await event(last)
+            last = {**base, "object": chunk_kind, "choices": [], "usage": usage(len(words))}
+        last["timings"] = timings(len(words))
+        await event(last)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        return True
+
+    # -- fixed mode -----------------------------------------------------------------------------
+
+    def _prepare_fixed(self) -> None:
+        base = {
+            "id": "chatcmpl-fixed",
+            "created": 1700000000,
+            "model": self.settings.model_alias,
+            "system_fingerprint": "b0-portcullis-sim",
+            "usage": {"completion_tokens": 9, "prompt_tokens": 12, "total_tokens": 21},
+        }
+        self._fixed_chat = orjson.dumps(
+            {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "finish_reason": "stop",
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "This is a fixed answer from the simulator."},
+                    }
+                ],
+            }
+        )
+        self._fixed_completion = orjson.dumps(
+            {
+                **base,
+                "object": "text_completion",
+                "choices": [
+                    {
+                        "text": "This is a fixed answer from the simulator.",
+                        "index": 0,
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+        )
+
+    async def _fixed(self, path: str, receive: Any, send: Any) -> None:
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        body = self._fixed_chat if path == "/v1/chat/completions" else self._fixed_completion
+        await _send(send, 200, body, b"application/json")
+
+
+def _context_error(n_prompt: int, n_ctx: int) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": 400,
+            "message": f"request ({n_prompt} tokens) exceeds the available context size ({n_ctx} tokens), "
+            "try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": n_prompt,
+            "n_ctx": n_ctx,
+        }
+    }
+
+
+async def _read_body(receive: Any) -> bytes:
+    chunks = []
+    more = True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+async def _wait_disconnect(receive: Any, event: asyncio.Event | None = None) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if event is not None:
+                event.set()
+            return
+
+
+async def _sleep_or_gone(seconds: float, disconnected: asyncio.Event) -> bool:
+    """Sleep; True if the client went away meanwhile."""
+    if disconnected.is_set():
+        return True
+    try:
+        await asyncio.wait_for(disconnected.wait(), timeout=seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+async def _send(send: Any, status: int, body: bytes, content_type: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send: Any, status: int, obj: Any) -> None:
+    await _send(send, status, orjson.dumps(obj), b"application/json; charset=utf-8")

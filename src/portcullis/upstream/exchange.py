@@ -1,0 +1,66 @@
+"""The record of one request as it crosses the gateway, and how it is cut short.
+
+Every stage writes what it learned (model, replica, timings, tokens) here; the access log line and
+the metrics are made from it at the end. An exchange can be aborted from outside: by a client that
+disconnects, or by the shutdown deadline. Abort cancels the request's task; the handler sees the
+reason and answers accordingly (nothing for a gone client; a 503 or an in-band error event at shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from portcullis.routing.catalog import Replica
+
+ABORT_CLIENT_GONE = "client_disconnected"
+ABORT_SHUTDOWN = "shutdown"
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    route: str
+    task: asyncio.Task[None] | None
+    started_at: float
+    model: str | None = None
+    replica: Replica | None = None
+    stream: bool = False
+    upstream_s: float = 0.0
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error_code: str | None = None
+    abort_reason: str | None = None
+    # Set just before the last byte is handed to the server: from then on nothing may cancel us.
+    finished: bool = False
+    _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def abort(self, reason: str) -> None:
+        if self.finished or self.abort_reason is not None or self.task is None:
+            return
+        self.abort_reason = reason
+        self.task.cancel(reason)
+
+    def watch_disconnect(self, wait_disconnect: asyncio.Future[None] | asyncio.Task[None]) -> None:
+        """Abort when the client goes away (the body must have been read already)."""
+
+        def _gone(fut: asyncio.Future[None]) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                self.abort(ABORT_CLIENT_GONE)
+
+        self._watcher = asyncio.ensure_future(wait_disconnect)
+        self._watcher.add_done_callback(_gone)
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    def usage(self, usage: object) -> None:
+        if isinstance(usage, dict):
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                self.prompt_tokens = prompt
+            if isinstance(completion, int):
+                self.completion_tokens = completion

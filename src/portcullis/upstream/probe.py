@@ -1,0 +1,101 @@
+"""Background health probes, one loop per replica.
+
+llama-server: `GET /health` 200 is ready; 503 (its body says "Loading model") is warming, alive but
+not serving; no answer or anything else is down. When a llama-server replica is (again) ready, the
+prober reads `/props` for `total_slots` and the per-slot context `n_ctx`, which the balancer uses.
+Other OpenAI-compatible backends have no /health: `GET /v1/models` answering 200 means ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from portcullis.config import HealthConfig
+from portcullis.obs.logging import get_logger
+from portcullis.routing.catalog import Replica, ReplicaState
+
+log = get_logger("portcullis.health")
+
+
+async def probe_once(replica: Replica, timeout_s: float) -> ReplicaState:
+    assert replica.client is not None
+    path = "/health" if replica.kind == "llama_cpp" else "/v1/models"
+    try:
+        status, _ = await replica.client.get(path, timeout_s=timeout_s)
+    except (TimeoutError, OSError, Exception) as exc:
+        replica.last_error = type(exc).__name__
+        return ReplicaState.DOWN
+    if status == 200:
+        replica.last_error = None
+        return ReplicaState.READY
+    if status == 503 and replica.kind == "llama_cpp":
+        replica.last_error = "loading"
+        return ReplicaState.WARMING
+    replica.last_error = f"status {status}"
+    return ReplicaState.DOWN
+
+
+async def learn_capacity(replica: Replica, timeout_s: float) -> None:
+    """Read llama-server's /props: total_slots and the context per slot."""
+    assert replica.client is not None
+    try:
+        status, props = await replica.client.get("/props", timeout_s=timeout_s)
+    except Exception:
+        return
+    if status != 200 or not isinstance(props, dict):
+        return
+    slots = props.get("total_slots")
+    if isinstance(slots, int) and slots > 0:
+        replica.slots = slots
+    settings = props.get("default_generation_settings")
+    if isinstance(settings, dict) and isinstance(settings.get("n_ctx"), int):
+        replica.n_ctx = settings["n_ctx"]
+
+
+async def update(replica: Replica, config: HealthConfig) -> None:
+    state = await probe_once(replica, config.timeout_s)
+    if state is ReplicaState.READY and replica.kind == "llama_cpp" and replica.state is not ReplicaState.READY:
+        await learn_capacity(replica, config.timeout_s)
+    if state is not replica.state:
+        log.info(
+            "replica_state",
+            model=replica.model,
+            replica=replica.name,
+            old=replica.state.value,
+            new=state.value,
+            reason=replica.last_error,
+        )
+        replica.state = state
+
+
+class Prober:
+    def __init__(self, replicas: list[Replica], config: HealthConfig) -> None:
+        self.replicas = replicas
+        self.config = config
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def first_round(self) -> None:
+        """Probe every replica once, so the gateway starts with a known picture."""
+        if not self.replicas:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.startup_probe_timeout_s or None):
+                await asyncio.gather(*(update(r, self.config) for r in self.replicas))
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._loop(r)) for r in self.replicas]
+
+    async def _loop(self, replica: Replica) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            try:
+                await update(replica, self.config)
+            except Exception:
+                log.exception("probe_failed", model=replica.model, replica=replica.name)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []

@@ -1,0 +1,120 @@
+"""Relay a server-sent-event stream from the upstream to the client, one event at a time.
+
+Each event is forwarded as soon as its closing blank line arrives; nothing is held back. What the
+relay understands (llama-server's habits, and OpenAI's):
+  - `:` comment lines are keep-alive pings: forwarded, so the client's idle timers stay quiet;
+  - `data: [DONE]` ends the stream;
+  - a chunk with `choices: []` and `usage` is the usage chunk: counted, and forwarded only if the
+    client asked for it (`stream_options.include_usage`);
+  - `data: {"error": ...}` mid-stream (llama-server ends such a stream without [DONE]) is normalised
+    to the OpenAI error shape and ends the stream;
+  - an upstream that ends or breaks without either gets an error event appended: a stream is never
+    silently truncated.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from portcullis.errors import error_body
+from portcullis.http import Request
+from portcullis.upstream.client import upstream_error
+from portcullis.upstream.exchange import Exchange
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def sse_error(message: str, *, type: str = "server_error", code: str | None = None) -> bytes:
+    return b"data: " + error_body(message, type=type, code=code) + b"\n\n"
+
+
+async def relay_sse(
+    req: Request, resp: aiohttp.ClientResponse, ex: Exchange, *, model: str, client_wants_usage: bool
+) -> None:
+    content = resp.content
+    data_lines: list[bytes] = []
+    finished = False  # [DONE] or an error event was relayed
+    broken: str | None = None
+    perf = time.perf_counter
+    await req.start_stream()
+    while True:
+        t = perf()
+        try:
+            line = await content.readline()
+        except (aiohttp.ClientError, OSError) as exc:
+            broken = f"the connection to the upstream broke ({type(exc).__name__})"
+            break
+        ex.upstream_s += perf() - t
+        if not line:
+            break
+        if line[0] == 0x3A:  # ':' comment / keep-alive ping
+            await req.stream_chunk(b":" + line[1:].rstrip(b"\r\n") + b"\n\n")
+            continue
+        if line.startswith(b"data:"):
+            data_lines.append(line[5:].strip())
+            continue
+        if line.strip():  # event:, id:, retry: fields carry nothing we relay
+            continue
+        if not data_lines:
+            continue
+        data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
+        data_lines.clear()
+        out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
+        if out:
+            await req.stream_chunk(out)
+        if finished:
+            break
+    if not finished and data_lines:  # last event without its blank line
+        data = b"\n".join(data_lines)
+        out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
+        if out:
+            await req.stream_chunk(out)
+    if not finished:
+        reason = broken or "the upstream ended the stream before it was complete"
+        ex.error_code = "upstream_stream_truncated"
+        await req.stream_chunk(
+            sse_error(f"The stream for model '{model}' was cut short: {reason}.", code=ex.error_code)
+        )
+    ex.finished = True
+    await req.end_stream()
+
+
+def _translate(data: bytes, ex: Exchange, *, model: str, client_wants_usage: bool) -> tuple[bytes, bool]:
+    """One upstream event's data → (bytes for the client, whether the stream is over)."""
+    if data == b"[DONE]":
+        return _DONE, True
+    try:
+        chunk: Any = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        ex.error_code = "bad_upstream_answer"
+        return sse_error(f"The upstream for model '{model}' sent an event that is not JSON.", code=ex.error_code), True
+    if not isinstance(chunk, dict):
+        return b"data: " + data + b"\n\n", False
+    if "error" in chunk:
+        err = upstream_error(500, data, model=model)
+        ex.error_code = err.code or err.type
+        return b"data: " + err.body() + b"\n\n", True
+    usage = chunk.get("usage")
+    if usage:
+        ex.usage(usage)
+    choices = chunk.get("choices")
+    if choices == [] and usage is not None and not client_wants_usage:
+        return b"", False
+    if ex.ttft_s is None and choices and _has_token(choices[0]):
+        ex.ttft_s = time.perf_counter() - ex.started_at
+    if "model" in chunk:
+        chunk["model"] = model
+    return b"data: " + orjson.dumps(chunk) + b"\n\n", False
+
+
+def _has_token(choice: Any) -> bool:
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
+    return bool(choice.get("text"))
