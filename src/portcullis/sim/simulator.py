@@ -62,6 +62,7 @@ class SimSettings:
     fault_after_tokens: int = 2
     fixed: bool = False
     stamp_chunks: bool = False  # add `sim_emitted_at` (time.time()) to every chunk
+    echo_request: bool = False  # add `sim_request` (the JSON received) to non-streamed answers
 
 
 def tokenize(text: str) -> list[int]:
@@ -402,6 +403,8 @@ class Simulator:
                 obj = {**base, "object": "text_completion", "choices": [choice]}
             obj["usage"] = usage(len(words))
             obj["timings"] = timings(len(words))
+            if s.echo_request:
+                obj["sim_request"] = req
             await _json(send, 200, obj)
             return True
 
