@@ -84,6 +84,8 @@ class Proc:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
+        # The child has its own copy now; ours would keep the port accepting after the server closed it.
+        self.sock.close()
         try:
             wait_until(lambda: self._ready(ready_path, ready_status), what=f"{name} on {self.url}{ready_path}")
         except TimeoutError:
@@ -110,7 +112,6 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGKILL)
             self.popen.wait(timeout=10)
-        self.sock.close()
         self._log.close()
 
 

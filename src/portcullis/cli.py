@@ -103,12 +103,17 @@ def _run_sim(args: argparse.Namespace) -> int:
         Simulator(settings),
         host=args.host or "127.0.0.1",
         port=args.port,
-        fd=args.fd,
         keep_alive_s=75,
         log_level="warning",
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=_inherited(args.fd))
     return 0
+
+
+def _inherited(fd: int | None) -> list[socket.socket] | None:
+    """A listening socket passed by fd, wrapped without a dup. (uvicorn's own `fd=` dups it, and the
+    leftover descriptor would keep accepting connections after a graceful shutdown closed the other.)"""
+    return None if fd is None else [socket.socket(fileno=fd)]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -148,7 +153,6 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
                 Simulator(SimSettings(model_alias="demo.gguf", ttft_ms=80, tokens_per_s=40)),
                 host="127.0.0.1",
                 port=sim_port,
-                fd=None,
                 keep_alive_s=75,
             )
         )
@@ -163,7 +167,7 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     server = DrainingServer(
-        uvicorn_config(gateway, host=host, port=port, fd=args.fd, keep_alive_s=config.server.keep_alive_s),
+        uvicorn_config(gateway, host=host, port=port, keep_alive_s=config.server.keep_alive_s),
         on_drain=gateway.begin_drain,
         on_deadline=gateway.cut_in_flight,
         drain_grace_s=config.server.drain_grace_s,
@@ -171,7 +175,7 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
     )
     if args.demo:
         asyncio.get_running_loop().create_task(_demo_banner(server))
-    await server.serve()
+    await server.serve(sockets=_inherited(args.fd))
     if sim_server is not None and sim_task is not None:
         sim_server.should_exit = True
         await sim_task

@@ -23,14 +23,11 @@ from typing import Any
 import uvicorn
 
 
-def uvicorn_config(
-    app: Any, *, host: str, port: int, fd: int | None, keep_alive_s: float, **extra: Any
-) -> uvicorn.Config:
+def uvicorn_config(app: Any, *, host: str, port: int, keep_alive_s: float, **extra: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        fd=fd,
         loop="uvloop",
         http="httptools",
         lifespan="on",
