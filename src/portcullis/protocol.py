@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Open(BaseModel):
@@ -171,8 +171,9 @@ class EmbeddingRequest(_Open):
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _not_empty(self) -> EmbeddingRequest:
-        if isinstance(self.input, list) and not self.input:
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
             raise ValueError("input must not be an empty list")
-        return self
+        return value
