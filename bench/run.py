@@ -1,0 +1,524 @@
+"""Benchmark: the gateway against the upstream directly, a bare pass-through, and LiteLLM if installed.
+
+    .venv/bin/python bench/run.py                 # full run (about 4 minutes), writes bench/RESULTS.md
+    .venv/bin/python bench/run.py --quick         # shorter runs, for a look
+
+Non-streaming chat is driven by wrk (one thread, pinned to CPU 1) at 1 and 32 connections against a
+fixed-response nginx upstream (pinned to CPU 1 as well: it answers in microseconds); the server under
+test is pinned alone to CPU 0. Each case runs --runs times; the table shows medians. A streaming case
+measures the time to first token the gateway adds, and the memory each open stream costs it.
+Needs wrk and nginx (Debian packages: `apt-get install wrk nginx-light`), and matplotlib for the plot
+(`pip install -e '.[bench]'`). LiteLLM is measured when `--litellm BIN` points at its `litellm`
+executable, installed in a virtualenv of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def pinned(cpu: int, args: list[str]) -> list[str]:
+    return (
+        ["taskset", "-c", str(cpu), *args]
+        if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1
+        else args
+    )
+
+
+def ensure_tools() -> None:
+    missing = [t for t in ("wrk", "nginx") if not shutil.which(t) and not Path(f"/usr/sbin/{t}").exists()]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"installing {missing} from Debian's packages")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk", "nginx-light"], check=True)
+    elif missing:
+        sys.exit(f"bench needs {missing}: apt-get install wrk nginx-light")
+
+
+class Server:
+    def __init__(self, name: str, args: list[str], health: str, workdir: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self.proc = subprocess.Popen(
+            args,
+            stdout=open(self.log_path, "wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        wait_http(health)
+
+    def rss_kib(self) -> int:
+        pids = [self.proc.pid, *_children(self.proc.pid)]
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    return [int(x) for x in out.split()]
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m, text
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
+    cmd = pinned(
+        1,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(HERE / "post.lua"),
+            url,
+        ],
+    )
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if non2xx or errors:
+        raise RuntimeError(f"wrk saw failures against {url}:\n{out}")
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99}
+
+
+def measure(name: str, url: str, connections: int, runs: int, seconds: float) -> dict[str, Any]:
+    wrk(url, connections, min(2.0, seconds))  # warm-up: pools filled, code paths hot
+    samples = []
+    for i in range(runs):
+        samples.append(wrk(url, connections, seconds))
+        log(
+            f"  {name:12s} c={connections:<3d} run {i + 1}/{runs}: {samples[-1]['rps']:8.0f} req/s  "
+            f"p50 {samples[-1]['p50_ms']:.3f} ms  p99 {samples[-1]['p99_ms']:.3f} ms"
+        )
+    return {
+        "name": name,
+        "connections": connections,
+        "rps": statistics.median(s["rps"] for s in samples),
+        "p50_ms": statistics.median(s["p50_ms"] for s in samples),
+        "p99_ms": statistics.median(s["p99_ms"] for s in samples),
+        "runs": samples,
+    }
+
+
+# -- streaming ------------------------------------------------------------------------------------
+
+
+async def _ttft(url: str, model: str, n: int) -> list[float]:
+    import aiohttp
+
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            async with session.post(url + "/v1/chat/completions", json=body) as resp:
+                async for line in resp.content:
+                    if b'"content":"' in line or b'"content": "' in line:
+                        out.append((time.perf_counter() - t0) * 1000)
+                        break
+                await resp.read()
+    return out
+
+
+async def _open_streams(url: str, n: int, server: Server) -> int:
+    """Open n streams that stay open; return the server's RSS (KiB) once all have started."""
+    import aiohttp
+
+    body = {"model": "stream", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": True}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        started = asyncio.Event()
+        count = 0
+        responses = []
+
+        async def one() -> None:
+            nonlocal count
+            resp = await session.post(url + "/v1/chat/completions", json=body)
+            responses.append(resp)
+            await resp.content.readline()  # the first event has arrived: the stream is open end to end
+            count += 1
+            if count == n:
+                started.set()
+
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        await asyncio.wait_for(started.wait(), timeout=300)
+        await asyncio.sleep(1.0)  # let allocations settle
+        rss = server.rss_kib()
+        for r in responses:
+            r.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return rss
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--connections", default="1,32")
+    parser.add_argument("--streams", default="100,1000,5000", help="open-stream counts for the memory case")
+    parser.add_argument("--litellm", default=os.environ.get("LITELLM_BIN"), help="path to a litellm executable")
+    parser.add_argument("--quick", action="store_true", help="1 run of 3 s, streams up to 1000")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.seconds, args.streams = 1, 3, "100,1000"
+    ensure_tools()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, hard), hard))
+    connections = [int(c) for c in args.connections.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
+    servers: list[Server] = []
+    results: list[dict[str, Any]] = []
+    try:
+        nginx_port = free_port()
+        conf = (HERE / "nginx.conf.template").read_text().replace("{dir}", str(work)).replace("{port}", str(nginx_port))
+        (work / "nginx.conf").write_text(conf)
+        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+        upstream = f"http://127.0.0.1:{nginx_port}"
+        servers.append(
+            Server(
+                "nginx",
+                pinned(1, [nginx_bin, "-c", str(work / "nginx.conf"), "-g", "daemon off;"]),
+                upstream + "/health",
+                work,
+            )
+        )
+        pt_port = free_port()
+        servers.append(
+            Server(
+                "passthrough",
+                pinned(0, [PY, str(HERE / "passthrough.py"), "--upstream", upstream, "--port", str(pt_port)]),
+                upstream + "/health",
+                work,
+            )
+        )
+        time.sleep(1.0)
+        gw_port = free_port()
+        gw_config = work / "gateway.yaml"
+        gw_config.write_text(
+            json.dumps(
+                {
+                    "server": {"port": gw_port},
+                    "upstream": {"max_connections_per_replica": 10000},
+                    "models": {"bench": {"deployments": [{"url": upstream}]}},
+                }
+            )
+        )
+        gateway = Server(
+            "gateway",
+            pinned(0, [PY, "-m", "portcullis", "serve", "--config", str(gw_config)]),
+            f"http://127.0.0.1:{gw_port}/readyz",
+            work,
+        )
+        servers.append(gateway)
+        targets = [
+            ("direct", upstream),
+            ("passthrough", f"http://127.0.0.1:{pt_port}"),
+            ("gateway", f"http://127.0.0.1:{gw_port}"),
+        ]
+        if args.litellm:
+            lt_port = free_port()
+            (work / "litellm.yaml").write_text(
+                json.dumps(
+                    {
+                        "model_list": [
+                            {
+                                "model_name": "bench",
+                                "litellm_params": {
+                                    "model": "openai/bench",
+                                    "api_base": upstream + "/v1",
+                                    "api_key": "x",
+                                },
+                            }
+                        ]
+                    }
+                )
+            )
+            servers.append(
+                Server(
+                    "litellm",
+                    pinned(
+                        0,
+                        [
+                            args.litellm,
+                            "--config",
+                            str(work / "litellm.yaml"),
+                            "--port",
+                            str(lt_port),
+                            "--num_workers",
+                            "1",
+                        ],
+                    ),
+                    f"http://127.0.0.1:{lt_port}/health/liveliness",
+                    work,
+                )
+            )
+            targets.append(("litellm", f"http://127.0.0.1:{lt_port}"))
+        for c in connections:
+            for name, base in targets:
+                results.append(measure(name, base + "/v1/chat/completions", c, args.runs, args.seconds))
+
+        log("streaming: added time to first token, memory per open stream")
+        stream_results = run_streaming(work, [int(n) for n in args.streams.split(",")])
+    finally:
+        for s in reversed(servers):
+            s.stop()
+    write_report(results, stream_results, Path(args.out), args, connections)
+    return 0
+
+
+def run_streaming(work: Path, counts: list[int]) -> dict[str, Any]:
+    sim_port = free_port()
+    sim = Server(
+        "sim-stream",
+        pinned(
+            1,
+            [
+                PY,
+                "-m",
+                "portcullis",
+                "sim",
+                "--port",
+                str(sim_port),
+                "--slots",
+                "10000",
+                "--tokens-per-s",
+                "0.05",
+                "--default-max-tokens",
+                "1000",
+            ],
+        ),
+        f"http://127.0.0.1:{sim_port}/health",
+        work,
+    )
+    fast_port = free_port()
+    fast = Server(
+        "sim-fast",
+        pinned(1, [PY, "-m", "portcullis", "sim", "--port", str(fast_port), "--slots", "64"]),
+        f"http://127.0.0.1:{fast_port}/health",
+        work,
+    )
+    gw_port = free_port()
+    cfg = work / "gateway-stream.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "server": {"port": gw_port, "access_log": True},
+                "upstream": {"max_connections_per_replica": 20000},
+                "models": {
+                    "stream": {"deployments": [{"url": f"http://127.0.0.1:{sim_port}"}]},
+                    "fast": {"deployments": [{"url": f"http://127.0.0.1:{fast_port}"}]},
+                },
+            }
+        )
+    )
+    gateway = Server(
+        "gateway-stream",
+        pinned(0, [PY, "-m", "portcullis", "serve", "--config", str(cfg)]),
+        f"http://127.0.0.1:{gw_port}/readyz",
+        work,
+    )
+    try:
+        direct = asyncio.run(_ttft(f"http://127.0.0.1:{fast_port}", "fast", 200))
+        via = asyncio.run(_ttft(f"http://127.0.0.1:{gw_port}", "fast", 200))
+        ttft = {"direct_ms": statistics.median(direct), "gateway_ms": statistics.median(via)}
+        ttft["added_ms"] = ttft["gateway_ms"] - ttft["direct_ms"]
+        log(f"  TTFT median direct {ttft['direct_ms']:.3f} ms, via gateway {ttft['gateway_ms']:.3f} ms")
+        time.sleep(1.0)
+        idle = gateway.rss_kib()
+        memory = []
+        for n in counts:
+            rss = asyncio.run(_open_streams(f"http://127.0.0.1:{gw_port}", n, gateway))
+            per = (rss - idle) * 1024 / n
+            memory.append({"streams": n, "idle_kib": idle, "rss_kib": rss, "per_stream_bytes": per})
+            log(f"  {n} open streams: RSS {rss} KiB (idle {idle} KiB) → {per / 1024:.1f} KiB per stream")
+            time.sleep(2.0)
+    finally:
+        gateway.stop()
+        sim.stop()
+        fast.stop()
+    return {"ttft": ttft, "memory": memory}
+
+
+def write_report(
+    results: list[dict[str, Any]],
+    streaming: dict[str, Any],
+    out: Path,
+    args: argparse.Namespace,
+    connections: list[int],
+) -> None:
+    by = {(r["name"], r["connections"]): r for r in results}
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Command: `.venv/bin/python bench/run.py{' --quick' if args.quick else ''}` "
+        f"({args.runs} run(s) of {args.seconds:g} s per case, medians; wrk -t1; server under test on CPU 0, "
+        "wrk and the nginx fixed-response upstream on CPU 1). Machine: "
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}.",
+        "",
+        "Non-streaming chat completions:",
+        "",
+        "| target | connections | requests/s | p50 ms | p99 ms | requests/s vs pass-through "
+        "| p50 added vs direct (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in connections:
+        base = by.get(("passthrough", c))
+        direct = by.get(("direct", c))
+        for r in results:
+            if r["connections"] != c:
+                continue
+            ratio = f"{r['rps'] / base['rps']:.2f}" if base else "-"
+            added = f"{r['p50_ms'] - direct['p50_ms']:.3f}" if direct else "-"
+            lines.append(
+                f"| {r['name']} | {c} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {ratio} | {added} |"
+            )
+    gw1, pt1, gw32, pt32 = (
+        by.get(("gateway", 1)),
+        by.get(("passthrough", 1)),
+        by.get(("gateway", 32)),
+        by.get(("passthrough", 32)),
+    )
+    lines += ["", "Targets (issue 2):", ""]
+    if gw32 and pt32:
+        lines.append(
+            f"- gateway requests/s at 32 connections = {gw32['rps'] / pt32['rps']:.0%} of the bare pass-through "
+            "(target ≥ 50%)"
+        )
+    if gw1 and pt1 and by.get(("direct", 1)):
+        d = by[("direct", 1)]["p50_ms"]
+        lines.append(
+            f"- median added at 1 connection: gateway {gw1['p50_ms'] - d:.3f} ms, pass-through "
+            f"{pt1['p50_ms'] - d:.3f} ms over direct (target: gateway ≤ 0.5 ms)"
+        )
+    lt = by.get(("litellm", 32))
+    lines.append(
+        f"- vs LiteLLM at 32 connections: {gw32['rps'] / lt['rps']:.0f}x"
+        if lt and gw32
+        else "- LiteLLM: not measured in this run (pass `--litellm PATH/TO/litellm`)"
+    )
+    t = streaming["ttft"]
+    lines += [
+        "",
+        "Streaming:",
+        "",
+        f"- time to first token, median of 200: direct {t['direct_ms']:.3f} ms, via gateway {t['gateway_ms']:.3f} ms "
+        f"(added {t['added_ms']:.3f} ms)",
+        "",
+        "| open streams | gateway RSS (KiB) | idle RSS (KiB) | per stream (KiB) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for m in streaming["memory"]:
+        lines.append(f"| {m['streams']} | {m['rss_kib']} | {m['idle_kib']} | {m['per_stream_bytes'] / 1024:.1f} |")
+    lines += ["", "![results](results.png)", ""]
+    out.write_text("\n".join(lines))
+    (out.parent / "results.json").write_text(json.dumps({"non_streaming": results, "streaming": streaming}, indent=1))
+    log(f"wrote {out}")
+    try:
+        plot(results, connections, out.parent / "results.png")
+    except ImportError:
+        log("matplotlib not installed: no plot (pip install -e '.[bench]')")
+
+
+def plot(results: list[dict[str, Any]], connections: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["name"] for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(connections)
+    for i, c in enumerate(connections):
+        rows = {r["name"]: r for r in results if r["connections"] == c}
+        xs = [j + i * width for j in range(len(names))]
+        axes[0].bar(xs, [rows[n]["rps"] if n in rows else 0 for n in names], width, label=f"{c} conn")
+        axes[1].bar(xs, [rows[n]["p50_ms"] if n in rows else 0 for n in names], width, label=f"{c} conn")
+    for ax, title in zip(axes, ("requests/s (higher is better)", "median latency ms (lower is better)"), strict=True):
+        ax.set_xticks([j + width * (len(connections) - 1) / 2 for j in range(len(names))], names)
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle("Portcullis vs bare pass-through vs direct (non-streaming chat, fixed upstream)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
