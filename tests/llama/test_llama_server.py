@@ -1,0 +1,109 @@
+"""The compatibility tests against a real llama-server (set LLAMA_SERVER_BIN; see README, Development).
+
+The model is the tiny random-weight GGUF from tiny_gguf.py: its text is noise, so these tests check the
+wire (shapes, streaming, usage, model names, errors), not the words. `ignore_eos` (a llama-server field
+the gateway forwards untouched) makes lengths exact.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from procs import Proc, gateway_config, http_get, start_gateway, wait_until
+from tiny_gguf import write_tiny_llama
+
+LLAMA_BIN = os.environ.get("LLAMA_SERVER_BIN")
+pytestmark = [
+    pytest.mark.llama,
+    pytest.mark.skipif(not LLAMA_BIN, reason="LLAMA_SERVER_BIN is not set (a real llama-server is optional)"),
+]
+SLOTS, CTX = 2, 1024  # 512 tokens per slot
+
+
+def _free_port() -> int:
+    # llama-server cannot take an inherited socket: pick a free port and hand its number over.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama(module_tmp: Path) -> Iterator[str]:
+    model = write_tiny_llama(module_tmp / "tiny.gguf")
+    port = _free_port()
+    log = open(module_tmp / "llama-server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [LLAMA_BIN, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(SLOTS),
+         "-c", str(CTX), "-a", "tiny-alias", "-t", "1", "--no-warmup"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.poll() is None and http_get(url + "/health", timeout=1)[0] == 200, timeout=60,
+                   what="llama-server ready")
+    except (TimeoutError, OSError):
+        proc.kill()
+        raise RuntimeError((module_tmp / "llama-server.log").read_text()) from None
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def llama_gateway(llama: str, module_tmp: Path) -> Iterator[Proc]:
+    gw = start_gateway(gateway_config({"tiny": [llama]}), module_tmp, ready_path="/readyz")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def client(llama_gateway: Proc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=llama_gateway.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def test_slots_learned_from_props(llama_gateway: Proc) -> None:
+    _, text = http_get(llama_gateway.url + "/metrics")
+    line = next(x for x in text.decode().splitlines() if x.startswith('portcullis_replica_slots{model="tiny"'))
+    assert float(line.split()[-1]) == SLOTS
+
+
+def test_chat_non_stream(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert r.model == "tiny" and r.object == "chat.completion"
+    assert r.usage is not None and r.usage.completion_tokens == 5
+    assert r.model_extra.get("timings")  # llama-server's timings pass through
+
+
+def test_chat_stream_with_and_without_usage(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
+              "extra_body": {"ignore_eos": True}}
+    plain = list(client.chat.completions.create(**kwargs))
+    assert plain and all(c.choices for c in plain) and all(c.model == "tiny" for c in plain)
+    with_usage = list(client.chat.completions.create(**kwargs, stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == 4
+
+
+def test_completions(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="tiny", prompt="abc", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.model == "tiny" and r.usage.completion_tokens == 3
+    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=3, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert chunks and all(c.model == "tiny" for c in chunks)
+
+
+def test_context_overflow_is_context_length_exceeded(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 2000}])
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_models(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["tiny"]
