@@ -79,7 +79,15 @@ def ensure_tools() -> None:
 
 
 class Server:
-    def __init__(self, name: str, args: list[str], health: str, workdir: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        health: str,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        startup_s: float = 30,
+    ):
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self.proc = subprocess.Popen(
@@ -88,7 +96,7 @@ class Server:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-        wait_http(health)
+        wait_http(health, startup_s)
 
     def rss_kib(self) -> int:
         pids = [self.proc.pid, *_children(self.proc.pid)]
@@ -319,6 +327,8 @@ def main() -> int:
                             args.litellm,
                             "--config",
                             str(work / "litellm.yaml"),
+                            "--host",
+                            "127.0.0.1",
                             "--port",
                             str(lt_port),
                             "--num_workers",
@@ -327,6 +337,13 @@ def main() -> int:
                     ),
                     f"http://127.0.0.1:{lt_port}/health/liveliness",
                     work,
+                    # loopback only: its bundled cost map, no telemetry
+                    env={
+                        "LITELLM_MASTER_KEY": "sk-portcullis-bench-0123456789abcdef",
+                        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                        "LITELLM_TELEMETRY": "False",
+                    },
+                    startup_s=180,
                 )
             )
             targets.append(("litellm", f"http://127.0.0.1:{lt_port}"))

@@ -37,16 +37,36 @@ def _free_port() -> int:
 def llama(module_tmp: Path) -> Iterator[str]:
     model = write_tiny_llama(module_tmp / "tiny.gguf")
     port = _free_port()
-    log = open(module_tmp / "llama-server.log", "wb")  # noqa: SIM115
+    log = open(module_tmp / "llama-server.log", "wb")
     proc = subprocess.Popen(
-        [LLAMA_BIN, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(SLOTS),
-         "-c", str(CTX), "-a", "tiny-alias", "-t", "1", "--no-warmup"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            LLAMA_BIN,
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-np",
+            str(SLOTS),
+            "-c",
+            str(CTX),
+            "-a",
+            "tiny-alias",
+            "-t",
+            "1",
+            "--no-warmup",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: proc.poll() is None and http_get(url + "/health", timeout=1)[0] == 200, timeout=60,
-                   what="llama-server ready")
+        wait_until(
+            lambda: proc.poll() is None and http_get(url + "/health", timeout=1)[0] == 200,
+            timeout=60,
+            what="llama-server ready",
+        )
     except (TimeoutError, OSError):
         proc.kill()
         raise RuntimeError((module_tmp / "llama-server.log").read_text()) from None
@@ -75,16 +95,26 @@ def test_slots_learned_from_props(llama_gateway: Proc) -> None:
 
 
 def test_chat_non_stream(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
-                                       temperature=0, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert r.model == "tiny" and r.object == "chat.completion"
     assert r.usage is not None and r.usage.completion_tokens == 5
     assert r.model_extra.get("timings")  # llama-server's timings pass through
 
 
 def test_chat_stream_with_and_without_usage(client: openai.OpenAI) -> None:
-    kwargs = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
-              "extra_body": {"ignore_eos": True}}
+    kwargs = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "stream": True,
+        "extra_body": {"ignore_eos": True},
+    }
     plain = list(client.chat.completions.create(**kwargs))
     assert plain and all(c.choices for c in plain) and all(c.model == "tiny" for c in plain)
     with_usage = list(client.chat.completions.create(**kwargs, stream_options={"include_usage": True}))
@@ -94,8 +124,11 @@ def test_chat_stream_with_and_without_usage(client: openai.OpenAI) -> None:
 def test_completions(client: openai.OpenAI) -> None:
     r = client.completions.create(model="tiny", prompt="abc", max_tokens=3, extra_body={"ignore_eos": True})
     assert r.model == "tiny" and r.usage.completion_tokens == 3
-    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=3, stream=True,
-                                            extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="abc", max_tokens=3, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert chunks and all(c.model == "tiny" for c in chunks)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from portcullis.sim.simulator import Simulator, SimSettings, tokenize
+from portcullis.sim.simulator import SimSettings, Simulator, tokenize
 
 
 async def _call(app: Simulator, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -48,7 +48,8 @@ async def test_loading_phase_answers_like_llama_server() -> None:
 
 async def test_context_overflow_error_matches_llama_server() -> None:
     sim = Simulator(SimSettings(n_ctx=16))
-    status, body = await _call(sim, "POST", "/v1/chat/completions",
-                               {"messages": [{"role": "user", "content": "word " * 20}]})
+    status, body = await _call(
+        sim, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 20}]}
+    )
     assert status == 400
     assert body["error"]["type"] == "exceed_context_size_error" and body["error"]["n_ctx"] == 16
