@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 import orjson
@@ -112,6 +113,22 @@ class _StdlibJsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(out).decode()
+
+
+def access_line(fields: dict[str, Any]) -> None:
+    """The per-request line, rendered straight to JSON into the same buffer as every other line.
+
+    It skips structlog's processor chain on purpose: under load that chain was about 3% of the
+    gateway's CPU per request (py-spy, bench at 32 connections), for a line whose shape never varies.
+    """
+    fields["event"] = "request"
+    fields["level"] = "info"
+    fields["timestamp"] = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    line = orjson.dumps(fields) + b"\n"
+    if _writer is not None:
+        _writer.write(line)
+    else:
+        sys.stdout.buffer.write(line)
 
 
 def flush_logs() -> None:

@@ -81,7 +81,9 @@ def parse_json_object(body: bytes, limits: ValidationLimits) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(obj, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    if _depth_exceeds(obj, limits.max_json_depth):
+    # A body cannot nest deeper than it has brackets: counting them runs at C speed and lets the
+    # usual request skip the walk (which cost about 2% of the gateway's CPU per request).
+    if body.count(b"{") + body.count(b"[") > limits.max_json_depth and _depth_exceeds(obj, limits.max_json_depth):
         raise InvalidRequest(
             f"The request body nests deeper than {limits.max_json_depth} levels.", code="json_too_deep"
         )
