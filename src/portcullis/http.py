@@ -33,7 +33,6 @@ class Request:
     """One HTTP request. Holds what every stage needs and nothing it has to compute twice."""
 
     __slots__ = (
-        "_body_read",
         "_headers",
         "disconnected",
         "method",
@@ -55,7 +54,6 @@ class Request:
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self._headers: dict[bytes, bytes] | None = None
-        self._body_read = False
         self.status = 0
         self.disconnected = False
         rid = self.header(b"x-request-id")
@@ -86,7 +84,6 @@ class Request:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
             chunks.append(chunk)
             more = message.get("more_body", False)
-        self._body_read = True
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def wait_disconnect(self) -> None:
