@@ -66,7 +66,7 @@ async def forward(
             return
         raw = await resp.read()
         ex.upstream_s = time.perf_counter() - t0
-        await req_respond_rewritten(req, ex, raw, model)
+        await respond_as_requested_model(req, ex, raw, model)
     finally:
         replica.in_flight -= 1
         ex.stop_watching()
@@ -74,7 +74,7 @@ async def forward(
             resp.release()
 
 
-async def req_respond_rewritten(req: Request, ex: Exchange, raw: bytes, model: str) -> None:
+async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, model: str) -> None:
     try:
         answer = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
