@@ -20,6 +20,10 @@ from typing import Any
 import orjson
 import yaml
 
+# Every test gateway gets this key secret, and this admin key (all scopes) on its first start.
+KEY_SECRET = "test-key-secret-0123456789abcdef0123456789abcdef"
+ADMIN_KEY = "pc-00000000000000ad-test-admin-key-0123456789abcdefghijklmnop"
+
 
 def bind_loopback() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -30,9 +34,10 @@ def bind_loopback() -> socket.socket:
     return sock
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"authorization": f"Bearer {ADMIN_KEY}", **(headers or {})})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -40,7 +45,8 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 def http_post(url: str, body: Any, timeout: float = 10.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    all_headers = {"content-type": "application/json", "authorization": f"Bearer {ADMIN_KEY}", **(headers or {})}
+    req = urllib.request.Request(url, data=data, headers=all_headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -133,7 +139,8 @@ def sim_stats(sim: Proc) -> dict[str, Any]:
 
 def gateway_config(models: dict[str, list[str] | list[dict[str, Any]]], **sections: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "server": {"drain_grace_s": 0.2, "shutdown_timeout_s": 10},
+        "server": {"drain_grace_s": 0.2, "shutdown_timeout_s": 10, "metrics_public": True},
+        "store": {"auto_migrate": True},
         "health": {"interval_s": 0.2, "timeout_s": 1},
         "models": {
             name: {"deployments": [d if isinstance(d, dict) else {"url": d} for d in deployments]}
@@ -146,8 +153,24 @@ def gateway_config(models: dict[str, list[str] | list[dict[str, Any]]], **sectio
 
 
 def start_gateway(
-    config: dict[str, Any], tmp_path: Path, *, ready_path: str = "/healthz", env: dict[str, str] | None = None
+    config: dict[str, Any],
+    tmp_path: Path,
+    *,
+    ready_path: str = "/healthz",
+    env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
 ) -> Proc:
-    path = tmp_path / f"gateway-{time.monotonic_ns()}.yaml"
+    """A gateway process; unless the config names a database, a fresh SQLite file in tmp_path."""
+    stamp = time.monotonic_ns()
+    store = config.setdefault("store", {})
+    store.setdefault("database_url", f"sqlite+aiosqlite:///{tmp_path}/gateway-{stamp}.db")
+    path = tmp_path / f"gateway-{stamp}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return Proc(["serve", "--config", str(path)], ready_path=ready_path, env=env, log_dir=tmp_path, name="gateway")
+    full_env = {"PORTCULLIS_KEY_SECRET": KEY_SECRET, "PORTCULLIS_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY, **(env or {})}
+    return Proc(
+        ["serve", "--config", str(path), *(extra_args or [])],
+        ready_path=ready_path,
+        env=full_env,
+        log_dir=tmp_path,
+        name="gateway",
+    )

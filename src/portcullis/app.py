@@ -1,25 +1,33 @@
 """The gateway as an ASGI app, built from a Config: routes, stages, lifespan, shutdown drain.
 
-Routes are listed explicitly below; each handler in api/ reads top to bottom like the request path.
-Errors from any stage are `GatewayError`s and become the OpenAI error JSON here, in one place.
+Routes are listed explicitly below, each with the one scope it needs (or public). Every request runs:
+route → (CORS) → authenticate → require the route's scope → the handler, which reads top to bottom like
+the request path. Errors from any stage are `GatewayError`s and become the OpenAI error JSON here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from portcullis.api import openai, ops
+from portcullis.api import admin, openai, ops
 from portcullis.config import Config
-from portcullis.errors import GatewayError, MethodNotAllowed, NotFound, ServiceUnavailable
+from portcullis.errors import Forbidden, GatewayError, MethodNotAllowed, NotFound, ServiceUnavailable
 from portcullis.http import ClientDisconnected, Receive, Request, Scope, Send
+from portcullis.identity import scopes
+from portcullis.identity.auth import Identity, require_scope
+from portcullis.identity.jwt import JwtSetupError, JwtVerifier
+from portcullis.identity.keys import KeyHasher, KeyStore, key_id_of
 from portcullis.obs.logging import access_line, flush_logs, get_logger
 from portcullis.obs.metrics import Metrics
 from portcullis.routing.catalog import Catalog
+from portcullis.store.bus import EventBus
+from portcullis.store.db import make_engine, pending, upgrade
 from portcullis.upstream.client import UpstreamClient
 from portcullis.upstream.exchange import ABORT_CLIENT_GONE, ABORT_SHUTDOWN, Exchange
 from portcullis.upstream.probe import Prober
@@ -27,9 +35,30 @@ from portcullis.upstream.relay import sse_error
 
 Handler = Callable[..., Awaitable[None]]
 
-_MODEL_PATH = re.compile(r"^/v1/models/(.+)$")
-# Routes whose requests get an access-log line and request metrics (ops probes would drown them).
+# Routes whose requests get no access-log line or request metrics (probes would drown the rest).
 _QUIET = {"/healthz", "/readyz", "/metrics"}
+_MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
+_CORS_EXPOSE = b"x-request-id, retry-after, x-portcullis-attempts"
+
+
+class StartupError(Exception):
+    """The gateway cannot start with this configuration or database; the message says what to do."""
+
+
+def key_secret(config: Config) -> bytes:
+    auth = config.auth
+    if auth.key_secret_file:
+        return auth.key_secret_file.read_bytes().strip()
+    value = os.environ.get(auth.key_secret_env)
+    if not value:
+        raise StartupError(
+            f"API keys are on but the key secret is not set: put at least 32 random bytes in the environment "
+            f"variable {auth.key_secret_env} (or set auth.key_secret_file), e.g. "
+            f"`export {auth.key_secret_env}=$(openssl rand -hex 32)`."
+        )
+    if len(value) < 32:
+        raise StartupError(f"{auth.key_secret_env} must hold at least 32 characters.")
+    return value.encode()
 
 
 class Gateway:
@@ -42,15 +71,39 @@ class Gateway:
         self.started_at = time.time()
         self.draining = False
         self.exchanges: set[Exchange] = set()
-        self.routes: dict[tuple[str, str], Handler] = {
-            ("POST", "/v1/chat/completions"): openai.chat_completions,
-            ("POST", "/v1/completions"): openai.completions,
-            ("POST", "/v1/embeddings"): openai.embeddings,
-            ("GET", "/v1/models"): openai.list_models,
-            ("GET", "/healthz"): ops.healthz,
-            ("GET", "/readyz"): ops.readyz,
-            ("GET", "/metrics"): ops.metrics,
+        self.engine = make_engine(config.store.database_url)
+        self.keys: KeyStore | None = None
+        self.identity: Identity | None = None
+        self.bus: EventBus | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self.cors_origins = {o.encode() for o in config.server.cors_origins}
+        self.hsts = (
+            f"max-age={config.server.hsts_max_age_s}; includeSubDomains".encode()
+            if config.server.ssl_certfile
+            else None
+        )
+        metrics_scope = scopes.PUBLIC if config.server.metrics_public else scopes.ADMIN_READ
+        self.routes: dict[tuple[str, str], tuple[Handler, str]] = {
+            ("POST", "/v1/chat/completions"): (openai.chat_completions, scopes.CHAT),
+            ("POST", "/v1/completions"): (openai.completions, scopes.COMPLETIONS),
+            ("POST", "/v1/embeddings"): (openai.embeddings, scopes.EMBEDDINGS),
+            ("GET", "/v1/models"): (openai.list_models, scopes.MODELS_READ),
+            ("POST", "/admin/keys"): (admin.create_key, scopes.KEYS_ADMIN),
+            ("GET", "/admin/keys"): (admin.list_keys, scopes.KEYS_ADMIN),
+            ("GET", "/healthz"): (ops.healthz, scopes.PUBLIC),
+            ("GET", "/readyz"): (ops.readyz, scopes.PUBLIC),
+            ("GET", "/metrics"): (ops.metrics, metrics_scope),
         }
+        # Routes with an id in the path: (method, pattern, handler, scope).
+        self.pattern_routes: list[tuple[str, re.Pattern[str], Handler, str]] = [
+            ("GET", re.compile(r"^/v1/models/(.+)$"), openai.get_model, scopes.MODELS_READ),
+            ("DELETE", re.compile(r"^/v1/models/(.+)$"), openai.delete_model, scopes.MODELS_DELETE),
+            ("POST", re.compile(r"^/admin/models/(.+)/enable$"), admin.enable_model, scopes.MODELS_WRITE),
+            ("GET", re.compile(r"^/admin/keys/([0-9a-f]+)$"), admin.show_key, scopes.KEYS_ADMIN),
+            ("DELETE", re.compile(r"^/admin/keys/([0-9a-f]+)$"), admin.revoke_key, scopes.KEYS_ADMIN),
+            ("POST", re.compile(r"^/admin/keys/([0-9a-f]+)/revoke$"), admin.revoke_key, scopes.KEYS_ADMIN),
+            ("POST", re.compile(r"^/admin/keys/([0-9a-f]+)/rotate$"), admin.rotate_key, scopes.KEYS_ADMIN),
+        ]
         self._paths = {path for _, path in self.routes}
 
     # -- ASGI ---------------------------------------------------------------------------------
@@ -64,10 +117,19 @@ class Gateway:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = Request(scope, receive, send)
+        if self.hsts is not None:
+            req.response_headers.append((b"strict-transport-security", self.hsts))
         ex = Exchange(route=req.path, task=asyncio.current_task(), started_at=req.started)
         self.exchanges.add(ex)
         try:
-            handler, args = self._route(req)
+            if req.method == "OPTIONS" or self.cors_origins:
+                if await self._cors(req):
+                    return
+            handler, args, needed = self._route(req)
+            if needed is not scopes.PUBLIC:
+                assert self.identity is not None
+                ex.principal = await self.identity.authenticate(req)
+                require_scope(ex.principal, needed)
             await handler(self, req, ex, *args)
         except GatewayError as error:
             ex.error_code = error.code or error.type
@@ -91,16 +153,49 @@ class Gateway:
             if req.path not in _QUIET:
                 self._record(req, ex)
 
-    def _route(self, req: Request) -> tuple[Handler, tuple[Any, ...]]:
-        handler = self.routes.get((req.method, req.path))
-        if handler is not None:
-            return handler, ()
-        match = _MODEL_PATH.match(req.path)
-        if match and req.method == "GET":
-            return openai.get_model, (match.group(1),)
-        if req.path in self._paths:
+    def _route(self, req: Request) -> tuple[Handler, tuple[Any, ...], str]:
+        found = self.routes.get((req.method, req.path))
+        if found is not None:
+            return found[0], (), found[1]
+        path_known = req.path in self._paths
+        for method, pattern, handler, needed in self.pattern_routes:
+            match = pattern.match(req.path)
+            if match:
+                if method == req.method:
+                    return handler, match.groups(), needed
+                path_known = True
+        if path_known:
             raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}.")
         raise NotFound(f"Unknown path {req.path}.", code="unknown_url")
+
+    async def _cors(self, req: Request) -> bool:
+        """CORS: answer a preflight (True: answered), or mark an allowed origin on the response."""
+        origin = req.header(b"origin")
+        if origin is None:
+            return False
+        allowed = origin in self.cors_origins
+        if req.method == "OPTIONS" and req.header(b"access-control-request-method") is not None:
+            if not allowed:
+                raise Forbidden("This origin is not allowed to call the API.", code="cors_origin_not_allowed")
+            headers = [
+                (b"access-control-allow-origin", origin),
+                (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+                (
+                    b"access-control-allow-headers",
+                    req.header(b"access-control-request-headers") or b"authorization, content-type",
+                ),
+                (b"access-control-max-age", b"600"),
+                (b"vary", b"origin"),
+            ]
+            await req.respond(204, b"", headers)
+            return True
+        if allowed:
+            req.response_headers += [
+                (b"access-control-allow-origin", origin),
+                (b"access-control-expose-headers", _CORS_EXPOSE),
+                (b"vary", b"origin"),
+            ]
+        return False
 
     async def _after_abort(self, req: Request, ex: Exchange) -> None:
         if ex.abort_reason == ABORT_CLIENT_GONE:
@@ -128,12 +223,15 @@ class Gateway:
             completion_tokens=ex.completion_tokens,
         )
         if self.config.server.access_log:
+            principal = ex.principal
             access_line(
                 {
                     "request_id": req.request_id,
                     "method": req.method,
                     "path": req.path,
                     "status": req.status,
+                    "user": principal.user if principal else None,
+                    "key_id": principal.key_id if principal else None,
                     "model": ex.model,
                     "replica": ex.replica.name if ex.replica else None,
                     "stream": ex.stream,
@@ -155,6 +253,8 @@ class Gateway:
                 try:
                     await self.startup()
                 except Exception as exc:
+                    self.log.error("startup_failed", error=str(exc))
+                    flush_logs()
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
@@ -163,27 +263,117 @@ class Gateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    async def preflight(self) -> None:
+        """Everything that must hold before serving: raises StartupError naming the fix."""
+        auth = self.config.auth
+        if not (auth.api_keys or auth.jwt.enabled or auth.allow_anonymous):
+            raise StartupError("auth: no way to authenticate: enable api_keys or jwt (or allow_anonymous for trials).")
+        hasher = KeyHasher(key_secret(self.config)) if auth.api_keys else None
+        jwt = None
+        if auth.jwt.enabled:
+            try:
+                jwt = JwtVerifier(auth.jwt, set(self.config.tiers))
+            except (JwtSetupError, OSError, ValueError) as exc:
+                raise StartupError(f"auth.jwt: {exc}") from exc
+        try:
+            needs_migration = await pending(self.engine)
+        except Exception as exc:
+            raise StartupError(f"store.database_url: cannot reach the database: {exc}") from exc
+        if needs_migration:
+            if not self.config.store.auto_migrate:
+                raise StartupError(
+                    "The database schema is not up to date. Run `portcullis db upgrade --config FILE` "
+                    "(or set store.auto_migrate: true)."
+                )
+            await upgrade(self.engine)
+        if hasher is not None:
+            self.keys = KeyStore(self.engine, hasher)
+        if self.config.store.redis_url:
+            self.bus = EventBus(self.config.store.redis_url)
+        self.identity = Identity(
+            self.config, self.keys if auth.api_keys else None, hasher, jwt, pushed_invalidation=self.bus is not None
+        )
+        if auth.allow_anonymous:
+            self.log.warning("anonymous_access_enabled", detail="requests without credentials get every scope")
+        await self._bootstrap_admin_key()
+
+    async def _bootstrap_admin_key(self) -> None:
+        bootstrap = os.environ.get("PORTCULLIS_BOOTSTRAP_ADMIN_KEY")
+        if not bootstrap or self.keys is None:
+            return
+        key_id = key_id_of(bootstrap)
+        if key_id is None:
+            raise StartupError("PORTCULLIS_BOOTSTRAP_ADMIN_KEY is not a Portcullis key (pc-<16 hex>-<32+ chars>).")
+        if await self.keys.count() == 0:  # only on a first start: never resurrect a revoked key
+            tier = max(self.config.tiers, key=lambda t: self.config.tiers[t].priority)
+            await self.keys.create(
+                user="admin", tier=tier, scopes=tuple(sorted(scopes.ALL)), key=bootstrap, label="bootstrap admin key"
+            )
+            self.log.info("bootstrap_admin_key_created", key_id=key_id)
+
     async def startup(self) -> None:
+        if self.identity is None:
+            await self.preflight()
+        assert self.identity is not None
         for replica in self.catalog.all_replicas():
             replica.client = UpstreamClient(replica.url, api_key=replica.api_key, config=self.config.upstream)
+        if self.keys is not None:
+            self.catalog.disabled = await self.keys.disabled_models()
+            if self.bus is not None:
+                await self.bus.start(self._on_event)
+            else:
+                self._background.append(asyncio.create_task(self._poll_model_state()))
+        self.identity.start()
         await self.prober.first_round()
         self.prober.start()
         # Everything allocated so far lives as long as the process: move it out of the collector's
         # reach, so the collections that per-request garbage triggers do not rescan it each time.
         gc.collect()
         gc.freeze()
-        self.log.info(
-            "started",
-            models={m: [r.state.value for r in rs] for m, rs in self.catalog.models.items()},
-        )
+        self.log.info("started", models={m: [r.state.value for r in rs] for m, rs in self.catalog.models.items()})
 
     async def shutdown(self) -> None:
         await self.prober.stop()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.identity is not None:
+            await self.identity.stop()
+        if self.bus is not None:
+            await self.bus.close()
         for replica in self.catalog.all_replicas():
             if replica.client is not None:
                 await replica.client.close()
+        await self.engine.dispose()
         self.log.info("stopped")
         flush_logs()
+
+    # -- state shared between processes --------------------------------------------------------
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """Tell every process (this one directly, the others over the bus when there is one)."""
+        self._on_event(event)
+        if self.bus is not None:
+            await self.bus.publish(event)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "key" and self.identity is not None:
+            self.identity.invalidate(str(event.get("id")))
+        elif event.get("type") == "model":
+            name = str(event.get("name"))
+            if event.get("disabled"):
+                self.catalog.disabled.add(name)
+            else:
+                self.catalog.disabled.discard(name)
+
+    async def _poll_model_state(self) -> None:
+        assert self.keys is not None
+        while True:
+            await asyncio.sleep(_MODEL_POLL_S)
+            try:
+                self.catalog.disabled = await self.keys.disabled_models()
+            except Exception:
+                self.log.warning("model_state_poll_failed")
 
     # -- graceful shutdown --------------------------------------------------------------------
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 
-from portcullis.config import Config, ConfigError, demo_config, load_config
+from portcullis import operator
+from portcullis.config import Config, ConfigError, build_config, demo_config, load_config
 from portcullis.server import DrainingServer, QuietServer, bound_port, uvicorn_config
 
 
@@ -26,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", default=os.environ.get("PORTCULLIS_CONFIG"), help="YAML config file")
     serve.add_argument("--demo", action="store_true", help="embedded defaults with the simulator as backend")
+    serve.add_argument("--ssl-certfile", default=None, help="serve TLS with this certificate (PEM)")
+    serve.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
     _add_listen_args(serve, None)
 
     sim = sub.add_parser("sim", help="run the llama-server simulator")
@@ -52,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a config file")
     check.add_argument("file")
+    operator.add_parsers(sub)
     return parser
 
 
@@ -61,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_check(args.file)
     if args.command == "sim":
         return _run_sim(args)
+    if args.command in ("db", "keys", "token"):
+        return operator.run(args)
     return _serve(args)
 
 
@@ -129,6 +137,8 @@ def _serve(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
             return 1
+    if config is not None and (args.ssl_certfile or args.ssl_keyfile):
+        config = _with_tls(config, args)
     configure_logging(config.server.log_level if config else "info")
     import uvloop
 
@@ -136,8 +146,15 @@ def _serve(args: argparse.Namespace) -> int:
         return runner.run(_serve_async(args, config))
 
 
+def _with_tls(config: Config, args: argparse.Namespace) -> Config:
+    data = config.model_dump(mode="json")
+    data["server"].update({"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile})
+    return build_config(data, source="--ssl-certfile/--ssl-keyfile", environ={})
+
+
 async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
-    from portcullis.app import create_app
+    from portcullis.app import StartupError, create_app
+    from portcullis.identity import scopes
     from portcullis.server import DrainingServer, uvicorn_config
 
     sim_server = None
@@ -161,20 +178,37 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
             if sim_task.done():
                 return 1
             await asyncio.sleep(0.01)
-        config = demo_config(f"http://127.0.0.1:{sim_port}")
+        # A throwaway database and key secret: the demo starts clean and prints its own key.
+        demo_dir = tempfile.mkdtemp(prefix="portcullis-demo-")
+        os.environ.setdefault("PORTCULLIS_KEY_SECRET", secrets.token_hex(32))
+        config = demo_config(f"http://127.0.0.1:{sim_port}", f"sqlite+aiosqlite:///{demo_dir}/demo.db")
 
     gateway = create_app(config)
+    try:
+        await gateway.preflight()
+    except StartupError as exc:
+        print(f"portcullis serve: {exc}", file=sys.stderr)
+        return 1
+    demo_key = None
+    if args.demo:
+        assert gateway.keys is not None
+        demo_key, _ = await gateway.keys.create(
+            user="demo", tier="enterprise", scopes=tuple(sorted(scopes.ALL)), label="demo key"
+        )
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    tls = {}
+    if config.server.ssl_certfile:
+        tls = {"ssl_certfile": str(config.server.ssl_certfile), "ssl_keyfile": str(config.server.ssl_keyfile)}
     server = DrainingServer(
-        uvicorn_config(gateway, host=host, port=port, keep_alive_s=config.server.keep_alive_s),
+        uvicorn_config(gateway, host=host, port=port, keep_alive_s=config.server.keep_alive_s, **tls),
         on_drain=gateway.begin_drain,
         on_deadline=gateway.cut_in_flight,
         drain_grace_s=config.server.drain_grace_s,
         shutdown_timeout_s=config.server.shutdown_timeout_s,
     )
-    if args.demo:
-        asyncio.get_running_loop().create_task(_demo_banner(server))
+    if demo_key is not None:
+        asyncio.get_running_loop().create_task(_demo_banner(server, demo_key))
     await server.serve(sockets=_inherited(args.fd))
     if sim_server is not None and sim_task is not None:
         sim_server.should_exit = True
@@ -182,7 +216,7 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
     return 0 if server.started else 3
 
 
-async def _demo_banner(server: DrainingServer) -> None:
+async def _demo_banner(server: DrainingServer, key: str) -> None:
     while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag
         await asyncio.sleep(0.05)
     port = bound_port(server)
@@ -191,10 +225,13 @@ async def _demo_banner(server: DrainingServer) -> None:
         f"""
 Portcullis demo gateway is up on {base} (backend: the built-in llama-server simulator).
 
-  curl {base}/chat/completions -H 'content-type: application/json' \\
+Demo API key (every scope; this demo's database is thrown away on exit):
+  {key}
+
+  curl {base}/chat/completions -H 'authorization: Bearer {key}' -H 'content-type: application/json' \\
        -d '{{"model": "demo", "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='demo')
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{key}')
 r = c.chat.completions.create(model='demo', messages=[{{'role': 'user', 'content': 'Hi'}}])
 print(r.choices[0].message.content)"
 
@@ -204,12 +241,6 @@ Stop with Ctrl-C.
         file=sys.stderr,
         flush=True,
     )
-
-
-def _port_of(server) -> int | None:
-    from portcullis.server import bound_port
-
-    return bound_port(server)
 
 
 if __name__ == "__main__":

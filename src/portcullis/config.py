@@ -11,6 +11,7 @@ Environment overrides: `PORTCULLIS_<SECTION>__<FIELD>[__<FIELD>...]=value`, for 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +47,84 @@ class ServerConfig(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Keep-alive for client connections (seconds idle before the server closes one).
     keep_alive_s: PositiveFloat = 75.0
+    # Browser origins allowed to call the API (CORS). None by default: no cross-origin access.
+    cors_origins: list[str] = []
+    # Peers whose X-Forwarded-For is believed (CIDRs); everyone else is identified by the socket.
+    trusted_proxies: list[str] = []
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    hsts_max_age_s: int = Field(31_536_000, ge=0)
+    # /metrics needs the admin:read scope unless this is true (e.g. scraped on a private network).
+    metrics_public: bool = False
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile go together")
+        return self
+
+
+class StoreConfig(_Section):
+    database_url: str = "sqlite+aiosqlite:///portcullis.db"
+    redis_url: str | None = None
+    # Apply pending migrations at startup instead of refusing to start (the demo does this).
+    auto_migrate: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("use sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB")
+        return value
+
+
+JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
+
+
+class JwtConfig(_Section):
+    enabled: bool = False
+    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: ["HS256"], min_length=1)
+    secret_env: str | None = "PORTCULLIS_JWT_SECRET"
+    secret_file: Path | None = None
+    public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_s: float = Field(30.0, ge=0)
+    tier_claim: str = "tier"
+    default_tier: str = "free"
+    models_claim: str = "models"
+
+
+class AuthConfig(_Section):
+    api_keys: bool = True
+    # The server secret keyed into every stored key hash (HMAC-SHA256). Never in this file.
+    key_secret_env: str = "PORTCULLIS_KEY_SECRET"
+    key_secret_file: Path | None = None
+    # How long a verified key is trusted without asking the database. Default: 30 s with Redis
+    # (revocations are pushed over pub/sub), 1 s without (revocation must bite within 1 s).
+    key_cache_ttl_s: float | None = Field(None, gt=0)
+    rotation_grace_s: float = Field(86_400.0, ge=0)
+    jwt: JwtConfig = JwtConfig()
+    # Requests without credentials get an anonymous principal with every scope. Only for local
+    # trials and benchmarks; startup logs a warning.
+    allow_anonymous: bool = False
+    failed_auth_per_minute: int = Field(20, ge=1)
+
+
+class TierConfig(_Section):
+    priority: int = 0
+
+
+def _default_tiers() -> dict[str, TierConfig]:
+    return {"free": TierConfig(priority=0), "premium": TierConfig(priority=1), "enterprise": TierConfig(priority=2)}
 
 
 class ValidationLimits(_Section):
@@ -119,10 +198,19 @@ class ModelConfig(_Section):
 
 class Config(_Section):
     server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    auth: AuthConfig = AuthConfig()
+    tiers: dict[str, TierConfig] = Field(default_factory=_default_tiers, min_length=1)
     validation: ValidationLimits = ValidationLimits()
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _jwt_default_tier(self) -> Config:
+        if self.auth.jwt.enabled and self.auth.jwt.default_tier not in self.tiers:
+            raise ValueError(f"auth.jwt.default_tier '{self.auth.jwt.default_tier}' is not a configured tier")
+        return self
 
     @field_validator("models")
     @classmethod
@@ -228,11 +316,12 @@ def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | No
     return build_config(data, source=source, environ=environ)
 
 
-def demo_config(sim_url: str) -> Config:
+def demo_config(sim_url: str, database_url: str) -> Config:
     """Embedded defaults for `serve --demo`: one chat model and one embedding model on the simulator."""
     return build_config(
         {
             "server": {"drain_grace_s": 0.5, "shutdown_timeout_s": 10},
+            "store": {"database_url": database_url, "auto_migrate": True},
             "models": {
                 "demo": {"deployments": [{"url": sim_url, "name": "sim"}]},
                 "demo-embed": {"deployments": [{"url": sim_url, "name": "sim"}]},

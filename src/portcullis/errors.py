@@ -3,9 +3,12 @@
     GatewayError                      status  type                     code
      ├── InvalidRequest               400     invalid_request_error    (varies; param names the field)
      │    └── ContextLengthExceeded   400     invalid_request_error    context_length_exceeded
+     ├── Unauthenticated              401     invalid_request_error    invalid_api_key / invalid_token
+     ├── Forbidden                    403     permission_error         missing_scope / model_not_allowed
      ├── NotFound                     404     invalid_request_error    model_not_found / not_found
      ├── MethodNotAllowed             405     invalid_request_error    method_not_allowed
      ├── PayloadTooLarge              413     invalid_request_error    request_too_large
+     ├── TooManyRequests              429     rate_limit_error         too_many_failed_auth / ...
      ├── UpstreamError                (the upstream's status, normalised)
      ├── BadGateway                   502     server_error             upstream_unreachable
      ├── ServiceUnavailable           503     server_error             no_ready_replica / model_loading / ...
@@ -59,6 +62,24 @@ class InvalidRequest(GatewayError):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class Unauthenticated(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "missing_scope"
+
+
+class TooManyRequests(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class NotFound(GatewayError):

@@ -6,13 +6,20 @@ from pathlib import Path
 
 import openai
 import orjson
-from procs import Proc, gateway_config, start_gateway, wait_until
+import pytest
+from procs import ADMIN_KEY, Proc, gateway_config, start_gateway, wait_until
 
 
 def test_demo_gateway_chats_and_streams(tmp_path: Path) -> None:
     demo = Proc(["serve", "--demo"], ready_path="/readyz", log_dir=tmp_path, name="demo")
     try:
-        client = openai.OpenAI(base_url=demo.url + "/v1", api_key="demo", max_retries=0)
+        wait_until(lambda: "Demo API key" in demo.log(), what="banner with the demo key")
+        lines = demo.log().splitlines()
+        key = lines[lines.index(next(x for x in lines if x.startswith("Demo API key"))) + 1].strip()
+        assert key.startswith("pc-")
+        with pytest.raises(openai.AuthenticationError):  # the demo is not open: the key is needed
+            openai.OpenAI(base_url=demo.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=demo.url + "/v1", api_key=key, max_retries=0)
         reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello"}])
         assert reply.choices[0].message.content
         stream = client.chat.completions.create(
@@ -20,7 +27,6 @@ def test_demo_gateway_chats_and_streams(tmp_path: Path) -> None:
         )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert client.embeddings.create(model="demo-embed", input="x").data[0].embedding
-        wait_until(lambda: "/v1/chat/completions" in demo.log(), what="banner")
     finally:
         demo.stop()
 
@@ -28,7 +34,7 @@ def test_demo_gateway_chats_and_streams(tmp_path: Path) -> None:
 def test_one_json_log_line_per_request_without_prompts(sim: Proc, tmp_path: Path) -> None:
     gw = start_gateway(gateway_config({"tiny": [sim.url]}), tmp_path, ready_path="/readyz")
     try:
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
         secret = "my-secret-prompt-text"
         raw = client.chat.completions.with_raw_response.create(
             model="tiny", messages=[{"role": "user", "content": secret}], extra_headers={"x-request-id": "req-42"}
@@ -54,7 +60,7 @@ def test_one_json_log_line_per_request_without_prompts(sim: Proc, tmp_path: Path
 def test_metrics_cover_requests_latency_ttft_overhead_and_replicas(gateway: Proc) -> None:
     from procs import http_get
 
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
     list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "m"}], stream=True))
     status, body = http_get(gateway.url + "/metrics")
     text = body.decode()

@@ -8,12 +8,22 @@ from pathlib import Path
 import openai
 import orjson
 import pytest
-from procs import Proc, bind_loopback, gateway_config, http_get, http_post, sim_control, start_gateway, wait_until
+from procs import (
+    ADMIN_KEY,
+    Proc,
+    bind_loopback,
+    gateway_config,
+    http_get,
+    http_post,
+    sim_control,
+    start_gateway,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
 def client(gateway: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30)
 
 
 @pytest.fixture
@@ -94,7 +104,7 @@ def test_unreachable_upstream_names_no_address(tmp_path: Path) -> None:
     dead.close()
     gw = start_gateway(gateway_config({"m": [url]}), tmp_path)
     try:
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
         with pytest.raises(openai.InternalServerError) as info:
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
         assert info.value.status_code in (502, 503)
@@ -152,6 +162,7 @@ def test_body_over_the_cap_is_413_before_it_is_read(gateway: Proc) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
     conn.putrequest("POST", "/v1/chat/completions")
     conn.putheader("content-type", "application/json")
+    conn.putheader("authorization", f"Bearer {ADMIN_KEY}")
     conn.putheader("content-length", str(100 * 1024 * 1024))
     conn.endheaders()
     conn.send(b"{" + b" " * 65536)  # far less than declared: the answer must not wait for the rest
@@ -172,7 +183,7 @@ def test_body_over_the_cap_is_413_before_it_is_read(gateway: Proc) -> None:
             "/v1/chat/completions",
             body=chunks(),
             encode_chunked=True,
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", "authorization": f"Bearer {ADMIN_KEY}"},
         )
         resp = conn.getresponse()
         assert resp.status == 413

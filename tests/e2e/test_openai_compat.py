@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import openai
 import orjson
 import pytest
-from procs import Proc, http_post, sim_control, sim_stats
+from procs import ADMIN_KEY, Proc, http_post, sim_control, sim_stats
 
 
 @pytest.fixture(scope="module")
 def client(gateway: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30)
 
 
 @pytest.fixture
@@ -147,10 +147,11 @@ def test_stream_counts_usage_even_when_client_did_not_ask(gateway: Proc, client:
 def test_request_id_is_echoed_or_generated(gateway: Proc) -> None:
     import urllib.request
 
-    req = urllib.request.Request(gateway.url + "/v1/models", headers={"x-request-id": "abc-123"})
+    auth = {"authorization": f"Bearer {ADMIN_KEY}"}
+    req = urllib.request.Request(gateway.url + "/v1/models", headers={"x-request-id": "abc-123", **auth})
     with urllib.request.urlopen(req) as resp:
         assert resp.headers["x-request-id"] == "abc-123"
-    with urllib.request.urlopen(gateway.url + "/v1/models") as resp:
+    with urllib.request.urlopen(urllib.request.Request(gateway.url + "/v1/models", headers=auth)) as resp:
         assert len(resp.headers["x-request-id"]) >= 16
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from procs import Proc, gateway_config, http_get, sim_stats, start_gateway, start_sim, wait_until
+from procs import ADMIN_KEY, Proc, gateway_config, http_get, sim_stats, start_gateway, start_sim, wait_until
+
+AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ async def test_each_chunk_arrives_within_50ms_of_being_emitted(slow_gateway: Pro
     lags = []
     pings = 0
     async with (
-        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession(headers=AUTH) as session,
         session.post(slow_gateway.url + "/v1/chat/completions", json=body) as resp,
     ):
         assert resp.status == 200
@@ -54,7 +56,7 @@ async def test_each_chunk_arrives_within_50ms_of_being_emitted(slow_gateway: Pro
 async def test_client_disconnect_cancels_the_upstream_generation(slow_gateway: Proc, slow_sim: Proc) -> None:
     before = sim_stats(slow_sim)
     body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": True}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=AUTH) as session:
         resp = await session.post(slow_gateway.url + "/v1/chat/completions", json=body)
         seen = 0
         async for line in resp.content:
@@ -81,7 +83,7 @@ async def test_client_disconnect_cancels_the_upstream_generation(slow_gateway: P
 async def test_non_stream_client_disconnect_cancels_too(slow_gateway: Proc, slow_sim: Proc) -> None:
     before = sim_stats(slow_sim)
     body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=AUTH) as session:
         with pytest.raises(asyncio.TimeoutError):
             async with asyncio.timeout(0.5):
                 await session.post(slow_gateway.url + "/v1/chat/completions", json=body)
@@ -102,7 +104,7 @@ def test_balancer_fills_replicas_by_free_slots(tmp_path: Path) -> None:
 
         async def run() -> None:
             body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 20, "stream": True}
-            async with aiohttp.ClientSession() as session:
+            async with aiohttp.ClientSession(headers=AUTH) as session:
                 responses = []
                 for _ in range(4):  # one after another, each admitted before the next is sent
                     responses.append(await session.post(gw.url + "/v1/chat/completions", json=body))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from procs import Proc, gateway_config, http_get, start_gateway, wait_until
+from procs import ADMIN_KEY, Proc, gateway_config, http_get, start_gateway, wait_until
 from tiny_gguf import write_tiny_llama
 
 LLAMA_BIN = os.environ.get("LLAMA_SERVER_BIN")
@@ -85,7 +85,7 @@ def llama_gateway(llama: str, module_tmp: Path) -> Iterator[Proc]:
 
 @pytest.fixture(scope="module")
 def client(llama_gateway: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=llama_gateway.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=llama_gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
 
 
 def test_slots_learned_from_props(llama_gateway: Proc) -> None:

@@ -1,8 +1,9 @@
 """The OpenAI-compatible endpoints. Each handler reads top to bottom like the request path in DESIGN.md:
 
-    read body (capped) → parse once → validate → look up the model → forward upstream → relay
+    (authenticated, scope checked: app.py) → read body (capped) → parse once → validate
+    → model allowed for this principal → look up the model → forward upstream → relay
 
-Stages still to come (identity, quotas, moderation, cache, routing, admission) slot in between, in order.
+Stages still to come (quotas, moderation, cache, routing, admission) slot in between, in order.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from portcullis.http import Request
+from portcullis.identity.auth import require_model
 from portcullis.safety import validation
 from portcullis.upstream.exchange import Exchange
 from portcullis.upstream.proxy import forward
@@ -23,6 +25,7 @@ async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     payload = validation.parse_json_object(body, gw.config.validation)
     chat = validation.validate_chat(payload, gw.config.validation)
     ex.model, ex.stream = chat.model, bool(chat.stream)
+    require_model(ex.principal, chat.model)
     replicas = gw.catalog.replicas_for(chat.model)
     await forward(req, ex, path="/v1/chat/completions", payload=payload, replicas=replicas, model=chat.model)
 
@@ -32,6 +35,7 @@ async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     payload = validation.parse_json_object(body, gw.config.validation)
     completion = validation.validate_completion(payload, gw.config.validation)
     ex.model, ex.stream = completion.model, bool(completion.stream)
+    require_model(ex.principal, completion.model)
     replicas = gw.catalog.replicas_for(completion.model)
     await forward(req, ex, path="/v1/completions", payload=payload, replicas=replicas, model=completion.model)
 
@@ -41,18 +45,34 @@ async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
     payload = validation.parse_json_object(body, gw.config.validation)
     embedding = validation.validate_embedding(payload, gw.config.validation)
     ex.model = embedding.model
+    require_model(ex.principal, embedding.model)
     replicas = gw.catalog.replicas_for(embedding.model)
     await forward(req, ex, path="/v1/embeddings", payload=payload, replicas=replicas, model=embedding.model)
 
 
 async def list_models(gw: Gateway, req: Request, ex: Exchange) -> None:
     created = int(gw.started_at)
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "portcullis"} for name in gw.catalog.models]
+    allowed = ex.principal.models if ex.principal else None
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "portcullis"}
+        for name in gw.catalog.enabled()
+        if allowed is None or name in allowed
+    ]
     await req.respond_json(200, {"object": "list", "data": data})
 
 
 async def get_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
-    gw.catalog.replicas_for(model)  # 404 model_not_found when unknown
+    require_model(ex.principal, model)
+    gw.catalog.replicas_for(model)  # 404 model_not_found when unknown or disabled
     await req.respond_json(
         200, {"id": model, "object": "model", "created": int(gw.started_at), "owned_by": "portcullis"}
     )
+
+
+async def delete_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
+    """Switch a model off in the live catalog, on every process, persistently (OpenAI's delete shape)."""
+    gw.catalog.replicas_for(model)
+    assert gw.keys is not None
+    await gw.keys.set_model_disabled(model, True)
+    await gw.publish({"type": "model", "name": model, "disabled": True})
+    await req.respond_json(200, {"id": model, "object": "model", "deleted": True})

@@ -64,6 +64,8 @@ class Replica:
 class Catalog:
     def __init__(self, models: dict[str, list[Replica]]) -> None:
         self.models = models
+        # Models switched off at run time (DELETE /v1/models/{id}); persisted, shared by every process.
+        self.disabled: set[str] = set()
 
     @classmethod
     def from_config(cls, config: Config) -> Catalog:
@@ -76,7 +78,7 @@ class Catalog:
 
     def replicas_for(self, model: str) -> list[Replica]:
         replicas = self.models.get(model)
-        if replicas is None:
+        if replicas is None or model in self.disabled:
             raise NotFound(
                 f"The model '{model}' does not exist or you do not have access to it.",
                 param="model",
@@ -84,10 +86,15 @@ class Catalog:
             )
         return replicas
 
+    def enabled(self) -> list[str]:
+        return [name for name in self.models if name not in self.disabled]
+
     def all_replicas(self) -> list[Replica]:
         return [r for replicas in self.models.values() for r in replicas]
 
     def unready_models(self) -> list[str]:
         return [
-            name for name, replicas in self.models.items() if not any(r.state is ReplicaState.READY for r in replicas)
+            name
+            for name, replicas in self.models.items()
+            if name not in self.disabled and not any(r.state is ReplicaState.READY for r in replicas)
         ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from portcullis.identity.principal import Principal
 from portcullis.routing.catalog import Replica
 
 ABORT_CLIENT_GONE = "client_disconnected"
@@ -22,6 +23,7 @@ class Exchange:
     route: str
     task: asyncio.Task[None] | None
     started_at: float
+    principal: Principal | None = None
     model: str | None = None
     replica: Replica | None = None
     stream: bool = False

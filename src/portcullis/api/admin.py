@@ -1,0 +1,125 @@
+"""The admin API: keys (create, list, show, revoke, rotate) and switching models back on.
+
+Key ids are not secret, but a response for an unknown id is the same 404 whatever the reason, and the
+key itself appears exactly once: in the answer that created it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from portcullis.errors import InvalidRequest, NotFound
+from portcullis.http import Request
+from portcullis.identity import scopes
+from portcullis.identity.keys import KeyStore, now
+from portcullis.safety.validation import parse_json_object
+from portcullis.upstream.exchange import Exchange
+
+if TYPE_CHECKING:
+    from portcullis.app import Gateway
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: str = Field(min_length=1, max_length=256)
+    tier: str
+    scopes: list[str] | None = None
+    models: list[str] | None = None
+    expires_in_s: float | None = Field(None, gt=0)
+    label: str | None = Field(None, max_length=256)
+    limits: dict[str, Any] | None = None
+    budget: dict[str, Any] | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _known_scopes(cls, value: list[str] | None) -> list[str] | None:
+        return list(scopes.parse(value)) if value is not None else None
+
+
+class Rotation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace_s: float | None = Field(None, ge=0)
+
+
+def _store(gw: Gateway) -> KeyStore:
+    if gw.keys is None:
+        raise NotFound("API keys are not enabled on this gateway.", code="not_found")
+    return gw.keys
+
+
+async def _body(req: Request, gw: Gateway, model: type[BaseModel]) -> Any:
+    raw = await req.read_body(gw.config.server.max_body_bytes)
+    payload = parse_json_object(raw, gw.config.validation) if raw.strip() else {}
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value") from exc
+
+
+async def create_key(gw: Gateway, req: Request, ex: Exchange) -> None:
+    store = _store(gw)
+    spec: NewKey = await _body(req, gw, NewKey)
+    if spec.tier not in gw.config.tiers:
+        raise InvalidRequest(f"Unknown tier '{spec.tier}'.", param="tier", code="invalid_value")
+    key, record = await store.create(
+        user=spec.user,
+        tier=spec.tier,
+        scopes=tuple(spec.scopes) if spec.scopes is not None else scopes.DEFAULT,
+        models=tuple(spec.models) if spec.models is not None else None,
+        expires_at=now() + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None,
+        label=spec.label,
+        limits=spec.limits,
+        budget=spec.budget,
+    )
+    await req.respond_json(201, {**record.public(), "key": key})
+
+
+async def list_keys(gw: Gateway, req: Request, ex: Exchange) -> None:
+    user = _query(req).get("user")
+    records = await _store(gw).list(user=user)
+    await req.respond_json(200, {"object": "list", "data": [r.public() for r in records]})
+
+
+async def show_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> None:
+    record = await _store(gw).get(key_id)
+    if record is None:
+        raise NotFound("No such key.", code="key_not_found")
+    await req.respond_json(200, record.public())
+
+
+async def revoke_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> None:
+    record = await _store(gw).revoke(key_id)
+    if record is None:
+        raise NotFound("No such key.", code="key_not_found")
+    await gw.publish({"type": "key", "id": key_id})
+    await req.respond_json(200, record.public())
+
+
+async def rotate_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> None:
+    spec: Rotation = await _body(req, gw, Rotation)
+    grace = spec.grace_s if spec.grace_s is not None else gw.config.auth.rotation_grace_s
+    rotated = await _store(gw).rotate(key_id, grace_s=grace)
+    if rotated is None:
+        raise NotFound("No such active key.", code="key_not_found")
+    key, successor, old = rotated
+    await gw.publish({"type": "key", "id": key_id})
+    await req.respond_json(201, {**successor.public(), "key": key, "replaces": old.public()})
+
+
+async def enable_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
+    if model not in gw.catalog.models:
+        raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
+    await _store(gw).set_model_disabled(model, False)
+    await gw.publish({"type": "model", "name": model, "disabled": False})
+    await req.respond_json(200, {"id": model, "object": "model", "enabled": True})
+
+
+def _query(req: Request) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(req.scope.get("query_string", b"").decode("latin-1")))

@@ -1,0 +1,299 @@
+"""API keys: generation, keyed hashing, and the key store (SQLAlchemy Core over SQLite or PostgreSQL).
+
+A key looks like `pc-<id>-<secret>`: `id` is 16 hex characters used to find the record, `secret` is
+32 bytes from the CSPRNG (base64url). Only HMAC-SHA256(server secret, whole key) is stored; a stolen
+database does not yield usable keys without the server secret, and lookups never compare secrets in
+variable time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from portcullis.identity import scopes as scope_names
+from portcullis.identity.principal import Principal
+from portcullis.store.schema import api_keys, model_state
+
+PREFIX = "pc-"
+_ID_LEN = 16
+
+
+def generate_key() -> tuple[str, str]:
+    key_id = secrets.token_hex(_ID_LEN // 2)
+    return key_id, f"{PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
+
+
+def key_id_of(presented: str) -> str | None:
+    """The lookup id of a well-formed key, else None. Says nothing about validity."""
+    if not presented.startswith(PREFIX) or len(presented) < len(PREFIX) + _ID_LEN + 1 + 32:
+        return None
+    key_id = presented[len(PREFIX) : len(PREFIX) + _ID_LEN]
+    if presented[len(PREFIX) + _ID_LEN] != "-" or any(c not in "0123456789abcdef" for c in key_id):
+        return None
+    return key_id
+
+
+class KeyHasher:
+    def __init__(self, server_secret: bytes) -> None:
+        if len(server_secret) < 16:
+            raise ValueError("the key secret must be at least 16 bytes")
+        self._secret = server_secret
+
+    def hash(self, key: str) -> str:
+        return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
+
+    def matches(self, key: str, stored_hash: str) -> bool:
+        return hmac.compare_digest(self.hash(key), stored_hash)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything we store is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    key_hash: str
+    user: str
+    tier: str
+    scopes: tuple[str, ...]
+    models: tuple[str, ...] | None
+    label: str | None
+    limits: dict[str, Any] | None
+    budget: dict[str, Any] | None
+    created_at: datetime
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+    rotated_to: str | None = None
+    grace_until: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> KeyRecord:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            key_hash=m["key_hash"],
+            user=m["user"],
+            tier=m["tier"],
+            scopes=tuple(m["scopes"]),
+            models=tuple(m["models"]) if m["models"] is not None else None,
+            label=m["label"],
+            limits=m["limits"],
+            budget=m["budget"],
+            created_at=_aware(m["created_at"]),
+            expires_at=_aware(m["expires_at"]),
+            last_used_at=_aware(m["last_used_at"]),
+            revoked_at=_aware(m["revoked_at"]),
+            rotated_to=m["rotated_to"],
+            grace_until=_aware(m["grace_until"]),
+        )
+
+    def usable_at(self, when: datetime) -> bool:
+        if self.revoked_at is not None:
+            return False
+        if self.expires_at is not None and when >= self.expires_at:
+            return False
+        return not (self.grace_until is not None and when >= self.grace_until)
+
+    def valid_until(self) -> datetime | None:
+        ends = [t for t in (self.expires_at, self.grace_until) if t is not None]
+        return min(ends) if ends else None
+
+    def principal(self) -> Principal:
+        return Principal(
+            user=self.user,
+            tier=self.tier,
+            scopes=frozenset(self.scopes),
+            models=frozenset(self.models) if self.models is not None else None,
+            key_id=self.id,
+            via="api_key",
+            limits=self.limits,
+            budget=self.budget,
+        )
+
+    def public(self) -> dict[str, Any]:
+        """What an operator sees: everything but the hash."""
+
+        def iso(t: datetime | None) -> str | None:
+            return t.isoformat() if t else None
+
+        status = "active"
+        when = now()
+        if self.revoked_at:
+            status = "revoked"
+        elif self.expires_at and when >= self.expires_at:
+            status = "expired"
+        elif self.rotated_to:
+            status = "rotated" if self.usable_at(when) else "retired"
+        return {
+            "id": self.id,
+            "user": self.user,
+            "tier": self.tier,
+            "scopes": list(self.scopes),
+            "models": list(self.models) if self.models is not None else None,
+            "label": self.label,
+            "limits": self.limits,
+            "budget": self.budget,
+            "status": status,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "last_used_at": iso(self.last_used_at),
+            "revoked_at": iso(self.revoked_at),
+            "rotated_to": self.rotated_to,
+            "grace_until": iso(self.grace_until),
+        }
+
+
+class KeyStore:
+    def __init__(self, engine: AsyncEngine, hasher: KeyHasher) -> None:
+        self.engine = engine
+        self.hasher = hasher
+
+    async def create(
+        self,
+        *,
+        user: str,
+        tier: str,
+        scopes: tuple[str, ...] = scope_names.DEFAULT,
+        models: tuple[str, ...] | None = None,
+        expires_at: datetime | None = None,
+        label: str | None = None,
+        limits: dict[str, Any] | None = None,
+        budget: dict[str, Any] | None = None,
+        key: str | None = None,
+    ) -> tuple[str, KeyRecord]:
+        """A new key; returns the key itself (shown once) and its record. `key` imports a given one."""
+        if key is None:
+            key_id, key = generate_key()
+        else:
+            found = key_id_of(key)
+            if found is None:
+                raise ValueError("not a Portcullis key (pc-<16 hex>-<at least 32 characters>)")
+            key_id = found
+        record = KeyRecord(
+            id=key_id,
+            key_hash=self.hasher.hash(key),
+            user=user,
+            tier=tier,
+            scopes=tuple(scopes),
+            models=tuple(models) if models is not None else None,
+            label=label,
+            limits=limits,
+            budget=budget,
+            created_at=now(),
+            expires_at=expires_at,
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(api_keys).values(**_row(record)))
+        return key, record
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+        return KeyRecord.from_row(row) if row is not None else None
+
+    async def list(self, *, user: str | None = None) -> list[KeyRecord]:
+        query = select(api_keys).order_by(api_keys.c.created_at)
+        if user is not None:
+            query = query.where(api_keys.c.user == user)
+        async with self.engine.connect() as conn:
+            return [KeyRecord.from_row(r) for r in (await conn.execute(query)).all()]
+
+    async def count(self) -> int:
+        async with self.engine.connect() as conn:
+            return len((await conn.execute(select(api_keys.c.id))).all())
+
+    async def revoke(self, key_id: str) -> KeyRecord | None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now())
+            )
+            if (
+                result.rowcount == 0
+                and (await conn.execute(select(api_keys.c.id).where(api_keys.c.id == key_id))).first() is None
+            ):
+                return None
+        return await self.get(key_id)
+
+    async def rotate(self, key_id: str, *, grace_s: float) -> tuple[str, KeyRecord, KeyRecord] | None:
+        """A successor with the same attributes; the old key works `grace_s` longer, then stops."""
+        old = await self.get(key_id)
+        if old is None or not old.usable_at(now()) or old.rotated_to is not None:
+            return None
+        new_id, key = generate_key()
+        successor = replace(
+            old,
+            id=new_id,
+            key_hash=self.hasher.hash(key),
+            created_at=now(),
+            last_used_at=None,
+            rotated_to=None,
+            grace_until=None,
+        )
+        grace_until = now() + timedelta(seconds=grace_s)
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(api_keys).values(**_row(successor)))
+            await conn.execute(
+                update(api_keys).where(api_keys.c.id == key_id).values(rotated_to=new_id, grace_until=grace_until)
+            )
+        retired = await self.get(key_id)
+        assert retired is not None
+        return key, successor, retired
+
+    async def touch(self, last_used: dict[str, datetime]) -> None:
+        if not last_used:
+            return
+        async with self.engine.begin() as conn:
+            for key_id, when in last_used.items():
+                await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=when))
+
+    async def disabled_models(self) -> set[str]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(model_state.c.name).where(model_state.c.disabled.is_(True)))).all()
+        return {r[0] for r in rows}
+
+    async def set_model_disabled(self, name: str, disabled: bool) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(model_state).where(model_state.c.name == name).values(disabled=disabled, updated_at=now())
+            )
+            if result.rowcount == 0:
+                await conn.execute(insert(model_state).values(name=name, disabled=disabled, updated_at=now()))
+
+
+def _row(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "key_hash": record.key_hash,
+        "user": record.user,
+        "tier": record.tier,
+        "scopes": list(record.scopes),
+        "models": list(record.models) if record.models is not None else None,
+        "label": record.label,
+        "limits": record.limits,
+        "budget": record.budget,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "last_used_at": record.last_used_at,
+        "revoked_at": record.revoked_at,
+        "rotated_to": record.rotated_to,
+        "grace_until": record.grace_until,
+    }

@@ -1,0 +1,46 @@
+"""Scopes: what a principal may do. Every route declares exactly one (or is public)."""
+
+from __future__ import annotations
+
+CHAT = "chat:write"
+COMPLETIONS = "completions:write"
+EMBEDDINGS = "embeddings:write"
+MODERATIONS = "moderations:write"
+MODELS_READ = "models:read"
+MODELS_WRITE = "models:write"
+MODELS_DELETE = "models:delete"
+BATCHES = "batches:write"
+USAGE = "usage:read"
+KEYS_ADMIN = "keys:admin"
+ADMIN_READ = "admin:read"
+
+ALL = frozenset(
+    {
+        CHAT,
+        COMPLETIONS,
+        EMBEDDINGS,
+        MODERATIONS,
+        MODELS_READ,
+        MODELS_WRITE,
+        MODELS_DELETE,
+        BATCHES,
+        USAGE,
+        KEYS_ADMIN,
+        ADMIN_READ,
+    }
+)
+# What a new key gets when its creator names no scopes: inference, nothing administrative.
+DEFAULT = (CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, MODELS_READ)
+
+PUBLIC = ""  # routes anyone may call: /healthz, /readyz
+
+
+def parse(value: str | list[str] | tuple[str, ...] | None, *, default: tuple[str, ...] = DEFAULT) -> tuple[str, ...]:
+    """Comma/space separated or a list → validated, de-duplicated, sorted scopes."""
+    if value is None:
+        return default
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    unknown = sorted(set(items) - ALL)
+    if unknown:
+        raise ValueError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(sorted(ALL))}")
+    return tuple(sorted(set(items)))

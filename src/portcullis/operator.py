@@ -1,0 +1,229 @@
+"""Operator commands that work on the database directly: db upgrade, keys ..., token mint.
+
+Each takes the same config file as `serve` (--config or PORTCULLIS_CONFIG). Key commands publish their
+change on the Redis bus when one is configured, so running gateways see a revocation at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from datetime import timedelta
+from typing import Any
+
+import orjson
+
+from portcullis.config import Config, ConfigError, load_config
+from portcullis.identity import scopes
+from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, now
+from portcullis.store.bus import EventBus
+from portcullis.store.db import current_revision, head_revision, make_engine, pending, upgrade
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 12h or 30d")
+    return timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+
+
+def add_parsers(sub: Any) -> None:
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=os.environ.get("PORTCULLIS_CONFIG"), help="YAML config file")
+        return p
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    with_config(db_sub.add_parser("upgrade", help="apply pending migrations"))
+    with_config(db_sub.add_parser("status", help="show the schema revision"))
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = with_config(keys_sub.add_parser("create", help="create a key (printed once)"))
+    create.add_argument("--user", required=True)
+    create.add_argument("--tier", required=True)
+    create.add_argument("--scopes", default=None, help=f"comma-separated (default: {','.join(scopes.DEFAULT)})")
+    create.add_argument("--models", default=None, help="comma-separated allow-list (default: every model)")
+    create.add_argument("--expires", type=duration, default=None, help="e.g. 30d")
+    create.add_argument("--label", default=None)
+    create.add_argument("--json", action="store_true")
+    listing = with_config(keys_sub.add_parser("list", help="list keys"))
+    listing.add_argument("--user", default=None)
+    listing.add_argument("--json", action="store_true")
+    for name, text in (("show", "show a key"), ("revoke", "revoke a key now")):
+        p = with_config(keys_sub.add_parser(name, help=text))
+        p.add_argument("id")
+        p.add_argument("--json", action="store_true")
+    rotate = with_config(keys_sub.add_parser("rotate", help="issue a successor; the old key works for a grace"))
+    rotate.add_argument("id")
+    rotate.add_argument("--grace", type=duration, default=None, help="default: auth.rotation_grace_s")
+    rotate.add_argument("--json", action="store_true")
+
+    token = sub.add_parser("token", help="JWT helpers")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    mint = with_config(token_sub.add_parser("mint", help="mint an HS256 token for testing"))
+    mint.add_argument("--sub", required=True)
+    mint.add_argument("--tier", default=None)
+    mint.add_argument("--scopes", default=",".join(scopes.DEFAULT))
+    mint.add_argument("--ttl", type=duration, default=duration("30m"))
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    if not args.config:
+        print(f"portcullis {args.command}: give --config FILE (or set PORTCULLIS_CONFIG)", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    try:
+        if args.command == "token":
+            return _mint(config, args)
+        return asyncio.run(_db_or_keys(config, args))
+    except OperatorError as exc:
+        print(f"portcullis {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+class OperatorError(Exception):
+    pass
+
+
+async def _db_or_keys(config: Config, args: argparse.Namespace) -> int:
+    engine = make_engine(config.store.database_url)
+    try:
+        if args.command == "db":
+            if args.db_command == "upgrade":
+                await upgrade(engine)
+            print(f"schema revision {await current_revision(engine)} (code expects {head_revision()})")
+            return 0
+        if await pending(engine):
+            raise OperatorError("the database schema is not up to date: run `portcullis db upgrade` first")
+        from portcullis.app import StartupError, key_secret
+
+        try:
+            store = KeyStore(engine, KeyHasher(key_secret(config)))
+        except StartupError as exc:
+            raise OperatorError(str(exc)) from exc
+        return await _keys(config, store, args)
+    finally:
+        await engine.dispose()
+
+
+async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> int:
+    cmd = args.keys_command
+    if cmd == "create":
+        if args.tier not in config.tiers:
+            raise OperatorError(f"unknown tier {args.tier!r}; configured: {', '.join(config.tiers)}")
+        try:
+            granted = scopes.parse(args.scopes)
+        except ValueError as exc:
+            raise OperatorError(str(exc)) from exc
+        key, record = await store.create(
+            user=args.user,
+            tier=args.tier,
+            scopes=granted,
+            models=tuple(m for m in args.models.split(",") if m) if args.models else None,
+            expires_at=now() + args.expires if args.expires else None,
+            label=args.label,
+        )
+        _print(
+            {**record.public(), "key": key}, args.json, headline=f"Created key {record.id}. The key, shown once:\n{key}"
+        )
+        return 0
+    if cmd == "list":
+        records = await store.list(user=args.user)
+        if args.json:
+            print(orjson.dumps([r.public() for r in records]).decode())
+        else:
+            for r in records:
+                p = r.public()
+                scope_list = ",".join(r.scopes)
+                print(
+                    f"{r.id}  {p['status']:8s}  user={r.user} tier={r.tier} scopes={scope_list} label={r.label or ''}"
+                )
+        return 0
+    record: KeyRecord | None
+    if cmd == "show":
+        record = await store.get(args.id)
+        if record is None:
+            raise OperatorError(f"no key {args.id}")
+        _print(record.public(), args.json)
+        return 0
+    if cmd == "revoke":
+        record = await store.revoke(args.id)
+        if record is None:
+            raise OperatorError(f"no key {args.id}")
+        await _announce(config, {"type": "key", "id": args.id})
+        _print(record.public(), args.json, headline=f"Revoked key {args.id}.")
+        return 0
+    if cmd == "rotate":
+        grace = args.grace.total_seconds() if args.grace is not None else config.auth.rotation_grace_s
+        rotated = await store.rotate(args.id, grace_s=grace)
+        if rotated is None:
+            raise OperatorError(f"no active key {args.id}")
+        key, successor, old = rotated
+        await _announce(config, {"type": "key", "id": args.id})
+        _print(
+            {**successor.public(), "key": key, "replaces": old.public()},
+            args.json,
+            headline=f"Key {old.id} works until {old.grace_until.isoformat() if old.grace_until else '-'}; "
+            f"its successor {successor.id}, shown once:\n{key}",
+        )
+        return 0
+    raise OperatorError(f"unknown command {cmd}")
+
+
+async def _announce(config: Config, event: dict[str, Any]) -> None:
+    if config.store.redis_url:
+        bus = EventBus(config.store.redis_url)
+        try:
+            await bus.publish(event)
+        finally:
+            await bus.close()
+
+
+def _print(value: dict[str, Any], as_json: bool, headline: str | None = None) -> None:
+    if as_json:
+        print(orjson.dumps(value).decode())
+        return
+    if headline:
+        print(headline)
+    for k, v in value.items():
+        if k not in ("key", "replaces"):
+            print(f"  {k}: {v}")
+
+
+def _mint(config: Config, args: argparse.Namespace) -> int:
+    from portcullis.identity.jwt import JwtSetupError, JwtVerifier, mint
+
+    jwt_config = config.auth.jwt
+    try:
+        verifier = JwtVerifier(jwt_config.model_copy(update={"algorithms": ["HS256"]}), set(config.tiers))
+    except (JwtSetupError, OSError) as exc:
+        raise OperatorError(f"auth.jwt: {exc}") from exc
+    assert verifier.secret is not None
+    try:
+        granted = list(scopes.parse(args.scopes))
+    except ValueError as exc:
+        raise OperatorError(str(exc)) from exc
+    print(
+        mint(
+            verifier.secret,
+            sub=args.sub,
+            tier=args.tier or jwt_config.default_tier,
+            scopes=granted,
+            ttl_s=args.ttl.total_seconds(),
+            issuer=jwt_config.issuer,
+            audience=jwt_config.audience,
+        )
+    )
+    return 0
