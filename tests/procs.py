@@ -35,7 +35,8 @@ def bind_loopback() -> socket.socket:
 
 
 def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers={"authorization": f"Bearer {ADMIN_KEY}", **(headers or {})})
+    merged = {"authorization": f"Bearer {ADMIN_KEY}", **(headers or {})}
+    req = urllib.request.Request(url, headers={k: v for k, v in merged.items() if v is not None})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()

@@ -175,11 +175,10 @@ class Identity:
 
 def _credential(req: Request) -> str | None:
     auth = req.header(b"authorization")
-    if auth is not None:
+    if auth:
         scheme, _, value = auth.decode("latin-1").partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-        return None
     for name in (b"api-key", b"x-api-key"):
         value = req.header(name)
         if value:
