@@ -48,7 +48,7 @@ def database_url(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[s
     name = f"portcullis_test_{secrets.token_hex(6)}"
     try:
         _pg_admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:  # noqa: BLE001 - any failure to reach PostgreSQL
+    except Exception as exc:
         _missing("PostgreSQL", exc)
     yield PG_URL.rsplit("/", 1)[0] + "/" + name
     _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -60,6 +60,6 @@ def redis_url() -> str:
 
     try:
         redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         _missing("Redis", exc)
     return REDIS_URL
