@@ -1,6 +1,9 @@
 -- wrk script: a small non-streaming chat completion, the same body for every case.
+-- BENCH_KEY is set per target by bench/run.py (the gateway's key, LiteLLM's master key, or none).
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
--- LiteLLM requires its master key; the other targets ignore the header.
-wrk.headers["Authorization"] = "Bearer sk-portcullis-bench-0123456789abcdef"
+local key = os.getenv("BENCH_KEY")
+if key ~= nil and key ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. key
+end
 wrk.body = '{"model":"bench","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in five words."}],"max_tokens":16,"temperature":0}'

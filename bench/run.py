@@ -135,7 +135,7 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
+def wrk(url: str, connections: int, seconds: float, key: str | None = None) -> dict[str, float]:
     cmd = pinned(
         1,
         [
@@ -149,7 +149,8 @@ def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
             url,
         ],
     )
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "BENCH_KEY": key or ""}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
@@ -160,11 +161,11 @@ def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99}
 
 
-def measure(name: str, url: str, connections: int, runs: int, seconds: float) -> dict[str, Any]:
-    wrk(url, connections, min(2.0, seconds))  # warm-up: pools filled, code paths hot
+def measure(name: str, url: str, connections: int, runs: int, seconds: float, key: str | None) -> dict[str, Any]:
+    wrk(url, connections, min(2.0, seconds), key)  # warm-up: pools filled, code paths hot
     samples = []
     for i in range(runs):
-        samples.append(wrk(url, connections, seconds))
+        samples.append(wrk(url, connections, seconds, key))
         log(
             f"  {name:12s} c={connections:<3d} run {i + 1}/{runs}: {samples[-1]['rps']:8.0f} req/s  "
             f"p50 {samples[-1]['p50_ms']:.3f} ms  p99 {samples[-1]['p99_ms']:.3f} ms"
@@ -179,6 +180,41 @@ def measure(name: str, url: str, connections: int, runs: int, seconds: float) ->
     }
 
 
+BENCH_GATEWAY_KEY = "pc-00000000000be0c4-bench-key-0123456789abcdefghijklmnopqr"
+LITELLM_KEY = "sk-portcullis-bench-0123456789abcdef"
+
+
+def start_gateway(servers: list[Server], work: Path, upstream: str, name: str, *, keys: bool) -> int:
+    port = free_port()
+    config = work / f"{name}.yaml"
+    auth = {} if keys else {"api_keys": False, "allow_anonymous": True}
+    config.write_text(
+        json.dumps(
+            {
+                "server": {"port": port},
+                "store": {"database_url": f"sqlite+aiosqlite:///{work}/{name}.db", "auto_migrate": True},
+                "auth": auth,
+                "upstream": {"max_connections_per_replica": 10000},
+                "models": {"bench": {"deployments": [{"url": upstream}]}},
+            }
+        )
+    )
+    env = {
+        "PORTCULLIS_KEY_SECRET": "bench-secret-0123456789abcdef0123456789abcdef",
+        "PORTCULLIS_BOOTSTRAP_ADMIN_KEY": BENCH_GATEWAY_KEY,
+    }
+    servers.append(
+        Server(
+            name,
+            pinned(0, [PY, "-m", "portcullis", "serve", "--config", str(config)]),
+            f"http://127.0.0.1:{port}/readyz",
+            work,
+            env=env,
+        )
+    )
+    return port
+
+
 # -- streaming ------------------------------------------------------------------------------------
 
 
@@ -187,7 +223,7 @@ async def _ttft(url: str, model: str, n: int) -> list[float]:
 
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
     out = []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"authorization": f"Bearer {BENCH_GATEWAY_KEY}"}) as session:
         for _ in range(n):
             t0 = time.perf_counter()
             async with session.post(url + "/v1/chat/completions", json=body) as resp:
@@ -205,7 +241,11 @@ async def _open_streams(url: str, n: int, server: Server) -> int:
 
     body = {"model": "stream", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": True}
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=600),
+        headers={"authorization": f"Bearer {BENCH_GATEWAY_KEY}"},
+    ) as session:
         started = asyncio.Event()
         count = 0
         responses = []
@@ -277,28 +317,15 @@ def main() -> int:
             )
         )
         time.sleep(1.0)
-        gw_port = free_port()
-        gw_config = work / "gateway.yaml"
-        gw_config.write_text(
-            json.dumps(
-                {
-                    "server": {"port": gw_port},
-                    "upstream": {"max_connections_per_replica": 10000},
-                    "models": {"bench": {"deployments": [{"url": upstream}]}},
-                }
-            )
-        )
-        gateway = Server(
-            "gateway",
-            pinned(0, [PY, "-m", "portcullis", "serve", "--config", str(gw_config)]),
-            f"http://127.0.0.1:{gw_port}/readyz",
-            work,
-        )
-        servers.append(gateway)
+        # The gateway as an operator runs it: API keys on (one bench key, cached after the first
+        # request), metrics and access logs on. And the same with keys off, to show what auth costs.
+        gw_port = start_gateway(servers, work, upstream, "gateway", keys=True)
+        gw_open_port = start_gateway(servers, work, upstream, "gateway-nokeys", keys=False)
         targets = [
-            ("direct", upstream),
-            ("passthrough", f"http://127.0.0.1:{pt_port}"),
-            ("gateway", f"http://127.0.0.1:{gw_port}"),
+            ("direct", upstream, None),
+            ("passthrough", f"http://127.0.0.1:{pt_port}", None),
+            ("gateway", f"http://127.0.0.1:{gw_port}", BENCH_GATEWAY_KEY),
+            ("gateway-nokeys", f"http://127.0.0.1:{gw_open_port}", None),
         ]
         if args.litellm:
             lt_port = free_port()
@@ -339,20 +366,28 @@ def main() -> int:
                     work,
                     # loopback only: its bundled cost map, no telemetry
                     env={
-                        "LITELLM_MASTER_KEY": "sk-portcullis-bench-0123456789abcdef",
+                        "LITELLM_MASTER_KEY": LITELLM_KEY,
                         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
                         "LITELLM_TELEMETRY": "False",
                     },
                     startup_s=180,
                 )
             )
-            targets.append(("litellm", f"http://127.0.0.1:{lt_port}"))
+            targets.append(("litellm", f"http://127.0.0.1:{lt_port}", LITELLM_KEY))
         for c in connections:
-            for name, base in targets:
-                results.append(measure(name, base + "/v1/chat/completions", c, args.runs, args.seconds))
+            for name, base, key in targets:
+                results.append(measure(name, base + "/v1/chat/completions", c, args.runs, args.seconds, key))
 
         log("streaming: added time to first token, memory per open stream")
         stream_results = run_streaming(work, [int(n) for n in args.streams.split(",")])
+        log("authentication cost on a cached key (bench/auth_cost.py, pinned to CPU 0)")
+        auth_cost = json.loads(
+            subprocess.run(
+                pinned(0, [PY, str(HERE / "auth_cost.py")]), capture_output=True, text=True, check=True
+            ).stdout
+        )
+        log(f"  {auth_cost['auth_us_per_request']:.2f} µs per request")
+        stream_results["auth"] = auth_cost
     finally:
         for s in reversed(servers):
             s.stop()
@@ -397,6 +432,7 @@ def run_streaming(work: Path, counts: list[int]) -> dict[str, Any]:
         json.dumps(
             {
                 "server": {"port": gw_port, "access_log": True},
+                "store": {"database_url": f"sqlite+aiosqlite:///{work}/gateway-stream.db", "auto_migrate": True},
                 "upstream": {"max_connections_per_replica": 20000},
                 "models": {
                     "stream": {"deployments": [{"url": f"http://127.0.0.1:{sim_port}"}]},
@@ -410,6 +446,10 @@ def run_streaming(work: Path, counts: list[int]) -> dict[str, Any]:
         pinned(0, [PY, "-m", "portcullis", "serve", "--config", str(cfg)]),
         f"http://127.0.0.1:{gw_port}/readyz",
         work,
+        env={
+            "PORTCULLIS_KEY_SECRET": "bench-secret-0123456789abcdef0123456789abcdef",
+            "PORTCULLIS_BOOTSTRAP_ADMIN_KEY": BENCH_GATEWAY_KEY,
+        },
     )
     try:
         direct = asyncio.run(_ttft(f"http://127.0.0.1:{fast_port}", "fast", 200))
@@ -490,6 +530,13 @@ def write_report(
         if lt and gw32
         else "- LiteLLM: not measured in this run (pass `--litellm PATH/TO/litellm`)"
     )
+    gwo = by.get(("gateway-nokeys", 32))
+    if gw32 and gwo:
+        lines.append(
+            f"- authentication: gateway with API keys = {gw32['rps'] / gwo['rps']:.0%} of the same gateway with keys "
+            f"off at 32 connections (target ≥ 90%); a cached key costs "
+            f"{streaming['auth']['auth_us_per_request']:.1f} µs per request (target < 50 µs; `bench/auth_cost.py`)"
+        )
     t = streaming["ttft"]
     lines += [
         "",
