@@ -56,6 +56,17 @@ def test_created_key_works_and_is_shown_once(gw: Proc) -> None:
     assert made["id"] in [k["id"] for k in listed] and all("key" not in k for k in listed)
 
 
+def test_last_used_is_recorded_off_the_hot_path(gw: Proc) -> None:
+    made = create_key(gw)
+    assert orjson.loads(http_get(gw.url + f"/admin/keys/{made['id']}")[1])["last_used_at"] is None
+    assert chat_ok(gw, made["key"])
+
+    def last_used() -> str | None:
+        return orjson.loads(http_get(gw.url + f"/admin/keys/{made['id']}")[1])["last_used_at"]
+
+    wait_until(lambda: last_used() is not None, timeout=10, interval=0.25, what="last_used_at written")
+
+
 def test_key_headers_accepted_and_query_string_refused(gw: Proc) -> None:
     key = create_key(gw)["key"]
     for header in ("api-key", "x-api-key"):

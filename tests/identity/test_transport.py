@@ -156,9 +156,12 @@ def _start_tls_gateway(cfg: dict, tmp_path: Path, cert: Path, key: Path, ca: Pat
 
     def tls_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, bytes]:
         https = url.replace("http://", "https://")
-        with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=timeout) as c:
-            r = c.get(https)
-            return r.status_code, r.content
+        try:
+            with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=timeout) as c:
+                r = c.get(https)
+                return r.status_code, r.content
+        except httpx.TransportError:  # not serving yet (the socket accepts before uvicorn answers)
+            return 0, b""
 
     procs.http_get = tls_get
     try:

@@ -15,14 +15,14 @@ import asyncio
 import contextlib
 import ipaddress
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from portcullis.config import Config
 from portcullis.errors import Forbidden, TooManyRequests, Unauthenticated
 from portcullis.identity import scopes as scope_names
 from portcullis.identity.jwt import InvalidToken, JwtVerifier
-from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, key_id_of, now
+from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, key_id_of
 from portcullis.identity.principal import Principal
 from portcullis.identity.throttle import FailedAuthThrottle, client_address
 from portcullis.obs.logging import get_logger
@@ -59,9 +59,10 @@ class Identity:
         self.ttl = self.config.key_cache_ttl_s or (30.0 if pushed_invalidation else 1.0)
         self.throttle = FailedAuthThrottle(self.config.failed_auth_per_minute)
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in config.server.trusted_proxies]
-        self._cache: dict[str, tuple[KeyRecord | None, Principal | None, float]] = {}
+        # key id → (record, its principal, usable until (POSIX time), cached until (monotonic))
+        self._cache: dict[str, tuple[KeyRecord | None, Principal | None, float, float]] = {}
         self._loading: dict[str, asyncio.Future[KeyRecord | None]] = {}
-        self._last_used: dict[str, datetime] = {}
+        self._last_used: dict[str, float] = {}
         self._toucher: asyncio.Task[None] | None = None
 
     # -- the hot path ---------------------------------------------------------------------------
@@ -94,20 +95,21 @@ class Identity:
     async def _api_key(self, presented: str) -> Principal:
         assert self.hasher is not None
         key_id = key_id_of(presented)
-        record, principal = None, None
+        record, principal, usable_until = None, None, 0.0
         if key_id is not None:
             entry = self._cache.get(key_id)
-            if entry is not None and entry[2] > time.monotonic():
-                record, principal = entry[0], entry[1]
+            if entry is not None and entry[3] > time.monotonic():
+                record, principal, usable_until = entry[0], entry[1], entry[2]
             else:
                 record = await self._load(key_id)
-                principal = record.principal() if record is not None else None
+                if record is not None:
+                    principal, usable_until = record.principal(), record.usable_until()
                 ttl = self.ttl if record is not None else _NEGATIVE_TTL_S
-                self._cache[key_id] = (record, principal, time.monotonic() + ttl)
+                self._cache[key_id] = (record, principal, usable_until, time.monotonic() + ttl)
         # Hash even when there is nothing to compare with, so an unknown id costs what a wrong secret costs.
         matches = self.hasher.matches(presented, record.key_hash if record is not None else "0" * 64)
-        when = now()
-        if record is None or principal is None or not matches or not record.usable_at(when):
+        when = time.time()
+        if record is None or principal is None or not matches or when >= usable_until:
             raise Unauthenticated(_BAD_KEY, headers={"WWW-Authenticate": 'Bearer realm="portcullis"'})
         self._last_used[record.id] = when
         return principal
@@ -170,7 +172,7 @@ class Identity:
     async def _flush_last_used(self) -> None:
         if self._last_used and self.store is not None:
             batch, self._last_used = self._last_used, {}
-            await self.store.touch(batch)
+            await self.store.touch({key_id: datetime.fromtimestamp(t, UTC) for key_id, t in batch.items()})
 
 
 def _credential(req: Request) -> str | None:

@@ -8,8 +8,8 @@ variable time.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -31,14 +31,13 @@ def generate_key() -> tuple[str, str]:
     return key_id, f"{PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
 
 
+_KEY_SHAPE = re.compile(r"pc-([0-9a-f]{16})-[A-Za-z0-9_\-]{32,}")
+
+
 def key_id_of(presented: str) -> str | None:
     """The lookup id of a well-formed key, else None. Says nothing about validity."""
-    if not presented.startswith(PREFIX) or len(presented) < len(PREFIX) + _ID_LEN + 1 + 32:
-        return None
-    key_id = presented[len(PREFIX) : len(PREFIX) + _ID_LEN]
-    if presented[len(PREFIX) + _ID_LEN] != "-" or any(c not in "0123456789abcdef" for c in key_id):
-        return None
-    return key_id
+    match = _KEY_SHAPE.fullmatch(presented)
+    return match.group(1) if match else None
 
 
 class KeyHasher:
@@ -48,7 +47,8 @@ class KeyHasher:
         self._secret = server_secret
 
     def hash(self, key: str) -> str:
-        return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
+        # hmac.digest is the one-shot C path: about a third of hmac.new(...).hexdigest() per request.
+        return hmac.digest(self._secret, key.encode(), "sha256").hex()
 
     def matches(self, key: str, stored_hash: str) -> bool:
         return hmac.compare_digest(self.hash(key), stored_hash)
@@ -111,9 +111,12 @@ class KeyRecord:
             return False
         return not (self.grace_until is not None and when >= self.grace_until)
 
-    def valid_until(self) -> datetime | None:
-        ends = [t for t in (self.expires_at, self.grace_until) if t is not None]
-        return min(ends) if ends else None
+    def usable_until(self) -> float:
+        """The POSIX time at which this key stops working (0 when it already has, inf for never)."""
+        if self.revoked_at is not None:
+            return 0.0
+        ends = [t.timestamp() for t in (self.expires_at, self.grace_until) if t is not None]
+        return min(ends) if ends else float("inf")
 
     def principal(self) -> Principal:
         return Principal(
