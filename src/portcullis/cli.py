@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from portcullis import operator
+from portcullis import commands
 from portcullis.config import Config, ConfigError, build_config, demo_config, load_config
 from portcullis.server import DrainingServer, QuietServer, bound_port, uvicorn_config
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a config file")
     check.add_argument("file")
-    operator.add_parsers(sub)
+    commands.add_parsers(sub)
     return parser
 
 
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sim":
         return _run_sim(args)
     if args.command in ("db", "keys", "token"):
-        return operator.run(args)
+        return commands.run(args)
     return _serve(args)
 
 
