@@ -161,23 +161,33 @@ def wrk(url: str, connections: int, seconds: float, key: str | None = None) -> d
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99}
 
 
-def measure(name: str, url: str, connections: int, runs: int, seconds: float, key: str | None) -> dict[str, Any]:
-    wrk(url, connections, min(2.0, seconds), key)  # warm-up: pools filled, code paths hot
-    samples = []
+def measure(
+    targets: list[tuple[str, str, str | None]], connections: int, runs: int, seconds: float
+) -> list[dict[str, Any]]:
+    """Every target once per round, round after round: a drift of the machine lands on all of them alike,
+    so the ratios between targets hold even when the absolute figures wander."""
+    for _, url, key in targets:
+        wrk(url, connections, min(2.0, seconds), key)  # warm-up: pools filled, code paths hot
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in targets}
     for i in range(runs):
-        samples.append(wrk(url, connections, seconds, key))
-        log(
-            f"  {name:12s} c={connections:<3d} run {i + 1}/{runs}: {samples[-1]['rps']:8.0f} req/s  "
-            f"p50 {samples[-1]['p50_ms']:.3f} ms  p99 {samples[-1]['p99_ms']:.3f} ms"
-        )
-    return {
-        "name": name,
-        "connections": connections,
-        "rps": statistics.median(s["rps"] for s in samples),
-        "p50_ms": statistics.median(s["p50_ms"] for s in samples),
-        "p99_ms": statistics.median(s["p99_ms"] for s in samples),
-        "runs": samples,
-    }
+        for name, url, key in targets:
+            sample = wrk(url, connections, seconds, key)
+            samples[name].append(sample)
+            log(
+                f"  {name:14s} c={connections:<3d} round {i + 1}/{runs}: {sample['rps']:8.0f} req/s  "
+                f"p50 {sample['p50_ms']:.3f} ms  p99 {sample['p99_ms']:.3f} ms"
+            )
+    return [
+        {
+            "name": name,
+            "connections": connections,
+            "rps": statistics.median(s["rps"] for s in runs_of),
+            "p50_ms": statistics.median(s["p50_ms"] for s in runs_of),
+            "p99_ms": statistics.median(s["p99_ms"] for s in runs_of),
+            "runs": runs_of,
+        }
+        for name, runs_of in samples.items()
+    ]
 
 
 BENCH_GATEWAY_KEY = "pc-00000000000be0c4-bench-key-0123456789abcdefghijklmnopqr"
@@ -276,8 +286,8 @@ async def _open_streams(url: str, n: int, server: Server) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--connections", default="1,32")
     parser.add_argument("--streams", default="100,1000,5000", help="open-stream counts for the memory case")
     parser.add_argument("--litellm", default=os.environ.get("LITELLM_BIN"), help="path to a litellm executable")
@@ -374,9 +384,9 @@ def main() -> int:
                 )
             )
             targets.append(("litellm", f"http://127.0.0.1:{lt_port}", LITELLM_KEY))
+        chat = [(name, base + "/v1/chat/completions", key) for name, base, key in targets]
         for c in connections:
-            for name, base, key in targets:
-                results.append(measure(name, base + "/v1/chat/completions", c, args.runs, args.seconds, key))
+            results.extend(measure(chat, c, args.runs, args.seconds))
 
         log("streaming: added time to first token, memory per open stream")
         stream_results = run_streaming(work, [int(n) for n in args.streams.split(",")])
@@ -485,7 +495,8 @@ def write_report(
         "# Benchmark results",
         "",
         f"Command: `.venv/bin/python bench/run.py{' --quick' if args.quick else ''}` "
-        f"({args.runs} run(s) of {args.seconds:g} s per case, medians; wrk -t1; server under test on CPU 0, "
+        f"({args.runs} rounds of {args.seconds:g} s per case, targets interleaved round by round, medians; wrk -t1; "
+        "server under test on CPU 0, "
         "wrk and the nginx fixed-response upstream on CPU 1). Machine: "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}.",
         "",

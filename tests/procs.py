@@ -95,9 +95,10 @@ class Proc:
         self.sock.close()
         try:
             wait_until(lambda: self._ready(ready_path, ready_status), what=f"{name} on {self.url}{ready_path}")
-        except TimeoutError:
+        except BaseException as exc:  # never leave a process behind, whatever went wrong
+            log = self.log()
             self.stop()
-            raise RuntimeError(f"{name} did not start; log:\n{self.log()}") from None
+            raise RuntimeError(f"{name} did not start ({exc!r}); log:\n{log}") from None
 
     def _ready(self, path: str, statuses: tuple[int, ...]) -> bool:
         if self.popen.poll() is not None:

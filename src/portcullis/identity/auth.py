@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from portcullis.config import Config
-from portcullis.errors import Forbidden, TooManyRequests, Unauthenticated
+from portcullis.errors import Forbidden, ServiceUnavailable, TooManyRequests, Unauthenticated
 from portcullis.identity import scopes as scope_names
 from portcullis.identity.jwt import InvalidToken, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, key_id_of
@@ -40,6 +40,9 @@ _NO_KEY = (
 )
 _NEGATIVE_TTL_S = 1.0
 _TOUCH_EVERY_S = 5.0
+# Past this many cached ids, expired entries are swept: random ids sprayed at the gateway (each cached
+# as "unknown" for a second) must not grow the cache without bound.
+_CACHE_SWEEP_AT = 50_000
 
 
 class Identity:
@@ -101,6 +104,8 @@ class Identity:
             if entry is not None and entry[3] > time.monotonic():
                 record, principal, usable_until = entry[0], entry[1], entry[2]
             else:
+                if len(self._cache) >= _CACHE_SWEEP_AT:
+                    self._sweep()
                 record = await self._load(key_id)
                 if record is not None:
                     principal, usable_until = record.principal(), record.usable_until()
@@ -114,6 +119,10 @@ class Identity:
         self._last_used[record.id] = when
         return principal
 
+    def _sweep(self) -> None:
+        now_m = time.monotonic()
+        self._cache = {k: v for k, v in self._cache.items() if v[3] > now_m}
+
     async def _load(self, key_id: str) -> KeyRecord | None:
         pending = self._loading.get(key_id)
         if pending is not None:
@@ -122,7 +131,15 @@ class Identity:
         future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
         self._loading[key_id] = future
         try:
-            record = await self.store.get(key_id)
+            try:
+                record = await self.store.get(key_id)
+            except Exception as exc:
+                log.warning("key_store_unavailable", error=type(exc).__name__)
+                raise ServiceUnavailable(
+                    "Credentials cannot be checked right now; try again shortly.",
+                    code="auth_store_unavailable",
+                    headers={"Retry-After": "2"},
+                ) from exc
             future.set_result(record)
             return record
         except BaseException as exc:
