@@ -72,13 +72,14 @@ class Identity:
 
     async def authenticate(self, req: Request) -> Principal:
         address = client_address(req.scope, self.trusted)
-        wait = self.throttle.retry_after(address)
-        if wait is not None:
-            raise TooManyRequests(
-                "Too many failed authentication attempts from your address; try again later.",
-                code="too_many_failed_auth",
-                headers={"Retry-After": str(int(wait) + 1)},
-            )
+        if self.throttle.blocked:  # only look the address up while someone is being throttled
+            wait = self.throttle.retry_after(address)
+            if wait is not None:
+                raise TooManyRequests(
+                    "Too many failed authentication attempts from your address; try again later.",
+                    code="too_many_failed_auth",
+                    headers={"Retry-After": str(int(wait) + 1)},
+                )
         credential = _credential(req)
         if credential is None:
             if self.config.allow_anonymous:
@@ -87,7 +88,9 @@ class Identity:
             raise Unauthenticated(_NO_KEY, headers={"WWW-Authenticate": 'Bearer realm="portcullis"'})
         try:
             if credential.startswith("pc-") and self.store is not None:
-                return await self._api_key(credential)
+                # The usual case, a cached key, is checked without creating a coroutine.
+                principal = self._cached_key(credential)
+                return principal if principal is not None else await self._api_key(credential)
             if self.jwt is not None and credential.count(".") == 2:
                 return self._token(credential)
             raise Unauthenticated(_BAD_KEY, headers={"WWW-Authenticate": 'Bearer realm="portcullis"'})
@@ -95,22 +98,31 @@ class Identity:
             self.throttle.failed(address)
             raise
 
+    def _cached_key(self, presented: str) -> Principal | None:
+        """A principal from the cache; None when the id is not cached (or its entry went stale)."""
+        key_id = key_id_of(presented)
+        entry = self._cache.get(key_id) if key_id is not None else None
+        if entry is None or entry[3] <= time.monotonic():
+            return None
+        return self._verify(presented, entry[0], entry[1], entry[2])
+
     async def _api_key(self, presented: str) -> Principal:
-        assert self.hasher is not None
         key_id = key_id_of(presented)
         record, principal, usable_until = None, None, 0.0
         if key_id is not None:
-            entry = self._cache.get(key_id)
-            if entry is not None and entry[3] > time.monotonic():
-                record, principal, usable_until = entry[0], entry[1], entry[2]
-            else:
-                if len(self._cache) >= _CACHE_SWEEP_AT:
-                    self._sweep()
-                record = await self._load(key_id)
-                if record is not None:
-                    principal, usable_until = record.principal(), record.usable_until()
-                ttl = self.ttl if record is not None else _NEGATIVE_TTL_S
-                self._cache[key_id] = (record, principal, usable_until, time.monotonic() + ttl)
+            if len(self._cache) >= _CACHE_SWEEP_AT:
+                self._sweep()
+            record = await self._load(key_id)
+            if record is not None:
+                principal, usable_until = record.principal(), record.usable_until()
+            ttl = self.ttl if record is not None else _NEGATIVE_TTL_S
+            self._cache[key_id] = (record, principal, usable_until, time.monotonic() + ttl)
+        return self._verify(presented, record, principal, usable_until)
+
+    def _verify(
+        self, presented: str, record: KeyRecord | None, principal: Principal | None, usable_until: float
+    ) -> Principal:
+        assert self.hasher is not None
         # Hash even when there is nothing to compare with, so an unknown id costs what a wrong secret costs.
         matches = self.hasher.matches(presented, record.key_hash if record is not None else "0" * 64)
         when = time.time()
@@ -195,9 +207,10 @@ class Identity:
 def _credential(req: Request) -> str | None:
     auth = req.header(b"authorization")
     if auth:
-        scheme, _, value = auth.decode("latin-1").partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+        if auth[:7].lower() == b"bearer ":
+            value = auth[7:].strip()
+            if value:
+                return value.decode("latin-1")
     for name in (b"api-key", b"x-api-key"):
         value = req.header(name)
         if value:

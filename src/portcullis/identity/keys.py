@@ -8,7 +8,9 @@ variable time.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import importlib
 import re
 import secrets
 from dataclasses import dataclass, replace
@@ -40,15 +42,43 @@ def key_id_of(presented: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _builtin_sha256() -> Any:
+    """CPython's own SHA-256 (not OpenSSL's), where this Python has it under a known name."""
+    for module in ("_sha2", "_sha256"):  # 3.12+, 3.11
+        try:
+            return importlib.import_module(module).sha256
+        except (ImportError, AttributeError):
+            continue
+    return hashlib.sha256
+
+
+_SHA256 = _builtin_sha256()
+_BLOCK = 64  # SHA-256's block size (RFC 2104)
+
+
 class KeyHasher:
+    """HMAC-SHA256 (RFC 2104) over inner and outer states keyed once at startup.
+
+    Written out rather than `hmac.digest(secret, key, "sha256")` because of what that costs inside the
+    running gateway (probed per request under wrk, this machine): hmac.digest 10.9 µs, a copied
+    `hmac.new` context 3.6-7.6 µs, these pre-keyed states on CPython's own SHA-256 1.9 µs. The result is
+    the standard HMAC (tests/unit/test_keys.py checks it against the hmac module).
+    """
+
     def __init__(self, server_secret: bytes) -> None:
         if len(server_secret) < 16:
             raise ValueError("the key secret must be at least 16 bytes")
-        self._secret = server_secret
+        block = server_secret if len(server_secret) <= _BLOCK else hashlib.sha256(server_secret).digest()
+        block = block.ljust(_BLOCK, b"\0")
+        self._inner = _SHA256(bytes(b ^ 0x36 for b in block))
+        self._outer = _SHA256(bytes(b ^ 0x5C for b in block))
 
     def hash(self, key: str) -> str:
-        # hmac.digest is the one-shot C path: about a third of hmac.new(...).hexdigest() per request.
-        return hmac.digest(self._secret, key.encode(), "sha256").hex()
+        inner = self._inner.copy()
+        inner.update(key.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
     def matches(self, key: str, stored_hash: str) -> bool:
         return hmac.compare_digest(self.hash(key), stored_hash)

@@ -44,6 +44,7 @@ class FailedAuthThrottle:
         self.per_minute = per_minute
         self.clock = clock
         self._windows: dict[str, list[float]] = {}  # address → [window start, failures]
+        self.blocked = 0  # addresses at their limit right now (lets the hot path skip the lookup)
 
     def retry_after(self, address: str) -> float | None:
         """Seconds until this address may try again, or None when it may try now."""
@@ -52,6 +53,8 @@ class FailedAuthThrottle:
             return None
         elapsed = self.clock() - window[0]
         if elapsed >= 60:
+            if window[1] >= self.per_minute:
+                self.blocked -= 1
             del self._windows[address]
             return None
         return 60 - elapsed if window[1] >= self.per_minute else None
@@ -60,8 +63,12 @@ class FailedAuthThrottle:
         now = self.clock()
         window = self._windows.get(address)
         if window is None or now - window[0] >= 60:
+            if window is not None and window[1] >= self.per_minute:
+                self.blocked -= 1
             if len(self._windows) > 100_000:  # forget stale windows rather than grow without bound
                 self._windows = {a: w for a, w in self._windows.items() if now - w[0] < 60}
-            self._windows[address] = [now, 1]
-        else:
-            window[1] += 1
+                self.blocked = sum(1 for w in self._windows.values() if w[1] >= self.per_minute)
+            self._windows[address] = window = [now, 0]
+        window[1] += 1
+        if window[1] == self.per_minute:
+            self.blocked += 1
