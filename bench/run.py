@@ -293,7 +293,15 @@ def main() -> int:
     parser.add_argument("--litellm", default=os.environ.get("LITELLM_BIN"), help="path to a litellm executable")
     parser.add_argument("--quick", action="store_true", help="1 run of 3 s, streams up to 1000")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--from-json", default=None, help="re-render the report from a results.json, no run")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        meta = saved.get("meta", {})
+        args.runs, args.seconds, args.quick = meta.get("runs", args.runs), meta.get("seconds", args.seconds), False
+        connections = sorted({r["connections"] for r in saved["non_streaming"]})
+        write_report(saved["non_streaming"], saved["streaming"], Path(args.out), args, connections)
+        return 0
     if args.quick:
         args.runs, args.seconds, args.streams = 1, 3, "100,1000"
     ensure_tools()
@@ -494,7 +502,8 @@ def write_report(
     lines = [
         "# Benchmark results",
         "",
-        f"Command: `.venv/bin/python bench/run.py{' --quick' if args.quick else ''}` "
+        f"Command: `.venv/bin/python bench/run.py{' --quick' if args.quick else ''}"
+        f"{' --litellm PATH/TO/litellm' if any(r['name'] == 'litellm' for r in results) else ''}` "
         f"({args.runs} rounds of {args.seconds:g} s per case, targets interleaved round by round, medians; wrk -t1; "
         "server under test on CPU 0, "
         "wrk and the nginx fixed-response upstream on CPU 1). Machine: "
@@ -523,7 +532,7 @@ def write_report(
         by.get(("gateway", 32)),
         by.get(("passthrough", 32)),
     )
-    lines += ["", "Targets (issue 2):", ""]
+    lines += ["", "Targets (issues 2 and 3):", ""]
     if gw32 and pt32:
         lines.append(
             f"- gateway requests/s at 32 connections = {gw32['rps'] / pt32['rps']:.0%} of the bare pass-through "
@@ -542,6 +551,13 @@ def write_report(
         else "- LiteLLM: not measured in this run (pass `--litellm PATH/TO/litellm`)"
     )
     gwo = by.get(("gateway-nokeys", 32))
+    if gw32 and gwo and len(gw32["runs"]) == len(gwo["runs"]):
+        per_round = [a["rps"] / b["rps"] for a, b in zip(gw32["runs"], gwo["runs"], strict=True)]
+        lines.append(
+            "- keys on / keys off, round by round at 32 connections: "
+            + ", ".join(f"{r:.0%}" for r in per_round)
+            + " (this machine is noisy: read the median, not one round)"
+        )
     if gw32 and gwo:
         lines.append(
             f"- authentication: gateway with API keys = {gw32['rps'] / gwo['rps']:.0%} of the same gateway with keys "
@@ -563,7 +579,10 @@ def write_report(
         lines.append(f"| {m['streams']} | {m['rss_kib']} | {m['idle_kib']} | {m['per_stream_bytes'] / 1024:.1f} |")
     lines += ["", "![results](results.png)", ""]
     out.write_text("\n".join(lines))
-    (out.parent / "results.json").write_text(json.dumps({"non_streaming": results, "streaming": streaming}, indent=1))
+    meta = {"runs": args.runs, "seconds": args.seconds}
+    (out.parent / "results.json").write_text(
+        json.dumps({"meta": meta, "non_streaming": results, "streaming": streaming}, indent=1)
+    )
     log(f"wrote {out}")
     try:
         plot(results, connections, out.parent / "results.png")
