@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
@@ -123,12 +124,24 @@ def access_line(fields: dict[str, Any]) -> None:
     """
     fields["event"] = "request"
     fields["level"] = "info"
-    fields["timestamp"] = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    fields["timestamp"] = _timestamp()
     line = orjson.dumps(fields) + b"\n"
     if _writer is not None:
         _writer.write(line)
     else:
         sys.stdout.buffer.write(line)
+
+
+_second = [-1, ""]
+
+
+def _timestamp() -> str:
+    """ISO 8601 UTC with microseconds; the part up to the second is formatted once per second."""
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{int((now - whole) * 1_000_000):06d}Z"
 
 
 def flush_logs() -> None:
