@@ -22,7 +22,7 @@ from portcullis.http import ClientDisconnected, Receive, Request, Scope, Send
 from portcullis.identity import scopes
 from portcullis.identity.auth import Identity, require_scope
 from portcullis.identity.jwt import JwtSetupError, JwtVerifier
-from portcullis.identity.keys import KeyHasher, KeyStore, key_id_of
+from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, key_id_of, key_secret
 from portcullis.obs.logging import access_line, flush_logs, get_logger
 from portcullis.obs.metrics import Metrics
 from portcullis.routing.catalog import Catalog
@@ -43,22 +43,6 @@ _CORS_EXPOSE = b"x-request-id, retry-after, x-portcullis-attempts"
 
 class StartupError(Exception):
     """The gateway cannot start with this configuration or database; the message says what to do."""
-
-
-def key_secret(config: Config) -> bytes:
-    auth = config.auth
-    if auth.key_secret_file:
-        return auth.key_secret_file.read_bytes().strip()
-    value = os.environ.get(auth.key_secret_env)
-    if not value:
-        raise StartupError(
-            f"API keys are on but the key secret is not set: put at least 32 random bytes in the environment "
-            f"variable {auth.key_secret_env} (or set auth.key_secret_file), e.g. "
-            f"`export {auth.key_secret_env}=$(openssl rand -hex 32)`."
-        )
-    if len(value) < 32:
-        raise StartupError(f"{auth.key_secret_env} must hold at least 32 characters.")
-    return value.encode()
 
 
 class Gateway:
@@ -268,7 +252,10 @@ class Gateway:
         auth = self.config.auth
         if not (auth.api_keys or auth.jwt.enabled or auth.allow_anonymous):
             raise StartupError("auth: no way to authenticate: enable api_keys or jwt (or allow_anonymous for trials).")
-        hasher = KeyHasher(key_secret(self.config)) if auth.api_keys else None
+        try:
+            hasher = KeyHasher(key_secret(self.config)) if auth.api_keys else None
+        except KeySecretMissing as exc:
+            raise StartupError(str(exc)) from exc
         jwt = None
         if auth.jwt.enabled:
             try:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -155,10 +156,10 @@ def _with_tls(config: Config, args: argparse.Namespace) -> Config:
 async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
     from portcullis.app import StartupError, create_app
     from portcullis.identity import scopes
-    from portcullis.server import DrainingServer, uvicorn_config
 
     sim_server = None
     sim_task = None
+    demo_dir: str | None = None
     if config is None:  # --demo: start the simulator in this process, on a free loopback port
         from portcullis.sim.simulator import SimSettings, Simulator
 
@@ -209,10 +210,14 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
     )
     if demo_key is not None:
         asyncio.get_running_loop().create_task(_demo_banner(server, demo_key))
-    await server.serve(sockets=_inherited(args.fd))
-    if sim_server is not None and sim_task is not None:
-        sim_server.should_exit = True
-        await sim_task
+    try:
+        await server.serve(sockets=_inherited(args.fd))
+    finally:
+        if sim_server is not None and sim_task is not None:
+            sim_server.should_exit = True
+            await sim_task
+        if demo_dir is not None:  # the banner promises the demo's database goes away on exit
+            shutil.rmtree(demo_dir, ignore_errors=True)
     return 0 if server.started else 3
 
 

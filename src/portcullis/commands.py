@@ -17,7 +17,7 @@ import orjson
 
 from portcullis.config import Config, ConfigError, load_config
 from portcullis.identity import scopes
-from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, now
+from portcullis.identity.keys import KeyHasher, KeyRecord, KeySecretMissing, KeyStore, key_secret, now
 from portcullis.store.bus import EventBus
 from portcullis.store.db import current_revision, head_revision, make_engine, pending, upgrade
 
@@ -107,11 +107,9 @@ async def _db_or_keys(config: Config, args: argparse.Namespace) -> int:
             return 0
         if await pending(engine):
             raise OperatorError("the database schema is not up to date: run `portcullis db upgrade` first")
-        from portcullis.app import StartupError, key_secret
-
         try:
             store = KeyStore(engine, KeyHasher(key_secret(config)))
-        except StartupError as exc:
+        except KeySecretMissing as exc:
             raise OperatorError(str(exc)) from exc
         return await _keys(config, store, args)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib
+import os
 import re
 import secrets
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from portcullis.config import Config
 from portcullis.identity import scopes as scope_names
 from portcullis.identity.principal import Principal
 from portcullis.store.schema import api_keys, model_state
@@ -82,6 +84,26 @@ class KeyHasher:
 
     def matches(self, key: str, stored_hash: str) -> bool:
         return hmac.compare_digest(self.hash(key), stored_hash)
+
+
+class KeySecretMissing(Exception):
+    """The server secret for key hashes is not configured (or too short); the message says how to set it."""
+
+
+def key_secret(config: Config) -> bytes:
+    auth = config.auth
+    if auth.key_secret_file:
+        return auth.key_secret_file.read_bytes().strip()
+    value = os.environ.get(auth.key_secret_env)
+    if not value:
+        raise KeySecretMissing(
+            f"API keys are on but the key secret is not set: put at least 32 random bytes in the environment "
+            f"variable {auth.key_secret_env} (or set auth.key_secret_file), e.g. "
+            f"`export {auth.key_secret_env}=$(openssl rand -hex 32)`."
+        )
+    if len(value) < 32:
+        raise KeySecretMissing(f"{auth.key_secret_env} must hold at least 32 characters.")
+    return value.encode()
 
 
 def now() -> datetime:

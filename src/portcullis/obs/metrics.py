@@ -139,9 +139,6 @@ class Metrics:
         self.registry.register(_RequestCollector(self))
         self.registry.register(ReplicaCollector(catalog))
 
-    def model_label(self, model: str | None) -> str:
-        return model if model in self._known_models else "(unknown)"
-
     def observe(
         self,
         *,

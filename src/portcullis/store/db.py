@@ -21,7 +21,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
-        # One file, many readers; writes are rare (key admin). WAL keeps readers off the writer's lock.
+        # One file; writes are rare (key admin, last-used batches), so a writer waits up to 30 s for
+        # another process's lock rather than failing.
         engine = create_async_engine(url, connect_args={"timeout": 30})
     else:
         engine = create_async_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
