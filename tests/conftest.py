@@ -1,5 +1,16 @@
+"""Shared fixtures: the simulator and a gateway per module, and the machine's services.
+
+PostgreSQL comes from PORTCULLIS_TEST_DATABASE_URL (default: postgres on 127.0.0.1:5432, database
+`test`); a module that asks for `database_url` runs on SQLite and on PostgreSQL, with a database of its
+own created and dropped here. Redis likewise from PORTCULLIS_TEST_REDIS_URL. Under CI=true a missing
+service fails the tests instead of skipping them.
+"""
+
 from __future__ import annotations
 
+import asyncio
+import os
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,3 +40,53 @@ def gateway(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
     proc = start_gateway(cfg, module_tmp, ready_path="/readyz")
     yield proc
     proc.stop()
+
+
+PG_URL = os.environ.get("PORTCULLIS_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("PORTCULLIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _missing(what: str, exc: Exception) -> None:
+    message = f"{what} is not reachable ({exc})"
+    if IN_CI:
+        pytest.fail(message + " and CI=true requires it")
+    pytest.skip(message)
+
+
+def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(PG_URL.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{module_tmp}/identity-{secrets.token_hex(4)}.db"
+        return
+    name = f"portcullis_test_{secrets.token_hex(6)}"
+    try:
+        _pg_admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:
+        _missing("PostgreSQL", exc)
+    yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
+    except Exception as exc:
+        _missing("Redis", exc)
+    return REDIS_URL

@@ -25,6 +25,8 @@ from portcullis.identity.jwt import JwtSetupError, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, key_id_of, key_secret
 from portcullis.obs.logging import access_line, flush_logs, get_logger
 from portcullis.obs.metrics import Metrics
+from portcullis.quota.stage import Quota
+from portcullis.quota.usage import UsageRecorder
 from portcullis.routing.catalog import Catalog
 from portcullis.store.bus import EventBus
 from portcullis.store.db import make_engine, pending, upgrade
@@ -37,6 +39,8 @@ Handler = Callable[..., Awaitable[None]]
 
 # Routes whose requests get no access-log line or request metrics (probes would drown the rest).
 _QUIET = {"/healthz", "/readyz", "/metrics"}
+# Routes whose every request is settled against quotas and leaves a usage record.
+_METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 _MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
 _CORS_EXPOSE = b"x-request-id, retry-after, x-portcullis-attempts"
 
@@ -56,6 +60,8 @@ class Gateway:
         self.draining = False
         self.exchanges: set[Exchange] = set()
         self.engine = make_engine(config.store.database_url)
+        self.quota = Quota(config, self.metrics, self.log)
+        self.usage = UsageRecorder(self.engine, config.quota.usage, self.metrics, self.log)
         self.keys: KeyStore | None = None
         self.identity: Identity | None = None
         self.bus: EventBus | None = None
@@ -134,6 +140,9 @@ class Gateway:
         finally:
             self.exchanges.discard(ex)
             ex.stop_watching()
+            if req.path in _METERED:
+                self.quota.settle(ex, req.status)
+                self._record_usage(req, ex)
             if req.path not in _QUIET:
                 self._record(req, ex)
 
@@ -228,6 +237,29 @@ class Gateway:
                 }
             )
 
+    def _record_usage(self, req: Request, ex: Exchange) -> None:
+        principal = ex.principal
+        self.usage.record(
+            (
+                time.time(),
+                req.request_id,
+                principal.key_id if principal else None,
+                principal.user if principal else None,
+                req.path,
+                ex.model,
+                ex.replica.name if ex.replica else None,
+                ex.stream,
+                ex.prompt_tokens or 0,
+                ex.completion_tokens or 0,
+                ex.cost,
+                (time.perf_counter() - req.started) * 1000,
+                ex.ttft_s * 1000 if ex.ttft_s is not None else None,
+                req.status,
+                ex.error_code,
+                ex.cache_hit,
+            )
+        )
+
     # -- lifespan -----------------------------------------------------------------------------
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -311,6 +343,8 @@ class Gateway:
             else:
                 self._background.append(asyncio.create_task(self._poll_model_state()))
         self.identity.start()
+        self.quota.start()
+        self.usage.start()
         await self.prober.first_round()
         self.prober.start()
         # Everything allocated so far lives as long as the process: move it out of the collector's
@@ -326,6 +360,8 @@ class Gateway:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.identity is not None:
             await self.identity.stop()
+        await self.quota.stop()
+        await self.usage.stop()
         if self.bus is not None:
             await self.bus.close()
         for replica in self.catalog.all_replicas():

@@ -119,12 +119,100 @@ class AuthConfig(_Section):
     failed_auth_per_minute: int = Field(20, ge=1)
 
 
+class RequestWindows(_Section):
+    """Requests admitted per sliding window; None: no limit on that window."""
+
+    minute: int | None = Field(None, ge=1)
+    hour: int | None = Field(None, ge=1)
+    day: int | None = Field(None, ge=1)
+
+
+class TokenWindows(_Section):
+    """Tokens (prompt + completion) per sliding window; None: no limit on that window."""
+
+    minute: int | None = Field(None, ge=1)
+    day: int | None = Field(None, ge=1)
+
+
+class LimitsConfig(_Section):
+    """Rate limits of one principal (an API key, or the user of a JWT). Per-key overrides use this shape."""
+
+    requests: RequestWindows = RequestWindows()
+    tokens: TokenWindows = TokenWindows()
+    # Requests of this principal in flight at once; None: unlimited.
+    concurrency: int | None = Field(None, ge=1)
+
+
+class BudgetConfig(_Section):
+    """Spend limits in `quota.currency` per UTC calendar day and month; None: no limit."""
+
+    day: float | None = Field(None, gt=0)
+    month: float | None = Field(None, gt=0)
+
+
 class TierConfig(_Section):
     priority: int = 0
+    # Each principal of the tier gets these limits (a key's own `limits` override them field by field).
+    limits: LimitsConfig = LimitsConfig()
+    # Each user of the tier gets this budget (across all their keys); `quota.users` overrides it.
+    user_budget: BudgetConfig = BudgetConfig()
+
+
+class UserQuota(_Section):
+    budget: BudgetConfig = BudgetConfig()
+
+
+class UsageConfig(_Section):
+    # Records wait in a bounded in-memory queue and are written in batches; a full queue drops
+    # (and counts) records rather than slow requests down.
+    queue_size: int = Field(100_000, ge=1)
+    batch_size: int = Field(500, ge=1)
+    flush_interval_s: PositiveFloat = 1.0
+
+
+class QuotaConfig(_Section):
+    # Where counters live: "auto" is Redis when store.redis_url is set, else this process's memory.
+    backend: Literal["auto", "memory", "redis"] = "auto"
+    # Redis in cluster mode (every key of one user shares a hash slot, so one script still does it all).
+    redis_cluster: bool = False
+    # When Redis fails: fall back to in-process limits (each process taking `fallback_share` of every
+    # limit) or refuse with 503 until it is back.
+    on_store_error: Literal["fail_open", "fail_closed"] = "fail_open"
+    fallback_share: float = Field(1.0, gt=0, le=1)
+    store_timeout_s: PositiveFloat = 0.5
+    # A concurrency slot is a lease in Redis: it expires by itself if the process holding it dies;
+    # live requests renew theirs.
+    concurrency_lease_s: PositiveFloat = 60.0
+    # The reservation for a request without max_tokens (completion tokens), and the prompt estimate.
+    default_max_tokens: int = Field(1024, ge=1)
+    chars_per_token: PositiveFloat = 4.0
+    currency: str = "USD"
+    users: dict[str, UserQuota] = {}
+    alert_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.8, 1.0], min_length=1)
+    alert_webhook_url: str | None = None
+    alert_webhook_timeout_s: PositiveFloat = 5.0
+    alert_webhook_retries: int = Field(3, ge=0, le=10)
+    usage: UsageConfig = UsageConfig()
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < v <= 1 for v in value):
+            raise ValueError("thresholds are fractions of the budget in (0, 1]")
+        return sorted(set(value))
 
 
 def _default_tiers() -> dict[str, TierConfig]:
-    return {"free": TierConfig(priority=0), "premium": TierConfig(priority=1), "enterprise": TierConfig(priority=2)}
+    # Conservative starting points for a shared self-hosted model; every deployment should set its own.
+    free = LimitsConfig(
+        requests=RequestWindows(minute=60, day=5_000), tokens=TokenWindows(minute=100_000), concurrency=4
+    )
+    premium = LimitsConfig(requests=RequestWindows(minute=600), tokens=TokenWindows(minute=1_000_000), concurrency=32)
+    return {
+        "free": TierConfig(priority=0, limits=free),
+        "premium": TierConfig(priority=1, limits=premium),
+        "enterprise": TierConfig(priority=2),
+    }
 
 
 class ValidationLimits(_Section):
@@ -158,6 +246,13 @@ class HealthConfig(_Section):
     startup_probe_timeout_s: float = Field(5.0, ge=0)
 
 
+class CostConfig(_Section):
+    """Price of a deployment in `quota.currency` per 1,000 tokens."""
+
+    prompt_per_1k: float = Field(0.0, ge=0)
+    completion_per_1k: float = Field(0.0, ge=0)
+
+
 class DeploymentConfig(_Section):
     url: str
     kind: Literal["llama_cpp", "openai"] = "llama_cpp"
@@ -166,6 +261,7 @@ class DeploymentConfig(_Section):
     api_key_file: Path | None = None
     weight: int = Field(1, ge=1)
     name: str | None = None
+    cost: CostConfig = CostConfig()
 
     @field_validator("url")
     @classmethod
@@ -204,12 +300,15 @@ class Config(_Section):
     validation: ValidationLimits = ValidationLimits()
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
+    quota: QuotaConfig = QuotaConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _jwt_default_tier(self) -> Config:
         if self.auth.jwt.enabled and self.auth.jwt.default_tier not in self.tiers:
             raise ValueError(f"auth.jwt.default_tier '{self.auth.jwt.default_tier}' is not a configured tier")
+        if self.quota.backend == "redis" and not self.store.redis_url:
+            raise ValueError("quota.backend is 'redis' but store.redis_url is not set")
         return self
 
     @field_validator("models")

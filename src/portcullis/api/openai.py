@@ -1,9 +1,10 @@
 """The OpenAI-compatible endpoints. Each handler reads top to bottom like the request path in DESIGN.md:
 
     (authenticated, scope checked: app.py) → read body (capped) → parse once → validate
-    → model allowed for this principal → look up the model → forward upstream → relay
+    → model allowed for this principal → look up the model → admit quotas → forward upstream → relay
+    (settled and recorded when the response is over: app.py)
 
-Stages still to come (quotas, moderation, cache, routing, admission) slot in between, in order.
+Stages still to come (moderation, cache, routing, admission) slot in between, in order.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from portcullis.http import Request
 from portcullis.identity.auth import require_model
+from portcullis.quota import estimate
 from portcullis.safety import validation
 from portcullis.upstream.exchange import Exchange
 from portcullis.upstream.proxy import forward
@@ -27,7 +29,24 @@ async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     ex.model, ex.stream = chat.model, bool(chat.stream)
     require_model(ex.principal, chat.model)
     replicas = gw.catalog.replicas_for(chat.model)
-    await forward(req, ex, path="/v1/chat/completions", payload=payload, replicas=replicas, model=chat.model)
+    q = gw.config.quota
+    await gw.quota.admit(
+        req,
+        ex,
+        prompt_tokens=estimate.chat_prompt(chat, q.chars_per_token),
+        completion_tokens=estimate.completion_allowance(
+            chat.max_completion_tokens or chat.max_tokens, chat.n, q.default_max_tokens
+        ),
+    )
+    await forward(
+        req,
+        ex,
+        path="/v1/chat/completions",
+        payload=payload,
+        replicas=replicas,
+        model=chat.model,
+        top_up=gw.quota.stream_guard(ex),
+    )
 
 
 async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
@@ -37,7 +56,22 @@ async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     ex.model, ex.stream = completion.model, bool(completion.stream)
     require_model(ex.principal, completion.model)
     replicas = gw.catalog.replicas_for(completion.model)
-    await forward(req, ex, path="/v1/completions", payload=payload, replicas=replicas, model=completion.model)
+    q = gw.config.quota
+    await gw.quota.admit(
+        req,
+        ex,
+        prompt_tokens=estimate.completion_prompt(completion, q.chars_per_token),
+        completion_tokens=estimate.completion_allowance(completion.max_tokens, completion.n, q.default_max_tokens),
+    )
+    await forward(
+        req,
+        ex,
+        path="/v1/completions",
+        payload=payload,
+        replicas=replicas,
+        model=completion.model,
+        top_up=gw.quota.stream_guard(ex),
+    )
 
 
 async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
@@ -47,6 +81,10 @@ async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
     ex.model = embedding.model
     require_model(ex.principal, embedding.model)
     replicas = gw.catalog.replicas_for(embedding.model)
+    q = gw.config.quota
+    await gw.quota.admit(
+        req, ex, prompt_tokens=estimate.embedding_input(embedding, q.chars_per_token), completion_tokens=0
+    )
     await forward(req, ex, path="/v1/embeddings", payload=payload, replicas=replicas, model=embedding.model)
 
 

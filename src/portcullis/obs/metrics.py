@@ -10,7 +10,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -138,6 +138,30 @@ class Metrics:
         self.overhead: dict[tuple[str], _Histogram] = {}
         self.registry.register(_RequestCollector(self))
         self.registry.register(ReplicaCollector(catalog))
+        # Quota and usage events: rare next to requests, so prometheus_client's own types are fine here.
+        r = self.registry
+        self.quota_refusals = Counter(
+            "portcullis_quota_refusals", "Requests refused by a quota", ["reason"], registry=r
+        )
+        self.quota_store_errors = Counter(
+            "portcullis_quota_store_errors", "Quota store (Redis) calls that failed", registry=r
+        )
+        self.quota_store_degraded = Gauge(
+            "portcullis_quota_store_degraded",
+            "1 while the quota store is unreachable and quota.on_store_error applies",
+            registry=r,
+        )
+        self.budget_alerts = Counter(
+            "portcullis_budget_alerts", "Budget thresholds crossed", ["subject", "period", "threshold"], registry=r
+        )
+        self.alert_webhook_failures = Counter(
+            "portcullis_alert_webhook_failures", "Budget alerts the webhook never accepted", registry=r
+        )
+        self.usage_written = Counter("portcullis_usage_records_written", "Usage records written", registry=r)
+        self.usage_dropped = Counter(
+            "portcullis_usage_records_dropped", "Usage records dropped because the queue was full", registry=r
+        )
+        self.usage_queue = Gauge("portcullis_usage_queue_length", "Usage records waiting to be written", registry=r)
 
     def observe(
         self,

@@ -41,6 +41,9 @@ class Replica:
     n_ctx: int | None = None  # context per slot, when the upstream tells
     last_error: str | None = None
     client: UpstreamClient | None = None
+    # Price per 1,000 tokens in quota.currency (budgets and usage records).
+    prompt_per_1k: float = 0.0
+    completion_per_1k: float = 0.0
 
     @property
     def capacity(self) -> int:
@@ -58,6 +61,8 @@ class Replica:
             upstream_model=dep.upstream_model,
             weight=dep.weight,
             api_key=dep.api_key(),
+            prompt_per_1k=dep.cost.prompt_per_1k,
+            completion_per_1k=dep.cost.completion_per_1k,
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from portcullis.identity.principal import Principal
 from portcullis.routing.catalog import Replica
@@ -33,6 +34,11 @@ class Exchange:
     completion_tokens: int | None = None
     error_code: str | None = None
     abort_reason: str | None = None
+    # What the quota stage holds for this request until it is settled (quota/stage.py Held).
+    quota: Any = None
+    streamed_tokens: int = 0  # content chunks relayed (one token each from llama-server)
+    cost: float = 0.0
+    cache_hit: bool = False
     # Set just before the last byte is handed to the server: from then on nothing may cancel us.
     finished: bool = False
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)

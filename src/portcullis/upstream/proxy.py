@@ -8,6 +8,7 @@ not ask for it. Responses are relayed as they arrive: a JSON body in one piece, 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -29,6 +30,7 @@ async def forward(
     payload: dict[str, Any],
     replicas: list[Replica],
     model: str,
+    top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
 ) -> None:
     replica = pick(replicas)
     ex.replica = replica
@@ -62,7 +64,7 @@ async def forward(
             raise upstream_error(resp.status, raw, model=model)
         if ex.stream and content_type.startswith("text/event-stream"):
             ex.upstream_s = time.perf_counter() - t0
-            await relay_sse(req, resp, ex, model=model, client_wants_usage=client_wants_usage)
+            await relay_sse(req, resp, ex, model=model, client_wants_usage=client_wants_usage, top_up=top_up)
             return
         raw = await resp.read()
         ex.upstream_s = time.perf_counter() - t0

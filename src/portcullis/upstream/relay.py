@@ -15,6 +15,7 @@ relay understands (llama-server's habits, and OpenAI's):
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -33,8 +34,15 @@ def sse_error(message: str, *, type: str = "server_error", code: str | None = No
 
 
 async def relay_sse(
-    req: Request, resp: aiohttp.ClientResponse, ex: Exchange, *, model: str, client_wants_usage: bool
+    req: Request,
+    resp: aiohttp.ClientResponse,
+    ex: Exchange,
+    *,
+    model: str,
+    client_wants_usage: bool,
+    top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
 ) -> None:
+    """`top_up`, when given, is asked for more budget each time the stream passes what it covers."""
     content = resp.content
     data_lines: list[bytes] = []
     finished = False  # [DONE] or an error event was relayed
@@ -67,6 +75,17 @@ async def relay_sse(
         if out:
             await req.stream_chunk(out)
         if finished:
+            break
+        if top_up is not None and ex.streamed_tokens > ex.quota.covered_tokens and not await top_up(ex):
+            ex.error_code = "budget_exceeded"
+            await req.stream_chunk(
+                sse_error(
+                    "The budget was spent during this response; it was ended after the tokens already paid for.",
+                    type="rate_limit_error",
+                    code=ex.error_code,
+                )
+            )
+            finished = True
             break
     if not finished and data_lines:  # last event without its blank line
         data = b"\n".join(data_lines)
@@ -104,8 +123,10 @@ def _translate(data: bytes, ex: Exchange, *, model: str, client_wants_usage: boo
     choices = chunk.get("choices")
     if choices == [] and usage is not None and not client_wants_usage:
         return b"", False
-    if ex.ttft_s is None and choices and _has_token(choices[0]):
-        ex.ttft_s = time.perf_counter() - ex.started_at
+    if choices and _has_token(choices[0]):
+        ex.streamed_tokens += 1
+        if ex.ttft_s is None:
+            ex.ttft_s = time.perf_counter() - ex.started_at
     if "model" in chunk:
         chunk["model"] = model
     return b"data: " + orjson.dumps(chunk) + b"\n\n", False

@@ -1,0 +1,1 @@
+"""Quotas: rate limits (requests and tokens per sliding window), concurrency, budgets, usage records."""

@@ -1,0 +1,60 @@
+"""Token estimates for admission: the prompt from its characters, the completion from max_tokens.
+
+An estimate only sizes the reservation; the real counts from the upstream replace it when the
+response ends. Characters per token is configurable (`quota.chars_per_token`, 4 for English text with
+the usual BPE vocabularies); each message adds a few tokens of chat-template framing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+_PER_MESSAGE = 4  # role markers and separators of a chat template
+_PER_REQUEST = 3
+
+
+def _chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            extra = getattr(part, "model_extra", None) or {}
+            text = extra.get("text")
+            if isinstance(text, str):
+                total += len(text)
+        return total
+    return 0
+
+
+def _prompt_input(value: Any, chars_per_token: float) -> int:
+    if isinstance(value, str):
+        return math.ceil(len(value) / chars_per_token)
+    if isinstance(value, list):
+        if value and isinstance(value[0], int):
+            return len(value)  # already token ids
+        return sum(_prompt_input(v, chars_per_token) for v in value)
+    return 0
+
+
+def chat_prompt(request: ChatCompletionRequest, chars_per_token: float) -> int:
+    chars = 0
+    for message in request.messages:
+        chars += _chars(message.content)
+    return math.ceil(chars / chars_per_token) + _PER_MESSAGE * len(request.messages) + _PER_REQUEST
+
+
+def completion_prompt(request: CompletionRequest, chars_per_token: float) -> int:
+    return _prompt_input(request.prompt, chars_per_token) + _PER_REQUEST
+
+
+def embedding_input(request: EmbeddingRequest, chars_per_token: float) -> int:
+    return _prompt_input(request.input, chars_per_token)
+
+
+def completion_allowance(max_tokens: int | None, n: int | None, default: int) -> int:
+    """Completion tokens to reserve: what the client allows (or the configured default), per choice."""
+    return (max_tokens or default) * max(1, n or 1)

@@ -1,0 +1,127 @@
+"""What a principal may use: its windows, its concurrency, its budgets, resolved once and cached.
+
+Limits come from the principal's tier (`tiers.<name>.limits`), overridden field by field by an API
+key's own `limits`. Budgets are per key (the key's `budget`) and per user (`quota.users.<user>.budget`,
+else the tier's `user_budget`).
+
+Every Redis key of one user shares one hash tag, `{pc:<hash of the user>}`: a key's windows, its
+leases, its budget and the user's budget all live in one hash slot, so a single script can check and
+take them together even on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from portcullis.config import BudgetConfig, Config, LimitsConfig
+from portcullis.identity.principal import Principal
+
+MICRO = 1_000_000  # budgets and costs are kept as integer millionths of the currency unit
+
+_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    kind: Literal["requests", "tokens"]
+    period: str  # "minute" | "hour" | "day"
+    seconds: int
+    limit: int
+    field: str  # its name inside the principal's Redis hash, e.g. "r60"
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} per {self.period}"
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    subject: Literal["key", "user"]
+    period: Literal["day", "month"]
+    limit: int  # micro-units
+    limit_display: float
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    tag: str  # the Redis hash tag, "{pc:<hex>}"
+    subject: str  # whose windows: "k:<key id>" or "u" (the user, for JWT and anonymous principals)
+    key_id: str | None
+    windows: tuple[Window, ...]
+    concurrency: int | None
+    budgets: tuple[Budget, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.windows and self.concurrency is None and not self.budgets
+
+
+class LimitsSpecError(ValueError):
+    """A key's stored `limits` or `budget` that does not have the configured shape."""
+
+
+def parse_limits(value: dict[str, Any] | None) -> LimitsConfig | None:
+    if value is None:
+        return None
+    try:
+        return LimitsConfig.model_validate(value)
+    except ValidationError as exc:
+        raise LimitsSpecError(str(exc)) from exc
+
+
+def parse_budget(value: dict[str, Any] | None) -> BudgetConfig | None:
+    if value is None:
+        return None
+    try:
+        return BudgetConfig.model_validate(value)
+    except ValidationError as exc:
+        raise LimitsSpecError(str(exc)) from exc
+
+
+def user_tag(user: str) -> str:
+    return "{pc:" + hashlib.blake2b(user.encode(), digest_size=8).hexdigest() + "}"
+
+
+def _merged(tier: LimitsConfig, key: LimitsConfig | None) -> LimitsConfig:
+    if key is None:
+        return tier
+    return LimitsConfig(
+        requests=tier.requests.model_copy(update=key.requests.model_dump(exclude_unset=True)),
+        tokens=tier.tokens.model_copy(update=key.tokens.model_dump(exclude_unset=True)),
+        concurrency=key.concurrency if "concurrency" in key.model_fields_set else tier.concurrency,
+    )
+
+
+def build_plan(config: Config, principal: Principal) -> Plan:
+    tier = config.tiers.get(principal.tier)
+    tier_limits = tier.limits if tier is not None else LimitsConfig()
+    limits = _merged(tier_limits, parse_limits(principal.limits))
+    windows: list[Window] = []
+    for kind, spec, prefix in (("requests", limits.requests, "r"), ("tokens", limits.tokens, "t")):
+        for period, limit in spec.model_dump().items():
+            if limit is not None:
+                seconds = _SECONDS[period]
+                windows.append(Window(kind, period, seconds, limit, f"{prefix}{seconds}"))  # type: ignore[arg-type]
+    budgets: list[Budget] = []
+    key_budget = parse_budget(principal.budget) if principal.key_id else None
+    user_quota = config.quota.users.get(principal.user)
+    user_budget = user_quota.budget if user_quota is not None else (tier.user_budget if tier else BudgetConfig())
+    for subject, spec in (("key", key_budget), ("user", user_budget)):
+        if spec is None:
+            continue
+        for period in ("day", "month"):
+            amount = getattr(spec, period)
+            if amount is not None:
+                budgets.append(Budget(subject, period, round(amount * MICRO), amount))  # type: ignore[arg-type]
+    return Plan(
+        tag=user_tag(principal.user),
+        subject=f"k:{principal.key_id}" if principal.key_id else "u",
+        key_id=principal.key_id,
+        windows=tuple(windows),
+        concurrency=limits.concurrency,
+        budgets=tuple(budgets),
+    )

@@ -1,0 +1,394 @@
+"""The quota stage: admit a request against its principal's limits and budgets, settle it when it ends.
+
+    admit    after validation, before the upstream: reserve 1 request, the estimated tokens (prompt
+             estimate + max_tokens or the default), a concurrency slot and the estimated cost on
+             every budget, in one atomic step; set the x-ratelimit-* headers; or refuse with 429
+             (Retry-After = when this request would really be admitted), or 400 when the request is
+             larger than a whole window.
+    guard    a stream whose tokens outgrow the reservation reserves more budget as it goes; when a
+             budget has no more room the stream ends with a `budget_exceeded` error event.
+    settle   when the response is over (any way it ends): real tokens and cost replace the
+             reservation and the slot is freed. Off the request path: the client never waits for it.
+
+Counters live in Redis (shared, one script per step) or in this process. When Redis fails,
+`quota.on_store_error` decides: fail_open falls back to in-process counters holding this process's
+`fallback_share` of each limit; fail_closed answers 503. A probe brings Redis back automatically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+from calendar import monthrange
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from portcullis.config import Config
+from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequests
+from portcullis.http import Request
+from portcullis.identity.principal import Principal
+from portcullis.obs.metrics import Metrics
+from portcullis.quota.alerts import BudgetAlerts
+from portcullis.quota.plan import MICRO, Plan, build_plan
+from portcullis.quota.redis_store import RedisQuotaStore, alerts_from
+from portcullis.quota.resp import RedisReplyError, RedisUnavailable
+from portcullis.quota.store import BUDGET, CONCURRENCY, TOO_LARGE, Alert, Ask, MemoryQuotaStore, Verdict
+from portcullis.upstream.exchange import Exchange
+
+_PLAN_CACHE = 50_000
+_PROBE_S = 1.0
+STORE_ERRORS = (RedisUnavailable, RedisReplyError)
+
+
+@dataclass(slots=True, eq=False)
+class Held:
+    """What a request holds until it is settled."""
+
+    store: Any  # the store that admitted it (Redis, or the in-process fallback)
+    ask: Ask
+    prompt_estimate: int
+    completion_price: float  # per 1k, the most expensive deployment's (for mid-stream top-ups)
+    covered_tokens: int  # completion tokens the budget reservation covers so far
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: 20ms, 1s, 6m0s, 1h2m3s."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms" if seconds > 0 else "0s"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _periods(now: datetime) -> tuple[dict[str, str], dict[str, float]]:
+    day_end = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+    month_end = datetime(now.year, now.month, monthrange(now.year, now.month)[1], tzinfo=UTC) + timedelta(days=1)
+    ids = {"day": now.strftime("d%Y%m%d"), "month": now.strftime("m%Y%m")}
+    ends = {"day": (day_end - now).total_seconds(), "month": (month_end - now).total_seconds()}
+    return ids, ends
+
+
+class Quota:
+    def __init__(self, config: Config, metrics: Metrics, log: Any) -> None:
+        self.config = config
+        self.q = config.quota
+        self.metrics = metrics
+        self.log = log
+        backend = self.q.backend
+        if backend == "auto":
+            backend = "redis" if config.store.redis_url else "memory"
+        self.memory = MemoryQuotaStore()
+        self.redis: RedisQuotaStore | None = None
+        if backend == "redis":
+            assert config.store.redis_url is not None
+            self.redis = RedisQuotaStore(
+                config.store.redis_url,
+                timeout_s=self.q.store_timeout_s,
+                lease_s=self.q.concurrency_lease_s,
+                cluster=self.q.redis_cluster,
+            )
+            self.memory = MemoryQuotaStore(share=self.q.fallback_share)
+        self.alerts = BudgetAlerts(self.q, metrics, log)
+        self.thresholds = tuple(self.q.alert_thresholds)
+        self.degraded = False
+        self._plans: dict[tuple[str, str | None, str], Plan] = {}
+        self._leases = (f"{os.getpid():x}.{os.urandom(3).hex()}.{n:x}" for n in itertools.count())
+        self._leased: dict[str, Ask] = {}  # Redis concurrency leases held by requests in flight
+        self._settling: set[asyncio.Future[Any]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._max_price = {
+            name: (
+                max(d.cost.prompt_per_1k for d in m.deployments),
+                max(d.cost.completion_per_1k for d in m.deployments),
+            )
+            for name, m in config.models.items()
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.alerts.start()
+        if self.redis is not None:
+            self._tasks.append(asyncio.create_task(self._renew_leases()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=self.q.store_timeout_s * 2)
+        await self.alerts.stop()
+        if self.redis is not None:
+            await self.redis.close()
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def plan_for(self, principal: Principal) -> Plan:
+        cache_key = (principal.tier, principal.key_id, principal.user)
+        plan = self._plans.get(cache_key)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE:
+                self._plans.clear()
+            plan = self._plans[cache_key] = build_plan(self.config, principal)
+        return plan
+
+    async def admit(self, req: Request, ex: Exchange, *, prompt_tokens: int, completion_tokens: int) -> None:
+        principal = ex.principal
+        if principal is None:
+            return
+        plan = self.plan_for(principal)
+        if plan.empty:
+            return
+        tokens = prompt_tokens + completion_tokens
+        prompt_price, completion_price = self._max_price.get(ex.model or "", (0.0, 0.0))
+        cost = math.ceil((prompt_tokens * prompt_price + completion_tokens * completion_price) * 1000)
+        if plan.budgets:
+            ids, ends = _periods(datetime.now(UTC))
+            periods = tuple(ids[b.period] for b in plan.budgets)
+            period_ends = tuple(ends[b.period] for b in plan.budgets)
+        else:
+            periods = period_ends = ()
+        ask = Ask(plan, tokens, cost, next(self._leases), periods, period_ends)
+        store: Any = self.redis if self.redis is not None and not self.degraded else self.memory
+        if store is self.memory:
+            if self.degraded and self.q.on_store_error == "fail_closed":
+                raise self._store_down()
+            verdict = self.memory.admit_now(ask)
+        else:
+            try:
+                verdict = await store.admit(ask)
+            except STORE_ERRORS as exc:
+                self._store_failed(exc)
+                if self.q.on_store_error == "fail_closed":
+                    raise self._store_down() from exc
+                store = self.memory
+                verdict = self.memory.admit_now(ask)
+        if plan.windows:
+            req.response_headers += _headers(plan, verdict)
+        if not verdict.admitted:
+            raise self._refusal(plan, ask, verdict, prompt_tokens, completion_tokens)
+        ex.quota = Held(store, ask, prompt_tokens, completion_price, completion_tokens)
+        if store is self.redis and plan.concurrency is not None:
+            self._leased[ask.lease] = ask
+
+    def _refusal(self, plan: Plan, ask: Ask, verdict: Verdict, prompt: int, completion: int) -> Exception:
+        retry = verdict.retry_after_s
+        if verdict.failed == TOO_LARGE:
+            w = plan.windows[verdict.index]
+            self.metrics.quota_refusals.labels("too_large").inc()
+            return InvalidRequest(
+                f"This request reserves {ask.tokens} tokens (about {prompt} for the prompt and {completion} "
+                f"for the completion), more than your limit of {w.limit} {w.label}. Lower max_tokens or "
+                "shorten the prompt.",
+                param="max_tokens",
+                code="tokens_exceed_limit",
+            )
+        headers = {"Retry-After": str(max(1, math.ceil(retry))), "retry-after-ms": str(math.ceil(retry * 1000))}
+        if verdict.failed == BUDGET:
+            budget = plan.budgets[verdict.index]
+            self.metrics.quota_refusals.labels("budget").inc()
+            whose = "this key" if budget.subject == "key" else "your user"
+            return TooManyRequests(
+                f"The {'daily' if budget.period == 'day' else 'monthly'} budget of {whose} "
+                f"({budget.limit_display:g} {self.q.currency}) is spent; it renews in {duration(retry)}.",
+                code="budget_exceeded",
+                headers=headers,
+            )
+        if verdict.failed == CONCURRENCY:
+            self.metrics.quota_refusals.labels("concurrency").inc()
+            return TooManyRequests(
+                f"Rate limit reached for concurrent requests: limit {plan.concurrency} in flight. "
+                f"Please try again in {duration(retry)}.",
+                code="rate_limit_exceeded",
+                headers=headers,
+            )
+        w = plan.windows[verdict.index]
+        self.metrics.quota_refusals.labels(w.kind).inc()
+        cost = ask.tokens if w.kind == "tokens" else 1
+        return TooManyRequests(
+            f"Rate limit reached for {w.label}: limit {w.limit}, remaining {verdict.remaining[verdict.index]}, "
+            f"requested {cost}. Please try again in {retry:.3f}s.",
+            code="rate_limit_exceeded",
+            headers=headers,
+        )
+
+    # -- streams that outgrow their reservation -------------------------------------------------
+
+    def stream_guard(self, ex: Exchange) -> Callable[[Exchange], Awaitable[bool]] | None:
+        """The top-up hook for the relay, when this request is under a budget."""
+        held: Held | None = ex.quota
+        return self.top_up if held is not None and held.ask.plan.budgets else None
+
+    async def top_up(self, ex: Exchange) -> bool:
+        """More budget for a stream past its covered tokens; False: a budget is spent, end the stream."""
+        held: Held = ex.quota
+        step = max(16, held.covered_tokens // 4)
+        more = math.ceil(step * held.completion_price * 1000)
+        if more <= 0:
+            held.covered_tokens += step
+            return True
+        try:
+            ok = await held.store.extend(held.ask, more)
+        except STORE_ERRORS as exc:
+            self._store_failed(exc)
+            ok = self.q.on_store_error == "fail_open"
+        if ok:
+            held.covered_tokens += step
+        return ok
+
+    # -- settlement -----------------------------------------------------------------------------
+
+    def settle(self, ex: Exchange, status: int) -> None:
+        """The request is over: real tokens and cost replace the reservation. Never waits."""
+        held: Held | None = ex.quota
+        replica = ex.replica
+        prompt, completion = _actual_tokens(ex, status, held.prompt_estimate if held else 0)
+        ex.prompt_tokens, ex.completion_tokens = prompt, completion
+        if replica is not None and (prompt or completion):
+            ex.cost = (prompt * replica.prompt_per_1k + completion * replica.completion_per_1k) / 1000
+        if held is None:
+            return
+        ex.quota = None
+        cost = math.ceil(ex.cost * MICRO)
+        ask = held.ask
+        if held.store is self.memory:
+            self._alert(ask, self.memory.settle_now(ask, prompt + completion, cost, self.thresholds))
+            return
+        self._leased.pop(ask.lease, None)
+        assert self.redis is not None
+        future = self.redis.settle_soon(ask, prompt + completion, cost, self.thresholds)
+        self._settling.add(future)
+        future.add_done_callback(lambda f: self._settled(f, ask, prompt + completion, cost))
+
+    def _settled(self, future: asyncio.Future[Any], ask: Ask, tokens: int, cost: int) -> None:
+        self._settling.discard(future)
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._alert(ask, alerts_from(future.result()))
+            return
+        if isinstance(exc, RedisReplyError) and str(exc).startswith("NOSCRIPT"):
+            assert self.redis is not None
+            retry = asyncio.ensure_future(self.redis.settle(ask, tokens, cost, self.thresholds))
+            self._settling.add(retry)
+            retry.add_done_callback(lambda f: self._settling.discard(f) or self._alert_result(f, ask))
+            return
+        if isinstance(exc, STORE_ERRORS):
+            self._store_failed(exc)
+        # The reservation stays until its window rolls over and the lease expires: conservative.
+        self.log.warning("quota_settle_failed", error=str(exc), lease=ask.lease)
+
+    def _alert_result(self, future: asyncio.Future[Any], ask: Ask) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._alert(ask, future.result())
+
+    def _alert(self, ask: Ask, alerts: list[Alert]) -> None:
+        plan = ask.plan
+        for alert in alerts:
+            budget = plan.budgets[alert.budget]
+            self.alerts.fire(
+                {
+                    "subject": budget.subject,
+                    "key_id": plan.key_id if budget.subject == "key" else None,
+                    "user_tag": plan.tag,
+                    "period": budget.period,
+                    "period_id": ask.periods[alert.budget],
+                    "threshold": alert.threshold,
+                    "spent": alert.spent / MICRO,
+                    "budget": budget.limit_display,
+                    "currency": self.q.currency,
+                }
+            )
+
+    # -- Redis failure and recovery -------------------------------------------------------------
+
+    def _store_failed(self, exc: BaseException) -> None:
+        self.metrics.quota_store_errors.inc()
+        if self.degraded or self.redis is None:
+            return
+        self.degraded = True
+        self.metrics.quota_store_degraded.set(1)
+        self.log.error(
+            "quota_store_unavailable",
+            error=str(exc),
+            policy=self.q.on_store_error,
+            detail=(
+                f"in-process limits at {self.q.fallback_share:g} of each limit"
+                if self.q.on_store_error == "fail_open"
+                else "requests with quotas get 503 until Redis is back"
+            ),
+        )
+        self._tasks.append(asyncio.create_task(self._probe_until_back()))
+
+    async def _probe_until_back(self) -> None:
+        assert self.redis is not None
+        while True:
+            await asyncio.sleep(_PROBE_S)
+            try:
+                await self.redis.ping()
+            except STORE_ERRORS:
+                continue
+            self.degraded = False
+            self.metrics.quota_store_degraded.set(0)
+            self.log.info("quota_store_recovered")
+            return
+
+    def _store_down(self) -> ServiceUnavailable:
+        self.metrics.quota_refusals.labels("store_unavailable").inc()
+        return ServiceUnavailable(
+            "Rate limits cannot be checked right now (the quota store is unavailable); try again shortly.",
+            code="quota_store_unavailable",
+            headers={"Retry-After": "1"},
+        )
+
+    async def _renew_leases(self) -> None:
+        assert self.redis is not None
+        while True:
+            await asyncio.sleep(self.q.concurrency_lease_s / 3)
+            if self._leased and not self.degraded:
+                try:
+                    await self.redis.renew(list(self._leased.values()))
+                except STORE_ERRORS as exc:
+                    self._store_failed(exc)
+
+
+def _actual_tokens(ex: Exchange, status: int, prompt_estimate: int) -> tuple[int, int]:
+    """The upstream's own counts when it gave them; otherwise what we can show it spent: never less."""
+    if ex.prompt_tokens is not None or ex.completion_tokens is not None:
+        return ex.prompt_tokens or 0, ex.completion_tokens or 0
+    if ex.replica is None:
+        return 0, 0  # refused before any upstream was asked
+    if ex.streamed_tokens or status == 200 or ex.abort_reason is not None:
+        # Cut before the usage chunk, or an upstream that reports no usage: the prompt was read and
+        # these tokens were sent.
+        return prompt_estimate, ex.streamed_tokens
+    return 0, 0
+
+
+def _headers(plan: Plan, verdict: Verdict) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-*: for requests and for tokens, the window with the least room left."""
+    out: list[tuple[bytes, bytes]] = []
+    for kind in ("requests", "tokens"):
+        best = -1
+        for i, w in enumerate(plan.windows):
+            if w.kind == kind and (best < 0 or verdict.remaining[i] < verdict.remaining[best]):
+                best = i
+        if best < 0:
+            continue
+        w = plan.windows[best]
+        out += [
+            (b"x-ratelimit-limit-" + kind.encode(), str(w.limit).encode()),
+            (b"x-ratelimit-remaining-" + kind.encode(), str(verdict.remaining[best]).encode()),
+            (b"x-ratelimit-reset-" + kind.encode(), duration(verdict.reset_s[best]).encode()),
+        ]
+    return out

@@ -1,0 +1,171 @@
+"""Usage records: one per API request, queued in memory and written to the database in batches.
+
+The request path only appends a tuple to a bounded deque. A writer task flushes when a batch is full or
+the interval has passed, in one multi-row INSERT. A full queue drops the record and counts it
+(`portcullis_usage_records_dropped_total`): a slow database must never slow requests. A failed write
+keeps the batch and tries again. Shutdown flushes everything that is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from portcullis.config import UsageConfig
+from portcullis.obs.metrics import Metrics
+from portcullis.store.schema import usage
+
+# The order of a record tuple (kept as a tuple on the hot path; columns are named at flush time).
+FIELDS = (
+    "at",
+    "request_id",
+    "key_id",
+    "user",
+    "route",
+    "model",
+    "deployment",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "latency_ms",
+    "ttft_ms",
+    "status",
+    "error",
+    "cache_hit",
+)
+_RETRY_S = 1.0
+
+
+class UsageRecorder:
+    def __init__(self, engine: AsyncEngine, config: UsageConfig, metrics: Metrics, log: Any) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.log = log
+        self.queue: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.written = 0
+        self.dropped = 0
+        metrics.usage_queue.set_function(lambda: len(self.queue))
+
+    def record(self, row: tuple[Any, ...]) -> None:
+        if len(self.queue) >= self.config.queue_size:
+            self.dropped += 1
+            self.metrics.usage_dropped.inc()
+            return
+        self.queue.append(row)
+        if len(self.queue) >= self.config.batch_size:
+            self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.flush_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            while self.queue:
+                if not await self._flush_batch():
+                    await asyncio.sleep(_RETRY_S)
+                    break
+                if len(self.queue) < self.config.batch_size:
+                    break
+
+    async def _flush_batch(self) -> bool:
+        count = min(len(self.queue), self.config.batch_size)
+        batch = [self.queue[i] for i in range(count)]
+        rows = []
+        for record in batch:
+            row = dict(zip(FIELDS, record, strict=True))
+            at = datetime.fromtimestamp(row["at"], UTC)
+            row["at"] = at
+            row["day"] = at.strftime("%Y-%m-%d")
+            rows.append(row)
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(usage.insert(), rows)
+        except Exception as exc:
+            self.log.error("usage_write_failed", records=count, error=str(exc))
+            return False
+        for _ in range(count):
+            self.queue.popleft()
+        self.written += count
+        self.metrics.usage_written.inc(count)
+        return True
+
+    async def stop(self) -> None:
+        """Flush everything queued (a graceful shutdown loses no record), then stop the writer."""
+        if self._task is not None:
+            # Not cancelled: a batch cut mid-INSERT could be written and then written again.
+            self._stopping = True
+            self._wake.set()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        deadline = time.monotonic() + 30
+        while self.queue and time.monotonic() < deadline:
+            if not await self._flush_batch():
+                await asyncio.sleep(_RETRY_S)
+        if self.queue:
+            self.log.error("usage_records_lost_at_shutdown", records=len(self.queue))
+
+
+GROUPS = {"key": usage.c.key_id, "user": usage.c.user, "model": usage.c.model, "day": usage.c.day}
+
+
+async def aggregate(
+    engine: AsyncEngine,
+    *,
+    group_by: list[str],
+    since: str | None = None,
+    until: str | None = None,
+    user: str | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+) -> list[dict[str, Any]]:
+    """Sum usage by any of key, user, model, day; `since`/`until` are UTC days (YYYY-MM-DD, inclusive)."""
+    columns = [GROUPS[g].label(g) for g in group_by]
+    query = select(
+        *columns,
+        func.count().label("requests"),
+        func.sum(case((usage.c.status >= 400, 1), else_=0)).label("errors"),
+        func.coalesce(func.sum(usage.c.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(usage.c.cost), 0.0).label("cost"),
+        func.avg(usage.c.latency_ms).label("avg_latency_ms"),
+    )
+    if since:
+        query = query.where(usage.c.day >= since)
+    if until:
+        query = query.where(usage.c.day <= until)
+    if user:
+        query = query.where(usage.c.user == user)
+    if key_id:
+        query = query.where(usage.c.key_id == key_id)
+    if model:
+        query = query.where(usage.c.model == model)
+    if columns:
+        query = query.group_by(*[GROUPS[g] for g in group_by]).order_by(*[GROUPS[g] for g in group_by])
+    async with engine.connect() as conn:
+        result = await conn.execute(query)
+        out = []
+        for row in result.mappings():
+            item = dict(row)
+            item["errors"] = int(item["errors"] or 0)
+            item["total_tokens"] = int(item["prompt_tokens"]) + int(item["completion_tokens"])
+            item["cost"] = round(float(item["cost"]), 6)
+            item["avg_latency_ms"] = round(float(item["avg_latency_ms"] or 0.0), 3)
+            out.append(item)
+        return out

@@ -1,0 +1,161 @@
+"""One suite, both stores: the in-process counters and the Redis scripts must decide identically.
+
+The clock is driven by the test (`Ask.now`), so windows, rolls and waits are checked exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+
+from portcullis.quota import window
+from portcullis.quota.plan import Budget, Plan, Window, user_tag
+from portcullis.quota.redis_store import RedisQuotaStore
+from portcullis.quota.store import BUDGET, CONCURRENCY, OK, TOO_LARGE, WINDOW, Ask, MemoryQuotaStore
+
+T0 = 1_800_000_000.0 + 12.5  # 12.5 s into a minute bucket
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[object]:
+    if request.param == "memory":
+        yield MemoryQuotaStore()
+        return
+    redis_store = RedisQuotaStore(redis_url, timeout_s=2.0, lease_s=60.0)
+    yield redis_store
+    await redis_store.close()
+
+
+def plan(*, windows: tuple[Window, ...] = (), concurrency: int | None = None, budgets: tuple[Budget, ...] = ()) -> Plan:
+    return Plan(
+        tag=user_tag(f"conformance-{secrets.token_hex(6)}"),
+        subject="k:abc",
+        key_id="abc",
+        windows=windows,
+        concurrency=concurrency,
+        budgets=budgets,
+    )
+
+
+def ask(p: Plan, now: float, *, tokens: int = 0, cost: int = 0, periods: tuple[str, ...] = ()) -> Ask:
+    return Ask(
+        plan=p,
+        tokens=tokens,
+        cost=cost,
+        lease=secrets.token_hex(6),
+        periods=periods or tuple("d20270115" for _ in p.budgets),
+        period_ends_s=tuple(3600.0 for _ in p.budgets),
+        now=now,
+    )
+
+
+RPM5 = Window("requests", "minute", 60, 5, "r60")
+
+
+async def test_requests_window_admits_exactly_the_limit_then_says_how_long(store) -> None:
+    p = plan(windows=(RPM5,))
+    verdicts = [await store.admit(ask(p, T0 + i * 0.01)) for i in range(8)]
+    assert [v.failed for v in verdicts] == [OK] * 5 + [WINDOW] * 3
+    assert [v.remaining[0] for v in verdicts[:5]] == [4, 3, 2, 1, 0]
+    refused = verdicts[5]
+    # Five in this bucket: admitted again once 1/5 of the next bucket has passed.
+    expected = (60 - 12.55) + 60 / 5
+    assert refused.retry_after_s == pytest.approx(expected, abs=0.01)
+    assert refused.reset_s[0] == pytest.approx((60 - 12.55) + 60, abs=0.01)
+
+
+async def test_retry_after_is_the_real_wait(store) -> None:
+    p = plan(windows=(RPM5,))
+    for i in range(5):
+        assert (await store.admit(ask(p, T0 + i))).admitted
+    refused = await store.admit(ask(p, T0 + 5))
+    at = T0 + 5 + refused.retry_after_s
+    assert (await store.admit(ask(p, at - 0.05))).failed == WINDOW
+    assert (await store.admit(ask(p, at))).admitted
+
+
+async def test_the_previous_bucket_decays(store) -> None:
+    p = plan(windows=(RPM5,))
+    for i in range(5):
+        assert (await store.admit(ask(p, T0 + i))).admitted
+    next_bucket = (math.floor(T0 / 60) + 1) * 60
+    # 30 s into the next bucket half of the previous five still count: 2.5 + 1 + 1 fits, a third does not.
+    results = [(await store.admit(ask(p, next_bucket + 30 + i * 0.001))).failed for i in range(3)]
+    assert results == [OK, OK, WINDOW]
+
+
+async def test_tokens_are_reserved_and_the_unused_part_released(store) -> None:
+    tpm = Window("tokens", "minute", 60, 1000, "t60")
+    p = plan(windows=(tpm,))
+    first, second = ask(p, T0, tokens=400), ask(p, T0 + 1, tokens=400)
+    assert (await store.admit(first)).admitted
+    assert (await store.admit(second)).admitted
+    assert (await store.admit(ask(p, T0 + 2, tokens=400))).failed == WINDOW
+    await store.settle(first, 100, 0, ())  # used 100 of its 400
+    verdict = await store.admit(ask(p, T0 + 3, tokens=400))
+    assert verdict.admitted and verdict.remaining[0] == 100
+    assert (await store.admit(ask(p, T0 + 4, tokens=1001))).failed == TOO_LARGE
+
+
+async def test_concurrency_slots(store) -> None:
+    p = plan(concurrency=2)
+    a, b = ask(p, T0), ask(p, T0)
+    assert (await store.admit(a)).admitted and (await store.admit(b)).admitted
+    refused = await store.admit(ask(p, T0))
+    assert refused.failed == CONCURRENCY and refused.retry_after_s == 1.0
+    await store.settle(a, 0, 0, ())
+    assert (await store.admit(ask(p, T0))).admitted
+
+
+async def test_all_or_nothing(store) -> None:
+    """A refusal by one limit takes nothing from the others."""
+    tpm = Window("tokens", "minute", 60, 100, "t60")
+    p = plan(windows=(RPM5, tpm), concurrency=10)
+    assert (await store.admit(ask(p, T0, tokens=90))).admitted
+    for _ in range(3):
+        assert (await store.admit(ask(p, T0, tokens=50))).failed == WINDOW  # tokens refuse
+    verdict = await store.admit(ask(p, T0, tokens=10))
+    assert verdict.admitted
+    assert verdict.remaining == [3, 0]  # the three refusals took no request
+
+
+async def test_budget_reserve_settle_and_alerts_once(store) -> None:
+    day = Budget("key", "day", 1_000_000, 1.0)
+    user_month = Budget("user", "month", 5_000_000, 5.0)
+    p = plan(budgets=(day, user_month))
+    periods = ("d20270115", "m202701")
+    a = ask(p, T0, cost=400_000, periods=periods)
+    b = ask(p, T0, cost=400_000, periods=periods)
+    assert (await store.admit(a)).admitted and (await store.admit(b)).admitted
+    refused = await store.admit(ask(p, T0, cost=400_000, periods=periods))
+    assert refused.failed == BUDGET and refused.index == 0 and refused.retry_after_s == 3600.0
+    alerts = await store.settle(a, 0, 550_000, (0.5, 0.8, 1.0))
+    assert [(x.budget, x.threshold) for x in alerts] == [(0, 0.5)]
+    alerts = await store.settle(b, 0, 300_000, (0.5, 0.8, 1.0))
+    assert [(x.budget, x.threshold, x.spent) for x in alerts] == [(0, 0.8, 850_000)]
+    c = ask(p, T0, cost=100_000, periods=periods)
+    assert (await store.admit(c)).admitted
+    assert not await store.extend(c, 100_000)  # 850k spent + 100k reserved + 100k > 1M
+    assert await store.extend(c, 50_000)
+    alerts = await store.settle(c, 0, 150_000, (0.5, 0.8, 1.0))
+    assert [(x.budget, x.threshold) for x in alerts] == [(0, 1.0)]
+    assert await store.settle(ask(p, T0, periods=periods), 0, 0, (0.5, 0.8, 1.0)) == []
+    assert (await store.admit(ask(p, T0, cost=1, periods=periods))).failed == BUDGET
+
+
+def test_wait_matches_the_estimate() -> None:
+    """The closed form agrees with stepping the estimate forward."""
+    for c, p, frac, cost, limit in [(3, 5, 0.2, 1, 6), (6, 0, 0.5, 1, 6), (4, 6, 0.9, 2, 6), (2, 6, 0.1, 3, 6)]:
+        wait = window.wait(c, p, frac, cost, limit, 60)
+        t = frac * 60 + wait + 1e-6
+        if t < 60:
+            est = window.estimate(c, p, t / 60)
+        else:
+            est = window.estimate(0, c, t / 60 - 1)
+        assert est + cost <= limit + 1e-9
+        t -= 0.01
+        est_before = window.estimate(c, p, t / 60) if t < 60 else window.estimate(0, c, t / 60 - 1)
+        assert est_before + cost > limit
