@@ -80,6 +80,7 @@ class Gateway:
             ("GET", "/v1/models"): (openai.list_models, scopes.MODELS_READ),
             ("POST", "/admin/keys"): (admin.create_key, scopes.KEYS_ADMIN),
             ("GET", "/admin/keys"): (admin.list_keys, scopes.KEYS_ADMIN),
+            ("GET", "/admin/usage"): (admin.usage_report, scopes.USAGE),
             ("GET", "/healthz"): (ops.healthz, scopes.PUBLIC),
             ("GET", "/readyz"): (ops.readyz, scopes.PUBLIC),
             ("GET", "/metrics"): (ops.metrics, metrics_scope),

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_check(args.file)
     if args.command == "sim":
         return _run_sim(args)
-    if args.command in ("db", "keys", "token"):
+    if args.command in ("db", "keys", "token", "usage"):
         return commands.run(args)
     return _serve(args)
 

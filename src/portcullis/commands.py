@@ -1,4 +1,4 @@
-"""Operator commands that work on the database directly: db upgrade, keys ..., token mint.
+"""Operator commands that work on the database directly: db upgrade, keys ..., usage, token mint.
 
 Each takes the same config file as `serve` (--config or PORTCULLIS_CONFIG). Key commands publish their
 change on the Redis bus when one is configured, so running gateways see a revocation at once.
@@ -14,8 +14,9 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, ValidationError
 
-from portcullis.config import Config, ConfigError, load_config
+from portcullis.config import BudgetConfig, Config, ConfigError, LimitsConfig, load_config
 from portcullis.identity import scopes
 from portcullis.identity.keys import KeyHasher, KeyRecord, KeySecretMissing, KeyStore, key_secret, now
 from portcullis.store.bus import EventBus
@@ -51,6 +52,8 @@ def add_parsers(sub: Any) -> None:
     create.add_argument("--models", default=None, help="comma-separated allow-list (default: every model)")
     create.add_argument("--expires", type=duration, default=None, help="e.g. 30d")
     create.add_argument("--label", default=None)
+    create.add_argument("--limits", default=None, help='JSON overrides of the tier, e.g. {"requests": {"minute": 10}}')
+    create.add_argument("--budget", default=None, help='JSON, e.g. {"day": 5, "month": 100} (quota.currency)')
     create.add_argument("--json", action="store_true")
     listing = with_config(keys_sub.add_parser("list", help="list keys"))
     listing.add_argument("--user", default=None)
@@ -63,6 +66,15 @@ def add_parsers(sub: Any) -> None:
     rotate.add_argument("id")
     rotate.add_argument("--grace", type=duration, default=None, help="default: auth.rotation_grace_s")
     rotate.add_argument("--json", action="store_true")
+
+    report = with_config(sub.add_parser("usage", help="usage and cost, aggregated"))
+    report.add_argument("--by", default="day,user,model", help="any of key,user,model,day (comma-separated)")
+    report.add_argument("--since", default=None, help="first UTC day, YYYY-MM-DD")
+    report.add_argument("--until", default=None, help="last UTC day, YYYY-MM-DD")
+    report.add_argument("--user", default=None)
+    report.add_argument("--key", default=None, help="key id")
+    report.add_argument("--model", default=None)
+    report.add_argument("--json", action="store_true")
 
     token = sub.add_parser("token", help="JWT helpers")
     token_sub = token.add_subparsers(dest="token_command", required=True)
@@ -107,6 +119,8 @@ async def _db_or_keys(config: Config, args: argparse.Namespace) -> int:
             return 0
         if await pending(engine):
             raise OperatorError("the database schema is not up to date: run `portcullis db upgrade` first")
+        if args.command == "usage":
+            return await _usage(config, engine, args)
         try:
             store = KeyStore(engine, KeyHasher(key_secret(config)))
         except KeySecretMissing as exc:
@@ -125,6 +139,8 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
             granted = scopes.parse(args.scopes)
         except ValueError as exc:
             raise OperatorError(str(exc)) from exc
+        limits = _json_spec("--limits", args.limits, LimitsConfig, exclude_unset=True)
+        budget = _json_spec("--budget", args.budget, BudgetConfig, exclude_none=True)
         key, record = await store.create(
             user=args.user,
             tier=args.tier,
@@ -132,6 +148,8 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
             models=tuple(m for m in args.models.split(",") if m) if args.models else None,
             expires_at=now() + args.expires if args.expires else None,
             label=args.label,
+            limits=limits,
+            budget=budget,
         )
         _print(
             {**record.public(), "key": key}, args.json, headline=f"Created key {record.id}. The key, shown once:\n{key}"
@@ -178,6 +196,40 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
         )
         return 0
     raise OperatorError(f"unknown command {cmd}")
+
+
+def _json_spec(flag: str, text: str | None, model: type[BaseModel], **dump: bool) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        return model.model_validate_json(text).model_dump(**dump)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(value)"
+        raise OperatorError(f"{flag}: {where}: {err['msg']}") from exc
+
+
+async def _usage(config: Config, engine: Any, args: argparse.Namespace) -> int:
+    from portcullis.quota import usage
+
+    try:
+        group_by = usage.parse_group_by(args.by)
+    except ValueError as exc:
+        raise OperatorError(str(exc)) from exc
+    rows = await usage.aggregate(
+        engine,
+        group_by=group_by,
+        since=args.since,
+        until=args.until,
+        user=args.user,
+        key_id=args.key,
+        model=args.model,
+    )
+    if args.json:
+        print(orjson.dumps({"group_by": group_by, "currency": config.quota.currency, "data": rows}).decode())
+    else:
+        print(usage.render_table(rows, group_by, config.quota.currency), end="")
+    return 0
 
 
 async def _announce(config: Config, event: dict[str, Any]) -> None:

@@ -138,8 +138,9 @@ async def test_budget_reserve_settle_and_alerts_once(store) -> None:
     assert [(x.budget, x.threshold, x.spent) for x in alerts] == [(0, 0.8, 850_000)]
     c = ask(p, T0, cost=100_000, periods=periods)
     assert (await store.admit(c)).admitted
-    assert not await store.extend(c, 100_000)  # 850k spent + 100k reserved + 100k > 1M
-    assert await store.extend(c, 50_000)
+    assert await store.extend(c, 20_000) == 20_000
+    assert await store.extend(c, 100_000) == 30_000  # 850k spent + 120k reserved: room for 30k more
+    assert await store.extend(c, 1) == 0
     alerts = await store.settle(c, 0, 150_000, (0.5, 0.8, 1.0))
     assert [(x.budget, x.threshold) for x in alerts] == [(0, 1.0)]
     assert await store.settle(ask(p, T0, periods=periods), 0, 0, (0.5, 0.8, 1.0)) == []

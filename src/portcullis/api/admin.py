@@ -1,4 +1,4 @@
-"""The admin API: keys (create, list, show, revoke, rotate) and switching models back on.
+"""The admin API: keys (create, list, show, revoke, rotate), usage, and switching models back on.
 
 Key ids are not secret, but a response for an unknown id is the same 404 whatever the reason, and the
 key itself appears exactly once: in the answer that created it.
@@ -6,15 +6,18 @@ key itself appears exactly once: in the answer that created it.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from portcullis.config import BudgetConfig, LimitsConfig
 from portcullis.errors import InvalidRequest, NotFound
 from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.keys import KeyStore, now
+from portcullis.quota import usage
 from portcullis.safety.validation import parse_json_object
 from portcullis.upstream.exchange import Exchange
 
@@ -30,8 +33,9 @@ class NewKey(BaseModel):
     models: list[str] | None = None
     expires_in_s: float | None = Field(None, gt=0)
     label: str | None = Field(None, max_length=256)
-    limits: dict[str, Any] | None = None
-    budget: dict[str, Any] | None = None
+    # Overrides of the tier's limits (same shape as tiers.<name>.limits), and the key's own budget.
+    limits: LimitsConfig | None = None
+    budget: BudgetConfig | None = None
 
     @field_validator("scopes")
     @classmethod
@@ -73,8 +77,8 @@ async def create_key(gw: Gateway, req: Request, ex: Exchange) -> None:
         models=tuple(spec.models) if spec.models is not None else None,
         expires_at=now() + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None,
         label=spec.label,
-        limits=spec.limits,
-        budget=spec.budget,
+        limits=spec.limits.model_dump(exclude_unset=True) if spec.limits is not None else None,
+        budget=spec.budget.model_dump(exclude_none=True) if spec.budget is not None else None,
     )
     await req.respond_json(201, {**record.public(), "key": key})
 
@@ -111,12 +115,44 @@ async def rotate_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> No
     await req.respond_json(201, {**successor.public(), "key": key, "replaces": old.public()})
 
 
+async def usage_report(gw: Gateway, req: Request, ex: Exchange) -> None:
+    """GET /admin/usage?group_by=day,user,model&since=YYYY-MM-DD&until=...&user=&key_id=&model=&format=json|table"""
+    query = _query(req)
+    try:
+        group_by = usage.parse_group_by(query.get("group_by"))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="group_by", code="invalid_value") from exc
+    for name in ("since", "until"):
+        value = query.get(name)
+        if value is not None and not _DAY.match(value):
+            raise InvalidRequest(f"'{name}' must be a UTC day, YYYY-MM-DD.", param=name, code="invalid_value")
+    rows = await usage.aggregate(
+        gw.engine,
+        group_by=group_by,
+        since=query.get("since"),
+        until=query.get("until"),
+        user=query.get("user"),
+        key_id=query.get("key_id"),
+        model=query.get("model"),
+    )
+    if query.get("format") == "table":
+        table = usage.render_table(rows, group_by, gw.config.quota.currency)
+        await req.respond(200, table.encode(), [(b"content-type", b"text/plain; charset=utf-8")])
+        return
+    await req.respond_json(
+        200, {"object": "list", "group_by": group_by, "currency": gw.config.quota.currency, "data": rows}
+    )
+
+
 async def enable_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
     if model not in gw.catalog.models:
         raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
     await _store(gw).set_model_disabled(model, False)
     await gw.publish({"type": "model", "name": model, "disabled": False})
     await req.respond_json(200, {"id": model, "object": "model", "enabled": True})
+
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def _query(req: Request) -> dict[str, str]:

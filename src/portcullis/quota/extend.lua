@@ -1,9 +1,12 @@
--- A stream outgrew its reservation: reserve `more` on every budget if all of them have room, else none.
--- KEYS: budget hashes (s, r). ARGV: more, {limit} * #KEYS. Returns 1 (reserved) or 0 (a budget is spent).
-local more = tonumber(ARGV[1])
+-- A stream outgrew its reservation: reserve up to `more` on every budget, as much as all of them have
+-- room for (the same amount on each). KEYS: budget hashes (s, r). ARGV: more, {limit} * #KEYS.
+-- Returns the amount reserved (0: a budget is spent).
+local grant = tonumber(ARGV[1])
 for k = 1, #KEYS do
   local v = redis.call('HMGET', KEYS[k], 's', 'r')
-  if (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0) + more > tonumber(ARGV[1 + k]) then return 0 end
+  local room = tonumber(ARGV[1 + k]) - (tonumber(v[1]) or 0) - (tonumber(v[2]) or 0)
+  if room < grant then grant = room end
 end
-for k = 1, #KEYS do redis.call('HINCRBY', KEYS[k], 'r', more) end
-return 1
+if grant <= 0 then return 0 end
+for k = 1, #KEYS do redis.call('HINCRBY', KEYS[k], 'r', grant) end
+return grant

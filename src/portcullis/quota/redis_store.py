@@ -150,12 +150,11 @@ class RedisQuotaStore:
         keys, args = settle_args(ask, tokens, cost, thresholds)
         return self._run(SETTLE, keys, args)
 
-    async def extend(self, ask: Ask, more: int) -> bool:
+    async def extend(self, ask: Ask, more: int) -> int:
         keys = _budget_keys(ask)
-        ok = await self._call(EXTEND, keys, [more, *(b.limit for b in ask.plan.budgets)])
-        if ok:
-            ask.extra_cost += more
-        return bool(ok)
+        grant = int(await self._call(EXTEND, keys, [more, *(b.limit for b in ask.plan.budgets)]))
+        ask.extra_cost += grant
+        return grant
 
     async def renew(self, asks: list[Ask]) -> None:
         """Push out the expiry of the concurrency leases of requests still running."""

@@ -232,18 +232,20 @@ class Quota:
         """More budget for a stream past its covered tokens; False: a budget is spent, end the stream."""
         held: Held = ex.quota
         step = max(16, held.covered_tokens // 4)
-        more = math.ceil(step * held.completion_price * 1000)
-        if more <= 0:
+        per_token = held.completion_price * 1000  # micro-units
+        if per_token <= 0:
             held.covered_tokens += step
             return True
         try:
-            ok = await held.store.extend(held.ask, more)
+            granted = await held.store.extend(held.ask, math.ceil(step * per_token))
         except STORE_ERRORS as exc:
             self._store_failed(exc)
-            ok = self.q.on_store_error == "fail_open"
-        if ok:
+            if self.q.on_store_error == "fail_closed":
+                return False
             held.covered_tokens += step
-        return ok
+            return True
+        held.covered_tokens += int(granted // per_token)
+        return ex.streamed_tokens <= held.covered_tokens
 
     # -- settlement -----------------------------------------------------------------------------
 

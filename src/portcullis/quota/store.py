@@ -4,7 +4,8 @@
                                      take them all, or take nothing: one atomic step
     QuotaStore.settle(ask, ...)      the real numbers are in: correct the token windows and budgets,
                                      free the slot; returns the budget alert thresholds newly crossed
-    QuotaStore.extend(ask, more)     a stream outgrew its reservation: reserve more budget, or refuse
+    QuotaStore.extend(ask, more)     a stream outgrew its reservation: reserve up to `more` budget
+                                     (what every budget has room for); 0 when one is spent
 
 `MemoryQuotaStore` is exact within one process (the event loop runs each call to the end without
 interruption). `RedisQuotaStore` (redis_store.py) runs the same algorithm as Lua scripts, shared by
@@ -69,7 +70,7 @@ class QuotaStore(Protocol):
 
     async def settle(self, ask: Ask, tokens: int, cost: int, thresholds: tuple[float, ...]) -> list[Alert]: ...
 
-    async def extend(self, ask: Ask, more: int) -> bool: ...
+    async def extend(self, ask: Ask, more: int) -> int: ...
 
 
 def budget_key(plan: Plan, index: int, period: str) -> str:
@@ -180,17 +181,19 @@ class MemoryQuotaStore:
                     alerts.append(Alert(i, threshold, counters[0]))
         return alerts
 
-    async def extend(self, ask: Ask, more: int) -> bool:
+    async def extend(self, ask: Ask, more: int) -> int:
         plan = ask.plan
         keys = [budget_key(plan, i, period) for i, period in enumerate(ask.periods)]
+        grant = more
         for key, budget in zip(keys, plan.budgets, strict=True):
             spent, reserved = self._budgets.get(key, (0, 0))
-            if spent + reserved + more > budget.limit:
-                return False
+            grant = min(grant, budget.limit - spent - reserved)
+        if grant <= 0:
+            return 0
         for key in keys:
-            self._budgets.setdefault(key, [0, 0])[1] += more
-        ask.extra_cost += more
-        return True
+            self._budgets.setdefault(key, [0, 0])[1] += grant
+        ask.extra_cost += grant
+        return grant
 
     def _sweep(self, now: float) -> None:
         """Forget windows that have decayed to nothing (a long-running process meets many principals)."""

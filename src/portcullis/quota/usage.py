@@ -169,3 +169,46 @@ async def aggregate(
             item["avg_latency_ms"] = round(float(item["avg_latency_ms"] or 0.0), 3)
             out.append(item)
         return out
+
+
+def parse_group_by(text: str | None) -> list[str]:
+    items = [g.strip() for g in (text or "day,user,model").split(",") if g.strip()]
+    unknown = [g for g in items if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"cannot group by {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    return list(dict.fromkeys(items))
+
+
+def render_table(rows: list[dict[str, Any]], group_by: list[str], currency: str) -> str:
+    """Usage rows as an aligned text table, with a total line."""
+    headers = [
+        *group_by,
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        f"cost_{currency}",
+    ]
+    body = [
+        [
+            *(str(r[g]) if r[g] is not None else "-" for g in group_by),
+            *(str(r[f]) for f in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")),
+            f"{r['cost']:.6f}",
+        ]
+        for r in rows
+    ]
+    totals = ["total", *([""] * (len(group_by) - 1))] if group_by else []
+    for field in ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens"):
+        totals.append(str(sum(int(r[field]) for r in rows)))
+    totals.append(f"{sum(r['cost'] for r in rows):.6f}")
+    widths = [max(len(line[i]) for line in [headers, *body, totals]) for i in range(len(headers))]
+    numeric = len(group_by)
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i >= numeric else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(headers), rule, *(fmt(line) for line in body), rule, fmt(totals)]) + "\n"

@@ -72,11 +72,8 @@ async def relay_sse(
         data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
         data_lines.clear()
         out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
-        if out:
-            await req.stream_chunk(out)
-        if finished:
-            break
         if top_up is not None and ex.streamed_tokens > ex.quota.covered_tokens and not await top_up(ex):
+            ex.streamed_tokens -= 1  # this token is not delivered, so not charged
             ex.error_code = "budget_exceeded"
             await req.stream_chunk(
                 sse_error(
@@ -86,6 +83,10 @@ async def relay_sse(
                 )
             )
             finished = True
+            break
+        if out:
+            await req.stream_chunk(out)
+        if finished:
             break
     if not finished and data_lines:  # last event without its blank line
         data = b"\n".join(data_lines)
