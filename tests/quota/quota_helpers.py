@@ -26,11 +26,11 @@ def chat_body(**extra: Any) -> dict[str, Any]:
 
 
 async def burst(
-    urls: list[str], key: str, n: int, body: dict[str, Any], *, timeout: float = 60.0
+    urls: list[str], key: str, n: int, body: dict[str, Any], *, limit_s: float = 60.0
 ) -> list[tuple[int, dict[str, str], bytes]]:
     """n requests at once, spread round-robin over the gateways; (status, headers, body) each."""
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=limit_s)) as s:
         start = asyncio.Event()
 
         async def one(i: int) -> tuple[int, dict[str, str], bytes]:

@@ -67,7 +67,7 @@ async def _burst_until_decided(pair: tuple[Proc, Proc], sim: Proc, key: str, n: 
     """Fire n requests whose admitted part hangs upstream; once every request is either refused or
     sitting at the upstream, return (admitted, refused) and let the rest go."""
     before = sim_stats(sim)["requests"]
-    task = asyncio.create_task(burst([p.url for p in pair], key, n, body, timeout=30))
+    task = asyncio.create_task(burst([p.url for p in pair], key, n, body, limit_s=30))
     refused = 0
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
