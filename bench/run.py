@@ -61,6 +61,20 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def wait_redis(url: str, timeout: float = 30) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            redis.Redis.from_url(url, socket_timeout=1).ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def pinned(cpu: int, args: list[str]) -> list[str]:
     return (
         ["taskset", "-c", str(cpu), *args]
@@ -70,12 +84,13 @@ def pinned(cpu: int, args: list[str]) -> list[str]:
 
 
 def ensure_tools() -> None:
-    missing = [t for t in ("wrk", "nginx") if not shutil.which(t) and not Path(f"/usr/sbin/{t}").exists()]
+    tools = ("wrk", "nginx", "redis-server")
+    missing = [t for t in tools if not shutil.which(t) and not Path(f"/usr/sbin/{t}").exists()]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         log(f"installing {missing} from Debian's packages")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk", "nginx-light"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk", "nginx-light", "redis-server"], check=True)
     elif missing:
-        sys.exit(f"bench needs {missing}: apt-get install wrk nginx-light")
+        sys.exit(f"bench needs {missing}: apt-get install wrk nginx-light redis-server")
 
 
 class Server:
@@ -96,7 +111,10 @@ class Server:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-        wait_http(health, startup_s)
+        if health.startswith("redis://"):
+            wait_redis(health, startup_s)
+        else:
+            wait_http(health, startup_s)
 
     def rss_kib(self) -> int:
         pids = [self.proc.pid, *_children(self.proc.pid)]
@@ -165,12 +183,17 @@ def measure(
     targets: list[tuple[str, str, str | None]], connections: int, runs: int, seconds: float
 ) -> list[dict[str, Any]]:
     """Every target once per round, round after round: a drift of the machine lands on all of them alike,
-    so the ratios between targets hold even when the absolute figures wander."""
+    so the ratios between targets hold even when the absolute figures wander. The order rotates each
+    round, so no target always follows the same one (a server still finishing its work, flushing logs
+    and usage records, would otherwise always tax the same neighbour); a pause before each sample lets
+    that work end."""
     for _, url, key in targets:
         wrk(url, connections, min(2.0, seconds), key)  # warm-up: pools filled, code paths hot
     samples: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in targets}
     for i in range(runs):
-        for name, url, key in targets:
+        shift = i % len(targets)
+        for name, url, key in targets[shift:] + targets[:shift]:
+            time.sleep(1.0)
             sample = wrk(url, connections, seconds, key)
             samples[name].append(sample)
             log(
@@ -194,16 +217,36 @@ BENCH_GATEWAY_KEY = "pc-00000000000be0c4-bench-key-0123456789abcdefghijklmnopqr"
 LITELLM_KEY = "sk-portcullis-bench-0123456789abcdef"
 
 
-def start_gateway(servers: list[Server], work: Path, upstream: str, name: str, *, keys: bool) -> int:
+# Limits that never refuse during a run, on every window a tier can configure: the cost of checking them.
+BENCH_LIMITS = {
+    "requests": {"minute": 10**9, "hour": 10**9, "day": 10**9},
+    "tokens": {"minute": 10**12, "day": 10**12},
+    "concurrency": 10**6,
+}
+# The harness runs its own redis-server, pinned beside wrk and nginx (CPU 1), so that Redis's work
+# does not land on the gateway's core. Set PORTCULLIS_BENCH_REDIS_URL to use another one instead.
+REDIS_URL = os.environ.get("PORTCULLIS_BENCH_REDIS_URL")
+
+
+def start_gateway(
+    servers: list[Server], work: Path, upstream: str, name: str, *, keys: bool, quota: str | None = None
+) -> int:
+    """quota: None (the bench key's tier has no limits), "memory" or "redis" (it has BENCH_LIMITS)."""
     port = free_port()
     config = work / f"{name}.yaml"
     auth = {} if keys else {"api_keys": False, "allow_anonymous": True}
+    store: dict[str, Any] = {"database_url": f"sqlite+aiosqlite:///{work}/{name}.db", "auto_migrate": True}
+    if quota == "redis":
+        store["redis_url"] = REDIS_URL
     config.write_text(
         json.dumps(
             {
                 "server": {"port": port},
-                "store": {"database_url": f"sqlite+aiosqlite:///{work}/{name}.db", "auto_migrate": True},
+                "store": store,
                 "auth": auth,
+                # The bootstrap key gets the highest-priority tier; anonymous callers get "free".
+                "tiers": {"free": {"priority": 0}, "bench": {"priority": 1, "limits": BENCH_LIMITS if quota else {}}},
+                "quota": {"backend": quota or "memory"},
                 "upstream": {"max_connections_per_replica": 10000},
                 "models": {"bench": {"deployments": [{"url": upstream}]}},
             }
@@ -334,16 +377,34 @@ def main() -> int:
                 work,
             )
         )
+        global REDIS_URL
+        if REDIS_URL is None:
+            redis_port = free_port()
+            REDIS_URL = f"redis://127.0.0.1:{redis_port}/0"
+            redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
+            servers.append(
+                Server(
+                    "redis",
+                    pinned(1, [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]),
+                    REDIS_URL,
+                    work,
+                )
+            )
         time.sleep(1.0)
         # The gateway as an operator runs it: API keys on (one bench key, cached after the first
         # request), metrics and access logs on. And the same with keys off, to show what auth costs.
         gw_port = start_gateway(servers, work, upstream, "gateway", keys=True)
         gw_open_port = start_gateway(servers, work, upstream, "gateway-nokeys", keys=False)
+        # And with rate limits on every window, concurrency and all, counted in process or in Redis.
+        gw_mem_port = start_gateway(servers, work, upstream, "gateway-limits-memory", keys=True, quota="memory")
+        gw_redis_port = start_gateway(servers, work, upstream, "gateway-limits-redis", keys=True, quota="redis")
         targets = [
             ("direct", upstream, None),
             ("passthrough", f"http://127.0.0.1:{pt_port}", None),
             ("gateway", f"http://127.0.0.1:{gw_port}", BENCH_GATEWAY_KEY),
             ("gateway-nokeys", f"http://127.0.0.1:{gw_open_port}", None),
+            ("gateway-limits-memory", f"http://127.0.0.1:{gw_mem_port}", BENCH_GATEWAY_KEY),
+            ("gateway-limits-redis", f"http://127.0.0.1:{gw_redis_port}", BENCH_GATEWAY_KEY),
         ]
         if args.litellm:
             lt_port = free_port()
@@ -406,6 +467,20 @@ def main() -> int:
         )
         log(f"  {auth_cost['auth_us_per_request']:.2f} µs per request")
         stream_results["auth"] = auth_cost
+        log("quota admission + settlement cost (bench/quota_cost.py, pinned to CPU 0)")
+        quota_cost = json.loads(
+            subprocess.run(
+                pinned(0, [PY, str(HERE / "quota_cost.py"), "--redis", REDIS_URL]),
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        log(
+            f"  memory {quota_cost['memory_us_per_request']:.1f} µs, Redis "
+            f"{quota_cost['redis_cpu_us_per_request_32_in_flight']:.1f} µs CPU per request"
+        )
+        stream_results["quota"] = quota_cost
     finally:
         for s in reversed(servers):
             s.stop()
@@ -564,6 +639,20 @@ def write_report(
             f"off at 32 connections (target ≥ 90%); a cached key costs "
             f"{streaming['auth']['auth_us_per_request']:.1f} µs per request (target < 50 µs; `bench/auth_cost.py`)"
         )
+    quota = streaming.get("quota")
+    gwm, gwr = by.get(("gateway-limits-memory", 32)), by.get(("gateway-limits-redis", 32))
+    if quota and gw32 and gwm and gwr:
+        lines += [
+            "",
+            "Quotas (issue 4), limits on all five windows plus concurrency, none ever refusing:",
+            "",
+            f"- Redis limiter on: {gwr['rps'] / gw32['rps']:.0%} of the same gateway without limits at 32 "
+            f"connections (target ≥ 75%); in-process limiter: {gwm['rps'] / gw32['rps']:.0%}",
+            f"- per request, admit + settle (`bench/quota_cost.py`): in process "
+            f"{quota['memory_us_per_request']:.1f} µs; Redis {quota['redis_cpu_us_per_request_32_in_flight']:.1f} µs "
+            f"of gateway CPU with 32 in flight (one round trip to admit, one pipelined settle off the request "
+            f"path); one admission alone waits {quota['redis_admit_round_trip_us']:.0f} µs for its round trip",
+        ]
     t = streaming["ttft"]
     lines += [
         "",

@@ -160,3 +160,28 @@ def test_wait_matches_the_estimate() -> None:
         t -= 0.01
         est_before = window.estimate(c, p, t / 60) if t < 60 else window.estimate(0, c, t / 60 - 1)
         assert est_before + cost > limit
+
+
+async def test_redis_carries_settlements_with_the_next_admission(redis_url: str) -> None:
+    """Without a budget, a settlement rides along with the principal's next admission (one round trip),
+    or goes by itself within CARRY_S when none comes."""
+    import asyncio
+
+    store = RedisQuotaStore(redis_url, timeout_s=2.0, lease_s=60.0)
+    try:
+        tpm = Window("tokens", "minute", 60, 1000, "t60")
+        p = plan(windows=(tpm,), concurrency=1)
+        first = ask(p, T0, tokens=600)
+        assert (await store.admit(first)).admitted
+        assert (await store.admit(ask(p, T0, tokens=100))).failed == CONCURRENCY
+        assert store.settle_soon(first, 200, 0, ()) is None  # carried, not sent
+        second = ask(p, T0 + 1, tokens=700)
+        verdict = await store.admit(second)  # sees the slot freed and 400 tokens given back
+        assert verdict.admitted and verdict.remaining == [100]
+        store.settle_soon(second, 100, 0, ())
+        await asyncio.sleep(RedisQuotaStore.CARRY_S * 4)  # no admission came: it went by itself
+        assert not store._carried
+        verdict = await store.admit(ask(p, T0 + 2, tokens=700))
+        assert verdict.admitted and verdict.remaining == [0]  # 200 + 100 used, 700 now
+    finally:
+        await store.close()

@@ -54,6 +54,10 @@ class Plan:
     windows: tuple[Window, ...]
     concurrency: int | None
     budgets: tuple[Budget, ...]
+    owner: str = ""  # "<tag>:<subject>": whose counters, as one string
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "owner", f"{self.tag}:{self.subject}")
 
     @property
     def empty(self) -> bool:

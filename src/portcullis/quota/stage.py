@@ -101,7 +101,10 @@ class Quota:
         self.thresholds = tuple(self.q.alert_thresholds)
         self.degraded = False
         self._plans: dict[tuple[str, str | None, str], Plan] = {}
-        self._leases = (f"{os.getpid():x}.{os.urandom(3).hex()}.{n:x}" for n in itertools.count())
+        self._header_specs: dict[int, tuple[Plan, list[Any]]] = {}
+        # Lease ids unique across processes: this process's prefix and a counter.
+        self._lease_prefix = f"{os.getpid():x}.{os.urandom(3).hex()}."
+        self._lease_count = itertools.count()
         self._leased: dict[str, Ask] = {}  # Redis concurrency leases held by requests in flight
         self._settling: set[asyncio.Future[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -138,6 +141,7 @@ class Quota:
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE:
                 self._plans.clear()
+                self._header_specs.clear()
             plan = self._plans[cache_key] = build_plan(self.config, principal)
         return plan
 
@@ -157,7 +161,8 @@ class Quota:
             period_ends = tuple(ends[b.period] for b in plan.budgets)
         else:
             periods = period_ends = ()
-        ask = Ask(plan, tokens, cost, next(self._leases), periods, period_ends)
+        lease = f"{self._lease_prefix}{next(self._lease_count):x}"
+        ask = Ask(plan, tokens, cost, lease, periods, period_ends)
         store: Any = self.redis if self.redis is not None and not self.degraded else self.memory
         if store is self.memory:
             if self.degraded and self.q.on_store_error == "fail_closed":
@@ -173,7 +178,10 @@ class Quota:
                 store = self.memory
                 verdict = self.memory.admit_now(ask)
         if plan.windows:
-            req.response_headers += _headers(plan, verdict)
+            spec = self._header_specs.get(id(plan))
+            if spec is None or spec[0] is not plan:
+                spec = self._header_specs[id(plan)] = (plan, _header_spec(plan))
+            req.response_headers += _headers(plan, verdict, spec[1])
         if not verdict.admitted:
             raise self._refusal(plan, ask, verdict, prompt_tokens, completion_tokens)
         ex.quota = Held(store, ask, prompt_tokens, completion_price, completion_tokens)
@@ -268,6 +276,8 @@ class Quota:
         self._leased.pop(ask.lease, None)
         assert self.redis is not None
         future = self.redis.settle_soon(ask, prompt + completion, cost, self.thresholds)
+        if future is None:  # carried along with this principal's next admission
+            return
         self._settling.add(future)
         future.add_done_callback(lambda f: self._settled(f, ask, prompt + completion, cost))
 
@@ -377,20 +387,27 @@ def _actual_tokens(ex: Exchange, status: int, prompt_estimate: int) -> tuple[int
     return 0, 0
 
 
-def _headers(plan: Plan, verdict: Verdict) -> list[tuple[bytes, bytes]]:
-    """x-ratelimit-*: for requests and for tokens, the window with the least room left."""
-    out: list[tuple[bytes, bytes]] = []
+def _header_spec(plan: Plan) -> list[tuple[tuple[int, ...], bytes, bytes, bytes, bytes]]:
+    """Per kind (requests, tokens): its windows, and the header names and limit, encoded once per plan."""
+    spec = []
     for kind in ("requests", "tokens"):
-        best = -1
-        for i, w in enumerate(plan.windows):
-            if w.kind == kind and (best < 0 or verdict.remaining[i] < verdict.remaining[best]):
+        idx = tuple(i for i, w in enumerate(plan.windows) if w.kind == kind)
+        if idx:
+            k = kind.encode()
+            spec.append((idx, b"x-ratelimit-limit-" + k, b"x-ratelimit-remaining-" + k, b"x-ratelimit-reset-" + k, k))
+    return spec
+
+
+def _headers(plan: Plan, verdict: Verdict, spec: list[tuple[tuple[int, ...], bytes, bytes, bytes, bytes]]) -> list:
+    """x-ratelimit-*: for requests and for tokens, the window with the least room left."""
+    out = []
+    remaining = verdict.remaining
+    for idx, limit_name, remaining_name, reset_name, _ in spec:
+        best = idx[0]
+        for i in idx[1:]:
+            if remaining[i] < remaining[best]:
                 best = i
-        if best < 0:
-            continue
-        w = plan.windows[best]
-        out += [
-            (b"x-ratelimit-limit-" + kind.encode(), str(w.limit).encode()),
-            (b"x-ratelimit-remaining-" + kind.encode(), str(verdict.remaining[best]).encode()),
-            (b"x-ratelimit-reset-" + kind.encode(), duration(verdict.reset_s[best]).encode()),
-        ]
+        out.append((limit_name, b"%d" % plan.windows[best].limit))
+        out.append((remaining_name, b"%d" % remaining[best]))
+        out.append((reset_name, duration(verdict.reset_s[best]).encode()))
     return out

@@ -84,7 +84,8 @@ class MemoryQuotaStore:
 
     def __init__(self, *, share: float = 1.0) -> None:
         self.share = share
-        self._windows: dict[str, list[int]] = {}  # "<tag>:<subject>:<field>" -> [b, c, p]
+        # "<tag>:<subject>" -> window field -> [b, c, p]
+        self._windows: dict[str, dict[str, list[int]]] = {}
         self._in_flight: dict[str, set[str]] = {}  # "<tag>:<subject>" -> leases
         self._budgets: dict[str, list[int]] = {}  # budget key -> [spent, reserved]
         self._alerted: set[tuple[str, float]] = set()
@@ -97,27 +98,39 @@ class MemoryQuotaStore:
         return self.admit_now(ask)
 
     def admit_now(self, ask: Ask) -> Verdict:
+        # window.py's functions, inlined: this runs on every request (bench/quota_cost.py).
         now = time.time() if ask.now is None else ask.now
         plan = ask.plan
         if now - self._swept_at > 60:
             self._sweep(now)
+        owner = plan.owner
+        windows = self._windows.get(owner)
+        if windows is None:
+            windows = self._windows[owner] = {}
+        scaled = self.share < 1.0
         failed, index, retry = OK, 0, 0.0
-        states: list[tuple[list[int], int, int, int, float]] = []
+        states = []
         for i, w in enumerate(plan.windows):
-            slot = f"{plan.tag}:{plan.subject}:{w.field}"
-            stored = self._windows.get(slot)
-            idx = math.floor(now / w.seconds)
+            seconds = w.seconds
+            idx = int(now // seconds)
+            stored = windows.get(w.field)
             if stored is None:
-                stored = self._windows[slot] = [idx, 0, 0]
-            b, c, p = window.roll(*stored, max(idx, stored[0]))
-            frac = max(0.0, (now - b * w.seconds) / w.seconds)
+                stored = windows[w.field] = [idx, 0, 0]
+            b, c, p = stored
+            if idx > b:
+                p = c if idx == b + 1 else 0
+                c = 0
+                b = idx
+            frac = (now - b * seconds) / seconds
+            if frac < 0.0:
+                frac = 0.0
             cost = ask.tokens if w.kind == "tokens" else 1
-            states.append((stored, b, c, p, frac))
-            limit = self._limit(w.limit)
-            wait = window.wait(c, p, frac, cost, limit, w.seconds)
-            if wait > 0 and (failed == OK or wait > retry):
-                failed, index, retry = (TOO_LARGE if wait == window.NEVER else WINDOW), i, wait
-        owner = f"{plan.tag}:{plan.subject}"
+            limit = self._limit(w.limit) if scaled else w.limit
+            states.append((stored, b, c, p, frac, cost, limit))
+            if p * (1.0 - frac) + c + cost > limit:
+                wait = window.wait(c, p, frac, cost, limit, seconds)
+                if failed == OK or wait > retry:
+                    failed, index, retry = (TOO_LARGE if wait == window.NEVER else WINDOW), i, wait
         leases = self._in_flight.get(owner)
         if plan.concurrency is not None and leases is not None and len(leases) >= self._limit(plan.concurrency):
             if failed == OK or CONCURRENCY_RETRY_S > retry:
@@ -128,20 +141,26 @@ class MemoryQuotaStore:
                 wait = ask.period_ends_s[i]
                 if failed == OK or wait > retry:
                     failed, index, retry = BUDGET, i, wait
+        admitted = failed == OK
         remaining: list[int] = []
         resets: list[float] = []
-        admitted = failed == OK
-        ask.buckets = []
-        for w, (stored, b, c, p, frac) in zip(plan.windows, states, strict=True):
+        buckets: list[int] = []
+        for w, (stored, b, c, p, frac, cost, limit) in zip(plan.windows, states, strict=True):
             if admitted:
-                c += ask.tokens if w.kind == "tokens" else 1
-                stored[0], stored[1], stored[2] = b, c, p
-            ask.buckets.append(b)
-            remaining.append(max(0, math.floor(self._limit(w.limit) - window.estimate(c, p, frac))))
-            resets.append(window.reset(c, p, frac, w.seconds))
+                c += cost
+                stored[0] = b
+                stored[1] = c
+                stored[2] = p
+            buckets.append(b)
+            left = limit - (p * (1.0 - frac) + c)
+            remaining.append(int(left) if left > 0 else 0)
+            resets.append((2.0 - frac) * w.seconds if c else (1.0 - frac) * w.seconds if p else 0.0)
+        ask.buckets = buckets
         if admitted:
             if plan.concurrency is not None:
-                self._in_flight.setdefault(owner, set()).add(ask.lease)
+                if leases is None:
+                    leases = self._in_flight[owner] = set()
+                leases.add(ask.lease)
             for i, period in enumerate(ask.periods):
                 self._budgets.setdefault(budget_key(plan, i, period), [0, 0])[1] += ask.cost
         return Verdict(failed, index, retry, remaining, resets)
@@ -152,11 +171,10 @@ class MemoryQuotaStore:
     def settle_now(self, ask: Ask, tokens: int, cost: int, thresholds: tuple[float, ...]) -> list[Alert]:
         plan = ask.plan
         delta = tokens - ask.tokens
-        if delta:
+        windows = self._windows.get(plan.owner)
+        if delta and windows is not None:
             for w, bucket in zip(plan.windows, ask.buckets, strict=True):
-                if w.kind != "tokens":
-                    continue
-                stored = self._windows.get(f"{plan.tag}:{plan.subject}:{w.field}")
+                stored = windows.get(w.field) if w.kind == "tokens" else None
                 if stored is None:
                     continue
                 if stored[0] == bucket:
@@ -164,11 +182,13 @@ class MemoryQuotaStore:
                 elif stored[0] == bucket + 1:
                     stored[2] = max(0, stored[2] + delta)
         if plan.concurrency is not None:
-            leases = self._in_flight.get(f"{plan.tag}:{plan.subject}")
+            leases = self._in_flight.get(plan.owner)
             if leases is not None:
                 leases.discard(ask.lease)
                 if not leases:
-                    del self._in_flight[f"{plan.tag}:{plan.subject}"]
+                    del self._in_flight[plan.owner]
+        if not plan.budgets:
+            return []
         alerts: list[Alert] = []
         for i, (budget, period) in enumerate(zip(plan.budgets, ask.periods, strict=True)):
             key = budget_key(plan, i, period)
@@ -196,11 +216,13 @@ class MemoryQuotaStore:
         return grant
 
     def _sweep(self, now: float) -> None:
-        """Forget windows that have decayed to nothing (a long-running process meets many principals)."""
+        """Forget principals whose windows have all decayed to nothing and who hold no slot."""
         self._swept_at = now
-        for slot in [s for s, (b, _, _) in self._windows.items() if now - b * _seconds_of(s) > 2 * _seconds_of(s)]:
-            del self._windows[slot]
-
-
-def _seconds_of(slot: str) -> int:
-    return int(slot.rsplit(":", 1)[1][1:])
+        stale = [
+            owner
+            for owner, windows in self._windows.items()
+            if owner not in self._in_flight
+            and all(now - b * int(field[1:]) > 2 * int(field[1:]) for field, (b, _, _) in windows.items())
+        ]
+        for owner in stale:
+            del self._windows[owner]
