@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import Proc, gateway_config, start_gateway, start_sim
+from procs import Proc, bind_loopback, gateway_config, start_gateway, start_sim, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,84 @@ def redis_url() -> str:
     except Exception as exc:
         _missing("Redis", exc)
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A three-node Redis Cluster of our own (masters only), on spare loopback ports."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        _missing("redis-server / redis-cli", FileNotFoundError("not installed"))
+    assert server is not None and cli is not None
+    work = tmp_path_factory.mktemp("redis-cluster")
+    ports = []
+    for _ in range(3):
+        sock = bind_loopback()
+        ports.append(sock.getsockname()[1])
+        sock.close()
+    procs = []
+    for port in ports:
+        node = work / str(port)
+        node.mkdir()
+        procs.append(
+            subprocess.Popen(
+                [
+                    server,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                cwd=node,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+
+        def answers(port: int) -> bool:
+            try:
+                return bool(redis.Redis(port=port, socket_timeout=0.5).ping())
+            except redis.ConnectionError:
+                return False
+
+        for port in ports:
+            wait_until(lambda p=port: answers(p), what=f"redis node {port}")
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 20
+        while redis.Redis(port=ports[0]).cluster("info").get("cluster_state") != "ok":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the test Redis Cluster did not reach state ok")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)

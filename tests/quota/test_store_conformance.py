@@ -19,12 +19,16 @@ from portcullis.quota.store import BUDGET, CONCURRENCY, OK, TOO_LARGE, WINDOW, A
 T0 = 1_800_000_000.0 + 12.5  # 12.5 s into a minute bucket
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[object]:
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[object]:
     if request.param == "memory":
         yield MemoryQuotaStore()
         return
-    redis_store = RedisQuotaStore(redis_url, timeout_s=2.0, lease_s=60.0)
+    if request.param == "redis":
+        redis_store = RedisQuotaStore(request.getfixturevalue("redis_url"), timeout_s=2.0, lease_s=60.0)
+    else:
+        url = request.getfixturevalue("redis_cluster_url")
+        redis_store = RedisQuotaStore(url, timeout_s=2.0, lease_s=60.0, cluster=True)
     yield redis_store
     await redis_store.close()
 

@@ -176,3 +176,38 @@ def test_usage_report_json_table_and_cli(gw: Proc, module_tmp: Path) -> None:
     assert orjson.loads(out)["data"][0]["requests"] == 3
     out = subprocess.run([*cli, "--by", "key,model"], capture_output=True, text=True, check=True).stdout
     assert key["id"] in out and "tiny" in out and "total" in out
+
+
+def test_key_limits_and_budget_are_validated_by_the_api_and_the_cli(gw: Proc, module_tmp: Path) -> None:
+    from procs import KEY_SECRET, http_post
+
+    status, body = http_post(
+        gw.url + "/admin/keys", {"user": "v", "tier": "free", "limits": {"requests": {"minit": 5}}}
+    )
+    error = orjson.loads(body)["error"]
+    assert status == 400 and error["param"] == "limits.requests.minit"
+    status, body = http_post(gw.url + "/admin/keys", {"user": "v", "tier": "free", "budget": {"day": -1}})
+    assert status == 400 and orjson.loads(body)["error"]["param"] == "budget.day"
+
+    cfg_path = module_tmp / "cli-keys.yaml"
+    cfg_path.write_text(yaml.safe_dump(gw.config))  # type: ignore[attr-defined]
+    env = {"PORTCULLIS_KEY_SECRET": KEY_SECRET, "PATH": "/usr/bin:/bin"}
+    cli = [sys.executable, "-m", "portcullis", "keys", "create", "--config", str(cfg_path), "--user", "cli", "--json"]
+    bad = subprocess.run(
+        [*cli, "--tier", "free", "--limits", '{"tokens": {"minute": 0}}'], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 1 and "--limits: tokens.minute" in bad.stderr
+    good = subprocess.run(
+        [*cli, "--tier", "enterprise", "--limits", '{"requests": {"minute": 2}}', "--budget", '{"month": 3}'],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    made = orjson.loads(good.stdout)
+    assert made["limits"] == {"requests": {"minute": 2}} and made["budget"] == {"month": 3.0}
+    c = client(gw, made["key"])
+    c.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=1)
+    c.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=1)
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=1)
