@@ -194,7 +194,7 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
     if args.demo:
         assert gateway.keys is not None
         demo_key, _ = await gateway.keys.create(
-            user="demo", tier="enterprise", scopes=tuple(sorted(scopes.ALL)), label="demo key"
+            user="demo", tier="premium", scopes=tuple(sorted(scopes.ALL)), label="demo key"
         )
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
@@ -232,6 +232,7 @@ Portcullis demo gateway is up on {base} (backend: the built-in llama-server simu
 
 Demo API key (every scope; this demo's database is thrown away on exit):
   {key}
+  Tier premium: 600 requests and 1,000,000 tokens a minute, 32 at once (see the x-ratelimit-* headers).
 
   curl {base}/chat/completions -H 'authorization: Bearer {key}' -H 'content-type: application/json' \\
        -d '{{"model": "demo", "messages": [{{"role": "user", "content": "Hello"}}]}}'
@@ -241,6 +242,7 @@ r = c.chat.completions.create(model='demo', messages=[{{'role': 'user', 'content
 print(r.choices[0].message.content)"
 
 Models: demo (chat, completions), demo-embed (embeddings). Metrics: http://127.0.0.1:{port}/metrics
+Usage so far: curl 'http://127.0.0.1:{port}/admin/usage?group_by=model&format=table' -H 'authorization: Bearer {key}'
 Stop with Ctrl-C.
 """,
         file=sys.stderr,

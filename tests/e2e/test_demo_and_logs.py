@@ -20,8 +20,11 @@ def test_demo_gateway_chats_and_streams(tmp_path: Path) -> None:
         with pytest.raises(openai.AuthenticationError):  # the demo is not open: the key is needed
             openai.OpenAI(base_url=demo.url + "/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=demo.url + "/v1", api_key=key, max_retries=0)
-        reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello"}])
-        assert reply.choices[0].message.content
+        raw = client.chat.completions.with_raw_response.create(
+            model="demo", messages=[{"role": "user", "content": "Hello"}]
+        )
+        assert raw.parse().choices[0].message.content
+        assert raw.headers["x-ratelimit-limit-requests"] == "600"  # the demo key's tier, premium
         stream = client.chat.completions.create(
             model="demo", messages=[{"role": "user", "content": "Hello"}], stream=True, max_tokens=4
         )
