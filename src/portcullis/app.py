@@ -42,7 +42,11 @@ _QUIET = {"/healthz", "/readyz", "/metrics"}
 # Routes whose every request is settled against quotas and leaves a usage record.
 _METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 _MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
-_CORS_EXPOSE = b"x-request-id, retry-after, x-portcullis-attempts"
+_CORS_EXPOSE = (
+    b"x-request-id, retry-after, retry-after-ms, x-portcullis-attempts, x-ratelimit-limit-requests, "
+    b"x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
+    b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
+)
 
 
 class StartupError(Exception):

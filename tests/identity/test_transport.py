@@ -109,7 +109,8 @@ def test_cors_preflight_allowed_and_refused(sim: Proc, tmp_path: Path) -> None:
         resp = conn.getresponse()
         resp.read()
         assert resp.getheader("access-control-allow-origin") == "https://app.example"
-        assert "x-request-id" in resp.getheader("access-control-expose-headers")
+        exposed = resp.getheader("access-control-expose-headers")
+        assert "x-request-id" in exposed and "x-ratelimit-remaining-requests" in exposed and "retry-after-ms" in exposed
     finally:
         gw.stop()
 

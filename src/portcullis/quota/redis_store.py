@@ -32,6 +32,7 @@ SETTLE = _Script("settle.lua")
 EXTEND = _Script("extend.lua")
 _SCRIPTS = (ADMIT, SETTLE, EXTEND)
 _HEAD_CACHE = 50_000
+_RETRY_FLUSH_S = 1.0
 
 
 def _windows_key(plan: Plan) -> str:
@@ -209,14 +210,15 @@ class RedisQuotaStore:
             raise
         return verdict_from(reply, ask)
 
-    def _carry(self, ask: Ask, settlement: list[Any]) -> None:
+    def _carry(self, ask: Ask, settlement: list[Any], *, delay_s: float | None = None) -> None:
         entry = self._carried.get(ask.plan.owner)
         if entry is None:
             self._carried[ask.plan.owner] = (ask, list(settlement))
         else:
             entry[1].extend(settlement)
         if self._flush_at is None:
-            self._flush_at = asyncio.get_running_loop().call_later(self.CARRY_S, self._flush_soon)
+            delay = self.CARRY_S if delay_s is None else delay_s
+            self._flush_at = asyncio.get_running_loop().call_later(delay, self._flush_soon)
 
     def _flush_soon(self) -> None:
         self._flush_at = None
@@ -232,10 +234,14 @@ class RedisQuotaStore:
             head, cached = self._head("admit", ask, lambda a=ask: admit_head(a, self.lease_s))
             calls.append(self._run(ADMIT, _nkeys(ask.plan)[0], head, admit_tail(ask, settlement, admit=False), cached))
         results = await asyncio.gather(*calls, return_exceptions=True)
+        failure = None
         for (ask, settlement), result in zip(carried.values(), results, strict=True):
             if isinstance(result, BaseException):
-                self._carry(ask, settlement)  # Redis is away: keep them for when it is back
-                raise result
+                # Redis is away: keep them for when it is back, trying again in a second, not 5 ms.
+                self._carry(ask, settlement, delay_s=_RETRY_FLUSH_S)
+                failure = result
+        if failure is not None:
+            raise failure
 
     async def settle(self, ask: Ask, tokens: int, cost: int, thresholds: tuple[float, ...]) -> list[Alert]:
         head, cached = self._head("settle", ask, lambda: settle_head(ask, thresholds))
