@@ -172,3 +172,15 @@ def test_sdk_raises_rate_limit_error_and_retry_after_is_the_real_wait(pair: tupl
         other.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)
     time.sleep(max(0.0, answered_at + wait_s - time.time()))
     client.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)  # admitted
+
+
+def test_in_process_backend_is_exact_within_one_process(wide_sim: Proc, module_tmp: Path) -> None:
+    cfg = gateway_config({"tiny": [wide_sim.url]}, quota={"backend": "memory"})
+    gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
+    try:
+        key = make_key(gw, limits={"requests": {"minute": 50}, "concurrency": 200})["key"]
+        away_from_minute_edge()
+        results = asyncio.run(burst([gw.url], key, 300, chat_body()))
+        assert statuses(results) == {200: 50, 429: 250}
+    finally:
+        gw.stop()
