@@ -337,11 +337,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 run of 3 s, streams up to 1000")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--from-json", default=None, help="re-render the report from a results.json, no run")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="measure only these targets (comma-separated names), skip streaming: a focused A/B with more rounds",
+    )
     args = parser.parse_args()
+    shown = ["PATH/TO/litellm" if a == args.litellm else a for a in sys.argv[1:]]
+    args.command = " ".join([".venv/bin/python bench/run.py", *shown])
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         meta = saved.get("meta", {})
         args.runs, args.seconds, args.quick = meta.get("runs", args.runs), meta.get("seconds", args.seconds), False
+        args.only = meta.get("only")
+        args.command = meta.get("command", args.command)
         connections = sorted({r["connections"] for r in saved["non_streaming"]})
         write_report(saved["non_streaming"], saved["streaming"], Path(args.out), args, connections)
         return 0
@@ -453,12 +462,17 @@ def main() -> int:
                 )
             )
             targets.append(("litellm", f"http://127.0.0.1:{lt_port}", LITELLM_KEY))
+        if args.only:
+            wanted = set(args.only.split(","))
+            targets = [t for t in targets if t[0] in wanted]
         chat = [(name, base + "/v1/chat/completions", key) for name, base, key in targets]
         for c in connections:
             results.extend(measure(chat, c, args.runs, args.seconds))
 
-        log("streaming: added time to first token, memory per open stream")
-        stream_results = run_streaming(work, [int(n) for n in args.streams.split(",")])
+        stream_results: dict[str, Any] = {}
+        if not args.only:
+            log("streaming: added time to first token, memory per open stream")
+            stream_results = run_streaming(work, [int(n) for n in args.streams.split(",")])
         log("authentication cost on a cached key (bench/auth_cost.py, pinned to CPU 0)")
         auth_cost = json.loads(
             subprocess.run(
@@ -577,8 +591,7 @@ def write_report(
     lines = [
         "# Benchmark results",
         "",
-        f"Command: `.venv/bin/python bench/run.py{' --quick' if args.quick else ''}"
-        f"{' --litellm PATH/TO/litellm' if any(r['name'] == 'litellm' for r in results) else ''}` "
+        f"Command: `{args.command}` "
         f"({args.runs} rounds of {args.seconds:g} s per case, targets interleaved round by round, medians; wrk -t1; "
         "server under test on CPU 0, "
         "wrk and the nginx fixed-response upstream on CPU 1). Machine: "
@@ -633,7 +646,7 @@ def write_report(
             + ", ".join(f"{r:.0%}" for r in per_round)
             + " (this machine is noisy: read the median, not one round)"
         )
-    if gw32 and gwo:
+    if gw32 and gwo and "auth" in streaming:
         lines.append(
             f"- authentication: gateway with API keys = {gw32['rps'] / gwo['rps']:.0%} of the same gateway with keys "
             f"off at 32 connections (target ≥ 90%); a cached key costs "
@@ -641,18 +654,29 @@ def write_report(
         )
     quota = streaming.get("quota")
     gwm, gwr = by.get(("gateway-limits-memory", 32)), by.get(("gateway-limits-redis", 32))
-    if quota and gw32 and gwm and gwr:
+    if gw32 and gwm and gwr:
         lines += [
             "",
             "Quotas (issue 4), limits on all five windows plus concurrency, none ever refusing:",
             "",
             f"- Redis limiter on: {gwr['rps'] / gw32['rps']:.0%} of the same gateway without limits at 32 "
             f"connections (target ≥ 75%); in-process limiter: {gwm['rps'] / gw32['rps']:.0%}",
+            "- round by round at 32 connections, Redis / none: "
+            + ", ".join(f"{a['rps'] / b['rps']:.0%}" for a, b in zip(gwr["runs"], gw32["runs"], strict=True))
+            + "; in process / none: "
+            + ", ".join(f"{a['rps'] / b['rps']:.0%}" for a, b in zip(gwm["runs"], gw32["runs"], strict=True)),
+        ]
+    if quota:
+        lines.append(
             f"- per request, admit + settle (`bench/quota_cost.py`): in process "
             f"{quota['memory_us_per_request']:.1f} µs; Redis {quota['redis_cpu_us_per_request_32_in_flight']:.1f} µs "
-            f"of gateway CPU with 32 in flight (one round trip to admit, one pipelined settle off the request "
-            f"path); one admission alone waits {quota['redis_admit_round_trip_us']:.0f} µs for its round trip",
-        ]
+            f"of gateway CPU with 32 in flight (one script call per request: each settlement rides along with "
+            f"the next admission); one admission alone waits {quota['redis_admit_round_trip_us']:.0f} µs for "
+            "its round trip"
+        )
+    if "ttft" not in streaming:
+        _write(out, lines, results, streaming, args, connections)
+        return
     t = streaming["ttft"]
     lines += [
         "",
@@ -666,15 +690,28 @@ def write_report(
     ]
     for m in streaming["memory"]:
         lines.append(f"| {m['streams']} | {m['rss_kib']} | {m['idle_kib']} | {m['per_stream_bytes'] / 1024:.1f} |")
-    lines += ["", "![results](results.png)", ""]
+    _write(out, lines, results, streaming, args, connections)
+
+
+def _write(
+    out: Path,
+    lines: list[str],
+    results: list[dict[str, Any]],
+    streaming: dict[str, Any],
+    args: argparse.Namespace,
+    connections: list[int],
+) -> None:
+    """The report, its data and its plot, named after it (RESULTS.md: results.json, results.png)."""
+    stem = out.stem.lower()
+    lines += ["", f"![results]({stem}.png)", ""]
     out.write_text("\n".join(lines))
-    meta = {"runs": args.runs, "seconds": args.seconds}
-    (out.parent / "results.json").write_text(
+    meta = {"runs": args.runs, "seconds": args.seconds, "only": args.only, "command": args.command}
+    (out.parent / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "non_streaming": results, "streaming": streaming}, indent=1)
     )
     log(f"wrote {out}")
     try:
-        plot(results, connections, out.parent / "results.png")
+        plot(results, connections, out.parent / f"{stem}.png")
     except ImportError:
         log("matplotlib not installed: no plot (pip install -e '.[bench]')")
 
