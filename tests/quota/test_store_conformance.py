@@ -189,3 +189,22 @@ async def test_redis_carries_settlements_with_the_next_admission(redis_url: str)
         assert verdict.admitted and verdict.remaining == [0]  # 200 + 100 used, 700 now
     finally:
         await store.close()
+
+
+async def test_redis_carried_settlement_corrects_the_previous_bucket(redis_url: str) -> None:
+    """A reservation taken in one bucket and settled (carried) after the bucket rolled lands in `p`."""
+    store = RedisQuotaStore(redis_url, timeout_s=2.0, lease_s=60.0)
+    try:
+        p = plan(windows=(Window("tokens", "minute", 60, 1000, "t60"),))
+        first = ask(p, T0, tokens=800)
+        assert (await store.admit(first)).admitted
+        next_bucket = (math.floor(T0 / 60) + 1) * 60
+        assert (await store.admit(ask(p, next_bucket + 1, tokens=1))).admitted  # rolls: p = 800
+        store.settle_soon(first, 100, 0, ())  # carried: 700 of the previous bucket given back
+        verdict = await store.admit(ask(p, next_bucket + 30, tokens=1))
+        # Half the previous bucket still counts: 100 * 0.5 + 1 + 1 = 52 used.
+        assert verdict.admitted and verdict.remaining == [948]
+        verdict = await store.admit(ask(p, next_bucket + 30, tokens=1))
+        assert verdict.remaining == [947]  # the correction was written, not only used once
+    finally:
+        await store.close()

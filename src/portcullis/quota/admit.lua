@@ -59,6 +59,7 @@ if nwin > 0 then stored = redis.call('HMGET', KEYS[1], unpack(names)) end
 
 -- Carried settlements: correct the bucket each reservation was taken from (if it still counts).
 local dirty = false
+local prev_fixed = {}
 local freed = {}
 for j = 1, ncarry do
   local base = carry_at + (j - 1) * (ntok + 2)
@@ -76,6 +77,7 @@ for j = 1, ncarry do
           if n < 0 then n = 0 end
           stored[slot] = n
           dirty = true
+          if slot == 3 * w then prev_fixed[w] = true end
         end
       end
     end
@@ -158,9 +160,13 @@ for w = 1, nwin do
   local s = states[w]
   local seconds, limit, cost, idx, c, p, frac = s[1], s[2], s[3], s[4], s[5], s[6], s[7]
   if failed == 0 then c = c + cost end
+  -- Within a bucket only the count changes; the bucket index and the previous count only when it
+  -- rolls (or a carried settlement corrected the previous count).
   local n = #writes
-  writes[n + 1], writes[n + 2], writes[n + 3] = names[3 * w - 2], idx, names[3 * w - 1]
-  writes[n + 4], writes[n + 5], writes[n + 6] = c, names[3 * w], p
+  writes[n + 1], writes[n + 2] = names[3 * w - 1], c
+  if idx ~= tonumber(stored[3 * w - 2]) or prev_fixed[w] then
+    writes[n + 3], writes[n + 4], writes[n + 5], writes[n + 6] = names[3 * w - 2], idx, names[3 * w], p
+  end
   local remaining = math.floor(limit - (p * (1 - frac) + c))
   if remaining < 0 then remaining = 0 end
   local reset = 0
