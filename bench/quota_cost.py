@@ -1,7 +1,7 @@
 """The cost of quota admission and settlement per request, in process and with Redis.
 
-Builds the real Quota stage for a principal with three request windows, two token windows and a
-concurrency limit (the worst case a tier can configure), then times admit + settle:
+Builds the real Quota stage for a principal with the default tiers' kind of limits (requests per
+minute and per day, tokens per minute, concurrency), none ever reached, then times admit + settle:
   - memory: one request at a time (the in-process limiter is synchronous);
   - redis: the CPU this process spends per request with 32 requests in flight (what the gateway pays
     under load), and the wall time of one admission alone (the round trip).
@@ -26,11 +26,9 @@ from portcullis.quota.stage import Quota
 from portcullis.routing.catalog import Catalog
 from portcullis.upstream.exchange import Exchange
 
-LIMITS = {
-    "requests": {"minute": 10**9, "hour": 10**9, "day": 10**9},
-    "tokens": {"minute": 10**12, "day": 10**12},
-    "concurrency": 10**6,
-}
+# The shape of the default tiers' limits (config.py), with values no benchmark reaches. bench/run.py
+# gives its limited gateways the same.
+LIMITS = {"requests": {"minute": 10**9, "day": 10**9}, "tokens": {"minute": 10**12}, "concurrency": 10**6}
 SCOPE = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
 
 
