@@ -22,6 +22,7 @@ from portcullis.http import Request
 from portcullis.identity.principal import Principal
 from portcullis.obs.logging import get_logger
 from portcullis.obs.metrics import Metrics
+from portcullis.protocol import ChatCompletionRequest
 from portcullis.quota.stage import Quota
 from portcullis.routing.catalog import Catalog
 from portcullis.upstream.exchange import Exchange
@@ -30,6 +31,9 @@ from portcullis.upstream.exchange import Exchange
 # gives its limited gateways the same.
 LIMITS = {"requests": {"minute": 10**9, "day": 10**9}, "tokens": {"minute": 10**12}, "concurrency": 10**6}
 SCOPE = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+CHAT = ChatCompletionRequest.model_validate(
+    {"model": "m", "messages": [{"role": "user", "content": "Say hello in five words."}], "max_tokens": 64}
+)
 
 
 def _stage(backend: str, redis_url: str | None) -> Quota:
@@ -49,7 +53,7 @@ def _stage(backend: str, redis_url: str | None) -> Quota:
 async def _one(quota: Quota, principal: Principal) -> None:
     req = Request(SCOPE, None, None)  # type: ignore[arg-type]
     ex = Exchange(route="/v1/chat/completions", task=None, started_at=0.0, principal=principal, model="m")
-    await quota.admit(req, ex, prompt_tokens=20, completion_tokens=64)
+    await quota.admit(req, ex, CHAT)
     ex.prompt_tokens, ex.completion_tokens = 18, 40
     quota.settle(ex, 200)
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import orjson
 from procs import ADMIN_KEY, Proc, gateway_config, sim_control, start_gateway
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from portcullis.store.schema import usage
 
 REQUESTS = 10_000
 CONCURRENCY = 64
@@ -35,14 +39,35 @@ async def _drive(url: str) -> dict[int, int]:
     return counts
 
 
-def test_every_request_leaves_one_record_after_graceful_shutdown(sim: Proc, module_tmp: Path) -> None:
-    db = module_tmp / "volume.db"
+async def _written(database_url: str) -> tuple[int, int, int, datetime, datetime]:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            result = await conn.execute(
+                select(
+                    func.count(),
+                    func.count(usage.c.request_id.distinct()),
+                    func.sum(usage.c.prompt_tokens + usage.c.completion_tokens),
+                    func.min(usage.c.at),  # typed: read back through the column's DateTime type
+                    func.max(usage.c.at),
+                )
+            )
+            return tuple(result.one())  # type: ignore[return-value]
+    finally:
+        await engine.dispose()
+
+
+def test_every_request_leaves_one_record_after_graceful_shutdown(
+    sim: Proc, database_url: str, module_tmp: Path
+) -> None:
+    """On SQLite and on PostgreSQL (the writer hands the driver plain rows, each dialect its own way)."""
     # Batches smaller than the burst and an interval longer than the test: the shutdown must flush.
     cfg = gateway_config(
         {"tiny": [sim.url]},
-        store={"database_url": f"sqlite+aiosqlite:///{db}"},
+        store={"database_url": database_url},
         quota={"usage": {"batch_size": 700, "flush_interval_s": 3600}},
     )
+    started = datetime.now(UTC)
     gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
     sim_control(sim, fixed=True)
     try:
@@ -53,9 +78,10 @@ def test_every_request_leaves_one_record_after_graceful_shutdown(sim: Proc, modu
     finally:
         sim_control(sim, fixed=False)
         gw.stop()
-    with sqlite3.connect(db) as conn:
-        rows, distinct, tokens = conn.execute(
-            "SELECT count(*), count(DISTINCT request_id), sum(prompt_tokens + completion_tokens) FROM usage"
-        ).fetchone()
+    rows, distinct, tokens, first, last = asyncio.run(_written(database_url))
     assert (rows, distinct) == (REQUESTS, REQUESTS)
     assert tokens == REQUESTS * 21  # the simulator's fixed answer reports 12 + 9 tokens
+    # Timestamps read back as the moments they were (SQLite keeps them as text without a zone: UTC).
+    first = first if first.tzinfo else first.replace(tzinfo=UTC)
+    last = last if last.tzinfo else last.replace(tzinfo=UTC)
+    assert started - timedelta(seconds=1) <= first <= last <= datetime.now(UTC)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from portcullis.http import Request
 from portcullis.identity.auth import require_model
-from portcullis.quota import estimate
 from portcullis.safety import validation
 from portcullis.upstream.exchange import Exchange
 from portcullis.upstream.proxy import forward
@@ -29,15 +28,7 @@ async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     ex.model, ex.stream = chat.model, bool(chat.stream)
     require_model(ex.principal, chat.model)
     replicas = gw.catalog.replicas_for(chat.model)
-    q = gw.config.quota
-    await gw.quota.admit(
-        req,
-        ex,
-        prompt_tokens=estimate.chat_prompt(chat, q.chars_per_token),
-        completion_tokens=estimate.completion_allowance(
-            chat.max_completion_tokens or chat.max_tokens, chat.n, q.default_max_tokens
-        ),
-    )
+    await gw.quota.admit(req, ex, chat)
     await forward(
         req,
         ex,
@@ -56,13 +47,7 @@ async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     ex.model, ex.stream = completion.model, bool(completion.stream)
     require_model(ex.principal, completion.model)
     replicas = gw.catalog.replicas_for(completion.model)
-    q = gw.config.quota
-    await gw.quota.admit(
-        req,
-        ex,
-        prompt_tokens=estimate.completion_prompt(completion, q.chars_per_token),
-        completion_tokens=estimate.completion_allowance(completion.max_tokens, completion.n, q.default_max_tokens),
-    )
+    await gw.quota.admit(req, ex, completion)
     await forward(
         req,
         ex,
@@ -81,10 +66,7 @@ async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
     ex.model = embedding.model
     require_model(ex.principal, embedding.model)
     replicas = gw.catalog.replicas_for(embedding.model)
-    q = gw.config.quota
-    await gw.quota.admit(
-        req, ex, prompt_tokens=estimate.embedding_input(embedding, q.chars_per_token), completion_tokens=0
-    )
+    await gw.quota.admit(req, ex, embedding)
     await forward(req, ex, path="/v1/embeddings", payload=payload, replicas=replicas, model=embedding.model)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from portcullis.config import QuotaConfig
 from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 _PER_MESSAGE = 4  # role markers and separators of a chat template
@@ -58,3 +59,19 @@ def embedding_input(request: EmbeddingRequest, chars_per_token: float) -> int:
 def completion_allowance(max_tokens: int | None, n: int | None, default: int) -> int:
     """Completion tokens to reserve: what the client allows (or the configured default), per choice."""
     return (max_tokens or default) * max(1, n or 1)
+
+
+def reservation(
+    request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, config: QuotaConfig
+) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) to reserve for one validated request."""
+    cpt = config.chars_per_token
+    if isinstance(request, ChatCompletionRequest):
+        allowance = request.max_completion_tokens or request.max_tokens
+        return chat_prompt(request, cpt), completion_allowance(allowance, request.n, config.default_max_tokens)
+    if isinstance(request, CompletionRequest):
+        return (
+            completion_prompt(request, cpt),
+            completion_allowance(request.max_tokens, request.n, config.default_max_tokens),
+        )
+    return embedding_input(request, cpt), 0

@@ -32,6 +32,7 @@ from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequest
 from portcullis.http import Request
 from portcullis.identity.principal import Principal
 from portcullis.obs.metrics import Metrics
+from portcullis.quota import estimate
 from portcullis.quota.alerts import BudgetAlerts
 from portcullis.quota.plan import MICRO, Plan, build_plan
 from portcullis.quota.redis_store import RedisQuotaStore, alerts_from
@@ -145,13 +146,15 @@ class Quota:
             plan = self._plans[cache_key] = build_plan(self.config, principal)
         return plan
 
-    async def admit(self, req: Request, ex: Exchange, *, prompt_tokens: int, completion_tokens: int) -> None:
+    async def admit(self, req: Request, ex: Exchange, request: Any) -> None:
+        """`request`: the validated chat, completion or embedding request (sizes the reservation)."""
         principal = ex.principal
         if principal is None:
             return
         plan = self.plan_for(principal)
         if plan.empty:
             return
+        prompt_tokens, completion_tokens = estimate.reservation(request, self.q)
         tokens = prompt_tokens + completion_tokens
         prompt_price, completion_price = self._max_price.get(ex.model or "", (0.0, 0.0))
         cost = math.ceil((prompt_tokens * prompt_price + completion_tokens * completion_price) * 1000)

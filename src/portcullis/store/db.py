@@ -8,11 +8,13 @@ to start then, naming the command to run, unless `store.auto_migrate` is on.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -21,12 +23,22 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
-        # One file; writes are rare (key admin, last-used batches), so a writer waits up to 30 s for
-        # another process's lock rather than failing.
+        # One file shared by every process on the host; a writer waits up to 30 s for another
+        # process's lock rather than failing. WAL lets readers (reports, key lookups) run beside the
+        # usage writer, and synchronous=NORMAL makes a commit cheap (durable at checkpoints: a power
+        # cut may lose the last batches, never corrupt the file).
         engine = create_async_engine(url, connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
         engine = create_async_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
     return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _alembic(connection: Connection) -> AlembicConfig:
