@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from pydantic import ValidationError
+from typing import Literal
 
 from portcullis.config import BudgetConfig, Config, LimitsConfig
 from portcullis.identity.principal import Principal
@@ -64,28 +62,6 @@ class Plan:
         return not self.windows and self.concurrency is None and not self.budgets
 
 
-class LimitsSpecError(ValueError):
-    """A key's stored `limits` or `budget` that does not have the configured shape."""
-
-
-def parse_limits(value: dict[str, Any] | None) -> LimitsConfig | None:
-    if value is None:
-        return None
-    try:
-        return LimitsConfig.model_validate(value)
-    except ValidationError as exc:
-        raise LimitsSpecError(str(exc)) from exc
-
-
-def parse_budget(value: dict[str, Any] | None) -> BudgetConfig | None:
-    if value is None:
-        return None
-    try:
-        return BudgetConfig.model_validate(value)
-    except ValidationError as exc:
-        raise LimitsSpecError(str(exc)) from exc
-
-
 def user_tag(user: str) -> str:
     return "{pc:" + hashlib.blake2b(user.encode(), digest_size=8).hexdigest() + "}"
 
@@ -103,7 +79,9 @@ def _merged(tier: LimitsConfig, key: LimitsConfig | None) -> LimitsConfig:
 def build_plan(config: Config, principal: Principal) -> Plan:
     tier = config.tiers.get(principal.tier)
     tier_limits = tier.limits if tier is not None else LimitsConfig()
-    limits = _merged(tier_limits, parse_limits(principal.limits))
+    # A key's limits and budget were validated against these models when it was created.
+    key_limits = LimitsConfig.model_validate(principal.limits) if principal.limits is not None else None
+    limits = _merged(tier_limits, key_limits)
     windows: list[Window] = []
     for kind, spec, prefix in (("requests", limits.requests, "r"), ("tokens", limits.tokens, "t")):
         for period, limit in spec.model_dump().items():
@@ -111,7 +89,9 @@ def build_plan(config: Config, principal: Principal) -> Plan:
                 seconds = _SECONDS[period]
                 windows.append(Window(kind, period, seconds, limit, f"{prefix}{seconds}"))  # type: ignore[arg-type]
     budgets: list[Budget] = []
-    key_budget = parse_budget(principal.budget) if principal.key_id else None
+    key_budget = (
+        BudgetConfig.model_validate(principal.budget) if principal.key_id and principal.budget is not None else None
+    )
     user_quota = config.quota.users.get(principal.user)
     user_budget = user_quota.budget if user_quota is not None else (tier.user_budget if tier else BudgetConfig())
     for subject, spec in (("key", key_budget), ("user", user_budget)):

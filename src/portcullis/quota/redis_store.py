@@ -232,7 +232,8 @@ class RedisQuotaStore:
         calls = []
         for ask, settlement in carried.values():
             head, cached = self._head("admit", ask, lambda a=ask: admit_head(a, self.lease_s))
-            calls.append(self._run(ADMIT, _nkeys(ask.plan)[0], head, admit_tail(ask, settlement, admit=False), cached))
+            tail = admit_tail(ask, settlement, admit=False)
+            calls.append(self._call(ADMIT, _nkeys(ask.plan)[0], head, tail, cached))
         results = await asyncio.gather(*calls, return_exceptions=True)
         failure = None
         for (ask, settlement), result in zip(carried.values(), results, strict=True):
@@ -250,14 +251,13 @@ class RedisQuotaStore:
 
     def settle_soon(
         self, ask: Ask, tokens: int, cost: int, thresholds: tuple[float, ...]
-    ) -> asyncio.Future[Any] | None:
+    ) -> asyncio.Future[list[Alert]] | None:
         """Settle without waiting: carried along with the next admission (None), or, under a budget,
-        sent now without a task of its own; that future's result is the raw reply (`alerts_from()`)."""
+        sent now; the future's result is the alerts the settlement crossed."""
         if not ask.plan.budgets:
             self._carry(ask, carry(ask, tokens))
             return None
-        head, cached = self._head("settle", ask, lambda: settle_head(ask, thresholds))
-        return self._run(SETTLE, _nkeys(ask.plan)[1], head, settle_tail(ask, tokens, cost), cached)
+        return asyncio.ensure_future(self.settle(ask, tokens, cost, thresholds))
 
     async def extend(self, ask: Ask, more: int) -> int:
         keys = _budget_keys(ask)

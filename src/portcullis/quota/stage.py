@@ -35,7 +35,7 @@ from portcullis.obs.metrics import Metrics
 from portcullis.quota import estimate
 from portcullis.quota.alerts import BudgetAlerts
 from portcullis.quota.plan import MICRO, Plan, build_plan
-from portcullis.quota.redis_store import RedisQuotaStore, alerts_from
+from portcullis.quota.redis_store import RedisQuotaStore
 from portcullis.quota.resp import RedisReplyError, RedisUnavailable
 from portcullis.quota.store import BUDGET, CONCURRENCY, TOO_LARGE, Alert, Ask, MemoryQuotaStore, Verdict
 from portcullis.upstream.exchange import Exchange
@@ -43,6 +43,8 @@ from portcullis.upstream.exchange import Exchange
 _PLAN_CACHE = 50_000
 _PROBE_S = 1.0
 STORE_ERRORS = (RedisUnavailable, RedisReplyError)
+# (the windows of one kind, then the names of its limit, remaining and reset headers)
+_HeaderSpec = tuple[tuple[int, ...], bytes, bytes, bytes]
 
 
 @dataclass(slots=True, eq=False)
@@ -101,8 +103,8 @@ class Quota:
         self.alerts = BudgetAlerts(self.q, metrics, log)
         self.thresholds = tuple(self.q.alert_thresholds)
         self.degraded = False
-        self._plans: dict[tuple[str, str | None, str], Plan] = {}
-        self._header_specs: dict[int, tuple[Plan, list[Any]]] = {}
+        # principal -> (its plan, how its x-ratelimit-* headers are made)
+        self._plans: dict[tuple[str, str | None, str], tuple[Plan, list[_HeaderSpec]]] = {}
         # Lease ids unique across processes: this process's prefix and a counter.
         self._lease_prefix = f"{os.getpid():x}.{os.urandom(3).hex()}."
         self._lease_count = itertools.count()
@@ -136,22 +138,22 @@ class Quota:
 
     # -- admission ------------------------------------------------------------------------------
 
-    def plan_for(self, principal: Principal) -> Plan:
+    def plan_for(self, principal: Principal) -> tuple[Plan, list[_HeaderSpec]]:
         cache_key = (principal.tier, principal.key_id, principal.user)
-        plan = self._plans.get(cache_key)
-        if plan is None:
+        entry = self._plans.get(cache_key)
+        if entry is None:
             if len(self._plans) >= _PLAN_CACHE:
                 self._plans.clear()
-                self._header_specs.clear()
-            plan = self._plans[cache_key] = build_plan(self.config, principal)
-        return plan
+            plan = build_plan(self.config, principal)
+            entry = self._plans[cache_key] = (plan, _header_spec(plan))
+        return entry
 
     async def admit(self, req: Request, ex: Exchange, request: Any) -> None:
         """`request`: the validated chat, completion or embedding request (sizes the reservation)."""
         principal = ex.principal
         if principal is None:
             return
-        plan = self.plan_for(principal)
+        plan, header_spec = self.plan_for(principal)
         if plan.empty:
             return
         prompt_tokens, completion_tokens = estimate.reservation(request, self.q)
@@ -181,10 +183,7 @@ class Quota:
                 store = self.memory
                 verdict = self.memory.admit_now(ask)
         if plan.windows:
-            spec = self._header_specs.get(id(plan))
-            if spec is None or spec[0] is not plan:
-                spec = self._header_specs[id(plan)] = (plan, _header_spec(plan))
-            req.response_headers += _headers(plan, verdict, spec[1])
+            req.response_headers += _headers(plan, verdict, header_spec)
         if not verdict.admitted:
             raise self._refusal(plan, ask, verdict, prompt_tokens, completion_tokens)
         ex.quota = Held(store, ask, prompt_tokens, completion_price, completion_tokens)
@@ -282,30 +281,20 @@ class Quota:
         if future is None:  # carried along with this principal's next admission
             return
         self._settling.add(future)
-        future.add_done_callback(lambda f: self._settled(f, ask, prompt + completion, cost))
+        future.add_done_callback(lambda f: self._settled(f, ask))
 
-    def _settled(self, future: asyncio.Future[Any], ask: Ask, tokens: int, cost: int) -> None:
+    def _settled(self, future: asyncio.Future[list[Alert]], ask: Ask) -> None:
         self._settling.discard(future)
         if future.cancelled():
             return
         exc = future.exception()
         if exc is None:
-            self._alert(ask, alerts_from(future.result()))
-            return
-        if isinstance(exc, RedisReplyError) and str(exc).startswith("NOSCRIPT"):
-            assert self.redis is not None
-            retry = asyncio.ensure_future(self.redis.settle(ask, tokens, cost, self.thresholds))
-            self._settling.add(retry)
-            retry.add_done_callback(lambda f: self._settling.discard(f) or self._alert_result(f, ask))
+            self._alert(ask, future.result())
             return
         if isinstance(exc, STORE_ERRORS):
             self._store_failed(exc)
         # The reservation stays until its window rolls over and the lease expires: conservative.
         self.log.warning("quota_settle_failed", error=str(exc), lease=ask.lease)
-
-    def _alert_result(self, future: asyncio.Future[Any], ask: Ask) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._alert(ask, future.result())
 
     def _alert(self, ask: Ask, alerts: list[Alert]) -> None:
         plan = ask.plan
@@ -343,7 +332,9 @@ class Quota:
                 else "requests with quotas get 503 until Redis is back"
             ),
         )
-        self._tasks.append(asyncio.create_task(self._probe_until_back()))
+        probe = asyncio.create_task(self._probe_until_back())
+        self._tasks.append(probe)
+        probe.add_done_callback(self._tasks.remove)
 
     async def _probe_until_back(self) -> None:
         assert self.redis is not None
@@ -390,22 +381,22 @@ def _actual_tokens(ex: Exchange, status: int, prompt_estimate: int) -> tuple[int
     return 0, 0
 
 
-def _header_spec(plan: Plan) -> list[tuple[tuple[int, ...], bytes, bytes, bytes, bytes]]:
-    """Per kind (requests, tokens): its windows, and the header names and limit, encoded once per plan."""
+def _header_spec(plan: Plan) -> list[_HeaderSpec]:
+    """Per kind (requests, tokens): its windows, and the header names, encoded once per plan."""
     spec = []
     for kind in ("requests", "tokens"):
         idx = tuple(i for i, w in enumerate(plan.windows) if w.kind == kind)
         if idx:
             k = kind.encode()
-            spec.append((idx, b"x-ratelimit-limit-" + k, b"x-ratelimit-remaining-" + k, b"x-ratelimit-reset-" + k, k))
+            spec.append((idx, b"x-ratelimit-limit-" + k, b"x-ratelimit-remaining-" + k, b"x-ratelimit-reset-" + k))
     return spec
 
 
-def _headers(plan: Plan, verdict: Verdict, spec: list[tuple[tuple[int, ...], bytes, bytes, bytes, bytes]]) -> list:
+def _headers(plan: Plan, verdict: Verdict, spec: list[_HeaderSpec]) -> list[tuple[bytes, bytes]]:
     """x-ratelimit-*: for requests and for tokens, the window with the least room left."""
     out = []
     remaining = verdict.remaining
-    for idx, limit_name, remaining_name, reset_name, _ in spec:
+    for idx, limit_name, remaining_name, reset_name in spec:
         best = idx[0]
         for i in idx[1:]:
             if remaining[i] < remaining[best]:
