@@ -27,12 +27,15 @@ from portcullis.obs.logging import access_line, flush_logs, get_logger
 from portcullis.obs.metrics import Metrics
 from portcullis.quota.stage import Quota
 from portcullis.quota.usage import UsageRecorder
-from portcullis.routing.catalog import Catalog
+from portcullis.routing.admission import Admission
+from portcullis.routing.breaker import Breaker, BreakerState
+from portcullis.routing.catalog import Catalog, Replica
 from portcullis.store.bus import EventBus
 from portcullis.store.db import make_engine, pending, upgrade
 from portcullis.upstream.client import UpstreamClient
 from portcullis.upstream.exchange import ABORT_CLIENT_GONE, ABORT_SHUTDOWN, Exchange
 from portcullis.upstream.probe import Prober
+from portcullis.upstream.proxy import Upstream
 from portcullis.upstream.relay import sse_error
 
 Handler = Callable[..., Awaitable[None]]
@@ -43,7 +46,8 @@ _QUIET = {"/healthz", "/readyz", "/metrics"}
 _METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 _MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
 _CORS_EXPOSE = (
-    b"x-request-id, retry-after, retry-after-ms, x-portcullis-attempts, x-ratelimit-limit-requests, "
+    b"x-request-id, retry-after, retry-after-ms, x-portcullis-attempts, x-portcullis-degraded, "
+    b"x-ratelimit-limit-requests, "
     b"x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
     b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
 )
@@ -58,8 +62,15 @@ class Gateway:
         self.config = config
         self.catalog = Catalog.from_config(config)
         self.metrics = Metrics(self.catalog)
-        self.prober = Prober(self.catalog.all_replicas(), config.health)
         self.log = get_logger("portcullis")
+        self.admission = Admission(config, self.catalog, self.metrics)
+        self.metrics.watch_admission(self.admission)
+        self.upstream = Upstream(config.resilience, self.metrics)
+        self._replica_of: dict[Breaker, Replica] = {}
+        for replica in self.catalog.all_replicas():
+            replica.breaker.listener = self._on_breaker
+            self._replica_of[replica.breaker] = replica
+        self.prober = Prober(self.catalog.all_replicas(), config.health, on_change=self._on_replica_change)
         self.started_at = time.time()
         self.draining = False
         self.exchanges: set[Exchange] = set()
@@ -85,6 +96,7 @@ class Gateway:
             ("POST", "/admin/keys"): (admin.create_key, scopes.KEYS_ADMIN),
             ("GET", "/admin/keys"): (admin.list_keys, scopes.KEYS_ADMIN),
             ("GET", "/admin/usage"): (admin.usage_report, scopes.USAGE),
+            ("GET", "/admin/backends"): (admin.backends, scopes.ADMIN_READ),
             ("GET", "/healthz"): (ops.healthz, scopes.PUBLIC),
             ("GET", "/readyz"): (ops.readyz, scopes.PUBLIC),
             ("GET", "/metrics"): (ops.metrics, metrics_scope),
@@ -340,7 +352,12 @@ class Gateway:
             await self.preflight()
         assert self.identity is not None
         for replica in self.catalog.all_replicas():
-            replica.client = UpstreamClient(replica.url, api_key=replica.api_key, config=self.config.upstream)
+            replica.client = UpstreamClient(
+                replica.url,
+                api_key=replica.api_key,
+                config=self.config.upstream,
+                timeouts=self.config.timeouts_for(replica.model),
+            )
         if self.keys is not None:
             self.catalog.disabled = await self.keys.disabled_models()
             if self.bus is not None:
@@ -403,6 +420,18 @@ class Gateway:
             except Exception:
                 self.log.warning("model_state_poll_failed")
 
+    # -- replicas and breakers -----------------------------------------------------------------
+
+    def _on_breaker(self, breaker: Breaker, old: BreakerState, new: BreakerState, reason: str) -> None:
+        replica = self._replica_of[breaker]
+        self.metrics.breaker_transitions.labels(replica.model, replica.name, new.value).inc()
+        log = self.log.warning if new is BreakerState.OPEN else self.log.info
+        log("breaker", model=replica.model, replica=replica.name, old=old.value, new=new.value, reason=reason)
+        self.admission.kick(replica.model)
+
+    def _on_replica_change(self, replica: Replica) -> None:
+        self.admission.kick(replica.model)
+
     # -- graceful shutdown --------------------------------------------------------------------
 
     def begin_drain(self) -> None:
@@ -410,6 +439,8 @@ class Gateway:
         if not self.draining:
             self.draining = True
             self.log.info("draining", in_flight=len(self.exchanges))
+            # Queued requests have not started: answer them now (503 + Retry-After), do not drop them.
+            self.admission.close()
 
     def cut_in_flight(self) -> None:
         """The shutdown deadline: end whatever is still running (streams get an error event)."""

@@ -215,6 +215,77 @@ def _default_tiers() -> dict[str, TierConfig]:
     }
 
 
+FailureKind = Literal["connect", "timeout", "5xx", "429"]
+
+
+class BackoffConfig(_Section):
+    """Delay before retry n (1-based): uniform in [0, min(max_s, base_s * 2**(n-1))] ("full" jitter)."""
+
+    base_s: PositiveFloat = 0.2
+    max_s: PositiveFloat = 5.0
+    jitter: Literal["full", "none"] = "full"
+
+
+class RetryBudgetConfig(_Section):
+    """Retries of a model stay below `ratio` of its requests over `window_s` (plus `min_per_s`)."""
+
+    ratio: float = Field(0.2, ge=0, le=1)
+    window_s: PositiveFloat = 10.0
+    # Retries allowed regardless of the ratio (per second of window), so a quiet model can retry.
+    min_per_s: float = Field(1.0, ge=0)
+
+
+class BreakerConfig(_Section):
+    """A circuit breaker per replica (per gateway process)."""
+
+    # Opens after this many failures within `window_s` ...
+    failures: int = Field(5, ge=1)
+    # ... or, when set, once this fraction of at least `min_requests` requests in the window failed.
+    failure_rate: float | None = Field(None, gt=0, le=1)
+    min_requests: int = Field(10, ge=1)
+    window_s: PositiveFloat = 30.0
+    open_s: PositiveFloat = 30.0
+    # Requests let through at once when open_s has passed; `close_after` successes close it again,
+    # one failure reopens it.
+    half_open_probes: int = Field(1, ge=1)
+    close_after: int = Field(1, ge=1)
+    # What counts as a failure. A client's 4xx never does.
+    count: list[FailureKind] = Field(default_factory=lambda: ["connect", "timeout", "5xx"], min_length=1)
+
+
+class ResilienceConfig(_Section):
+    # Retries after the first attempt (so at most retries + 1 attempts), each preferably on another
+    # replica or the model's fallback. Only before anything was sent to the client.
+    retries: int = Field(2, ge=0, le=10)
+    backoff: BackoffConfig = BackoffConfig()
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
+    breaker: BreakerConfig = BreakerConfig()
+
+
+class DegradeConfig(_Section):
+    """Serve a cheaper answer when a model is slow to start answering; the client is told."""
+
+    # Degrade while the model's observed time to first token (p95 over window_s) exceeds this.
+    # None: never.
+    ttft_p95_s: PositiveFloat | None = None
+    window_s: PositiveFloat = 60.0
+    min_samples: int = Field(20, ge=1)
+    # Cap max_tokens at this, and/or route to this (cheaper) model.
+    max_tokens: int | None = Field(None, ge=1)
+    model: str | None = None
+    # Only principals of these tiers are degraded; None: every tier.
+    tiers: list[str] | None = None
+
+
+class AdmissionConfig(_Section):
+    # When every slot of a model is busy: wait in a bounded queue (ordered by tier priority, fair
+    # between keys of a tier), or answer 503 at once. Both say when to come back (Retry-After).
+    when_full: Literal["queue", "reject"] = "queue"
+    max_queue: int = Field(256, ge=0)
+    max_wait_s: PositiveFloat = 30.0
+    degrade: DegradeConfig = DegradeConfig()
+
+
 class ValidationLimits(_Section):
     max_messages: int = Field(2048, ge=1)
     max_message_chars: int = Field(1_000_000, ge=1)
@@ -225,12 +296,34 @@ class ValidationLimits(_Section):
 
 
 class UpstreamTimeouts(_Section):
+    """Limits on one upstream call. Each model can override any of them (`models.<m>.timeouts`)."""
+
     connect_s: PositiveFloat = 5.0
-    # Longest silence between two reads from the upstream (not the whole response: a long
-    # generation is fine as long as bytes keep coming).
-    read_s: PositiveFloat = 300.0
     # Longest wait for a free pooled connection.
     pool_s: PositiveFloat = 10.0
+    # Streams: from sending the request to the first event. Past it, nothing has reached the client,
+    # so the request is retried on another replica (llama-server beyond its slots queues silently:
+    # this is what catches a replica that accepted work it will not start soon).
+    ttft_s: PositiveFloat = 120.0
+    # Streams: longest silence between two events once the stream has started. Past it the client's
+    # stream ends with an error event and the upstream call is cancelled.
+    idle_s: PositiveFloat = 60.0
+    # The whole upstream part of a request, attempts and streaming included. A non-streamed answer
+    # arrives in one piece at the end, so this is its only bound after connecting.
+    total_s: PositiveFloat = 600.0
+
+
+class ModelTimeouts(_Section):
+    """Per-model overrides of `upstream.timeouts` (unset fields keep the global value)."""
+
+    connect_s: PositiveFloat | None = None
+    pool_s: PositiveFloat | None = None
+    ttft_s: PositiveFloat | None = None
+    idle_s: PositiveFloat | None = None
+    total_s: PositiveFloat | None = None
+
+    def over(self, base: UpstreamTimeouts) -> UpstreamTimeouts:
+        return base.model_copy(update=self.model_dump(exclude_none=True))
 
 
 class UpstreamConfig(_Section):
@@ -262,6 +355,9 @@ class DeploymentConfig(_Section):
     weight: int = Field(1, ge=1)
     name: str | None = None
     cost: CostConfig = CostConfig()
+    # Requests the gateway sends this replica at once; beyond it they wait in the gateway's queue
+    # (admission). None: llama-server's slot count (/props total_slots); unlimited for other kinds.
+    max_in_flight: int | None = Field(None, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -290,6 +386,12 @@ class DeploymentConfig(_Section):
 
 class ModelConfig(_Section):
     deployments: list[DeploymentConfig] = Field(min_length=1)
+    # Models tried, in order, when every replica of this one has failed or is unavailable (a retry
+    # may go there; the answer's `model` then names the model that served it).
+    fallbacks: list[str] = []
+    timeouts: ModelTimeouts = ModelTimeouts()
+    # Overrides `admission.degrade` for this model.
+    degrade: DegradeConfig | None = None
 
 
 class Config(_Section):
@@ -301,6 +403,8 @@ class Config(_Section):
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
     quota: QuotaConfig = QuotaConfig()
+    admission: AdmissionConfig = AdmissionConfig()
+    resilience: ResilienceConfig = ResilienceConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -310,6 +414,31 @@ class Config(_Section):
         if self.quota.backend == "redis" and not self.store.redis_url:
             raise ValueError("quota.backend is 'redis' but store.redis_url is not set")
         return self
+
+    @model_validator(mode="after")
+    def _model_references(self) -> Config:
+        for name, model in self.models.items():
+            for fallback in model.fallbacks:
+                if fallback == name or fallback not in self.models:
+                    raise ValueError(f"models.{name}.fallbacks: '{fallback}' is not another configured model")
+            for where, degrade in (
+                ("admission.degrade", self.admission.degrade),
+                (f"models.{name}.degrade", model.degrade),
+            ):
+                if degrade is None:
+                    continue
+                if degrade.model is not None and degrade.model not in self.models:
+                    raise ValueError(f"{where}.model: '{degrade.model}' is not a configured model")
+                unknown = set(degrade.tiers or ()) - set(self.tiers)
+                if unknown:
+                    raise ValueError(f"{where}.tiers: {sorted(unknown)} are not configured tiers")
+        return self
+
+    def degrade_for(self, model: str) -> DegradeConfig:
+        return self.models[model].degrade or self.admission.degrade
+
+    def timeouts_for(self, model: str) -> UpstreamTimeouts:
+        return self.models[model].timeouts.over(self.upstream.timeouts)
 
     @field_validator("models")
     @classmethod

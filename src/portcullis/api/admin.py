@@ -159,3 +159,50 @@ def _query(req: Request) -> dict[str, str]:
     from urllib.parse import parse_qsl
 
     return dict(parse_qsl(req.scope.get("query_string", b"").decode("latin-1")))
+
+
+async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:
+    """GET /admin/backends: every model's slots and queue, every replica's health and breaker."""
+    models = []
+    for name, gate in gw.admission.gates.items():
+        capacity = gate.capacity()
+        replicas = []
+        for r in gate.replicas:
+            requests, failures = r.breaker.window()
+            replicas.append(
+                {
+                    "name": r.name,
+                    "url": r.url,
+                    "kind": r.kind,
+                    "state": r.state.value,
+                    "last_error": r.last_error,
+                    "in_flight": r.in_flight,
+                    "slots": r.limit,
+                    "n_ctx": r.n_ctx,
+                    "breaker": {
+                        "state": r.breaker.state.value,
+                        "requests_in_window": requests,
+                        "failures_in_window": failures,
+                        "retry_in_s": round(r.breaker.retry_in(), 3),
+                        "half_open_probes_in_flight": r.breaker.probes,
+                    },
+                }
+            )
+        models.append(
+            {
+                "model": name,
+                "enabled": name not in gw.catalog.disabled,
+                "fallbacks": gw.catalog.fallbacks.get(name, []),
+                "slots": {"capacity": capacity if capacity < 1 << 20 else None, "in_use": gate.holding},
+                "queue": {
+                    "depth": gate.depth,
+                    "service_s": round(gate.service_s, 4) if gate.service_s is not None else None,
+                    "estimated_wait_s": round(gate.estimate_wait(gate.depth + 1), 3) if gate.depth else 0.0,
+                },
+                "ttft_p95_s": gate.ttft_p95,
+                "degraded": gate.slow(gw.config.degrade_for(name)),
+                "retry_budget_denied": gate.budget.denied,
+                "replicas": replicas,
+            }
+        )
+    await req.respond_json(200, {"object": "list", "data": models})

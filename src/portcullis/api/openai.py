@@ -1,10 +1,11 @@
 """The OpenAI-compatible endpoints. Each handler reads top to bottom like the request path in DESIGN.md:
 
     (authenticated, scope checked: app.py) → read body (capped) → parse once → validate
-    → model allowed for this principal → look up the model → admit quotas → forward upstream → relay
-    (settled and recorded when the response is over: app.py)
+    → model allowed for this principal → look up the model → admit quotas
+    → admission (a slot of the model: now, after queueing, degraded, or 503) → upstream attempts
+    (retries, failover, breakers) → relay (settled and recorded when the response is over: app.py)
 
-Stages still to come (moderation, cache, routing, admission) slot in between, in order.
+Stages still to come (moderation, cache, routing) slot in between, in order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from portcullis.http import Request
 from portcullis.identity.auth import require_model
 from portcullis.safety import validation
 from portcullis.upstream.exchange import Exchange
-from portcullis.upstream.proxy import forward
 
 if TYPE_CHECKING:
     from portcullis.app import Gateway
@@ -27,17 +27,12 @@ async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     chat = validation.validate_chat(payload, gw.config.validation)
     ex.model, ex.stream = chat.model, bool(chat.stream)
     require_model(ex.principal, chat.model)
-    replicas = gw.catalog.replicas_for(chat.model)
+    gw.catalog.replicas_for(chat.model)  # 404 for an unknown or switched-off model
     await gw.quota.admit(req, ex, chat)
-    await forward(
-        req,
-        ex,
-        path="/v1/chat/completions",
-        payload=payload,
-        replicas=replicas,
-        model=chat.model,
-        top_up=gw.quota.stream_guard(ex),
-    )
+    async with gw.admission.slot(req, ex, chat.model, payload) as target:
+        await gw.upstream.forward(
+            req, ex, path="/v1/chat/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
+        )
 
 
 async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
@@ -46,17 +41,12 @@ async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     completion = validation.validate_completion(payload, gw.config.validation)
     ex.model, ex.stream = completion.model, bool(completion.stream)
     require_model(ex.principal, completion.model)
-    replicas = gw.catalog.replicas_for(completion.model)
+    gw.catalog.replicas_for(completion.model)  # 404 for an unknown or switched-off model
     await gw.quota.admit(req, ex, completion)
-    await forward(
-        req,
-        ex,
-        path="/v1/completions",
-        payload=payload,
-        replicas=replicas,
-        model=completion.model,
-        top_up=gw.quota.stream_guard(ex),
-    )
+    async with gw.admission.slot(req, ex, completion.model, payload) as target:
+        await gw.upstream.forward(
+            req, ex, path="/v1/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
+        )
 
 
 async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
@@ -65,9 +55,10 @@ async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
     embedding = validation.validate_embedding(payload, gw.config.validation)
     ex.model = embedding.model
     require_model(ex.principal, embedding.model)
-    replicas = gw.catalog.replicas_for(embedding.model)
+    gw.catalog.replicas_for(embedding.model)
     await gw.quota.admit(req, ex, embedding)
-    await forward(req, ex, path="/v1/embeddings", payload=payload, replicas=replicas, model=embedding.model)
+    async with gw.admission.slot(req, ex, embedding.model, payload) as target:
+        await gw.upstream.forward(req, ex, path="/v1/embeddings", payload=payload, target=target)
 
 
 async def list_models(gw: Gateway, req: Request, ex: Exchange) -> None:

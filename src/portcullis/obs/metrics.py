@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from portcullis.routing.breaker import BreakerState
 from portcullis.routing.catalog import Catalog, ReplicaState
+
+if TYPE_CHECKING:
+    from portcullis.routing.admission import Admission
 
 # The *_created series double the scrape for no use in dashboards or alerts.
 disable_created_metrics()
@@ -42,14 +46,50 @@ class ReplicaCollector(Collector):
             "Health state of a replica (1 for the current state)",
             labels=["model", "replica", "state"],
         )
+        breaker = GaugeMetricFamily(
+            "portcullis_breaker_state",
+            "Circuit breaker state of a replica (1 for the current state)",
+            labels=["model", "replica", "state"],
+        )
+        retry_in = GaugeMetricFamily(
+            "portcullis_breaker_retry_in_seconds",
+            "Seconds until an open breaker lets a probe through",
+            labels=["model", "replica"],
+        )
         for r in self.catalog.all_replicas():
             in_flight.add_metric([r.model, r.name], r.in_flight)
             slots.add_metric([r.model, r.name], r.capacity)
             for s in ReplicaState:
                 state.add_metric([r.model, r.name, s.value], 1.0 if r.state is s else 0.0)
+            for b in BreakerState:
+                breaker.add_metric([r.model, r.name, b.value], 1.0 if r.breaker.state is b else 0.0)
+            retry_in.add_metric([r.model, r.name], r.breaker.retry_in())
         yield in_flight
         yield slots
         yield state
+        yield breaker
+        yield retry_in
+
+
+class AdmissionCollector(Collector):
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("portcullis_queue_depth", "Requests waiting for a slot", labels=["model"])
+        holding = GaugeMetricFamily("portcullis_slots_in_use", "Requests holding a slot of a model", labels=["model"])
+        capacity = GaugeMetricFamily(
+            "portcullis_slots_capacity",
+            "Slots of a model's usable replicas (ready, breaker not open)",
+            labels=["model"],
+        )
+        for model, gate in self.admission.gates.items():
+            depth.add_metric([model], gate.depth)
+            holding.add_metric([model], gate.holding)
+            capacity.add_metric([model], min(gate.capacity(), 1 << 20))
+        yield depth
+        yield holding
+        yield capacity
 
 
 class _Histogram:
@@ -162,6 +202,41 @@ class Metrics:
             "portcullis_usage_records_dropped", "Usage records dropped because the queue was full", registry=r
         )
         self.usage_queue = Gauge("portcullis_usage_queue_length", "Usage records waiting to be written", registry=r)
+        # Resilience and admission: events of the slow path.
+        self.queue_wait = Histogram(
+            "portcullis_queue_wait_seconds",
+            "Time queued requests waited for a slot",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.admission_rejections = Counter(
+            "portcullis_admission_rejections",
+            "Requests refused by admission control (reject, queue_full, queue_timeout, no_replica, shutdown)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.degradations = Counter(
+            "portcullis_degradations",
+            "Requests served degraded (max_tokens capped, model)",
+            ["model", "action"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "portcullis_retries", "Upstream attempts retried, by the failure retried", ["model", "failure"], registry=r
+        )
+        self.retry_budget_exhausted = Counter(
+            "portcullis_retry_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            ["model"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "portcullis_breaker_transitions", "Circuit breaker state changes", ["model", "replica", "to"], registry=r
+        )
+
+    def watch_admission(self, admission: Admission) -> None:
+        self.registry.register(AdmissionCollector(admission))
 
     def observe(
         self,

@@ -1,23 +1,29 @@
-"""Balancing: pick the ready replica with the most free capacity.
+"""Balancing: pick the usable replica with the most free capacity.
 
 llama-server has a fixed number of slots and queues silently beyond them, so the load of a replica is
 its in-flight count relative to its slots (learned from /props); a generic backend's capacity is its
-configured weight. Ties are broken at random so equal replicas share the load.
+configured weight. Usable means ready (prober), let through by its breaker and not cooling down after
+an upstream 429. Ties are broken at random so equal replicas share the load.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import time
+from collections.abc import Collection
 
 from portcullis.errors import ServiceUnavailable
 from portcullis.routing.catalog import Replica, ReplicaState
 
 
-def pick(replicas: list[Replica]) -> Replica:
+def choose(replicas: list[Replica], avoid: Collection[Replica] = (), now: float | None = None) -> Replica | None:
+    """The least loaded usable replica not in `avoid`, or None."""
+    now = time.monotonic() if now is None else now
     best: list[Replica] = []
     best_load = 0.0
     for replica in replicas:
-        if replica.state is not ReplicaState.READY:
+        if replica in avoid or not replica.usable(now):
             continue
         load = replica.in_flight / replica.capacity
         if not best or load < best_load:
@@ -26,17 +32,32 @@ def pick(replicas: list[Replica]) -> Replica:
         elif load == best_load:
             best.append(replica)
     if not best:
-        model = replicas[0].model if replicas else "?"
-        warming = any(r.state is ReplicaState.WARMING for r in replicas)
-        if warming:
-            raise ServiceUnavailable(
-                f"The model '{model}' is loading; try again shortly.",
-                code="model_loading",
-                headers={"Retry-After": "5"},
-            )
-        raise ServiceUnavailable(
-            f"No replica of the model '{model}' is available right now.",
-            code="no_ready_replica",
+        return None
+    return best[0] if len(best) == 1 else random.choice(best)
+
+
+def pick(replicas: list[Replica]) -> Replica:
+    replica = choose(replicas)
+    if replica is None:
+        raise unavailable(replicas)
+    return replica
+
+
+def unavailable(replicas: list[Replica]) -> ServiceUnavailable:
+    """The 503 for a model none of whose replicas can take a request now, with an honest Retry-After."""
+    model = replicas[0].model if replicas else "?"
+    now = time.monotonic()
+    if any(r.state is ReplicaState.WARMING for r in replicas):
+        return ServiceUnavailable(
+            f"The model '{model}' is loading; try again shortly.",
+            code="model_loading",
             headers={"Retry-After": "5"},
         )
-    return best[0] if len(best) == 1 else random.choice(best)
+    # The soonest a replica that is up comes back: its breaker half-opens, or its 429 cool-down ends.
+    waits = [max(r.breaker.retry_in(now), r.cooldown_until - now) for r in replicas if r.state is ReplicaState.READY]
+    wait = min(waits) if waits else 5.0
+    return ServiceUnavailable(
+        f"No replica of the model '{model}' is available right now.",
+        code="no_ready_replica",
+        headers={"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, round(wait * 1000)))},
+    )

@@ -6,13 +6,15 @@ upstream stage counts its in-flight requests. Nobody else mutates it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from portcullis.config import Config, DeploymentConfig
+from portcullis.config import BreakerConfig, Config, DeploymentConfig
 from portcullis.errors import NotFound
+from portcullis.routing.breaker import Breaker
 
 if TYPE_CHECKING:
     from portcullis.upstream.client import UpstreamClient
@@ -44,13 +46,29 @@ class Replica:
     # Price per 1,000 tokens in quota.currency (budgets and usage records).
     prompt_per_1k: float = 0.0
     completion_per_1k: float = 0.0
+    max_in_flight: int | None = None  # configured; None: the slots (llama-server) or unlimited
+    breaker: Breaker = field(default_factory=lambda: Breaker("", BreakerConfig()))
+    # After an upstream 429 with Retry-After, the replica gets nothing new until then (monotonic time).
+    cooldown_until: float = 0.0
 
     @property
     def capacity(self) -> int:
+        """The balancing weight: llama-server's slots, or a generic backend's configured weight."""
         return self.slots if self.kind == "llama_cpp" else self.weight
 
+    @property
+    def limit(self) -> int | None:
+        """Requests the gateway may have in flight here at once (None: no limit, no queueing)."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        return self.slots if self.kind == "llama_cpp" else None
+
+    def usable(self, now: float) -> bool:
+        """Ready (prober), let through by its breaker, not cooling down after a 429."""
+        return self.state is ReplicaState.READY and self.breaker.allows(now) and now >= self.cooldown_until
+
     @classmethod
-    def from_config(cls, model: str, index: int, dep: DeploymentConfig) -> Replica:
+    def from_config(cls, model: str, index: int, dep: DeploymentConfig, breaker: BreakerConfig) -> Replica:
         parts = urlsplit(dep.url)
         name = dep.name or f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         return cls(
@@ -63,22 +81,28 @@ class Replica:
             api_key=dep.api_key(),
             prompt_per_1k=dep.cost.prompt_per_1k,
             completion_per_1k=dep.cost.completion_per_1k,
+            max_in_flight=dep.max_in_flight,
+            breaker=Breaker(f"{model}/{name}", breaker),
         )
 
 
 class Catalog:
-    def __init__(self, models: dict[str, list[Replica]]) -> None:
+    def __init__(self, models: dict[str, list[Replica]], fallbacks: dict[str, list[str]] | None = None) -> None:
         self.models = models
+        # Models a request may fail over to, in order (models.<m>.fallbacks).
+        self.fallbacks = fallbacks or {}
         # Models switched off at run time (DELETE /v1/models/{id}); persisted, shared by every process.
         self.disabled: set[str] = set()
 
     @classmethod
     def from_config(cls, config: Config) -> Catalog:
+        breaker = config.resilience.breaker
         return cls(
             {
-                name: [Replica.from_config(name, i, dep) for i, dep in enumerate(model.deployments)]
+                name: [Replica.from_config(name, i, dep, breaker) for i, dep in enumerate(model.deployments)]
                 for name, model in config.models.items()
-            }
+            },
+            {name: list(model.fallbacks) for name, model in config.models.items()},
         )
 
     def replicas_for(self, model: str) -> list[Replica]:
@@ -98,8 +122,11 @@ class Catalog:
         return [r for replicas in self.models.values() for r in replicas]
 
     def unready_models(self) -> list[str]:
+        """Enabled models with no replica that is ready and let through by its breaker."""
+        now = time.monotonic()
         return [
             name
             for name, replicas in self.models.items()
-            if name not in self.disabled and not any(r.state is ReplicaState.READY for r in replicas)
+            if name not in self.disabled
+            and not any(r.state is ReplicaState.READY and r.breaker.allows(now) for r in replicas)
         ]

@@ -2,7 +2,8 @@
 
 aiohttp rather than httpx: as the upstream client it measured 8-14x faster here (DESIGN.md). One
 `ClientSession` per replica keeps connections alive and bounds them per replica. Timeouts:
-`pool_s` waiting for a free connection, `connect_s` opening one, `read_s` between two reads.
+`pool_s` waiting for a free connection, `connect_s` opening one (the model's values); the time to first
+token, the idle limit and the total are the upstream stage's (proxy.py).
 
 Error messages here never name the upstream's address: the client sees the model, not our network.
 """
@@ -15,7 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from portcullis.config import UpstreamConfig
+from portcullis.config import UpstreamConfig, UpstreamTimeouts
 from portcullis.errors import (
     BadGateway,
     ContextLengthExceeded,
@@ -29,11 +30,13 @@ _JSON = {"content-type": "application/json"}
 
 
 class UpstreamClient:
-    def __init__(self, base_url: str, *, api_key: str | None, config: UpstreamConfig) -> None:
+    def __init__(
+        self, base_url: str, *, api_key: str | None, config: UpstreamConfig, timeouts: UpstreamTimeouts
+    ) -> None:
         self.base_url = base_url
-        t = config.timeouts
+        t = timeouts
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=t.pool_s + t.connect_s, sock_connect=t.connect_s, sock_read=t.read_s
+            total=None, connect=t.pool_s + t.connect_s, sock_connect=t.connect_s, sock_read=None
         )
         self._headers = dict(_JSON)
         if api_key:

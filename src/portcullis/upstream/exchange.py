@@ -9,6 +9,7 @@ reason and answers accordingly (nothing for a gone client; a 503 or an in-band e
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,12 @@ class Exchange:
     streamed_tokens: int = 0  # content chunks relayed (one token each from llama-server)
     cost: float = 0.0
     cache_hit: bool = False
+    queue_s: float = 0.0  # waiting for a slot (admission)
+    # Non-streamed answers: the upstream's own prompt time (llama-server's timings.prompt_ms), the
+    # nearest thing to a time to first token that a one-piece answer tells.
+    prompt_s: float | None = None
+    attempts: int = 0
+    degraded: str | None = None  # what degradation changed, as told in x-portcullis-degraded
     # Set just before the last byte is handed to the server: from then on nothing may cancel us.
     finished: bool = False
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -49,14 +56,17 @@ class Exchange:
         self.abort_reason = reason
         self.task.cancel(reason)
 
-    def watch_disconnect(self, wait_disconnect: asyncio.Future[None] | asyncio.Task[None]) -> None:
-        """Abort when the client goes away (the body must have been read already)."""
+    def watch_disconnect(self, wait_disconnect: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Abort when the client goes away (the body must have been read already). Once per exchange:
+        the queue starts watching, the upstream stage keeps the same watcher."""
+        if self._watcher is not None:
+            return
 
         def _gone(fut: asyncio.Future[None]) -> None:
             if not fut.cancelled() and fut.exception() is None:
                 self.abort(ABORT_CLIENT_GONE)
 
-        self._watcher = asyncio.ensure_future(wait_disconnect)
+        self._watcher = asyncio.ensure_future(wait_disconnect())
         self._watcher.add_done_callback(_gone)
 
     def stop_watching(self) -> None:

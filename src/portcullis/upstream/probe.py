@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from portcullis.config import HealthConfig
 from portcullis.obs.logging import get_logger
@@ -53,26 +54,33 @@ async def learn_capacity(replica: Replica, timeout_s: float) -> None:
         replica.n_ctx = settings["n_ctx"]
 
 
-async def update(replica: Replica, config: HealthConfig) -> None:
+async def update(replica: Replica, config: HealthConfig) -> bool:
+    """Probe once; True when the replica's state or capacity changed."""
     state = await probe_once(replica, config.timeout_s)
+    slots = replica.slots
     if state is ReplicaState.READY and replica.kind == "llama_cpp" and replica.state is not ReplicaState.READY:
         await learn_capacity(replica, config.timeout_s)
-    if state is not replica.state:
-        log.info(
-            "replica_state",
-            model=replica.model,
-            replica=replica.name,
-            old=replica.state.value,
-            new=state.value,
-            reason=replica.last_error,
-        )
-        replica.state = state
+    if state is replica.state:
+        return slots != replica.slots
+    log.info(
+        "replica_state",
+        model=replica.model,
+        replica=replica.name,
+        old=replica.state.value,
+        new=state.value,
+        reason=replica.last_error,
+    )
+    replica.state = state
+    return True
 
 
 class Prober:
-    def __init__(self, replicas: list[Replica], config: HealthConfig) -> None:
+    def __init__(
+        self, replicas: list[Replica], config: HealthConfig, on_change: Callable[[Replica], None] | None = None
+    ) -> None:
         self.replicas = replicas
         self.config = config
+        self.on_change = on_change
         self._tasks: list[asyncio.Task[None]] = []
 
     async def first_round(self) -> None:
@@ -90,7 +98,8 @@ class Prober:
         while True:
             await asyncio.sleep(self.config.interval_s)
             try:
-                await update(replica, self.config)
+                if await update(replica, self.config) and self.on_change is not None:
+                    self.on_change(replica)
             except Exception:
                 log.exception("probe_failed", model=replica.model, replica=replica.name)
 

@@ -1,79 +1,260 @@
-"""The upstream stage: balance onto a replica, call it over its pooled connection, relay the answer.
+"""The upstream stage: attempts on replicas (with retries and failover), each relayed to the client.
 
-The client always sees the model name it asked for. For streams the gateway always asks the upstream
-for the usage chunk (so tokens are never undercounted) and drops that chunk again when the client did
-not ask for it. Responses are relayed as they arrive: a JSON body in one piece, a stream event by event.
+One request, up to `resilience.retries + 1` attempts, each on the least loaded usable replica not yet
+tried (then the model's fallbacks, then a replica already tried), with exponential backoff and full
+jitter between them, within the retry budget and the model's `total_s`. Only failures before anything
+reached the client are retried (routing/retry.py says which). Every attempt's outcome goes to the
+replica's breaker. `x-portcullis-attempts` tells the client how many attempts were made.
+
+Timeouts of one model (`upstream.timeouts`, `models.<m>.timeouts`): connect (aiohttp), then one
+asyncio timeout per attempt that the stage moves as the request goes: time to first event for a
+stream, then the idle limit between events, never past the request's total.
+
+The client sees the model name it asked for (or the fallback that served it). For streams the gateway
+always asks the upstream for the usage chunk (so tokens are never undercounted) and drops that chunk
+again when the client did not ask for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 
-from portcullis.errors import BadGateway, GatewayError
+from portcullis.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
 from portcullis.http import Request
-from portcullis.routing.balancer import pick
+from portcullis.routing.balancer import choose, unavailable
 from portcullis.routing.catalog import Replica, ReplicaState
+from portcullis.routing.retry import RETRYABLE_STATUS, AttemptFailed, backoff_delay, retry_after_of
 from portcullis.upstream.client import upstream_error
 from portcullis.upstream.exchange import Exchange
-from portcullis.upstream.relay import relay_sse
+from portcullis.upstream.relay import end_stream_with_error, relay_sse
+
+if TYPE_CHECKING:
+    from portcullis.config import ResilienceConfig
+    from portcullis.obs.metrics import Metrics
+    from portcullis.routing.admission import Target
+
+_ATTEMPTS = b"x-portcullis-attempts"
+_ATTEMPT_VALUES = [str(n).encode() for n in range(16)]
 
 
-async def forward(
-    req: Request,
-    ex: Exchange,
-    *,
-    path: str,
-    payload: dict[str, Any],
-    replicas: list[Replica],
-    model: str,
-    top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
-) -> None:
-    replica = pick(replicas)
-    ex.replica = replica
-    client_wants_usage = True
-    if replica.upstream_model:
-        payload["model"] = replica.upstream_model
-    if ex.stream:
-        options = payload.get("stream_options")
-        client_wants_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-        if not client_wants_usage:
-            payload["stream_options"] = {**(options or {}), "include_usage": True}
-    body = orjson.dumps(payload)
-    assert replica.client is not None
+class Upstream:
+    """The upstream stage of one gateway: its retry settings and where it reports retries."""
 
-    ex.watch_disconnect(req.wait_disconnect())
-    replica.in_flight += 1
-    resp = None
-    t0 = time.perf_counter()
-    try:
+    def __init__(self, resilience: ResilienceConfig, metrics: Metrics) -> None:
+        self.resilience = resilience
+        self.metrics = metrics
+
+    async def forward(
+        self,
+        req: Request,
+        ex: Exchange,
+        *,
+        path: str,
+        payload: dict[str, Any],
+        target: Target,
+        top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
+    ) -> None:
+        client_wants_usage = True
+        if ex.stream:
+            options = payload.get("stream_options")
+            client_wants_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+            if not client_wants_usage:
+                payload["stream_options"] = {**(options or {}), "include_usage": True}
+        asked_model = payload.get("model")
+        bodies: dict[Any, bytes] = {}
+        ex.watch_disconnect(req.wait_disconnect)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + target.timeouts.total_s
+        target.budget.request()
+        headers = req.response_headers
+        headers.append((_ATTEMPTS, b"1"))
+        attempts_at = len(headers) - 1
+        tried: list[Replica] = []
+        retries = self.resilience.retries
+        last_error: GatewayError | None = None
+        while True:
+            found = _next_replica(target, tried)
+            if found is None:  # nothing usable (left): the last attempt's error says more than "none left"
+                raise last_error or unavailable(target.replicas)
+            replica, model = found
+            tried.append(replica)
+            ex.attempts += 1
+            headers[attempts_at] = (_ATTEMPTS, _ATTEMPT_VALUES[min(ex.attempts, 15)])
+            upstream_name = replica.upstream_model or (asked_model if model == target.model else model)
+            body = bodies.get(upstream_name)
+            if body is None:
+                payload["model"] = upstream_name
+                body = bodies[upstream_name] = orjson.dumps(payload)
+            try:
+                await self._attempt(
+                    req,
+                    ex,
+                    replica,
+                    path=path,
+                    body=body,
+                    model=model,
+                    target=target,
+                    deadline=deadline,
+                    client_wants_usage=client_wants_usage,
+                    top_up=top_up,
+                )
+                return
+            except AttemptFailed as failure:
+                error = last_error = failure.error
+                if not failure.retryable or ex.attempts > retries:
+                    raise error from None
+                delay = backoff_delay(self.resilience.backoff, ex.attempts)
+                if failure.retry_after is not None:
+                    replica.cooldown_until = time.monotonic() + failure.retry_after
+                    if choose(target.replicas, tried) is None and not target.fallbacks:
+                        delay = max(delay, failure.retry_after)  # the same replica again: honour its wait
+                if loop.time() + delay >= deadline or delay > self.resilience.backoff.max_s + 1e-9:
+                    raise error from None
+                if not target.budget.try_retry():
+                    self.metrics.retry_budget_exhausted.labels(target.model).inc()
+                    raise error from None
+                self.metrics.retries.labels(target.model, failure.kind or "other").inc()
+                await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        req: Request,
+        ex: Exchange,
+        replica: Replica,
+        *,
+        path: str,
+        body: bytes,
+        model: str,
+        target: Target,
+        deadline: float,
+        client_wants_usage: bool,
+        top_up: Callable[[Exchange], Awaitable[bool]] | None,
+    ) -> None:
+        """One call to one replica. Raises AttemptFailed when it failed before the client saw anything."""
+        assert replica.client is not None
+        ex.replica = replica
+        timeouts = target.timeouts
+        loop = asyncio.get_running_loop()
+        first_deadline = min(deadline, loop.time() + timeouts.ttft_s) if ex.stream else deadline
+        breaker = replica.breaker
+        probe = breaker.acquire()
+        replica.in_flight += 1
+        resp: aiohttp.ClientResponse | None = None
+        ok: bool | None = None
+        kind: str | None = None
+        t0 = time.perf_counter()
         try:
-            resp = await replica.client.post(path, body, model=model)
-        except BadGateway:
-            # Passive health: a refused connection takes the replica out until the prober sees it back.
-            replica.state = ReplicaState.DOWN
-            replica.last_error = "connect failed"
-            raise
-        content_type = resp.headers.get("content-type", "")
-        if resp.status >= 400:
-            raw = await resp.read()
-            ex.upstream_s = time.perf_counter() - t0
-            raise upstream_error(resp.status, raw, model=model)
-        if ex.stream and content_type.startswith("text/event-stream"):
-            ex.upstream_s = time.perf_counter() - t0
-            await relay_sse(req, resp, ex, model=model, client_wants_usage=client_wants_usage, top_up=top_up)
-            return
-        raw = await resp.read()
-        ex.upstream_s = time.perf_counter() - t0
-        await respond_as_requested_model(req, ex, raw, model)
-    finally:
-        replica.in_flight -= 1
-        ex.stop_watching()
-        if resp is not None:
-            resp.release()
+            async with asyncio.timeout(first_deadline) as timer:
+                try:
+                    resp = await replica.client.post(path, body, model=model)
+                except BadGateway as exc:
+                    if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
+                        # Passive health: a refused connection takes the replica out until the prober sees it back.
+                        replica.state = ReplicaState.DOWN
+                        replica.last_error = "connect failed"
+                    ok, kind = False, "connect"
+                    raise AttemptFailed(exc, kind="connect", retryable=True) from None
+                except GatewayTimeout as exc:
+                    ok, kind = False, "timeout"
+                    raise AttemptFailed(exc, kind="timeout", retryable=True) from None
+                status = resp.status
+                if status >= 400:
+                    raw = await resp.read()
+                    ex.upstream_s += time.perf_counter() - t0
+                    failure = _failure(status, raw, resp.headers.get("retry-after"), model)
+                    ok, kind = failure.kind is None, failure.kind
+                    raise failure
+                if ex.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+                    ex.upstream_s += time.perf_counter() - t0
+                    try:
+                        ok = await relay_sse(
+                            req,
+                            resp,
+                            ex,
+                            model=model,
+                            client_wants_usage=client_wants_usage,
+                            top_up=top_up,
+                            timer=timer,
+                            idle_s=timeouts.idle_s,
+                            deadline=deadline,
+                        )
+                    except AttemptFailed as failure:
+                        ok, kind = False, failure.kind
+                        raise
+                    kind = None if ok else "connect"
+                    return
+                raw = await resp.read()
+                ex.upstream_s += time.perf_counter() - t0
+                ok = True
+            await respond_as_requested_model(req, ex, raw, model)
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            ok, kind = False, "timeout"
+            if resp is not None:
+                resp.close()  # cancels the generation upstream
+                resp = None
+            streaming = req.status != 0
+            phase = "idle" if streaming else ("first_token" if ex.stream and loop.time() < deadline else "total")
+            limit = {"idle": timeouts.idle_s, "first_token": timeouts.ttft_s, "total": timeouts.total_s}[phase]
+            message = {
+                "idle": f"The upstream for model '{model}' sent nothing for {limit:g} s; the stream was ended.",
+                "first_token": f"The upstream for model '{model}' did not start answering within {limit:g} s.",
+                "total": f"The upstream for model '{model}' did not finish within {limit:g} s.",
+            }[phase]
+            if streaming:
+                await end_stream_with_error(req, ex, message, code="upstream_timeout")
+                return
+            raise AttemptFailed(GatewayTimeout(message), kind="timeout", retryable=phase == "first_token") from None
+        finally:
+            replica.in_flight -= 1
+            breaker.record(ok, kind, probe=probe)
+            if resp is not None:
+                if ok:
+                    resp.release()
+                else:
+                    resp.close()
+
+
+def _next_replica(target: Target, tried: list[Replica]) -> tuple[Replica, str] | None:
+    """An untried replica of the model, else of its fallbacks in order, else one already tried."""
+    now = time.monotonic()
+    replica = choose(target.replicas, tried, now)
+    if replica is not None:
+        return replica, target.model
+    for name, replicas in target.fallbacks:
+        replica = choose(replicas, tried, now)
+        if replica is not None:
+            return replica, name
+    replica = choose(target.replicas, (), now)
+    if replica is not None:
+        return replica, target.model
+    for name, replicas in target.fallbacks:
+        replica = choose(replicas, (), now)
+        if replica is not None:
+            return replica, name
+    return None
+
+
+def _failure(status: int, raw: bytes, retry_after: str | None, model: str) -> AttemptFailed:
+    """An upstream error answer → what the breaker counts and whether to retry."""
+    error = upstream_error(status, raw, model=model)
+    wait = retry_after_of(retry_after)
+    if wait is not None and status in (429, 503):
+        error.headers = {**error.headers, "Retry-After": retry_after or "1"}
+    if status == 429:
+        return AttemptFailed(error, kind="429", retryable=True, retry_after=wait)
+    if status in RETRYABLE_STATUS:
+        return AttemptFailed(error, kind="5xx", retryable=True, retry_after=wait if status == 503 else None)
+    if status >= 500 or isinstance(error, (BadGateway, ServiceUnavailable)):
+        return AttemptFailed(error, kind="5xx", retryable=False)
+    return AttemptFailed(error, kind=None, retryable=False)  # the client's 4xx: the replica is fine
 
 
 async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, model: str) -> None:
@@ -87,5 +268,8 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
         if "model" in answer:
             answer["model"] = model
         ex.usage(answer.get("usage"))
+        timings = answer.get("timings")
+        if isinstance(timings, dict) and isinstance(timings.get("prompt_ms"), int | float):
+            ex.prompt_s = timings["prompt_ms"] / 1000
     ex.finished = True
     await req.respond(200, orjson.dumps(answer))

@@ -9,11 +9,14 @@ relay understands (llama-server's habits, and OpenAI's):
   - `data: {"error": ...}` mid-stream (llama-server ends such a stream without [DONE]) is normalised
     to the OpenAI error shape and ends the stream;
   - an upstream that ends or breaks without either gets an error event appended: a stream is never
-    silently truncated.
+    silently truncated;
+  - nothing reaches the client before the upstream's first event, so a replica that fails before it
+    can be retried on another (routing/retry.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,8 +24,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from portcullis.errors import error_body
+from portcullis.errors import BadGateway, error_body
 from portcullis.http import Request
+from portcullis.routing.retry import AttemptFailed
 from portcullis.upstream.client import upstream_error
 from portcullis.upstream.exchange import Exchange
 
@@ -41,14 +45,25 @@ async def relay_sse(
     model: str,
     client_wants_usage: bool,
     top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
-) -> None:
-    """`top_up`, when given, is asked for more budget each time the stream passes what it covers."""
+    timer: asyncio.Timeout | None = None,
+    idle_s: float = 0.0,
+    deadline: float = 0.0,
+) -> bool:
+    """Relay the stream; False if the upstream broke it (the client got an error event).
+
+    Nothing is sent to the client before the upstream's first event: if the upstream breaks before
+    it, `AttemptFailed` is raised and another replica may serve the request. From the first event on,
+    `timer` (the attempt's timeout, set by the caller to the time-to-first-token limit) is moved to
+    `idle_s` after each event, never past `deadline`. `top_up`, when given, is asked for more budget
+    each time the stream passes what it covers.
+    """
     content = resp.content
     data_lines: list[bytes] = []
     finished = False  # [DONE] or an error event was relayed
+    started = False
     broken: str | None = None
     perf = time.perf_counter
-    await req.start_stream()
+    clock = asyncio.get_running_loop().time
     while True:
         t = perf()
         try:
@@ -59,8 +74,9 @@ async def relay_sse(
         ex.upstream_s += perf() - t
         if not line:
             break
-        if line[0] == 0x3A:  # ':' comment / keep-alive ping
-            await req.stream_chunk(b":" + line[1:].rstrip(b"\r\n") + b"\n\n")
+        if line[0] == 0x3A:  # ':' comment / keep-alive ping (before the first event: nobody to keep alive)
+            if started:
+                await req.stream_chunk(b":" + line[1:].rstrip(b"\r\n") + b"\n\n")
             continue
         if line.startswith(b"data:"):
             data_lines.append(line[5:].strip())
@@ -72,6 +88,9 @@ async def relay_sse(
         data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
         data_lines.clear()
         out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
+        if not started:
+            started = True
+            await req.start_stream()
         if top_up is not None and ex.streamed_tokens > ex.quota.covered_tokens and not await top_up(ex):
             ex.streamed_tokens -= 1  # this token is not delivered, so not charged
             ex.error_code = "budget_exceeded"
@@ -88,17 +107,38 @@ async def relay_sse(
             await req.stream_chunk(out)
         if finished:
             break
+        if timer is not None:
+            timer.reschedule(min(deadline, clock() + idle_s))
     if not finished and data_lines:  # last event without its blank line
         data = b"\n".join(data_lines)
         out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
         if out:
+            if not started:
+                started = True
+                await req.start_stream()
             await req.stream_chunk(out)
+    if not started:
+        reason = broken or "the upstream ended the stream before its first event"
+        raise AttemptFailed(
+            BadGateway(f"The upstream for model '{model}' failed before answering: {reason}."),
+            kind="connect",
+            retryable=True,
+        )
     if not finished:
         reason = broken or "the upstream ended the stream before it was complete"
         ex.error_code = "upstream_stream_truncated"
         await req.stream_chunk(
             sse_error(f"The stream for model '{model}' was cut short: {reason}.", code=ex.error_code)
         )
+    ex.finished = True
+    await req.end_stream()
+    return ex.error_code != "upstream_stream_truncated"
+
+
+async def end_stream_with_error(req: Request, ex: Exchange, message: str, code: str) -> None:
+    """End a stream that has started with an error event (a timeout, the shutdown deadline)."""
+    ex.error_code = code
+    await req.stream_chunk(sse_error(message, code=code))
     ex.finished = True
     await req.end_stream()
 

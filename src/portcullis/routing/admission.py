@@ -1,0 +1,355 @@
+"""Admission control: the gateway, not llama-server, decides what runs, what waits and what is refused.
+
+llama-server takes every request and queues beyond its slots silently and without bound. So each
+model has a gate here: it knows the model's capacity (the slots of its usable replicas: ready, breaker
+closed; a half-open replica counts its probes) and the requests holding one. A request takes a slot
+if one is free and nobody waits; otherwise `admission.when_full` decides:
+
+  queue   wait in a bounded queue, ordered by tier priority and, within a tier, round-robin between
+          keys (one heavy key cannot starve the others), until a slot frees or `max_wait_s` passes;
+  reject  answer 503 `overloaded` at once.
+
+Every refusal says when to come back: Retry-After estimated from the work queued ahead and the
+observed service time (an EWMA of how long a slot is held), `retry-after-ms` with the precision.
+
+Degradation: while a model's observed time to first token (p95 over a window) exceeds
+`degrade.ttft_p95_s`, requests of the chosen tiers get `max_tokens` capped and/or go to a cheaper
+model, and the response says so in `x-portcullis-degraded`.
+
+The slot is held for the whole upstream part (retries included) and given straight to the next waiter
+when released. Per process: N gateway processes in front of one fleet each admit up to its capacity
+(docs/resilience.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from portcullis.config import Config, DegradeConfig, UpstreamTimeouts
+from portcullis.errors import ServiceUnavailable
+from portcullis.routing.balancer import unavailable
+from portcullis.routing.catalog import Catalog, Replica, ReplicaState
+from portcullis.routing.retry import RetryBudget
+
+if TYPE_CHECKING:
+    from portcullis.http import Request
+    from portcullis.obs.metrics import Metrics
+    from portcullis.upstream.exchange import Exchange
+
+_UNLIMITED = 1 << 30
+_EWMA_ALPHA = 0.1
+_DEGRADE_EVAL_S = 1.0  # how often a model's TTFT p95 is recomputed
+
+
+@dataclass(slots=True, eq=False)
+class Target:
+    """Where the upstream stage sends a request: a model's replicas, its fallbacks, its limits."""
+
+    model: str
+    replicas: list[Replica]
+    fallbacks: list[tuple[str, list[Replica]]]
+    timeouts: UpstreamTimeouts
+    budget: RetryBudget
+
+
+class _Waiter:
+    __slots__ = ("fut", "key", "priority")
+
+    def __init__(self, fut: asyncio.Future[None], priority: int, key: str) -> None:
+        self.fut = fut
+        self.priority = priority
+        self.key = key
+
+
+class Gate:
+    """One model's slots and queue."""
+
+    def __init__(self, model: str, replicas: list[Replica], config: Config) -> None:
+        self.model = model
+        self.replicas = replicas
+        self.holding = 0  # requests holding a slot
+        # priority → key → that key's waiters in arrival order (dicts keep the round-robin order)
+        self._queue: dict[int, dict[str, deque[_Waiter]]] = {}
+        self.depth = 0
+        self.service_s: float | None = None  # EWMA of how long a slot is held
+        self.budget = RetryBudget(config.resilience.retry_budget)
+        self.timeouts = config.timeouts_for(model)
+        # (monotonic time, seconds to first token) of recent requests, for degradation
+        self.ttft: deque[tuple[float, float]] = deque(maxlen=4096)
+        self.ttft_p95: float | None = None
+        self._evaluated_at = 0.0
+
+    # -- capacity ---------------------------------------------------------------------------------
+
+    def capacity(self) -> int:
+        total = 0
+        for r in self.replicas:
+            if r.state is not ReplicaState.READY:
+                continue
+            limit = r.limit
+            if limit is None:
+                return _UNLIMITED
+            total += r.breaker.capacity(limit)
+        return total
+
+    def estimate_wait(self, position: int) -> float:
+        """Seconds until the request at `position` (1 = next) in the queue gets a slot."""
+        capacity = max(1, min(self.capacity(), _UNLIMITED // 2))
+        service = self.service_s if self.service_s is not None else 1.0
+        return position * service / capacity
+
+    def ahead_of(self, priority: int) -> int:
+        return sum(len(d) for p, keys in self._queue.items() if p >= priority for d in keys.values())
+
+    # -- queue ------------------------------------------------------------------------------------
+
+    def enqueue(self, waiter: _Waiter) -> None:
+        keys = self._queue.setdefault(waiter.priority, {})
+        line = keys.get(waiter.key)
+        if line is None:
+            keys[waiter.key] = line = deque()
+        line.append(waiter)
+        self.depth += 1
+
+    def remove(self, waiter: _Waiter) -> None:
+        keys = self._queue.get(waiter.priority)
+        line = keys.get(waiter.key) if keys else None
+        if line is None or waiter not in line:
+            return
+        line.remove(waiter)
+        self.depth -= 1
+        if not line:
+            del keys[waiter.key]  # type: ignore[union-attr]
+
+    def _next(self) -> _Waiter | None:
+        for priority in sorted(self._queue, reverse=True):
+            keys = self._queue[priority]
+            if not keys:
+                continue
+            key = next(iter(keys))
+            line = keys.pop(key)
+            waiter = line.popleft()
+            if line:
+                keys[key] = line  # to the back of the round
+            self.depth -= 1
+            return waiter
+        return None
+
+    def grant(self) -> None:
+        """Hand free slots to waiters, highest priority first."""
+        capacity = self.capacity()
+        while self.depth and self.holding < capacity:
+            waiter = self._next()
+            if waiter is None:
+                return
+            if waiter.fut.done():
+                continue
+            self.holding += 1
+            waiter.fut.set_result(None)
+
+    def release(self, held_s: float | None) -> None:
+        self.holding -= 1
+        if held_s is not None:
+            s = self.service_s
+            self.service_s = held_s if s is None else s + _EWMA_ALPHA * (held_s - s)
+        if self.depth:
+            self.grant()
+
+    def drain(self, error_for: Any) -> None:
+        """Answer every waiter with the error `error_for(position)` gives (shutdown)."""
+        position = 0
+        while self.depth:
+            waiter = self._next()
+            if waiter is None:
+                break
+            position += 1
+            if not waiter.fut.done():
+                waiter.fut.set_exception(error_for(self.estimate_wait(position)))
+
+    # -- degradation --------------------------------------------------------------------------------
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft.append((time.monotonic(), seconds))
+
+    def slow(self, degrade: DegradeConfig) -> bool:
+        threshold = degrade.ttft_p95_s
+        if threshold is None:
+            return False
+        now = time.monotonic()
+        if now - self._evaluated_at >= _DEGRADE_EVAL_S:
+            self._evaluated_at = now
+            horizon = now - degrade.window_s
+            recent = sorted(v for t, v in self.ttft if t >= horizon)
+            self.ttft_p95 = (
+                recent[min(len(recent) - 1, math.ceil(0.95 * len(recent)) - 1)]
+                if (len(recent) >= degrade.min_samples)
+                else None
+            )
+        return self.ttft_p95 is not None and self.ttft_p95 > threshold
+
+
+def _retry_headers(wait: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, round(wait * 1000)))}
+
+
+class Admission:
+    def __init__(self, config: Config, catalog: Catalog, metrics: Metrics) -> None:
+        self.config = config
+        self.settings = config.admission
+        self.catalog = catalog
+        self.metrics = metrics
+        self.gates = {model: Gate(model, replicas, config) for model, replicas in catalog.models.items()}
+        self.closed = False
+
+    def slot(self, req: Request, ex: Exchange, model: str, payload: dict[str, Any]) -> Slot:
+        """`async with admission.slot(...) as target:` holds one of the model's slots for the upstream call."""
+        return Slot(self, req, ex, model, payload)
+
+    def target(self, gate: Gate) -> Target:
+        fallbacks = [
+            (name, self.catalog.models[name])
+            for name in self.catalog.fallbacks.get(gate.model, ())
+            if name not in self.catalog.disabled
+        ]
+        return Target(gate.model, gate.replicas, fallbacks, gate.timeouts, gate.budget)
+
+    def kick(self, model: str) -> None:
+        """Capacity may have grown (a replica came back, a breaker half-opened): let waiters in."""
+        gate = self.gates.get(model)
+        if gate is not None and gate.depth:
+            gate.grant()
+
+    def close(self) -> None:
+        """Shutdown: every queued request is answered 503 with Retry-After now, and nothing queues again."""
+        self.closed = True
+        for gate in self.gates.values():
+            if gate.depth:
+                self.metrics.admission_rejections.labels(gate.model, "shutdown").inc(gate.depth)
+                gate.drain(
+                    lambda wait: ServiceUnavailable(
+                        "The gateway is shutting down; this request was not started. Retry on another instance.",
+                        code="server_shutting_down",
+                        headers=_retry_headers(min(wait, 5.0)),
+                    )
+                )
+
+    # -- the slot's way in ----------------------------------------------------------------------
+
+    def degrade(self, req: Request, ex: Exchange, gate: Gate, payload: dict[str, Any]) -> Gate:
+        settings = self.config.degrade_for(gate.model)
+        if settings.ttft_p95_s is None or not gate.slow(settings):
+            return gate
+        principal = ex.principal
+        if settings.tiers is not None and (principal is None or principal.tier not in settings.tiers):
+            return gate
+        actions = []
+        if settings.max_tokens is not None:
+            for field in ("max_tokens", "max_completion_tokens"):
+                asked = payload.get(field)
+                if field == "max_tokens" or asked is not None:
+                    if not isinstance(asked, int) or asked > settings.max_tokens:
+                        payload[field] = settings.max_tokens
+            actions.append(f"max_tokens={settings.max_tokens}")
+        cheaper = settings.model
+        if cheaper is not None and cheaper != gate.model and cheaper not in self.catalog.disabled:
+            gate = self.gates[cheaper]
+            actions.append(f"model={cheaper}")
+        if actions:
+            ex.degraded = ", ".join(actions)
+            req.response_headers.append((b"x-portcullis-degraded", ex.degraded.encode()))
+            for action in actions:
+                self.metrics.degradations.labels(ex.model or gate.model, action.split("=")[0]).inc()
+        return gate
+
+    def refuse(self, gate: Gate, reason: str, priority: int) -> ServiceUnavailable:
+        self.metrics.admission_rejections.labels(gate.model, reason).inc()
+        wait = gate.estimate_wait(gate.ahead_of(priority) + 1)
+        message = {
+            "reject": f"The model '{gate.model}' is at capacity; retry after the time in Retry-After.",
+            "queue_full": f"The model '{gate.model}' is at capacity and its queue is full; retry later.",
+            "queue_timeout": (
+                f"The model '{gate.model}' stayed at capacity for {self.settings.max_wait_s:g} s while this "
+                "request waited; retry later."
+            ),
+            "shutdown": "The gateway is shutting down; retry on another instance.",
+        }[reason]
+        return ServiceUnavailable(message, code="overloaded", headers=_retry_headers(wait))
+
+    async def wait(self, req: Request, ex: Exchange, gate: Gate, priority: int) -> None:
+        key = (ex.principal.key_id or ex.principal.user) if ex.principal is not None else "-"
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), priority, key or "-")
+        gate.enqueue(waiter)
+        # A client that leaves while waiting leaves the queue at once (the abort cancels this task).
+        ex.watch_disconnect(req.wait_disconnect)
+        queued_at = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.max_wait_s):
+                await waiter.fut
+        except TimeoutError:
+            gate.remove(waiter)
+            raise self.refuse(gate, "queue_timeout", priority) from None
+        except BaseException:
+            if waiter.fut.done() and not waiter.fut.cancelled() and waiter.fut.exception() is None:
+                gate.release(None)  # granted in the same instant the client left: give it back
+            else:
+                gate.remove(waiter)
+            raise
+        finally:
+            ex.queue_s = time.perf_counter() - queued_at
+            self.metrics.queue_wait.labels(gate.model).observe(ex.queue_s)
+
+
+class Slot:
+    __slots__ = ("_admission", "_ex", "_gate", "_model", "_payload", "_req", "_since")
+
+    def __init__(self, admission: Admission, req: Request, ex: Exchange, model: str, payload: dict[str, Any]) -> None:
+        self._admission = admission
+        self._req = req
+        self._ex = ex
+        self._model = model
+        self._payload = payload
+        self._gate: Gate | None = None
+        self._since = 0.0
+
+    async def __aenter__(self) -> Target:
+        admission, ex = self._admission, self._ex
+        gate = admission.gates[self._model]
+        gate = admission.degrade(self._req, ex, gate, self._payload)
+        capacity = gate.capacity()
+        if gate.holding < capacity and not gate.depth:
+            gate.holding += 1
+        elif capacity == 0:
+            admission.metrics.admission_rejections.labels(gate.model, "no_replica").inc()
+            raise unavailable(gate.replicas)
+        else:
+            principal = ex.principal
+            priority = admission.config.tiers[principal.tier].priority if principal is not None else 0
+            if admission.closed:
+                raise admission.refuse(gate, "shutdown", priority)
+            if admission.settings.when_full == "reject":
+                raise admission.refuse(gate, "reject", priority)
+            if gate.depth >= admission.settings.max_queue:
+                raise admission.refuse(gate, "queue_full", priority)
+            await admission.wait(self._req, ex, gate, priority)
+        self._gate = gate
+        self._since = time.perf_counter()
+        return admission.target(gate)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        gate = self._gate
+        if gate is None:
+            return
+        ex = self._ex
+        gate.release(time.perf_counter() - self._since if ex.replica is not None else None)
+        if ex.ttft_s is not None:
+            gate.observe_ttft(ex.ttft_s)
+        elif ex.prompt_s is not None:
+            gate.observe_ttft(ex.queue_s + ex.prompt_s)
