@@ -25,10 +25,10 @@ KEY_SECRET = "test-key-secret-0123456789abcdef0123456789abcdef"
 ADMIN_KEY = "pc-00000000000000ad-test-admin-key-0123456789abcdefghijklmnop"
 
 
-def bind_loopback() -> socket.socket:
+def bind_loopback(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.listen(1024)
     sock.set_inheritable(True)
     return sock
@@ -78,8 +78,9 @@ class Proc:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         name: str = "proc",
+        port: int = 0,
     ) -> None:
-        self.sock = bind_loopback()
+        self.sock = bind_loopback(port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = (log_dir or Path("/tmp")) / f"{name}-{self.port}.log"
@@ -123,8 +124,9 @@ class Proc:
         self._log.close()
 
 
-def start_sim(*args: str, log_dir: Path | None = None, ready_status: tuple[int, ...] = (200,)) -> Proc:
-    return Proc(["sim", *args], ready_path="/health", ready_status=ready_status, log_dir=log_dir, name="sim")
+def start_sim(*args: str, log_dir: Path | None = None, ready_status: tuple[int, ...] = (200,), port: int = 0) -> Proc:
+    """A simulator process; `port` reuses a port (a replica restarted where the gateway expects it)."""
+    return Proc(["sim", *args], ready_path="/health", ready_status=ready_status, log_dir=log_dir, name="sim", port=port)
 
 
 def sim_control(sim: Proc, **changes: Any) -> dict[str, Any]:

@@ -47,6 +47,7 @@ _METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 _MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
 _CORS_EXPOSE = (
     b"x-request-id, retry-after, retry-after-ms, x-portcullis-attempts, x-portcullis-degraded, "
+    b"x-portcullis-queue-wait-ms, "
     b"x-ratelimit-limit-requests, "
     b"x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
     b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
@@ -428,6 +429,8 @@ class Gateway:
         log = self.log.warning if new is BreakerState.OPEN else self.log.info
         log("breaker", model=replica.model, replica=replica.name, old=old.value, new=new.value, reason=reason)
         self.admission.kick(replica.model)
+        if new is BreakerState.OPEN:
+            self.admission.kick_later(replica.model, breaker.config.open_s)
 
     def _on_replica_change(self, replica: Replica) -> None:
         self.admission.kick(replica.model)

@@ -7,6 +7,7 @@ if one is free and nobody waits; otherwise `admission.when_full` decides:
 
   queue   wait in a bounded queue, ordered by tier priority and, within a tier, round-robin between
           keys (one heavy key cannot starve the others), until a slot frees or `max_wait_s` passes;
+          when it is full, a higher tier's request takes the place of the newest lower-tier waiter;
   reject  answer 503 `overloaded` at once.
 
 Every refusal says when to come back: Retry-After estimated from the work queued ahead and the
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 _UNLIMITED = 1 << 30
 _EWMA_ALPHA = 0.1
 _DEGRADE_EVAL_S = 1.0  # how often a model's TTFT p95 is recomputed
+_SHARE_WINDOW_S = 10.0  # the recent grants that say how much of a model higher tiers take
 
 
 @dataclass(slots=True, eq=False)
@@ -70,14 +72,17 @@ class _Waiter:
 class Gate:
     """One model's slots and queue."""
 
-    def __init__(self, model: str, replicas: list[Replica], config: Config) -> None:
+    def __init__(self, model: str, replicas: list[Replica], config: Config, metrics: Metrics) -> None:
         self.model = model
+        self.metrics = metrics
         self.replicas = replicas
         self.holding = 0  # requests holding a slot
         # priority → key → that key's waiters in arrival order (dicts keep the round-robin order)
         self._queue: dict[int, dict[str, deque[_Waiter]]] = {}
         self.depth = 0
         self.service_s: float | None = None  # EWMA of how long a slot is held
+        # (monotonic time, priority) of recent grants: a tier waits behind the higher tiers' arrivals too
+        self.grants: deque[tuple[float, int]] = deque(maxlen=1024)
         self.budget = RetryBudget(config.resilience.retry_budget)
         self.timeouts = config.timeouts_for(model)
         # (monotonic time, seconds to first token) of recent requests, for degradation
@@ -98,11 +103,22 @@ class Gate:
             total += r.breaker.capacity(limit)
         return total
 
-    def estimate_wait(self, position: int) -> float:
-        """Seconds until the request at `position` (1 = next) in the queue gets a slot."""
+    def estimate_wait(self, position: int, priority: int | None = None) -> float:
+        """Seconds until a request at `position` (1 = next) among the waiters of its priority and above
+        gets a slot: position / (the rate slots free up, minus the share recently taken by higher tiers)."""
         capacity = max(1, min(self.capacity(), _UNLIMITED // 2))
         service = self.service_s if self.service_s is not None else 1.0
-        return position * service / capacity
+        wait = position * service / capacity
+        if priority is not None and self.grants:
+            horizon = time.monotonic() - _SHARE_WINDOW_S
+            recent = higher = 0
+            for t, p in self.grants:
+                if t >= horizon:
+                    recent += 1
+                    higher += p > priority
+            if recent:
+                wait /= max(0.05, 1 - higher / recent)
+        return wait
 
     def ahead_of(self, priority: int) -> int:
         return sum(len(d) for p, keys in self._queue.items() if p >= priority for d in keys.values())
@@ -127,6 +143,25 @@ class Gate:
         if not line:
             del keys[waiter.key]  # type: ignore[union-attr]
 
+    def evict_below(self, priority: int) -> _Waiter | None:
+        """Make room for a higher tier: take out the newest waiter of the lowest tier below `priority`,
+        from its key with the most waiters (the heaviest user of that tier gives way first)."""
+        for p in sorted(self._queue):
+            if p >= priority:
+                return None
+            keys = self._queue[p]
+            live = [k for k, line in keys.items() if line]
+            if not live:
+                continue
+            key = max(live, key=lambda k: len(keys[k]))
+            line = keys[key]
+            waiter = line.pop()
+            if not line:
+                del keys[key]
+            self.depth -= 1
+            return waiter
+        return None
+
     def _next(self) -> _Waiter | None:
         for priority in sorted(self._queue, reverse=True):
             keys = self._queue[priority]
@@ -142,8 +177,13 @@ class Gate:
         return None
 
     def grant(self) -> None:
-        """Hand free slots to waiters, highest priority first."""
+        """Hand free slots to waiters, highest priority first. With no usable replica left, waiting is
+        pointless: every waiter is answered 503 now, with the time its breakers or probes name."""
         capacity = self.capacity()
+        if capacity == 0:
+            self.metrics.admission_rejections.labels(self.model, "no_replica").inc(self.depth)
+            self.drain(lambda _wait: unavailable(self.replicas))
+            return
         while self.depth and self.holding < capacity:
             waiter = self._next()
             if waiter is None:
@@ -151,6 +191,7 @@ class Gate:
             if waiter.fut.done():
                 continue
             self.holding += 1
+            self.grants.append((time.monotonic(), waiter.priority))
             waiter.fut.set_result(None)
 
     def release(self, held_s: float | None) -> None:
@@ -204,7 +245,8 @@ class Admission:
         self.settings = config.admission
         self.catalog = catalog
         self.metrics = metrics
-        self.gates = {model: Gate(model, replicas, config) for model, replicas in catalog.models.items()}
+        self.gates = {model: Gate(model, replicas, config, metrics) for model, replicas in catalog.models.items()}
+        self.priorities = {name: tier.priority for name, tier in config.tiers.items()}
         self.closed = False
 
     def slot(self, req: Request, ex: Exchange, model: str, payload: dict[str, Any]) -> Slot:
@@ -224,6 +266,10 @@ class Admission:
         gate = self.gates.get(model)
         if gate is not None and gate.depth:
             gate.grant()
+
+    def kick_later(self, model: str, delay_s: float) -> None:
+        """An open breaker half-opens by the clock alone: look at the queue again then."""
+        asyncio.get_running_loop().call_later(delay_s, self.kick, model)
 
     def close(self) -> None:
         """Shutdown: every queued request is answered 503 with Retry-After now, and nothing queues again."""
@@ -269,7 +315,7 @@ class Admission:
 
     def refuse(self, gate: Gate, reason: str, priority: int) -> ServiceUnavailable:
         self.metrics.admission_rejections.labels(gate.model, reason).inc()
-        wait = gate.estimate_wait(gate.ahead_of(priority) + 1)
+        wait = gate.estimate_wait(gate.ahead_of(priority) + 1, priority)
         message = {
             "reject": f"The model '{gate.model}' is at capacity; retry after the time in Retry-After.",
             "queue_full": f"The model '{gate.model}' is at capacity and its queue is full; retry later.",
@@ -303,6 +349,7 @@ class Admission:
         finally:
             ex.queue_s = time.perf_counter() - queued_at
             self.metrics.queue_wait.labels(gate.model).observe(ex.queue_s)
+            req.response_headers.append((b"x-portcullis-queue-wait-ms", str(round(ex.queue_s * 1000)).encode()))
 
 
 class Slot:
@@ -321,21 +368,26 @@ class Slot:
         admission, ex = self._admission, self._ex
         gate = admission.gates[self._model]
         gate = admission.degrade(self._req, ex, gate, self._payload)
+        principal = ex.principal
+        priority = admission.priorities.get(principal.tier, 0) if principal is not None else 0
         capacity = gate.capacity()
         if gate.holding < capacity and not gate.depth:
             gate.holding += 1
+            gate.grants.append((time.monotonic(), priority))
         elif capacity == 0:
             admission.metrics.admission_rejections.labels(gate.model, "no_replica").inc()
             raise unavailable(gate.replicas)
         else:
-            principal = ex.principal
-            priority = admission.config.tiers[principal.tier].priority if principal is not None else 0
             if admission.closed:
                 raise admission.refuse(gate, "shutdown", priority)
             if admission.settings.when_full == "reject":
                 raise admission.refuse(gate, "reject", priority)
             if gate.depth >= admission.settings.max_queue:
-                raise admission.refuse(gate, "queue_full", priority)
+                evicted = gate.evict_below(priority)
+                if evicted is None:
+                    raise admission.refuse(gate, "queue_full", priority)
+                if not evicted.fut.done():
+                    evicted.fut.set_exception(admission.refuse(gate, "queue_full", evicted.priority))
             await admission.wait(self._req, ex, gate, priority)
         self._gate = gate
         self._since = time.perf_counter()

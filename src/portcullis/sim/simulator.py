@@ -60,6 +60,10 @@ class SimSettings:
     drop_rate: float = 0.0  # streams: cut the connection after `fault_after_tokens`
     stream_error_rate: float = 0.0  # streams: a `data: {"error": ...}` event after `fault_after_tokens`
     fault_after_tokens: int = 2
+    # the next `fail_next` completion requests answer `fail_status` (with Retry-After when set), then normal
+    fail_next: int = 0
+    fail_status: int = 503
+    fail_retry_after: float | None = None
     fixed: bool = False
     stamp_chunks: bool = False  # add `sim_emitted_at` (time.time()) to every chunk
     echo_request: bool = False  # add `sim_request` (the JSON received) to non-streamed answers
@@ -94,6 +98,7 @@ class Simulator:
             "cancelled": 0,
             "active": 0,
             "waiting": 0,
+            "max_waiting": 0,
             "max_active": 0,
             "prompt_tokens": 0,
             "predicted_tokens": 0,
@@ -271,6 +276,19 @@ class Simulator:
             prompt = req.get("prompt", "")
             prompt_text = prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
             n_prompt = len(tokenize(prompt_text)) if isinstance(prompt, str) else len(prompt_text) // 3
+        if s.fail_next > 0:
+            self.settings = s = dataclasses.replace(s, fail_next=s.fail_next - 1)
+            headers = [(b"retry-after", f"{s.fail_retry_after:g}".encode())] if s.fail_retry_after is not None else []
+            body = {"error": {"code": s.fail_status, "message": "simulated failure", "type": "server_error"}}
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": s.fail_status,
+                    "headers": [(b"content-type", b"application/json"), *headers],
+                }
+            )
+            await send({"type": "http.response.body", "body": orjson.dumps(body)})
+            return
         roll = random.random()
         if roll < s.error_rate:
             await _json(send, 500, {"error": {"code": 500, "message": "simulated failure", "type": "server_error"}})
@@ -313,6 +331,7 @@ class Simulator:
         disconnected = asyncio.Event()
         watcher = asyncio.ensure_future(_wait_disconnect(receive, disconnected))
         self.stats["waiting"] += 1
+        self.stats["max_waiting"] = max(self.stats["max_waiting"], self.stats["waiting"])
         try:
             async with self._slots:
                 self.stats["waiting"] -= 1

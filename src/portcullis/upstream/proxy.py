@@ -150,7 +150,7 @@ class Upstream:
         kind: str | None = None
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout(first_deadline) as timer:
+            async with asyncio.timeout_at(first_deadline) as timer:
                 try:
                     resp = await replica.client.post(path, body, model=model)
                 except BadGateway as exc:

@@ -1,0 +1,201 @@
+"""The breaker's state machine, the retry budget, backoff bounds and the admission queue's order.
+
+These run in process with the clock stepped by hand (monkeypatched time.monotonic), so every
+transition is asserted exactly, without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from portcullis.config import BackoffConfig, BreakerConfig, RetryBudgetConfig, build_config
+from portcullis.obs.metrics import Metrics
+from portcullis.routing import breaker as breaker_mod
+from portcullis.routing import retry as retry_mod
+from portcullis.routing.admission import Gate, _Waiter
+from portcullis.routing.breaker import Breaker, BreakerState
+from portcullis.routing.catalog import Catalog, Replica, ReplicaState
+from portcullis.routing.retry import RetryBudget, backoff_delay
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(breaker_mod.time, "monotonic", c)
+    monkeypatch.setattr(retry_mod.time, "monotonic", c)
+    return c
+
+
+def _breaker(**settings: object) -> tuple[Breaker, list[tuple[str, str]]]:
+    moves: list[tuple[str, str]] = []
+    b = Breaker("m/r", BreakerConfig(**settings), lambda _b, old, new, _why: moves.append((old.value, new.value)))
+    return b, moves
+
+
+def test_opens_after_n_failures_in_the_window_and_not_for_old_ones(clock: Clock) -> None:
+    b, moves = _breaker(failures=3, window_s=10, open_s=5)
+    b.record(False, "5xx")
+    b.record(False, "5xx")
+    clock.now += 11  # those two fall out of the window
+    b.record(False, "5xx")
+    b.record(True)
+    b.record(False, "timeout")
+    assert b.state is BreakerState.CLOSED
+    b.record(False, "connect")
+    assert b.state is BreakerState.OPEN and moves == [("closed", "open")]
+    assert not b.allows() and b.capacity(4) == 0
+    assert b.retry_in() == pytest.approx(5.0)
+
+
+def test_client_errors_and_uncounted_kinds_never_open_it(clock: Clock) -> None:
+    b, _ = _breaker(failures=2, count=["connect"])
+    for _ in range(10):
+        b.record(False, None)  # a client 4xx
+        b.record(False, "5xx")  # not counted by this configuration
+        b.record(None)
+    assert b.state is BreakerState.CLOSED
+    assert b.window() == (0, 0)
+
+
+def test_failure_rate_needs_min_requests(clock: Clock) -> None:
+    b, _ = _breaker(failures=100, failure_rate=0.5, min_requests=10)
+    for _ in range(4):
+        b.record(False, "5xx")  # 4 of 4 failed, but fewer than min_requests
+    assert b.state is BreakerState.CLOSED
+    for _ in range(5):
+        b.record(True)
+    b.record(False, "5xx")  # 5 of 10
+    assert b.state is BreakerState.OPEN
+
+
+def test_half_open_admits_probes_closes_after_successes_reopens_on_failure(clock: Clock) -> None:
+    b, moves = _breaker(failures=1, open_s=5, half_open_probes=2, close_after=2)
+    b.record(False, "5xx")
+    clock.now += 5
+    assert b.allows() and b.capacity(8) == 2
+    assert b.acquire() is True and b.state is BreakerState.HALF_OPEN
+    assert b.acquire() is True
+    assert not b.allows()  # both probes out
+    b.record(True, probe=True)
+    assert b.state is BreakerState.HALF_OPEN and b.allows()
+    b.record(True, probe=True)
+    assert b.state is BreakerState.CLOSED
+    b.record(False, "timeout")
+    clock.now += 5
+    probe = b.acquire()
+    b.record(False, "timeout", probe=probe)
+    assert b.state is BreakerState.OPEN and b.retry_in() == pytest.approx(5.0)
+    assert moves == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "open"),
+    ]
+
+
+def test_a_probe_without_verdict_frees_its_place(clock: Clock) -> None:
+    b, _ = _breaker(failures=1, open_s=1, half_open_probes=1)
+    b.record(False, "5xx")
+    clock.now += 1
+    probe = b.acquire()
+    assert not b.allows()
+    b.record(None, probe=probe)  # the client went away
+    assert b.allows() and b.state is BreakerState.HALF_OPEN
+
+
+def test_retry_budget_bounds_retries_to_a_fraction_of_requests(clock: Clock) -> None:
+    budget = RetryBudget(RetryBudgetConfig(ratio=0.2, window_s=10, min_per_s=0))
+    granted = 0
+    for _ in range(100):
+        budget.request()
+        granted += budget.try_retry()
+    assert granted == 20
+    clock.now += 11  # a fresh window
+    budget.request()
+    assert budget.try_retry() is True  # 0 retries < 0.2 * 1
+    assert budget.try_retry() is False  # 1 retry is not < 0.2 * 1
+    for _ in range(5):
+        budget.request()
+    assert budget.try_retry() is True  # 1 < 0.2 * 6
+
+
+def test_retry_budget_floor_lets_a_quiet_model_retry(clock: Clock) -> None:
+    budget = RetryBudget(RetryBudgetConfig(ratio=0.0, window_s=10, min_per_s=0.3))
+    budget.request()
+    assert [budget.try_retry() for _ in range(4)] == [True, True, True, False]
+
+
+def test_full_jitter_backoff_stays_within_its_cap() -> None:
+    random.seed(7)
+    config = BackoffConfig(base_s=0.1, max_s=1.0)
+    for retry, ceiling in ((1, 0.1), (2, 0.2), (3, 0.4), (5, 1.0), (9, 1.0)):
+        delays = [backoff_delay(config, retry) for _ in range(500)]
+        assert 0 <= min(delays) and max(delays) <= ceiling
+        assert max(delays) > ceiling * 0.9 and min(delays) < ceiling * 0.1  # spread over the whole range
+    assert backoff_delay(BackoffConfig(base_s=0.1, max_s=1.0, jitter="none"), 3) == pytest.approx(0.4)
+
+
+def _gate(slots: int) -> Gate:
+    config = build_config({"models": {"m": {"deployments": [{"url": "http://127.0.0.1:9"}]}}}, source="test")
+    replica = Replica(model="m", name="r", url="http://r", kind="llama_cpp", upstream_model=None, weight=1)
+    replica.state, replica.slots = ReplicaState.READY, slots
+    return Gate("m", [replica], config, Metrics(Catalog({"m": [replica]})))
+
+
+def test_queue_serves_higher_tiers_first_and_rotates_between_keys_of_a_tier() -> None:
+    async def run() -> list[str]:
+        gate = _gate(slots=1)
+        gate.holding = 1  # the only slot is taken
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        arrivals = [(0, "heavy")] * 4 + [(0, "light"), (1, "vip"), (0, "other"), (1, "vip")]
+        for i, (priority, key) in enumerate(arrivals):
+            waiter = _Waiter(loop.create_future(), priority, key)
+            waiter.fut.add_done_callback(lambda _f, name=f"{key}{i}": order.append(name))
+            gate.enqueue(waiter)
+        assert gate.depth == 8 and gate.ahead_of(1) == 2 and gate.ahead_of(0) == 8
+        for _ in range(8):
+            gate.release(0.1)  # one finishes; its slot goes to the next waiter
+            await asyncio.sleep(0)
+        return order
+
+    order = asyncio.run(run())
+    assert order == ["vip5", "vip7", "heavy0", "light4", "other6", "heavy1", "heavy2", "heavy3"]
+
+
+def test_a_waiter_that_left_is_skipped_and_its_slot_goes_on() -> None:
+    async def run() -> None:
+        gate = _gate(slots=1)
+        gate.holding = 1
+        loop = asyncio.get_running_loop()
+        gone, staying = _Waiter(loop.create_future(), 0, "a"), _Waiter(loop.create_future(), 0, "b")
+        gate.enqueue(gone)
+        gate.enqueue(staying)
+        gate.remove(gone)  # the client disconnected
+        assert gate.depth == 1
+        gate.release(0.2)
+        assert staying.fut.done() and gate.holding == 1 and gate.depth == 0
+
+    asyncio.run(run())
+
+
+def test_wait_estimate_follows_the_observed_service_time() -> None:
+    gate = _gate(slots=4)
+    for _ in range(50):
+        gate.holding += 1
+        gate.release(0.5)
+    assert gate.service_s == pytest.approx(0.5)
+    assert gate.estimate_wait(8) == pytest.approx(8 * 0.5 / 4)
