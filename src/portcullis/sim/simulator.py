@@ -331,7 +331,8 @@ class Simulator:
         disconnected = asyncio.Event()
         watcher = asyncio.ensure_future(_wait_disconnect(receive, disconnected))
         self.stats["waiting"] += 1
-        self.stats["max_waiting"] = max(self.stats["max_waiting"], self.stats["waiting"])
+        if self._slots.locked():  # every slot busy: this one waits in the silent queue
+            self.stats["max_waiting"] = max(self.stats["max_waiting"], self.stats["waiting"])
         try:
             async with self._slots:
                 self.stats["waiting"] -= 1
