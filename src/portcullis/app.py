@@ -251,6 +251,9 @@ class Gateway:
                     "ttft_ms": round(ex.ttft_s * 1000, 3) if ex.ttft_s is not None else None,
                     "prompt_tokens": ex.prompt_tokens,
                     "completion_tokens": ex.completion_tokens,
+                    "attempts": ex.attempts,
+                    "queue_ms": round(ex.queue_s * 1000, 3),
+                    "degraded": ex.degraded,
                     "error": ex.error_code,
                 }
             )

@@ -257,6 +257,9 @@ def test_overload_three_times_capacity_with_a_queue(tmp_path: Path, slow_sim: Pr
         served = [r for r in results if r.status == 200]
         assert refused and served and len(refused) + len(served) == len(results)
         assert {r.body["error"]["code"] for r in refused} == {"overloaded"}
+        # Every slot came back: none leaked through a wait that timed out as it was granted, or a refusal.
+        gate = orjson.loads(http_get(gw.url + "/admin/backends")[1])["data"][0]
+        assert gate["slots"]["in_use"] == 0 and gate["queue"]["depth"] == 0
         tiers = [key for _, key in bodies]
         premium = [r.latency for r, key in zip(results, tiers, strict=True) if r.status == 200 and key == ADMIN_KEY]
         lower = [r.latency for r, key in zip(results, tiers, strict=True) if r.status == 200 and key == free]

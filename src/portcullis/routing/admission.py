@@ -334,15 +334,18 @@ class Admission:
         # A client that leaves while waiting leaves the queue at once (the abort cancels this task).
         ex.watch_disconnect(req.wait_disconnect)
         queued_at = time.perf_counter()
+        fut = waiter.fut
         try:
             async with asyncio.timeout(self.settings.max_wait_s):
-                await waiter.fut
+                await fut
         except TimeoutError:
-            gate.remove(waiter)
-            raise self.refuse(gate, "queue_timeout", priority) from None
+            granted = fut.done() and not fut.cancelled() and fut.exception() is None
+            if not granted:  # (granted in the very instant the wait ran out: the slot is ours, keep it)
+                gate.remove(waiter)
+                raise self.refuse(gate, "queue_timeout", priority) from None
         except BaseException:
-            if waiter.fut.done() and not waiter.fut.cancelled() and waiter.fut.exception() is None:
-                gate.release(None)  # granted in the same instant the client left: give it back
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                gate.release(None)  # granted in the same instant the client left: give the slot back
             else:
                 gate.remove(waiter)
             raise

@@ -12,7 +12,8 @@ What it reproduces from llama.cpp's tools/server:
   - `/props` (total_slots, default_generation_settings.n_ctx), `/slots`, `/metrics` (llamacpp:*),
     `/v1/models`, `/tokenize`, `/v1/embeddings`.
 Output is deterministic for `temperature: 0` (and for a given `seed`). Faults can be injected by
-probability, at start-up or at run time through `POST /sim/control`; `GET /sim/stats` counts what
+probability, or exactly (`fail_next`: the next N completion requests answer a chosen status, with
+Retry-After if set), at start-up or at run time through `POST /sim/control`; `GET /sim/stats` counts what
 happened (tests use it to see, for instance, that a client disconnect cancelled the generation).
 `fixed` mode answers every completion at once with a canned body: an upstream that is never the
 bottleneck of a benchmark.
