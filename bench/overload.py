@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -154,8 +155,14 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=2.0)
     parser.add_argument("--factors", default="2,4")
     parser.add_argument("--out", default=str(HERE / "RESULTS-overload.md"))
+    parser.add_argument("--from-json", default=None, help="re-render the report from a results-overload.json")
     args = parser.parse_args()
     factors = [float(f) for f in args.factors.split(",")]
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        args.runs = 1 + max(r["run"] for r in saved["rows"])
+        report(saved["rows"], saved["capacity"], args, factors)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="pc-overload-"))
     sim_port, gw_port = free_port(), free_port()
     sim = start(["sim", "--port", str(sim_port), *SIM_ARGS], 1, work / "sim.log")
@@ -254,9 +261,22 @@ def report(rows: list[dict[str, Any]], capacity: float, args: argparse.Namespace
         "",
     ]
     out.write_text("\n".join(lines))
+    embed(HERE / "RESULTS.md", lines)
     (HERE / "results-overload.json").write_text(json.dumps({"capacity": capacity, "rows": rows}, indent=1))
     plot(summary, capacity, factors)
     log(f"wrote {out}")
+
+
+def embed(results_md: Path, lines: list[str]) -> None:
+    """Keep the goodput table in bench/RESULTS.md too, as a marked section bench/run.py preserves."""
+    section = (
+        "\n<!-- overload:begin -->\n## Overload: goodput (bench/overload.py)\n"
+        + "\n".join(lines[1:]).replace("(results-overload.png)", "(results-overload.png)")
+        + "\n<!-- overload:end -->\n"
+    )
+    text = results_md.read_text() if results_md.exists() else ""
+    text, n = re.subn(r"\n<!-- overload:begin -->.*?<!-- overload:end -->\n", lambda _m: section, text, flags=re.S)
+    results_md.write_text(text if n else text.rstrip("\n") + "\n" + section)
 
 
 def plot(summary: dict[tuple[float, str], dict[str, float]], capacity: float, factors: list[float]) -> None:

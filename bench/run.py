@@ -737,7 +737,9 @@ def _write(
     """The report, its data and its plot, named after it (RESULTS.md: results.json, results.png)."""
     stem = out.stem.lower()
     lines += ["", f"![results]({stem}.png)", ""]
-    out.write_text("\n".join(lines))
+    # Sections other harnesses keep in this report (bench/overload.py's goodput) survive a re-run.
+    kept = _kept_sections(out.read_text()) if out.exists() else ""
+    out.write_text("\n".join(lines) + kept)
     meta = {"runs": args.runs, "seconds": args.seconds, "only": args.only, "command": args.command}
     (out.parent / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "non_streaming": results, "streaming": streaming}, indent=1)
@@ -747,6 +749,11 @@ def _write(
         plot(results, connections, out.parent / f"{stem}.png")
     except ImportError:
         log("matplotlib not installed: no plot (pip install -e '.[bench]')")
+
+
+def _kept_sections(text: str) -> str:
+    spans = re.finditer(r"\n<!-- (\w+):begin -->.*?<!-- \1:end -->\n", text, flags=re.S)
+    return "".join(m.group(0) for m in spans)
 
 
 def plot(results: list[dict[str, Any]], connections: list[int], path: Path) -> None:
