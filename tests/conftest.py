@@ -36,7 +36,13 @@ def sim(module_tmp: Path) -> Iterator[Proc]:
 
 @pytest.fixture(scope="module")
 def gateway(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
-    cfg = gateway_config({"tiny": [sim.url], "tiny-embed": [sim.url]}, validation={"max_json_depth": 16})
+    cfg = gateway_config(
+        {"tiny": [sim.url], "tiny-embed": [sim.url]},
+        validation={"max_json_depth": 16},
+        # Modules on this gateway inject faults to see how errors look; a breaker that opened on them
+        # would turn later tests' answers into 503s (breakers have tests of their own: tests/chaos).
+        resilience={"breaker": {"failures": 1000}},
+    )
     proc = start_gateway(cfg, module_tmp, ready_path="/readyz")
     yield proc
     proc.stop()

@@ -381,6 +381,7 @@ class Gateway:
 
     async def shutdown(self) -> None:
         await self.prober.stop()
+        await self.upstream.deadlines.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -6,8 +6,8 @@ jitter between them, within the retry budget and the model's `total_s`. Only fai
 reached the client are retried (routing/retry.py says which). Every attempt's outcome goes to the
 replica's breaker. `x-portcullis-attempts` tells the client how many attempts were made.
 
-Timeouts of one model (`upstream.timeouts`, `models.<m>.timeouts`): connect (aiohttp), then one
-asyncio timeout per attempt that the stage moves as the request goes: time to first event for a
+Timeouts of one model (`upstream.timeouts`, `models.<m>.timeouts`): connect (aiohttp), then one limit
+per attempt, kept by a watchdog (deadline.py) and moved as the request goes: time to first event for a
 stream, then the idle limit between events, never past the request's total.
 
 The client sees the model name it asked for (or the fallback that served it). For streams the gateway
@@ -31,6 +31,7 @@ from portcullis.routing.balancer import choose, unavailable
 from portcullis.routing.catalog import Replica, ReplicaState
 from portcullis.routing.retry import RETRYABLE_STATUS, AttemptFailed, backoff_delay, retry_after_of
 from portcullis.upstream.client import upstream_error
+from portcullis.upstream.deadline import Deadlines
 from portcullis.upstream.exchange import Exchange
 from portcullis.upstream.relay import end_stream_with_error, relay_sse
 
@@ -49,6 +50,7 @@ class Upstream:
     def __init__(self, resilience: ResilienceConfig, metrics: Metrics) -> None:
         self.resilience = resilience
         self.metrics = metrics
+        self.deadlines = Deadlines()
 
     async def forward(
         self,
@@ -113,7 +115,9 @@ class Upstream:
                 if failure.retry_after is not None:
                     replica.cooldown_until = time.monotonic() + failure.retry_after
                     if choose(target.replicas, tried) is None and not target.fallbacks:
-                        delay = max(delay, failure.retry_after)  # the same replica again: honour its wait
+                        # The same replica again: honour its wait (plus 10 ms, as the loop's timers may
+                        # wake a little early and find it still cooling down).
+                        delay = max(delay, failure.retry_after + 0.01)
                 if loop.time() + delay >= deadline or delay > self.resilience.backoff.max_s + 1e-9:
                     raise error from None
                 if not target.budget.try_retry():
@@ -141,7 +145,8 @@ class Upstream:
         ex.replica = replica
         timeouts = target.timeouts
         loop = asyncio.get_running_loop()
-        first_deadline = min(deadline, loop.time() + timeouts.ttft_s) if ex.stream else deadline
+        # The attempt's limit: the first event (streams) or the total; the relay moves it per event.
+        watch = self.deadlines.watch(min(deadline, loop.time() + timeouts.ttft_s) if ex.stream else deadline)
         breaker = replica.breaker
         probe = breaker.acquire()
         replica.in_flight += 1
@@ -150,52 +155,53 @@ class Upstream:
         kind: str | None = None
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout_at(first_deadline) as timer:
-                try:
-                    resp = await replica.client.post(path, body, model=model)
-                except BadGateway as exc:
-                    if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
-                        # Passive health: a refused connection takes the replica out until the prober sees it back.
-                        replica.state = ReplicaState.DOWN
-                        replica.last_error = "connect failed"
-                    ok, kind = False, "connect"
-                    raise AttemptFailed(exc, kind="connect", retryable=True) from None
-                except GatewayTimeout as exc:
-                    ok, kind = False, "timeout"
-                    raise AttemptFailed(exc, kind="timeout", retryable=True) from None
-                status = resp.status
-                if status >= 400:
-                    raw = await resp.read()
-                    ex.upstream_s += time.perf_counter() - t0
-                    failure = _failure(status, raw, resp.headers.get("retry-after"), model)
-                    ok, kind = failure.kind is None, failure.kind
-                    raise failure
-                if ex.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
-                    ex.upstream_s += time.perf_counter() - t0
-                    try:
-                        ok = await relay_sse(
-                            req,
-                            resp,
-                            ex,
-                            model=model,
-                            client_wants_usage=client_wants_usage,
-                            top_up=top_up,
-                            timer=timer,
-                            idle_s=timeouts.idle_s,
-                            deadline=deadline,
-                        )
-                    except AttemptFailed as failure:
-                        ok, kind = False, failure.kind
-                        raise
-                    kind = None if ok else "connect"
-                    return
+            try:
+                resp = await replica.client.post(path, body, model=model)
+            except BadGateway as exc:
+                if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
+                    # Passive health: a refused connection takes the replica out until the prober sees it back.
+                    replica.state = ReplicaState.DOWN
+                    replica.last_error = "connect failed"
+                ok, kind = False, "connect"
+                raise AttemptFailed(exc, kind="connect", retryable=True) from None
+            except GatewayTimeout as exc:
+                ok, kind = False, "timeout"
+                raise AttemptFailed(exc, kind="timeout", retryable=True) from None
+            status = resp.status
+            if status >= 400:
                 raw = await resp.read()
                 ex.upstream_s += time.perf_counter() - t0
-                ok = True
+                failure = _failure(status, raw, resp.headers.get("retry-after"), model)
+                ok, kind = failure.kind is None, failure.kind
+                raise failure
+            if ex.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+                ex.upstream_s += time.perf_counter() - t0
+                try:
+                    ok = await relay_sse(
+                        req,
+                        resp,
+                        ex,
+                        model=model,
+                        client_wants_usage=client_wants_usage,
+                        top_up=top_up,
+                        watch=watch,
+                        idle_s=timeouts.idle_s,
+                        deadline=deadline,
+                    )
+                except AttemptFailed as failure:
+                    ok, kind = False, failure.kind
+                    raise
+                kind = None if ok else "connect"
+                return
+            raw = await resp.read()
+            ex.upstream_s += time.perf_counter() - t0
+            ok = True
+            self.deadlines.unwatch(watch)
             await respond_as_requested_model(req, ex, raw, model)
-        except TimeoutError:
-            if not timer.expired():
-                raise
+        except asyncio.CancelledError:
+            if not watch.expired or ex.abort_reason is not None:
+                raise  # the client left, or the shutdown deadline: not ours to answer
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
             ok, kind = False, "timeout"
             if resp is not None:
                 resp.close()  # cancels the generation upstream
@@ -213,6 +219,7 @@ class Upstream:
                 return
             raise AttemptFailed(GatewayTimeout(message), kind="timeout", retryable=phase == "first_token") from None
         finally:
+            self.deadlines.unwatch(watch)
             replica.in_flight -= 1
             breaker.record(ok, kind, probe=probe)
             if resp is not None:
