@@ -33,6 +33,7 @@ from portcullis.routing.catalog import Catalog, Replica
 from portcullis.store.bus import EventBus
 from portcullis.store.db import make_engine, pending, upgrade
 from portcullis.upstream.client import UpstreamClient
+from portcullis.upstream.deadline import Deadlines
 from portcullis.upstream.exchange import ABORT_CLIENT_GONE, ABORT_SHUTDOWN, Exchange
 from portcullis.upstream.probe import Prober
 from portcullis.upstream.proxy import Upstream
@@ -75,6 +76,8 @@ class Gateway:
         self.started_at = time.time()
         self.draining = False
         self.exchanges: set[Exchange] = set()
+        # Upstream attempts' time limits, checked on the live exchanges by one watchdog.
+        self.deadlines = Deadlines(self.exchanges)
         self.engine = make_engine(config.store.database_url)
         self.quota = Quota(config, self.metrics, self.log)
         self.usage = UsageRecorder(self.engine, config.quota.usage, self.metrics, self.log)
@@ -369,6 +372,8 @@ class Gateway:
             else:
                 self._background.append(asyncio.create_task(self._poll_model_state()))
         self.identity.start()
+        self.deadlines.start()
+        self.admission.start()
         self.quota.start()
         self.usage.start()
         await self.prober.first_round()
@@ -381,7 +386,8 @@ class Gateway:
 
     async def shutdown(self) -> None:
         await self.prober.stop()
-        await self.upstream.deadlines.stop()
+        await self.deadlines.stop()
+        await self.admission.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -118,18 +118,22 @@ def test_a_probe_without_verdict_frees_its_place(clock: Clock) -> None:
 
 def test_retry_budget_bounds_retries_to_a_fraction_of_requests(clock: Clock) -> None:
     budget = RetryBudget(RetryBudgetConfig(ratio=0.2, window_s=10, min_per_s=0))
+    budget.mark()
     granted = 0
     for _ in range(100):
         budget.request()
         granted += budget.try_retry()
     assert granted == 20
-    clock.now += 11  # a fresh window
+    for _ in range(11):  # the ticker's snapshots, one a second: those 100 requests leave the window
+        clock.now += 1
+        budget.mark()
     budget.request()
     assert budget.try_retry() is True  # 0 retries < 0.2 * 1
     assert budget.try_retry() is False  # 1 retry is not < 0.2 * 1
     for _ in range(5):
         budget.request()
     assert budget.try_retry() is True  # 1 < 0.2 * 6
+    assert budget.denied == 80 + 1  # the 80 refused in the first burst, and one since
 
 
 def test_retry_budget_floor_lets_a_quiet_model_retry(clock: Clock) -> None:

@@ -181,7 +181,7 @@ async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:
                     "n_ctx": r.n_ctx,
                     "breaker": {
                         "state": r.breaker.state.value,
-                        "requests_in_window": requests,
+                        "requests_in_window": requests if r.breaker.count_requests else None,
                         "failures_in_window": failures,
                         "retry_in_s": round(r.breaker.retry_in(), 3),
                         "half_open_probes_in_flight": r.breaker.probes,
@@ -200,7 +200,7 @@ async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:
                     "estimated_wait_s": round(gate.estimate_wait(gate.depth + 1), 3) if gate.depth else 0.0,
                 },
                 "ttft_p95_s": gate.ttft_p95,
-                "degraded": gate.slow(gw.config.degrade_for(name)),
+                "degraded": gate.slow(gate.degrade),
                 "retry_budget_denied": gate.budget.denied,
                 "replicas": replicas,
             }

@@ -25,6 +25,7 @@ when released. Per process: N gateway processes in front of one fleet each admit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -55,9 +56,11 @@ class Target:
 
     model: str
     replicas: list[Replica]
+    # Fallback models in order, with their replicas (skip those in `catalog.disabled` when used).
     fallbacks: list[tuple[str, list[Replica]]]
     timeouts: UpstreamTimeouts
     budget: RetryBudget
+    catalog: Catalog
 
 
 class _Waiter:
@@ -85,6 +88,8 @@ class Gate:
         self.grants: deque[tuple[float, int]] = deque(maxlen=1024)
         self.budget = RetryBudget(config.resilience.retry_budget)
         self.timeouts = config.timeouts_for(model)
+        self.degrade = config.degrade_for(model)
+        self.target: Target  # set by Admission, which knows the other gates
         # (monotonic time, seconds to first token) of recent requests, for degradation
         self.ttft: deque[tuple[float, float]] = deque(maxlen=4096)
         self.ttft_p95: float | None = None
@@ -246,20 +251,33 @@ class Admission:
         self.catalog = catalog
         self.metrics = metrics
         self.gates = {model: Gate(model, replicas, config, metrics) for model, replicas in catalog.models.items()}
+        for gate in self.gates.values():
+            fallbacks = [(name, catalog.models[name]) for name in catalog.fallbacks.get(gate.model, ())]
+            gate.target = Target(gate.model, gate.replicas, fallbacks, gate.timeouts, gate.budget, catalog)
         self.priorities = {name: tier.priority for name, tier in config.tiers.items()}
         self.closed = False
+        self._ticker: asyncio.Task[None] | None = None
 
     def slot(self, req: Request, ex: Exchange, model: str, payload: dict[str, Any]) -> Slot:
         """`async with admission.slot(...) as target:` holds one of the model's slots for the upstream call."""
         return Slot(self, req, ex, model, payload)
 
-    def target(self, gate: Gate) -> Target:
-        fallbacks = [
-            (name, self.catalog.models[name])
-            for name in self.catalog.fallbacks.get(gate.model, ())
-            if name not in self.catalog.disabled
-        ]
-        return Target(gate.model, gate.replicas, fallbacks, gate.timeouts, gate.budget)
+    def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+
+    async def _tick(self) -> None:
+        """Once a second: snapshot every model's retry budget (its window is made of these)."""
+        while True:
+            for gate in self.gates.values():
+                gate.budget.mark()
+            await asyncio.sleep(1.0)
 
     def kick(self, model: str) -> None:
         """Capacity may have grown (a replica came back, a breaker half-opened): let waiters in."""
@@ -288,8 +306,8 @@ class Admission:
     # -- the slot's way in ----------------------------------------------------------------------
 
     def degrade(self, req: Request, ex: Exchange, gate: Gate, payload: dict[str, Any]) -> Gate:
-        settings = self.config.degrade_for(gate.model)
-        if settings.ttft_p95_s is None or not gate.slow(settings):
+        settings = gate.degrade
+        if not gate.slow(settings):
             return gate
         principal = ex.principal
         if settings.tiers is not None and (principal is None or principal.tier not in settings.tiers):
@@ -370,17 +388,17 @@ class Slot:
     async def __aenter__(self) -> Target:
         admission, ex = self._admission, self._ex
         gate = admission.gates[self._model]
-        gate = admission.degrade(self._req, ex, gate, self._payload)
-        principal = ex.principal
-        priority = admission.priorities.get(principal.tier, 0) if principal is not None else 0
+        if gate.degrade.ttft_p95_s is not None:
+            gate = admission.degrade(self._req, ex, gate, self._payload)
         capacity = gate.capacity()
         if gate.holding < capacity and not gate.depth:
-            gate.holding += 1
-            gate.grants.append((time.monotonic(), priority))
+            gate.holding += 1  # (grants are recorded only from the queue: they matter only under contention)
         elif capacity == 0:
             admission.metrics.admission_rejections.labels(gate.model, "no_replica").inc()
             raise unavailable(gate.replicas)
         else:
+            principal = ex.principal
+            priority = admission.priorities.get(principal.tier, 0) if principal is not None else 0
             if admission.closed:
                 raise admission.refuse(gate, "shutdown", priority)
             if admission.settings.when_full == "reject":
@@ -394,7 +412,7 @@ class Slot:
             await admission.wait(self._req, ex, gate, priority)
         self._gate = gate
         self._since = time.perf_counter()
-        return admission.target(gate)
+        return gate.target
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -34,6 +34,7 @@ class Breaker:
     __slots__ = (
         "_buckets",
         "config",
+        "count_requests",
         "counts",
         "listener",
         "name",
@@ -47,6 +48,8 @@ class Breaker:
         self.name = name
         self.config = config
         self.counts = frozenset(config.count)
+        # Successes need counting only for a failure rate; without one, a success costs nothing.
+        self.count_requests = config.failure_rate is not None
         self.state = BreakerState.CLOSED
         self.open_until = 0.0
         self.probes = 0  # half-open requests in flight
@@ -113,7 +116,7 @@ class Breaker:
                 self._buckets.clear()
                 self._move(BreakerState.CLOSED, f"{self.successes} half-open probe(s) succeeded")
             return
-        if state is BreakerState.OPEN or ok is None:
+        if state is BreakerState.OPEN or ok is None or (ok and not self.count_requests):
             return
         second = int(time.monotonic())
         buckets = self._buckets
@@ -131,7 +134,8 @@ class Breaker:
             self._check_trip(kind)
 
     def window(self) -> tuple[int, int]:
-        """(requests, failures) counted in the rolling window."""
+        """(requests, failures) counted in the rolling window (requests: failures only, unless a
+        failure rate is configured)."""
         horizon = int(time.monotonic()) - self.config.window_s
         requests = failures = 0
         for second, n, f in self._buckets:

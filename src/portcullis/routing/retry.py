@@ -43,42 +43,44 @@ def backoff_delay(config: BackoffConfig, retry: int) -> float:
 
 
 class RetryBudget:
-    """Counts requests and retries in one-second buckets over `window_s`; a retry is allowed while
-    retries < ratio * requests + min_per_s * window_s."""
+    """A retry is allowed while retries < ratio * requests + min_per_s * window_s, both counted over the
+    last `window_s` seconds.
 
-    __slots__ = ("_buckets", "config", "denied")
+    Counting a request is one integer increment (it happens on every request); the window comes from
+    snapshots of the running totals that `mark()` takes once a second (Admission's ticker), so only a
+    retry does arithmetic over it.
+    """
+
+    __slots__ = ("_marks", "config", "denied", "requests", "retries")
 
     def __init__(self, config: RetryBudgetConfig) -> None:
         self.config = config
-        self._buckets: deque[list[int]] = deque()  # [second, requests, retries]
+        self.requests = 0
+        self.retries = 0
         self.denied = 0
-
-    def _bucket(self) -> list[int]:
-        second = int(time.monotonic())
-        buckets = self._buckets
-        if buckets and buckets[-1][0] == second:
-            return buckets[-1]
-        bucket = [second, 0, 0]
-        buckets.append(bucket)
-        horizon = second - self.config.window_s
-        while buckets[0][0] <= horizon:
-            buckets.popleft()
-        return bucket
+        self._marks: deque[tuple[float, int, int]] = deque()  # (monotonic time, requests, retries)
 
     def request(self) -> None:
-        self._bucket()[1] += 1
+        self.requests += 1
+
+    def mark(self) -> None:
+        now = time.monotonic()
+        marks = self._marks
+        marks.append((now, self.requests, self.retries))
+        horizon = now - self.config.window_s
+        while len(marks) > 1 and marks[1][0] <= horizon:
+            marks.popleft()  # marks[0] stays the last snapshot at or before the window's start
 
     def try_retry(self) -> bool:
-        bucket = self._bucket()
-        requests = retries = 0
-        for _, n, r in self._buckets:
-            requests += n
-            retries += r
+        base_requests = base_retries = 0
+        marks = self._marks
+        if marks and marks[0][0] <= time.monotonic() - self.config.window_s:
+            _, base_requests, base_retries = marks[0]
         c = self.config
-        if retries >= c.ratio * requests + c.min_per_s * c.window_s:
+        if self.retries - base_retries >= c.ratio * (self.requests - base_requests) + c.min_per_s * c.window_s:
             self.denied += 1
             return False
-        bucket[2] += 1
+        self.retries += 1
         return True
 
 

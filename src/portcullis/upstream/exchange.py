@@ -45,6 +45,9 @@ class Exchange:
     # nearest thing to a time to first token that a one-piece answer tells.
     prompt_s: float | None = None
     attempts: int = 0
+    # The current upstream attempt's time limit (loop time; 0: none) and whether it passed (deadline.py).
+    deadline: float = 0.0
+    deadline_expired: bool = False
     degraded: str | None = None  # what degradation changed, as told in x-portcullis-degraded
     # Set just before the last byte is handed to the server: from then on nothing may cancel us.
     finished: bool = False

@@ -31,7 +31,6 @@ from portcullis.routing.balancer import choose, unavailable
 from portcullis.routing.catalog import Replica, ReplicaState
 from portcullis.routing.retry import RETRYABLE_STATUS, AttemptFailed, backoff_delay, retry_after_of
 from portcullis.upstream.client import upstream_error
-from portcullis.upstream.deadline import Deadlines
 from portcullis.upstream.exchange import Exchange
 from portcullis.upstream.relay import end_stream_with_error, relay_sse
 
@@ -50,7 +49,6 @@ class Upstream:
     def __init__(self, resilience: ResilienceConfig, metrics: Metrics) -> None:
         self.resilience = resilience
         self.metrics = metrics
-        self.deadlines = Deadlines()
 
     async def forward(
         self,
@@ -114,7 +112,7 @@ class Upstream:
                 delay = backoff_delay(self.resilience.backoff, ex.attempts)
                 if failure.retry_after is not None:
                     replica.cooldown_until = time.monotonic() + failure.retry_after
-                    if choose(target.replicas, tried) is None and not target.fallbacks:
+                    if choose(target.replicas, tried) is None and not _usable_fallbacks(target):
                         # The same replica again: honour its wait (plus 10 ms, as the loop's timers may
                         # wake a little early and find it still cooling down).
                         delay = max(delay, failure.retry_after + 0.01)
@@ -146,7 +144,7 @@ class Upstream:
         timeouts = target.timeouts
         loop = asyncio.get_running_loop()
         # The attempt's limit: the first event (streams) or the total; the relay moves it per event.
-        watch = self.deadlines.watch(min(deadline, loop.time() + timeouts.ttft_s) if ex.stream else deadline)
+        ex.deadline = min(deadline, loop.time() + timeouts.ttft_s) if ex.stream else deadline
         breaker = replica.breaker
         probe = breaker.acquire()
         replica.in_flight += 1
@@ -184,7 +182,6 @@ class Upstream:
                         model=model,
                         client_wants_usage=client_wants_usage,
                         top_up=top_up,
-                        watch=watch,
                         idle_s=timeouts.idle_s,
                         deadline=deadline,
                     )
@@ -196,12 +193,13 @@ class Upstream:
             raw = await resp.read()
             ex.upstream_s += time.perf_counter() - t0
             ok = True
-            self.deadlines.unwatch(watch)
+            ex.deadline = 0.0  # from here on only the client is written to
             await respond_as_requested_model(req, ex, raw, model)
         except asyncio.CancelledError:
-            if not watch.expired or ex.abort_reason is not None:
+            if not ex.deadline_expired or ex.abort_reason is not None:
                 raise  # the client left, or the shutdown deadline: not ours to answer
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            ex.deadline_expired = False
             ok, kind = False, "timeout"
             if resp is not None:
                 resp.close()  # cancels the generation upstream
@@ -219,7 +217,7 @@ class Upstream:
                 return
             raise AttemptFailed(GatewayTimeout(message), kind="timeout", retryable=phase == "first_token") from None
         finally:
-            self.deadlines.unwatch(watch)
+            ex.deadline = 0.0
             replica.in_flight -= 1
             breaker.record(ok, kind, probe=probe)
             if resp is not None:
@@ -235,18 +233,24 @@ def _next_replica(target: Target, tried: list[Replica]) -> tuple[Replica, str] |
     replica = choose(target.replicas, tried, now)
     if replica is not None:
         return replica, target.model
-    for name, replicas in target.fallbacks:
+    fallbacks = _usable_fallbacks(target)
+    for name, replicas in fallbacks:
         replica = choose(replicas, tried, now)
         if replica is not None:
             return replica, name
     replica = choose(target.replicas, (), now)
     if replica is not None:
         return replica, target.model
-    for name, replicas in target.fallbacks:
+    for name, replicas in fallbacks:
         replica = choose(replicas, (), now)
         if replica is not None:
             return replica, name
     return None
+
+
+def _usable_fallbacks(target: Target) -> list[tuple[str, list[Replica]]]:
+    disabled = target.catalog.disabled
+    return [(name, replicas) for name, replicas in target.fallbacks if name not in disabled]
 
 
 def _failure(status: int, raw: bytes, retry_after: str | None, model: str) -> AttemptFailed:

@@ -28,7 +28,6 @@ from portcullis.errors import BadGateway, error_body
 from portcullis.http import Request
 from portcullis.routing.retry import AttemptFailed
 from portcullis.upstream.client import upstream_error
-from portcullis.upstream.deadline import Watch
 from portcullis.upstream.exchange import Exchange
 
 _DONE = b"data: [DONE]\n\n"
@@ -46,7 +45,6 @@ async def relay_sse(
     model: str,
     client_wants_usage: bool,
     top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
-    watch: Watch | None = None,
     idle_s: float = 0.0,
     deadline: float = 0.0,
 ) -> bool:
@@ -54,9 +52,9 @@ async def relay_sse(
 
     Nothing is sent to the client before the upstream's first event: if the upstream breaks before
     it, `AttemptFailed` is raised and another replica may serve the request. From the first event on,
-    `watch` (the attempt's limit, set by the caller to the time-to-first-token limit) is moved to
-    `idle_s` after each event, never past `deadline`. `top_up`, when given, is asked for more budget
-    each time the stream passes what it covers.
+    the attempt's limit (`ex.deadline`, set by the caller to the time-to-first-token limit) is moved to
+    `idle_s` after each event, never past `deadline` (0: no limits, as in tests of the relay alone).
+    `top_up`, when given, is asked for more budget each time the stream passes what it covers.
     """
     content = resp.content
     data_lines: list[bytes] = []
@@ -108,8 +106,8 @@ async def relay_sse(
             await req.stream_chunk(out)
         if finished:
             break
-        if watch is not None:
-            watch.when = min(deadline, clock() + idle_s)
+        if deadline:
+            ex.deadline = min(deadline, clock() + idle_s)
     if not finished and data_lines:  # last event without its blank line
         data = b"\n".join(data_lines)
         out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
