@@ -252,6 +252,12 @@ class BreakerConfig(_Section):
     # What counts as a failure. A client's 4xx never does.
     count: list[FailureKind] = Field(default_factory=lambda: ["connect", "timeout", "5xx"], min_length=1)
 
+    @field_validator("count", mode="before")
+    @classmethod
+    def _status_as_text(cls, value: Any) -> Any:
+        # YAML reads an unquoted 429 as a number.
+        return [str(v) if isinstance(v, int) else v for v in value] if isinstance(value, list) else value
+
 
 class ResilienceConfig(_Section):
     # Retries after the first attempt (so at most retries + 1 attempts), each preferably on another

@@ -103,3 +103,43 @@ def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
     result = _cli("serve", "--config", str(bad_path))
     assert result.returncode == 1
     assert "models.m.deployments[0].wieght: unknown key" in result.stderr
+
+
+def test_resilience_sections_and_their_references(tmp_path: Path) -> None:
+    config = load_config(
+        _write(
+            tmp_path,
+            """
+resilience: {retries: 3, breaker: {failures: 2, count: [connect, 429]}}
+admission: {when_full: reject, degrade: {ttft_p95_s: 5, max_tokens: 64, model: small, tiers: [free]}}
+upstream: {timeouts: {ttft_s: 30}}
+models:
+  big:
+    deployments: [{url: "http://127.0.0.1:8080", max_in_flight: 2}]
+    fallbacks: [small]
+    timeouts: {idle_s: 5}
+  small:
+    deployments: [{url: "http://127.0.0.1:8081"}]
+""",
+        ),
+        environ={},
+    )
+    assert config.resilience.retries == 3 and config.resilience.breaker.count == ["connect", "429"]
+    assert config.timeouts_for("big").idle_s == 5 and config.timeouts_for("big").ttft_s == 30
+    assert config.timeouts_for("small").idle_s == 60  # the global default
+    assert config.degrade_for("big").model == "small"
+    for bad, field, reason in (
+        ("models: {a: {deployments: [{url: 'http://h:1'}], fallbacks: [nope]}}", "", "'nope' is not another"),
+        ("models: {a: {deployments: [{url: 'http://h:1'}], fallbacks: [a]}}", "", "'a' is not another"),
+        ("admission: {degrade: {tiers: [gold]}}\nmodels: {a: {deployments: [{url: 'http://h:1'}]}}", "", "gold"),
+        (
+            "resilience: {breaker: {count: [4xx]}}\nmodels: {a: {deployments: [{url: 'http://h:1'}]}}",
+            "resilience.breaker.count[0]",
+            "",
+        ),
+        ("admission: {when_full: drop}\nmodels: {a: {deployments: [{url: 'http://h:1'}]}}", "admission.when_full", ""),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(_write(tmp_path, bad), environ={})
+        problems = dict(info.value.problems)
+        assert field in problems and reason in problems[field], problems
