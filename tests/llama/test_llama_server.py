@@ -56,6 +56,7 @@ def llama(module_tmp: Path) -> Iterator[str]:
             "-t",
             "1",
             "--no-warmup",
+            "--metrics",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -140,3 +141,47 @@ def test_context_overflow_is_context_length_exceeded(client: openai.OpenAI) -> N
 
 def test_models(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_the_gateway_queues_what_llama_server_would_queue_silently(llama: str, llama_gateway: Proc) -> None:
+    """More concurrent requests than slots: llama-server never defers one (its silent queue stays
+    empty, per its own /metrics); the surplus waits in the gateway's queue and every stream completes."""
+    import asyncio
+    import threading
+
+    import aiohttp
+    from load import call
+
+    deferred: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            _, text = http_get(llama + "/metrics", timeout=2)
+            for line in text.decode().splitlines():
+                if line.startswith("llamacpp:requests_deferred"):
+                    deferred.append(float(line.split()[-1]))
+            done.wait(0.01)
+
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 48,
+        "stream": True,
+        "ignore_eos": True,
+    }
+
+    async def run() -> list:
+        async with aiohttp.ClientSession() as s:
+            return list(await asyncio.gather(*(call(s, llama_gateway.url, body, limit_s=60) for _ in range(4 * SLOTS))))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        results = asyncio.run(run())
+    finally:
+        done.set()
+        sampler.join()
+    assert all(r.status == 200 and r.stream_complete and r.stream_error is None for r in results)
+    assert sum("x-portcullis-queue-wait-ms" in r.headers for r in results) >= 2 * SLOTS
+    assert deferred and max(deferred) == 0
