@@ -42,7 +42,8 @@ def chat_body(*, stream: bool = False, max_tokens: int = 8, model: str = "m", te
         "model": model,
         "messages": [{"role": "user", "content": text}],
         "max_tokens": max_tokens,
-        "temperature": 0,
+        # Not temperature 0: deterministic requests are answered from the cache after the first.
+        "temperature": 0.7,
         "stream": stream,
     }
 

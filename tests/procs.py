@@ -80,6 +80,7 @@ class Proc:
         name: str = "proc",
         port: int = 0,
     ) -> None:
+        self.database_url = ""  # gateways: the database it was started with
         self.sock = bind_loopback(port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -171,10 +172,12 @@ def start_gateway(
     path = tmp_path / f"gateway-{stamp}.yaml"
     path.write_text(yaml.safe_dump(config))
     full_env = {"PORTCULLIS_KEY_SECRET": KEY_SECRET, "PORTCULLIS_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY, **(env or {})}
-    return Proc(
+    proc = Proc(
         ["serve", "--config", str(path), *(extra_args or [])],
         ready_path=ready_path,
         env=full_env,
         log_dir=tmp_path,
         name="gateway",
     )
+    proc.database_url = store["database_url"]
+    return proc

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from portcullis.api import admin, openai, ops
+from portcullis.cache.exact import ResponseCache
 from portcullis.config import Config
 from portcullis.errors import Forbidden, GatewayError, MethodNotAllowed, NotFound, ServiceUnavailable
 from portcullis.http import ClientDisconnected, Receive, Request, Scope, Send
@@ -47,7 +48,7 @@ _QUIET = {"/healthz", "/readyz", "/metrics"}
 _METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 _MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
 _CORS_EXPOSE = (
-    b"x-request-id, retry-after, retry-after-ms, x-portcullis-attempts, x-portcullis-degraded, "
+    b"x-request-id, retry-after, retry-after-ms, x-portcullis-attempts, x-portcullis-degraded, x-portcullis-cache, "
     b"x-portcullis-queue-wait-ms, "
     b"x-ratelimit-limit-requests, "
     b"x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
@@ -68,6 +69,7 @@ class Gateway:
         self.admission = Admission(config, self.catalog, self.metrics)
         self.metrics.watch_admission(self.admission)
         self.upstream = Upstream(config.resilience, self.metrics)
+        self.cache = ResponseCache(config.cache, config.store.redis_url, self.metrics)
         self._replica_of: dict[Breaker, Replica] = {}
         for replica in self.catalog.all_replicas():
             replica.breaker.listener = self._on_breaker
@@ -161,6 +163,8 @@ class Gateway:
         finally:
             self.exchanges.discard(ex)
             ex.stop_watching()
+            if ex.cache is not None:
+                self.cache.complete(ex, req.status)
             if req.path in _METERED:
                 self.quota.settle(ex, req.status)
                 self._record_usage(req, ex)
@@ -394,6 +398,7 @@ class Gateway:
         if self.identity is not None:
             await self.identity.stop()
         await self.quota.stop()
+        await self.cache.close()
         await self.usage.stop()
         if self.bus is not None:
             await self.bus.close()

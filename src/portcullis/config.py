@@ -292,6 +292,25 @@ class AdmissionConfig(_Section):
     degrade: DegradeConfig = DegradeConfig()
 
 
+class CacheConfig(_Section):
+    """The exact response cache (docs/caching.md). Only deterministic requests are ever cached."""
+
+    enabled: bool = True
+    # memory: this process (an LRU bounded in bytes); redis: shared by every process (store.redis_url);
+    # auto: redis when store.redis_url is set.
+    backend: Literal["auto", "memory", "redis"] = "memory"
+    ttl_s: PositiveFloat = 3600.0
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_entry_bytes: int = Field(4 * 1024 * 1024, ge=256)
+    # tenant: entries are per user; global: shared by everyone (only for answers that may be shared).
+    scope: Literal["tenant", "global"] = "tenant"
+    # Also cache requests with a fixed `seed` (not only temperature 0): deterministic on one build of one
+    # backend, not necessarily across replicas.
+    seeded: bool = False
+    # Identical cacheable requests in flight share one upstream call.
+    coalesce: bool = True
+
+
 class ValidationLimits(_Section):
     max_messages: int = Field(2048, ge=1)
     max_message_chars: int = Field(1_000_000, ge=1)
@@ -411,6 +430,7 @@ class Config(_Section):
     quota: QuotaConfig = QuotaConfig()
     admission: AdmissionConfig = AdmissionConfig()
     resilience: ResilienceConfig = ResilienceConfig()
+    cache: CacheConfig = CacheConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -419,6 +439,8 @@ class Config(_Section):
             raise ValueError(f"auth.jwt.default_tier '{self.auth.jwt.default_tier}' is not a configured tier")
         if self.quota.backend == "redis" and not self.store.redis_url:
             raise ValueError("quota.backend is 'redis' but store.redis_url is not set")
+        if self.cache.backend == "redis" and not self.store.redis_url:
+            raise ValueError("cache.backend is 'redis' but store.redis_url is not set")
         return self
 
     @model_validator(mode="after")

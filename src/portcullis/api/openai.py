@@ -1,11 +1,11 @@
 """The OpenAI-compatible endpoints. Each handler reads top to bottom like the request path in DESIGN.md:
 
     (authenticated, scope checked: app.py) → read body (capped) → parse once → validate
-    → model allowed for this principal → look up the model → admit quotas
+    → model allowed for this principal → look up the model → admit quotas → cache / coalesce
     → admission (a slot of the model: now, after queueing, degraded, or 503) → upstream attempts
     (retries, failover, breakers) → relay (settled and recorded when the response is over: app.py)
 
-Stages still to come (moderation, cache, routing) slot in between, in order.
+Stages still to come (moderation, routing) slot in between, in order.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     require_model(ex.principal, chat.model)
     gw.catalog.replicas_for(chat.model)  # 404 for an unknown or switched-off model
     await gw.quota.admit(req, ex, chat)
+    if await gw.cache.answer(req, ex, payload, route="/v1/chat/completions", chat=True):
+        return  # from the cache, or shared with an identical request in flight
     async with gw.admission.slot(req, ex, chat.model, payload) as target:
         await gw.upstream.forward(
             req, ex, path="/v1/chat/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
@@ -43,6 +45,8 @@ async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     require_model(ex.principal, completion.model)
     gw.catalog.replicas_for(completion.model)  # 404 for an unknown or switched-off model
     await gw.quota.admit(req, ex, completion)
+    if await gw.cache.answer(req, ex, payload, route="/v1/completions", chat=False):
+        return  # from the cache, or shared with an identical request in flight
     async with gw.admission.slot(req, ex, completion.model, payload) as target:
         await gw.upstream.forward(
             req, ex, path="/v1/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)

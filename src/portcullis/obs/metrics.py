@@ -118,6 +118,14 @@ class _RequestCollector(Collector):
         for labels, value in m.tokens.items():
             tokens.add_metric(list(labels), value)
         yield tokens
+        cache = CounterMetricFamily(
+            "portcullis_cache_lookups",
+            "Cache lookups by result: hit, miss, bypass (not cacheable), coalesced (shared an identical request)",
+            labels=["route", "result"],
+        )
+        for labels, value in m.cache_lookups.items():
+            cache.add_metric(list(labels), value)
+        yield cache
         for name, doc, label_names, bounds, series in (
             (
                 "portcullis_request_duration_seconds",
@@ -176,6 +184,7 @@ class Metrics:
         self.upstream_latency: dict[tuple[str], _Histogram] = {}
         self.ttft: dict[tuple[str], _Histogram] = {}
         self.overhead: dict[tuple[str], _Histogram] = {}
+        self.cache_lookups: dict[tuple[str, str], float] = {}  # (route, result) → count; per request
         self.registry.register(_RequestCollector(self))
         self.registry.register(ReplicaCollector(catalog))
         # Quota and usage events: rare next to requests, so prometheus_client's own types are fine here.
@@ -235,6 +244,10 @@ class Metrics:
             "portcullis_breaker_transitions", "Circuit breaker state changes", ["model", "replica", "to"], registry=r
         )
 
+        self.cache_store_errors = Counter(
+            "portcullis_cache_store_errors", "Cache store (Redis) calls that failed", registry=r
+        )
+
     def watch_admission(self, admission: Admission) -> None:
         self.registry.register(AdmissionCollector(admission))
 
@@ -265,6 +278,10 @@ class Metrics:
         if completion_tokens:
             k = (label, "completion")
             self.tokens[k] = self.tokens.get(k, 0.0) + completion_tokens
+
+    def cache_lookup(self, route: str, result: str) -> None:
+        key = (route, result)
+        self.cache_lookups[key] = self.cache_lookups.get(key, 0.0) + 1.0
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -282,5 +282,7 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
         timings = answer.get("timings")
         if isinstance(timings, dict) and isinstance(timings.get("prompt_ms"), int | float):
             ex.prompt_s = timings["prompt_ms"] / 1000
+        if ex.cache is not None:
+            ex.cache.answer = answer
     ex.finished = True
     await req.respond(200, orjson.dumps(answer))

@@ -169,6 +169,8 @@ def _translate(data: bytes, ex: Exchange, *, model: str, client_wants_usage: boo
             ex.ttft_s = time.perf_counter() - ex.started_at
     if "model" in chunk:
         chunk["model"] = model
+    if ex.cache is not None and ex.cache.assembler is not None:
+        ex.cache.assembler.add(chunk)
     return b"data: " + orjson.dumps(chunk) + b"\n\n", False
 
 

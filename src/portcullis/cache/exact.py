@@ -1,0 +1,188 @@
+"""The exact response cache and the coalescing of identical requests in flight.
+
+Key: a hash of the canonical JSON (sorted keys) of the route and every request field except those that
+cannot change the output (`stream`, `stream_options`, `user`, `metadata`, `store`, `service_tier`):
+a deny-list, so a field this gateway has never heard of (llama-server's `top_k`, `min_p`,
+`ignore_eos`, ...) still separates entries. The scope comes first: the user (`cache.scope: tenant`,
+the default) or nobody (`global`, an operator's opt-in). Only deterministic requests are cached:
+`temperature: 0`, or a `seed` when `cache.seeded` allows it; everything else is `bypass`.
+
+An entry is the non-streamed JSON answer; a streaming client gets it replayed as chunks (replay.py),
+and a streamed miss is assembled back into that form as it passes. Nothing is stored unless the answer
+ended normally: no errors, no cut streams, no degraded or fallback answers.
+
+Coalescing: while a cacheable request is being answered upstream, identical ones (same key) wait for
+its answer instead of calling the upstream again, and are then served it like a hit
+(`x-portcullis-cache: coalesced`). A waiter that disconnects leaves alone; if the leader fails or its
+client leaves, the waiters start over (one of them leads). Coalescing is per process: across processes
+the shared Redis cache answers identical requests once the first one has finished (docs/caching.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from portcullis.cache.replay import Assembler, as_stream
+from portcullis.cache.store import CacheStore, MemoryStore, RedisStore
+from portcullis.config import CacheConfig
+
+if TYPE_CHECKING:
+    from portcullis.http import Request
+    from portcullis.obs.metrics import Metrics
+    from portcullis.upstream.exchange import Exchange
+
+_NOT_OUTPUT = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
+_HEADER = b"x-portcullis-cache"
+_HIT, _MISS, _BYPASS, _COALESCED = b"hit", b"miss", b"bypass", b"coalesced"
+
+
+class _LeaderFailed(Exception):
+    """The request being waited for ended without an answer to share."""
+
+
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """What the cache stage keeps on an exchange that went upstream as a cacheable miss."""
+
+    key: str
+    chat: bool
+    store: bool  # False with Cache-Control: no-store
+    assembler: Assembler | None = None  # streams
+    answer: dict[str, Any] | None = None  # non-streamed answers
+    leader: asyncio.Future[bytes] | None = field(default=None, repr=False)
+
+
+class ResponseCache:
+    def __init__(self, config: CacheConfig, redis_url: str | None, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.store: CacheStore
+        if config.backend == "redis" or (config.backend == "auto" and redis_url):
+            assert redis_url is not None
+            self.store = RedisStore(redis_url)
+        else:
+            self.store = MemoryStore(config.max_bytes, config.max_entry_bytes)
+        self._in_flight: dict[str, asyncio.Future[bytes]] = {}
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def key(self, route: str, payload: dict[str, Any], ex: Exchange) -> str:
+        body = {k: v for k, v in payload.items() if k not in _NOT_OUTPUT}
+        digest = hashlib.blake2b(orjson.dumps([route, body], option=orjson.OPT_SORT_KEYS), digest_size=20)
+        if self.config.scope == "global":
+            scope = "g"
+        else:
+            principal = ex.principal
+            tenant = principal.user if principal is not None else "-"
+            scope = "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()
+        return f"{scope}:{digest.hexdigest()}"
+
+    def cacheable(self, payload: dict[str, Any]) -> bool:
+        temperature = payload.get("temperature")
+        if isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature == 0:
+            return True
+        seed = payload.get("seed")
+        return self.config.seeded and isinstance(seed, int) and not isinstance(seed, bool)
+
+    async def answer(self, req: Request, ex: Exchange, payload: dict[str, Any], *, route: str, chat: bool) -> bool:
+        """Serve from the cache, or from an identical request in flight: True when answered. Otherwise the
+        request goes upstream, and `complete` (called when it is over) stores its answer."""
+        if not self.config.enabled:
+            return False
+        if not self.cacheable(payload):
+            req.response_headers.append((_HEADER, _BYPASS))
+            self.metrics.cache_lookup(route, "bypass")
+            return False
+        control = (req.header(b"cache-control") or b"").lower()
+        lookup, store = b"no-cache" not in control, b"no-store" not in control
+        key = self.key(route, payload, ex)
+        while True:
+            if lookup:
+                try:
+                    raw = await self.store.get(key)
+                except Exception:  # a cache that is down is a miss, never a failed request
+                    self.metrics.cache_store_errors.inc()
+                    raw = None
+                if raw is not None:
+                    self.metrics.cache_lookup(route, "hit")
+                    await self._serve(req, ex, raw, payload, chat=chat, how=_HIT)
+                    return True
+            leader = self._in_flight.get(key) if self.config.coalesce else None
+            if leader is None:
+                break
+            # A client that leaves while waiting is let go at once (it must not become a leader later).
+            ex.watch_disconnect(req.wait_disconnect)
+            try:
+                raw = await asyncio.shield(leader)  # our client leaving cancels only our wait
+            except _LeaderFailed:
+                continue  # start over: now one of the waiters leads
+            self.metrics.cache_lookup(route, "coalesced")
+            await self._serve(req, ex, raw, payload, chat=chat, how=_COALESCED)
+            return True
+        self.metrics.cache_lookup(route, "miss")
+        req.response_headers.append((_HEADER, _MISS))
+        ticket = Ticket(key, chat, store, assembler=Assembler(chat=chat) if ex.stream else None)
+        if self.config.coalesce:
+            ticket.leader = asyncio.get_running_loop().create_future()
+            self._in_flight[key] = ticket.leader
+        ex.cache = ticket
+        return False
+
+    async def _serve(
+        self, req: Request, ex: Exchange, raw: bytes, payload: dict[str, Any], *, chat: bool, how: bytes
+    ) -> None:
+        ex.cache_hit = True
+        req.response_headers.append((_HEADER, how))
+        if not ex.stream:
+            ex.finished = True
+            await req.respond(200, raw)
+            return
+        options = payload.get("stream_options")
+        include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        events = as_stream(orjson.loads(raw), chat=chat, include_usage=include_usage)
+        await req.start_stream()
+        for event in events:
+            await req.stream_chunk(event)
+        ex.finished = True
+        await req.end_stream()
+
+    def complete(self, ex: Exchange, status: int) -> None:
+        """The request that went upstream is over: store its answer if it is a whole one, and hand it to
+        the identical requests that waited for it."""
+        ticket: Ticket = ex.cache
+        ex.cache = None
+        answer = None
+        if status == 200 and ex.error_code is None and ex.degraded is None and ex.abort_reason is None:
+            answer = ticket.answer if ticket.assembler is None else ticket.assembler.answer()
+            replica = ex.replica
+            if replica is not None and isinstance(answer, dict) and answer.get("model") != replica.model:
+                answer = None  # served by a fallback model: not the answer this key asked for
+        raw = orjson.dumps(answer) if answer is not None else None
+        if raw is not None and ticket.store:
+            task = asyncio.ensure_future(self._put(ticket.key, raw))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+        leader = ticket.leader
+        if leader is not None:
+            if self._in_flight.get(ticket.key) is leader:
+                del self._in_flight[ticket.key]
+            if raw is not None:
+                leader.set_result(raw)
+            else:
+                leader.set_exception(_LeaderFailed())
+                leader.exception()  # retrieved: nobody may be waiting
+
+    async def _put(self, key: str, raw: bytes) -> None:
+        try:
+            await self.store.put(key, raw, self.config.ttl_s)
+        except Exception:
+            self.metrics.cache_store_errors.inc()
+
+    async def close(self) -> None:
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.store.close()

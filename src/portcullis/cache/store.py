@@ -1,0 +1,78 @@
+"""Where cached answers live: this process's memory (an LRU bounded in bytes), or Redis (shared).
+
+Values are the answer's JSON bytes. Both honour a TTL per entry; the memory store also evicts the
+least recently used entries beyond `max_bytes` (keys and values counted), and refuses an entry larger
+than `max_entry_bytes` rather than flushing everything else for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+
+class CacheStore(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    def __init__(self, max_bytes: int, max_entry_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes
+        self.size = 0
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # key → (expires, value)
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        cost = len(key) + len(value)
+        if cost > self.max_entry_bytes or cost > self.max_bytes:
+            return
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (time.monotonic() + ttl_s, value)
+        self.size += cost
+        while self.size > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        _, value = self._entries.pop(key)
+        self.size -= len(key) + len(value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self.size = 0
+
+
+class RedisStore:
+    """Entries as plain Redis strings with PX expiry; Redis's own maxmemory policy bounds the bytes."""
+
+    def __init__(self, url: str, prefix: str = "pc:cache:", timeout_s: float = 0.5) -> None:
+        import redis.asyncio as redis
+
+        self.prefix = prefix
+        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._redis.get(self.prefix + key)
+        return value if isinstance(value, bytes) else None
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self._redis.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
