@@ -247,9 +247,18 @@ REDIS_URL = os.environ.get("PORTCULLIS_BENCH_REDIS_URL")
 
 
 def start_gateway(
-    servers: list[Server], work: Path, upstream: str, name: str, *, keys: bool, quota: str | None = None
+    servers: list[Server],
+    work: Path,
+    upstream: str,
+    name: str,
+    *,
+    keys: bool,
+    quota: str | None = None,
+    cache: bool = False,
 ) -> int:
-    """quota: None (the bench key's tier has no limits), "memory" or "redis" (it has BENCH_LIMITS)."""
+    """quota: None (the bench key's tier has no limits), "memory" or "redis" (it has BENCH_LIMITS).
+    cache: the response cache on (the bench request is deterministic: every request after the first
+    is a hit); off, every request goes upstream."""
     port = free_port()
     config = work / f"{name}.yaml"
     auth = {} if keys else {"api_keys": False, "allow_anonymous": True}
@@ -265,6 +274,7 @@ def start_gateway(
                 # The bootstrap key gets the highest-priority tier; anonymous callers get "free".
                 "tiers": {"free": {"priority": 0}, "bench": {"priority": 1, "limits": BENCH_LIMITS if quota else {}}},
                 "quota": {"backend": quota or "memory"},
+                "cache": {"enabled": cache},
                 "upstream": {"max_connections_per_replica": 10000},
                 "models": {"bench": {"deployments": [{"url": upstream}]}},
             }
@@ -425,6 +435,8 @@ def main() -> int:
         # And with rate limits on every window, concurrency and all, counted in process or in Redis.
         gw_mem_port = start_gateway(servers, work, upstream, "gateway-limits-memory", keys=True, quota="memory")
         gw_redis_port = start_gateway(servers, work, upstream, "gateway-limits-redis", keys=True, quota="redis")
+        # And answering from its response cache: no upstream involved.
+        gw_hit_port = start_gateway(servers, work, upstream, "gateway-cache-hit", keys=True, cache=True)
         targets = [
             ("direct", upstream, None),
             ("passthrough", f"http://127.0.0.1:{pt_port}", None),
@@ -432,6 +444,7 @@ def main() -> int:
             ("gateway-nokeys", f"http://127.0.0.1:{gw_open_port}", None),
             ("gateway-limits-memory", f"http://127.0.0.1:{gw_mem_port}", BENCH_GATEWAY_KEY),
             ("gateway-limits-redis", f"http://127.0.0.1:{gw_redis_port}", BENCH_GATEWAY_KEY),
+            ("gateway-cache-hit", f"http://127.0.0.1:{gw_hit_port}", BENCH_GATEWAY_KEY),
         ]
         if args.litellm:
             lt_port = free_port()
@@ -660,6 +673,12 @@ def write_report(
         if lt and gw32
         else "- LiteLLM: not measured in this run (pass `--litellm PATH/TO/litellm`)"
     )
+    hit = by.get(("gateway-cache-hit", 32))
+    if hit and gw32:
+        lines.append(
+            f"- cache hits: {hit['rps']:.0f} requests/s at 32 connections = {hit['rps'] / gw32['rps']:.2f}x the "
+            f"same gateway going upstream (target ≥ 1.5x); server CPU {hit.get('cpu_us', 0):.0f} µs per hit"
+        )
     gwo = by.get(("gateway-nokeys", 32))
     if gw32 and gwo and len(gw32["runs"]) == len(gwo["runs"]):
         per_round = [a["rps"] / b["rps"] for a, b in zip(gw32["runs"], gwo["runs"], strict=True)]
