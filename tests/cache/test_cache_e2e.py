@@ -333,3 +333,16 @@ def test_two_gateways_on_one_redis_share_the_cache(sim: Proc, tmp_path: Path, re
     finally:
         first.stop()
         second.stop()
+
+
+def test_global_scope_shares_between_tenants_and_seeded_requests_are_opt_in(sim: Proc, tmp_path: Path) -> None:
+    gw = _gateway(sim, tmp_path, "memory", scope="global", seeded=True)
+    try:
+        alice, bob = _key(gw, "alice"), _key(gw, "bob")
+        payload = body(messages=fresh())
+        assert post(gw, payload, key=alice)[1]["x-portcullis-cache"] == "miss"
+        assert post(gw, payload, key=bob)[1]["x-portcullis-cache"] == "hit"  # the operator chose to share
+        seeded = {**payload, "temperature": 0.9, "seed": 11}
+        assert [post(gw, seeded)[1]["x-portcullis-cache"] for _ in range(2)] == ["miss", "hit"]
+    finally:
+        gw.stop()
