@@ -1,7 +1,12 @@
-"""Coalescing: a burst of identical deterministic requests, with and without sharing the upstream call.
+"""Coalescing, and embedding micro-batching, each with and without.
 
-    .venv/bin/python bench/cache.py            # about a minute; prints the table for bench/RESULTS.md
+    .venv/bin/python bench/cache.py            # about a minute; prints the tables for bench/RESULTS.md
 
+Embeddings: 32 closed-loop clients, each sending one short text at a time for --seconds, through a
+gateway with `embedding_batching` on and one with it off (same simulator); reported: requests/s and
+upstream calls per request.
+
+Coalescing:
 One simulator replica (4 slots, 50 ms to first token, 100 tokens/s, 32 tokens an answer: ~0.37 s) and
 two gateways on it, both with the response cache on: one coalescing identical requests in flight (the
 default), one not (`cache.coalesce: false`). A burst of N identical requests arrives at once; reported:
@@ -82,10 +87,36 @@ async def burst(url: str, n: int) -> float:
         return time.perf_counter() - t0
 
 
+async def embed_load(url: str, clients: int, seconds: float) -> int:
+    done = 0
+    stop = time.monotonic() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def client(c: int) -> None:
+            nonlocal done
+            i = 0
+            while time.monotonic() < stop:
+                i += 1
+                body = orjson.dumps({"model": "m", "input": f"client {c} sentence number {i} to embed"})
+                async with s.post(url + "/v1/embeddings", data=body) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+                    done += 1
+
+        await asyncio.gather(*(client(c) for c in range(clients)))
+    return done
+
+
+def sim_embedding_calls(url: str) -> int:
+    with urllib.request.urlopen(url + "/sim/stats", timeout=2) as resp:
+        return json.loads(resp.read())["embedding_calls"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--burst", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pc-cache-bench-"))
     procs = []
@@ -101,7 +132,11 @@ def main() -> int:
         )
         wait_http(sim_url + "/health")
         urls = {}
-        for name, coalesce in (("coalescing", True), ("not coalescing", False)):
+        for name, coalesce, batching in (
+            ("coalescing", True, False),
+            ("not coalescing", False, False),
+            ("embeddings batched", True, True),
+        ):
             port = free_port()
             cfg = {
                 "server": {"port": port, "access_log": False},
@@ -110,6 +145,7 @@ def main() -> int:
                 "tiers": {"free": {"priority": 0}},
                 "admission": {"max_queue": 4096},
                 "cache": {"coalesce": coalesce},
+                "embedding_batching": {"enabled": batching, "max_wait_ms": 2},
                 "models": {"m": {"deployments": [{"url": sim_url}]}},
             }
             (work / f"{port}.yaml").write_text(yaml.safe_dump(cfg))
@@ -123,8 +159,18 @@ def main() -> int:
             )
             urls[name] = f"http://127.0.0.1:{port}"
             wait_http(urls[name] + "/readyz")
+        embed_rows = {}
+        for run in range(args.runs):
+            for name in (
+                ("not coalescing", "embeddings batched") if run % 2 else ("embeddings batched", "not coalescing")
+            ):
+                before = sim_embedding_calls(sim_url)
+                n = asyncio.run(embed_load(urls[name], 32, args.seconds))
+                calls = sim_embedding_calls(sim_url) - before
+                embed_rows.setdefault(name, []).append((n / args.seconds, calls / n))
+                log(f"embeddings, {name}: {n / args.seconds:.0f} requests/s, {calls / n:.3f} upstream calls each")
         rows = {}
-        for name, url in urls.items():
+        for name, url in list(urls.items())[:2]:
             times, calls = [], []
             for i in range(args.runs):
                 before = sim_requests(sim_url)
@@ -139,6 +185,18 @@ def main() -> int:
         print("|---|---:|---:|")
         for name, (t, c) in rows.items():
             print(f"| {name} | {t:.2f} s | {c:.0f} |")
+        print()
+        print(
+            "Embeddings, 32 closed-loop clients, one short text each "
+            f"(medians of {args.runs} runs of {args.seconds:g} s):"
+        )
+        print()
+        print("| gateway | requests/s | upstream calls per request |")
+        print("|---|---:|---:|")
+        for name, label in (("not coalescing", "batching off (default)"), ("embeddings batched", "batching on")):
+            rps = statistics.median(r for r, _ in embed_rows[name])
+            per = statistics.median(c for _, c in embed_rows[name])
+            print(f"| {label} | {rps:.0f} | {per:.3f} |")
     finally:
         for p in procs:
             p.terminate()

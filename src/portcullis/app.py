@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from portcullis.api import admin, openai, ops
+from portcullis.cache.batching import EmbeddingBatcher
 from portcullis.cache.exact import ResponseCache
 from portcullis.config import Config
 from portcullis.errors import Forbidden, GatewayError, MethodNotAllowed, NotFound, ServiceUnavailable
@@ -70,6 +71,7 @@ class Gateway:
         self.metrics.watch_admission(self.admission)
         self.upstream = Upstream(config.resilience, self.metrics)
         self.cache = ResponseCache(config.cache, config.store.redis_url, self.metrics)
+        self.batcher = EmbeddingBatcher(config.embedding_batching) if config.embedding_batching.enabled else None
         self._replica_of: dict[Breaker, Replica] = {}
         for replica in self.catalog.all_replicas():
             replica.breaker.listener = self._on_breaker
@@ -165,6 +167,8 @@ class Gateway:
             ex.stop_watching()
             if ex.cache is not None:
                 self.cache.complete(ex, req.status)
+            if ex.batch is not None:
+                ex.batch.fail()  # the batch's leader ended without splitting an answer: members go alone
             if req.path in _METERED:
                 self.quota.settle(ex, req.status)
                 self._record_usage(req, ex)

@@ -311,6 +311,14 @@ class CacheConfig(_Section):
     coalesce: bool = True
 
 
+class EmbeddingBatchingConfig(_Section):
+    """Merge concurrent /v1/embeddings requests of one model into one upstream call (cache/batching.py)."""
+
+    enabled: bool = False
+    max_batch_inputs: int = Field(256, ge=2)
+    max_wait_ms: PositiveFloat = 5.0
+
+
 class ValidationLimits(_Section):
     max_messages: int = Field(2048, ge=1)
     max_message_chars: int = Field(1_000_000, ge=1)
@@ -431,6 +439,7 @@ class Config(_Section):
     admission: AdmissionConfig = AdmissionConfig()
     resilience: ResilienceConfig = ResilienceConfig()
     cache: CacheConfig = CacheConfig()
+    embedding_batching: EmbeddingBatchingConfig = EmbeddingBatchingConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

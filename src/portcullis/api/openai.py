@@ -61,6 +61,8 @@ async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
     require_model(ex.principal, embedding.model)
     gw.catalog.replicas_for(embedding.model)
     await gw.quota.admit(req, ex, embedding)
+    if gw.batcher is not None and await gw.batcher.join(req, ex, payload):
+        return  # answered with its part of another request's merged call
     async with gw.admission.slot(req, ex, embedding.model, payload) as target:
         await gw.upstream.forward(req, ex, path="/v1/embeddings", payload=payload, target=target)
 

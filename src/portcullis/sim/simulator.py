@@ -103,6 +103,8 @@ class Simulator:
             "max_active": 0,
             "prompt_tokens": 0,
             "predicted_tokens": 0,
+            "embedding_calls": 0,
+            "embedding_inputs": 0,
         }
         self._fixed_chat = b""
         self._fixed_completion = b""
@@ -233,6 +235,8 @@ class Simulator:
         inputs = req.get("input")
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
+        self.stats["embedding_calls"] += 1
+        self.stats["embedding_inputs"] += len(inputs) if isinstance(inputs, list) else 0
         if not isinstance(inputs, list) or not inputs:
             await _json(
                 send,

@@ -41,6 +41,7 @@ class Exchange:
     cost: float = 0.0
     cache_hit: bool = False
     cache: Any = None  # a cacheable miss on its way upstream (cache/exact.py Ticket)
+    batch: Any = None  # an embeddings batch this request leads (cache/batching.py Batch)
     queue_s: float = 0.0  # waiting for a slot (admission)
     # Non-streamed answers: the upstream's own prompt time (llama-server's timings.prompt_ms), the
     # nearest thing to a time to first token that a one-piece answer tells.

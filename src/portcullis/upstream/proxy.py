@@ -278,6 +278,15 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
     if isinstance(answer, dict):
         if "model" in answer:
             answer["model"] = model
+        if ex.batch is not None:  # an embeddings batch: the other requests get their parts, we ours
+            try:
+                answer = ex.batch.split(ex, answer)
+            except Exception as exc:
+                raise GatewayError(
+                    f"The upstream for model '{model}' answered a merged embeddings call wrongly: {exc}.",
+                    status=502,
+                    code="bad_upstream_answer",
+                ) from exc
         ex.usage(answer.get("usage"))
         timings = answer.get("timings")
         if isinstance(timings, dict) and isinstance(timings.get("prompt_ms"), int | float):
