@@ -81,3 +81,36 @@ def test_different_parameters_are_not_merged(gw: Proc, sim: Proc) -> None:
     results = asyncio.run(concurrently(gw.url, bodies))
     assert [status for status, _ in results] == [200, 200, 200]
     assert sim_stats(sim)["embedding_calls"] - before == 3
+
+
+def test_when_the_leader_leaves_the_others_are_still_answered(sim: Proc, tmp_path: Path) -> None:
+    cfg = gateway_config({"e": [sim.url]}, embedding_batching={"enabled": True, "max_wait_ms": 300})
+    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    try:
+
+        async def run() -> list[Any]:
+            async with aiohttp.ClientSession() as s:
+
+                async def one(text: str, give_up_after: float | None) -> Any:
+                    try:
+                        async with asyncio.timeout(give_up_after):
+                            async with s.post(
+                                gw.url + "/v1/embeddings",
+                                data=orjson.dumps({"model": "e", "input": text}),
+                                headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                            ) as r:
+                                return orjson.loads(await r.read())
+                    except TimeoutError:
+                        return None
+
+                leader = asyncio.create_task(one("the leader", 0.1))  # leaves while the batch gathers
+                await asyncio.sleep(0.02)
+                members = [asyncio.create_task(one(f"member {i}", None)) for i in range(3)]
+                return [await leader, *[await m for m in members]]
+
+        leader, *members = asyncio.run(run())
+        assert leader is None
+        for i, answer in enumerate(members):
+            assert [d["embedding"] for d in answer["data"]] == [direct(sim, f"member {i}")]
+    finally:
+        gw.stop()
