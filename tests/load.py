@@ -101,3 +101,22 @@ async def open_loop(
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(call(session, base, body, key=key, limit_s=limit_s)))
         return list(await asyncio.gather(*tasks))
+
+
+def post_chat(
+    base: str, payload: dict[str, Any], key: str = ADMIN_KEY, **headers: str
+) -> tuple[int, dict[str, str], Any]:
+    """One chat request: (status, headers in lower case, parsed JSON, or the raw bytes of a stream)."""
+
+    async def run() -> tuple[int, dict[str, str], Any]:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                base + "/v1/chat/completions",
+                data=orjson.dumps(payload),
+                headers={"authorization": f"Bearer {key}", **headers},
+            ) as r:
+                raw = await r.read()
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, raw
+
+    status, hdrs, raw = asyncio.run(run())
+    return status, hdrs, (orjson.loads(raw) if not payload.get("stream") and raw else raw)

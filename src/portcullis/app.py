@@ -50,6 +50,7 @@ _METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 _MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
 _CORS_EXPOSE = (
     b"x-request-id, retry-after, retry-after-ms, x-portcullis-attempts, x-portcullis-degraded, x-portcullis-cache, "
+    b"x-portcullis-cache-similarity, "
     b"x-portcullis-queue-wait-ms, "
     b"x-ratelimit-limit-requests, "
     b"x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
@@ -70,7 +71,7 @@ class Gateway:
         self.admission = Admission(config, self.catalog, self.metrics)
         self.metrics.watch_admission(self.admission)
         self.upstream = Upstream(config.resilience, self.metrics)
-        self.cache = ResponseCache(config.cache, config.store.redis_url, self.metrics)
+        self.cache = ResponseCache(config.cache, config.store.redis_url, self.metrics, self.catalog)
         self.batcher = EmbeddingBatcher(config.embedding_batching) if config.embedding_batching.enabled else None
         self._replica_of: dict[Breaker, Replica] = {}
         for replica in self.catalog.all_replicas():

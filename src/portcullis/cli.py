@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tokens-per-s", type=float, default=0.0, help="generation speed (0: no delay)")
     sim.add_argument("--default-max-tokens", type=int, default=32)
     sim.add_argument("--embedding-dim", type=int, default=64)
+    sim.add_argument(
+        "--embedding-mode", choices=["hash", "words"], default="hash", help="words: texts sharing words are close"
+    )
     sim.add_argument("--loading-s", type=float, default=0.0, help="answer 503 'Loading model' this long")
     sim.add_argument("--ping-interval-s", type=float, default=0.0, help="send ':' keep-alive pings in streams")
     sim.add_argument("--error-rate", type=float, default=0.0)
@@ -95,6 +98,7 @@ def _run_sim(args: argparse.Namespace) -> int:
         tokens_per_s=args.tokens_per_s,
         default_max_tokens=args.default_max_tokens,
         embedding_dim=args.embedding_dim,
+        embedding_mode=args.embedding_mode,
         loading_s=args.loading_s,
         ping_interval_s=args.ping_interval_s,
         error_rate=args.error_rate,

@@ -292,6 +292,19 @@ class AdmissionConfig(_Section):
     degrade: DegradeConfig = DegradeConfig()
 
 
+class SemanticCacheConfig(_Section):
+    """Opt-in: a deterministic chat request whose conversation is close enough to a cached one (cosine
+    similarity of their embeddings ≥ threshold, same scope and same other parameters) gets that answer.
+    Needs numpy (pip install 'portcullis[semantic]')."""
+
+    enabled: bool = False
+    # A configured model that answers /v1/embeddings (llama-server with --embeddings works).
+    model: str | None = None
+    threshold: float = Field(0.95, gt=0, le=1)
+    max_entries: int = Field(10_000, ge=1)
+    timeout_s: PositiveFloat = 2.0
+
+
 class CacheConfig(_Section):
     """The exact response cache (docs/caching.md). Only deterministic requests are ever cached."""
 
@@ -309,6 +322,7 @@ class CacheConfig(_Section):
     seeded: bool = False
     # Identical cacheable requests in flight share one upstream call.
     coalesce: bool = True
+    semantic: SemanticCacheConfig = SemanticCacheConfig()
 
 
 class EmbeddingBatchingConfig(_Section):
@@ -450,6 +464,9 @@ class Config(_Section):
             raise ValueError("quota.backend is 'redis' but store.redis_url is not set")
         if self.cache.backend == "redis" and not self.store.redis_url:
             raise ValueError("cache.backend is 'redis' but store.redis_url is not set")
+        semantic = self.cache.semantic
+        if semantic.enabled and semantic.model not in self.models:
+            raise ValueError(f"cache.semantic.model: {semantic.model!r} is not a configured model")
         return self
 
     @model_validator(mode="after")

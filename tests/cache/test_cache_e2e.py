@@ -19,6 +19,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from load import post_chat
 from procs import (
     ADMIN_KEY,
     Proc,
@@ -69,18 +70,7 @@ def gw(sim: Proc, module_tmp: Path, backend: str, request: pytest.FixtureRequest
 
 
 def post(gw: Proc, payload: dict[str, Any], key: str = ADMIN_KEY, **headers: str) -> tuple[int, dict[str, str], Any]:
-    async def run() -> tuple[int, dict[str, str], Any]:
-        async with aiohttp.ClientSession() as s:
-            async with s.post(
-                gw.url + "/v1/chat/completions",
-                data=orjson.dumps(payload),
-                headers={"authorization": f"Bearer {key}", **headers},
-            ) as r:
-                raw = await r.read()
-                return r.status, {k.lower(): v for k, v in r.headers.items()}, raw
-
-    status, hdrs, raw = asyncio.run(run())
-    return status, hdrs, (orjson.loads(raw) if not payload.get("stream") and raw else raw)
+    return post_chat(gw.url, payload, key, **headers)
 
 
 def upstream(sim: Proc) -> int:

@@ -28,17 +28,19 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from portcullis.cache.replay import Assembler, as_stream
+from portcullis.cache.semantic import SemanticIndex, conversation_text
 from portcullis.cache.store import CacheStore, MemoryStore, RedisStore
 from portcullis.config import CacheConfig
 
 if TYPE_CHECKING:
     from portcullis.http import Request
     from portcullis.obs.metrics import Metrics
+    from portcullis.routing.catalog import Catalog
     from portcullis.upstream.exchange import Exchange
 
 _NOT_OUTPUT = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
 _HEADER = b"x-portcullis-cache"
-_HIT, _MISS, _BYPASS, _COALESCED = b"hit", b"miss", b"bypass", b"coalesced"
+_HIT, _MISS, _BYPASS, _COALESCED, _SEMANTIC_HIT = b"hit", b"miss", b"bypass", b"coalesced", b"semantic-hit"
 
 
 class _LeaderFailed(Exception):
@@ -55,12 +57,16 @@ class Ticket:
     assembler: Assembler | None = None  # streams
     answer: dict[str, Any] | None = None  # non-streamed answers
     leader: asyncio.Future[bytes] | None = field(default=None, repr=False)
+    # The semantic cache's family and the conversation's embedding, to index the answer once stored.
+    family: str | None = None
+    vector: Any = field(default=None, repr=False)
 
 
 class ResponseCache:
-    def __init__(self, config: CacheConfig, redis_url: str | None, metrics: Metrics) -> None:
+    def __init__(self, config: CacheConfig, redis_url: str | None, metrics: Metrics, catalog: Catalog) -> None:
         self.config = config
         self.metrics = metrics
+        self.semantic = SemanticIndex(config.semantic, catalog) if config.enabled and config.semantic.enabled else None
         self.store: CacheStore
         if config.backend == "redis" or (config.backend == "auto" and redis_url):
             assert redis_url is not None
@@ -70,16 +76,17 @@ class ResponseCache:
         self._in_flight: dict[str, asyncio.Future[bytes]] = {}
         self._writes: set[asyncio.Task[None]] = set()
 
+    def scope(self, ex: Exchange) -> str:
+        if self.config.scope == "global":
+            return "g"
+        principal = ex.principal
+        tenant = principal.user if principal is not None else "-"
+        return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()
+
     def key(self, route: str, payload: dict[str, Any], ex: Exchange) -> str:
         body = {k: v for k, v in payload.items() if k not in _NOT_OUTPUT}
         digest = hashlib.blake2b(orjson.dumps([route, body], option=orjson.OPT_SORT_KEYS), digest_size=20)
-        if self.config.scope == "global":
-            scope = "g"
-        else:
-            principal = ex.principal
-            tenant = principal.user if principal is not None else "-"
-            scope = "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()
-        return f"{scope}:{digest.hexdigest()}"
+        return f"{self.scope(ex)}:{digest.hexdigest()}"
 
     def cacheable(self, payload: dict[str, Any]) -> bool:
         temperature = payload.get("temperature")
@@ -123,14 +130,38 @@ class ResponseCache:
             self.metrics.cache_lookup(route, "coalesced")
             await self._serve(req, ex, raw, payload, chat=chat, how=_COALESCED)
             return True
+        family = vector = None
+        if self.semantic is not None and chat and lookup:
+            family = self.semantic.family(self.scope(ex), route, payload)
+            vector = await self.semantic.embed(conversation_text(payload.get("messages")))
+            near = self.semantic.nearest(family, vector) if vector is not None else None
+            if near is not None and await self._semantic_hit(req, ex, payload, near, route=route, chat=chat):
+                return True
         self.metrics.cache_lookup(route, "miss")
         req.response_headers.append((_HEADER, _MISS))
         ticket = Ticket(key, chat, store, assembler=Assembler(chat=chat) if ex.stream else None)
+        ticket.family, ticket.vector = family, vector
         if self.config.coalesce:
             ticket.leader = asyncio.get_running_loop().create_future()
             self._in_flight[key] = ticket.leader
         ex.cache = ticket
         return False
+
+    async def _semantic_hit(
+        self, req: Request, ex: Exchange, payload: dict[str, Any], near: tuple[str, float], *, route: str, chat: bool
+    ) -> bool:
+        key, similarity = near
+        try:
+            raw = await self.store.get(key)
+        except Exception:
+            self.metrics.cache_store_errors.inc()
+            return False
+        if raw is None:  # expired from the store since it was indexed
+            return False
+        self.metrics.cache_lookup(route, "semantic-hit")
+        req.response_headers.append((b"x-portcullis-cache-similarity", f"{similarity:.4f}".encode()))
+        await self._serve(req, ex, raw, payload, chat=chat, how=_SEMANTIC_HIT)
+        return True
 
     async def _serve(
         self, req: Request, ex: Exchange, raw: bytes, payload: dict[str, Any], *, chat: bool, how: bytes
@@ -163,6 +194,8 @@ class ResponseCache:
                 answer = None  # served by a fallback model: not the answer this key asked for
         raw = orjson.dumps(answer) if answer is not None else None
         if raw is not None and ticket.store:
+            if self.semantic is not None and ticket.vector is not None and ticket.family is not None:
+                self.semantic.add(ticket.family, ticket.vector, ticket.key)
             task = asyncio.ensure_future(self._put(ticket.key, raw))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)

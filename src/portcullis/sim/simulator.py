@@ -52,6 +52,9 @@ class SimSettings:
     tokens_per_s: float = 0.0  # 0 = no delay between tokens
     default_max_tokens: int = 32
     embedding_dim: int = 64
+    # "hash": a random unit vector per text; "words": the normalised sum of a random vector per word, so
+    # texts sharing most words are close (what a semantic cache needs to be tested)
+    embedding_mode: str = "hash"
     loading_s: float = 0.0
     ping_interval_s: float = 0.0
     # fault injection, each a probability per request
@@ -231,6 +234,18 @@ class Simulator:
         ]
         return ("\n".join(lines) + "\n").encode()
 
+    def _vector(self, text: str) -> list[float]:
+        dim = self.settings.embedding_dim
+        if self.settings.embedding_mode != "words":
+            rng = random.Random(hashlib.sha256(text.encode()).digest())
+            return [rng.gauss(0, 1) for _ in range(dim)]
+        vec = [0.0] * dim
+        for word in re.findall(r"\w+", text.lower()):
+            rng = random.Random(hashlib.sha256(word.encode()).digest())
+            for i in range(dim):
+                vec[i] += rng.gauss(0, 1)
+        return vec
+
     async def _embeddings(self, req: dict[str, Any], send: Any) -> None:
         inputs = req.get("input")
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
@@ -252,8 +267,7 @@ class Simulator:
                 await _json(send, 400, _context_error(n, self.settings.n_ctx))
                 return
             total += n
-            rng = random.Random(hashlib.sha256(text.encode()).digest())
-            vec = [rng.gauss(0, 1) for _ in range(self.settings.embedding_dim)]
+            vec = self._vector(text)
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
             data.append({"object": "embedding", "index": i, "embedding": [v / norm for v in vec]})
         self.stats["prompt_tokens"] += total
