@@ -4,7 +4,8 @@
 
 Embeddings: 32 closed-loop clients, each sending one short text at a time for --seconds, through a
 gateway with `embedding_batching` on and one with it off (same simulator); reported: requests/s and
-upstream calls per request.
+upstream calls per request. With --llama-server BIN (or LLAMA_SERVER_BIN), the same on a real
+llama-server serving the tests' tiny model with --embeddings.
 
 Coalescing:
 One simulator replica (4 slots, 50 ms to first token, 100 tokens/s, 32 tokens an answer: ~0.37 s) and
@@ -34,6 +35,7 @@ import orjson
 import yaml
 
 PY = sys.executable
+LLAMA_ARGS = ["-np", "4", "-c", "4096", "--embeddings", "--pooling", "mean", "-t", "1", "--no-warmup"]
 SIM_ARGS = ["--slots", "4", "--ttft-ms", "50", "--tokens-per-s", "100", "--default-max-tokens", "64"]
 
 
@@ -112,11 +114,72 @@ def sim_embedding_calls(url: str) -> int:
         return json.loads(resp.read())["embedding_calls"]
 
 
+def start_gateway(
+    work: Path, procs: list[subprocess.Popen[bytes]], upstream: str, *, coalesce: bool, batching: bool
+) -> str:
+    port = free_port()
+    cfg = {
+        "server": {"port": port, "access_log": False},
+        "store": {"database_url": f"sqlite+aiosqlite:///{work}/{port}.db", "auto_migrate": True},
+        "auth": {"api_keys": False, "allow_anonymous": True},
+        "tiers": {"free": {"priority": 0}},
+        "admission": {"max_queue": 4096},
+        "cache": {"coalesce": coalesce},
+        "embedding_batching": {"enabled": batching, "max_wait_ms": 2},
+        "models": {"m": {"deployments": [{"url": upstream}]}},
+    }
+    (work / f"{port}.yaml").write_text(yaml.safe_dump(cfg))
+    procs.append(
+        subprocess.Popen(
+            [PY, "-m", "portcullis", "serve", "--config", str(work / f"{port}.yaml")],
+            stdout=(work / f"{port}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/readyz")
+    return url
+
+
+def llama_embeddings(args: argparse.Namespace, work: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, float]:
+    """Requests/s of single-text embeddings through a gateway with batching off and on, on a real
+    llama-server (the tests' tiny random-weight model, --embeddings, 4 slots)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "llama"))
+    from tiny_gguf import write_tiny_llama
+
+    model = write_tiny_llama(work / "tiny.gguf")
+    port = free_port()
+    procs.append(
+        subprocess.Popen(
+            [args.llama_server, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), *LLAMA_ARGS],
+            stdout=(work / "llama.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+    )
+    llama_url = f"http://127.0.0.1:{port}"
+    wait_http(llama_url + "/health", timeout=60)
+    urls = {
+        "batching off (default)": start_gateway(work, procs, llama_url, coalesce=True, batching=False),
+        "batching on": start_gateway(work, procs, llama_url, coalesce=True, batching=True),
+    }
+    rows: dict[str, list[float]] = {}
+    for run in range(args.runs):
+        for name in list(urls)[:: 1 if run % 2 else -1]:
+            n = asyncio.run(embed_load(urls[name], 32, args.seconds))
+            rows.setdefault(name, []).append(n / args.seconds)
+            log(f"llama-server embeddings, {name}: {n / args.seconds:.0f} requests/s")
+    return {name: statistics.median(v) for name, v in rows.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--burst", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument(
+        "--llama-server", default=os.environ.get("LLAMA_SERVER_BIN"), help="also measure embeddings on this binary"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pc-cache-bench-"))
     procs = []
@@ -131,34 +194,14 @@ def main() -> int:
             )
         )
         wait_http(sim_url + "/health")
-        urls = {}
-        for name, coalesce, batching in (
-            ("coalescing", True, False),
-            ("not coalescing", False, False),
-            ("embeddings batched", True, True),
-        ):
-            port = free_port()
-            cfg = {
-                "server": {"port": port, "access_log": False},
-                "store": {"database_url": f"sqlite+aiosqlite:///{work}/{port}.db", "auto_migrate": True},
-                "auth": {"api_keys": False, "allow_anonymous": True},
-                "tiers": {"free": {"priority": 0}},
-                "admission": {"max_queue": 4096},
-                "cache": {"coalesce": coalesce},
-                "embedding_batching": {"enabled": batching, "max_wait_ms": 2},
-                "models": {"m": {"deployments": [{"url": sim_url}]}},
-            }
-            (work / f"{port}.yaml").write_text(yaml.safe_dump(cfg))
-            procs.append(
-                subprocess.Popen(
-                    [PY, "-m", "portcullis", "serve", "--config", str(work / f"{port}.yaml")],
-                    stdout=(work / f"{port}.log").open("wb"),
-                    stderr=subprocess.STDOUT,
-                    env=os.environ.copy(),
-                )
+        urls = {
+            name: start_gateway(work, procs, sim_url, coalesce=coalesce, batching=batching)
+            for name, coalesce, batching in (
+                ("coalescing", True, False),
+                ("not coalescing", False, False),
+                ("embeddings batched", True, True),
             )
-            urls[name] = f"http://127.0.0.1:{port}"
-            wait_http(urls[name] + "/readyz")
+        }
         embed_rows = {}
         for run in range(args.runs):
             for name in (
@@ -197,6 +240,15 @@ def main() -> int:
             rps = statistics.median(r for r, _ in embed_rows[name])
             per = statistics.median(c for _, c in embed_rows[name])
             print(f"| {label} | {rps:.0f} | {per:.3f} |")
+        if args.llama_server:
+            llama = llama_embeddings(args, work, procs)
+            print()
+            print("The same on a real llama-server (tiny random-weight model, --embeddings, 4 slots):")
+            print()
+            print("| gateway | requests/s |")
+            print("|---|---:|")
+            for name, rps in llama.items():
+                print(f"| {name} | {rps:.0f} |")
     finally:
         for p in procs:
             p.terminate()
