@@ -33,39 +33,19 @@ from pathlib import Path
 import aiohttp
 import orjson
 import yaml
+from harness import free_port, logger, wait_http
 
 PY = sys.executable
 LLAMA_ARGS = ["-np", "4", "-c", "4096", "--embeddings", "--pooling", "mean", "-t", "1", "--no-warmup"]
 SIM_ARGS = ["--slots", "4", "--ttft-ms", "50", "--tokens-per-s", "100", "--default-max-tokens", "64"]
 
 
-def log(msg: str) -> None:
-    print(f"[cache {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("cache")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except Exception:
-            time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-def sim_requests(url: str) -> int:
+def sim_stat(url: str, name: str) -> int:
     with urllib.request.urlopen(url + "/sim/stats", timeout=2) as resp:
-        return json.loads(resp.read())["requests"]
+        return json.loads(resp.read())[name]
 
 
 async def burst(url: str, n: int) -> float:
@@ -107,11 +87,6 @@ async def embed_load(url: str, clients: int, seconds: float) -> int:
 
         await asyncio.gather(*(client(c) for c in range(clients)))
     return done
-
-
-def sim_embedding_calls(url: str) -> int:
-    with urllib.request.urlopen(url + "/sim/stats", timeout=2) as resp:
-        return json.loads(resp.read())["embedding_calls"]
 
 
 def start_gateway(
@@ -207,18 +182,18 @@ def main() -> int:
             for name in (
                 ("not coalescing", "embeddings batched") if run % 2 else ("embeddings batched", "not coalescing")
             ):
-                before = sim_embedding_calls(sim_url)
+                before = sim_stat(sim_url, "embedding_calls")
                 n = asyncio.run(embed_load(urls[name], 32, args.seconds))
-                calls = sim_embedding_calls(sim_url) - before
+                calls = sim_stat(sim_url, "embedding_calls") - before
                 embed_rows.setdefault(name, []).append((n / args.seconds, calls / n))
                 log(f"embeddings, {name}: {n / args.seconds:.0f} requests/s, {calls / n:.3f} upstream calls each")
         rows = {}
         for name, url in list(urls.items())[:2]:
             times, calls = [], []
             for i in range(args.runs):
-                before = sim_requests(sim_url)
+                before = sim_stat(sim_url, "requests")
                 times.append(asyncio.run(burst(url, args.burst)))
-                calls.append(sim_requests(sim_url) - before)
+                calls.append(sim_stat(sim_url, "requests") - before)
                 log(f"{name}: burst {i + 1}/{args.runs}: {times[-1]:.2f} s, {calls[-1]} upstream calls")
             rows[name] = (statistics.median(times), statistics.median(calls))
         print()

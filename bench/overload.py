@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
+from harness import free_port, logger, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -43,30 +44,7 @@ BODY = orjson.dumps(
 )
 
 
-def log(msg: str) -> None:
-    print(f"[overload {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except Exception:
-            time.sleep(0.1)
-    raise TimeoutError(url)
+log = logger("overload")
 
 
 def start(args: list[str], cpu: int, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

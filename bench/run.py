@@ -23,44 +23,23 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import quota_cost  # bench/ is on the path when this script runs
+from harness import free_port, logger, wait_http
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+log = logger("bench")
 
 
 def wait_redis(url: str, timeout: float = 30) -> None:

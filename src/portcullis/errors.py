@@ -22,6 +22,8 @@ Third-party errors (aiohttp, pydantic) are translated into this tree at the boun
 
 from __future__ import annotations
 
+import math
+
 import orjson
 
 
@@ -122,3 +124,9 @@ class GatewayTimeout(GatewayError):
 def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> bytes:
     """The OpenAI error JSON. Every error the gateway emits, in a body or an SSE event, goes through here."""
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """`Retry-After` in whole seconds (rounded up: never earlier than the real wait) and `retry-after-ms`
+    with the precision (the openai SDK prefers it)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, math.ceil(seconds * 1000)))}

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from portcullis.config import Config
-from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequests
+from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequests, retry_after_headers
 from portcullis.http import Request
 from portcullis.identity.principal import Principal
 from portcullis.obs.metrics import Metrics
@@ -202,7 +202,7 @@ class Quota:
                 param="max_tokens",
                 code="tokens_exceed_limit",
             )
-        headers = {"Retry-After": str(max(1, math.ceil(retry))), "retry-after-ms": str(math.ceil(retry * 1000))}
+        headers = retry_after_headers(retry)
         if verdict.failed == BUDGET:
             budget = plan.budgets[verdict.index]
             self.metrics.quota_refusals.labels("budget").inc()

@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from portcullis.config import Config, DegradeConfig, UpstreamTimeouts
-from portcullis.errors import ServiceUnavailable
+from portcullis.errors import ServiceUnavailable, retry_after_headers
 from portcullis.routing.balancer import unavailable
 from portcullis.routing.catalog import Catalog, Replica, ReplicaState
 from portcullis.routing.retry import RetryBudget
@@ -240,10 +240,6 @@ class Gate:
         return self.ttft_p95 is not None and self.ttft_p95 > threshold
 
 
-def _retry_headers(wait: float) -> dict[str, str]:
-    return {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, round(wait * 1000)))}
-
-
 class Admission:
     def __init__(self, config: Config, catalog: Catalog, metrics: Metrics) -> None:
         self.config = config
@@ -299,7 +295,7 @@ class Admission:
                     lambda wait: ServiceUnavailable(
                         "The gateway is shutting down; this request was not started. Retry on another instance.",
                         code="server_shutting_down",
-                        headers=_retry_headers(min(wait, 5.0)),
+                        headers=retry_after_headers(min(wait, 5.0)),
                     )
                 )
 
@@ -343,7 +339,7 @@ class Admission:
             ),
             "shutdown": "The gateway is shutting down; retry on another instance.",
         }[reason]
-        return ServiceUnavailable(message, code="overloaded", headers=_retry_headers(wait))
+        return ServiceUnavailable(message, code="overloaded", headers=retry_after_headers(wait))
 
     async def wait(self, req: Request, ex: Exchange, gate: Gate, priority: int) -> None:
         key = (ex.principal.key_id or ex.principal.user) if ex.principal is not None else "-"

@@ -8,12 +8,11 @@ an upstream 429. Ties are broken at random so equal replicas share the load.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Collection
 
-from portcullis.errors import ServiceUnavailable
+from portcullis.errors import ServiceUnavailable, retry_after_headers
 from portcullis.routing.catalog import Replica, ReplicaState
 
 
@@ -59,5 +58,5 @@ def unavailable(replicas: list[Replica]) -> ServiceUnavailable:
     return ServiceUnavailable(
         f"No replica of the model '{model}' is available right now.",
         code="no_ready_replica",
-        headers={"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, round(wait * 1000)))},
+        headers=retry_after_headers(wait),
     )
