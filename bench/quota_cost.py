@@ -47,7 +47,8 @@ def _stage(backend: str, redis_url: str | None) -> Quota:
         source="(bench)",
         environ={},
     )
-    return Quota(config, Metrics(Catalog.from_config(config)), get_logger("bench"))
+    catalog = Catalog.from_config(config)
+    return Quota(config, Metrics(catalog), get_logger("bench"), catalog)
 
 
 async def _one(quota: Quota, principal: Principal) -> None:

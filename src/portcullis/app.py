@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from portcullis.api import admin, openai, ops
+from portcullis.api import admin, batches, openai, ops
 from portcullis.cache.batching import EmbeddingBatcher
 from portcullis.cache.exact import ResponseCache
 from portcullis.config import Config
@@ -25,18 +25,23 @@ from portcullis.identity import scopes
 from portcullis.identity.auth import Identity, require_scope
 from portcullis.identity.jwt import JwtSetupError, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, key_id_of, key_secret
+from portcullis.identity.principal import Principal
+from portcullis.jobs.runner import BatchRunner
+from portcullis.jobs.store import BatchStore
 from portcullis.obs.logging import access_line, flush_logs, get_logger
 from portcullis.obs.metrics import Metrics
 from portcullis.quota.stage import Quota
 from portcullis.quota.usage import UsageRecorder
 from portcullis.routing.admission import Admission
+from portcullis.routing.affinity import Affinity
 from portcullis.routing.breaker import Breaker, BreakerState
 from portcullis.routing.catalog import Catalog, Replica
+from portcullis.routing.router import Router
 from portcullis.store.bus import EventBus
 from portcullis.store.db import make_engine, pending, upgrade
 from portcullis.upstream.client import UpstreamClient
 from portcullis.upstream.deadline import Deadlines
-from portcullis.upstream.exchange import ABORT_CLIENT_GONE, ABORT_SHUTDOWN, Exchange
+from portcullis.upstream.exchange import ABORT_CLIENT_GONE, ABORT_PREEMPTED, ABORT_SHUTDOWN, Exchange
 from portcullis.upstream.probe import Prober
 from portcullis.upstream.proxy import Upstream
 from portcullis.upstream.relay import sse_error
@@ -48,10 +53,14 @@ _QUIET = {"/healthz", "/readyz", "/metrics"}
 # Routes whose every request is settled against quotas and leaves a usage record.
 _METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 _MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
+_THROUGHPUT_TICK_S = 10.0  # how often replicas' throughput (and hourly-priced deployments' prices) update
+# The ASGI scope key of requests the gateway makes to itself (batch lines): who they run as. A request
+# from the network never has it (uvicorn builds those scopes).
+INTERNAL = "portcullis.internal"
 _CORS_EXPOSE = (
     b"x-request-id, retry-after, retry-after-ms, x-portcullis-attempts, x-portcullis-degraded, x-portcullis-cache, "
     b"x-portcullis-cache-similarity, "
-    b"x-portcullis-queue-wait-ms, "
+    b"x-portcullis-queue-wait-ms, x-portcullis-route, "
     b"x-ratelimit-limit-requests, "
     b"x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
     b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
@@ -70,7 +79,9 @@ class Gateway:
         self.log = get_logger("portcullis")
         self.admission = Admission(config, self.catalog, self.metrics)
         self.metrics.watch_admission(self.admission)
-        self.upstream = Upstream(config.resilience, self.metrics)
+        self.affinity = Affinity(config.routing.affinity)
+        self.router = Router(config, self.catalog, self.admission, self.affinity, self.metrics)
+        self.upstream = Upstream(config.resilience, self.metrics, self.affinity)
         self.cache = ResponseCache(config.cache, config.store.redis_url, self.metrics, self.catalog)
         self.batcher = EmbeddingBatcher(config.embedding_batching) if config.embedding_batching.enabled else None
         self._replica_of: dict[Breaker, Replica] = {}
@@ -84,8 +95,11 @@ class Gateway:
         # Upstream attempts' time limits, checked on the live exchanges by one watchdog.
         self.deadlines = Deadlines(self.exchanges)
         self.engine = make_engine(config.store.database_url)
-        self.quota = Quota(config, self.metrics, self.log)
+        self.quota = Quota(config, self.metrics, self.log, self.catalog)
         self.usage = UsageRecorder(self.engine, config.quota.usage, self.metrics, self.log)
+        self.batch_store = BatchStore(self.engine) if config.batch.enabled else None
+        self.batch_runner = BatchRunner(self, self.batch_store) if self.batch_store is not None else None
+        self.metrics.watch_routing(self.affinity, self.admission, self.batch_runner)
         self.keys: KeyStore | None = None
         self.identity: Identity | None = None
         self.bus: EventBus | None = None
@@ -106,6 +120,12 @@ class Gateway:
             ("GET", "/admin/keys"): (admin.list_keys, scopes.KEYS_ADMIN),
             ("GET", "/admin/usage"): (admin.usage_report, scopes.USAGE),
             ("GET", "/admin/backends"): (admin.backends, scopes.ADMIN_READ),
+            ("GET", "/admin/models"): (admin.models, scopes.ADMIN_READ),
+            ("POST", "/admin/route"): (admin.explain_route, scopes.ADMIN_READ),
+            ("POST", "/v1/files"): (batches.upload_file, scopes.BATCHES),
+            ("GET", "/v1/files"): (batches.list_files, scopes.BATCHES),
+            ("POST", "/v1/batches"): (batches.create_batch, scopes.BATCHES),
+            ("GET", "/v1/batches"): (batches.list_batches, scopes.BATCHES),
             ("GET", "/healthz"): (ops.healthz, scopes.PUBLIC),
             ("GET", "/readyz"): (ops.readyz, scopes.PUBLIC),
             ("GET", "/metrics"): (ops.metrics, metrics_scope),
@@ -113,6 +133,11 @@ class Gateway:
         # Routes with an id in the path: (method, pattern, handler, scope).
         self.pattern_routes: list[tuple[str, re.Pattern[str], Handler, str]] = [
             ("GET", re.compile(r"^/v1/models/(.+)$"), openai.get_model, scopes.MODELS_READ),
+            ("GET", re.compile(r"^/v1/files/([A-Za-z0-9_-]+)/content$"), batches.file_content, scopes.BATCHES),
+            ("GET", re.compile(r"^/v1/files/([A-Za-z0-9_-]+)$"), batches.get_file, scopes.BATCHES),
+            ("DELETE", re.compile(r"^/v1/files/([A-Za-z0-9_-]+)$"), batches.delete_file, scopes.BATCHES),
+            ("GET", re.compile(r"^/v1/batches/([A-Za-z0-9_-]+)$"), batches.get_batch, scopes.BATCHES),
+            ("POST", re.compile(r"^/v1/batches/([A-Za-z0-9_-]+)/cancel$"), batches.cancel_batch, scopes.BATCHES),
             ("DELETE", re.compile(r"^/v1/models/(.+)$"), openai.delete_model, scopes.MODELS_DELETE),
             ("POST", re.compile(r"^/admin/models/(.+)/enable$"), admin.enable_model, scopes.MODELS_WRITE),
             ("GET", re.compile(r"^/admin/keys/([0-9a-f]+)$"), admin.show_key, scopes.KEYS_ADMIN),
@@ -142,7 +167,10 @@ class Gateway:
                 if await self._cors(req):
                     return
             handler, args, needed = self._route(req)
-            if needed is not scopes.PUBLIC:
+            internal = scope.get(INTERNAL)
+            if internal is not None:  # the gateway's own background request (a batch line)
+                ex.principal, ex.background = internal, True
+            elif needed is not scopes.PUBLIC:
                 assert self.identity is not None
                 ex.principal = await self.identity.authenticate(req)
                 require_scope(ex.principal, needed)
@@ -224,6 +252,13 @@ class Gateway:
         if ex.abort_reason == ABORT_CLIENT_GONE:
             req.status = req.status or 499
             return
+        if ex.abort_reason == ABORT_PREEMPTED:  # background work only: never a stream
+            ex.error_code = "preempted"
+            if req.status == 0:
+                await req.respond_error(
+                    ServiceUnavailable("Preempted by an interactive request; run again later.", code="preempted")
+                )
+            return
         if ex.abort_reason == ABORT_SHUTDOWN:
             ex.error_code = "server_shutting_down"
             message = "The gateway is shutting down; the request was cut at the shutdown deadline."
@@ -266,6 +301,8 @@ class Gateway:
                     "attempts": ex.attempts,
                     "queue_ms": round(ex.queue_s * 1000, 3),
                     "degraded": ex.degraded,
+                    "route": ex.route_reason,
+                    "background": ex.background or None,
                     "error": ex.error_code,
                 }
             )
@@ -385,8 +422,11 @@ class Gateway:
         self.admission.start()
         self.quota.start()
         self.usage.start()
+        self._background.append(asyncio.create_task(self._tick_throughput()))
         await self.prober.first_round()
         self.prober.start()
+        if self.batch_runner is not None:
+            self.batch_runner.start()
         # Everything allocated so far lives as long as the process: move it out of the collector's
         # reach, so the collections that per-request garbage triggers do not rescan it each time.
         gc.collect()
@@ -394,6 +434,8 @@ class Gateway:
         self.log.info("started", models={m: [r.state.value for r in rs] for m, rs in self.catalog.models.items()})
 
     async def shutdown(self) -> None:
+        if self.batch_runner is not None:
+            await self.batch_runner.stop()
         await self.prober.stop()
         await self.deadlines.stop()
         await self.admission.stop()
@@ -441,6 +483,62 @@ class Gateway:
             except Exception:
                 self.log.warning("model_state_poll_failed")
 
+    async def _tick_throughput(self) -> None:
+        while True:
+            await asyncio.sleep(_THROUGHPUT_TICK_S)
+            self.catalog.tick()
+
+    # -- requests the gateway makes to itself --------------------------------------------------
+
+    async def call_internal(
+        self, method: str, path: str, body: bytes, principal: Principal, *, request_id: str
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Run one request through the whole request path as `principal`, in the background (batch lines):
+        (status, response headers, body)."""
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode()),
+            ],
+            "client": None,
+            "server": None,
+            INTERNAL: principal,
+        }
+        sent = False
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await never  # nobody disconnects; the wait ends when the request's watcher is cancelled
+            return {"type": "http.disconnect"}
+
+        status = 0
+        headers: dict[bytes, bytes] = {}
+        chunks: list[bytes] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers.update(message.get("headers", ()))
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.handle(scope, receive, send)
+        return status, headers, b"".join(chunks)
+
     # -- replicas and breakers -----------------------------------------------------------------
 
     def _on_breaker(self, breaker: Breaker, old: BreakerState, new: BreakerState, reason: str) -> None:
@@ -464,6 +562,8 @@ class Gateway:
             self.log.info("draining", in_flight=len(self.exchanges))
             # Queued requests have not started: answer them now (503 + Retry-After), do not drop them.
             self.admission.close()
+            if self.batch_runner is not None:  # its running lines go back to pending for the next process
+                self.batch_runner.drain()
 
     def cut_in_flight(self) -> None:
         """The shutdown deadline: end whatever is still running (streams get an error event)."""

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--n-ctx", type=int, default=4096, help="context per slot, in tokens")
     sim.add_argument("--model-alias", default="sim-model.gguf")
     sim.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
+    sim.add_argument(
+        "--prompt-ms-per-token", type=float, default=0.0, help="prompt processing per token not in the slot's cache"
+    )
+    sim.add_argument("--no-prompt-cache", action="store_true", help="never reuse a slot's cached prefix")
     sim.add_argument("--tokens-per-s", type=float, default=0.0, help="generation speed (0: no delay)")
     sim.add_argument("--default-max-tokens", type=int, default=32)
     sim.add_argument("--embedding-dim", type=int, default=64)
@@ -95,6 +99,8 @@ def _run_sim(args: argparse.Namespace) -> int:
         n_ctx=args.n_ctx,
         model_alias=args.model_alias,
         ttft_ms=args.ttft_ms,
+        prompt_ms_per_token=args.prompt_ms_per_token,
+        prompt_cache=not args.no_prompt_cache,
         tokens_per_s=args.tokens_per_s,
         default_max_tokens=args.default_max_tokens,
         embedding_dim=args.embedding_dim,

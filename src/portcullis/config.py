@@ -387,10 +387,26 @@ class HealthConfig(_Section):
 
 
 class CostConfig(_Section):
-    """Price of a deployment in `quota.currency` per 1,000 tokens."""
+    """What a deployment costs, in `quota.currency`: a price per 1,000 tokens, or what its machine costs
+    an hour (`gpu_hour`), from which the gateway derives a price per token using the throughput it
+    measures (routing/catalog.py)."""
 
     prompt_per_1k: float = Field(0.0, ge=0)
     completion_per_1k: float = Field(0.0, ge=0)
+    gpu_hour: float | None = Field(None, gt=0)
+    # With gpu_hour: the completion tokens per second the deployment gives at full load, assumed until
+    # the gateway has measured it. Prompt tokens are priced at `prompt_ratio` of a completion token
+    # (prefill is that much cheaper than decoding) until measured too.
+    tokens_per_s: float | None = Field(None, gt=0)
+    prompt_ratio: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> CostConfig:
+        if self.gpu_hour is not None and (self.prompt_per_1k or self.completion_per_1k):
+            raise ValueError("give per-1k prices or gpu_hour, not both")
+        if (self.gpu_hour is None) != (self.tokens_per_s is None):
+            raise ValueError("gpu_hour needs tokens_per_s (the throughput assumed until it is measured), and back")
+        return self
 
 
 class DeploymentConfig(_Section):
@@ -405,6 +421,13 @@ class DeploymentConfig(_Section):
     # Requests the gateway sends this replica at once; beyond it they wait in the gateway's queue
     # (admission). None: llama-server's slot count (/props total_slots); unlimited for other kinds.
     max_in_flight: int | None = Field(None, ge=1)
+    # Context per slot, in tokens. llama-server tells it (/props); give it for other backends, where a
+    # request that cannot fit is then never sent here.
+    n_ctx: int | None = Field(None, ge=16)
+    # How capable this deployment is, 0..1, for cost-aware routers (a router sends a request to the
+    # cheapest candidate whose quality covers the request's estimated complexity).
+    quality: float | None = Field(None, ge=0, le=1)
+    tags: list[str] = []
 
     @field_validator("url")
     @classmethod
@@ -433,12 +456,183 @@ class DeploymentConfig(_Section):
 
 class ModelConfig(_Section):
     deployments: list[DeploymentConfig] = Field(min_length=1)
+    # Other names clients may use for this model (listed by GET /v1/models).
+    aliases: list[str] = []
     # Models tried, in order, when every replica of this one has failed or is unavailable (a retry
     # may go there; the answer's `model` then names the model that served it).
     fallbacks: list[str] = []
+    # Also when every slot of this model is taken: a request goes to the first fallback with a free
+    # slot instead of queueing (told in x-portcullis-route).
+    spill_to_fallbacks: bool = False
+    # The model's quality for routers, 0..1, where its deployments do not give their own.
+    quality: float | None = Field(None, ge=0, le=1)
     timeouts: ModelTimeouts = ModelTimeouts()
     # Overrides `admission.degrade` for this model.
     degrade: DegradeConfig | None = None
+
+
+class RouterConfig(_Section):
+    """A logical model that picks one of its candidate models per request (routing/router.py)."""
+
+    strategy: Literal["cost_aware"] = "cost_aware"
+    candidates: list[str] = Field(min_length=1)
+    aliases: list[str] = []
+    # The complexity scorer: `heuristic` (routing/complexity.py) or `package.module:function`, called
+    # with the request's Features and returning 0..1.
+    scorer: str = "heuristic"
+    # Candidates without a quality of their own get these, in candidates' order (cheap to capable).
+    # None: evenly spread over [0.3, 1].
+    default_quality: list[float] | None = None
+    # When the candidate the request deserves has no free slot, use a more expensive one that has
+    # (rather than queueing); the latency budget, when given, decides too.
+    spill_when_full: bool = True
+    # A latency budget for every request through this router (a client's header or field overrides it).
+    latency_budget_ms: float | None = Field(None, gt=0)
+    # Completion tokens assumed for cost and latency estimates when the request sets no max_tokens.
+    expected_completion_tokens: int = Field(256, ge=1)
+
+
+class AffinityConfig(_Section):
+    """Prefix affinity: requests that share a prompt prefix go to the llama-server replica that saw it."""
+
+    enabled: bool = True
+    # The prompt is cut into blocks of this many characters; a request is matched on its longest run of
+    # leading blocks seen before.
+    block_chars: int = Field(256, ge=16)
+    max_blocks: int = Field(64, ge=1)
+    # Remembered prefixes (block hashes), least recently used forgotten first.
+    max_entries: int = Field(100_000, ge=16)
+    # A replica keeps its prefixes while it has a free slot and at most this many times the average load.
+    load_factor: float = Field(2.0, ge=1.0)
+
+
+class ContextFitConfig(_Section):
+    """Never send a request to a deployment whose context per slot cannot hold it."""
+
+    enabled: bool = True
+    # auto: ask the upstream's /tokenize (llama-server) only when the estimate is close to a context
+    # limit; always: whenever a limit is known; never: estimates only.
+    tokenize: Literal["auto", "always", "never"] = "auto"
+    # The estimate's uncertainty: a prompt estimated at N tokens may really be N*(1±margin).
+    margin: float = Field(0.5, ge=0, le=4)
+    tokenize_timeout_s: PositiveFloat = 2.0
+    # Token counts of message texts remembered (exact counts from /tokenize).
+    cache_entries: int = Field(20_000, ge=1)
+
+
+class RoutingConfig(_Section):
+    affinity: AffinityConfig = AffinityConfig()
+    context: ContextFitConfig = ContextFitConfig()
+
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class OffPeakWindow(_Section):
+    """Part of the week when capacity is cheap: `days` (mon-fri, sat,sun, daily), `from`-`to` local time
+    in `tz` (a window may pass midnight: from 19:00 to 07:00 ends the next morning)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    days: str = "daily"
+    start: str = Field("00:00", alias="from")
+    end: str = Field("24:00", alias="to")
+    tz: str = "UTC"
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: str) -> str:
+        day_set(value)
+        return value
+
+    @field_validator("start", "end")
+    @classmethod
+    def _clock(cls, value: str) -> str:
+        clock_minutes(value)
+        return value
+
+    @field_validator("tz")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+
+def day_set(text: str) -> frozenset[int]:
+    """'mon-fri', 'sat,sun', 'daily' → weekday numbers (Monday 0)."""
+    text = text.strip().lower()
+    if text in ("daily", "all", "*"):
+        return frozenset(range(7))
+    days: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = (p.strip()[:3] for p in part.split("-", 1))
+            if a not in _DAYS or b not in _DAYS:
+                raise ValueError(f"{part!r} is not a day range like mon-fri")
+            i, j = _DAYS.index(a), _DAYS.index(b)
+            days.update((i + k) % 7 for k in range((j - i) % 7 + 1))
+        elif part[:3] in _DAYS:
+            days.add(_DAYS.index(part[:3]))
+        else:
+            raise ValueError(f"{part!r} is not a day (mon..sun, mon-fri, daily)")
+    return frozenset(days)
+
+
+def clock_minutes(text: str) -> int:
+    """'19:30' → minutes after midnight (24:00 is the end of the day)."""
+    hours, _, minutes = text.partition(":")
+    if not (hours.isdigit() and minutes.isdigit() and len(minutes) == 2):
+        raise ValueError(f"{text!r} is not a time like 19:00")
+    value = int(hours) * 60 + int(minutes)
+    if int(minutes) >= 60 or value > 24 * 60:
+        raise ValueError(f"{text!r} is not a time of day")
+    return value
+
+
+class LowPriorityConfig(_Section):
+    # Requests sent with `x-portcullis-priority: low` queue behind every tier. During peak hours
+    # (outside `off_peak`) they can instead be refused with 503 and a Retry-After that points to the
+    # next off-peak window.
+    in_peak: Literal["queue", "refuse"] = "queue"
+
+
+class SchedulingConfig(_Section):
+    # When capacity is cheap (batch jobs prefer these; low-priority requests may be held to them).
+    # Empty: every hour is off-peak.
+    off_peak: list[OffPeakWindow] = []
+    low_priority: LowPriorityConfig = LowPriorityConfig()
+
+
+class BatchConfig(_Section):
+    """The Batch API, run on this gateway's own backends (jobs/)."""
+
+    enabled: bool = True
+    max_file_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    max_lines: int = Field(50_000, ge=1)
+    # completion_window values accepted: 24h as OpenAI, and any duration from 1m to 7d like 90m, 12h.
+    max_window_s: PositiveFloat = 7 * 86400.0
+    # A line being executed is leased for this long (renewed while it runs); a process that dies loses
+    # its leases when they expire and another process (or itself, restarted) runs the lines again.
+    lease_s: PositiveFloat = 60.0
+    poll_s: PositiveFloat = 1.0
+    # Lines this process runs at once at most (besides the free slots it finds).
+    max_in_flight: int = Field(64, ge=1)
+    # Slots of each model left free for interactive requests (batch lines are also preempted, and run
+    # again later, when an interactive request would otherwise queue).
+    reserve_slots: int = Field(1, ge=0)
+    # Outside off-peak windows: run only when the batch could not finish in the off-peak time left
+    # before its deadline (`when_needed`), always, or never.
+    in_peak: Literal["when_needed", "always", "never"] = "when_needed"
+    # Transient refusals (overload, rate limits, no replica) are retried after this at least.
+    retry_delay_s: PositiveFloat = 1.0
+    # Uploaded and generated files are kept this long (None: until deleted).
+    file_ttl_s: PositiveFloat | None = 30 * 86400.0
 
 
 class Config(_Section):
@@ -455,6 +649,11 @@ class Config(_Section):
     cache: CacheConfig = CacheConfig()
     embedding_batching: EmbeddingBatchingConfig = EmbeddingBatchingConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
+    # Logical models that choose one of their candidates per request (e.g. `auto`).
+    routers: dict[str, RouterConfig] = {}
+    routing: RoutingConfig = RoutingConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
+    batch: BatchConfig = BatchConfig()
 
     @model_validator(mode="after")
     def _jwt_default_tier(self) -> Config:
@@ -488,6 +687,37 @@ class Config(_Section):
                     raise ValueError(f"{where}.tiers: {sorted(unknown)} are not configured tiers")
         return self
 
+    @model_validator(mode="after")
+    def _names(self) -> Config:
+        """Models, routers and aliases share one namespace: every name a client may send means one thing."""
+        owner: dict[str, str] = {name: f"models.{name}" for name in self.models}
+        for name, model in self.models.items():
+            if model.spill_to_fallbacks and not model.fallbacks:
+                raise ValueError(f"models.{name}.spill_to_fallbacks: the model has no fallbacks to spill to")
+        for name, router in self.routers.items():
+            where = f"routers.{name}"
+            _check_name(name, where)
+            if name in owner:
+                raise ValueError(f"{where}: the name is already {owner[name]}")
+            owner[name] = where
+            for candidate in router.candidates:
+                if candidate not in self.models:
+                    raise ValueError(f"{where}.candidates: '{candidate}' is not a configured model")
+            if len(set(router.candidates)) != len(router.candidates):
+                raise ValueError(f"{where}.candidates: a model is listed twice")
+            if router.default_quality is not None and len(router.default_quality) != len(router.candidates):
+                raise ValueError(f"{where}.default_quality: give one value per candidate")
+            if router.scorer != "heuristic" and ":" not in router.scorer:
+                raise ValueError(f"{where}.scorer: 'heuristic' or 'package.module:function'")
+        aliases = [(f"models.{n}.aliases", a) for n, m in self.models.items() for a in m.aliases]
+        aliases += [(f"routers.{n}.aliases", a) for n, r in self.routers.items() for a in r.aliases]
+        for where, alias in aliases:
+            _check_name(alias, where)
+            if alias in owner:
+                raise ValueError(f"{where}: '{alias}' is already {owner[alias]}")
+            owner[alias] = where
+        return self
+
     def degrade_for(self, model: str) -> DegradeConfig:
         return self.models[model].degrade or self.admission.degrade
 
@@ -501,6 +731,11 @@ class Config(_Section):
             if not name or len(name) > 256 or any(c.isspace() for c in name):
                 raise ValueError(f"model name {name!r} must be 1-256 characters without spaces")
         return value
+
+
+def _check_name(name: str, where: str) -> None:
+    if not name or len(name) > 256 or any(c.isspace() for c in name):
+        raise ValueError(f"{where}: name {name!r} must be 1-256 characters without spaces")
 
 
 class ConfigError(Exception):

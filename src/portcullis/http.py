@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -85,6 +85,26 @@ class Request:
             chunks.append(chunk)
             more = message.get("more_body", False)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def iter_body(self, limit: int) -> AsyncIterator[bytes]:
+        """The body chunk by chunk as it arrives (uploads), refusing with 413 past `limit` bytes."""
+        declared = self.header(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"The request body is {int(declared)} bytes; the limit is {limit}.")
+        size = 0
+        more = True
+        while more:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+            if chunk:
+                yield chunk
+            more = message.get("more_body", False)
 
     async def wait_disconnect(self) -> None:
         """Returns when the client goes away. Only call once the body has been read."""

@@ -1,4 +1,5 @@
-"""The admin API: keys (create, list, show, revoke, rotate), usage, and switching models back on.
+"""The admin API: keys (create, list, show, revoke, rotate), usage, switching models back on, backends,
+models and deployments with their live state, and the router's decision for a request.
 
 Key ids are not secret, but a response for an unknown id is the same 404 whatever the reason, and the
 key itself appears exactly once: in the answer that created it.
@@ -7,6 +8,7 @@ key itself appears exactly once: in the answer that created it.
 from __future__ import annotations
 
 import re
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,8 @@ from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.keys import KeyStore, now
 from portcullis.quota import usage
-from portcullis.safety.validation import parse_json_object
+from portcullis.routing.catalog import Replica
+from portcullis.safety.validation import parse_json_object, validate_chat, validate_completion
 from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -206,3 +209,91 @@ async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:
             }
         )
     await req.respond_json(200, {"object": "list", "data": models})
+
+
+async def models(gw: Gateway, req: Request, ex: Exchange) -> None:
+    """GET /admin/models: every model with its deployments' live state, and every router."""
+    data: list[dict[str, Any]] = []
+    catalog = gw.catalog
+    aliases: dict[str, list[str]] = {}
+    for alias, target in catalog.aliases.items():
+        aliases.setdefault(target, []).append(alias)
+    for name, replicas in catalog.models.items():
+        data.append(
+            {
+                "model": name,
+                "kind": "model",
+                "enabled": name not in catalog.disabled,
+                "aliases": aliases.get(name, []),
+                "fallbacks": catalog.fallbacks.get(name, []),
+                "deployments": [_deployment(r) for r in replicas],
+            }
+        )
+    for name, router in catalog.routers.items():
+        data.append(
+            {
+                "model": name,
+                "kind": "router",
+                "strategy": router.strategy,
+                "candidates": list(router.candidates),
+                "aliases": aliases.get(name, []),
+                "scorer": router.scorer,
+            }
+        )
+    await req.respond_json(200, {"object": "list", "data": data})
+
+
+def _deployment(r: Replica) -> dict[str, Any]:
+    if r.gpu_hour is None:
+        basis = "configured"
+    else:
+        basis = "measured" if r.measured_tps is not None else "assumed"
+    return {
+        "name": r.name,
+        "url": r.url,
+        "kind": r.kind,
+        "state": r.state.value,
+        "breaker": r.breaker.state.value,
+        "usable": r.usable(time.monotonic()),
+        "quality": r.quality,
+        "tags": list(r.tags),
+        "n_ctx": r.context,
+        "n_ctx_source": "upstream" if r.n_ctx is not None else ("config" if r.n_ctx_configured else None),
+        "slots": r.limit,
+        "in_flight": r.in_flight,
+        "cost": {
+            "prompt_per_1k": r.prompt_per_1k,
+            "completion_per_1k": r.completion_per_1k,
+            "gpu_hour": r.gpu_hour,
+            "basis": basis,
+        },
+        "observed": {
+            "ttft_s": r.ttft_s,
+            "prefill_tokens_per_s": r.prefill_tps,
+            "stream_tokens_per_s": r.stream_tps,
+            "throughput_tokens_per_s": r.measured_tps,
+        },
+    }
+
+
+async def explain_route(gw: Gateway, req: Request, ex: Exchange) -> None:
+    """POST /admin/route: a chat or completion request in, the router's decision for it now out (the
+    request is not sent). Headers x-portcullis-max-cost / -latency-budget-ms / -priority apply."""
+    raw = await req.read_body(gw.config.server.max_body_bytes)
+    payload = parse_json_object(raw, gw.config.validation)
+    if "messages" in payload:
+        validate_chat(payload, gw.config.validation)
+    else:
+        validate_completion(payload, gw.config.validation)
+    name = gw.catalog.resolve(payload["model"])
+    constraints = gw.router.constraints(req, payload)
+    decision = await gw.router.decide(name, payload, constraints, ex.principal, asked=payload["model"])
+    replica = gw.router.explain_replica(decision, payload)
+    await req.respond_json(
+        200,
+        {
+            **decision.public(),
+            "replica": replica.name if replica is not None else None,
+            "header": decision.header().decode() if decision.router is not None else None,
+        },
+    )

@@ -1,19 +1,21 @@
 """The OpenAI-compatible endpoints. Each handler reads top to bottom like the request path in DESIGN.md:
 
     (authenticated, scope checked: app.py) → read body (capped) → parse once → validate
-    → model allowed for this principal → look up the model → admit quotas → cache / coalesce
-    → admission (a slot of the model: now, after queueing, degraded, or 503) → upstream attempts
-    (retries, failover, breakers) → relay (settled and recorded when the response is over: app.py)
+    → route (the name resolved, allowed for this principal, a router's choice, context fit, prefix
+    placement) → admit quotas (priced by the chosen model) → cache / coalesce
+    → admission (a slot of the model: now, after queueing, degraded, spilled, or 503) → upstream
+    attempts (affinity, retries, failover, breakers) → relay (settled and recorded when the response is
+    over: app.py)
 
-Stages still to come (moderation, routing) slot in between, in order.
+Moderation, still to come, slots in after quotas.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from portcullis.http import Request
-from portcullis.identity.auth import require_model
+from portcullis.identity.auth import may_use, require_model
 from portcullis.safety import validation
 from portcullis.upstream.exchange import Exchange
 
@@ -26,12 +28,11 @@ async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     payload = validation.parse_json_object(body, gw.config.validation)
     chat = validation.validate_chat(payload, gw.config.validation)
     ex.model, ex.stream = chat.model, bool(chat.stream)
-    require_model(ex.principal, chat.model)
-    gw.catalog.replicas_for(chat.model)  # 404 for an unknown or switched-off model
+    model = await gw.router.route(req, ex, payload)
     await gw.quota.admit(req, ex, chat)
     if await gw.cache.answer(req, ex, payload, route="/v1/chat/completions", chat=True):
         return  # from the cache, or shared with an identical request in flight
-    async with gw.admission.slot(req, ex, chat.model, payload) as target:
+    async with gw.admission.slot(req, ex, model, payload) as target:
         await gw.upstream.forward(
             req, ex, path="/v1/chat/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
         )
@@ -42,12 +43,11 @@ async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     payload = validation.parse_json_object(body, gw.config.validation)
     completion = validation.validate_completion(payload, gw.config.validation)
     ex.model, ex.stream = completion.model, bool(completion.stream)
-    require_model(ex.principal, completion.model)
-    gw.catalog.replicas_for(completion.model)  # 404 for an unknown or switched-off model
+    model = await gw.router.route(req, ex, payload)
     await gw.quota.admit(req, ex, completion)
     if await gw.cache.answer(req, ex, payload, route="/v1/completions", chat=False):
         return  # from the cache, or shared with an identical request in flight
-    async with gw.admission.slot(req, ex, completion.model, payload) as target:
+    async with gw.admission.slot(req, ex, model, payload) as target:
         await gw.upstream.forward(
             req, ex, path="/v1/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
         )
@@ -58,32 +58,41 @@ async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
     payload = validation.parse_json_object(body, gw.config.validation)
     embedding = validation.validate_embedding(payload, gw.config.validation)
     ex.model = embedding.model
-    require_model(ex.principal, embedding.model)
-    gw.catalog.replicas_for(embedding.model)
+    model = await gw.router.route(req, ex, payload, generates=False)
     await gw.quota.admit(req, ex, embedding)
     if gw.batcher is not None and await gw.batcher.join(req, ex, payload):
         return  # answered with its part of another request's merged call
-    async with gw.admission.slot(req, ex, embedding.model, payload) as target:
+    async with gw.admission.slot(req, ex, model, payload) as target:
         await gw.upstream.forward(req, ex, path="/v1/embeddings", payload=payload, target=target)
 
 
+def _model_object(gw: Gateway, name: str, kind: str, target: str | None) -> dict[str, Any]:
+    """OpenAI's model object, plus what kind of name it is (extra fields the SDK keeps and ignores)."""
+    obj: dict[str, Any] = {"id": name, "object": "model", "created": int(gw.started_at), "owned_by": "portcullis"}
+    if kind == "router":
+        obj["portcullis"] = {"kind": "router", "candidates": list(gw.catalog.routers[name].candidates)}
+    elif kind == "alias":
+        obj["portcullis"] = {"kind": "alias", "of": target}
+    else:
+        obj["portcullis"] = {"kind": "model"}
+    return obj
+
+
 async def list_models(gw: Gateway, req: Request, ex: Exchange) -> None:
-    created = int(gw.started_at)
-    allowed = ex.principal.models if ex.principal else None
+    """Models, routers and aliases the caller may use."""
     data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "portcullis"}
-        for name in gw.catalog.enabled()
-        if allowed is None or name in allowed
+        _model_object(gw, name, kind, target)
+        for name, kind, target in gw.catalog.names()
+        if may_use(ex.principal, name, target)
     ]
     await req.respond_json(200, {"object": "list", "data": data})
 
 
 async def get_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
-    require_model(ex.principal, model)
-    gw.catalog.replicas_for(model)  # 404 model_not_found when unknown or disabled
-    await req.respond_json(
-        200, {"id": model, "object": "model", "created": int(gw.started_at), "owned_by": "portcullis"}
-    )
+    resolved = gw.catalog.resolve(model)  # 404 model_not_found when unknown or disabled
+    require_model(ex.principal, model, resolved)
+    kind = "alias" if resolved != model else ("router" if model in gw.catalog.routers else "model")
+    await req.respond_json(200, _model_object(gw, model, kind, resolved if kind == "alias" else None))
 
 
 async def delete_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:

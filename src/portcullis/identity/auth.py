@@ -225,6 +225,12 @@ def require_scope(principal: Principal, scope: str) -> None:
         )
 
 
-def require_model(principal: Principal | None, model: str) -> None:
-    if principal is not None and principal.models is not None and model not in principal.models:
-        raise Forbidden(f"Your credentials do not allow the model '{model}'.", code="model_not_allowed", param="model")
+def may_use(principal: Principal | None, asked: str, resolved: str | None = None) -> bool:
+    """A key's model allow-list may name the model, the alias the client used, or the router."""
+    allowed = principal.models if principal is not None else None
+    return allowed is None or asked in allowed or (resolved is not None and resolved in allowed)
+
+
+def require_model(principal: Principal | None, asked: str, resolved: str | None = None) -> None:
+    if not may_use(principal, asked, resolved):
+        raise Forbidden(f"Your credentials do not allow the model '{asked}'.", code="model_not_allowed", param="model")

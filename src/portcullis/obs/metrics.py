@@ -19,7 +19,9 @@ from portcullis.routing.breaker import BreakerState
 from portcullis.routing.catalog import Catalog, ReplicaState
 
 if TYPE_CHECKING:
+    from portcullis.jobs.runner import BatchRunner
     from portcullis.routing.admission import Admission
+    from portcullis.routing.affinity import Affinity
 
 # The *_created series double the scrape for no use in dashboards or alerts.
 disable_created_metrics()
@@ -90,6 +92,42 @@ class AdmissionCollector(Collector):
         yield depth
         yield holding
         yield capacity
+
+
+class RoutingCollector(Collector):
+    """Placement by prefix affinity, preemptions of background work, batch lines run: read at scrape time."""
+
+    def __init__(self, affinity: Affinity, admission: Admission, runner: BatchRunner | None) -> None:
+        self.affinity = affinity
+        self.admission = admission
+        self.runner = runner
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        placements = CounterMetricFamily(
+            "portcullis_affinity_placements",
+            "Requests placed by prefix affinity: hit (the replica holding the prefix), new (an unseen prefix, "
+            "by its hash), overflow (that replica was full)",
+            labels=["result"],
+        )
+        a = self.affinity
+        for result, value in (("hit", a.hits), ("new", a.new), ("overflow", a.overflow)):
+            placements.add_metric([result], value)
+        yield placements
+        preempted = CounterMetricFamily(
+            "portcullis_background_preempted", "Background (batch) requests that gave their slot up", labels=["model"]
+        )
+        background = GaugeMetricFamily(
+            "portcullis_background_in_flight", "Background (batch) requests holding a slot", labels=["model"]
+        )
+        for model, gate in self.admission.gates.items():
+            preempted.add_metric([model], gate.preempted)
+            background.add_metric([model], len(gate.background))
+        yield preempted
+        yield background
+        if self.runner is not None:
+            lines = CounterMetricFamily("portcullis_batch_lines", "Batch lines this process ran to an answer")
+            lines.add_metric([], self.runner.lines_done)
+            yield lines
 
 
 class _Histogram:
@@ -247,9 +285,18 @@ class Metrics:
         self.cache_store_errors = Counter(
             "portcullis_cache_store_errors", "Cache store (Redis) calls that failed", registry=r
         )
+        self.route_decisions = Counter(
+            "portcullis_route_decisions",
+            "Requests a router placed, by router and the model it chose",
+            ["router", "model"],
+            registry=r,
+        )
 
     def watch_admission(self, admission: Admission) -> None:
         self.registry.register(AdmissionCollector(admission))
+
+    def watch_routing(self, affinity: Affinity, admission: Admission, runner: BatchRunner | None) -> None:
+        self.registry.register(RoutingCollector(affinity, admission, runner))
 
     def observe(
         self,

@@ -38,6 +38,7 @@ from portcullis.quota.plan import MICRO, Plan, build_plan
 from portcullis.quota.redis_store import RedisQuotaStore
 from portcullis.quota.resp import RedisReplyError, RedisUnavailable
 from portcullis.quota.store import BUDGET, CONCURRENCY, TOO_LARGE, Alert, Ask, MemoryQuotaStore, Verdict
+from portcullis.routing.catalog import Catalog
 from portcullis.upstream.exchange import Exchange
 
 _PLAN_CACHE = 50_000
@@ -81,8 +82,9 @@ def _periods(now: datetime) -> tuple[dict[str, str], dict[str, float]]:
 
 
 class Quota:
-    def __init__(self, config: Config, metrics: Metrics, log: Any) -> None:
+    def __init__(self, config: Config, metrics: Metrics, log: Any, catalog: Catalog) -> None:
         self.config = config
+        self.catalog = catalog
         self.q = config.quota
         self.metrics = metrics
         self.log = log
@@ -111,13 +113,6 @@ class Quota:
         self._leased: dict[str, Ask] = {}  # Redis concurrency leases held by requests in flight
         self._settling: set[asyncio.Future[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._max_price = {
-            name: (
-                max(d.cost.prompt_per_1k for d in m.deployments),
-                max(d.cost.completion_per_1k for d in m.deployments),
-            )
-            for name, m in config.models.items()
-        }
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -158,7 +153,8 @@ class Quota:
             return
         prompt_tokens, completion_tokens = estimate.reservation(request, self.q)
         tokens = prompt_tokens + completion_tokens
-        prompt_price, completion_price = self._max_price.get(ex.model or "", (0.0, 0.0))
+        # The dearest replica's price: the reservation must cover wherever the request lands.
+        prompt_price, completion_price = self.catalog.max_price(ex.model or "")
         cost = math.ceil((prompt_tokens * prompt_price + completion_tokens * completion_price) * 1000)
         if plan.budgets:
             ids, ends = _periods(datetime.now(UTC))

@@ -17,6 +17,14 @@ Degradation: while a model's observed time to first token (p95 over a window) ex
 `degrade.ttft_p95_s`, requests of the chosen tiers get `max_tokens` capped and/or go to a cheaper
 model, and the response says so in `x-portcullis-degraded`.
 
+Overflow: a model with `spill_to_fallbacks` sends a request that would queue to the first fallback with
+a free slot instead (told in `x-portcullis-route`).
+
+Background work (batch lines, jobs/runner.py) takes a slot only when nobody waits and more than
+`batch.reserve_slots` are free, never queues, and is preempted: an interactive request that would have
+to wait cancels the newest background holder and takes its slot (the line runs again later).
+Low-priority requests (`x-portcullis-priority: low`) queue behind every tier.
+
 The slot is held for the whole upstream part (retries included) and given straight to the next waiter
 when released. Per process: N gateway processes in front of one fleet each admit up to its capacity
 (docs/resilience.md).
@@ -38,6 +46,7 @@ from portcullis.errors import ServiceUnavailable, retry_after_headers
 from portcullis.routing.balancer import unavailable
 from portcullis.routing.catalog import Catalog, Replica, ReplicaState
 from portcullis.routing.retry import RetryBudget
+from portcullis.upstream.exchange import ABORT_PREEMPTED
 
 if TYPE_CHECKING:
     from portcullis.http import Request
@@ -94,6 +103,11 @@ class Gate:
         self.ttft: deque[tuple[float, float]] = deque(maxlen=4096)
         self.ttft_p95: float | None = None
         self._evaluated_at = 0.0
+        # Background holders (batch lines) in the order they took their slot, and how many were told to
+        # give theirs up and have not yet.
+        self.background: dict[Exchange, None] = {}
+        self.preempting = 0
+        self.preempted = 0
 
     # -- capacity ---------------------------------------------------------------------------------
 
@@ -199,6 +213,24 @@ class Gate:
             self.grants.append((time.monotonic(), waiter.priority))
             waiter.fut.set_result(None)
 
+    def idle(self, reserve: int) -> int:
+        """Slots background work may take now: none while anyone waits, and `reserve` left free."""
+        if self.depth:
+            return 0
+        return max(0, min(self.capacity(), _UNLIMITED // 2) - reserve - self.holding)
+
+    def preempt(self) -> None:
+        """A request waits: if background work holds slots, the newest gives one up (once per waiter)."""
+        if self.depth <= self.preempting:
+            return
+        for ex in reversed(self.background):
+            if ex.abort_reason is None:
+                ex.abort(ABORT_PREEMPTED)
+                if ex.abort_reason == ABORT_PREEMPTED:  # (one that is finishing anyway frees its slot soon)
+                    self.preempting += 1
+                    self.preempted += 1
+                    return
+
     def release(self, held_s: float | None) -> None:
         self.holding -= 1
         if held_s is not None:
@@ -251,6 +283,9 @@ class Admission:
             fallbacks = [(name, catalog.models[name]) for name in catalog.fallbacks.get(gate.model, ())]
             gate.target = Target(gate.model, gate.replicas, fallbacks, gate.timeouts, gate.budget, catalog)
         self.priorities = {name: tier.priority for name, tier in config.tiers.items()}
+        self.low_priority = min(self.priorities.values()) - 1  # behind every tier
+        self.reserve = config.batch.reserve_slots
+        self.spills = {name: m.spill_to_fallbacks for name, m in config.models.items()}
         self.closed = False
         self._ticker: asyncio.Task[None] | None = None
 
@@ -280,6 +315,13 @@ class Admission:
         gate = self.gates.get(model)
         if gate is not None and gate.depth:
             gate.grant()
+
+    def idle_slots(self, model: str) -> int:
+        """Slots of a model that background work may take now (jobs/runner.py asks before leasing lines)."""
+        gate = self.gates.get(model)
+        if gate is None or self.closed or model in self.catalog.disabled:
+            return 0
+        return gate.idle(self.reserve)
 
     def kick_later(self, model: str, delay_s: float) -> None:
         """An open breaker half-opens by the clock alone: look at the queue again then."""
@@ -341,10 +383,37 @@ class Admission:
         }[reason]
         return ServiceUnavailable(message, code="overloaded", headers=retry_after_headers(wait))
 
+    def spill(self, req: Request, ex: Exchange, gate: Gate) -> Gate | None:
+        """The model is full: the first fallback with a free slot and nobody waiting, if it may spill."""
+        if not self.spills.get(gate.model):
+            return None
+        for model, _ in gate.target.fallbacks:
+            other = self.gates[model]
+            if model not in self.catalog.disabled and not other.depth and other.holding < other.capacity():
+                reason = f"model={model}; reason={gate.model} full, spilled to its fallback".encode()
+                req.response_headers.append((b"x-portcullis-route", reason))
+                ex.route_reason = f"{gate.model} full, spilled"
+                ex.model = model
+                return other
+        return None
+
+    def take_background(self, ex: Exchange, gate: Gate) -> None:
+        if gate.idle(self.reserve) <= 0:
+            self.metrics.admission_rejections.labels(gate.model, "no_idle_capacity").inc()
+            raise ServiceUnavailable(
+                f"The model '{gate.model}' has no idle capacity for background work now.",
+                code="no_idle_capacity",
+                headers=retry_after_headers(gate.estimate_wait(1)),
+            )
+        gate.holding += 1
+        gate.background[ex] = None
+
     async def wait(self, req: Request, ex: Exchange, gate: Gate, priority: int) -> None:
         key = (ex.principal.key_id or ex.principal.user) if ex.principal is not None else "-"
         waiter = _Waiter(asyncio.get_running_loop().create_future(), priority, key or "-")
         gate.enqueue(waiter)
+        if gate.background:
+            gate.preempt()
         # A client that leaves while waiting leaves the queue at once (the abort cancels this task).
         ex.watch_disconnect(req.wait_disconnect)
         queued_at = time.perf_counter()
@@ -387,14 +456,24 @@ class Slot:
         if gate.degrade.ttft_p95_s is not None:
             gate = admission.degrade(self._req, ex, gate, self._payload)
         capacity = gate.capacity()
-        if gate.holding < capacity and not gate.depth:
+        if ex.background:
+            if capacity == 0:
+                raise unavailable(gate.replicas)
+            admission.take_background(ex, gate)
+        elif gate.holding < capacity and not gate.depth:
             gate.holding += 1  # (grants are recorded only from the queue: they matter only under contention)
         elif capacity == 0:
             admission.metrics.admission_rejections.labels(gate.model, "no_replica").inc()
             raise unavailable(gate.replicas)
+        elif (other := admission.spill(self._req, ex, gate)) is not None:
+            gate = other
+            gate.holding += 1
         else:
             principal = ex.principal
-            priority = admission.priorities.get(principal.tier, 0) if principal is not None else 0
+            if ex.low_priority:
+                priority = admission.low_priority
+            else:
+                priority = admission.priorities.get(principal.tier, 0) if principal is not None else 0
             if admission.closed:
                 raise admission.refuse(gate, "shutdown", priority)
             if admission.settings.when_full == "reject":
@@ -417,6 +496,10 @@ class Slot:
         if gate is None:
             return
         ex = self._ex
+        if ex.background:
+            del gate.background[ex]
+            if ex.abort_reason == ABORT_PREEMPTED:
+                gate.preempting -= 1
         gate.release(time.perf_counter() - self._since if ex.replica is not None else None)
         if ex.ttft_s is not None:
             gate.observe_ttft(ex.ttft_s)

@@ -3,7 +3,8 @@
 llama-server has a fixed number of slots and queues silently beyond them, so the load of a replica is
 its in-flight count relative to its slots (learned from /props); a generic backend's capacity is its
 configured weight. Usable means ready (prober), let through by its breaker and not cooling down after
-an upstream 429. Ties are broken at random so equal replicas share the load.
+an upstream 429. Ties are broken at random so equal replicas share the load. A replica whose context
+per slot cannot hold the request (`need` tokens, routing/context.py) is never chosen.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from collections.abc import Collection
 
 from portcullis.errors import ServiceUnavailable, retry_after_headers
 from portcullis.routing.catalog import Replica, ReplicaState
+from portcullis.routing.context import fits
 
 
-def choose(replicas: list[Replica], avoid: Collection[Replica] = (), now: float | None = None) -> Replica | None:
-    """The least loaded usable replica not in `avoid`, or None."""
+def choose(
+    replicas: list[Replica], avoid: Collection[Replica] = (), now: float | None = None, need: int = 0
+) -> Replica | None:
+    """The least loaded usable replica not in `avoid` that can hold `need` tokens, or None."""
     now = time.monotonic() if now is None else now
     best: list[Replica] = []
     best_load = 0.0
     for replica in replicas:
-        if replica in avoid or not replica.usable(now):
+        if replica in avoid or not replica.usable(now) or (need and not fits(replica, need)):
             continue
         load = replica.in_flight / replica.capacity
         if not best or load < best_load:

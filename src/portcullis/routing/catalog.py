@@ -1,18 +1,26 @@
-"""The catalog: logical model names → their replicas (one per configured deployment), with live state.
+"""The catalog: model names → their replicas (one per configured deployment), with live state; the
+names clients may send (models, aliases, routers) and what each one means.
 
 A `Replica` is shared data: the prober writes its health and capacity, the balancer reads them, the
-upstream stage counts its in-flight requests. Nobody else mutates it.
+upstream stage counts its in-flight requests and feeds it what each answer showed (time to first token,
+decoding speed, tokens produced while busy). Nobody else mutates it.
+
+Prices: a deployment priced per 1,000 tokens keeps that price. One priced by the hour (`gpu_hour`) gets
+a price per token from its throughput: completion tokens produced per second while it had work, over
+the last few minutes (`tokens_per_s` from the config until measured); a prompt token costs
+`prompt_ratio` of a completion token. Idle time is not charged to anyone's requests.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from portcullis.config import BreakerConfig, Config, DeploymentConfig
+from portcullis.config import BreakerConfig, Config, DeploymentConfig, RouterConfig
 from portcullis.errors import NotFound
 from portcullis.routing.breaker import Breaker
 
@@ -50,6 +58,77 @@ class Replica:
     breaker: Breaker = field(default_factory=lambda: Breaker("", BreakerConfig()))
     # After an upstream 429 with Retry-After, the replica gets nothing new until then (monotonic time).
     cooldown_until: float = 0.0
+    quality: float | None = None
+    tags: tuple[str, ...] = ()
+    n_ctx_configured: int | None = None
+    # Priced by the hour: the machine's price, the throughput assumed until measured, prompt/completion.
+    gpu_hour: float | None = None
+    assumed_tps: float | None = None
+    prompt_ratio: float = 0.1
+    # What answers showed (exponentially weighted): seconds to the first token, prompt tokens processed
+    # per second, one stream's decoding speed in tokens/s, and the replica's throughput in completion
+    # tokens per busy second.
+    ttft_s: float | None = None
+    prefill_tps: float | None = None
+    stream_tps: float | None = None
+    measured_tps: float | None = None
+    busy_since: float = 0.0
+    busy_s: float = 0.0
+    tokens_out: int = 0
+    _marks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_THROUGHPUT_MARKS), repr=False)
+
+    @property
+    def context(self) -> int | None:
+        """Tokens one request may use here (prompt + completion): the slot's context, learned or configured."""
+        return self.n_ctx if self.n_ctx is not None else self.n_ctx_configured
+
+    # -- what answers show ---------------------------------------------------------------------
+
+    def begin(self, now: float) -> None:
+        if self.in_flight == 0:
+            self.busy_since = now
+        self.in_flight += 1
+
+    def end(self, now: float) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.busy_s += now - self.busy_since
+
+    def observe(
+        self,
+        *,
+        ttft_s: float | None,
+        prefill_tps: float | None,
+        stream_tps: float | None,
+        completion_tokens: int | None,
+    ) -> None:
+        """One successful answer: what it says about this replica's speed."""
+        if ttft_s is not None:
+            self.ttft_s = _ewma(self.ttft_s, ttft_s)
+        if prefill_tps:
+            self.prefill_tps = _ewma(self.prefill_tps, prefill_tps)
+        if stream_tps:
+            self.stream_tps = _ewma(self.stream_tps, stream_tps)
+        if completion_tokens:
+            self.tokens_out += completion_tokens
+
+    def mark_throughput(self, now: float) -> None:
+        """Every few seconds: the throughput over the marks kept (busy time, so idle time is free)."""
+        busy = self.busy_s + (now - self.busy_since if self.in_flight else 0.0)
+        marks = self._marks
+        marks.append((busy, self.tokens_out))
+        if len(marks) >= 2:
+            busy0, tokens0 = marks[0]
+            if busy - busy0 >= _MIN_BUSY_S and self.tokens_out > tokens0:
+                self.measured_tps = (self.tokens_out - tokens0) / (busy - busy0)
+        if self.gpu_hour is not None:
+            self.price_from_throughput()
+
+    def price_from_throughput(self) -> None:
+        assert self.gpu_hour is not None
+        tps = self.measured_tps or self.assumed_tps or 1.0
+        self.completion_per_1k = self.gpu_hour / 3600 / tps * 1000
+        self.prompt_per_1k = self.completion_per_1k * self.prompt_ratio
 
     @property
     def capacity(self) -> int:
@@ -68,10 +147,12 @@ class Replica:
         return self.state is ReplicaState.READY and self.breaker.allows(now) and now >= self.cooldown_until
 
     @classmethod
-    def from_config(cls, model: str, index: int, dep: DeploymentConfig, breaker: BreakerConfig) -> Replica:
+    def from_config(
+        cls, model: str, index: int, dep: DeploymentConfig, breaker: BreakerConfig, quality: float | None = None
+    ) -> Replica:
         parts = urlsplit(dep.url)
         name = dep.name or f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-        return cls(
+        replica = cls(
             model=model,
             name=name,
             url=dep.url,
@@ -83,27 +164,84 @@ class Replica:
             completion_per_1k=dep.cost.completion_per_1k,
             max_in_flight=dep.max_in_flight,
             breaker=Breaker(f"{model}/{name}", breaker),
+            quality=dep.quality if dep.quality is not None else quality,
+            tags=tuple(dep.tags),
+            n_ctx_configured=dep.n_ctx,
+            gpu_hour=dep.cost.gpu_hour,
+            assumed_tps=dep.cost.tokens_per_s,
+            prompt_ratio=dep.cost.prompt_ratio,
         )
+        if replica.gpu_hour is not None:
+            replica.price_from_throughput()
+        return replica
+
+
+_EWMA = 0.2
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else old + _EWMA * (new - old)
+
+
+_MIN_BUSY_S = 1.0  # busy seconds a throughput figure needs before it replaces the assumed one
+_THROUGHPUT_MARKS = 30  # marks kept (one per Catalog.tick, every 10 s: five minutes)
 
 
 class Catalog:
-    def __init__(self, models: dict[str, list[Replica]], fallbacks: dict[str, list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        models: dict[str, list[Replica]],
+        fallbacks: dict[str, list[str]] | None = None,
+        *,
+        routers: dict[str, RouterConfig] | None = None,
+        aliases: dict[str, str] | None = None,
+    ) -> None:
         self.models = models
         # Models a request may fail over to, in order (models.<m>.fallbacks).
         self.fallbacks = fallbacks or {}
+        # Logical models that choose a candidate per request (routing/router.py), and other names.
+        self.routers = routers or {}
+        self.aliases = aliases or {}  # alias → model or router name
         # Models switched off at run time (DELETE /v1/models/{id}); persisted, shared by every process.
         self.disabled: set[str] = set()
 
     @classmethod
     def from_config(cls, config: Config) -> Catalog:
         breaker = config.resilience.breaker
+        aliases = {a: name for name, m in config.models.items() for a in m.aliases}
+        aliases.update({a: name for name, r in config.routers.items() for a in r.aliases})
         return cls(
             {
-                name: [Replica.from_config(name, i, dep, breaker) for i, dep in enumerate(model.deployments)]
+                name: [
+                    Replica.from_config(name, i, dep, breaker, model.quality) for i, dep in enumerate(model.deployments)
+                ]
                 for name, model in config.models.items()
             },
             {name: list(model.fallbacks) for name, model in config.models.items()},
+            routers=dict(config.routers),
+            aliases=aliases,
         )
+
+    def resolve(self, name: str) -> str:
+        """The model or router a client's name means (an alias resolved); 404 when none, or switched off."""
+        name = self.aliases.get(name, name)
+        if name in self.routers or (name in self.models and name not in self.disabled):
+            return name
+        raise NotFound(
+            f"The model '{name}' does not exist or you do not have access to it.", param="model", code="model_not_found"
+        )
+
+    def max_price(self, model: str) -> tuple[float, float]:
+        """The dearest replica's (prompt, completion) price per 1k tokens: what a reservation assumes."""
+        replicas = self.models.get(model, ())
+        return max((r.prompt_per_1k for r in replicas), default=0.0), max(
+            (r.completion_per_1k for r in replicas), default=0.0
+        )
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for replica in self.all_replicas():
+            replica.mark_throughput(now)
 
     def replicas_for(self, model: str) -> list[Replica]:
         replicas = self.models.get(model)
@@ -117,6 +255,17 @@ class Catalog:
 
     def enabled(self) -> list[str]:
         return [name for name in self.models if name not in self.disabled]
+
+    def names(self) -> list[tuple[str, str, str | None]]:
+        """Every name a client may send: (name, kind: model | router | alias, what an alias stands for)."""
+        out: list[tuple[str, str, str | None]] = [(name, "model", None) for name in self.enabled()]
+        out += [(name, "router", None) for name in self.routers]
+        out += [
+            (alias, "alias", target)
+            for alias, target in self.aliases.items()
+            if target in self.routers or target not in self.disabled
+        ]
+        return out
 
     def all_replicas(self) -> list[Replica]:
         return [r for replicas in self.models.values() for r in replicas]

@@ -10,7 +10,12 @@ What it reproduces from llama.cpp's tools/server:
     (`choices: []`) only with `stream_options.include_usage`, `timings` on the last chunk, `[DONE]`;
     optional `:` keep-alive pings; a mid-stream error as `data: {"error": ...}` without `[DONE]`;
   - `/props` (total_slots, default_generation_settings.n_ctx), `/slots`, `/metrics` (llamacpp:*),
-    `/v1/models`, `/tokenize`, `/v1/embeddings`.
+    `/v1/models`, `/tokenize`, `/v1/embeddings`;
+  - the prompt cache: each slot keeps the tokens of its last request (prompt and answer); a new request
+    takes the idle slot whose cache shares the longest prefix with its prompt (at least
+    `slot_similarity` of it, else the least recently used slot) and only the rest of the prompt costs
+    `prompt_ms_per_token`; `timings.cache_n` and `usage.prompt_tokens_details.cached_tokens` say how
+    many tokens were reused.
 Output is deterministic for `temperature: 0` (and for a given `seed`). Faults can be injected by
 probability, or exactly (`fail_next`: the next N completion requests answer a chosen status, with
 Retry-After if set), at start-up or at run time through `POST /sim/control`; `GET /sim/stats` counts what
@@ -49,6 +54,10 @@ class SimSettings:
     n_ctx: int = 4096
     model_alias: str = "sim-model.gguf"
     ttft_ms: float = 0.0
+    # Prompt processing: this long per prompt token not found in the slot's cache (0: free).
+    prompt_ms_per_token: float = 0.0
+    prompt_cache: bool = True
+    slot_similarity: float = 0.5  # llama-server's --slot-prompt-similarity
     tokens_per_s: float = 0.0  # 0 = no delay between tokens
     default_max_tokens: int = 32
     embedding_dim: int = 64
@@ -77,6 +86,26 @@ def tokenize(text: str) -> list[int]:
     return [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=2).digest(), "big") for t in _TOKEN_RE.findall(text)]
 
 
+_ROLE_IDS = {"system": 11, "developer": 12, "user": 13, "assistant": 14, "tool": 15}
+
+
+def chat_ids(messages: list[Any]) -> list[int]:
+    """A chat prompt as token ids: per message a 4-token role header and its text, then 3 to open the answer."""
+    ids: list[int] = []
+    for m in messages:
+        if isinstance(m, dict):
+            ids += [_ROLE_IDS.get(str(m.get("role")), 10), 1, 2, 3, *tokenize(_text_of(m.get("content")))]
+    return [*ids, 4, 5, 6]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -96,6 +125,8 @@ class Simulator:
         self.loading_until = self.started + self.settings.loading_s
         self._slots = asyncio.Semaphore(self.settings.slots)
         self._slot_busy = [False] * self.settings.slots
+        self._slot_cache: list[list[int]] = [[] for _ in range(self.settings.slots)]
+        self._slot_used = [0.0] * self.settings.slots
         self.stats = {
             "requests": 0,
             "completed": 0,
@@ -105,6 +136,7 @@ class Simulator:
             "max_waiting": 0,
             "max_active": 0,
             "prompt_tokens": 0,
+            "prompt_tokens_cached": 0,
             "predicted_tokens": 0,
             "embedding_calls": 0,
             "embedding_inputs": 0,
@@ -290,11 +322,12 @@ class Simulator:
             prompt_text = "\n".join(
                 f"{m.get('role')}: {_text_of(m.get('content'))}" for m in messages if isinstance(m, dict)
             )
-            n_prompt = sum(4 + len(tokenize(_text_of(m.get("content")))) for m in messages if isinstance(m, dict)) + 3
+            prompt_ids = chat_ids(messages)
         else:
             prompt = req.get("prompt", "")
             prompt_text = prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
-            n_prompt = len(tokenize(prompt_text)) if isinstance(prompt, str) else len(prompt_text) // 3
+            prompt_ids = tokenize(prompt_text) if isinstance(prompt, str) else [0] * (len(prompt_text) // 3)
+        n_prompt = len(prompt_ids)
         if s.fail_next > 0:
             self.settings = s = dataclasses.replace(s, fail_next=s.fail_next - 1)
             headers = [(b"retry-after", f"{s.fail_retry_after:g}".encode())] if s.fail_retry_after is not None else []
@@ -355,7 +388,7 @@ class Simulator:
         try:
             async with self._slots:
                 self.stats["waiting"] -= 1
-                slot = self._slot_busy.index(False)
+                slot, cached = self._take_slot(prompt_ids)
                 self._slot_busy[slot] = True
                 self.stats["active"] += 1
                 self.stats["max_active"] = max(self.stats["max_active"], self.stats["active"])
@@ -368,10 +401,14 @@ class Simulator:
                         stream=stream,
                         words=words,
                         n_prompt=n_prompt,
+                        cached=cached,
                         finish=finish,
                         fault=stream_fault,
                     )
+                    # The slot's cache now holds this prompt and its answer (llama-server keeps them).
+                    self._slot_cache[slot] = prompt_ids + [t for w in words for t in tokenize(w)]
                 finally:
+                    self._slot_used[slot] = time.monotonic()
                     self._slot_busy[slot] = False
                     self.stats["active"] -= 1
         except asyncio.CancelledError:
@@ -380,6 +417,23 @@ class Simulator:
         finally:
             watcher.cancel()
         self.stats["completed" if ok else "cancelled"] += 1
+
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The idle slot for a prompt (llama-server's choice: the longest cached prefix if similar enough,
+        else the least recently used) and how many of its tokens that slot has cached."""
+        s = self.settings
+        idle = [i for i, busy in enumerate(self._slot_busy) if not busy]
+        best, best_common = None, 0
+        if s.prompt_cache:
+            for i in idle:
+                common = _common_prefix(self._slot_cache[i], prompt)
+                if common > best_common:
+                    best, best_common = i, common
+        if best is None or best_common < s.slot_similarity * len(prompt):
+            best = min(idle, key=lambda i: self._slot_used[i])
+            best_common = _common_prefix(self._slot_cache[best], prompt) if s.prompt_cache else 0
+        # At least one prompt token is always computed (its logits start the answer).
+        return best, min(best_common, max(0, len(prompt) - 1))
 
     async def _generate(
         self,
@@ -391,6 +445,7 @@ class Simulator:
         stream: bool,
         words: list[str],
         n_prompt: int,
+        cached: int,
         finish: str,
         fault: str | None,
     ) -> bool:
@@ -398,22 +453,25 @@ class Simulator:
         cid = ("chatcmpl-" if chat else "cmpl-") + random.randbytes(12).hex()
         created = int(time.time())
         t0 = time.perf_counter()
-        if s.ttft_ms and await _sleep_or_gone(s.ttft_ms / 1000, disconnected):
+        prefill_s = (s.ttft_ms + (n_prompt - cached) * s.prompt_ms_per_token) / 1000
+        if prefill_s and await _sleep_or_gone(prefill_s, disconnected):
             return False
         t_prompt = time.perf_counter()
         self.stats["prompt_tokens"] += n_prompt
+        self.stats["prompt_tokens_cached"] += cached
         delay = 1.0 / s.tokens_per_s if s.tokens_per_s > 0 else 0.0
         base = {"id": cid, "created": created, "model": s.model_alias, "system_fingerprint": "b0-portcullis-sim"}
 
         def timings(n: int) -> dict[str, Any]:
             gen_ms = (time.perf_counter() - t_prompt) * 1000
             prompt_ms = (t_prompt - t0) * 1000
+            processed = n_prompt - cached
             return {
-                "cache_n": 0,
-                "prompt_n": n_prompt,
+                "cache_n": cached,
+                "prompt_n": processed,
                 "prompt_ms": prompt_ms,
-                "prompt_per_token_ms": prompt_ms / max(n_prompt, 1),
-                "prompt_per_second": n_prompt / (prompt_ms / 1000) if prompt_ms else 0.0,
+                "prompt_per_token_ms": prompt_ms / max(processed, 1),
+                "prompt_per_second": processed / (prompt_ms / 1000) if prompt_ms else 0.0,
                 "predicted_n": n,
                 "predicted_ms": gen_ms,
                 "predicted_per_token_ms": gen_ms / max(n, 1),
@@ -425,7 +483,7 @@ class Simulator:
                 "completion_tokens": n,
                 "prompt_tokens": n_prompt,
                 "total_tokens": n + n_prompt,
-                "prompt_tokens_details": {"cached_tokens": 0},
+                "prompt_tokens_details": {"cached_tokens": cached},
             }
 
         if not stream:

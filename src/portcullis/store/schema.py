@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
 metadata = MetaData()
 
@@ -59,4 +74,69 @@ usage = Table(
     Column("cache_hit", Boolean, nullable=False),
     Index("ix_usage_day_user", "day", "user"),
     Index("ix_usage_key_id", "key_id"),
+)
+
+# Files of the Batch API: uploaded input (purpose "batch") and generated output ("batch_output").
+# Times here and in the batch tables are POSIX seconds (floats): compared in SQL the same way on
+# SQLite and PostgreSQL.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("owner", String(256), nullable=False, index=True),  # the user who uploaded it (or the batch's)
+    Column("purpose", String(32), nullable=False),
+    Column("filename", String(512), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("content", LargeBinary, nullable=False),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("owner", String(256), nullable=False, index=True),
+    Column("principal", JSON, nullable=False),  # who the lines run as (jobs/store.py)
+    Column("endpoint", String(64), nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("input_file_id", String(40), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("total", Integer, nullable=False),
+    Column("completed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("output_file_id", String(40), nullable=True),
+    Column("error_file_id", String(40), nullable=True),
+    Column("errors", JSON, nullable=True),
+    Column("metadata", JSON, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("in_progress_at", Float, nullable=True),
+    Column("finalizing_at", Float, nullable=True),
+    Column("completed_at", Float, nullable=True),
+    Column("failed_at", Float, nullable=True),
+    Column("expired_at", Float, nullable=True),
+    Column("cancelling_at", Float, nullable=True),
+    Column("cancelled_at", Float, nullable=True),
+)
+
+# One row per input line: leased by the process that runs it, written once when it ends.
+batch_lines = Table(
+    "batch_lines",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("batch_id", String(40), nullable=False),
+    Column("line_no", Integer, nullable=False),
+    Column("custom_id", String(512), nullable=False),
+    Column("body", Text, nullable=False),  # the request's JSON
+    Column("state", String(12), nullable=False),  # pending, leased, done, failed
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("not_before", Float, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("result", Text, nullable=True),  # the output (or error) file's line, once ended
+    Column("finished_at", Float, nullable=True),
+    UniqueConstraint("batch_id", "line_no", name="uq_batch_lines_batch_line"),
+    Index("ix_batch_lines_batch_state", "batch_id", "state"),
 )

@@ -70,6 +70,18 @@ class UpstreamClient:
             except orjson.JSONDecodeError:
                 return resp.status, None
 
+    async def call(self, path: str, obj: Any, *, timeout_s: float = 5.0) -> tuple[int, Any]:
+        """A small JSON POST beside the traffic (e.g. /tokenize): (status, parsed JSON or None)."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with self._session.post(
+            self.base_url + path, data=orjson.dumps(obj), timeout=timeout, headers=self._headers
+        ) as resp:
+            raw = await resp.read()
+            try:
+                return resp.status, orjson.loads(raw) if raw else None
+            except orjson.JSONDecodeError:
+                return resp.status, None
+
     async def close(self) -> None:
         await self._session.close()
 

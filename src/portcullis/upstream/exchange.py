@@ -18,6 +18,7 @@ from portcullis.routing.catalog import Replica
 
 ABORT_CLIENT_GONE = "client_disconnected"
 ABORT_SHUTDOWN = "shutdown"
+ABORT_PREEMPTED = "preempted"  # a background (batch) request gave its slot to an interactive one
 
 
 @dataclass(slots=True, eq=False)
@@ -51,6 +52,15 @@ class Exchange:
     deadline: float = 0.0
     deadline_expired: bool = False
     degraded: str | None = None  # what degradation changed, as told in x-portcullis-degraded
+    # Routing: why a router chose the model (logged), the tokens a replica must hold (0: any), the
+    # prompt's prefix keys (affinity), llama-server's `timings` of the answer.
+    route_reason: str | None = None
+    need: int = 0
+    affinity: tuple[bytes, ...] = ()
+    timings: dict[str, Any] | None = None
+    # Background work (a batch line): never queued, preempted when an interactive request needs the slot.
+    background: bool = False
+    low_priority: bool = False
     # Set just before the last byte is handed to the server: from then on nothing may cancel us.
     finished: bool = False
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)

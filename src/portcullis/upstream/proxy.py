@@ -1,7 +1,8 @@
 """The upstream stage: attempts on replicas (with retries and failover), each relayed to the client.
 
 One request, up to `resilience.retries + 1` attempts, each on the least loaded usable replica not yet
-tried (then the model's fallbacks, then a replica already tried), with exponential backoff and full
+tried that can hold the request (the first one preferably where its prompt prefix is cached: affinity),
+then the model's fallbacks, then a replica already tried, with exponential backoff and full
 jitter between them, within the retry budget and the model's `total_s`. Only failures before anything
 reached the client are retried (routing/retry.py says which). Every attempt's outcome goes to the
 replica's breaker. `x-portcullis-attempts` tells the client how many attempts were made.
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from portcullis.config import ResilienceConfig
     from portcullis.obs.metrics import Metrics
     from portcullis.routing.admission import Target
+    from portcullis.routing.affinity import Affinity
 
 _ATTEMPTS = b"x-portcullis-attempts"
 _ATTEMPT_VALUES = [str(n).encode() for n in range(16)]
@@ -46,9 +48,10 @@ _ATTEMPT_VALUES = [str(n).encode() for n in range(16)]
 class Upstream:
     """The upstream stage of one gateway: its retry settings and where it reports retries."""
 
-    def __init__(self, resilience: ResilienceConfig, metrics: Metrics) -> None:
+    def __init__(self, resilience: ResilienceConfig, metrics: Metrics, affinity: Affinity | None = None) -> None:
         self.resilience = resilience
         self.metrics = metrics
+        self.affinity = affinity
 
     async def forward(
         self,
@@ -66,7 +69,6 @@ class Upstream:
             client_wants_usage = bool(isinstance(options, dict) and options.get("include_usage"))
             if not client_wants_usage:
                 payload["stream_options"] = {**(options or {}), "include_usage": True}
-        asked_model = payload.get("model")
         bodies: dict[Any, bytes] = {}
         ex.watch_disconnect(req.wait_disconnect)
         loop = asyncio.get_running_loop()
@@ -79,14 +81,14 @@ class Upstream:
         retries = self.resilience.retries
         last_error: GatewayError | None = None
         while True:
-            found = _next_replica(target, tried)
+            found = self._next_replica(target, tried, ex)
             if found is None:  # nothing usable (left): the last attempt's error says more than "none left"
                 raise last_error or unavailable(target.replicas)
             replica, model = found
             tried.append(replica)
             ex.attempts += 1
             headers[attempts_at] = (_ATTEMPTS, _ATTEMPT_VALUES[min(ex.attempts, 15)])
-            upstream_name = replica.upstream_model or (asked_model if model == target.model else model)
+            upstream_name = replica.upstream_model or model
             body = bodies.get(upstream_name)
             if body is None:
                 payload["model"] = upstream_name
@@ -112,7 +114,7 @@ class Upstream:
                 delay = backoff_delay(self.resilience.backoff, ex.attempts)
                 if failure.retry_after is not None:
                     replica.cooldown_until = time.monotonic() + failure.retry_after
-                    if choose(target.replicas, tried) is None and not _usable_fallbacks(target):
+                    if choose(target.replicas, tried, need=ex.need) is None and not _usable_fallbacks(target):
                         # The same replica again: honour its wait (plus 10 ms, as the loop's timers may
                         # wake a little early and find it still cooling down).
                         delay = max(delay, failure.retry_after + 0.01)
@@ -147,11 +149,11 @@ class Upstream:
         ex.deadline = min(deadline, loop.time() + timeouts.ttft_s) if ex.stream else deadline
         breaker = replica.breaker
         probe = breaker.acquire()
-        replica.in_flight += 1
+        t0 = time.perf_counter()
+        replica.begin(t0)
         resp: aiohttp.ClientResponse | None = None
         ok: bool | None = None
         kind: str | None = None
-        t0 = time.perf_counter()
         try:
             try:
                 resp = await replica.client.post(path, body, model=model)
@@ -218,34 +220,63 @@ class Upstream:
             raise AttemptFailed(GatewayTimeout(message), kind="timeout", retryable=phase == "first_token") from None
         finally:
             ex.deadline = 0.0
-            replica.in_flight -= 1
+            replica.end(time.perf_counter())
             breaker.record(ok, kind, probe=probe)
+            if ok:
+                _observe(replica, ex)
+                if ex.affinity and self.affinity is not None:
+                    self.affinity.remember(ex.affinity, replica)
             if resp is not None:
                 if ok:
                     resp.release()
                 else:
                     resp.close()
 
+    def _next_replica(self, target: Target, tried: list[Replica], ex: Exchange) -> tuple[Replica, str] | None:
+        """An untried replica of the model (where its prefix is, first), else of its fallbacks in order,
+        else one already tried."""
+        now = time.monotonic()
+        need = ex.need
+        if ex.affinity and self.affinity is not None:
+            replica = self.affinity.pick(target.replicas, ex.affinity, tried, now, need)
+            if replica is not None:
+                return replica, target.model
+        replica = choose(target.replicas, tried, now, need)
+        if replica is not None:
+            return replica, target.model
+        fallbacks = _usable_fallbacks(target)
+        for name, replicas in fallbacks:
+            replica = choose(replicas, tried, now, need)
+            if replica is not None:
+                return replica, name
+        replica = choose(target.replicas, (), now, need)
+        if replica is not None:
+            return replica, target.model
+        for name, replicas in fallbacks:
+            replica = choose(replicas, (), now, need)
+            if replica is not None:
+                return replica, name
+        return None
 
-def _next_replica(target: Target, tried: list[Replica]) -> tuple[Replica, str] | None:
-    """An untried replica of the model, else of its fallbacks in order, else one already tried."""
-    now = time.monotonic()
-    replica = choose(target.replicas, tried, now)
-    if replica is not None:
-        return replica, target.model
-    fallbacks = _usable_fallbacks(target)
-    for name, replicas in fallbacks:
-        replica = choose(replicas, tried, now)
-        if replica is not None:
-            return replica, name
-    replica = choose(target.replicas, (), now)
-    if replica is not None:
-        return replica, target.model
-    for name, replicas in fallbacks:
-        replica = choose(replicas, (), now)
-        if replica is not None:
-            return replica, name
-    return None
+
+def _observe(replica: Replica, ex: Exchange) -> None:
+    """What a successful answer shows about the replica: llama-server's own timings, or our clock."""
+    timings = ex.timings
+    prefill = decode = ttft = None
+    if isinstance(timings, dict):
+        prefill = _number(timings.get("prompt_per_second"))
+        decode = _number(timings.get("predicted_per_second"))
+        prompt_ms = _number(timings.get("prompt_ms"))
+        ttft = prompt_ms / 1000 if prompt_ms is not None else None
+    elif ex.ttft_s is not None:
+        ttft = max(0.0, ex.ttft_s - ex.queue_s)
+    if decode is None and ex.completion_tokens and ex.upstream_s > 0:
+        decode = ex.completion_tokens / ex.upstream_s
+    replica.observe(ttft_s=ttft, prefill_tps=prefill, stream_tps=decode, completion_tokens=ex.completion_tokens)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else None
 
 
 def _usable_fallbacks(target: Target) -> list[tuple[str, list[Replica]]]:
@@ -289,8 +320,10 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
                 ) from exc
         ex.usage(answer.get("usage"))
         timings = answer.get("timings")
-        if isinstance(timings, dict) and isinstance(timings.get("prompt_ms"), int | float):
-            ex.prompt_s = timings["prompt_ms"] / 1000
+        if isinstance(timings, dict):
+            ex.timings = timings
+            if isinstance(timings.get("prompt_ms"), int | float):
+                ex.prompt_s = timings["prompt_ms"] / 1000
         if ex.cache is not None:
             ex.cache.answer = answer
     ex.finished = True

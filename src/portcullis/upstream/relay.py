@@ -160,6 +160,9 @@ def _translate(data: bytes, ex: Exchange, *, model: str, client_wants_usage: boo
     usage = chunk.get("usage")
     if usage:
         ex.usage(usage)
+    timings = chunk.get("timings")
+    if timings is not None:
+        ex.timings = timings
     choices = chunk.get("choices")
     if choices == [] and usage is not None and not client_wants_usage:
         return b"", False

@@ -1,0 +1,329 @@
+"""The batch runner: executes batch lines on the gateway's own backends, only with capacity to spare.
+
+Every gateway process runs one. Each round (every `batch.poll_s`, and at once when a line ends or a
+batch arrives) it looks at the live batches, nearest deadline first, and for each one it may run now:
+
+  when     off-peak (`scheduling.off_peak`) always; in peak hours per `batch.in_peak`: `when_needed`
+           runs a batch only if the off-peak time left before its deadline is too short for the lines
+           left at the pace the model has shown (with a 1.5x margin), so it still finishes in time;
+  how many the model's idle slots (admission.idle_slots: nobody queued, `batch.reserve_slots` kept free)
+           and this process's `batch.max_in_flight`; it leases that many lines (jobs/store.py);
+  each     runs through the gateway's own request path as a background request of the batch's owner:
+           validation, routing, quotas and budgets, usage records, retries, exactly as if the owner had
+           sent it, except that it never queues and gives its slot up (preempted) when an interactive
+           request would have to wait.
+
+A line that was refused for a passing reason (no idle slot, preempted, overloaded, rate-limited, the
+gateway stopping) goes back to pending and runs again after a delay; any other answer is its result:
+2xx into the output file, errors into the error file. Results are written in batches, each only while
+this process still holds the line's lease. Leases are renewed while lines run; a process that dies
+leaves leases that expire, and whoever runs next takes those lines again (a request may then have run
+twice upstream; its output line is still written exactly once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from portcullis.identity.keys import now as utc_now
+from portcullis.identity.principal import Principal
+from portcullis.jobs.offpeak import OffPeak
+from portcullis.jobs.store import BatchStore, Line
+from portcullis.obs.logging import get_logger
+
+if TYPE_CHECKING:
+    from portcullis.app import Gateway
+
+log = get_logger("portcullis.batch")
+
+# Answers that say "not now" rather than "no": the line runs again later.
+_TRANSIENT = frozenset(
+    {
+        "no_idle_capacity",
+        "preempted",
+        "overloaded",
+        "no_ready_replica",
+        "model_loading",
+        "server_shutting_down",
+        "quota_store_unavailable",
+        "rate_limit_exceeded",
+        "off_peak_only",
+        "upstream_unavailable",
+    }
+)
+_FINALIZE_EVERY_S = 2.0
+_SAFETY = 1.5  # how much longer than the measured pace a batch is assumed to need
+
+
+@dataclass(slots=True)
+class _Running:
+    batch_id: str
+    model: str
+    task: asyncio.Task[None]
+
+
+class BatchRunner:
+    def __init__(self, gateway: Gateway, store: BatchStore) -> None:
+        self.gateway = gateway
+        self.store = store
+        self.config = gateway.config.batch
+        self.offpeak = OffPeak(gateway.config.scheduling.off_peak)
+        self.owner = f"{os.uname().nodename[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.running: dict[int, _Running] = {}  # line id → its task
+        self._finished: list[tuple[int, str, str, float]] = []
+        self._released: list[tuple[int, float]] = []
+        self._wake = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_finalize: dict[str, float] = {}
+        self._principals: dict[str, tuple[Principal | None, float]] = {}
+        self.stopping = False
+        self.lines_done = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._rounds()),
+            loop.create_task(self._writer()),
+            loop.create_task(self._renew()),
+        ]
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def drain(self) -> None:
+        """SIGTERM: lease nothing more; running lines are stopped and go back to pending at once."""
+        self.stopping = True
+        for running in list(self.running.values()):
+            running.task.cancel()
+
+    async def stop(self) -> None:
+        self.drain()
+        if self.running:
+            await asyncio.gather(*(r.task for r in self.running.values()), return_exceptions=True)
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush()  # what ended (or was released) is written before the process goes
+
+    # -- rounds ---------------------------------------------------------------------------------
+
+    async def _rounds(self) -> None:
+        while not self.stopping:
+            try:
+                await self.round()
+            except Exception:
+                log.exception("batch_round_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_s)
+            self._wake.clear()
+
+    async def round(self) -> None:
+        now = time.time()
+        for batch in await self.store.active():
+            if batch.status == "cancelling":
+                self._stop_lines(batch.id)
+                await self._maybe_finalize(batch.id, now, force=True)
+                continue
+            if now >= batch.expires_at:
+                await self._maybe_finalize(batch.id, now, force=True)
+                continue
+            if self.stopping or not await self._may_run(batch, now):
+                await self._maybe_finalize(batch.id, now)
+                continue
+            room = min(self._idle(batch.model), self.config.max_in_flight - len(self.running))
+            if room <= 0:
+                continue
+            lines = await self.store.claim(batch.id, self.owner, room, now, self.config.lease_s)
+            if not lines:
+                await self._maybe_finalize(batch.id, now)
+                continue
+            for line in lines:
+                task = asyncio.get_running_loop().create_task(self._run_line(batch, line))
+                self.running[line.id] = _Running(batch.id, batch.model, task)
+
+    def _idle(self, model: str) -> int:
+        admission = self.gateway.admission
+        router = self.gateway.catalog.routers.get(model)
+        models = router.candidates if router is not None else [self.gateway.catalog.aliases.get(model, model)]
+        # Lines started but not yet holding their slot count against the idle ones.
+        started = sum(1 for r in self.running.values() if r.model == model)
+        idle = sum(admission.idle_slots(m) for m in models)
+        holding = sum(len(admission.gates[m].background) for m in models if m in admission.gates)
+        return idle - max(0, started - holding)
+
+    async def _may_run(self, batch: Any, now: float) -> bool:
+        if self.offpeak.active(now) or self.config.in_peak == "always":
+            return True
+        if self.config.in_peak == "never":
+            return False
+        counts = await self.store.counts(batch.id)
+        left = counts.get("pending", 0) + counts.get("leased", 0)
+        gate = self.gateway.admission.gates.get(self.gateway.catalog.aliases.get(batch.model, batch.model))
+        service = gate.service_s if gate is not None and gate.service_s is not None else 1.0
+        slots = max(1, min(gate.capacity(), 1 << 20) - self.config.reserve_slots) if gate is not None else 1
+        needed = left * service / slots * _SAFETY + self.config.poll_s
+        return self.offpeak.seconds_between(now, batch.expires_at) < needed
+
+    async def _maybe_finalize(self, batch_id: str, now: float, *, force: bool = False) -> None:
+        if not force and now - self._last_finalize.get(batch_id, 0.0) < _FINALIZE_EVERY_S:
+            return
+        self._last_finalize[batch_id] = now
+        if any(r.batch_id == batch_id for r in self.running.values()):
+            if not force:
+                return
+        await self._flush()
+        status = await self.store.finalize(batch_id, now, ttl_s=self.config.file_ttl_s)
+        if status is not None:
+            self._last_finalize.pop(batch_id, None)
+            log.info("batch_ended", batch_id=batch_id, status=status)
+
+    def _stop_lines(self, batch_id: str) -> None:
+        for running in self.running.values():
+            if running.batch_id == batch_id:
+                running.task.cancel()
+
+    # -- one line -------------------------------------------------------------------------------
+
+    async def _run_line(self, batch: Any, line: Line) -> None:
+        request_id = f"batch_req_{batch.id[6:]}_{line.line_no}"
+        try:
+            principal = await self._principal(batch)
+            if principal is None:
+                result = _error_line(
+                    request_id,
+                    line.custom_id,
+                    401,
+                    "invalid_api_key",
+                    "The API key that created this batch is no longer valid.",
+                )
+                self._finished.append((line.id, "failed", result, time.time()))
+                return
+            status, headers, body = await self.gateway.call_internal(
+                "POST", batch.endpoint, line.body.encode(), principal, request_id=request_id
+            )
+        except asyncio.CancelledError:
+            # Cancelled batch or gateway stopping: back to pending (a cancelled batch's finalize marks it).
+            self._released.append((line.id, 0.0))
+            raise
+        finally:
+            self.running.pop(line.id, None)
+            self._wake.set()
+        code = _error_code(body) if status >= 400 else None
+        if code in _TRANSIENT and not (status == 429 and code != "rate_limit_exceeded"):
+            wait = _retry_after(headers)
+            self._released.append((line.id, time.time() + max(self.config.retry_delay_s, wait)))
+            return
+        try:
+            parsed: Any = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = {"error": {"message": body.decode(errors="replace"), "type": "server_error"}}
+        result = orjson.dumps(
+            {
+                "id": request_id,
+                "custom_id": line.custom_id,
+                "response": {"status_code": status, "request_id": request_id, "body": parsed},
+                "error": None,
+            }
+        ).decode()
+        self._finished.append((line.id, "done" if status < 400 else "failed", result, time.time()))
+        self.lines_done += 1
+
+    async def _principal(self, batch: Any) -> Principal | None:
+        """Who the lines run as: the batch's key as it is now (a revoked key stops its batches), or the
+        snapshot taken at submission for a JWT or anonymous principal."""
+        cached = self._principals.get(batch.id)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        snap = batch.principal
+        principal: Principal | None
+        key_id = snap.get("key_id")
+        keys = self.gateway.keys
+        if key_id and keys is not None:
+            record = await keys.get(key_id)
+            principal = record.principal() if record is not None and record.usable_at(utc_now()) else None
+        else:
+            principal = Principal(
+                user=snap["user"],
+                tier=snap["tier"],
+                scopes=frozenset(snap.get("scopes") or ()),
+                models=frozenset(snap["models"]) if snap.get("models") is not None else None,
+                key_id=None,
+                via=snap.get("via", "jwt"),
+            )
+        self._principals[batch.id] = (principal, time.monotonic() + 5.0)
+        return principal
+
+    # -- writing results ------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            if self._finished or self._released:
+                try:
+                    await self._flush()
+                except Exception:
+                    log.exception("batch_results_write_failed")
+                    await asyncio.sleep(1.0)
+
+    async def _flush(self) -> None:
+        finished, self._finished = self._finished, []
+        released, self._released = self._released, []
+        if not finished and not released:
+            return
+        try:
+            await self.store.settle(self.owner, finished, released)
+        except BaseException:
+            self._finished[:0] = finished  # kept for the next try
+            self._released[:0] = released
+            raise
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_s / 3)
+            try:
+                await self.store.renew(list(self.running), self.owner, time.time() + self.config.lease_s)
+            except Exception:
+                log.exception("batch_lease_renewal_failed")
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        error = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return error.get("code") if isinstance(error, dict) else None
+
+
+def _retry_after(headers: dict[bytes, bytes]) -> float:
+    value = headers.get(b"retry-after-ms")
+    if value is not None:
+        with contextlib.suppress(ValueError):
+            return float(value) / 1000
+    value = headers.get(b"retry-after")
+    if value is not None:
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return 0.0
+
+
+def _error_line(request_id: str, custom_id: str, status: int, code: str, message: str) -> str:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return orjson.dumps(
+        {
+            "id": request_id,
+            "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "error": None,
+        }
+    ).decode()

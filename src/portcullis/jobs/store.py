@@ -1,0 +1,402 @@
+"""Files and batch jobs in the database: what the Batch API shows and what the runner leases.
+
+Every state change is one SQL statement or one transaction, so any number of gateway processes can share
+the tables:
+  claim     the next runnable lines of a batch become `leased` by one process until `lease_until`
+            (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so processes never wait on each other's lines; SQLite
+            serialises writers, which gives the same guarantee for the processes of one host);
+  finish    a leased line becomes `done` or `failed` with its output line, only if the lease is still
+            this process's: a line whose lease expired and was taken over is written by whoever holds it;
+  release   a leased line goes back to `pending` (overloaded, preempted, shutting down) to run again later;
+  finalize  once no line is open, one transaction (the batch row locked) writes the output and error
+            files from the lines in input order and marks the batch ended. Each input line has exactly one
+            row, written once, so each appears exactly once in the output or the error file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from portcullis.store.schema import batch_lines, batches, files
+
+OPEN = ("pending", "leased")
+LIVE = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+@dataclass(slots=True)
+class Line:
+    id: int
+    line_no: int
+    custom_id: str
+    body: str
+    attempts: int
+
+
+def file_object(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "file",
+        "bytes": row.bytes,
+        "created_at": int(row.created_at),
+        "expires_at": int(row.expires_at) if row.expires_at is not None else None,
+        "filename": row.filename,
+        "purpose": row.purpose,
+        "status": "processed",
+        "status_details": None,
+    }
+
+
+def batch_object(row: Any, counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """OpenAI's Batch object; `counts` (lines by state) for a batch still running."""
+    if counts is not None and row.status in LIVE:
+        completed, failed = counts.get("done", 0), counts.get("failed", 0)
+    else:
+        completed, failed = row.completed, row.failed
+
+    def t(value: float | None) -> int | None:
+        return int(value) if value is not None else None
+
+    return {
+        "id": row.id,
+        "object": "batch",
+        "endpoint": row.endpoint,
+        "errors": {"object": "list", "data": row.errors} if row.errors else None,
+        "input_file_id": row.input_file_id,
+        "completion_window": row.completion_window,
+        "status": row.status,
+        "output_file_id": row.output_file_id,
+        "error_file_id": row.error_file_id,
+        "created_at": t(row.created_at),
+        "in_progress_at": t(row.in_progress_at),
+        "expires_at": t(row.expires_at),
+        "finalizing_at": t(row.finalizing_at),
+        "completed_at": t(row.completed_at),
+        "failed_at": t(row.failed_at),
+        "expired_at": t(row.expired_at),
+        "cancelling_at": t(row.cancelling_at),
+        "cancelled_at": t(row.cancelled_at),
+        "request_counts": {"total": row.total, "completed": completed, "failed": failed},
+        "metadata": row.metadata,
+        "model": row.model,
+    }
+
+
+def not_run(batch_id: str, line_no: int, custom_id: str, code: str, message: str) -> str:
+    """The error file's line for a request that never ran (expired, cancelled)."""
+    return orjson.dumps(
+        {
+            "id": f"batch_req_{batch_id[6:]}_{line_no}",
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+    ).decode()
+
+
+class BatchStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # -- files ----------------------------------------------------------------------------------
+
+    async def create_file(
+        self, *, file_id: str, owner: str, purpose: str, filename: str, content: bytes, expires_at: float | None
+    ) -> dict[str, Any]:
+        row = {
+            "id": file_id,
+            "owner": owner,
+            "purpose": purpose,
+            "filename": filename,
+            "bytes": len(content),
+            "created_at": time.time(),
+            "expires_at": expires_at,
+            "content": content,
+        }
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(files).values(row))
+        return file_object(RowView(row))
+
+    async def get_file(self, file_id: str) -> Any:
+        columns = [c for c in files.c if c.name != "content"]
+        async with self.engine.connect() as conn:
+            return (await conn.execute(select(*columns).where(files.c.id == file_id))).first()
+
+    async def file_content(self, file_id: str) -> bytes | None:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(select(files.c.content).where(files.c.id == file_id))).scalar()
+
+    async def list_files(self, owner: str | None, purpose: str | None, limit: int, after: str | None) -> list[Any]:
+        columns = [c for c in files.c if c.name != "content"]
+        query = select(*columns).order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit)
+        if owner is not None:
+            query = query.where(files.c.owner == owner)
+        if purpose is not None:
+            query = query.where(files.c.purpose == purpose)
+        if after is not None:
+            query = query.where(
+                files.c.created_at < select(files.c.created_at).where(files.c.id == after).scalar_subquery()
+            )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).all())
+
+    async def delete_file(self, file_id: str) -> bool:
+        async with self.engine.begin() as conn:
+            return (await conn.execute(delete(files).where(files.c.id == file_id))).rowcount > 0
+
+    async def delete_expired_files(self, now: float) -> int:
+        async with self.engine.begin() as conn:
+            done = await conn.execute(delete(files).where(files.c.expires_at.is_not(None), files.c.expires_at < now))
+            return done.rowcount
+
+    # -- batches --------------------------------------------------------------------------------
+
+    async def create_batch(self, row: dict[str, Any], lines: list[tuple[str, str]]) -> None:
+        """The batch and its lines ((custom_id, body JSON) in input order), in one transaction."""
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(batches).values(row))
+            if lines:
+                await conn.execute(
+                    insert(batch_lines),
+                    [
+                        {
+                            "batch_id": row["id"],
+                            "line_no": i,
+                            "custom_id": custom_id,
+                            "body": body,
+                            "state": "pending",
+                            "not_before": 0.0,
+                            "attempts": 0,
+                        }
+                        for i, (custom_id, body) in enumerate(lines)
+                    ],
+                )
+
+    async def get_batch(self, batch_id: str) -> Any:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(select(batches).where(batches.c.id == batch_id))).first()
+
+    async def list_batches(self, owner: str | None, limit: int, after: str | None) -> list[Any]:
+        query = select(batches).order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
+        if owner is not None:
+            query = query.where(batches.c.owner == owner)
+        if after is not None:
+            query = query.where(
+                batches.c.created_at < select(batches.c.created_at).where(batches.c.id == after).scalar_subquery()
+            )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).all())
+
+    async def counts(self, batch_id: str) -> dict[str, int]:
+        query = (
+            select(batch_lines.c.state, func.count())
+            .where(batch_lines.c.batch_id == batch_id)
+            .group_by(batch_lines.c.state)
+        )
+        async with self.engine.connect() as conn:
+            return {state: n for state, n in (await conn.execute(query)).all()}
+
+    async def active(self) -> list[Any]:
+        """Batches a runner may have work in, the nearest deadline first."""
+        query = (
+            select(
+                batches.c.id,
+                batches.c.status,
+                batches.c.model,
+                batches.c.endpoint,
+                batches.c.expires_at,
+                batches.c.principal,
+            )
+            .where(batches.c.status.in_(("in_progress", "cancelling")))
+            .order_by(batches.c.expires_at)
+        )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).all())
+
+    async def cancel(self, batch_id: str, now: float) -> bool:
+        async with self.engine.begin() as conn:
+            done = await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.status.in_(("validating", "in_progress")))
+                .values(status="cancelling", cancelling_at=now)
+            )
+            return done.rowcount > 0
+
+    # -- lines ----------------------------------------------------------------------------------
+
+    async def claim(self, batch_id: str, owner: str, n: int, now: float, lease_s: float) -> list[Line]:
+        """Lease up to n runnable lines of a batch: pending ones due now, or leased ones whose lease expired
+        (their process died). Lines are taken in input order."""
+        runnable = or_(
+            and_(batch_lines.c.state == "pending", batch_lines.c.not_before <= now),
+            and_(batch_lines.c.state == "leased", batch_lines.c.lease_until < now),
+        )
+        chosen = (
+            select(batch_lines.c.id)
+            .where(batch_lines.c.batch_id == batch_id, runnable)
+            .order_by(batch_lines.c.id)
+            .limit(n)
+            .with_for_update(skip_locked=True)
+        )
+        statement = (
+            update(batch_lines)
+            .where(batch_lines.c.id.in_(chosen))
+            .values(state="leased", lease_owner=owner, lease_until=now + lease_s, attempts=batch_lines.c.attempts + 1)
+            .returning(
+                batch_lines.c.id,
+                batch_lines.c.line_no,
+                batch_lines.c.custom_id,
+                batch_lines.c.body,
+                batch_lines.c.attempts,
+            )
+        )
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(statement)).all()
+        return sorted((Line(*row) for row in rows), key=lambda line: line.line_no)
+
+    async def renew(self, ids: list[int], owner: str, until: float) -> None:
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(batch_lines)
+                .where(batch_lines.c.id.in_(ids), batch_lines.c.lease_owner == owner, batch_lines.c.state == "leased")
+                .values(lease_until=until)
+            )
+
+    async def settle(
+        self, owner: str, finished: list[tuple[int, str, str, float]], released: list[tuple[int, float]]
+    ) -> None:
+        """Lines that ended ((id, done|failed, output line, when)) and lines going back to pending ((id,
+        not before)), in one transaction; each only while this process still holds its lease."""
+        mine = and_(
+            batch_lines.c.id == _param("line_id"), batch_lines.c.lease_owner == owner, batch_lines.c.state == "leased"
+        )
+        async with self.engine.begin() as conn:
+            if finished:
+                await conn.execute(
+                    update(batch_lines)
+                    .where(mine)
+                    .values(
+                        state=_param("new_state"),
+                        result=_param("new_result"),
+                        finished_at=_param("at"),
+                        lease_owner=None,
+                    ),
+                    [{"line_id": i, "new_state": s, "new_result": r, "at": t} for i, s, r, t in finished],
+                )
+            if released:
+                await conn.execute(
+                    update(batch_lines)
+                    .where(mine)
+                    .values(state="pending", lease_owner=None, lease_until=None, not_before=_param("due")),
+                    [{"line_id": i, "due": due} for i, due in released],
+                )
+
+    async def finalize(self, batch_id: str, now: float, *, ttl_s: float | None) -> str | None:
+        """End the batch if nothing is open (or it expired, or it is being cancelled and nothing runs):
+        write the output and error files, set the final status. Returns that status, or None if not yet."""
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(select(batches).where(batches.c.id == batch_id).with_for_update())).first()
+            if row is None or row.status not in ("in_progress", "cancelling"):
+                return None
+            open_lines = (
+                await conn.execute(
+                    select(
+                        batch_lines.c.id,
+                        batch_lines.c.line_no,
+                        batch_lines.c.custom_id,
+                        batch_lines.c.state,
+                        batch_lines.c.lease_until,
+                    ).where(batch_lines.c.batch_id == batch_id, batch_lines.c.state.in_(OPEN))
+                )
+            ).all()
+            if row.status == "cancelling":
+                if any(r.state == "leased" and (r.lease_until or 0) >= now for r in open_lines):
+                    return None  # lines still running; their processes are stopping them
+                final, code, message = (
+                    "cancelled",
+                    "batch_cancelled",
+                    "The batch was cancelled before this request ran.",
+                )
+            elif now >= row.expires_at and open_lines:
+                final, code, message = (
+                    "expired",
+                    "batch_expired",
+                    ("This request could not be executed before the completion window expired."),
+                )
+            elif open_lines:
+                return None
+            else:
+                final, code, message = "completed", "", ""
+            if open_lines:
+                await conn.execute(
+                    update(batch_lines)
+                    .where(batch_lines.c.id == _param("line_id"))
+                    .values(state="failed", result=_param("new_result"), finished_at=now, lease_owner=None),
+                    [
+                        {"line_id": r.id, "new_result": not_run(batch_id, r.line_no, r.custom_id, code, message)}
+                        for r in open_lines
+                    ],
+                )
+            ended = (
+                await conn.execute(
+                    select(batch_lines.c.state, batch_lines.c.result)
+                    .where(batch_lines.c.batch_id == batch_id)
+                    .order_by(batch_lines.c.line_no)
+                )
+            ).all()
+            outputs = [r.result for r in ended if r.state == "done"]
+            errors = [r.result for r in ended if r.state == "failed"]
+            values: dict[str, Any] = {
+                "status": final,
+                "completed": len(outputs),
+                "failed": len(errors),
+                "finalizing_at": now,
+                f"{final}_at": now,
+            }
+            expires = now + ttl_s if ttl_s is not None else None
+            for kind, lines in (("output", outputs), ("error", errors)):
+                if not lines:
+                    continue
+                content = ("\n".join(lines) + "\n").encode()
+                file_id = f"file-{kind[:3]}{batch_id[6:]}"
+                await conn.execute(
+                    insert(files).values(
+                        id=file_id,
+                        owner=row.owner,
+                        purpose="batch_output",
+                        filename=f"{batch_id}_{kind}.jsonl",
+                        bytes=len(content),
+                        created_at=now,
+                        expires_at=expires,
+                        content=content,
+                    )
+                )
+                values[f"{kind}_file_id"] = file_id
+            await conn.execute(update(batches).where(batches.c.id == batch_id).values(values))
+            return final
+
+    async def fail_batch(self, batch_id: str, now: float, errors: list[dict[str, Any]]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.status.in_(LIVE))
+                .values(status="failed", failed_at=now, errors=errors)
+            )
+
+
+class RowView:
+    """A dict read like a result row (for objects built before they were read back)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
+def _param(name: str) -> Any:
+    return bindparam(name)

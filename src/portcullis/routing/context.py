@@ -1,0 +1,144 @@
+"""Context fit: how many tokens a request needs, and which deployments can hold it.
+
+A llama-server slot holds `n_ctx` tokens (prompt and completion together); a request that does not fit
+fails there after a round trip, and on a mixed fleet (4k and 32k contexts) it should simply go to a
+replica that can hold it. The need is the prompt plus `max_tokens` (or plus one token when the request
+sets none: llama-server then generates until the context is full).
+
+Counting the prompt exactly needs the model's tokenizer, which only the upstream has. So: an estimate
+from the characters first (`quota.chars_per_token`, uncertain by `routing.context.margin`); only when a
+context limit lies inside that uncertainty, the exact count from a replica's `POST /tokenize`, one text
+at a time, remembered by the text's hash so a conversation's earlier messages are never counted twice.
+The chat template's framing adds a few tokens per message (counted generously).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+
+from portcullis.config import ContextFitConfig
+from portcullis.routing.catalog import Replica
+
+_PER_MESSAGE = 6  # <|start_header_id|>role<|end_header_id|>\n\n ... <|eot_id|> and the like
+_PER_REQUEST = 5  # BOS and the assistant header the template opens
+
+
+def texts_of(payload: dict[str, Any]) -> tuple[list[str], int]:
+    """The texts a request's prompt is made of, and the number of messages (0 for a completion)."""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        texts = []
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            content = m.get("content")
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                texts.append(
+                    " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+                )
+            if m.get("tool_calls"):
+                texts.append(orjson.dumps(m["tool_calls"]).decode())
+        if payload.get("tools"):
+            texts.append(orjson.dumps(payload["tools"]).decode())
+        return texts, len(messages)
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt], 0
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return [max(prompt, key=len)], 0  # several prompts: each is its own request upstream
+    return [], 0
+
+
+def token_id_prompt(payload: dict[str, Any]) -> int | None:
+    """A completion prompt given as token ids counts itself."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        if all(isinstance(p, list) for p in prompt):
+            return max(len(p) for p in prompt)
+    return None
+
+
+def completion_need(payload: dict[str, Any]) -> int:
+    asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    return asked if isinstance(asked, int) and asked > 0 else 1
+
+
+class TokenCounter:
+    def __init__(self, config: ContextFitConfig, chars_per_token: float) -> None:
+        self.config = config
+        self.chars_per_token = chars_per_token
+        self._counts: OrderedDict[bytes, int] = OrderedDict()
+        self.tokenize_calls = 0
+
+    def estimate(self, payload: dict[str, Any]) -> int:
+        ids = token_id_prompt(payload)
+        if ids is not None:
+            return ids
+        texts, messages = texts_of(payload)
+        chars = sum(len(t) for t in texts)
+        framing = _PER_MESSAGE * messages + _PER_REQUEST if messages else 1
+        return math.ceil(chars / self.chars_per_token) + framing
+
+    def bounds(self, estimate: int, payload: dict[str, Any]) -> tuple[int, int]:
+        """The prompt's token count is believed to lie in [low, high]."""
+        if token_id_prompt(payload) is not None:
+            return estimate, estimate
+        margin = self.config.margin
+        return max(1, math.floor(estimate / (1 + margin))), math.ceil(estimate * (1 + margin))
+
+    async def exact(self, model: str, replicas: list[Replica], payload: dict[str, Any], now: float) -> int | None:
+        """The prompt's tokens by the model's own tokenizer (a llama-server replica's /tokenize), or None."""
+        ids = token_id_prompt(payload)
+        if ids is not None:
+            return ids
+        replica = next((r for r in replicas if r.kind == "llama_cpp" and r.client is not None and r.usable(now)), None)
+        if replica is None:
+            return None
+        texts, messages = texts_of(payload)
+        keys = [hashlib.blake2b(f"{model}\0{t}".encode(), digest_size=16).digest() for t in texts]
+        missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in self._counts}
+        if missing:
+            try:
+                async with asyncio.timeout(self.config.tokenize_timeout_s):
+                    counted = await asyncio.gather(*(self._tokenize(replica, t) for t in missing.values()))
+            except (TimeoutError, OSError, ValueError):
+                return None
+            for key, n in zip(missing, counted, strict=True):
+                self._remember(key, n)
+        total = 0
+        for key in keys:
+            n = self._counts.get(key)
+            if n is None:
+                return None
+            self._counts.move_to_end(key)
+            total += n
+        return total + (_PER_MESSAGE * messages + _PER_REQUEST if messages else 1)
+
+    async def _tokenize(self, replica: Replica, text: str) -> int:
+        assert replica.client is not None
+        self.tokenize_calls += 1
+        status, answer = await replica.client.call("/tokenize", {"content": text, "add_special": False})
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        if status != 200 or not isinstance(tokens, list):
+            raise ValueError(f"/tokenize answered {status}")
+        return len(tokens)
+
+    def _remember(self, key: bytes, count: int) -> None:
+        self._counts[key] = count
+        if len(self._counts) > self.config.cache_entries:
+            self._counts.popitem(last=False)
+
+
+def fits(replica: Replica, need: int) -> bool:
+    context = replica.context
+    return context is None or context >= need
