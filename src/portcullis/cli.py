@@ -1,4 +1,5 @@
-"""`portcullis` command line: serve, sim, config check."""
+"""`portcullis` command line: serve, sim, config check; db, keys, usage, token (commands.py); batch and
+route (remote.py, talking to a running gateway)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from portcullis import commands
+from portcullis import commands, remote
 from portcullis.config import Config, ConfigError, build_config, demo_config, load_config
 from portcullis.server import DrainingServer, QuietServer, bound_port, uvicorn_config
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a config file")
     check.add_argument("file")
     commands.add_parsers(sub)
+    remote.add_parsers(sub)
     return parser
 
 
@@ -77,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_sim(args)
     if args.command in ("db", "keys", "token", "usage"):
         return commands.run(args)
+    if args.command in ("batch", "route"):
+        return remote.run(args)
     return _serve(args)
 
 

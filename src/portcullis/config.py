@@ -615,7 +615,8 @@ class BatchConfig(_Section):
     enabled: bool = True
     max_file_bytes: int = Field(100 * 1024 * 1024, ge=1024)
     max_lines: int = Field(50_000, ge=1)
-    # completion_window values accepted: 24h as OpenAI, and any duration from 1m to 7d like 90m, 12h.
+    # completion_window values accepted: 24h as OpenAI, and any duration like 90m, 12h, 2d within these.
+    min_window_s: PositiveFloat = 60.0
     max_window_s: PositiveFloat = 7 * 86400.0
     # A line being executed is leased for this long (renewed while it runs); a process that dies loses
     # its leases when they expire and another process (or itself, restarted) runs the lines again.

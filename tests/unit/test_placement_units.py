@@ -123,3 +123,13 @@ def test_estimate_bounds_and_token_id_prompts() -> None:
     assert low < estimate < high
     ids = {"prompt": list(range(77))}
     assert counter.estimate(ids) == 77 and counter.bounds(77, ids) == (77, 77)
+
+
+def test_a_batch_runs_in_peak_hours_only_when_off_peak_time_would_not_suffice() -> None:
+    from portcullis.jobs.runner import needed_now
+
+    # 1,000 lines of 2 s on 4 slots need ~500 s (x1.5 = 750 s).
+    assert not needed_now(left=1000, service_s=2.0, slots=4, off_peak_left_s=3600, margin_s=1)
+    assert needed_now(left=1000, service_s=2.0, slots=4, off_peak_left_s=600, margin_s=1)
+    assert needed_now(left=1, service_s=2.0, slots=4, off_peak_left_s=0, margin_s=1)  # no off-peak time left
+    assert not needed_now(left=0, service_s=2.0, slots=4, off_peak_left_s=10, margin_s=1)

@@ -45,8 +45,8 @@ _VALIDATORS = {
     "/v1/completions": validation.validate_completion,
     "/v1/embeddings": validation.validate_embedding,
 }
-_WINDOW = re.compile(r"^(\d+)([mhd])$")
-_WINDOW_S = {"m": 60, "h": 3600, "d": 86400}
+_WINDOW = re.compile(r"^(\d+)([smhd])$")
+_WINDOW_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_ERRORS = 100  # errors listed for a file that failed validation
 
 
@@ -128,13 +128,12 @@ def _check_jsonl(content: bytes, max_lines: int) -> int:
         if not raw.strip():
             continue
         try:
-            value = orjson.loads(raw)
+            orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
+            reason = str(exc).split(": line ")[0]  # (orjson's position is within the line, not the file)
             raise InvalidRequest(
-                f"Line {number} of the file is not valid JSON: {exc}.", param="file", code="invalid_file"
+                f"Line {number} of the file is not valid JSON: {reason}.", param="file", code="invalid_file"
             ) from exc
-        if not isinstance(value, dict):
-            raise InvalidRequest(f"Line {number} of the file is not a JSON object.", param="file", code="invalid_file")
         count += 1
         if count > max_lines:
             raise InvalidRequest(
@@ -268,7 +267,7 @@ async def create_batch(gw: Gateway, req: Request, ex: Exchange) -> None:
         raise InvalidRequest(
             f"'endpoint' must be one of {', '.join(ENDPOINTS)}.", param="endpoint", code="invalid_value"
         )
-    window = _window_s(spec.completion_window, gw.config.batch.max_window_s)
+    window = _window_s(spec.completion_window, gw.config.batch.min_window_s, gw.config.batch.max_window_s)
     file = await _file(gw, ex, spec.input_file_id)
     if file.purpose != "batch":
         raise InvalidRequest("The input file's purpose must be 'batch'.", param="input_file_id", code="invalid_value")
@@ -310,12 +309,12 @@ async def create_batch(gw: Gateway, req: Request, ex: Exchange) -> None:
     await req.respond_json(200, batch_object(RowView(row)))
 
 
-def _window_s(text: str, max_s: float) -> float:
+def _window_s(text: str, min_s: float, max_s: float) -> float:
     match = _WINDOW.match(text.strip())
     seconds = int(match.group(1)) * _WINDOW_S[match.group(2)] if match else 0
-    if not 60 <= seconds <= max_s:
+    if not min_s <= seconds <= max_s:
         raise InvalidRequest(
-            f"'completion_window' must be a duration from 1m to {max_s / 3600:g}h, like 24h (got {text!r}).",
+            f"'completion_window' must be a duration from {min_s:g}s to {max_s / 3600:g}h, like 24h (got {text!r}).",
             param="completion_window",
             code="invalid_value",
         )

@@ -59,6 +59,7 @@ _TRANSIENT = frozenset(
     }
 )
 _FINALIZE_EVERY_S = 2.0
+_CLEANUP_EVERY_S = 60.0  # files past batch.file_ttl_s are deleted this often
 _SAFETY = 1.5  # how much longer than the measured pace a batch is assumed to need
 
 
@@ -86,6 +87,7 @@ class BatchRunner:
         self._principals: dict[str, tuple[Principal | None, float]] = {}
         self.stopping = False
         self.lines_done = 0
+        self._last_cleanup = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -130,6 +132,11 @@ class BatchRunner:
 
     async def round(self) -> None:
         now = time.time()
+        if now - self._last_cleanup >= _CLEANUP_EVERY_S:
+            self._last_cleanup = now
+            removed = await self.store.delete_expired_files(now)
+            if removed:
+                log.info("batch_files_expired", files=removed)
         for batch in await self.store.active():
             if batch.status == "cancelling":
                 self._stop_lines(batch.id)
@@ -163,17 +170,21 @@ class BatchRunner:
         return idle - max(0, started - holding)
 
     async def _may_run(self, batch: Any, now: float) -> bool:
-        if self.offpeak.active(now) or self.config.in_peak == "always":
+        if self.offpeak.active(now):
             return True
-        if self.config.in_peak == "never":
-            return False
+        if self.config.in_peak != "when_needed":
+            return self.config.in_peak == "always"
         counts = await self.store.counts(batch.id)
-        left = counts.get("pending", 0) + counts.get("leased", 0)
         gate = self.gateway.admission.gates.get(self.gateway.catalog.aliases.get(batch.model, batch.model))
         service = gate.service_s if gate is not None and gate.service_s is not None else 1.0
         slots = max(1, min(gate.capacity(), 1 << 20) - self.config.reserve_slots) if gate is not None else 1
-        needed = left * service / slots * _SAFETY + self.config.poll_s
-        return self.offpeak.seconds_between(now, batch.expires_at) < needed
+        return needed_now(
+            left=counts.get("pending", 0) + counts.get("leased", 0),
+            service_s=service,
+            slots=slots,
+            off_peak_left_s=self.offpeak.seconds_between(now, batch.expires_at),
+            margin_s=self.config.poll_s,
+        )
 
     async def _maybe_finalize(self, batch_id: str, now: float, *, force: bool = False) -> None:
         if not force and now - self._last_finalize.get(batch_id, 0.0) < _FINALIZE_EVERY_S:
@@ -295,6 +306,12 @@ class BatchRunner:
                 await self.store.renew(list(self.running), self.owner, time.time() + self.config.lease_s)
             except Exception:
                 log.exception("batch_lease_renewal_failed")
+
+
+def needed_now(*, left: int, service_s: float, slots: int, off_peak_left_s: float, margin_s: float) -> bool:
+    """In peak hours: must a batch run now to finish in time? Yes when the off-peak time left before its
+    deadline is shorter than its lines need at the model's pace (service time per slot, x1.5)."""
+    return off_peak_left_s < left * service_s / max(1, slots) * _SAFETY + margin_s
 
 
 def _error_code(body: bytes) -> str | None:

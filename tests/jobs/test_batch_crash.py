@@ -1,0 +1,136 @@
+"""A batch of 1,000 lines survives its gateway being SIGKILLed midway (SQLite, restarted on the same
+file), and runs on two gateway processes sharing PostgreSQL, one of them SIGKILLed midway: every input
+line appears exactly once in the output.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from conftest import PG_URL, _missing, _pg_admin
+from procs import ADMIN_KEY, Proc, gateway_config, http_get, start_gateway, start_sim, wait_until
+
+LINES = 1000
+LEASE_S = 2
+
+
+def _content() -> bytes:
+    return b"".join(
+        orjson.dumps(
+            {
+                "custom_id": f"line-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 8},
+            }
+        )
+        + b"\n"
+        for i in range(LINES)
+    )
+
+
+@pytest.fixture(scope="module")
+def sim(module_tmp: Path) -> Iterator[Proc]:
+    # 16 slots, ~40 ms a line: 1,000 lines take a few seconds, long enough to be cut in the middle.
+    proc = start_sim("--slots", "16", "--tokens-per-s", "200", log_dir=module_tmp)
+    yield proc
+    proc.stop()
+
+
+def _config(sim: Proc, database_url: str) -> dict[str, Any]:
+    return gateway_config(
+        {"m": [sim.url]},
+        store={"database_url": database_url, "auto_migrate": True},
+        batch={"poll_s": 0.1, "lease_s": LEASE_S, "reserve_slots": 0},
+    )
+
+
+def _client(gw: Proc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=ADMIN_KEY, max_retries=2)
+
+
+def _completed(client: openai.OpenAI, batch_id: str) -> int:
+    return client.batches.retrieve(batch_id).request_counts.completed
+
+
+def _check_output(client: openai.OpenAI, batch_id: str) -> None:
+    ended: dict[str, Any] = {}
+
+    def done() -> bool:
+        ended["b"] = client.batches.retrieve(batch_id)
+        return ended["b"].status == "completed"
+
+    wait_until(done, timeout=90, interval=0.2, what="the batch to complete")
+    batch = ended["b"]
+    assert batch.request_counts.completed == LINES and batch.request_counts.failed == 0
+    assert batch.error_file_id is None
+    lines = client.files.content(batch.output_file_id).text.splitlines()
+    ids = [orjson.loads(x)["custom_id"] for x in lines]
+    assert len(ids) == LINES and ids == [f"line-{i}" for i in range(LINES)]  # each once, in input order
+
+
+def _lines_run(gw: Proc) -> float:
+    _, raw = http_get(gw.url + "/metrics")
+    return next(float(x.split()[-1]) for x in raw.decode().splitlines() if x.startswith("portcullis_batch_lines_total"))
+
+
+def test_a_killed_gateway_restarted_finishes_the_batch(sim: Proc, module_tmp: Path) -> None:
+    cfg = _config(sim, f"sqlite+aiosqlite:///{module_tmp}/crash.db")
+    gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
+    try:
+        client = _client(gw)
+        file = client.files.create(file=("in.jsonl", io.BytesIO(_content())), purpose="batch")
+        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+        wait_until(lambda: _completed(client, batch.id) >= 200, timeout=60, what="200 lines done")
+        gw.signal(signal.SIGKILL)
+        gw.wait()
+    finally:
+        gw.stop()
+    gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
+    try:
+        client = _client(gw)
+        halfway = _completed(client, batch.id)
+        assert 200 <= halfway < LINES  # it really was cut in the middle
+        _check_output(client, batch.id)
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    name = f"portcullis_batch_{secrets.token_hex(6)}"
+    try:
+        _pg_admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:
+        _missing("PostgreSQL", exc)
+    yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_two_gateways_share_the_batch_on_postgres_and_survive_one_being_killed(
+    sim: Proc, module_tmp: Path, pg_url: str
+) -> None:
+    cfg = _config(sim, pg_url)
+    first = start_gateway(cfg, module_tmp, ready_path="/readyz")
+    second = start_gateway(cfg, module_tmp, ready_path="/readyz")
+    try:
+        client = _client(first)
+        file = client.files.create(file=("in.jsonl", io.BytesIO(_content())), purpose="batch")
+        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+        # Both processes take lines from the shared queue.
+        wait_until(lambda: _lines_run(first) >= 50 and _lines_run(second) >= 50, timeout=60, what="both running")
+        first.signal(signal.SIGKILL)
+        first.wait()
+        # The survivor takes over the dead one's leases once they expire, and finishes.
+        _check_output(_client(second), batch.id)
+    finally:
+        first.stop()
+        second.stop()
