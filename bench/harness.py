@@ -1,11 +1,14 @@
-"""What the bench scripts share: free ports, waiting for a server, progress lines."""
+"""What the bench scripts share: free ports, waiting for a server, progress lines, percentiles, and
+keeping a section of their own in bench/RESULTS.md."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def logger(name: str) -> Callable[[str], None]:
@@ -34,3 +37,21 @@ def wait_http(url: str, timeout: float = 30) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) by the nearest-rank method; 0 for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+def embed(results_md: Path, name: str, title: str, body: list[str]) -> None:
+    """Keep `body` in bench/RESULTS.md as a section marked with `name`, which bench/run.py preserves when it
+    rewrites the file; replaced in place when it is already there."""
+    section = f"\n<!-- {name}:begin -->\n## {title}\n" + "\n".join(body) + f"\n<!-- {name}:end -->\n"
+    text = results_md.read_text() if results_md.exists() else ""
+    pattern = rf"\n<!-- {name}:begin -->.*?<!-- {name}:end -->\n"
+    text, n = re.subn(pattern, lambda _m: section, text, flags=re.S)
+    results_md.write_text(text if n else text.rstrip("\n") + "\n" + section)

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from harness import free_port, logger, wait_http
+from harness import embed, free_port, logger, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -239,22 +238,10 @@ def report(rows: list[dict[str, Any]], capacity: float, args: argparse.Namespace
         "",
     ]
     out.write_text("\n".join(lines))
-    embed(HERE / "RESULTS.md", lines)
+    embed(HERE / "RESULTS.md", "overload", "Overload: goodput (bench/overload.py)", lines[1:])
     (HERE / "results-overload.json").write_text(json.dumps({"capacity": capacity, "rows": rows}, indent=1))
     plot(summary, capacity, factors)
     log(f"wrote {out}")
-
-
-def embed(results_md: Path, lines: list[str]) -> None:
-    """Keep the goodput table in bench/RESULTS.md too, as a marked section bench/run.py preserves."""
-    section = (
-        "\n<!-- overload:begin -->\n## Overload: goodput (bench/overload.py)\n"
-        + "\n".join(lines[1:]).replace("(results-overload.png)", "(results-overload.png)")
-        + "\n<!-- overload:end -->\n"
-    )
-    text = results_md.read_text() if results_md.exists() else ""
-    text, n = re.subn(r"\n<!-- overload:begin -->.*?<!-- overload:end -->\n", lambda _m: section, text, flags=re.S)
-    results_md.write_text(text if n else text.rstrip("\n") + "\n" + section)
 
 
 def plot(summary: dict[tuple[float, str], dict[str, float]], capacity: float, factors: list[float]) -> None:

@@ -234,10 +234,12 @@ def start_gateway(
     keys: bool,
     quota: str | None = None,
     cache: bool = False,
+    src: str | None = None,
 ) -> int:
     """quota: None (the bench key's tier has no limits), "memory" or "redis" (it has BENCH_LIMITS).
     cache: the response cache on (the bench request is deterministic: every request after the first
-    is a hit); off, every request goes upstream."""
+    is a hit); off, every request goes upstream. src: run the gateway from this source tree instead
+    (another build's `src/`, for an A/B)."""
     port = free_port()
     config = work / f"{name}.yaml"
     auth = {} if keys else {"api_keys": False, "allow_anonymous": True}
@@ -263,6 +265,8 @@ def start_gateway(
         "PORTCULLIS_KEY_SECRET": "bench-secret-0123456789abcdef0123456789abcdef",
         "PORTCULLIS_BOOTSTRAP_ADMIN_KEY": BENCH_GATEWAY_KEY,
     }
+    if src is not None:
+        env["PYTHONPATH"] = src
     servers.append(
         Server(
             name,
@@ -349,6 +353,12 @@ def main() -> int:
         default=None,
         help="measure only these targets (comma-separated names), skip streaming: a focused A/B with more rounds",
     )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="another build's source tree (e.g. a git worktree of an earlier commit): adds a 'gateway-baseline' "
+        "target, configured like 'gateway', for an interleaved A/B",
+    )
     args = parser.parse_args()
     shown = ["PATH/TO/litellm" if a == args.litellm else a for a in sys.argv[1:]]
     args.command = " ".join([".venv/bin/python bench/run.py", *shown])
@@ -416,6 +426,10 @@ def main() -> int:
         gw_redis_port = start_gateway(servers, work, upstream, "gateway-limits-redis", keys=True, quota="redis")
         # And answering from its response cache: no upstream involved.
         gw_hit_port = start_gateway(servers, work, upstream, "gateway-cache-hit", keys=True, cache=True)
+        baseline_port = None
+        if args.baseline:
+            src = str(Path(args.baseline).resolve() / "src")
+            baseline_port = start_gateway(servers, work, upstream, "gateway-baseline", keys=True, src=src)
         targets = [
             ("direct", upstream, None),
             ("passthrough", f"http://127.0.0.1:{pt_port}", None),
@@ -425,6 +439,8 @@ def main() -> int:
             ("gateway-limits-redis", f"http://127.0.0.1:{gw_redis_port}", BENCH_GATEWAY_KEY),
             ("gateway-cache-hit", f"http://127.0.0.1:{gw_hit_port}", BENCH_GATEWAY_KEY),
         ]
+        if baseline_port is not None:
+            targets.append(("gateway-baseline", f"http://127.0.0.1:{baseline_port}", BENCH_GATEWAY_KEY))
         if args.litellm:
             lt_port = free_port()
             (work / "litellm.yaml").write_text(

@@ -201,6 +201,8 @@ class Gateway:
             if req.path in _METERED:
                 self.quota.settle(ex, req.status)
                 self._record_usage(req, ex)
+                if ex.prompt_size is not None and req.status == 200:
+                    self.router.learn(ex)
             if req.path not in _QUIET:
                 self._record(req, ex)
 

@@ -255,7 +255,9 @@ Demo API key (every scope; this demo's database is thrown away on exit):
 r = c.chat.completions.create(model='demo', messages=[{{'role': 'user', 'content': 'Hi'}}])
 print(r.choices[0].message.content)"
 
-Models: demo (chat, completions), demo-embed (embeddings). Metrics: http://127.0.0.1:{port}/metrics
+Models: demo and demo-large (chat, completions), auto (a router between them: see the x-portcullis-route
+header), demo-embed (embeddings). Batch jobs: portcullis batch submit FILE.jsonl --url http://127.0.0.1:{port} --key ...
+Metrics: http://127.0.0.1:{port}/metrics
 Usage so far: curl 'http://127.0.0.1:{port}/admin/usage?group_by=model&format=table' -H 'authorization: Bearer {key}'
 Stop with Ctrl-C.
 """,

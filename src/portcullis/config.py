@@ -834,6 +834,10 @@ def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | No
     return build_config(data, source=source, environ=environ)
 
 
+_DEMO_COST = {"prompt_per_1k": 0.0001, "completion_per_1k": 0.0002}
+_DEMO_LARGE_COST = {"prompt_per_1k": 0.001, "completion_per_1k": 0.002}
+
+
 def demo_config(sim_url: str, database_url: str) -> Config:
     """Embedded defaults for `serve --demo`: one chat model and one embedding model on the simulator."""
     return build_config(
@@ -841,9 +845,12 @@ def demo_config(sim_url: str, database_url: str) -> Config:
             "server": {"drain_grace_s": 0.5, "shutdown_timeout_s": 10},
             "store": {"database_url": database_url, "auto_migrate": True},
             "models": {
-                "demo": {"deployments": [{"url": sim_url, "name": "sim"}]},
+                "demo": {"deployments": [{"url": sim_url, "name": "sim", "cost": _DEMO_COST}], "quality": 0.4},
+                "demo-large": {"deployments": [{"url": sim_url, "name": "sim", "cost": _DEMO_LARGE_COST}]},
                 "demo-embed": {"deployments": [{"url": sim_url, "name": "sim"}]},
             },
+            # `auto` picks demo for simple requests and demo-large for demanding ones (x-portcullis-route).
+            "routers": {"auto": {"candidates": ["demo", "demo-large"]}},
         },
         source="(demo defaults)",
     )

@@ -30,6 +30,10 @@ def test_demo_gateway_chats_and_streams(tmp_path: Path) -> None:
         )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert client.embeddings.create(model="demo-embed", input="x").data[0].embedding
+        routed = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+        )
+        assert routed.headers["x-portcullis-route"].startswith("model=demo; router=auto")
     finally:
         demo.stop()
 

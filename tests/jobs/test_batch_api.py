@@ -245,6 +245,18 @@ def test_batch_lines_are_budgeted_like_any_request(gw: Proc) -> None:
     assert {r["response"]["status_code"] for r in failed} == {429}
 
 
+def test_a_batch_keeps_within_its_owners_concurrency_limit(gw: Proc) -> None:
+    """The owner may have 2 requests in flight: the runner never runs more of their lines at once, so no
+    line is refused for concurrency (and none is spent on a refusal)."""
+    key = new_key(gw, user="narrow", limits={"concurrency": 2})
+    owner = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    refusals = _metric(gw, 'portcullis_quota_refusals_total{reason="concurrency"}')
+    batch = submit(owner, jsonl([line(i, model="other") for i in range(12)]))
+    ended = wait_ended(owner, batch.id)
+    assert ended.status == "completed" and ended.request_counts.completed == 12
+    assert _metric(gw, 'portcullis_quota_refusals_total{reason="concurrency"}') == refusals
+
+
 def test_interactive_requests_take_slots_from_batch_lines(client: openai.OpenAI, gw: Proc, sim: Proc) -> None:
     """Every slot is held by batch lines (reserve_slots 0, a line lasts ~1 s): an interactive request does
     not wait for one to finish; the newest line gives its slot up and runs again later. The batch still

@@ -185,3 +185,31 @@ def test_the_gateway_queues_what_llama_server_would_queue_silently(llama: str, l
     assert all(r.status == 200 and r.stream_complete and r.stream_error is None for r in results)
     assert sum("x-portcullis-queue-wait-ms" in r.headers for r in results) >= 2 * SLOTS
     assert deferred and max(deferred) == 0
+
+
+def test_context_fit_learns_the_tokenizer_and_asks_tokenize_near_the_limit(llama_gateway: Proc) -> None:
+    """512 tokens per slot; the tiny model's vocabulary is bytes, so 300 characters are ~300 tokens, not
+    the ~75 a 4-characters-per-token estimate says. Once the model has answered one long enough prompt, the
+    gateway estimates with its real tokens per byte, sees 300 + max_tokens 300 is close to 512, counts with
+    llama-server's /tokenize, and refuses before any upstream call (no attempt was made)."""
+    import aiohttp
+    import orjson
+
+    async def ask(content: str, max_tokens: int) -> tuple[int, dict[str, str], dict]:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                llama_gateway.url + "/v1/chat/completions",
+                data=orjson.dumps(body),
+                headers={"authorization": f"Bearer {ADMIN_KEY}"},
+            ) as r:
+                return r.status, dict(r.headers), await r.json()
+
+    import asyncio
+
+    status, _, _ = asyncio.run(ask("z" * 300, 4))  # teaches the gateway this model's tokens per byte
+    assert status == 200
+    status, headers, answer = asyncio.run(ask("y" * 300, 300))
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
+    assert answer["error"]["message"].startswith("This model's maximum context length is 512 tokens")
+    assert "x-portcullis-attempts" not in {k.lower() for k in headers}

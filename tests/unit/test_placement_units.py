@@ -133,3 +133,18 @@ def test_a_batch_runs_in_peak_hours_only_when_off_peak_time_would_not_suffice() 
     assert needed_now(left=1000, service_s=2.0, slots=4, off_peak_left_s=600, margin_s=1)
     assert needed_now(left=1, service_s=2.0, slots=4, off_peak_left_s=0, margin_s=1)  # no off-peak time left
     assert not needed_now(left=0, service_s=2.0, slots=4, off_peak_left_s=10, margin_s=1)
+
+
+def test_the_estimate_learns_a_models_tokens_per_byte() -> None:
+    counter = TokenCounter(ContextFitConfig(), chars_per_token=4)
+    payload = {"prompt": "z" * 1000}
+    assert counter.estimate(payload, "bytes") == 250 + 1
+    size, framing = counter.measure(payload)
+    for _ in range(60):  # a byte-level tokenizer: a token per byte
+        counter.learn("bytes", size, framing, prompt_tokens=1001)
+    assert 950 <= counter.estimate(payload, "bytes") <= 1001
+    assert counter.estimate(payload, "other") == 251  # per model
+    counter.learn("small", 100, 1, prompt_tokens=90)  # too small a prompt to learn from
+    assert "small" not in counter.ratios
+    cjk = {"prompt": "漢" * 300}  # three bytes a character: ~225 tokens by bytes, where chars/4 says 75
+    assert counter.estimate(cjk) == 225 + 1

@@ -418,8 +418,10 @@ async def get_batch(gw: Gateway, req: Request, ex: Exchange, batch_id: str) -> N
 async def list_batches(gw: Gateway, req: Request, ex: Exchange) -> None:
     query = _query(req)
     limit = _limit(query)
-    rows = await _store(gw).list_batches(_owner(ex), limit, query.get("after"))
-    data = [batch_object(r) for r in rows]
+    store = _store(gw)
+    rows = await store.list_batches(_owner(ex), limit, query.get("after"))
+    live = await store.counts_many([r.id for r in rows if r.status in ("in_progress", "cancelling")])
+    data = [batch_object(r, live.get(r.id)) for r in rows]
     await req.respond_json(
         200,
         {

@@ -56,6 +56,7 @@ _TRANSIENT = frozenset(
         "rate_limit_exceeded",
         "off_peak_only",
         "upstream_unavailable",
+        "upstream_rate_limited",
     }
 )
 _FINALIZE_EVERY_S = 2.0
@@ -67,6 +68,7 @@ _SAFETY = 1.5  # how much longer than the measured pace a batch is assumed to ne
 class _Running:
     batch_id: str
     model: str
+    owner: str  # the batch's key id (or user): concurrency limits are theirs
     task: asyncio.Task[None]
 
 
@@ -85,6 +87,7 @@ class BatchRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_finalize: dict[str, float] = {}
         self._principals: dict[str, tuple[Principal | None, float]] = {}
+        self._held: dict[str, float] = {}  # batch id → not before (POSIX time), after a rate-limit refusal
         self.stopping = False
         self.lines_done = 0
         self._last_cleanup = 0.0
@@ -148,7 +151,10 @@ class BatchRunner:
             if self.stopping or not await self._may_run(batch, now):
                 await self._maybe_finalize(batch.id, now)
                 continue
+            if self._held.get(batch.id, 0.0) > now:
+                continue  # its owner's rate limit said when to come back
             room = min(self._idle(batch.model), self.config.max_in_flight - len(self.running))
+            room = min(room, await self._owner_room(batch))
             if room <= 0:
                 continue
             lines = await self.store.claim(batch.id, self.owner, room, now, self.config.lease_s)
@@ -157,7 +163,21 @@ class BatchRunner:
                 continue
             for line in lines:
                 task = asyncio.get_running_loop().create_task(self._run_line(batch, line))
-                self.running[line.id] = _Running(batch.id, batch.model, task)
+                owner = batch.principal.get("key_id") or batch.principal.get("user")
+                self.running[line.id] = _Running(batch.id, batch.model, owner, task)
+
+    async def _owner_room(self, batch: Any) -> int:
+        """Lines the batch's owner may have in flight beside those running here (their concurrency limit),
+        so a batch does not spend its owner's quota on refusals."""
+        principal = await self._principal(batch)
+        if principal is None:
+            return 1  # one line, to record why it cannot run
+        plan, _ = self.gateway.quota.plan_for(principal)
+        if plan.concurrency is None:
+            return 1 << 30
+        owner = batch.principal.get("key_id") or batch.principal.get("user")
+        mine = sum(1 for r in self.running.values() if r.owner == owner)
+        return plan.concurrency - mine
 
     def _idle(self, model: str) -> int:
         admission = self.gateway.admission
@@ -197,6 +217,7 @@ class BatchRunner:
         status = await self.store.finalize(batch_id, now, ttl_s=self.config.file_ttl_s)
         if status is not None:
             self._last_finalize.pop(batch_id, None)
+            self._held.pop(batch_id, None)
             log.info("batch_ended", batch_id=batch_id, status=status)
 
     def _stop_lines(self, batch_id: str) -> None:
@@ -231,9 +252,11 @@ class BatchRunner:
             self.running.pop(line.id, None)
             self._wake.set()
         code = _error_code(body) if status >= 400 else None
-        if code in _TRANSIENT and not (status == 429 and code != "rate_limit_exceeded"):
-            wait = _retry_after(headers)
-            self._released.append((line.id, time.time() + max(self.config.retry_delay_s, wait)))
+        if code in _TRANSIENT:  # (a spent budget, 429 budget_exceeded, is an answer: it stays)
+            wait = max(self.config.retry_delay_s, _retry_after(headers))
+            self._released.append((line.id, time.time() + wait))
+            if code == "rate_limit_exceeded":  # the owner's limit: the whole batch waits, not just this line
+                self._held[batch.id] = time.time() + wait
             return
         try:
             parsed: Any = orjson.loads(body)

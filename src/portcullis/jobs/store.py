@@ -201,6 +201,20 @@ class BatchStore:
         async with self.engine.connect() as conn:
             return {state: n for state, n in (await conn.execute(query)).all()}
 
+    async def counts_many(self, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+        if not batch_ids:
+            return {}
+        query = (
+            select(batch_lines.c.batch_id, batch_lines.c.state, func.count())
+            .where(batch_lines.c.batch_id.in_(batch_ids))
+            .group_by(batch_lines.c.batch_id, batch_lines.c.state)
+        )
+        out: dict[str, dict[str, int]] = {}
+        async with self.engine.connect() as conn:
+            for batch_id, state, n in (await conn.execute(query)).all():
+                out.setdefault(batch_id, {})[state] = n
+        return out
+
     async def active(self) -> list[Any]:
         """Batches a runner may have work in, the nearest deadline first."""
         query = (

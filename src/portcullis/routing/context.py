@@ -6,10 +6,13 @@ replica that can hold it. The need is the prompt plus `max_tokens` (or plus one 
 sets none: llama-server then generates until the context is full).
 
 Counting the prompt exactly needs the model's tokenizer, which only the upstream has. So: an estimate
-from the characters first (`quota.chars_per_token`, uncertain by `routing.context.margin`); only when a
-context limit lies inside that uncertainty, the exact count from a replica's `POST /tokenize`, one text
-at a time, remembered by the text's hash so a conversation's earlier messages are never counted twice.
-The chat template's framing adds a few tokens per message (counted generously).
+first, from the text's UTF-8 size (a CJK character is three bytes and about one token, an English word
+about four bytes a token) times the model's tokens per byte: `1 / quota.chars_per_token` until the
+model's own answers have shown the real figure (their `usage.prompt_tokens` against the bytes sent,
+learned per model), uncertain by `routing.context.margin`. Only when a context limit lies inside that
+uncertainty, the exact count from a replica's `POST /tokenize`, one text at a time, remembered by the
+text's hash so a conversation's earlier messages are never counted twice. The chat template's framing
+adds a few tokens per message (counted generously).
 """
 
 from __future__ import annotations
@@ -73,21 +76,39 @@ def completion_need(payload: dict[str, Any]) -> int:
     return asked if isinstance(asked, int) and asked > 0 else 1
 
 
+_LEARN_MIN_BYTES = 256  # prompts smaller than this say too little about a tokenizer
+_LEARN_RATE = 0.1
+
+
 class TokenCounter:
     def __init__(self, config: ContextFitConfig, chars_per_token: float) -> None:
         self.config = config
-        self.chars_per_token = chars_per_token
+        self.default_ratio = 1 / chars_per_token  # tokens per byte before a model has shown its own
+        self.ratios: dict[str, float] = {}
         self._counts: OrderedDict[bytes, int] = OrderedDict()
         self.tokenize_calls = 0
 
-    def estimate(self, payload: dict[str, Any]) -> int:
+    @staticmethod
+    def measure(payload: dict[str, Any]) -> tuple[int, int]:
+        """(UTF-8 bytes of the prompt's texts, the template's framing tokens)."""
+        texts, messages = texts_of(payload)
+        size = sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
+        return size, (_PER_MESSAGE * messages + _PER_REQUEST if messages else 1)
+
+    def estimate(self, payload: dict[str, Any], model: str | None = None) -> int:
         ids = token_id_prompt(payload)
         if ids is not None:
             return ids
-        texts, messages = texts_of(payload)
-        chars = sum(len(t) for t in texts)
-        framing = _PER_MESSAGE * messages + _PER_REQUEST if messages else 1
-        return math.ceil(chars / self.chars_per_token) + framing
+        size, framing = self.measure(payload)
+        return math.ceil(size * self.ratios.get(model or "", self.default_ratio)) + framing
+
+    def learn(self, model: str, size: int, framing: int, prompt_tokens: int) -> None:
+        """An answer's real prompt count: the model's tokens per byte moves towards what it showed."""
+        if size < _LEARN_MIN_BYTES or prompt_tokens <= framing:
+            return
+        seen = min(2.0, max(0.02, (prompt_tokens - framing) / size))
+        old = self.ratios.get(model)
+        self.ratios[model] = seen if old is None else old + _LEARN_RATE * (seen - old)
 
     def bounds(self, estimate: int, payload: dict[str, Any]) -> tuple[int, int]:
         """The prompt's token count is believed to lie in [low, high]."""

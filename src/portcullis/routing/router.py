@@ -36,7 +36,7 @@ from portcullis.routing.affinity import Affinity
 from portcullis.routing.balancer import choose, unavailable
 from portcullis.routing.catalog import Catalog, Replica
 from portcullis.routing.complexity import Scorer, features, load_scorer
-from portcullis.routing.context import TokenCounter, completion_need, fits
+from portcullis.routing.context import TokenCounter, completion_need, fits, token_id_prompt
 
 if TYPE_CHECKING:
     from portcullis.http import Request
@@ -45,13 +45,17 @@ if TYPE_CHECKING:
     from portcullis.upstream.exchange import Exchange
 
 ROUTE_HEADER = b"x-portcullis-route"
+_CONSTRAINT_HEADERS = (b"x-portcullis-max-cost", b"x-portcullis-latency-budget-ms", b"x-portcullis-priority")
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Constraints:
     max_cost: float | None = None
     latency_budget_s: float | None = None
     low_priority: bool = False
+
+
+_NO_CONSTRAINTS = Constraints()
 
 
 @dataclass(slots=True)
@@ -147,7 +151,10 @@ class Router:
         asked = payload["model"]
         name = self.catalog.resolve(asked)
         require_model(ex.principal, asked, name)
-        constraints = self.constraints(req, payload)
+        if "portcullis" in payload or any(req.header(h) is not None for h in _CONSTRAINT_HEADERS):
+            constraints = self.constraints(req, payload)
+        else:
+            constraints = _NO_CONSTRAINTS  # (the usual request: nothing parsed, nothing allocated)
         if constraints.low_priority:
             ex.low_priority = True
             self._hold_to_off_peak(name)
@@ -160,30 +167,57 @@ class Router:
                 )
             ex.model = name
             return name
-        if name not in self.catalog.routers and not self.config.routing.context.enabled and name not in self.placed:
-            ex.model = name  # nothing to decide
-            return name
-        decision = await self.decide(name, payload, constraints, ex.principal, asked=asked)
-        ex.model = decision.model
-        ex.need = decision.need
-        if decision.router is not None:
+        if name in self.catalog.routers:
+            decision = await self.decide(name, payload, constraints, ex.principal, asked=asked)
+            name = ex.model = decision.model
+            ex.need = decision.need
             ex.route_reason = decision.reason
             req.response_headers.append((ROUTE_HEADER, decision.header()))
             if self.metrics is not None:
                 self.metrics.route_decisions.labels(decision.router, decision.model).inc()
-        if decision.model in self.placed:
-            ex.affinity = self.affinity.keys(decision.model, payload)
-        return decision.model
+            if self.config.routing.context.enabled:
+                ex.prompt_size = self.tokens.measure(payload)
+        else:
+            ex.model = name
+            if self.config.routing.context.enabled:
+                ex.need = await self._fit(name, payload, ex)
+        if name in self.placed:
+            ex.affinity = self.affinity.keys(name, payload)
+        return name
+
+    async def _fit(self, model: str, payload: dict[str, Any], ex: Exchange) -> int:
+        """A plain model's context fit on the hot path: the estimate's fast answer, or the full check."""
+        replicas = self.catalog.models[model]
+        smallest = None
+        for r in replicas:
+            context = r.context
+            if context is not None and (smallest is None or context < smallest):
+                smallest = context
+        if smallest is None:
+            return 0  # no limit known anywhere
+        ids = token_id_prompt(payload)
+        if ids is None:
+            size, framing = ex.prompt_size = self.tokens.measure(payload)
+            estimate = math.ceil(size * self.tokens.ratios.get(model, self.tokens.default_ratio)) + framing
+        else:
+            estimate = ids
+        settings = self.config.routing.context
+        if settings.tokenize != "always" and self.tokens.bounds(estimate, payload)[1] + completion_need(
+            payload
+        ) <= smallest:
+            return 0  # fits every replica whatever the real count (the usual request)
+        need, _ = await self._need(model, replicas, payload, estimate, time.monotonic())
+        return need
 
     def constraints(self, req: Request, payload: dict[str, Any]) -> Constraints:
-        c = Constraints()
+        found: dict[str, float] = {}
         body = payload.pop("portcullis", None)
         if body is not None and not isinstance(body, dict):
             raise InvalidRequest("'portcullis' must be an object.", param="portcullis", code="invalid_value")
         body = body or {}
         for field_name, header, unit in (
             ("max_cost", b"x-portcullis-max-cost", 1.0),
-            ("latency_budget_ms", b"x-portcullis-latency-budget-ms", 0.001),
+            ("latency_budget_ms", b"x-portcullis-latency-budget-ms", 0.001),  # (kept in seconds)
         ):
             raw = body.get(field_name)
             where = f"portcullis.{field_name}"
@@ -198,10 +232,7 @@ class Router:
                 value = -1.0
             if not math.isfinite(value) or value <= 0 or isinstance(raw, bool):
                 raise InvalidRequest(f"'{where}' must be a positive number.", param=where, code="invalid_value")
-            if field_name == "max_cost":
-                c.max_cost = value
-            else:
-                c.latency_budget_s = value * unit
+            found[field_name] = value * unit
         priority = body.get("priority")
         if priority is None:
             text = req.header(b"x-portcullis-priority")
@@ -210,8 +241,7 @@ class Router:
             raise InvalidRequest(
                 "The priority must be 'low' or 'normal'.", param="x-portcullis-priority", code="invalid_value"
             )
-        c.low_priority = priority == "low"
-        return c
+        return Constraints(found.get("max_cost"), found.get("latency_budget_ms"), priority == "low")
 
     def _hold_to_off_peak(self, model: str) -> None:
         if self.config.scheduling.low_priority.in_peak != "refuse" or self.offpeak.active():
@@ -235,12 +265,12 @@ class Router:
         asked: str | None = None,
     ) -> Decision:
         now = time.monotonic()
-        estimate = self.tokens.estimate(payload)
         router = self.catalog.routers.get(name)
         if router is None:
+            estimate = self.tokens.estimate(payload, name)
             need, _ = await self._need(name, self.catalog.models[name], payload, estimate, now)
             return Decision(asked or name, name, "direct", prompt_tokens=estimate, need=need)
-        return await self._cost_aware(name, router, payload, estimate, constraints, principal, now, asked or name)
+        return await self._cost_aware(name, router, payload, constraints, principal, now, asked or name)
 
     async def _need(
         self, model: str, replicas: list[Replica], payload: dict[str, Any], estimate: int, now: float
@@ -276,12 +306,12 @@ class Router:
         name: str,
         router: RouterConfig,
         payload: dict[str, Any],
-        estimate: int,
         constraints: Constraints,
         principal: Principal | None,
         now: float,
         asked: str,
     ) -> Decision:
+        estimate = self.tokens.estimate(payload)  # (the candidates' own estimates are made per candidate)
         complexity = float(self.scorers[name](features(payload, estimate)))
         asked_completion = payload.get("max_completion_tokens") or payload.get("max_tokens")
         completion = asked_completion if isinstance(asked_completion, int) else router.expected_completion_tokens
@@ -291,7 +321,7 @@ class Router:
             budget = router.latency_budget_ms / 1000
         qualities = router.default_quality or _spread(len(router.candidates))
         candidates: list[Candidate] = []
-        prompt_tokens = estimate
+        prompt_tokens = 0
         for i, model in enumerate(router.candidates):
             replicas = self.catalog.models[model]
             rated = [r.quality for r in replicas if r.quality is not None]
@@ -301,7 +331,8 @@ class Router:
                 c.excluded = "switched off"
                 continue
             try:
-                c.need, counted = await self._need(model, replicas, payload, estimate, now)
+                own = self.tokens.estimate(payload, model)
+                c.need, counted = await self._need(model, replicas, payload, own, now)
                 prompt_tokens = max(prompt_tokens, counted)
             except ContextLengthExceeded:
                 c.fits, c.excluded = False, "context too small"
@@ -313,14 +344,15 @@ class Router:
                 continue
             p = sum(r.prompt_per_1k for r in usable) / len(usable)
             q = sum(r.completion_per_1k for r in usable) / len(usable)
-            c.cost = (prompt_tokens * p + completion * q) / 1000
+            c.cost = (counted * p + completion * q) / 1000
             gate = self.admission.gates[model]
             c.free_slot = gate.depth == 0 and gate.holding < gate.capacity()
             c.wait_s = 0.0 if c.free_slot else gate.estimate_wait(gate.ahead_of(priority) + 1, priority)
-            c.latency_s = _latency(usable, prompt_tokens, completion, c.wait_s)
+            c.latency_s = _latency(usable, counted, completion, c.wait_s)
             if constraints.max_cost is not None and c.cost > constraints.max_cost:
                 c.excluded = f"over max_cost {constraints.max_cost:g}"
         eligible = [c for c in candidates if c.excluded is None]
+        prompt_tokens = prompt_tokens or estimate
         if not eligible:
             raise self._none_eligible(name, candidates, constraints, prompt_tokens, completion)
         eligible.sort(key=lambda c: (c.cost, -c.quality))
@@ -388,6 +420,12 @@ class Router:
             )
         replicas = [r for c in candidates for r in self.catalog.models[c.model]]
         return unavailable(replicas)
+
+    def learn(self, ex: Exchange) -> None:
+        """A whole answer: how many tokens its prompt really had teaches the model's tokens per byte."""
+        if ex.prompt_size is not None and ex.prompt_tokens and ex.model is not None and not ex.cache_hit:
+            size, framing = ex.prompt_size
+            self.tokens.learn(ex.model, size, framing, ex.prompt_tokens)
 
     def explain_replica(self, decision: Decision, payload: dict[str, Any]) -> Replica | None:
         """The replica the upstream stage would try first for this decision, now."""

@@ -56,6 +56,7 @@ class Exchange:
     # prompt's prefix keys (affinity), llama-server's `timings` of the answer.
     route_reason: str | None = None
     need: int = 0
+    prompt_size: tuple[int, int] | None = None  # (UTF-8 bytes of the prompt's texts, framing tokens)
     affinity: tuple[bytes, ...] = ()
     timings: dict[str, Any] | None = None
     # Background work (a batch line): never queued, preempted when an interactive request needs the slot.
