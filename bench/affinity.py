@@ -4,10 +4,10 @@
     .venv/bin/python bench/affinity.py --llama-server BIN    # also real llama-server replicas (or LLAMA_SERVER_BIN)
 
 Workload: conversations that each start with their own long system prompt and run several turns (each
-turn resends the whole conversation, as chat clients do), a few at once, beside a trickle of short
-one-off requests. Streamed; the client measures the time to the first content token and reads the
-`timings` of the last chunk (cache_n: prompt tokens the replica took from its cache, prompt_n: tokens it
-computed).
+turn resends the whole conversation, as chat clients do; the user thinks ~0.5 s between turns), a few at
+once, beside a trickle of short one-off requests. Streamed; the client measures the time to the first
+content token and reads the `timings` of the last chunk (cache_n: prompt tokens the replica took from its
+cache, prompt_n: tokens it computed).
 
   simulator     3 replicas, 4 slots each, 0.4 ms per prompt token not in the slot's cache (a fresh
                 1,500-token prompt: 0.6 s), llama-server's slot choice and prompt cache;
@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from harness import embed, free_port, logger, percentile, wait_http
+from harness import embed, free_port, logger, percentile, pyplot, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -53,6 +53,7 @@ BACKENDS: dict[str, dict[str, Any]] = {
         "at_once": 6,
         "system_words": 1500,  # the simulator counts a word as a token
         "max_tokens": 16,
+        "think_s": 0.5,  # a user reads and types between turns (mean, exponential)
     },
     "llama-server": {
         "replicas": 2,
@@ -61,6 +62,7 @@ BACKENDS: dict[str, dict[str, Any]] = {
         "at_once": 2,
         "system_words": 300,  # ~2,000 characters: ~2,000 tokens with a byte vocabulary
         "max_tokens": 4,
+        "think_s": 0.5,
     },
 }
 
@@ -99,6 +101,7 @@ async def stream(session: aiohttp.ClientSession, url: str, messages: list[dict[s
         "max_tokens": max_tokens,
         "temperature": 0.7,
         "stream": True,
+        "stream_options": {"include_usage": True},  # the last chunk carries llama-server's timings
         "ignore_eos": True,
     }
     t0 = time.perf_counter()
@@ -144,6 +147,7 @@ async def workload(url: str, shape: dict[str, Any], seed: int) -> dict[str, Any]
                     if turn:
                         cached += int(answer["timings"].get("cache_n", 0))
                         computed += int(answer["timings"].get("prompt_n", 0))
+                    await asyncio.sleep(rng.expovariate(1 / shape["think_s"]))
 
         async def one_offs(stop: asyncio.Event) -> None:
             while not stop.is_set():
@@ -307,13 +311,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 
 def plot(summary: dict[tuple[str, bool], dict[str, float]], backends: list[str]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot(log)
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
     for ax, backend in zip(axes[0], backends, strict=True):

@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from harness import embed, free_port, logger, percentile, wait_http
+from harness import embed, free_port, logger, percentile, pyplot, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -266,13 +266,8 @@ def report(rows: list[dict[str, Any]], cap: float, args: argparse.Namespace) -> 
 
 
 def plot(med: dict[str, dict[str, float]], lines_per_s: float, idle: float) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot(log)
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     keys = ["p50", "p95", "p99"]

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def logger(name: str) -> Callable[[str], None]:
@@ -55,3 +56,16 @@ def embed(results_md: Path, name: str, title: str, body: list[str]) -> None:
     pattern = rf"\n<!-- {name}:begin -->.*?<!-- {name}:end -->\n"
     text, n = re.subn(pattern, lambda _m: section, text, flags=re.S)
     results_md.write_text(text if n else text.rstrip("\n") + "\n" + section)
+
+
+def pyplot(log: Callable[[str], None]) -> Any:
+    """matplotlib's pyplot for files (Agg), or None (said in the log) when the bench extra is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plot (pip install -e '.[bench]')")
+        return None
+    return plt

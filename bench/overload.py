@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from harness import embed, free_port, logger, wait_http
+from harness import embed, free_port, logger, pyplot, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -245,13 +245,8 @@ def report(rows: list[dict[str, Any]], capacity: float, args: argparse.Namespace
 
 
 def plot(summary: dict[tuple[float, str], dict[str, float]], capacity: float, factors: list[float]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot(log)
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.35

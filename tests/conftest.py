@@ -9,6 +9,7 @@ service fails the tests instead of skipping them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import sys
@@ -73,18 +74,34 @@ def _pg_admin(sql: str) -> None:
     asyncio.run(run())
 
 
+@contextlib.contextmanager
+def scratch_postgres(prefix: str = "portcullis_test") -> Iterator[str]:
+    """A PostgreSQL database of its own, created and dropped (skipped, or failed under CI, without one)."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    try:
+        _pg_admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:
+        _missing("PostgreSQL", exc)
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{module_tmp}/identity-{secrets.token_hex(4)}.db"
         return
-    name = f"portcullis_test_{secrets.token_hex(6)}"
-    try:
-        _pg_admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:
-        _missing("PostgreSQL", exc)
-    yield PG_URL.rsplit("/", 1)[0] + "/" + name
-    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """PostgreSQL only, for one test."""
+    with scratch_postgres() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,8 @@ def _config_check(path: str) -> int:
         print(exc.render(), file=sys.stderr)
         return 1
     replicas = sum(len(m.deployments) for m in config.models.values())
-    print(f"{path}: ok ({len(config.models)} model(s), {replicas} deployment(s))")
+    routers = f", {len(config.routers)} router(s)" if config.routers else ""
+    print(f"{path}: ok ({len(config.models)} model(s), {replicas} deployment(s){routers})")
     return 0
 
 

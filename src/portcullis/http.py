@@ -65,11 +65,14 @@ class Request:
             self._headers = dict(self.scope["headers"])
         return self._headers.get(name)
 
-    async def read_body(self, limit: int) -> bytes:
-        """The whole body, refusing with 413 as soon as it is known to exceed `limit` bytes."""
+    def _refuse_declared(self, limit: int) -> None:
         declared = self.header(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"The request body is {int(declared)} bytes; the limit is {limit}.")
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, refusing with 413 as soon as it is known to exceed `limit` bytes."""
+        self._refuse_declared(limit)
         chunks: list[bytes] = []
         size = 0
         more = True
@@ -87,10 +90,9 @@ class Request:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def iter_body(self, limit: int) -> AsyncIterator[bytes]:
-        """The body chunk by chunk as it arrives (uploads), refusing with 413 past `limit` bytes."""
-        declared = self.header(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"The request body is {int(declared)} bytes; the limit is {limit}.")
+        """The body chunk by chunk as it arrives (uploads), refusing with 413 past `limit` bytes. (read_body
+        stays a loop of its own: an async generator costs the hot path a microsecond per request.)"""
+        self._refuse_declared(limit)
         size = 0
         more = True
         while more:

@@ -6,7 +6,6 @@ line appears exactly once in the output.
 from __future__ import annotations
 
 import io
-import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from conftest import PG_URL, _missing, _pg_admin
 from procs import ADMIN_KEY, Proc, gateway_config, http_get, start_gateway, start_sim, wait_until
 
 LINES = 1000
@@ -104,21 +102,10 @@ def test_a_killed_gateway_restarted_finishes_the_batch(sim: Proc, module_tmp: Pa
         gw.stop()
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    name = f"portcullis_batch_{secrets.token_hex(6)}"
-    try:
-        _pg_admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:
-        _missing("PostgreSQL", exc)
-    yield PG_URL.rsplit("/", 1)[0] + "/" + name
-    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def test_two_gateways_share_the_batch_on_postgres_and_survive_one_being_killed(
-    sim: Proc, module_tmp: Path, pg_url: str
+    sim: Proc, module_tmp: Path, postgres_url: str
 ) -> None:
-    cfg = _config(sim, pg_url)
+    cfg = _config(sim, postgres_url)
     first = start_gateway(cfg, module_tmp, ready_path="/readyz")
     second = start_gateway(cfg, module_tmp, ready_path="/readyz")
     try:

@@ -143,3 +143,59 @@ models:
             load_config(_write(tmp_path, bad), environ={})
         problems = dict(info.value.problems)
         assert field in problems and reason in problems[field], problems
+
+
+ROUTED = """
+models:
+  small:
+    aliases: [tiny]
+    deployments: [{url: "http://127.0.0.1:8080", cost: {gpu_hour: 1.5, tokens_per_s: 300}, n_ctx: 4096}]
+  large:
+    deployments: [{url: "http://127.0.0.1:8081", quality: 0.9, tags: [a100]}]
+routers:
+  auto: {candidates: [small, large], aliases: [smart]}
+scheduling:
+  off_peak: [{days: mon-fri, from: "19:00", to: "07:00", tz: Europe/Berlin}]
+batch: {lease_s: 30, reserve_slots: 2}
+"""
+
+
+def test_routers_aliases_and_schedules_load(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, ROUTED), environ={})
+    assert config.routers["auto"].candidates == ["small", "large"]
+    assert config.models["small"].deployments[0].cost.gpu_hour == 1.5
+    assert config.scheduling.off_peak[0].start == "19:00" and config.batch.reserve_slots == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "reason"),
+    [
+        ("routers:\n  auto: {candidates: [small, nope]}", "", "'nope' is not a configured model"),
+        ("routers:\n  small: {candidates: [large]}", "", "routers.small: the name is already models.small"),
+        ("routers:\n  auto: {candidates: [small], aliases: [large]}", "", "'large' is already models.large"),
+        ("routers:\n  auto: {candidates: [small, small]}", "", "listed twice"),
+        ("routers:\n  auto: {candidates: [small], scorer: nonsense}", "", "package.module:function"),
+    ],
+)
+def test_router_mistakes_name_the_field(tmp_path: Path, change: str, path: str, reason: str) -> None:
+    base = """
+models:
+  small: {deployments: [{url: "http://127.0.0.1:8080"}]}
+  large: {deployments: [{url: "http://127.0.0.1:8081"}]}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, base + change), environ={})
+    assert reason in info.value.render()
+
+
+def test_deployment_cost_and_spill_mistakes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            _write(tmp_path, 'models:\n  m: {deployments: [{url: "http://h:1", cost: {gpu_hour: 2}}]}'), environ={}
+        )
+    assert "gpu_hour needs tokens_per_s" in dict(info.value.problems)["models.m.deployments[0].cost"]
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            _write(tmp_path, 'models:\n  m: {spill_to_fallbacks: true, deployments: [{url: "http://h:1"}]}'), environ={}
+        )
+    assert "no fallbacks to spill to" in info.value.render()

@@ -29,8 +29,8 @@ ALL = frozenset(
         ADMIN_READ,
     }
 )
-# What a new key gets when its creator names no scopes: inference, nothing administrative.
-DEFAULT = (CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, MODELS_READ)
+# What a new key gets when its creator names no scopes: inference (batch jobs included), nothing administrative.
+DEFAULT = (CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, MODELS_READ, BATCHES)
 
 PUBLIC = ""  # routes anyone may call: /healthz, /readyz
 

@@ -146,6 +146,7 @@ class BatchRunner:
                 await self._maybe_finalize(batch.id, now, force=True)
                 continue
             if now >= batch.expires_at:
+                self._stop_lines(batch.id)  # (what they would answer now goes nowhere: the batch has expired)
                 await self._maybe_finalize(batch.id, now, force=True)
                 continue
             if self.stopping or not await self._may_run(batch, now):

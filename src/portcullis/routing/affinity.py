@@ -29,7 +29,7 @@ from typing import Any
 
 from portcullis.config import AffinityConfig
 from portcullis.routing.catalog import Replica
-from portcullis.routing.context import fits
+from portcullis.routing.context import content_text, fits
 
 _KEPT = 2  # replicas remembered per prefix: where it was computed last, and before that
 
@@ -41,10 +41,7 @@ def render(payload: dict[str, Any]) -> str:
         for m in messages:
             if not isinstance(m, dict):
                 continue
-            content = m.get("content")
-            if isinstance(content, list):
-                content = " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-            parts.append(f"{m.get('role')}\x1f{content if isinstance(content, str) else ''}\x1e")
+            parts.append(f"{m.get('role')}\x1f{content_text(m.get('content'))}\x1e")
         return "".join(parts)
     prompt = payload.get("prompt")
     return prompt if isinstance(prompt, str) else ""

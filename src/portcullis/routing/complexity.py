@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from portcullis.routing.context import content_text
+
 # Scan at most this much text for code/math/reasoning cues: a huge prompt says enough by its size.
 _SCAN_CHARS = 20_000
 
@@ -56,19 +58,13 @@ class Features:
 Scorer = Callable[[Features], float]
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
 def features(payload: dict[str, Any], prompt_tokens: int) -> Features:
     """What a chat or completion request shows (payload: the client's JSON, already validated)."""
     messages = payload.get("messages")
     if isinstance(messages, list):
-        texts = [_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") != "assistant"]
+        texts = [
+            content_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") != "assistant"
+        ]
         user_turns = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "user")
         count = len(messages)
     else:

@@ -32,6 +32,15 @@ _PER_MESSAGE = 6  # <|start_header_id|>role<|end_header_id|>\n\n ... <|eot_id|> 
 _PER_REQUEST = 5  # BOS and the assistant header the template opens
 
 
+def content_text(content: Any) -> str:
+    """A message's text: the string, or its text parts joined (images and audio carry none)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
 def texts_of(payload: dict[str, Any]) -> tuple[list[str], int]:
     """The texts a request's prompt is made of, and the number of messages (0 for a completion)."""
     messages = payload.get("messages")
@@ -41,12 +50,8 @@ def texts_of(payload: dict[str, Any]) -> tuple[list[str], int]:
             if not isinstance(m, dict):
                 continue
             content = m.get("content")
-            if isinstance(content, str):
-                texts.append(content)
-            elif isinstance(content, list):
-                texts.append(
-                    " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-                )
+            if content is not None:
+                texts.append(content_text(content))
             if m.get("tool_calls"):
                 texts.append(orjson.dumps(m["tool_calls"]).decode())
         if payload.get("tools"):
@@ -99,7 +104,10 @@ class TokenCounter:
         ids = token_id_prompt(payload)
         if ids is not None:
             return ids
-        size, framing = self.measure(payload)
+        return self.sized(*self.measure(payload), model)
+
+    def sized(self, size: int, framing: int, model: str | None) -> int:
+        """The estimate for a prompt already measured (bytes, framing tokens)."""
         return math.ceil(size * self.ratios.get(model or "", self.default_ratio)) + framing
 
     def learn(self, model: str, size: int, framing: int, prompt_tokens: int) -> None:

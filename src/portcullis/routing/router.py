@@ -197,14 +197,15 @@ class Router:
             return 0  # no limit known anywhere
         ids = token_id_prompt(payload)
         if ids is None:
-            size, framing = ex.prompt_size = self.tokens.measure(payload)
-            estimate = math.ceil(size * self.tokens.ratios.get(model, self.tokens.default_ratio)) + framing
+            ex.prompt_size = self.tokens.measure(payload)
+            estimate = self.tokens.sized(*ex.prompt_size, model)
         else:
             estimate = ids
         settings = self.config.routing.context
-        if settings.tokenize != "always" and self.tokens.bounds(estimate, payload)[1] + completion_need(
-            payload
-        ) <= smallest:
+        if (
+            settings.tokenize != "always"
+            and self.tokens.bounds(estimate, payload)[1] + completion_need(payload) <= smallest
+        ):
             return 0  # fits every replica whatever the real count (the usual request)
         need, _ = await self._need(model, replicas, payload, estimate, time.monotonic())
         return need
