@@ -523,6 +523,15 @@ def main() -> int:
             f"{quota_cost['redis_cpu_us_per_request_32_in_flight']:.1f} µs CPU per request"
         )
         stream_results["quota"] = quota_cost
+        log("route stage cost (bench/route_cost.py, pinned to CPU 0)")
+        route_cost = json.loads(
+            subprocess.run(
+                pinned(0, [PY, str(HERE / "route_cost.py")]), capture_output=True, text=True, check=True
+            ).stdout
+        )
+        plain, routed = route_cost["route_us_per_request"], route_cost["router_us_per_request"]
+        log(f"  plain model {plain:.1f} µs, router {routed:.1f} µs")
+        stream_results["route"] = route_cost
     finally:
         for s in reversed(servers):
             s.stop()
@@ -720,6 +729,14 @@ def write_report(
             f"of gateway CPU with 32 in flight (one script call per request: each settlement rides along with "
             f"the next admission); one admission alone waits {quota['redis_admit_round_trip_us']:.0f} µs for "
             "its round trip"
+        )
+    route = streaming.get("route")
+    if route:
+        lines.append(
+            f"- routing (`bench/route_cost.py`): the route stage costs {route['route_us_per_request']:.1f} µs per "
+            f"request to a plain model (name, allow-list, context fit by estimate), "
+            f"{route['router_us_per_request']:.1f} µs through a two-candidate cost-aware router (complexity cues, "
+            "candidates' cost, fit, slots and speed)"
         )
     if "ttft" not in streaming:
         _write(out, lines, results, streaming, args, connections)

@@ -95,10 +95,22 @@ class TokenCounter:
 
     @staticmethod
     def measure(payload: dict[str, Any]) -> tuple[int, int]:
-        """(UTF-8 bytes of the prompt's texts, the template's framing tokens)."""
-        texts, messages = texts_of(payload)
+        """(UTF-8 bytes of the prompt's texts, the template's framing tokens). On every request with a known
+        context: the common case (string contents) is measured in one pass, without building a list."""
+        messages = payload.get("messages")
+        if isinstance(messages, list):
+            size = 0
+            for m in messages:
+                content = m.get("content") if isinstance(m, dict) else None
+                if type(content) is not str or m.get("tool_calls"):
+                    break  # parts, tool calls: the general way below
+                size += len(content) if content.isascii() else len(content.encode())
+            else:
+                if not payload.get("tools"):
+                    return size, _PER_MESSAGE * len(messages) + _PER_REQUEST
+        texts, count = texts_of(payload)
         size = sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
-        return size, (_PER_MESSAGE * messages + _PER_REQUEST if messages else 1)
+        return size, (_PER_MESSAGE * count + _PER_REQUEST if count else 1)
 
     def estimate(self, payload: dict[str, Any], model: str | None = None) -> int:
         ids = token_id_prompt(payload)

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from portcullis.upstream.exchange import Exchange
 
 ROUTE_HEADER = b"x-portcullis-route"
-_CONSTRAINT_HEADERS = (b"x-portcullis-max-cost", b"x-portcullis-latency-budget-ms", b"x-portcullis-priority")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +150,13 @@ class Router:
         asked = payload["model"]
         name = self.catalog.resolve(asked)
         require_model(ex.principal, asked, name)
-        if "portcullis" in payload or any(req.header(h) is not None for h in _CONSTRAINT_HEADERS):
+        header = req.header
+        if (
+            "portcullis" in payload
+            or header(b"x-portcullis-max-cost") is not None
+            or header(b"x-portcullis-latency-budget-ms") is not None
+            or header(b"x-portcullis-priority") is not None
+        ):
             constraints = self.constraints(req, payload)
         else:
             constraints = _NO_CONSTRAINTS  # (the usual request: nothing parsed, nothing allocated)
@@ -179,36 +184,31 @@ class Router:
                 ex.prompt_size = self.tokens.measure(payload)
         else:
             ex.model = name
-            if self.config.routing.context.enabled:
-                ex.need = await self._fit(name, payload, ex)
+            if self.config.routing.context.enabled and not self._fits_everywhere(name, payload, ex):
+                estimate = self.tokens.estimate(payload, name)
+                ex.need, _ = await self._need(name, self.catalog.models[name], payload, estimate, time.monotonic())
         if name in self.placed:
             ex.affinity = self.affinity.keys(name, payload)
         return name
 
-    async def _fit(self, model: str, payload: dict[str, Any], ex: Exchange) -> int:
-        """A plain model's context fit on the hot path: the estimate's fast answer, or the full check."""
-        replicas = self.catalog.models[model]
+    def _fits_everywhere(self, model: str, payload: dict[str, Any], ex: Exchange) -> bool:
+        """A plain model's context fit on the hot path, without a coroutine: True when the request fits every
+        replica whatever its real token count (the usual case); False: the full check must decide."""
         smallest = None
-        for r in replicas:
+        for r in self.catalog.models[model]:
             context = r.context
             if context is not None and (smallest is None or context < smallest):
                 smallest = context
         if smallest is None:
-            return 0  # no limit known anywhere
-        ids = token_id_prompt(payload)
-        if ids is None:
-            ex.prompt_size = self.tokens.measure(payload)
-            estimate = self.tokens.sized(*ex.prompt_size, model)
+            return True  # no limit known anywhere
+        if self.config.routing.context.tokenize == "always":
+            return False
+        if "messages" in payload or (ids := token_id_prompt(payload)) is None:
+            ex.prompt_size = size, framing = self.tokens.measure(payload)
+            high = math.ceil(self.tokens.sized(size, framing, model) * (1 + self.config.routing.context.margin))
         else:
-            estimate = ids
-        settings = self.config.routing.context
-        if (
-            settings.tokenize != "always"
-            and self.tokens.bounds(estimate, payload)[1] + completion_need(payload) <= smallest
-        ):
-            return 0  # fits every replica whatever the real count (the usual request)
-        need, _ = await self._need(model, replicas, payload, estimate, time.monotonic())
-        return need
+            high = ids
+        return high + completion_need(payload) <= smallest
 
     def constraints(self, req: Request, payload: dict[str, Any]) -> Constraints:
         found: dict[str, float] = {}
@@ -312,7 +312,9 @@ class Router:
         now: float,
         asked: str,
     ) -> Decision:
-        estimate = self.tokens.estimate(payload)  # (the candidates' own estimates are made per candidate)
+        ids = token_id_prompt(payload)
+        measured = self.tokens.measure(payload) if ids is None else (0, 0)
+        estimate = ids if ids is not None else self.tokens.sized(*measured, None)  # (each candidate's: below)
         complexity = float(self.scorers[name](features(payload, estimate)))
         asked_completion = payload.get("max_completion_tokens") or payload.get("max_tokens")
         completion = asked_completion if isinstance(asked_completion, int) else router.expected_completion_tokens
@@ -332,7 +334,7 @@ class Router:
                 c.excluded = "switched off"
                 continue
             try:
-                own = self.tokens.estimate(payload, model)
+                own = ids if ids is not None else self.tokens.sized(*measured, model)
                 c.need, counted = await self._need(model, replicas, payload, own, now)
                 prompt_tokens = max(prompt_tokens, counted)
             except ContextLengthExceeded:
