@@ -12,8 +12,9 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from portcullis.api.common import query_params, read_model
 from portcullis.config import BudgetConfig, LimitsConfig
 from portcullis.errors import InvalidRequest, NotFound
 from portcullis.http import Request
@@ -57,20 +58,9 @@ def _store(gw: Gateway) -> KeyStore:
     return gw.keys
 
 
-async def _body(req: Request, gw: Gateway, model: type[BaseModel]) -> Any:
-    raw = await req.read_body(gw.config.server.max_body_bytes)
-    payload = parse_json_object(raw, gw.config.validation) if raw.strip() else {}
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value") from exc
-
-
 async def create_key(gw: Gateway, req: Request, ex: Exchange) -> None:
     store = _store(gw)
-    spec: NewKey = await _body(req, gw, NewKey)
+    spec: NewKey = await read_model(gw, req, NewKey)
     if spec.tier not in gw.config.tiers:
         raise InvalidRequest(f"Unknown tier '{spec.tier}'.", param="tier", code="invalid_value")
     key, record = await store.create(
@@ -87,7 +77,7 @@ async def create_key(gw: Gateway, req: Request, ex: Exchange) -> None:
 
 
 async def list_keys(gw: Gateway, req: Request, ex: Exchange) -> None:
-    user = _query(req).get("user")
+    user = query_params(req).get("user")
     records = await _store(gw).list(user=user)
     await req.respond_json(200, {"object": "list", "data": [r.public() for r in records]})
 
@@ -108,7 +98,7 @@ async def revoke_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> No
 
 
 async def rotate_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> None:
-    spec: Rotation = await _body(req, gw, Rotation)
+    spec: Rotation = await read_model(gw, req, Rotation)
     grace = spec.grace_s if spec.grace_s is not None else gw.config.auth.rotation_grace_s
     rotated = await _store(gw).rotate(key_id, grace_s=grace)
     if rotated is None:
@@ -120,7 +110,7 @@ async def rotate_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> No
 
 async def usage_report(gw: Gateway, req: Request, ex: Exchange) -> None:
     """GET /admin/usage?group_by=day,user,model&since=YYYY-MM-DD&until=...&user=&key_id=&model=&format=json|table"""
-    query = _query(req)
+    query = query_params(req)
     try:
         group_by = usage.parse_group_by(query.get("group_by"))
     except ValueError as exc:
@@ -156,12 +146,6 @@ async def enable_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> N
 
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-def _query(req: Request) -> dict[str, str]:
-    from urllib.parse import parse_qsl
-
-    return dict(parse_qsl(req.scope.get("query_string", b"").decode("latin-1")))
 
 
 async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:

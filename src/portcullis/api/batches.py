@@ -20,13 +20,13 @@ import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
+from portcullis.api.common import query_params, read_model
 from portcullis.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from portcullis.http import Request
 from portcullis.identity import scopes
@@ -72,10 +72,6 @@ def _owner(ex: Exchange) -> str:
 def _may_read(ex: Exchange, owner: str) -> bool:
     principal = ex.principal
     return principal is not None and (principal.user == owner or scopes.ADMIN_READ in principal.scopes)
-
-
-def _query(req: Request) -> dict[str, str]:
-    return dict(parse_qsl(req.scope.get("query_string", b"").decode("latin-1")))
 
 
 def _limit(query: dict[str, str]) -> int:
@@ -209,10 +205,11 @@ async def _read_form(req: Request, limit: int, *, file_limit: int) -> dict[str, 
 
 
 async def list_files(gw: Gateway, req: Request, ex: Exchange) -> None:
-    query = _query(req)
-    rows = await _store(gw).list_files(_owner(ex), query.get("purpose"), _limit(query), query.get("after"))
+    query = query_params(req)
+    limit = _limit(query)
+    rows = await _store(gw).list_files(_owner(ex), query.get("purpose"), limit, query.get("after"))
     data = [file_object(r) for r in rows]
-    await req.respond_json(200, {"object": "list", "data": data, "has_more": len(data) == _limit(query)})
+    await req.respond_json(200, {"object": "list", "data": data, "has_more": len(data) == limit})
 
 
 async def _file(gw: Gateway, ex: Exchange, file_id: str) -> Any:
@@ -255,14 +252,7 @@ async def delete_file(gw: Gateway, req: Request, ex: Exchange, file_id: str) -> 
 
 async def create_batch(gw: Gateway, req: Request, ex: Exchange) -> None:
     store = _store(gw)
-    raw = await req.read_body(gw.config.server.max_body_bytes)
-    payload = validation.parse_json_object(raw, gw.config.validation)
-    try:
-        spec = NewBatch.model_validate(payload)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value") from exc
+    spec = await read_model(gw, req, NewBatch)
     if spec.endpoint not in ENDPOINTS:
         raise InvalidRequest(
             f"'endpoint' must be one of {', '.join(ENDPOINTS)}.", param="endpoint", code="invalid_value"
@@ -416,7 +406,7 @@ async def get_batch(gw: Gateway, req: Request, ex: Exchange, batch_id: str) -> N
 
 
 async def list_batches(gw: Gateway, req: Request, ex: Exchange) -> None:
-    query = _query(req)
+    query = query_params(req)
     limit = _limit(query)
     store = _store(gw)
     rows = await store.list_batches(_owner(ex), limit, query.get("after"))

@@ -162,9 +162,9 @@ class BatchRunner:
             if not lines:
                 await self._maybe_finalize(batch.id, now)
                 continue
+            owner = _owner_of(batch)
             for line in lines:
                 task = asyncio.get_running_loop().create_task(self._run_line(batch, line))
-                owner = batch.principal.get("key_id") or batch.principal.get("user")
                 self.running[line.id] = _Running(batch.id, batch.model, owner, task)
 
     async def _owner_room(self, batch: Any) -> int:
@@ -176,14 +176,14 @@ class BatchRunner:
         plan, _ = self.gateway.quota.plan_for(principal)
         if plan.concurrency is None:
             return 1 << 30
-        owner = batch.principal.get("key_id") or batch.principal.get("user")
+        owner = _owner_of(batch)
         mine = sum(1 for r in self.running.values() if r.owner == owner)
         return plan.concurrency - mine
 
     def _idle(self, model: str) -> int:
         admission = self.gateway.admission
         router = self.gateway.catalog.routers.get(model)
-        models = router.candidates if router is not None else [self.gateway.catalog.aliases.get(model, model)]
+        models = router.candidates if router is not None else [model]  # (a batch's model is resolved)
         # Lines started but not yet holding their slot count against the idle ones.
         started = sum(1 for r in self.running.values() if r.model == model)
         idle = sum(admission.idle_slots(m) for m in models)
@@ -196,7 +196,7 @@ class BatchRunner:
         if self.config.in_peak != "when_needed":
             return self.config.in_peak == "always"
         counts = await self.store.counts(batch.id)
-        gate = self.gateway.admission.gates.get(self.gateway.catalog.aliases.get(batch.model, batch.model))
+        gate = self.gateway.admission.gates.get(batch.model)
         service = gate.service_s if gate is not None and gate.service_s is not None else 1.0
         slots = max(1, min(gate.capacity(), 1 << 20) - self.config.reserve_slots) if gate is not None else 1
         return needed_now(
@@ -330,6 +330,11 @@ class BatchRunner:
                 await self.store.renew(list(self.running), self.owner, time.time() + self.config.lease_s)
             except Exception:
                 log.exception("batch_lease_renewal_failed")
+
+
+def _owner_of(batch: Any) -> str:
+    """Whose limits a batch's lines run under: its key, or its user for a JWT principal."""
+    return str(batch.principal.get("key_id") or batch.principal.get("user"))
 
 
 def needed_now(*, left: int, service_s: float, slots: int, off_peak_left_s: float, margin_s: float) -> bool:

@@ -50,6 +50,7 @@ from portcullis.upstream.exchange import ABORT_PREEMPTED
 
 if TYPE_CHECKING:
     from portcullis.http import Request
+    from portcullis.identity.principal import Principal
     from portcullis.obs.metrics import Metrics
     from portcullis.upstream.exchange import Exchange
 
@@ -316,6 +317,12 @@ class Admission:
         if gate is not None and gate.depth:
             gate.grant()
 
+    def priority_of(self, principal: Principal | None, *, low: bool = False) -> int:
+        """A request's place in the queue: its tier's priority, or behind every tier when sent as low."""
+        if low:
+            return self.low_priority
+        return self.priorities.get(principal.tier, 0) if principal is not None else 0
+
     def idle_slots(self, model: str) -> int:
         """Slots of a model that background work may take now (jobs/runner.py asks before leasing lines)."""
         gate = self.gates.get(model)
@@ -469,11 +476,7 @@ class Slot:
             gate = other
             gate.holding += 1
         else:
-            principal = ex.principal
-            if ex.low_priority:
-                priority = admission.low_priority
-            else:
-                priority = admission.priorities.get(principal.tier, 0) if principal is not None else 0
+            priority = admission.priority_of(ex.principal, low=ex.low_priority)
             if admission.closed:
                 raise admission.refuse(gate, "shutdown", priority)
             if admission.settings.when_full == "reject":

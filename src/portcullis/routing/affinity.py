@@ -70,9 +70,17 @@ class Affinity:
         return tuple(keys)
 
     def pick(
-        self, replicas: list[Replica], keys: tuple[bytes, ...], avoid: Collection[Replica], now: float, need: int
+        self,
+        replicas: list[Replica],
+        keys: tuple[bytes, ...],
+        avoid: Collection[Replica],
+        now: float,
+        need: int,
+        *,
+        count: bool = True,
     ) -> Replica | None:
-        """The replica this prefix belongs to, if it may take the request now; None: balance by load."""
+        """The replica this prefix belongs to, if it may take the request now; None: balance by load.
+        `count=False`: a question (route explain), not a placement: the counters stay as they are."""
         usable = [r for r in replicas if r not in avoid and r.usable(now) and fits(r, need)]
         if not usable:
             return None
@@ -90,18 +98,18 @@ class Affinity:
                 break
         for replica in known or ():
             if replica in usable and has_room(replica):
-                self.hits += 1
+                self.hits += count
                 return replica
         first = keys[0]
         ranked = sorted(usable, key=lambda r: hashlib.blake2b(first + r.name.encode(), digest_size=8).digest())
         for r in ranked:
             if has_room(r):
                 if known is not None or r is not ranked[0]:
-                    self.overflow += 1
+                    self.overflow += count
                 else:
-                    self.new += 1
+                    self.new += count
                 return r
-        self.overflow += 1
+        self.overflow += count
         return None
 
     def remember(self, keys: tuple[bytes, ...], replica: Replica) -> None:

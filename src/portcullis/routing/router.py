@@ -98,6 +98,8 @@ class Decision:
     need: int = 0
     estimated_cost: float | None = None
     candidates: list[Candidate] = field(default_factory=list)
+    # The prompt's (UTF-8 bytes, framing tokens), as measured for the estimates (None: token ids).
+    measured: tuple[int, int] | None = None
 
     def header(self) -> bytes:
         parts = [f"model={self.model}"]
@@ -180,8 +182,7 @@ class Router:
             req.response_headers.append((ROUTE_HEADER, decision.header()))
             if self.metrics is not None:
                 self.metrics.route_decisions.labels(decision.router, decision.model).inc()
-            if self.config.routing.context.enabled:
-                ex.prompt_size = self.tokens.measure(payload)
+            ex.prompt_size = decision.measured
         else:
             ex.model = name
             if self.config.routing.context.enabled and not self._fits_everywhere(name, payload, ex):
@@ -318,7 +319,7 @@ class Router:
         complexity = float(self.scorers[name](features(payload, estimate)))
         asked_completion = payload.get("max_completion_tokens") or payload.get("max_tokens")
         completion = asked_completion if isinstance(asked_completion, int) else router.expected_completion_tokens
-        priority = -1 if constraints.low_priority else _priority(self.admission, principal)
+        priority = self.admission.priority_of(principal, low=constraints.low_priority)
         budget = constraints.latency_budget_s
         if budget is None and router.latency_budget_ms is not None:
             budget = router.latency_budget_ms / 1000
@@ -400,6 +401,7 @@ class Router:
             need=chosen.need,
             estimated_cost=chosen.cost,
             candidates=candidates,
+            measured=measured if ids is None else None,
         )
 
     def _none_eligible(
@@ -437,16 +439,10 @@ class Router:
         if decision.model in self.placed:
             keys = self.affinity.keys(decision.model, payload)
             if keys:
-                hits, new, overflow = self.affinity.hits, self.affinity.new, self.affinity.overflow
-                picked = self.affinity.pick(replicas, keys, (), now, decision.need)
-                self.affinity.hits, self.affinity.new, self.affinity.overflow = hits, new, overflow
+                picked = self.affinity.pick(replicas, keys, (), now, decision.need, count=False)
                 if picked is not None:
                     return picked
         return choose(replicas, (), now, decision.need)
-
-
-def _priority(admission: Admission, principal: Principal | None) -> int:
-    return admission.priorities.get(principal.tier, 0) if principal is not None else 0
 
 
 def _spread(n: int) -> list[float]:
