@@ -298,3 +298,29 @@ def _metric(gw: Proc, name: str) -> float:
 
 def _background(gw: Proc) -> float:
     return _metric(gw, "portcullis_background_in_flight{")
+
+
+def test_in_reject_mode_an_interactive_request_is_served_by_preempting_batch_lines(sim: Proc, module_tmp: Path) -> None:
+    """`admission.when_full: reject` refuses when every slot is taken by interactive work; slots held by
+    batch lines are not taken: the newest line gives its slot up and the request is served."""
+    cfg = gateway_config(
+        {"m": [sim.url]},
+        admission={"when_full": "reject"},
+        batch={"poll_s": 0.1, "lease_s": 3, "reserve_slots": 0},
+    )
+    gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
+    sim_control(sim, tokens_per_s=20)
+    try:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+        batch = submit(client, jsonl([line(i, max_tokens=20) for i in range(12)]))
+        wait_until(lambda: _background(gw) == 4, what="batch lines in every slot")
+        reply = client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "now"}], max_tokens=2
+        )
+        assert reply.status_code == 200
+        assert _metric(gw, "portcullis_background_preempted_total") >= 1
+        ended = wait_ended(client, batch.id)
+        assert ended.status == "completed" and ended.request_counts.completed == 12
+    finally:
+        sim_control(sim, tokens_per_s=400)
+        gw.stop()

@@ -8,7 +8,7 @@ if one is free and nobody waits; otherwise `admission.when_full` decides:
   queue   wait in a bounded queue, ordered by tier priority and, within a tier, round-robin between
           keys (one heavy key cannot starve the others), until a slot frees or `max_wait_s` passes;
           when it is full, a higher tier's request takes the place of the newest lower-tier waiter;
-  reject  answer 503 `overloaded` at once.
+  reject  answer 503 `overloaded` at once (when batch lines hold slots, the newest gives one up instead).
 
 Every refusal says when to come back: Retry-After estimated from the work queued ahead and the
 observed service time (an EWMA of how long a slot is held), `retry-after-ms` with the precision.
@@ -479,7 +479,8 @@ class Slot:
             priority = admission.priority_of(ex.principal, low=ex.low_priority)
             if admission.closed:
                 raise admission.refuse(gate, "shutdown", priority)
-            if admission.settings.when_full == "reject":
+            # (Slots held by batch lines are not taken: waiting makes the newest give its slot up at once.)
+            if admission.settings.when_full == "reject" and not gate.background:
                 raise admission.refuse(gate, "reject", priority)
             if gate.depth >= admission.settings.max_queue:
                 evicted = gate.evict_below(priority)
