@@ -37,6 +37,7 @@ from portcullis.routing.affinity import Affinity
 from portcullis.routing.breaker import Breaker, BreakerState
 from portcullis.routing.catalog import Catalog, Replica
 from portcullis.routing.router import Router
+from portcullis.safety.moderation import Moderation
 from portcullis.store.bus import EventBus
 from portcullis.store.db import make_engine, pending, upgrade
 from portcullis.upstream.client import UpstreamClient
@@ -82,6 +83,7 @@ class Gateway:
         self.affinity = Affinity(config.routing.affinity)
         self.router = Router(config, self.catalog, self.admission, self.affinity, self.metrics)
         self.upstream = Upstream(config.resilience, self.metrics, self.affinity)
+        self.moderation = Moderation(config, self.catalog, self.metrics, self.log)
         self.cache = ResponseCache(config.cache, config.store.redis_url, self.metrics, self.catalog)
         self.batcher = EmbeddingBatcher(config.embedding_batching) if config.embedding_batching.enabled else None
         self._replica_of: dict[Breaker, Replica] = {}
@@ -115,6 +117,7 @@ class Gateway:
             ("POST", "/v1/chat/completions"): (openai.chat_completions, scopes.CHAT),
             ("POST", "/v1/completions"): (openai.completions, scopes.COMPLETIONS),
             ("POST", "/v1/embeddings"): (openai.embeddings, scopes.EMBEDDINGS),
+            ("POST", "/v1/moderations"): (openai.moderations, scopes.MODERATIONS),
             ("GET", "/v1/models"): (openai.list_models, scopes.MODELS_READ),
             ("POST", "/admin/keys"): (admin.create_key, scopes.KEYS_ADMIN),
             ("GET", "/admin/keys"): (admin.list_keys, scopes.KEYS_ADMIN),
@@ -304,6 +307,7 @@ class Gateway:
                     "queue_ms": round(ex.queue_s * 1000, 3),
                     "degraded": ex.degraded,
                     "route": ex.route_reason,
+                    "moderation": ex.moderation,
                     "background": ex.background or None,
                     "error": ex.error_code,
                 }
@@ -329,6 +333,7 @@ class Gateway:
                 req.status,
                 ex.error_code,
                 ex.cache_hit,
+                ex.moderation,
             )
         )
 
@@ -420,6 +425,7 @@ class Gateway:
             else:
                 self._background.append(asyncio.create_task(self._poll_model_state()))
         self.identity.start()
+        await self.moderation.start()
         self.deadlines.start()
         self.admission.start()
         self.quota.start()
@@ -448,6 +454,7 @@ class Gateway:
             await self.identity.stop()
         await self.quota.stop()
         await self.cache.close()
+        await self.moderation.close()
         await self.usage.stop()
         if self.bus is not None:
             await self.bus.close()

@@ -61,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fault-after-tokens", type=int, default=2)
     sim.add_argument("--fixed", action="store_true", help="answer every completion at once with a canned body")
     sim.add_argument("--stamp-chunks", action="store_true", help="add sim_emitted_at to every stream chunk")
+    sim.add_argument("--reply", default=None, help="every completion answers this text (word by word)")
+    sim.add_argument(
+        "--moderation-trigger",
+        action="append",
+        default=None,
+        metavar="PHRASE=CATEGORY",
+        help="/v1/moderations flags texts holding PHRASE (repeatable; replaces the defaults)",
+    )
+    sim.add_argument(
+        "--guard-trigger",
+        action="append",
+        default=None,
+        metavar="PHRASE=CODE",
+        help="as a guard model, answer 'unsafe' and CODE (e.g. S1) for PHRASE (repeatable; replaces the defaults)",
+    )
+    sim.add_argument("--moderation-delay-ms", type=float, default=0.0, help="/v1/moderations answers this late")
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -120,7 +136,18 @@ def _run_sim(args: argparse.Namespace) -> int:
         fault_after_tokens=args.fault_after_tokens,
         fixed=args.fixed,
         stamp_chunks=args.stamp_chunks,
+        reply=args.reply,
+        moderation_delay_ms=args.moderation_delay_ms,
     )
+    for option, field in (("moderation_trigger", "moderation_triggers"), ("guard_trigger", "guard_triggers")):
+        pairs = getattr(args, option)
+        if pairs is not None:
+            bad = [p for p in pairs if "=" not in p]
+            if bad:
+                flag = option.replace("_", "-")
+                print(f"portcullis sim: --{flag} wants PHRASE=VALUE, not {bad[0]!r}", file=sys.stderr)
+                return 2
+            setattr(settings, field, dict(p.rsplit("=", 1) for p in pairs))
     import uvicorn
 
     config = uvicorn_config(

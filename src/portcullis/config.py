@@ -150,12 +150,22 @@ class BudgetConfig(_Section):
     month: float | None = Field(None, gt=0)
 
 
+class ModerationPolicy(_Section):
+    """Which moderators check a request's input and its output, and how: set on a model or a tier, each
+    field overriding the `moderation` section's (a model's own setting wins over its tier's)."""
+
+    input: list[str] | None = None
+    output: list[str] | None = None
+    mode: Literal["sequential", "parallel"] | None = None
+
+
 class TierConfig(_Section):
     priority: int = 0
     # Each principal of the tier gets these limits (a key's own `limits` override them field by field).
     limits: LimitsConfig = LimitsConfig()
     # Each user of the tier gets this budget (across all their keys); `quota.users` overrides it.
     user_budget: BudgetConfig = BudgetConfig()
+    moderation: ModerationPolicy | None = None
 
 
 class UserQuota(_Section):
@@ -469,6 +479,7 @@ class ModelConfig(_Section):
     timeouts: ModelTimeouts = ModelTimeouts()
     # Overrides `admission.degrade` for this model.
     degrade: DegradeConfig | None = None
+    moderation: ModerationPolicy | None = None
 
 
 class RouterConfig(_Section):
@@ -636,6 +647,118 @@ class BatchConfig(_Section):
     file_ttl_s: PositiveFloat | None = 30 * 86400.0
 
 
+ModerationAction = Literal["block", "redact", "flag"]
+PiiKind = Literal["email", "phone", "card", "iban", "national_id"]
+
+
+class _ModeratorBase(_Section):
+    # A moderator that cannot answer within `timeout_s` (or fails) lets the content through
+    # (fail_open) or refuses it with 503 moderation_unavailable (fail_closed).
+    timeout_s: PositiveFloat = 2.0
+    on_error: Literal["fail_open", "fail_closed"] = "fail_closed"
+    # What a flagged verdict does: refuse (block) or only count and log it (flag: a dry run).
+    action: Literal["block", "flag"] = "block"
+
+
+class OpenAIModerationConfig(_ModeratorBase):
+    """Any OpenAI-compatible moderation endpoint (hosted or self-hosted)."""
+
+    kind: Literal["openai_moderation"]
+    url: str  # base URL; the gateway posts to {url}/v1/moderations
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    model: str | None = None  # sent as `model` (e.g. omni-moderation-latest); the endpoint's default if unset
+    # category → score at or above which it counts; categories without one count when the endpoint flags them
+    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/").removesuffix("/v1/moderations")
+
+
+class GuardModelConfig(_ModeratorBase):
+    """A guard model (Llama Guard style) served by a model of the catalog, prompted with a template."""
+
+    kind: Literal["guard_model"]
+    model: str
+    # The category codes the model answers with → the names the gateway reports (default: Llama Guard 3's).
+    categories: dict[str, str] | None = None
+    # The prompt, with {role} ('User' or 'Agent'), {categories} and {conversation}; default: Llama Guard 3's task.
+    template: str | None = None
+    max_tokens: int = Field(16, ge=2, le=256)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None and "{conversation}" not in value:
+            raise ValueError("the template must contain {conversation}")
+        return value
+
+
+class PatternRule(_Section):
+    name: str = Field(min_length=1, max_length=64)  # the category reported (never the matched text)
+    regex: str
+    action: ModerationAction = "block"
+    replacement: str | None = None  # for redact; default "[REDACTED:<name>]"
+    ignore_case: bool = True
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
+class KeywordRule(_Section):
+    name: str = Field(min_length=1, max_length=64)
+    words: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)  # whole words or phrases, any case
+    action: ModerationAction = "block"
+    replacement: str | None = None
+
+
+class RulesConfig(_Section):
+    """Local rules: PII detectors, regular expressions, keyword lists. They never fail and cost microseconds."""
+
+    kind: Literal["rules"]
+    pii: dict[PiiKind, ModerationAction] = {}
+    patterns: list[PatternRule] = []
+    keywords: list[KeywordRule] = []
+    # Optional sets shipped with the gateway: "markup_injection" (<script, javascript:, onerror= ...) blocks
+    # legitimate questions about HTML, hence off unless named here.
+    rule_sets: list[Literal["markup_injection"]] = []
+
+
+ModeratorConfig = Annotated[OpenAIModerationConfig | GuardModelConfig | RulesConfig, Field(discriminator="kind")]
+
+
+class ModerationConfig(_Section):
+    """Moderation (safety/moderation.py): named moderators, and which of them check input and output."""
+
+    moderators: dict[str, ModeratorConfig] = {}
+    input: list[str] = []  # user and tool messages (chat), the prompt (completions)
+    output: list[str] = []  # the answer's text, streamed or not
+    # parallel: the upstream call starts while the (remote) input moderators run; the answer is held until
+    # they pass, and the call is cancelled if they do not.
+    mode: Literal["sequential", "parallel"] = "sequential"
+    endpoint: list[str] | None = None  # what serves POST /v1/moderations (default: `input`)
+    # Streams are checked in windows of this many characters; nothing reaches the client unchecked.
+    stream_window_chars: int = Field(200, ge=8, le=100_000)
+    # Each window is checked with this much of the text already sent before it (a phrase split across two
+    # windows is still seen whole).
+    stream_context_chars: int = Field(100, ge=0, le=10_000)
+    # The most characters a remote moderator is sent (the newest; longer input is cut from the front).
+    max_chars: int = Field(32_000, ge=100)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -655,6 +778,29 @@ class Config(_Section):
     routing: RoutingConfig = RoutingConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
     batch: BatchConfig = BatchConfig()
+    moderation: ModerationConfig = ModerationConfig()
+
+    @model_validator(mode="after")
+    def _moderation_references(self) -> Config:
+        m = self.moderation
+        for name, spec in m.moderators.items():
+            if isinstance(spec, GuardModelConfig) and spec.model not in self.models:
+                raise ValueError(f"moderation.moderators.{name}.model: '{spec.model}' is not a configured model")
+        lists: list[tuple[str, list[str] | None]] = [
+            ("moderation.input", m.input),
+            ("moderation.output", m.output),
+            ("moderation.endpoint", m.endpoint),
+        ]
+        for section, owners in (("models", self.models), ("tiers", self.tiers)):
+            for owner, conf in owners.items():
+                if conf.moderation is not None:
+                    lists.append((f"{section}.{owner}.moderation.input", conf.moderation.input))
+                    lists.append((f"{section}.{owner}.moderation.output", conf.moderation.output))
+        for where, names in lists:
+            for name in names or ():
+                if name not in m.moderators:
+                    raise ValueError(f"{where}: '{name}' is not in moderation.moderators")
+        return self
 
     @model_validator(mode="after")
     def _jwt_default_tier(self) -> Config:

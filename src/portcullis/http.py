@@ -35,6 +35,7 @@ class Request:
     __slots__ = (
         "_headers",
         "disconnected",
+        "hold",
         "method",
         "path",
         "receive",
@@ -56,6 +57,8 @@ class Request:
         self._headers: dict[bytes, bytes] | None = None
         self.status = 0
         self.disconnected = False
+        # Awaited before the first byte of an answer goes out (a parallel moderation verdict); it may raise.
+        self.hold: Callable[[], Awaitable[None]] | None = None
         rid = self.header(b"x-request-id")
         self.request_id = rid.decode() if rid and _REQUEST_ID_OK.match(rid) else os.urandom(12).hex()
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.request_id.encode())]
@@ -119,6 +122,8 @@ class Request:
                 return
 
     async def respond(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = JSON_HEADERS) -> None:
+        if self.hold is not None:
+            await self.hold()
         self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": self.response_headers + headers})
         await self.send({"type": "http.response.body", "body": body})
@@ -127,10 +132,13 @@ class Request:
         await self.respond(status, orjson.dumps(value))
 
     async def respond_error(self, error: GatewayError) -> None:
+        self.hold = None  # an error tells nothing that needs a verdict
         extra = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
         await self.respond(error.status, error.body(), JSON_HEADERS + extra)
 
     async def start_stream(self, status: int = 200) -> None:
+        if self.hold is not None:
+            await self.hold()
         self.status = status
         await self.send(
             {"type": "http.response.start", "status": status, "headers": self.response_headers + SSE_HEADERS}

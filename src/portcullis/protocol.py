@@ -177,3 +177,25 @@ class EmbeddingRequest(_Open):
         if isinstance(value, list) and not value:
             raise ValueError("input must not be an empty list")
         return value
+
+
+class ModerationTextInput(_Open):
+    type: Literal["text"]
+    text: str
+
+
+class ModerationImageInput(_Open):
+    type: Literal["image_url"]
+    image_url: dict[str, Any]
+
+
+class ModerationRequest(_Open):
+    input: str | list[str] | list[Annotated[ModerationTextInput | ModerationImageInput, Field(discriminator="type")]]
+    model: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be an empty list")
+        return value

@@ -1,17 +1,17 @@
 """The OpenAI-compatible endpoints. Each handler reads top to bottom like the request path in DESIGN.md:
 
-    (authenticated, scope checked: app.py) → read body (capped) → parse once → validate
-    → route (the name resolved, allowed for this principal, a router's choice, context fit, prefix
-    placement) → admit quotas (priced by the chosen model) → cache / coalesce
-    → admission (a slot of the model: now, after queueing, degraded, spilled, or 503) → upstream
-    attempts (affinity, retries, failover, breakers) → relay (settled and recorded when the response is
-    over: app.py)
-
-Moderation, still to come, slots in after quotas.
+(authenticated, scope checked: app.py) → read body (capped) → parse once → validate
+→ route (the name resolved, allowed for this principal, a router's choice, context fit, prefix
+placement) → admit quotas (priced by the chosen model) → moderate the input (before the rest, or
+beside it in parallel mode; the output guard set for the relay) → cache / coalesce
+→ admission (a slot of the model: now, after queueing, degraded, spilled, or 503) → upstream
+attempts (affinity, retries, failover, breakers) → relay (output moderated; settled and recorded
+when the response is over: app.py)
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from portcullis.http import Request
@@ -30,12 +30,13 @@ async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     ex.model, ex.stream = chat.model, bool(chat.stream)
     model = await gw.router.route(req, ex, payload)
     await gw.quota.admit(req, ex, chat)
-    if await gw.cache.answer(req, ex, payload, route="/v1/chat/completions", chat=True):
-        return  # from the cache, or shared with an identical request in flight
-    async with gw.admission.slot(req, ex, model, payload) as target:
-        await gw.upstream.forward(
-            req, ex, path="/v1/chat/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
-        )
+    async with gw.moderation.screen(req, ex, payload, model, chat=True):
+        if await gw.cache.answer(req, ex, payload, route="/v1/chat/completions", chat=True):
+            return  # from the cache, or shared with an identical request in flight
+        async with gw.admission.slot(req, ex, model, payload) as target:
+            await gw.upstream.forward(
+                req, ex, path="/v1/chat/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
+            )
 
 
 async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
@@ -45,12 +46,13 @@ async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
     ex.model, ex.stream = completion.model, bool(completion.stream)
     model = await gw.router.route(req, ex, payload)
     await gw.quota.admit(req, ex, completion)
-    if await gw.cache.answer(req, ex, payload, route="/v1/completions", chat=False):
-        return  # from the cache, or shared with an identical request in flight
-    async with gw.admission.slot(req, ex, model, payload) as target:
-        await gw.upstream.forward(
-            req, ex, path="/v1/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
-        )
+    async with gw.moderation.screen(req, ex, payload, model, chat=False):
+        if await gw.cache.answer(req, ex, payload, route="/v1/completions", chat=False):
+            return  # from the cache, or shared with an identical request in flight
+        async with gw.admission.slot(req, ex, model, payload) as target:
+            await gw.upstream.forward(
+                req, ex, path="/v1/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
+            )
 
 
 async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
@@ -64,6 +66,23 @@ async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
         return  # answered with its part of another request's merged call
     async with gw.admission.slot(req, ex, model, payload) as target:
         await gw.upstream.forward(req, ex, path="/v1/embeddings", payload=payload, target=target)
+
+
+async def moderations(gw: Gateway, req: Request, ex: Exchange) -> None:
+    """OpenAI's moderation endpoint, answered by the gateway's own moderator pipeline."""
+    body = await req.read_body(gw.config.server.max_body_bytes)
+    payload = validation.parse_json_object(body, gw.config.validation)
+    texts = validation.moderation_inputs(payload, gw.config.validation)
+    model = payload.get("model")
+    results = await gw.moderation.evaluate(texts, model if isinstance(model, str) else None)
+    await req.respond_json(
+        200,
+        {
+            "id": "modr-" + os.urandom(12).hex(),
+            "model": model if isinstance(model, str) else "portcullis-moderation",
+            "results": results,
+        },
+    )
 
 
 def _model_object(gw: Gateway, name: str, kind: str, target: str | None) -> dict[str, Any]:

@@ -285,6 +285,31 @@ class Metrics:
         self.cache_store_errors = Counter(
             "portcullis_cache_store_errors", "Cache store (Redis) calls that failed", registry=r
         )
+        # Moderation: not every request pays for these (only moderated ones), so prometheus_client's own.
+        self.moderation_checks = Counter(
+            "portcullis_moderation_checks",
+            "Verdicts asked of remote moderators, by outcome (pass, flagged, error, timeout)",
+            ["moderator", "stage", "outcome"],
+            registry=r,
+        )
+        self.moderation_violations = Counter(
+            "portcullis_moderation_violations",
+            "Moderation findings, by moderator, category, stage (input, output, endpoint) and action",
+            ["moderator", "category", "stage", "action"],
+            registry=r,
+        )
+        self.moderation_seconds = Histogram(
+            "portcullis_moderation_seconds",
+            "Time a remote moderator took to answer",
+            ["moderator"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.moderation_cancelled_upstream = Counter(
+            "portcullis_moderation_cancelled_upstream",
+            "Upstream calls cancelled by a parallel input moderation verdict",
+            registry=r,
+        )
         self.route_decisions = Counter(
             "portcullis_route_decisions",
             "Requests a router placed, by router and the model it chose",

@@ -40,6 +40,7 @@ FIELDS = (
     "status",
     "error",
     "cache_hit",
+    "moderation",
 )
 _RETRY_S = 1.0
 

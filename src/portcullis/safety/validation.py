@@ -13,7 +13,13 @@ from pydantic import BaseModel, ValidationError
 
 from portcullis.config import ValidationLimits
 from portcullis.errors import InvalidRequest
-from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from portcullis.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModerationImageInput,
+    ModerationRequest,
+)
 
 _NUL_ESCAPE = b"\\u0000"
 
@@ -170,3 +176,32 @@ def validate_embedding(obj: dict[str, Any], limits: ValidationLimits) -> Embeddi
             code="too_many_inputs",
         )
     return request
+
+
+def moderation_inputs(obj: dict[str, Any], limits: ValidationLimits) -> list[str]:
+    """The texts of a /v1/moderations request, in order (images are not something our moderators read)."""
+    request: ModerationRequest = _validate(obj, ModerationRequest)
+    items = [request.input] if isinstance(request.input, str) else request.input
+    if len(items) > limits.max_embedding_inputs:
+        raise InvalidRequest(
+            f"'input' has {len(items)} items; at most {limits.max_embedding_inputs} are allowed.",
+            param="input",
+            code="too_many_inputs",
+        )
+    texts: list[str] = []
+    for i, item in enumerate(items):
+        if isinstance(item, ModerationImageInput):
+            raise InvalidRequest(
+                "Image inputs cannot be moderated by this gateway; send text.",
+                param=f"input[{i}]",
+                code="unsupported_input",
+            )
+        text = item if isinstance(item, str) else item.text
+        if len(text) > limits.max_message_chars:
+            raise InvalidRequest(
+                f"'input' item {i} has {len(text)} characters; at most {limits.max_message_chars} are allowed.",
+                param=f"input[{i}]",
+                code="input_too_long",
+            )
+        texts.append(text)
+    return texts

@@ -48,6 +48,15 @@ _WORDS = (
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
+DEFAULT_MODERATION_TRIGGERS = {"build a bomb": "illicit/violent", "hurt someone": "violence"}
+DEFAULT_GUARD_TRIGGERS = {"build a bomb": "S9", "hurt someone": "S1"}
+_GUARD_MARK = "<BEGIN CONVERSATION>"
+_MODERATION_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
+    "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence", "violence/graphic",
+)  # fmt: skip
+
+
 @dataclass
 class SimSettings:
     slots: int = 4
@@ -80,6 +89,14 @@ class SimSettings:
     fixed: bool = False
     stamp_chunks: bool = False  # add `sim_emitted_at` (time.time()) to every chunk
     echo_request: bool = False  # add `sim_request` (the JSON received) to non-streamed answers
+    # Every completion answers this text (word by word, up to max_tokens) instead of random words.
+    reply: str | None = None
+    # Moderation: /v1/moderations flags a text containing a phrase with its category; a chat request
+    # holding a Llama-Guard-style prompt (<BEGIN CONVERSATION>) is answered 'safe', or 'unsafe' and the
+    # codes of the phrases found in the conversation. Phrases match case-insensitively.
+    moderation_triggers: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MODERATION_TRIGGERS))
+    guard_triggers: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_GUARD_TRIGGERS))
+    moderation_delay_ms: float = 0.0
 
 
 def tokenize(text: str) -> list[int]:
@@ -140,6 +157,8 @@ class Simulator:
             "predicted_tokens": 0,
             "embedding_calls": 0,
             "embedding_inputs": 0,
+            "moderation_calls": 0,
+            "guard_calls": 0,
         }
         self._fixed_chat = b""
         self._fixed_completion = b""
@@ -190,6 +209,8 @@ class Simulator:
                 await self._completion(orjson.loads(body), receive, send, chat=False)
             elif path in ("/v1/embeddings", "/embeddings") and method == "POST":
                 await self._embeddings(orjson.loads(body), send)
+            elif path in ("/v1/moderations", "/moderations") and method == "POST":
+                await self._moderations(orjson.loads(body), send)
             else:
                 await _json(send, 404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
         except orjson.JSONDecodeError:
@@ -314,6 +335,36 @@ class Simulator:
             },
         )
 
+    async def _moderations(self, req: dict[str, Any], send: Any) -> None:
+        """OpenAI's moderation endpoint: a text is flagged with the category of each trigger phrase it holds."""
+        self.stats["moderation_calls"] += 1
+        if self.settings.moderation_delay_ms:
+            await asyncio.sleep(self.settings.moderation_delay_ms / 1000)
+        inputs = req.get("input")
+        items = [inputs] if isinstance(inputs, str) else inputs if isinstance(inputs, list) else []
+        texts = [_text_of([i]) if isinstance(i, dict) else str(i) for i in items]
+        results = []
+        for text in texts:
+            low = text.lower()
+            hits = {category for phrase, category in self.settings.moderation_triggers.items() if phrase.lower() in low}
+            names = [*_MODERATION_CATEGORIES, *sorted(hits - set(_MODERATION_CATEGORIES))]
+            results.append(
+                {
+                    "flagged": bool(hits),
+                    "categories": {c: c in hits for c in names},
+                    "category_scores": {c: 0.9 if c in hits else 0.01 for c in names},
+                }
+            )
+        await _json(send, 200, {"id": "modr-sim", "model": req.get("model") or "sim-moderation", "results": results})
+
+    def _guard_verdict(self, prompt: str) -> str:
+        """What a Llama Guard model would answer, from the trigger phrases in the conversation part."""
+        start = prompt.find(_GUARD_MARK)
+        end = prompt.find("<END CONVERSATION>", start)
+        low = prompt[start : end if end > start else None].lower()
+        codes = sorted({code for phrase, code in self.settings.guard_triggers.items() if phrase.lower() in low})
+        return "unsafe\n" + ",".join(codes) if codes else "safe"
+
     async def _completion(self, req: dict[str, Any], receive: Any, send: Any, *, chat: bool) -> None:
         s = self.settings
         self.stats["requests"] += 1
@@ -378,6 +429,13 @@ class Simulator:
         n_gen = min(natural, limit)
         finish = "stop" if n_gen == natural else "length"
         words = [(" " if i else "") + rng.choice(_WORDS) for i in range(n_gen)]
+        guard = chat and _GUARD_MARK in prompt_text
+        if guard or s.reply is not None:
+            if guard:
+                self.stats["guard_calls"] += 1
+            script = [self._guard_verdict(prompt_text)] if guard else re.findall(r"\s*\S+", s.reply or "")
+            words = script[: max(0, limit)]
+            finish = "stop" if len(words) == len(script) else "length"
 
         stream = bool(req.get("stream"))
         disconnected = asyncio.Event()

@@ -72,6 +72,8 @@ usage = Table(
     Column("status", Integer, nullable=False),
     Column("error", String(64), nullable=True),
     Column("cache_hit", Boolean, nullable=False),
+    # What moderation did, e.g. "input:redact,output:block" (safety/moderation.py); null when nothing.
+    Column("moderation", String(64), nullable=True),
     Index("ix_usage_day_user", "day", "user"),
     Index("ix_usage_key_id", "key_id"),
 )

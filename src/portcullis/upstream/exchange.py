@@ -62,6 +62,10 @@ class Exchange:
     # Background work (a batch line): never queued, preempted when an interactive request needs the slot.
     background: bool = False
     low_priority: bool = False
+    # Moderation: what it did ("input:redact,output:block"; the usage record's `moderation`), and the
+    # output guard that judges the answer before the client sees it (safety/output.py).
+    moderation: str | None = None
+    output_guard: Any = None
     # Set just before the last byte is handed to the server: from then on nothing may cancel us.
     finished: bool = False
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)

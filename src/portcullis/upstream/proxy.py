@@ -324,6 +324,8 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
             ex.timings = timings
             if isinstance(timings.get("prompt_ms"), int | float):
                 ex.prompt_s = timings["prompt_ms"] / 1000
+        if ex.output_guard is not None:
+            answer = await ex.output_guard.answer(answer)
         if ex.cache is not None:
             ex.cache.answer = answer
     ex.finished = True

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -29,6 +29,9 @@ from portcullis.http import Request
 from portcullis.routing.retry import AttemptFailed
 from portcullis.upstream.client import upstream_error
 from portcullis.upstream.exchange import Exchange
+
+if TYPE_CHECKING:
+    from portcullis.safety.output import OutputGuard
 
 _DONE = b"data: [DONE]\n\n"
 
@@ -57,6 +60,7 @@ async def relay_sse(
     `top_up`, when given, is asked for more budget each time the stream passes what it covers.
     """
     content = resp.content
+    guard = ex.output_guard
     data_lines: list[bytes] = []
     finished = False  # [DONE] or an error event was relayed
     started = False
@@ -86,7 +90,7 @@ async def relay_sse(
             continue
         data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
         data_lines.clear()
-        out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
+        chunk, out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
         if not started:
             started = True
             await req.start_stream()
@@ -102,6 +106,14 @@ async def relay_sse(
             )
             finished = True
             break
+        if guard is not None:
+            out = await _guarded(guard, chunk, out, finished, ex)
+            if guard.closing is not None:  # refused: what passed was sent, then the error event; no more
+                await req.stream_chunk(out + guard.closing)
+                finished = True
+                break
+        elif chunk is not None:
+            out = _event(chunk, ex)
         if out:
             await req.stream_chunk(out)
         if finished:
@@ -110,7 +122,9 @@ async def relay_sse(
             ex.deadline = min(deadline, clock() + idle_s)
     if not finished and data_lines:  # last event without its blank line
         data = b"\n".join(data_lines)
-        out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
+        chunk, out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
+        if chunk is not None:
+            out = _event(chunk, ex) if guard is None else await _guarded(guard, chunk, out, finished, ex)
         if out:
             if not started:
                 started = True
@@ -125,6 +139,15 @@ async def relay_sse(
         )
     if not finished:
         reason = broken or "the upstream ended the stream before it was complete"
+        if guard is not None and guard.closing is None:  # what the upstream did send, judged, goes first
+            held = await _guarded(guard, None, b"", True, ex)
+            if guard.closing is not None:
+                await req.stream_chunk(held + guard.closing)
+                ex.finished = True
+                await req.end_stream()
+                return True
+            if held:
+                await req.stream_chunk(held)
         ex.error_code = "upstream_stream_truncated"
         await req.stream_chunk(
             sse_error(f"The stream for model '{model}' was cut short: {reason}.", code=ex.error_code)
@@ -142,21 +165,24 @@ async def end_stream_with_error(req: Request, ex: Exchange, message: str, code: 
     await req.end_stream()
 
 
-def _translate(data: bytes, ex: Exchange, *, model: str, client_wants_usage: bool) -> tuple[bytes, bool]:
-    """One upstream event's data → (bytes for the client, whether the stream is over)."""
+def _translate(
+    data: bytes, ex: Exchange, *, model: str, client_wants_usage: bool
+) -> tuple[dict[str, Any] | None, bytes, bool]:
+    """One upstream event's data → (a chunk to send, or None with the bytes to send; whether the stream is over)."""
     if data == b"[DONE]":
-        return _DONE, True
+        return None, _DONE, True
     try:
         chunk: Any = orjson.loads(data)
     except orjson.JSONDecodeError:
         ex.error_code = "bad_upstream_answer"
-        return sse_error(f"The upstream for model '{model}' sent an event that is not JSON.", code=ex.error_code), True
+        message = f"The upstream for model '{model}' sent an event that is not JSON."
+        return None, sse_error(message, code=ex.error_code), True
     if not isinstance(chunk, dict):
-        return b"data: " + data + b"\n\n", False
+        return None, b"data: " + data + b"\n\n", False
     if "error" in chunk:
         err = upstream_error(500, data, model=model)
         ex.error_code = err.code or err.type
-        return b"data: " + err.body() + b"\n\n", True
+        return None, b"data: " + err.body() + b"\n\n", True
     usage = chunk.get("usage")
     if usage:
         ex.usage(usage)
@@ -165,16 +191,32 @@ def _translate(data: bytes, ex: Exchange, *, model: str, client_wants_usage: boo
         ex.timings = timings
     choices = chunk.get("choices")
     if choices == [] and usage is not None and not client_wants_usage:
-        return b"", False
+        return None, b"", False
     if choices and _has_token(choices[0]):
         ex.streamed_tokens += 1
         if ex.ttft_s is None:
             ex.ttft_s = time.perf_counter() - ex.started_at
     if "model" in chunk:
         chunk["model"] = model
+    return chunk, b"", False
+
+
+def _event(chunk: dict[str, Any], ex: Exchange) -> bytes:
+    """A chunk as the client gets it (and as the cache assembles it)."""
     if ex.cache is not None and ex.cache.assembler is not None:
         ex.cache.assembler.add(chunk)
-    return b"data: " + orjson.dumps(chunk) + b"\n\n", False
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+async def _guarded(guard: OutputGuard, chunk: dict[str, Any] | None, out: bytes, finished: bool, ex: Exchange) -> bytes:
+    """Through output moderation: a chunk is held until its window is judged; at the end of the stream
+    ([DONE], an upstream error event, a break) the held windows are judged and go first."""
+    if chunk is not None:
+        return b"".join(_event(c, ex) for c in await guard.feed(chunk))
+    if finished:
+        held = b"".join(_event(c, ex) for c in await guard.flush())
+        return held if guard.closing is not None else held + out
+    return out
 
 
 def _has_token(choice: Any) -> bool:

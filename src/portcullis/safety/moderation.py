@@ -1,0 +1,468 @@
+"""The moderation stage: named moderators, arranged per model and tier into an input and an output pipeline.
+
+A pipeline runs its local `rules` first, whatever their place in the list: they cost microseconds, and
+their redactions must be in place before any text leaves the gateway (a hosted moderation API never
+sees the e-mail address a rule redacts). Then the remote moderators (an OpenAI-compatible moderation
+endpoint, a guard model) in the listed order, stopping at the first that blocks. Each remote moderator has
+its own timeout and `on_error`: fail_open lets the content through, fail_closed refuses it (503
+moderation_unavailable: the content was not judged bad, it could not be judged).
+
+Input (`screen`, one `async with` in the chat and completions handlers, around cache and upstream):
+user and tool messages, or the prompt. `sequential`: judged before anything else happens. `parallel`:
+the upstream call starts while the remote moderators run; the first byte to the client waits for their
+verdict (`Request.hold`), and a block cancels the upstream call at once, so moderation adds latency only
+when it is slower than the upstream. Output is checked by an `OutputGuard` (output.py) set on the exchange.
+
+A violation is refused with 400 content_policy_violation naming the categories (never the matched
+text), counted in `portcullis_moderation_violations_total{moderator,category,stage,action}`, logged with
+a SHA-256 of the content (never the content), and marked in the usage record (`moderation` column).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from portcullis.config import Config, GuardModelConfig, OpenAIModerationConfig, RulesConfig
+from portcullis.errors import GatewayError, InvalidRequest, NotFound, ServiceUnavailable
+from portcullis.http import Request
+from portcullis.safety.moderators import (
+    OPENAI_CATEGORIES,
+    OPENAI_EQUIVALENT,
+    GuardModel,
+    ModeratorError,
+    OpenAIModeration,
+    RemoteModerator,
+    Turns,
+)
+from portcullis.safety.rules import ACTION_RANK, Match, Rules, redact
+from portcullis.upstream.exchange import Exchange
+
+if TYPE_CHECKING:
+    from portcullis.obs.metrics import Metrics
+    from portcullis.routing.catalog import Catalog
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    moderator: str
+    category: str
+    action: str  # block | redact | flag
+    score: float | None = None
+
+
+class ContentPolicyViolation(InvalidRequest):
+    code = "content_policy_violation"
+
+
+class ModerationUnavailable(ServiceUnavailable):
+    code = "moderation_unavailable"
+
+
+def refusal(findings: list[Finding], *, output: bool = False) -> ContentPolicyViolation:
+    categories = ", ".join(sorted({f.category for f in findings if f.action == "block"}))
+    what = "The response" if output else "The request"
+    return ContentPolicyViolation(
+        f"{what} was refused by the content policy (categories: {categories}).",
+        param=None if output else "messages",
+    )
+
+
+def unavailable(moderator: str) -> ModerationUnavailable:
+    return ModerationUnavailable(
+        f"The content could not be checked: the moderator '{moderator}' is unavailable; try again shortly.",
+        headers={"Retry-After": "1"},
+    )
+
+
+class Pipeline:
+    """Moderators in order: local rules, then remote moderators."""
+
+    def __init__(self, rules: list[Rules], remote: list[RemoteModerator], stage: Moderation) -> None:
+        self.rules = rules
+        self.remote = remote
+        self.stage = stage
+
+    def scan(self, text: str) -> list[Match]:
+        """The rules' matches in `text`, without overlaps (an earlier moderator's match wins)."""
+        if len(self.rules) == 1:
+            return self.rules[0].scan(text)
+        found: list[Match] = []
+        for rules in self.rules:
+            for m in rules.scan(text):
+                if not any(m.start < f.end and f.start < m.end for f in found):
+                    found.append(m)
+        found.sort(key=lambda m: m.start)
+        return found
+
+    async def judge(self, turns: Turns, judged: str, stage: str) -> tuple[list[Finding], str | None]:
+        """The remote moderators' findings for the `judged` role's turns, and the name of a fail_closed
+        moderator that could not answer (None when all did or failed open)."""
+        turns = _newest(turns, self.stage.max_chars)
+        metrics = self.stage.metrics
+        findings: list[Finding] = []
+        for moderator in self.remote:
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(moderator.timeout_s):
+                    hits = await moderator.categories(turns, judged)
+            except (TimeoutError, ModeratorError) as exc:
+                outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
+                metrics.moderation_checks.labels(moderator.name, stage, outcome).inc()
+                self.stage.log.warning(
+                    "moderator_failed",
+                    moderator=moderator.name,
+                    stage=stage,
+                    error=f"no answer within {moderator.timeout_s:g} s" if outcome == "timeout" else str(exc),
+                    policy=moderator.on_error,
+                )
+                if moderator.on_error == "fail_closed":
+                    return findings, moderator.name
+                continue
+            metrics.moderation_seconds.labels(moderator.name).observe(time.perf_counter() - t0)
+            metrics.moderation_checks.labels(moderator.name, stage, "flagged" if hits else "pass").inc()
+            findings += [Finding(moderator.name, c, moderator.action, s) for c, s in hits.items()]
+            if hits and moderator.action == "block":
+                break
+        return findings, None
+
+
+def _newest(turns: Turns, max_chars: int) -> Turns:
+    """At most `max_chars` characters of the turns, the newest kept (the last turn is the one judged)."""
+    total = sum(len(t) for _, t in turns)
+    if total <= max_chars:
+        return turns
+    out: Turns = []
+    room = max_chars
+    for role, text in reversed(turns):
+        if room <= 0:
+            break
+        out.append((role, text[-room:]))
+        room -= len(text)
+    out.reverse()
+    return out
+
+
+def findings_of(matches: list[Match], end: int | None = None) -> list[Finding]:
+    return [Finding(m.moderator, m.category, m.action) for m in matches if end is None or m.start < end]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    input: Pipeline | None
+    output: Pipeline | None
+    parallel: bool
+
+
+class Moderation:
+    def __init__(self, config: Config, catalog: Catalog, metrics: Metrics, log: Any) -> None:
+        self.config = config.moderation
+        self.models = config.models
+        self.tiers = config.tiers
+        self.metrics = metrics
+        self.log = log
+        self.max_chars = self.config.max_chars
+        self.enabled = bool(self.config.moderators)
+        self.rules: dict[str, Rules] = {}
+        self.remote: dict[str, RemoteModerator] = {}
+        for name, spec in self.config.moderators.items():
+            if isinstance(spec, RulesConfig):
+                self.rules[name] = Rules(name, spec)
+            elif isinstance(spec, OpenAIModerationConfig):
+                self.remote[name] = OpenAIModeration(name, spec)
+            elif isinstance(spec, GuardModelConfig):
+                self.remote[name] = GuardModel(name, spec, catalog)
+        self._policies: dict[tuple[str, str | None], Policy] = {}
+        self._pipelines: dict[tuple[str, ...], Pipeline | None] = {}
+        self.endpoint = self.pipeline(self.config.endpoint if self.config.endpoint is not None else self.config.input)
+
+    async def start(self) -> None:
+        for moderator in self.remote.values():
+            await moderator.start()
+
+    async def close(self) -> None:
+        for moderator in self.remote.values():
+            await moderator.close()
+
+    def pipeline(self, names: list[str]) -> Pipeline | None:
+        key = tuple(names)
+        if key not in self._pipelines:
+            rules = [self.rules[n] for n in names if n in self.rules]
+            remote = [self.remote[n] for n in names if n in self.remote]
+            self._pipelines[key] = Pipeline(rules, remote, self) if rules or remote else None
+        return self._pipelines[key]
+
+    def policy(self, model: str, tier: str | None) -> Policy:
+        """The model's own setting, else its tier's, else the `moderation` section's, field by field."""
+        key = (model, tier)
+        policy = self._policies.get(key)
+        if policy is None:
+            model_conf = self.models[model].moderation if model in self.models else None
+            tier_conf = self.tiers[tier].moderation if tier in self.tiers else None
+
+            def pick(field: str) -> Any:
+                for source in (model_conf, tier_conf):
+                    value = getattr(source, field) if source is not None else None
+                    if value is not None:
+                        return value
+                return getattr(self.config, field)
+
+            policy = Policy(self.pipeline(pick("input")), self.pipeline(pick("output")), pick("mode") == "parallel")
+            self._policies[key] = policy
+        return policy
+
+    # -- input --------------------------------------------------------------------------------
+
+    def screen(self, req: Request, ex: Exchange, payload: dict[str, Any], model: str, *, chat: bool) -> Screen:
+        """Moderate the request's input around the rest of the handler (`async with`)."""
+        if not self.enabled:
+            return _NO_SCREEN
+        principal = ex.principal
+        policy = self.policy(model, principal.tier if principal is not None else None)
+        if policy.output is not None:
+            from portcullis.safety.output import OutputGuard
+
+            prompt = _last_user_text(payload, chat)
+            ex.output_guard = OutputGuard(self, policy.output, req, ex, chat=chat, prompt=prompt)
+        if policy.input is None:
+            return _NO_SCREEN
+        return Screen(self, policy.input, policy.parallel, req, ex, payload, chat)
+
+    # -- what a violation leaves behind ---------------------------------------------------------
+
+    def note(self, req: Request, ex: Exchange, stage: str, findings: list[Finding], content: str) -> None:
+        """Count, log (a hash of the content, never the content) and mark the exchange for the usage record."""
+        if not findings:
+            return
+        counter = self.metrics.moderation_violations
+        for f in findings:
+            counter.labels(f.moderator, f.category, stage, f.action).inc()
+        strongest = max((f.action for f in findings), key=ACTION_RANK.__getitem__)
+        mark = f"{stage}:{strongest}"
+        if ex.moderation is None:
+            ex.moderation = mark
+        elif mark not in ex.moderation.split(","):
+            ex.moderation = f"{ex.moderation},{mark}"
+        principal = ex.principal
+        self.log.warning(
+            "moderation_violation",
+            request_id=req.request_id,
+            user=principal.user if principal else None,
+            key_id=principal.key_id if principal else None,
+            model=ex.model,
+            stage=stage,
+            action=strongest,
+            findings=[{"moderator": f.moderator, "category": f.category, "action": f.action} for f in findings],
+            content_sha256=hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest(),
+            content_chars=len(content),
+        )
+
+    # -- POST /v1/moderations -----------------------------------------------------------------
+
+    async def evaluate(self, texts: list[str], model: str | None) -> list[dict[str, Any]]:
+        """OpenAI's moderation results, one per text, from the endpoint's pipeline (or the moderator the
+        request names as its `model`)."""
+        pipeline = self.pipeline([model]) if model in self.config.moderators else self.endpoint
+        if pipeline is None:
+            raise NotFound("No moderators are configured on this gateway.", code="moderation_not_configured")
+
+        async def one(text: str) -> dict[str, Any]:
+            matches = pipeline.scan(text)
+            findings = findings_of(matches)
+            if pipeline.remote:
+                judged, failed = await pipeline.judge([("user", redact(text, matches))], "user", "endpoint")
+                if failed is not None:
+                    raise unavailable(failed)
+                findings += judged
+            return moderation_result(findings)
+
+        return list(await asyncio.gather(*(one(t) for t in texts)))
+
+
+def moderation_result(findings: list[Finding]) -> dict[str, Any]:
+    """One result of OpenAI's moderation shape: every OpenAI category present, ours added beside them."""
+    categories = dict.fromkeys(OPENAI_CATEGORIES, False)
+    scores = dict.fromkeys(OPENAI_CATEGORIES, 0.0)
+    for f in findings:
+        for name in {f.category, OPENAI_EQUIVALENT.get(f.category, f.category)}:
+            categories[name] = True
+            scores[name] = max(scores.get(name, 0.0), f.score if f.score is not None else 1.0)
+    return {
+        "flagged": bool(findings),
+        "categories": categories,
+        "category_scores": scores,
+        "category_applied_input_types": {name: ["text"] if on else [] for name, on in categories.items()},
+    }
+
+
+# -- the input screen ---------------------------------------------------------------------------
+
+
+def input_texts(payload: dict[str, Any], chat: bool) -> list[tuple[Any, Any, str]]:
+    """Where the moderated input is: (container, key, text) for each user or tool text, so that a
+    redaction can be written back in place."""
+    found: list[tuple[Any, Any, str]] = []
+    if chat:
+        for message in payload.get("messages") or ():
+            if not isinstance(message, dict) or message.get("role") not in ("user", "tool"):
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                found.append((message, "content", content))
+            elif isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                        found.append((part, "text", part["text"]))
+        return found
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        found.append((payload, "prompt", prompt))
+    elif isinstance(prompt, list):
+        found += [(prompt, i, p) for i, p in enumerate(prompt) if isinstance(p, str)]
+    return found
+
+
+def _last_user_text(payload: dict[str, Any], chat: bool, limit: int = 2000) -> str:
+    """The prompt the answer replies to (a guard model judges an answer in its context), cut to `limit`."""
+    texts = input_texts(payload, chat)
+    return texts[-1][2][-limit:] if texts else ""
+
+
+class Screen:
+    """Input moderation around the cache and upstream stages of one request."""
+
+    __slots__ = (
+        "chat",
+        "ex",
+        "inside",
+        "moderation",
+        "parallel",
+        "payload",
+        "pipeline",
+        "places",
+        "req",
+        "settled",
+        "task",
+        "verdict_cancelled",
+    )
+
+    def __init__(
+        self,
+        moderation: Moderation,
+        pipeline: Pipeline,
+        parallel: bool,
+        req: Request,
+        ex: Exchange,
+        payload: dict[str, Any],
+        chat: bool,
+    ) -> None:
+        self.moderation = moderation
+        self.pipeline = pipeline
+        self.parallel = parallel
+        self.req = req
+        self.ex = ex
+        self.payload = payload
+        self.chat = chat
+        self.places: list[tuple[Any, Any, str]] = []
+        self.task: asyncio.Task[tuple[list[Finding], str | None]] | None = None
+        self.inside = False  # parallel: the handler is between the screen's start and end, not at its hold
+        self.settled = False  # the verdict has been applied (refused, or let through)
+        self.verdict_cancelled = False  # a parallel verdict cancelled the handler's task
+
+    async def __aenter__(self) -> Screen:
+        self.places = places = input_texts(self.payload, self.chat)
+        if not places:
+            return self
+        turns: Turns = []
+        found: list[Finding] = []
+        for container, key, text in places:
+            matches = self.pipeline.scan(text) if self.pipeline.rules else []
+            if matches:
+                found += findings_of(matches)
+                text = redact(text, matches)
+                container[key] = text
+            turns.append(("user", text))
+        if found:
+            self.moderation.note(self.req, self.ex, "input", found, _joined(places))
+            if any(f.action == "block" for f in found):
+                raise refusal(found)
+        if not self.pipeline.remote:
+            return self
+        judging = self.pipeline.judge(turns, "user", "input")
+        if not self.parallel:
+            self._settle(*await judging)
+            return self
+        self.task = asyncio.ensure_future(judging)
+        self.task.add_done_callback(self._judged)
+        self.req.hold = self._hold
+        self.inside = True
+        return self
+
+    def _settle(self, findings: list[Finding], failed: str | None) -> None:
+        self.settled = True
+        self.moderation.note(self.req, self.ex, "input", findings, _joined(self.places))
+        if failed is not None:
+            raise unavailable(failed)
+        if any(f.action == "block" for f in findings):
+            raise refusal(findings)
+
+    def _judged(self, task: asyncio.Task[tuple[list[Finding], str | None]]) -> None:
+        """Parallel mode: a refusing verdict cancels the upstream call at once (the handler is then
+        somewhere in the cache, admission or upstream stage; at its hold it sees the verdict itself)."""
+        if not self.inside or task.cancelled() or task.exception() is not None:
+            return
+        findings, failed = task.result()
+        if failed is not None or any(f.action == "block" for f in findings):
+            handler = self.ex.task
+            if handler is not None and not self.ex.finished and self.ex.abort_reason is None:
+                self.verdict_cancelled = True
+                self.moderation.metrics.moderation_cancelled_upstream.inc()
+                handler.cancel("moderation")
+
+    async def _hold(self) -> None:
+        """Before the first byte to the client: the verdict, or the refusal."""
+        assert self.task is not None
+        self.inside = False
+        self._settle(*await self.task)
+
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        task = self.task
+        if task is None:
+            return False
+        self.inside = False
+        self.req.hold = None
+        if self.settled:
+            return False  # the answer (or the refusal) already went through the hold
+        if isinstance(exc, asyncio.CancelledError):
+            if not self.verdict_cancelled or self.ex.abort_reason is not None:
+                task.cancel()
+                return False  # the client left, or the shutdown: not ours to answer
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        elif not isinstance(exc, GatewayError):
+            task.cancel()  # finished without the hold (nothing was sent), or an unexpected failure
+            return False
+        # The request failed (or the verdict cancelled it) before its answer: a refusal is the answer then;
+        # if the input passes, the original error stands.
+        self._settle(*await task)
+        return False
+
+
+def _joined(places: list[tuple[Any, Any, str]]) -> str:
+    return "\n".join(text for _, _, text in places)
+
+
+class _NoScreen:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> bool:
+        return False
+
+
+_NO_SCREEN: Any = _NoScreen()
