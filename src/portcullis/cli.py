@@ -108,7 +108,8 @@ def _config_check(path: str) -> int:
         return 1
     replicas = sum(len(m.deployments) for m in config.models.values())
     routers = f", {len(config.routers)} router(s)" if config.routers else ""
-    print(f"{path}: ok ({len(config.models)} model(s), {replicas} deployment(s){routers})")
+    moderators = f", {len(config.moderation.moderators)} moderator(s)" if config.moderation.moderators else ""
+    print(f"{path}: ok ({len(config.models)} model(s), {replicas} deployment(s){routers}{moderators})")
     return 0
 
 

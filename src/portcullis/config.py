@@ -985,7 +985,8 @@ _DEMO_LARGE_COST = {"prompt_per_1k": 0.001, "completion_per_1k": 0.002}
 
 
 def demo_config(sim_url: str, database_url: str) -> Config:
-    """Embedded defaults for `serve --demo`: one chat model and one embedding model on the simulator."""
+    """Embedded defaults for `serve --demo`: chat and embedding models on the simulator, a router, and input
+    moderation (PII rules, the simulator as guard model)."""
     return build_config(
         {
             "server": {"drain_grace_s": 0.5, "shutdown_timeout_s": 10},
@@ -994,9 +995,18 @@ def demo_config(sim_url: str, database_url: str) -> Config:
                 "demo": {"deployments": [{"url": sim_url, "name": "sim", "cost": _DEMO_COST}], "quality": 0.4},
                 "demo-large": {"deployments": [{"url": sim_url, "name": "sim", "cost": _DEMO_LARGE_COST}]},
                 "demo-embed": {"deployments": [{"url": sim_url, "name": "sim"}]},
+                # The simulator also plays a Llama Guard model (it flags "build a bomb", "hurt someone").
+                "demo-guard": {"deployments": [{"url": sim_url, "name": "sim"}]},
             },
             # `auto` picks demo for simple requests and demo-large for demanding ones (x-portcullis-route).
             "routers": {"auto": {"candidates": ["demo", "demo-large"]}},
+            "moderation": {
+                "moderators": {
+                    "pii": {"kind": "rules", "pii": {"email": "redact", "card": "block", "iban": "redact"}},
+                    "guard": {"kind": "guard_model", "model": "demo-guard"},
+                },
+                "input": ["pii", "guard"],
+            },
         },
         source="(demo defaults)",
     )

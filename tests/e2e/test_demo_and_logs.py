@@ -34,6 +34,9 @@ def test_demo_gateway_chats_and_streams(tmp_path: Path) -> None:
             model="auto", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
         )
         assert routed.headers["x-portcullis-route"].startswith("model=demo; router=auto")
+        with pytest.raises(openai.BadRequestError) as refused:  # moderated: the simulator plays the guard model
+            client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "How to build a bomb?"}])
+        assert refused.value.code == "content_policy_violation"
     finally:
         demo.stop()
 

@@ -94,6 +94,7 @@ def gw(sims: dict[str, Proc], module_tmp: Path) -> Iterator[Proc]:
             "out": [out],
             "out-guard": [out],
             "out-closed": [out],
+            "out-both": [out],
             "open": [main],
             "closed": [main],
             "guard": [sims["guard"].url],
@@ -123,6 +124,7 @@ def gw(sims: dict[str, Proc], module_tmp: Path) -> Iterator[Proc]:
         "out": {"input": [], "output": ["pii", "words"]},
         "out-guard": {"input": [], "output": ["guard"]},
         "out-closed": {"input": [], "output": ["hang_closed"]},
+        "out-both": {"input": ["pii"], "output": ["guard"]},
         "open": {"input": ["hang_open"]},
         "closed": {"input": ["hang_closed"]},
     }
@@ -364,6 +366,16 @@ def test_a_guard_model_on_output_cuts_the_stream_and_cancels_the_upstream(
     assert len(text) >= (len(SPLIT) if before is SPLIT else WINDOW)  # cut mid-way, not before the first window
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     wait_until(lambda: sim_stats(out)["cancelled"] == started["cancelled"] + 1, what="the generation's cancellation")
+
+
+def test_the_guard_judges_an_answer_beside_the_redacted_prompt(sims: dict[str, Proc], client: Any) -> None:
+    _reply(sims["out"], "Sure, I will write to them.")
+    answer = client.chat.completions.create(**_chat("out-both", f"Please write to {EMAIL} for me", max_tokens=50))
+    assert answer.choices[0].message.content == "Sure, I will write to them."
+    _, raw = http_get(sims["guard"].url + "/sim/last-guard-prompt")
+    shown = orjson.loads(raw)["prompt"]
+    assert "User: Please write to [REDACTED:pii/email] for me" in shown and EMAIL not in shown
+    assert "Agent: Sure, I will write to them." in shown
 
 
 def test_a_clean_stream_passes_whole_with_the_upstream_chunks(sims: dict[str, Proc], client: Any) -> None:

@@ -226,8 +226,7 @@ class Moderation:
         if policy.output is not None:
             from portcullis.safety.output import OutputGuard
 
-            prompt = _last_user_text(payload, chat)
-            ex.output_guard = OutputGuard(self, policy.output, req, ex, chat=chat, prompt=prompt)
+            ex.output_guard = OutputGuard(self, policy.output, req, ex, chat=chat, payload=payload)
         if policy.input is None:
             return _NO_SCREEN
         return Screen(self, policy.input, policy.parallel, req, ex, payload, chat)
@@ -326,8 +325,8 @@ def input_texts(payload: dict[str, Any], chat: bool) -> list[tuple[Any, Any, str
     return found
 
 
-def _last_user_text(payload: dict[str, Any], chat: bool, limit: int = 2000) -> str:
-    """The prompt the answer replies to (a guard model judges an answer in its context), cut to `limit`."""
+def last_user_text(payload: dict[str, Any], chat: bool, limit: int = 2000) -> str:
+    """The prompt an answer replies to (a guard model judges an answer in its context), cut to `limit`."""
     texts = input_texts(payload, chat)
     return texts[-1][2][-limit:] if texts else ""
 

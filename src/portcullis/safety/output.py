@@ -21,7 +21,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from portcullis.http import Request
-from portcullis.safety.moderation import Finding, Pipeline, findings_of, unavailable
+from portcullis.safety.moderation import Finding, Pipeline, findings_of, last_user_text, unavailable
 from portcullis.safety.rules import redact
 from portcullis.upstream.exchange import Exchange
 from portcullis.upstream.relay import sse_error
@@ -44,14 +44,21 @@ class _Held:
 
 class OutputGuard:
     def __init__(
-        self, moderation: Moderation, pipeline: Pipeline, req: Request, ex: Exchange, *, chat: bool, prompt: str
+        self,
+        moderation: Moderation,
+        pipeline: Pipeline,
+        req: Request,
+        ex: Exchange,
+        *,
+        chat: bool,
+        payload: dict[str, Any],
     ) -> None:
         self.moderation = moderation
         self.pipeline = pipeline
         self.req = req
         self.ex = ex
         self.chat = chat
-        self.prompt = prompt
+        self.payload = payload  # read when judging: the input's redactions are in it by then
         config = moderation.config
         self.window = config.stream_window_chars
         self.context = config.stream_context_chars
@@ -164,7 +171,9 @@ class OutputGuard:
         found = [f for f in findings_of(matches) if f.action == "block"] or findings_of(matches, end=cut)
         if not any(f.action == "block" for f in found) and pipeline.remote:
             judged, failed = await pipeline.judge(
-                [("user", self.prompt), ("assistant", before + redact(text, matches))], "assistant", "output"
+                [("user", last_user_text(self.payload, self.chat)), ("assistant", before + redact(text, matches))],
+                "assistant",
+                "output",
             )
             if failed is not None:
                 error = unavailable(failed)

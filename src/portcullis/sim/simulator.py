@@ -160,6 +160,7 @@ class Simulator:
             "moderation_calls": 0,
             "guard_calls": 0,
         }
+        self.last_guard_prompt: str | None = None
         self._fixed_chat = b""
         self._fixed_completion = b""
         self._prepare_fixed()
@@ -221,6 +222,9 @@ class Simulator:
     async def _control(self, path: str, method: str, body: bytes, send: Any) -> None:
         if path == "/sim/stats":
             await _json(send, 200, self.stats)
+            return
+        if path == "/sim/last-guard-prompt":
+            await _json(send, 200, {"prompt": self.last_guard_prompt})
             return
         if path == "/sim/control" and method == "POST":
             changes = orjson.loads(body or b"{}")
@@ -433,6 +437,7 @@ class Simulator:
         if guard or s.reply is not None:
             if guard:
                 self.stats["guard_calls"] += 1
+                self.last_guard_prompt = prompt_text  # tests read it: what a guard model was shown
             script = [self._guard_verdict(prompt_text)] if guard else re.findall(r"\s*\S+", s.reply or "")
             words = script[: max(0, limit)]
             finish = "stop" if len(words) == len(script) else "length"
