@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,22 +31,13 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from harness import embed, free_port, logger, percentile, pyplot, wait_http
+from harness import embed, free_port, logger, percentile, pyplot, start_portcullis, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 SIM_ARGS = ["--slots", "4", "--ttft-ms", "100", "--tokens-per-s", "100", "--default-max-tokens", "64"]
 BODY = {"model": "m", "messages": [{"role": "user", "content": "tell me"}], "max_tokens": 20, "temperature": 0.7}
 log = logger("batch")
-
-
-def start(args: list[str], cpu: int, log_path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        ["taskset", "-c", str(cpu), PY, "-m", "portcullis", *args],
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ),
-    )
 
 
 async def capacity(url: str, seconds: float) -> float:
@@ -165,7 +154,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="pc-batch-"))
     sim_port, gw_port = free_port(), free_port()
     sim_url, gw_url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
-    procs = [start(["sim", "--port", str(sim_port), *SIM_ARGS], 1, work / "sim.log")]
+    procs = [start_portcullis(["sim", "--port", str(sim_port), *SIM_ARGS], 1, work / "sim.log")]
     try:
         wait_http(sim_url + "/health")
         cap = asyncio.run(capacity(sim_url, 8))
@@ -180,7 +169,9 @@ def main() -> int:
             "models": {"m": {"deployments": [{"url": sim_url}]}},
         }
         (work / "gw.yaml").write_text(yaml.safe_dump(config))
-        procs.append(start(["serve", "--config", str(work / "gw.yaml"), "--port", str(gw_port)], 0, work / "gw.log"))
+        procs.append(
+            start_portcullis(["serve", "--config", str(work / "gw.yaml"), "--port", str(gw_port)], 0, work / "gw.log")
+        )
         wait_http(gw_url + "/readyz")
         rows: list[dict[str, Any]] = []
         total = args.runs * 2

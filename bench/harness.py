@@ -3,8 +3,11 @@ keeping a section of their own in bench/RESULTS.md."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -19,6 +22,18 @@ def logger(name: str) -> Callable[[str], None]:
         print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     return log
+
+
+def start_portcullis(
+    args: list[str], cpu: int, log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`portcullis ARGS` (a gateway or a simulator) pinned to one core, its output in `log_path`."""
+    return subprocess.Popen(
+        ["taskset", "-c", str(cpu), sys.executable, "-m", "portcullis", *args],
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def free_port() -> int:

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from harness import embed, free_port, logger, percentile, pyplot, wait_http
+from harness import embed, free_port, logger, percentile, pyplot, start_portcullis, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -45,15 +43,6 @@ PROMPT = (
     "together, how often to water them in a dry summer, and whether raised beds are worth the effort. "
 )
 log = logger("moderation")
-
-
-def start(args: list[str], cpu: int, log_path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        ["taskset", "-c", str(cpu), PY, "-m", "portcullis", *args],
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ),
-    )
 
 
 def control(url: str, **changes: Any) -> None:
@@ -132,8 +121,8 @@ def main() -> int:
     gw_url = f"http://127.0.0.1:{gw_port}"
     sim_args = ["--slots", "8", "--ttft-ms", str(UPSTREAM_TTFT_MS), "--tokens-per-s", "200"]
     procs = [
-        start(["sim", "--port", str(up_port), *sim_args], 1, work / "upstream.log"),
-        start(["sim", "--port", str(guard_port), "--slots", "8"], 1, work / "guard.log"),
+        start_portcullis(["sim", "--port", str(up_port), *sim_args], 1, work / "upstream.log"),
+        start_portcullis(["sim", "--port", str(guard_port), "--slots", "8"], 1, work / "guard.log"),
     ]
     try:
         wait_http(up_url + "/health")
@@ -154,7 +143,9 @@ def main() -> int:
             },
         }
         (work / "gw.yaml").write_text(yaml.safe_dump(config))
-        procs.append(start(["serve", "--config", str(work / "gw.yaml"), "--port", str(gw_port)], 0, work / "gw.log"))
+        procs.append(
+            start_portcullis(["serve", "--config", str(work / "gw.yaml"), "--port", str(gw_port)], 0, work / "gw.log")
+        )
         wait_http(gw_url + "/readyz")
         rows: list[dict[str, Any]] = []
         step = 0

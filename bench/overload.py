@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from harness import embed, free_port, logger, pyplot, wait_http
+from harness import embed, free_port, logger, pyplot, start_portcullis, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -44,15 +42,6 @@ BODY = orjson.dumps(
 
 
 log = logger("overload")
-
-
-def start(args: list[str], cpu: int, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        ["taskset", "-c", str(cpu), PY, "-m", "portcullis", *args],
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 async def closed_loop(url: str, clients: int, seconds: float) -> float:
@@ -142,7 +131,7 @@ def main() -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="pc-overload-"))
     sim_port, gw_port = free_port(), free_port()
-    sim = start(["sim", "--port", str(sim_port), *SIM_ARGS], 1, work / "sim.log")
+    sim = start_portcullis(["sim", "--port", str(sim_port), *SIM_ARGS], 1, work / "sim.log")
     sim_url = f"http://127.0.0.1:{sim_port}"
     wait_http(sim_url + "/health")
     procs = [sim]
@@ -164,7 +153,7 @@ def main() -> int:
             "models": {"m": {"deployments": [{"url": sim_url}]}},
         }
         (work / "gw.yaml").write_text(yaml.safe_dump(config))
-        gw = start(["serve", "--config", str(work / "gw.yaml"), "--port", str(gw_port)], 0, work / "gw.log")
+        gw = start_portcullis(["serve", "--config", str(work / "gw.yaml"), "--port", str(gw_port)], 0, work / "gw.log")
         procs.append(gw)
         gw_url = f"http://127.0.0.1:{gw_port}"
         wait_http(gw_url + "/readyz")

@@ -758,6 +758,12 @@ class ModerationConfig(_Section):
     # The most characters a remote moderator is sent (the newest; longer input is cut from the front).
     max_chars: int = Field(32_000, ge=100)
 
+    @model_validator(mode="after")
+    def _window_holds_its_context(self) -> ModerationConfig:
+        if self.stream_context_chars >= self.stream_window_chars:
+            raise ValueError("stream_context_chars must be smaller than stream_window_chars")
+        return self
+
 
 class Config(_Section):
     server: ServerConfig = ServerConfig()

@@ -164,6 +164,12 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1)
 
 
+def _input_not_empty(value: Any) -> Any:
+    if isinstance(value, list) and not value:
+        raise ValueError("input must not be an empty list")
+    return value
+
+
 class EmbeddingRequest(_Open):
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
@@ -171,12 +177,7 @@ class EmbeddingRequest(_Open):
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
 
-    @field_validator("input")
-    @classmethod
-    def _not_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and not value:
-            raise ValueError("input must not be an empty list")
-        return value
+    _not_empty = field_validator("input")(_input_not_empty)
 
 
 class ModerationTextInput(_Open):
@@ -193,9 +194,4 @@ class ModerationRequest(_Open):
     input: str | list[str] | list[Annotated[ModerationTextInput | ModerationImageInput, Field(discriminator="type")]]
     model: str | None = None
 
-    @field_validator("input")
-    @classmethod
-    def _not_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and not value:
-            raise ValueError("input must not be an empty list")
-        return value
+    _not_empty = field_validator("input")(_input_not_empty)

@@ -157,6 +157,11 @@ models:
             "",
         ),
         ("moderation: {moderators: {x: {kind: magic}}}", "moderation.moderators.x", "kind"),
+        (
+            "moderation: {stream_window_chars: 50, stream_context_chars: 50}",
+            "moderation",
+            "stream_context_chars must be smaller than stream_window_chars",
+        ),
     ],
 )
 def test_moderation_mistakes_name_the_field(tmp_path: Path, section: str, field: str, reason: str) -> None:

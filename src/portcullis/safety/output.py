@@ -18,6 +18,7 @@ Non-streamed answers: each choice's text is judged whole; a refused choice is re
 from __future__ import annotations
 
 import copy
+import time
 from typing import TYPE_CHECKING, Any
 
 from portcullis.http import Request
@@ -65,6 +66,7 @@ class OutputGuard:
         self.hold_back = self.context if pipeline.rules else 0
         self.held: dict[int, _Held] = {}
         self.closing: bytes | None = None  # the error event that ends a refused stream
+        self.delivered = False  # some text has been released to the client
 
     # -- non-streamed answers --------------------------------------------------------------------
 
@@ -148,6 +150,9 @@ class OutputGuard:
             covered = [_with_text(covered[-1], self.chat, released_text)]
         if self.context:
             held.sent_tail = (held.sent_tail + released_text)[-self.context :]
+        if not self.delivered:  # the client's time to first token is when text first reaches it
+            self.delivered = True
+            self.ex.ttft_s = time.perf_counter() - self.ex.started_at
         return covered
 
     async def _judge(
