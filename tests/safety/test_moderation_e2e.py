@@ -95,6 +95,7 @@ def gw(sims: dict[str, Proc], module_tmp: Path) -> Iterator[Proc]:
             "out-guard": [out],
             "out-closed": [out],
             "out-both": [out],
+            "out-hosted": [out],
             "open": [main],
             "closed": [main],
             "guard": [sims["guard"].url],
@@ -125,6 +126,7 @@ def gw(sims: dict[str, Proc], module_tmp: Path) -> Iterator[Proc]:
         "out-guard": {"input": [], "output": ["guard"]},
         "out-closed": {"input": [], "output": ["hang_closed"]},
         "out-both": {"input": ["pii"], "output": ["guard"]},
+        "out-hosted": {"input": [], "output": ["hosted"]},
         "open": {"input": ["hang_open"]},
         "closed": {"input": ["hang_closed"]},
     }
@@ -407,6 +409,17 @@ def test_a_non_streamed_answer_is_filtered(sims: dict[str, Proc], client: Any) -
     answer = client.chat.completions.create(**_chat("out", "tell me", max_tokens=400))
     assert answer.choices[0].finish_reason == "content_filter"
     assert answer.choices[0].message.content is None
+
+
+def test_an_openai_moderation_endpoint_on_output(sims: dict[str, Proc], client: Any) -> None:
+    _reply(sims["out"], "Step one: find a quiet street. Step two: steal a car without being seen. Step three: drive.")
+    text, chunks, error = _stream(client, "out-hosted")
+    assert error is not None and "illicit" in str(error) and "steal" not in text
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    whole = client.chat.completions.create(**_chat("out-hosted", "go on", max_tokens=400))
+    assert whole.choices[0].finish_reason == "content_filter" and whole.choices[0].message.content is None
+    _reply(sims["out"], "Step one: find a quiet street. Step two: park the car. Step three: walk home.")
+    assert client.chat.completions.create(**_chat("out-hosted", "go on", max_tokens=400)).choices[0].message.content
 
 
 def test_output_moderation_fails_closed_inside_a_stream(sims: dict[str, Proc], client: Any) -> None:
