@@ -82,10 +82,10 @@ def unavailable(moderator: str) -> ModerationUnavailable:
 class Pipeline:
     """Moderators in order: local rules, then remote moderators."""
 
-    def __init__(self, rules: list[Rules], remote: list[RemoteModerator], stage: Moderation) -> None:
+    def __init__(self, rules: list[Rules], remote: list[RemoteModerator], moderation: Moderation) -> None:
         self.rules = rules
         self.remote = remote
-        self.stage = stage
+        self.moderation = moderation
 
     def scan(self, text: str) -> list[Match]:
         """The rules' matches in `text`, without overlaps (an earlier moderator's match wins)."""
@@ -102,8 +102,8 @@ class Pipeline:
     async def judge(self, turns: Turns, judged: str, stage: str) -> tuple[list[Finding], str | None]:
         """The remote moderators' findings for the `judged` role's turns, and the name of a fail_closed
         moderator that could not answer (None when all did or failed open)."""
-        turns = _newest(turns, self.stage.max_chars)
-        metrics = self.stage.metrics
+        turns = _newest(turns, self.moderation.max_chars)
+        metrics = self.moderation.metrics
         findings: list[Finding] = []
         for moderator in self.remote:
             t0 = time.perf_counter()
@@ -113,7 +113,7 @@ class Pipeline:
             except (TimeoutError, ModeratorError) as exc:
                 outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
                 metrics.moderation_checks.labels(moderator.name, stage, outcome).inc()
-                self.stage.log.warning(
+                self.moderation.log.warning(
                     "moderator_failed",
                     moderator=moderator.name,
                     stage=stage,

@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from portcullis.http import Request
-from portcullis.safety.moderation import Finding, Pipeline, findings_of, last_user_text, unavailable
+from portcullis.safety.moderation import Finding, Pipeline, findings_of, last_user_text, refusal, unavailable
 from portcullis.safety.rules import redact
 from portcullis.upstream.exchange import Exchange
 from portcullis.upstream.relay import sse_error
@@ -189,9 +189,7 @@ class OutputGuard:
                 return None
             found += judged
         if any(f.action == "block" for f in found):
-            blocked = [f for f in found if f.action == "block"]
-            names = ", ".join(sorted({f.category for f in blocked}))
-            self._close(found, text, f"The response was stopped by the content policy (categories: {names}).")
+            self._close(found, text, refusal(found, output=True).message)
             return None
         self.moderation.note(self.req, self.ex, "output", found, text)
         return redact(text, matches, cut), cut
