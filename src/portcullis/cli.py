@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a config file")
     check.add_argument("file")
+    config_sub.add_parser("reference", help="print the configuration reference (docs/config-reference.md)")
     commands.add_parsers(sub)
     remote.add_parsers(sub)
     return parser
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config":
+        if args.config_command == "reference":
+            from portcullis.config_reference import render
+
+            sys.stdout.write(render())
+            return 0
         return _config_check(args.file)
     if args.command == "sim":
         return _run_sim(args)

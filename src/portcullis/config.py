@@ -34,8 +34,11 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class ServerConfig(_Section):
+    # Address to listen on.
     host: str = "127.0.0.1"
+    # Port to listen on (0: any free port).
     port: int = Field(8000, ge=0, le=65535)
+    # Larger request bodies get 413.
     max_body_bytes: int = Field(1_048_576, ge=1024)
     # On SIGTERM /readyz turns 503 at once; the listener stays open this long so load balancers
     # notice before connections are refused.
@@ -43,7 +46,9 @@ class ServerConfig(_Section):
     # From SIGTERM, how long in-flight requests and streams may run before they are cut (a cut
     # stream ends with an error event).
     shutdown_timeout_s: PositiveFloat = 30.0
+    # One JSON line per request.
     access_log: bool = True
+    # The least severe log level written.
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Keep-alive for client connections (seconds idle before the server closes one).
     keep_alive_s: PositiveFloat = 75.0
@@ -51,8 +56,11 @@ class ServerConfig(_Section):
     cors_origins: list[str] = []
     # Peers whose X-Forwarded-For is believed (CIDRs); everyone else is identified by the socket.
     trusted_proxies: list[str] = []
+    # Serve TLS with this certificate (PEM).
     ssl_certfile: Path | None = None
+    # The certificate's private key (PEM).
     ssl_keyfile: Path | None = None
+    # With TLS: the Strict-Transport-Security max-age.
     hsts_max_age_s: int = Field(31_536_000, ge=0)
     # /metrics needs the admin:read scope unless this is true (e.g. scraped on a private network).
     metrics_public: bool = False
@@ -72,7 +80,9 @@ class ServerConfig(_Section):
 
 
 class StoreConfig(_Section):
+    # SQLAlchemy URL of the database (SQLite for one host, PostgreSQL for several).
     database_url: str = "sqlite+aiosqlite:///portcullis.db"
+    # Redis for limits, cache, revocations and events shared between processes (none: in-process).
     redis_url: str | None = None
     # Apply pending migrations at startup instead of refusing to start (the demo does this).
     auto_migrate: bool = False
@@ -89,55 +99,79 @@ JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS
 
 
 class JwtConfig(_Section):
+    # Accept JWT bearer tokens.
     enabled: bool = False
+    # Algorithms accepted (never none).
     algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: ["HS256"], min_length=1)
+    # HS*: the environment variable holding the shared secret.
     secret_env: str | None = "PORTCULLIS_JWT_SECRET"
+    # HS*: or a file holding it.
     secret_file: Path | None = None
+    # RS*/PS*/ES*: the issuer's public key (PEM).
     public_key_file: Path | None = None
+    # Or: a JWKS file (keys chosen by kid).
     jwks_file: Path | None = None
+    # Required iss claim.
     issuer: str | None = None
+    # Required aud claim.
     audience: str | None = None
+    # Clock skew allowed on exp/nbf/iat.
     leeway_s: float = Field(30.0, ge=0)
+    # The claim naming the caller's tier.
     tier_claim: str = "tier"
+    # The tier of a token without that claim.
     default_tier: str = "free"
+    # The claim listing the models the caller may use (absent: all).
     models_claim: str = "models"
 
 
 class AuthConfig(_Section):
+    # Accept Portcullis API keys (pc-...).
     api_keys: bool = True
     # The server secret keyed into every stored key hash (HMAC-SHA256). Never in this file.
     key_secret_env: str = "PORTCULLIS_KEY_SECRET"
+    # Or: a file holding that secret.
     key_secret_file: Path | None = None
     # How long a verified key is trusted without asking the database. Default: 30 s with Redis
     # (revocations are pushed over pub/sub), 1 s without (revocation must bite within 1 s).
     key_cache_ttl_s: float | None = Field(None, gt=0)
+    # After a rotation the old key keeps working this long.
     rotation_grace_s: float = Field(86_400.0, ge=0)
+    # JWT bearer tokens (off by default).
     jwt: JwtConfig = JwtConfig()
     # Requests without credentials get an anonymous principal with every scope. Only for local
     # trials and benchmarks; startup logs a warning.
     allow_anonymous: bool = False
+    # Failed authentications a client address may make per minute before 429.
     failed_auth_per_minute: int = Field(20, ge=1)
 
 
 class RequestWindows(_Section):
     """Requests admitted per sliding window; None: no limit on that window."""
 
+    # Requests per sliding minute.
     minute: int | None = Field(None, ge=1)
+    # Requests per sliding hour.
     hour: int | None = Field(None, ge=1)
+    # Requests per sliding day.
     day: int | None = Field(None, ge=1)
 
 
 class TokenWindows(_Section):
     """Tokens (prompt + completion) per sliding window; None: no limit on that window."""
 
+    # Tokens per sliding minute.
     minute: int | None = Field(None, ge=1)
+    # Tokens per sliding day.
     day: int | None = Field(None, ge=1)
 
 
 class LimitsConfig(_Section):
     """Rate limits of one principal (an API key, or the user of a JWT). Per-key overrides use this shape."""
 
+    # Requests per sliding window.
     requests: RequestWindows = RequestWindows()
+    # Prompt + completion tokens per sliding window.
     tokens: TokenWindows = TokenWindows()
     # Requests of this principal in flight at once; None: unlimited.
     concurrency: int | None = Field(None, ge=1)
@@ -146,7 +180,9 @@ class LimitsConfig(_Section):
 class BudgetConfig(_Section):
     """Spend limits in `quota.currency` per UTC calendar day and month; None: no limit."""
 
+    # Spend allowed per UTC day, in quota.currency.
     day: float | None = Field(None, gt=0)
+    # Spend allowed per UTC month.
     month: float | None = Field(None, gt=0)
 
 
@@ -154,21 +190,27 @@ class ModerationPolicy(_Section):
     """Which moderators check a request's input and its output, and how: set on a model or a tier, each
     field overriding the `moderation` section's (a model's own setting wins over its tier's)."""
 
+    # Moderators that check user and tool messages (or the prompt).
     input: list[str] | None = None
+    # Moderators that check answers and streams.
     output: list[str] | None = None
+    # sequential: judged before the request goes on; parallel: beside the upstream call.
     mode: Literal["sequential", "parallel"] | None = None
 
 
 class TierConfig(_Section):
+    # Higher is more important: queued first, degraded last.
     priority: int = 0
     # Each principal of the tier gets these limits (a key's own `limits` override them field by field).
     limits: LimitsConfig = LimitsConfig()
     # Each user of the tier gets this budget (across all their keys); `quota.users` overrides it.
     user_budget: BudgetConfig = BudgetConfig()
+    # The tier's moderation policy.
     moderation: ModerationPolicy | None = None
 
 
 class UserQuota(_Section):
+    # The user's budget across all their keys.
     budget: BudgetConfig = BudgetConfig()
 
 
@@ -176,7 +218,9 @@ class UsageConfig(_Section):
     # Records wait in a bounded in-memory queue and are written in batches; a full queue drops
     # (and counts) records rather than slow requests down.
     queue_size: int = Field(100_000, ge=1)
+    # Records written per INSERT at most.
     batch_size: int = Field(500, ge=1)
+    # How often queued records are written.
     flush_interval_s: PositiveFloat = 1.0
 
 
@@ -188,20 +232,30 @@ class QuotaConfig(_Section):
     # When Redis fails: fall back to in-process limits (each process taking `fallback_share` of every
     # limit) or refuse with 503 until it is back.
     on_store_error: Literal["fail_open", "fail_closed"] = "fail_open"
+    # With fail_open: the share of every limit each process enforces alone while Redis is away.
     fallback_share: float = Field(1.0, gt=0, le=1)
+    # A Redis call slower than this counts as a failure.
     store_timeout_s: PositiveFloat = 0.5
     # A concurrency slot is a lease in Redis: it expires by itself if the process holding it dies;
     # live requests renew theirs.
     concurrency_lease_s: PositiveFloat = 60.0
     # The reservation for a request without max_tokens (completion tokens), and the prompt estimate.
     default_max_tokens: int = Field(1024, ge=1)
+    # For prompt estimates before the upstream's count is known.
     chars_per_token: PositiveFloat = 4.0
+    # The currency of prices and budgets.
     currency: str = "USD"
+    # Budgets of named users (override their tier's user_budget).
     users: dict[str, UserQuota] = {}
+    # Fractions of a budget at which an alert is logged (and sent).
     alert_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.8, 1.0], min_length=1)
+    # Budget alerts are also POSTed here.
     alert_webhook_url: str | None = None
+    # A webhook call's time limit.
     alert_webhook_timeout_s: PositiveFloat = 5.0
+    # Retries of a failed webhook call.
     alert_webhook_retries: int = Field(3, ge=0, le=10)
+    # The usage records' queue.
     usage: UsageConfig = UsageConfig()
 
     @field_validator("alert_thresholds")
@@ -231,15 +285,20 @@ FailureKind = Literal["connect", "timeout", "5xx", "429"]
 class BackoffConfig(_Section):
     """Delay before retry n (1-based): uniform in [0, min(max_s, base_s * 2**(n-1))] ("full" jitter)."""
 
+    # The first retry's delay ceiling; doubles per attempt.
     base_s: PositiveFloat = 0.2
+    # The longest delay between attempts.
     max_s: PositiveFloat = 5.0
+    # full: a random delay up to the ceiling (spreads retries); none: the ceiling itself.
     jitter: Literal["full", "none"] = "full"
 
 
 class RetryBudgetConfig(_Section):
     """Retries of a model stay below `ratio` of its requests over `window_s` (plus `min_per_s`)."""
 
+    # Retries allowed per request, over the window.
     ratio: float = Field(0.2, ge=0, le=1)
+    # The window the budget is counted over.
     window_s: PositiveFloat = 10.0
     # Retries allowed regardless of the ratio (per second of window), so a quiet model can retry.
     min_per_s: float = Field(1.0, ge=0)
@@ -252,12 +311,16 @@ class BreakerConfig(_Section):
     failures: int = Field(5, ge=1)
     # ... or, when set, once this fraction of at least `min_requests` requests in the window failed.
     failure_rate: float | None = Field(None, gt=0, le=1)
+    # Requests in the window before failure_rate is judged.
     min_requests: int = Field(10, ge=1)
+    # The rolling window failures are counted in.
     window_s: PositiveFloat = 30.0
+    # How long an open breaker refuses before letting probes through.
     open_s: PositiveFloat = 30.0
     # Requests let through at once when open_s has passed; `close_after` successes close it again,
     # one failure reopens it.
     half_open_probes: int = Field(1, ge=1)
+    # Successful probes needed to close again.
     close_after: int = Field(1, ge=1)
     # What counts as a failure. A client's 4xx never does.
     count: list[FailureKind] = Field(default_factory=lambda: ["connect", "timeout", "5xx"], min_length=1)
@@ -273,8 +336,11 @@ class ResilienceConfig(_Section):
     # Retries after the first attempt (so at most retries + 1 attempts), each preferably on another
     # replica or the model's fallback. Only before anything was sent to the client.
     retries: int = Field(2, ge=0, le=10)
+    # Delay between attempts.
     backoff: BackoffConfig = BackoffConfig()
+    # Retries allowed as a share of requests.
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
+    # A circuit breaker per replica.
     breaker: BreakerConfig = BreakerConfig()
 
 
@@ -284,10 +350,13 @@ class DegradeConfig(_Section):
     # Degrade while the model's observed time to first token (p95 over window_s) exceeds this.
     # None: never.
     ttft_p95_s: PositiveFloat | None = None
+    # The window time-to-first-token p95 is measured over.
     window_s: PositiveFloat = 60.0
+    # Requests in the window before degradation may start.
     min_samples: int = Field(20, ge=1)
     # Cap max_tokens at this, and/or route to this (cheaper) model.
     max_tokens: int | None = Field(None, ge=1)
+    # Degrade to this model instead (told in x-portcullis-degraded).
     model: str | None = None
     # Only principals of these tiers are degraded; None: every tier.
     tiers: list[str] | None = None
@@ -297,8 +366,11 @@ class AdmissionConfig(_Section):
     # When every slot of a model is busy: wait in a bounded queue (ordered by tier priority, fair
     # between keys of a tier), or answer 503 at once. Both say when to come back (Retry-After).
     when_full: Literal["queue", "reject"] = "queue"
+    # Requests that may wait for a slot per model; beyond it: 503 queue_full.
     max_queue: int = Field(256, ge=0)
+    # The longest a request waits for a slot before a 503 with Retry-After.
     max_wait_s: PositiveFloat = 30.0
+    # Graceful degradation when a model is slow (models.<name>.degrade overrides it).
     degrade: DegradeConfig = DegradeConfig()
 
 
@@ -307,23 +379,31 @@ class SemanticCacheConfig(_Section):
     similarity of their embeddings ≥ threshold, same scope and same other parameters) gets that answer.
     Needs numpy (pip install 'portcullis[semantic]')."""
 
+    # Answer from the nearest earlier conversation of the same family.
     enabled: bool = False
     # A configured model that answers /v1/embeddings (llama-server with --embeddings works).
     model: str | None = None
+    # Cosine similarity needed for a hit.
     threshold: float = Field(0.95, gt=0, le=1)
+    # Conversations indexed at most.
     max_entries: int = Field(10_000, ge=1)
+    # An embedding call slower than this: a miss.
     timeout_s: PositiveFloat = 2.0
 
 
 class CacheConfig(_Section):
     """The exact response cache (docs/caching.md). Only deterministic requests are ever cached."""
 
+    # The exact response cache (deterministic requests only: temperature 0, or a seed with `seeded`).
     enabled: bool = True
     # memory: this process (an LRU bounded in bytes); redis: shared by every process (store.redis_url);
     # auto: redis when store.redis_url is set.
     backend: Literal["auto", "memory", "redis"] = "memory"
+    # How long an answer is kept.
     ttl_s: PositiveFloat = 3600.0
+    # The memory backend's size bound (least recently used evicted).
     max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    # Answers larger than this are not cached.
     max_entry_bytes: int = Field(4 * 1024 * 1024, ge=256)
     # tenant: entries are per user; global: shared by everyone (only for answers that may be shared).
     scope: Literal["tenant", "global"] = "tenant"
@@ -332,29 +412,40 @@ class CacheConfig(_Section):
     seeded: bool = False
     # Identical cacheable requests in flight share one upstream call.
     coalesce: bool = True
+    # The opt-in semantic cache (nearest earlier conversation).
     semantic: SemanticCacheConfig = SemanticCacheConfig()
 
 
 class EmbeddingBatchingConfig(_Section):
     """Merge concurrent /v1/embeddings requests of one model into one upstream call (cache/batching.py)."""
 
+    # Merge concurrent /v1/embeddings requests into one upstream call.
     enabled: bool = False
+    # Inputs per merged call at most.
     max_batch_inputs: int = Field(256, ge=2)
+    # The longest a request waits for others to join.
     max_wait_ms: PositiveFloat = 5.0
 
 
 class ValidationLimits(_Section):
+    # Messages per chat request.
     max_messages: int = Field(2048, ge=1)
+    # Characters per message.
     max_message_chars: int = Field(1_000_000, ge=1)
+    # Characters of all messages together.
     max_total_chars: int = Field(4_000_000, ge=1)
+    # Requests asking for more max_tokens are refused (none: no ceiling).
     max_tokens_ceiling: int | None = Field(None, ge=1)
+    # Nesting depth of the request body.
     max_json_depth: int = Field(32, ge=2, le=256)
+    # Inputs per embeddings (or moderations) request.
     max_embedding_inputs: int = Field(2048, ge=1)
 
 
 class UpstreamTimeouts(_Section):
     """Limits on one upstream call. Each model can override any of them (`models.<m>.timeouts`)."""
 
+    # Opening a connection.
     connect_s: PositiveFloat = 5.0
     # Longest wait for a free pooled connection.
     pool_s: PositiveFloat = 10.0
@@ -373,10 +464,15 @@ class UpstreamTimeouts(_Section):
 class ModelTimeouts(_Section):
     """Per-model overrides of `upstream.timeouts` (unset fields keep the global value)."""
 
+    # Overrides upstream.timeouts.connect_s.
     connect_s: PositiveFloat | None = None
+    # Overrides upstream.timeouts.pool_s.
     pool_s: PositiveFloat | None = None
+    # Overrides upstream.timeouts.ttft_s.
     ttft_s: PositiveFloat | None = None
+    # Overrides upstream.timeouts.idle_s.
     idle_s: PositiveFloat | None = None
+    # Overrides upstream.timeouts.total_s.
     total_s: PositiveFloat | None = None
 
     def over(self, base: UpstreamTimeouts) -> UpstreamTimeouts:
@@ -384,13 +480,18 @@ class ModelTimeouts(_Section):
 
 
 class UpstreamConfig(_Section):
+    # Time limits of every upstream call (models.<name>.timeouts override them).
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    # Open connections to one replica at most.
     max_connections_per_replica: int = Field(1024, ge=1)
+    # Idle upstream connections are closed after this.
     keepalive_s: PositiveFloat = 30.0
 
 
 class HealthConfig(_Section):
+    # How often each replica is probed.
     interval_s: PositiveFloat = 2.0
+    # A probe's time limit.
     timeout_s: PositiveFloat = 2.0
     # Wait this long at startup for a first probe of every replica before serving.
     startup_probe_timeout_s: float = Field(5.0, ge=0)
@@ -401,13 +502,17 @@ class CostConfig(_Section):
     an hour (`gpu_hour`), from which the gateway derives a price per token using the throughput it
     measures (routing/catalog.py)."""
 
+    # Price of 1,000 prompt tokens in quota.currency.
     prompt_per_1k: float = Field(0.0, ge=0)
+    # Price of 1,000 completion tokens.
     completion_per_1k: float = Field(0.0, ge=0)
+    # Or: the machine's price an hour; per-token prices then follow from measured throughput.
     gpu_hour: float | None = Field(None, gt=0)
     # With gpu_hour: the completion tokens per second the deployment gives at full load, assumed until
     # the gateway has measured it. Prompt tokens are priced at `prompt_ratio` of a completion token
     # (prefill is that much cheaper than decoding) until measured too.
     tokens_per_s: float | None = Field(None, gt=0)
+    # With gpu_hour: a prompt token's price as a share of a completion token's.
     prompt_ratio: float = Field(0.1, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -420,13 +525,21 @@ class CostConfig(_Section):
 
 
 class DeploymentConfig(_Section):
+    # http(s)://host:port of the backend (no path).
     url: str
+    # llama_cpp: probed on /health, slots and context from /props; openai: any OpenAI-compatible server.
     kind: Literal["llama_cpp", "openai"] = "llama_cpp"
+    # The model name sent upstream, when the backend knows the model by another name.
     upstream_model: str | None = None
+    # The environment variable holding the backend's API key (sent as Authorization: Bearer).
     api_key_env: str | None = None
+    # Or: a file holding it.
     api_key_file: Path | None = None
+    # Capacity relative to other replicas (openai backends; llama-server reports its slots).
     weight: int = Field(1, ge=1)
+    # The replica's name in metrics and logs (default host:port).
     name: str | None = None
+    # Prices, for budgets, usage and cost-aware routing.
     cost: CostConfig = CostConfig()
     # Requests the gateway sends this replica at once; beyond it they wait in the gateway's queue
     # (admission). None: llama-server's slot count (/props total_slots); unlimited for other kinds.
@@ -437,6 +550,7 @@ class DeploymentConfig(_Section):
     # How capable this deployment is, 0..1, for cost-aware routers (a router sends a request to the
     # cheapest candidate whose quality covers the request's estimated complexity).
     quality: float | None = Field(None, ge=0, le=1)
+    # Free labels, shown by /admin/models.
     tags: list[str] = []
 
     @field_validator("url")
@@ -465,6 +579,7 @@ class DeploymentConfig(_Section):
 
 
 class ModelConfig(_Section):
+    # The replicas serving this model (one per backend).
     deployments: list[DeploymentConfig] = Field(min_length=1)
     # Other names clients may use for this model (listed by GET /v1/models).
     aliases: list[str] = []
@@ -476,17 +591,22 @@ class ModelConfig(_Section):
     spill_to_fallbacks: bool = False
     # The model's quality for routers, 0..1, where its deployments do not give their own.
     quality: float | None = Field(None, ge=0, le=1)
+    # Overrides of upstream.timeouts for this model.
     timeouts: ModelTimeouts = ModelTimeouts()
     # Overrides `admission.degrade` for this model.
     degrade: DegradeConfig | None = None
+    # This model's moderation policy (over its tier's and the section's).
     moderation: ModerationPolicy | None = None
 
 
 class RouterConfig(_Section):
     """A logical model that picks one of its candidate models per request (routing/router.py)."""
 
+    # The only strategy so far.
     strategy: Literal["cost_aware"] = "cost_aware"
+    # Configured models, from cheap to capable.
     candidates: list[str] = Field(min_length=1)
+    # Other names for the router.
     aliases: list[str] = []
     # The complexity scorer: `heuristic` (routing/complexity.py) or `package.module:function`, called
     # with the request's Features and returning 0..1.
@@ -506,10 +626,12 @@ class RouterConfig(_Section):
 class AffinityConfig(_Section):
     """Prefix affinity: requests that share a prompt prefix go to the llama-server replica that saw it."""
 
+    # Send a conversation's turns to the replica holding its prompt prefix (2+ llama-server replicas).
     enabled: bool = True
     # The prompt is cut into blocks of this many characters; a request is matched on its longest run of
     # leading blocks seen before.
     block_chars: int = Field(256, ge=16)
+    # Prefix keys per request at most (one per block_chars of the rendered prompt).
     max_blocks: int = Field(64, ge=1)
     # Remembered prefixes (block hashes), least recently used forgotten first.
     max_entries: int = Field(100_000, ge=16)
@@ -520,19 +642,23 @@ class AffinityConfig(_Section):
 class ContextFitConfig(_Section):
     """Never send a request to a deployment whose context per slot cannot hold it."""
 
+    # Never send a request where its context cannot hold it; 400 before any upstream call if nowhere.
     enabled: bool = True
     # auto: ask the upstream's /tokenize (llama-server) only when the estimate is close to a context
     # limit; always: whenever a limit is known; never: estimates only.
     tokenize: Literal["auto", "always", "never"] = "auto"
     # The estimate's uncertainty: a prompt estimated at N tokens may really be N*(1±margin).
     margin: float = Field(0.5, ge=0, le=4)
+    # A /tokenize call slower than this: the estimate decides.
     tokenize_timeout_s: PositiveFloat = 2.0
     # Token counts of message texts remembered (exact counts from /tokenize).
     cache_entries: int = Field(20_000, ge=1)
 
 
 class RoutingConfig(_Section):
+    # Prefix affinity (routing.md).
     affinity: AffinityConfig = AffinityConfig()
+    # Context fit (routing.md).
     context: ContextFitConfig = ContextFitConfig()
 
 
@@ -545,9 +671,13 @@ class OffPeakWindow(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    # daily, mon-fri, sat,sun, ...
     days: str = "daily"
+    # Local start time (HH:MM).
     start: str = Field("00:00", alias="from")
+    # Local end time; a window ending at or before its start runs past midnight.
     end: str = Field("24:00", alias="to")
+    # IANA time zone of the times.
     tz: str = "UTC"
 
     @field_validator("days")
@@ -617,21 +747,27 @@ class SchedulingConfig(_Section):
     # When capacity is cheap (batch jobs prefer these; low-priority requests may be held to them).
     # Empty: every hour is off-peak.
     off_peak: list[OffPeakWindow] = []
+    # What x-portcullis-priority: low requests get.
     low_priority: LowPriorityConfig = LowPriorityConfig()
 
 
 class BatchConfig(_Section):
     """The Batch API, run on this gateway's own backends (jobs/)."""
 
+    # The Batch API (/v1/files, /v1/batches) and this process's batch runner.
     enabled: bool = True
+    # The largest input file accepted.
     max_file_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    # The most requests one batch file may hold.
     max_lines: int = Field(50_000, ge=1)
     # completion_window values accepted: 24h as OpenAI, and any duration like 90m, 12h, 2d within these.
     min_window_s: PositiveFloat = 60.0
+    # The longest completion_window accepted.
     max_window_s: PositiveFloat = 7 * 86400.0
     # A line being executed is leased for this long (renewed while it runs); a process that dies loses
     # its leases when they expire and another process (or itself, restarted) runs the lines again.
     lease_s: PositiveFloat = 60.0
+    # How often the runner looks for work (and at once when a line ends or a batch arrives).
     poll_s: PositiveFloat = 1.0
     # Lines this process runs at once at most (besides the free slots it finds).
     max_in_flight: int = Field(64, ge=1)
@@ -655,6 +791,7 @@ class _ModeratorBase(_Section):
     # A moderator that cannot answer within `timeout_s` (or fails) lets the content through
     # (fail_open) or refuses it with 503 moderation_unavailable (fail_closed).
     timeout_s: PositiveFloat = 2.0
+    # fail_open: let the content through when the moderator fails; fail_closed: refuse it (503).
     on_error: Literal["fail_open", "fail_closed"] = "fail_closed"
     # What a flagged verdict does: refuse (block) or only count and log it (flag: a dry run).
     action: Literal["block", "flag"] = "block"
@@ -663,9 +800,12 @@ class _ModeratorBase(_Section):
 class OpenAIModerationConfig(_ModeratorBase):
     """Any OpenAI-compatible moderation endpoint (hosted or self-hosted)."""
 
+    # openai_moderation
     kind: Literal["openai_moderation"]
     url: str  # base URL; the gateway posts to {url}/v1/moderations
+    # The environment variable holding the endpoint's API key.
     api_key_env: str | None = None
+    # Or: a file holding it.
     api_key_file: Path | None = None
     model: str | None = None  # sent as `model` (e.g. omni-moderation-latest); the endpoint's default if unset
     # category → score at or above which it counts; categories without one count when the endpoint flags them
@@ -683,12 +823,15 @@ class OpenAIModerationConfig(_ModeratorBase):
 class GuardModelConfig(_ModeratorBase):
     """A guard model (Llama Guard style) served by a model of the catalog, prompted with a template."""
 
+    # guard_model
     kind: Literal["guard_model"]
+    # The configured model that serves the guard.
     model: str
     # The category codes the model answers with → the names the gateway reports (default: Llama Guard 3's).
     categories: dict[str, str] | None = None
     # The prompt, with {role} ('User' or 'Agent'), {categories} and {conversation}; default: Llama Guard 3's task.
     template: str | None = None
+    # The guard's answer length limit.
     max_tokens: int = Field(16, ge=2, le=256)
 
     @field_validator("template")
@@ -701,9 +844,12 @@ class GuardModelConfig(_ModeratorBase):
 
 class PatternRule(_Section):
     name: str = Field(min_length=1, max_length=64)  # the category reported (never the matched text)
+    # A Python regular expression (checked at startup).
     regex: str
+    # block, redact or flag.
     action: ModerationAction = "block"
     replacement: str | None = None  # for redact; default "[REDACTED:<name>]"
+    # Match regardless of case.
     ignore_case: bool = True
 
     @field_validator("regex")
@@ -719,18 +865,25 @@ class PatternRule(_Section):
 
 
 class KeywordRule(_Section):
+    # The category reported (never the matched text).
     name: str = Field(min_length=1, max_length=64)
     words: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)  # whole words or phrases, any case
+    # block, redact or flag.
     action: ModerationAction = "block"
+    # For redact; default "[REDACTED:<name>]".
     replacement: str | None = None
 
 
 class RulesConfig(_Section):
     """Local rules: PII detectors, regular expressions, keyword lists. They never fail and cost microseconds."""
 
+    # rules
     kind: Literal["rules"]
+    # PII detectors and their actions (email, phone, card, iban, national_id).
     pii: dict[PiiKind, ModerationAction] = {}
+    # Regular-expression rules.
     patterns: list[PatternRule] = []
+    # Keyword and phrase lists.
     keywords: list[KeywordRule] = []
     # Optional sets shipped with the gateway: "markup_injection" (<script, javascript:, onerror= ...) blocks
     # legitimate questions about HTML, hence off unless named here.
@@ -743,6 +896,7 @@ ModeratorConfig = Annotated[OpenAIModerationConfig | GuardModelConfig | RulesCon
 class ModerationConfig(_Section):
     """Moderation (safety/moderation.py): named moderators, and which of them check input and output."""
 
+    # Named moderators (kind: rules, guard_model or openai_moderation).
     moderators: dict[str, ModeratorConfig] = {}
     input: list[str] = []  # user and tool messages (chat), the prompt (completions)
     output: list[str] = []  # the answer's text, streamed or not
