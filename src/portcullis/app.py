@@ -30,6 +30,7 @@ from portcullis.jobs.runner import BatchRunner
 from portcullis.jobs.store import BatchStore
 from portcullis.obs.logging import access_line, flush_logs, get_logger
 from portcullis.obs.metrics import Metrics
+from portcullis.obs.tracing import Tracing, TracingUnavailable
 from portcullis.quota.stage import Quota
 from portcullis.quota.usage import UsageRecorder
 from portcullis.routing.admission import Admission
@@ -104,6 +105,7 @@ class Gateway:
         self.metrics.watch_routing(self.affinity, self.admission, self.batch_runner)
         self.keys: KeyStore | None = None
         self.identity: Identity | None = None
+        self.tracing: Tracing | None = None  # built at preflight when enabled (tests may set their own)
         self.bus: EventBus | None = None
         self._background: list[asyncio.Task[None]] = []
         self.cors_origins = {o.encode() for o in config.server.cors_origins}
@@ -164,6 +166,8 @@ class Gateway:
         if self.hsts is not None:
             req.response_headers.append((b"strict-transport-security", self.hsts))
         ex = Exchange(route=req.path, task=asyncio.current_task(), started_at=req.started)
+        if self.tracing is not None and req.path not in _QUIET:
+            ex.trace = self.tracing.begin(req)
         self.exchanges.add(ex)
         try:
             if req.method == "OPTIONS" or self.cors_origins:
@@ -175,8 +179,12 @@ class Gateway:
                 ex.principal, ex.background = internal, True
             elif needed is not scopes.PUBLIC:
                 assert self.identity is not None
+                if ex.trace is not None:
+                    ex.trace.stage("authenticate")
                 ex.principal = await self.identity.authenticate(req)
                 require_scope(ex.principal, needed)
+            if ex.trace is not None:
+                ex.trace.stage("validate")  # the handler reads, parses and validates the body first
             await handler(self, req, ex, *args)
         except GatewayError as error:
             ex.error_code = error.code or error.type
@@ -208,6 +216,8 @@ class Gateway:
                     self.router.learn(ex)
             if req.path not in _QUIET:
                 self._record(req, ex)
+            if ex.trace is not None:
+                ex.trace.finish(req, ex)
 
     def _route(self, req: Request) -> tuple[Handler, tuple[Any, ...], str]:
         found = self.routes.get((req.method, req.path))
@@ -310,6 +320,7 @@ class Gateway:
                     "moderation": ex.moderation,
                     "background": ex.background or None,
                     "error": ex.error_code,
+                    "trace_id": ex.trace.trace_id if ex.trace is not None else None,
                 }
             )
 
@@ -389,6 +400,11 @@ class Gateway:
         self.identity = Identity(
             self.config, self.keys if auth.api_keys else None, hasher, jwt, pushed_invalidation=self.bus is not None
         )
+        if self.config.tracing.enabled and self.tracing is None:
+            try:
+                self.tracing = Tracing(self.config.tracing)
+            except TracingUnavailable as exc:
+                raise StartupError(str(exc)) from exc
         if auth.allow_anonymous:
             self.log.warning("anonymous_access_enabled", detail="requests without credentials get every scope")
         await self._bootstrap_admin_key()
@@ -462,6 +478,8 @@ class Gateway:
             if replica.client is not None:
                 await replica.client.close()
         await self.engine.dispose()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # the last spans go out before the process ends
         self.log.info("stopped")
         flush_logs()
 

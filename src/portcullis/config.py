@@ -919,6 +919,23 @@ class ModerationConfig(_Section):
         return self
 
 
+class TracingConfig(_Section):
+    """OpenTelemetry traces (obs/tracing.py): a span per request and per stage. Off by default, and free then."""
+
+    # Trace requests (needs the tracing extra: pip install 'portcullis[tracing]').
+    enabled: bool = False
+    # otlp: OTLP over HTTP/protobuf to `endpoint` (batched, from a background thread); console: stdout.
+    exporter: Literal["otlp", "console"] = "otlp"
+    # The collector's traces URL (an OpenTelemetry Collector, Jaeger, Tempo, ...).
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    # Sent with every export (e.g. a collector's auth header).
+    headers: dict[str, str] = {}
+    # The service.name resource attribute.
+    service_name: str = "portcullis"
+    # Share of requests traced (a client's sampled traceparent is always followed).
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -939,6 +956,7 @@ class Config(_Section):
     scheduling: SchedulingConfig = SchedulingConfig()
     batch: BatchConfig = BatchConfig()
     moderation: ModerationConfig = ModerationConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @model_validator(mode="after")
     def _moderation_references(self) -> Config:

@@ -98,6 +98,8 @@ class ResponseCache:
     async def answer(self, req: Request, ex: Exchange, payload: dict[str, Any], *, route: str, chat: bool) -> bool:
         """Serve from the cache, or from an identical request in flight: True when answered. Otherwise the
         request goes upstream, and `complete` (called when it is over) stores its answer."""
+        if ex.trace is not None:
+            ex.trace.stage("cache")
         if not self.config.enabled:
             return False
         if not self.cacheable(payload):

@@ -145,6 +145,8 @@ class Quota:
 
     async def admit(self, req: Request, ex: Exchange, request: Any) -> None:
         """`request`: the validated chat, completion or embedding request (sizes the reservation)."""
+        if ex.trace is not None:
+            ex.trace.stage("quota")
         principal = ex.principal
         if principal is None:
             return

@@ -292,6 +292,8 @@ class Admission:
 
     def slot(self, req: Request, ex: Exchange, model: str, payload: dict[str, Any]) -> Slot:
         """`async with admission.slot(...) as target:` holds one of the model's slots for the upstream call."""
+        if ex.trace is not None:
+            ex.trace.stage("queue")
         return Slot(self, req, ex, model, payload)
 
     def start(self) -> None:

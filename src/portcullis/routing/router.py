@@ -149,6 +149,8 @@ class Router:
 
     async def route(self, req: Request, ex: Exchange, payload: dict[str, Any], *, generates: bool = True) -> str:
         """Resolve, constrain, choose, fit, place: the model that serves this request (also in ex.model)."""
+        if ex.trace is not None:
+            ex.trace.stage("route")
         asked = payload["model"]
         name = self.catalog.resolve(asked)
         require_model(ex.principal, asked, name)

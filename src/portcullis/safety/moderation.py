@@ -219,6 +219,8 @@ class Moderation:
 
     def screen(self, req: Request, ex: Exchange, payload: dict[str, Any], model: str, *, chat: bool) -> Screen:
         """Moderate the request's input around the rest of the handler (`async with`)."""
+        if ex.trace is not None:
+            ex.trace.stage("moderation")
         if not self.enabled:
             return _NO_SCREEN
         principal = ex.principal

@@ -66,6 +66,7 @@ class Exchange:
     # output guard that judges the answer before the client sees it (safety/output.py).
     moderation: str | None = None
     output_guard: Any = None
+    trace: Any = None  # the request's spans when tracing is on (obs/tracing.py Trace)
     # Set just before the last byte is handed to the server: from then on nothing may cancel us.
     finished: bool = False
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)

@@ -63,6 +63,8 @@ class Upstream:
         target: Target,
         top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
     ) -> None:
+        if ex.trace is not None:
+            ex.trace.stage("upstream")
         client_wants_usage = True
         if ex.stream:
             options = payload.get("stream_options")
@@ -149,6 +151,8 @@ class Upstream:
         ex.deadline = min(deadline, loop.time() + timeouts.ttft_s) if ex.stream else deadline
         breaker = replica.breaker
         probe = breaker.acquire()
+        if ex.trace is not None:
+            ex.trace.attempt_started(replica.name, model)
         t0 = time.perf_counter()
         replica.begin(t0)
         resp: aiohttp.ClientResponse | None = None
@@ -222,6 +226,8 @@ class Upstream:
             ex.deadline = 0.0
             replica.end(time.perf_counter())
             breaker.record(ok, kind, probe=probe)
+            if ex.trace is not None:
+                ex.trace.attempt_ended(ok, kind, ex.ttft_s)
             if ok:
                 _observe(replica, ex)
                 if ex.affinity and self.affinity is not None:
