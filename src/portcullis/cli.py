@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="embedded defaults with the simulator as backend")
     serve.add_argument("--ssl-certfile", default=None, help="serve TLS with this certificate (PEM)")
     serve.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("PORTCULLIS_WORKERS", "1")),
+        help="gateway processes on this port, sharing Redis and the database (needs store.redis_url)",
+    )
     _add_listen_args(serve, None)
 
     sim = sub.add_parser("sim", help="run the llama-server simulator")
@@ -189,6 +195,13 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
     if config is not None and (args.ssl_certfile or args.ssl_keyfile):
         config = _with_tls(config, args)
+    if args.workers != 1:
+        if config is None or args.workers < 1:
+            print("portcullis serve: --workers N (N >= 1) needs --config (the demo is one process)", file=sys.stderr)
+            return 2
+        from portcullis.workers import run_workers
+
+        return run_workers(args, config)
     configure_logging(config.server.log_level if config else "info")
     import uvloop
 

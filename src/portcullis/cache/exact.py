@@ -14,8 +14,10 @@ ended normally: no errors, no cut streams, no degraded or fallback answers.
 Coalescing: while a cacheable request is being answered upstream, identical ones (same key) wait for
 its answer instead of calling the upstream again, and are then served it like a hit
 (`x-portcullis-cache: coalesced`). A waiter that disconnects leaves alone; if the leader fails or its
-client leaves, the waiters start over (one of them leads). Coalescing is per process: across processes
-the shared Redis cache answers identical requests once the first one has finished (docs/caching.md).
+client leaves, the waiters start over (one of them leads). With the Redis store this holds across
+processes too: the process that goes upstream holds a lease on the key in Redis (renewed every few
+seconds while the answer is under way); the others poll the cache for the answer, and lead themselves
+when the lease is gone without one (the leader failed, or died and its lease ran out).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 _NOT_OUTPUT = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
 _HEADER = b"x-portcullis-cache"
 _HIT, _MISS, _BYPASS, _COALESCED, _SEMANTIC_HIT = b"hit", b"miss", b"bypass", b"coalesced", b"semantic-hit"
+_LEAD_TTL_S = 10.0  # a dead leader's lease lapses after this; a live one renews it every third of it
+_POLL_FIRST_S, _POLL_MAX_S = 0.01, 0.25  # how often a waiter in another process looks for the answer
 
 
 class _LeaderFailed(Exception):
@@ -57,6 +61,7 @@ class Ticket:
     assembler: Assembler | None = None  # streams
     answer: dict[str, Any] | None = None  # non-streamed answers
     leader: asyncio.Future[bytes] | None = field(default=None, repr=False)
+    shared_lead: bool = False  # this process holds the key's lease in Redis
     # The semantic cache's family and the conversation's embedding, to index the answer once stored.
     family: str | None = None
     vector: Any = field(default=None, repr=False)
@@ -75,6 +80,8 @@ class ResponseCache:
             self.store = MemoryStore(config.max_bytes, config.max_entry_bytes)
         self._in_flight: dict[str, asyncio.Future[bytes]] = {}
         self._writes: set[asyncio.Task[None]] = set()
+        self._leading: set[str] = set()  # keys whose lease this process holds (renewed by _renewer)
+        self._renewer: asyncio.Task[None] | None = None
 
     def scope(self, ex: Exchange) -> str:
         if self.config.scope == "global":
@@ -122,7 +129,16 @@ class ResponseCache:
                     return True
             leader = self._in_flight.get(key) if self.config.coalesce else None
             if leader is None:
-                break
+                if not (lookup and self.config.coalesce and self.store.shared) or await self._lead(key):
+                    break
+                # Another process is answering this key: wait for its answer in the shared cache.
+                ex.watch_disconnect(req.wait_disconnect)
+                raw = await self._await_other_process(key)
+                if raw is None:
+                    continue  # it gave up (or died): start over, perhaps as the leader
+                self.metrics.cache_lookup(route, "coalesced")
+                await self._serve(req, ex, raw, payload, chat=chat, how=_COALESCED)
+                return True
             # A client that leaves while waiting is let go at once (it must not become a leader later).
             ex.watch_disconnect(req.wait_disconnect)
             try:
@@ -134,15 +150,21 @@ class ResponseCache:
             return True
         family = vector = None
         if self.semantic is not None and chat and lookup:
-            family = self.semantic.family(self.scope(ex), route, payload)
-            vector = await self.semantic.embed(conversation_text(payload.get("messages")))
-            near = self.semantic.nearest(family, vector) if vector is not None else None
-            if near is not None and await self._semantic_hit(req, ex, payload, near, route=route, chat=chat):
-                return True
+            try:
+                family = self.semantic.family(self.scope(ex), route, payload)
+                vector = await self.semantic.embed(conversation_text(payload.get("messages")))
+                near = self.semantic.nearest(family, vector) if vector is not None else None
+                if near is not None and await self._semantic_hit(req, ex, payload, near, route=route, chat=chat):
+                    self._give_up_lead(key)
+                    return True
+            except BaseException:
+                self._give_up_lead(key)
+                raise
         self.metrics.cache_lookup(route, "miss")
         req.response_headers.append((_HEADER, _MISS))
         ticket = Ticket(key, chat, store, assembler=Assembler(chat=chat) if ex.stream else None)
         ticket.family, ticket.vector = family, vector
+        ticket.shared_lead = key in self._leading
         if self.config.coalesce:
             ticket.leader = asyncio.get_running_loop().create_future()
             self._in_flight[key] = ticket.leader
@@ -195,10 +217,14 @@ class ResponseCache:
             if replica is not None and isinstance(answer, dict) and answer.get("model") != replica.model:
                 answer = None  # served by a fallback model: not the answer this key asked for
         raw = orjson.dumps(answer) if answer is not None else None
-        if raw is not None and ticket.store:
+        stored = raw is not None and ticket.store
+        if stored:
+            assert raw is not None
             if self.semantic is not None and ticket.vector is not None and ticket.family is not None:
                 self.semantic.add(ticket.family, ticket.vector, ticket.key)
-            task = asyncio.ensure_future(self._put(ticket.key, raw))
+        if stored or ticket.shared_lead:
+            # The answer is stored before the lease goes, so the other processes' waiters find it.
+            task = asyncio.ensure_future(self._put(ticket.key, raw if stored else None, ticket.shared_lead))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
         leader = ticket.leader
@@ -211,13 +237,65 @@ class ResponseCache:
                 leader.set_exception(_LeaderFailed())
                 leader.exception()  # retrieved: nobody may be waiting
 
-    async def _put(self, key: str, raw: bytes) -> None:
+    async def _put(self, key: str, raw: bytes | None, unlead: bool) -> None:
         try:
-            await self.store.put(key, raw, self.config.ttl_s)
+            if raw is not None:
+                await self.store.put(key, raw, self.config.ttl_s)
+            if unlead:
+                self._leading.discard(key)
+                await self.store.unlead(key)  # type: ignore[attr-defined]
         except Exception:
             self.metrics.cache_store_errors.inc()
+
+    # -- coalescing across processes (Redis) ---------------------------------------------------
+
+    def _give_up_lead(self, key: str) -> None:
+        """Answered without going upstream after all (or cut short): let the other processes' waiters go on."""
+        if key in self._leading:
+            task = asyncio.ensure_future(self._put(key, None, True))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _lead(self, key: str) -> bool:
+        """True: this process answers `key` (it holds the lease, or Redis is away and everyone answers alone)."""
+        try:
+            if not await self.store.lead(key, _LEAD_TTL_S):  # type: ignore[attr-defined]
+                return False
+        except Exception:
+            self.metrics.cache_store_errors.inc()
+            return True
+        self._leading.add(key)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_leases())
+        return True
+
+    async def _await_other_process(self, key: str) -> bytes | None:
+        """The answer another process is producing for `key`, or None when it no longer leads without one."""
+        delay = _POLL_FIRST_S
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, _POLL_MAX_S)
+            try:
+                raw = await self.store.get(key)
+                if raw is not None:
+                    return raw
+                if not await self.store.led(key):  # type: ignore[attr-defined]
+                    return await self.store.get(key)  # stored just before the lease went, or nothing
+            except Exception:
+                self.metrics.cache_store_errors.inc()
+                return None
+
+    async def _renew_leases(self) -> None:
+        while self._leading:
+            await asyncio.sleep(_LEAD_TTL_S / 3)
+            try:
+                await self.store.renew(list(self._leading), _LEAD_TTL_S)  # type: ignore[attr-defined]
+            except Exception:
+                self.metrics.cache_store_errors.inc()
 
     async def close(self) -> None:
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._renewer is not None:
+            self._renewer.cancel()
         await self.store.close()

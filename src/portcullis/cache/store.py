@@ -13,12 +13,16 @@ from typing import Protocol
 
 
 class CacheStore(Protocol):
+    shared: bool  # seen by every process (then identical requests are coalesced across processes too)
+
     async def get(self, key: str) -> bytes | None: ...
     async def put(self, key: str, value: bytes, ttl_s: float) -> None: ...
     async def close(self) -> None: ...
 
 
 class MemoryStore:
+    shared = False
+
     def __init__(self, max_bytes: int, max_entry_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.max_entry_bytes = max_entry_bytes
@@ -61,11 +65,14 @@ class MemoryStore:
 class RedisStore:
     """Entries as plain Redis strings with PX expiry; Redis's own maxmemory policy bounds the bytes."""
 
+    shared = True
+
     def __init__(self, url: str, prefix: str = "pc:cache:", timeout_s: float = 0.5) -> None:
         import redis.asyncio as redis
 
         self.prefix = prefix
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.lead_prefix = prefix.rstrip(":") + ":lead:"
 
     async def get(self, key: str) -> bytes | None:
         value = await self._redis.get(self.prefix + key)
@@ -73,6 +80,27 @@ class RedisStore:
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         await self._redis.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
+
+    # Coalescing across processes: the process answering a key holds a short lease on it ("lead"),
+    # renewed while the answer is under way; the others wait for the answer to appear in the cache, or
+    # for the lease to go (the leader failed, or died and its lease expired) and then try to lead.
+
+    async def lead(self, key: str, ttl_s: float) -> bool:
+        """Take the lead on `key` (True), or find another process has it (False)."""
+        return bool(await self._redis.set(self.lead_prefix + key, b"1", nx=True, px=int(ttl_s * 1000)))
+
+    async def led(self, key: str) -> bool:
+        """Whether some process still leads `key`."""
+        return bool(await self._redis.exists(self.lead_prefix + key))
+
+    async def renew(self, keys: list[str], ttl_s: float) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pexpire(self.lead_prefix + key, int(ttl_s * 1000))
+            await pipe.execute()
+
+    async def unlead(self, key: str) -> None:
+        await self._redis.delete(self.lead_prefix + key)
 
     async def close(self) -> None:
         await self._redis.aclose()
