@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from portcullis.api import admin, batches, openai, ops
+from portcullis.api import admin, batches, dashboard, openai, ops
 from portcullis.cache.batching import EmbeddingBatcher
 from portcullis.cache.exact import ResponseCache
 from portcullis.config import Config
@@ -30,6 +30,7 @@ from portcullis.jobs.runner import BatchRunner
 from portcullis.jobs.store import BatchStore
 from portcullis.obs.logging import access_line, flush_logs, get_logger
 from portcullis.obs.metrics import Metrics
+from portcullis.obs.timeline import Timeline
 from portcullis.obs.tracing import Tracing, TracingUnavailable
 from portcullis.quota.stage import Quota
 from portcullis.quota.usage import UsageRecorder
@@ -78,6 +79,7 @@ class Gateway:
         self.config = config
         self.catalog = Catalog.from_config(config)
         self.metrics = Metrics(self.catalog)
+        self.timeline = Timeline(self.metrics)  # the dashboard's time series
         self.log = get_logger("portcullis")
         self.admission = Admission(config, self.catalog, self.metrics)
         self.metrics.watch_admission(self.admission)
@@ -131,6 +133,11 @@ class Gateway:
             ("GET", "/v1/files"): (batches.list_files, scopes.BATCHES),
             ("POST", "/v1/batches"): (batches.create_batch, scopes.BATCHES),
             ("GET", "/v1/batches"): (batches.list_batches, scopes.BATCHES),
+            # The dashboard signs in with an admin key held in its own cookie (api/dashboard.py checks it).
+            ("GET", "/dashboard"): (dashboard.page, scopes.PUBLIC),
+            ("POST", "/dashboard/login"): (dashboard.login, scopes.PUBLIC),
+            ("POST", "/dashboard/logout"): (dashboard.logout, scopes.PUBLIC),
+            ("GET", "/dashboard/data"): (dashboard.data, scopes.PUBLIC),
             ("GET", "/healthz"): (ops.healthz, scopes.PUBLIC),
             ("GET", "/readyz"): (ops.readyz, scopes.PUBLIC),
             ("GET", "/metrics"): (ops.metrics, metrics_scope),
@@ -443,6 +450,7 @@ class Gateway:
         self.identity.start()
         await self.moderation.start()
         self.deadlines.start()
+        self.timeline.start()
         self.admission.start()
         self.quota.start()
         self.usage.start()
@@ -462,6 +470,7 @@ class Gateway:
             await self.batch_runner.stop()
         await self.prober.stop()
         await self.deadlines.stop()
+        await self.timeline.stop()
         await self.admission.stop()
         for task in self._background:
             task.cancel()

@@ -70,7 +70,9 @@ class Identity:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    async def authenticate(self, req: Request) -> Principal:
+    async def authenticate(self, req: Request, credential: str | None = None) -> Principal:
+        """The request's principal, from its Authorization (or api-key) header, or from `credential` (the
+        dashboard's cookie)."""
         address = client_address(req.scope, self.trusted)
         if self.throttle.blocked:  # only look the address up while someone is being throttled
             wait = self.throttle.retry_after(address)
@@ -80,7 +82,8 @@ class Identity:
                     code="too_many_failed_auth",
                     headers={"Retry-After": str(int(wait) + 1)},
                 )
-        credential = _credential(req)
+        if credential is None:
+            credential = _credential(req)
         if credential is None:
             if self.config.allow_anonymous:
                 return ANONYMOUS
