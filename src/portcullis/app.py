@@ -78,7 +78,7 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.catalog = Catalog.from_config(config)
-        self.metrics = Metrics(self.catalog)
+        self.metrics = Metrics(self.catalog, per_key=config.server.metrics_per_key)
         self.timeline = Timeline(self.metrics)  # the dashboard's time series
         self.log = get_logger("portcullis")
         self.admission = Admission(config, self.catalog, self.metrics)
@@ -301,6 +301,8 @@ class Gateway:
             ttft_s=ex.ttft_s,
             prompt_tokens=ex.prompt_tokens,
             completion_tokens=ex.completion_tokens,
+            cost=ex.cost,
+            key_id=ex.principal.key_id if ex.principal is not None else None,
         )
         if self.config.server.access_log:
             principal = ex.principal

@@ -64,6 +64,8 @@ class ServerConfig(_Section):
     hsts_max_age_s: int = Field(31_536_000, ge=0)
     # /metrics needs the admin:read scope unless this is true (e.g. scraped on a private network).
     metrics_public: bool = False
+    # Also export requests, tokens and spend per API key (a series per key: only with a bounded number of keys).
+    metrics_per_key: bool = False
 
     @field_validator("trusted_proxies")
     @classmethod

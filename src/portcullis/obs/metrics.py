@@ -156,6 +156,28 @@ class _RequestCollector(Collector):
         for labels, value in m.tokens.items():
             tokens.add_metric(list(labels), value)
         yield tokens
+        cost = CounterMetricFamily(
+            "portcullis_cost", "Spend on answered requests, in quota.currency (deployment prices)", labels=["model"]
+        )
+        for labels, value in m.cost.items():
+            cost.add_metric(list(labels), value)
+        yield cost
+        if m.per_key is not None:  # server.metrics_per_key: the operator chose a label per API key
+            by_key = CounterMetricFamily(
+                "portcullis_key_requests", "Requests answered, per API key (opt-in)", labels=["key_id"]
+            )
+            key_tokens = CounterMetricFamily(
+                "portcullis_key_tokens", "Tokens, per API key and kind (opt-in)", labels=["key_id", "kind"]
+            )
+            key_cost = CounterMetricFamily("portcullis_key_cost", "Spend, per API key (opt-in)", labels=["key_id"])
+            for key_id, (n, prompt, completion, spent) in m.per_key.items():
+                by_key.add_metric([key_id], n)
+                key_tokens.add_metric([key_id, "prompt"], prompt)
+                key_tokens.add_metric([key_id, "completion"], completion)
+                key_cost.add_metric([key_id], spent)
+            yield by_key
+            yield key_tokens
+            yield key_cost
         cache = CounterMetricFamily(
             "portcullis_cache_lookups",
             "Cache lookups by result: hit, miss, bypass (not cacheable), coalesced (shared an identical request)",
@@ -213,8 +235,12 @@ class Metrics:
     the exposition format is unchanged (a collector renders these as the usual counter and histogram).
     """
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, *, per_key: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.cost: dict[tuple[str], float] = {}
+        # key id → [requests, prompt tokens, completion tokens, spend]; only when the operator opts in
+        # (server.metrics_per_key): one series per key is unbounded in the number of keys.
+        self.per_key: dict[str, list[float]] | None = {} if per_key else None
         self._known_models = set(catalog.models)
         self.requests: dict[tuple[str, str, str], float] = {}
         self.tokens: dict[tuple[str, str], float] = {}
@@ -334,6 +360,8 @@ class Metrics:
         ttft_s: float | None,
         prompt_tokens: int | None,
         completion_tokens: int | None,
+        cost: float = 0.0,
+        key_id: str | None = None,
     ) -> None:
         label = model if model in self._known_models else "(unknown)"
         key = (route, label, str(status))
@@ -350,6 +378,17 @@ class Metrics:
         if completion_tokens:
             k = (label, "completion")
             self.tokens[k] = self.tokens.get(k, 0.0) + completion_tokens
+        if cost:
+            c = (label,)
+            self.cost[c] = self.cost.get(c, 0.0) + cost
+        if self.per_key is not None and key_id is not None:
+            entry = self.per_key.get(key_id)
+            if entry is None:
+                entry = self.per_key[key_id] = [0.0, 0.0, 0.0, 0.0]
+            entry[0] += 1
+            entry[1] += prompt_tokens or 0
+            entry[2] += completion_tokens or 0
+            entry[3] += cost
 
     def cache_lookup(self, route: str, result: str) -> None:
         key = (route, result)
