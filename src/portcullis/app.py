@@ -15,7 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from portcullis.api import admin, batches, dashboard, openai, ops
+import orjson
+
+from portcullis.api import admin, batches, dashboard, openai, openapi, ops
 from portcullis.cache.batching import EmbeddingBatcher
 from portcullis.cache.exact import ResponseCache
 from portcullis.config import Config
@@ -138,6 +140,7 @@ class Gateway:
             ("POST", "/dashboard/login"): (dashboard.login, scopes.PUBLIC),
             ("POST", "/dashboard/logout"): (dashboard.logout, scopes.PUBLIC),
             ("GET", "/dashboard/data"): (dashboard.data, scopes.PUBLIC),
+            ("GET", "/openapi.json"): (openapi.serve, scopes.PUBLIC),
             ("GET", "/healthz"): (ops.healthz, scopes.PUBLIC),
             ("GET", "/readyz"): (ops.readyz, scopes.PUBLIC),
             ("GET", "/metrics"): (ops.metrics, metrics_scope),
@@ -158,6 +161,7 @@ class Gateway:
             ("POST", re.compile(r"^/admin/keys/([0-9a-f]+)/rotate$"), admin.rotate_key, scopes.KEYS_ADMIN),
         ]
         self._paths = {path for _, path in self.routes}
+        self.openapi = orjson.dumps(openapi.document(_version()))
 
     # -- ASGI ---------------------------------------------------------------------------------
 
@@ -608,6 +612,15 @@ class Gateway:
         for ex in list(self.exchanges):
             if ex.route not in _QUIET:
                 ex.abort(ABORT_SHUTDOWN)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("portcullis")
+    except PackageNotFoundError:
+        return "0"
 
 
 def create_app(config: Config) -> Gateway:
