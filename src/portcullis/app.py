@@ -161,7 +161,7 @@ class Gateway:
             ("POST", re.compile(r"^/admin/keys/([0-9a-f]+)/rotate$"), admin.rotate_key, scopes.KEYS_ADMIN),
         ]
         self._paths = {path for _, path in self.routes}
-        self.openapi = orjson.dumps(openapi.document(_version()))
+        self.openapi = orjson.dumps(openapi.document(_version(), list(config.models)))
 
     # -- ASGI ---------------------------------------------------------------------------------
 

@@ -142,7 +142,14 @@ def _body(model: type[BaseModel] | None = None, *, schema: str | None = None, co
 def _ok(schema: str, *, status: str = "200", stream: bool = False) -> dict[str, Any]:
     content: dict[str, Any] = {_JSON: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
     if stream:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+        # One server-sent event: `data` holds a JSON chunk, an error object (the stream then ends) or [DONE].
+        content["text/event-stream"] = {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+            }
+        }
     return {status: {"description": "OK", "content": content}}
 
 
@@ -278,7 +285,18 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 
-def document(version: str) -> dict[str, Any]:
+def _examples(model: str, embed_model: str) -> dict[str, dict[str, Any]]:
+    """A valid request per generating route, naming a model this gateway serves (clients and fuzzers start there)."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}
+    return {
+        "/v1/chat/completions": chat,
+        "/v1/completions": {"model": model, "prompt": "Once upon a time", "max_tokens": 16},
+        "/v1/embeddings": {"model": embed_model, "input": "a sentence to embed"},
+        "/v1/moderations": {"input": "a text to classify"},
+    }
+
+
+def document(version: str, models: list[str] | None = None) -> dict[str, Any]:
     schemas = dict(SCHEMAS)
     for model in (
         ChatCompletionRequest,
@@ -292,6 +310,15 @@ def document(version: str) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    paths = PATHS
+    if models:
+        paths = {path: dict(ops) for path, ops in PATHS.items()}
+        embed = next((m for m in models if "embed" in m), models[0])
+        for path, example in _examples(models[0], embed).items():
+            post = dict(paths[path]["post"])
+            body = post["requestBody"]
+            post["requestBody"] = {**body, "content": {_JSON: {**body["content"][_JSON], "example": example}}}
+            paths[path]["post"] = post
     return {
         "openapi": "3.1.0",
         "info": {
@@ -299,7 +326,7 @@ def document(version: str) -> dict[str, Any]:
             "version": version,
             "description": "An OpenAI-compatible gateway for self-hosted LLM inference.",
         },
-        "paths": PATHS,
+        "paths": paths,
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key or a JWT"}},
