@@ -526,7 +526,28 @@ class CostConfig(_Section):
         return self
 
 
-class DeploymentConfig(_Section):
+class _KeySource(_Section):
+    """A section naming where a secret key is (`api_key_env` or `api_key_file`, declared by the subclass
+    where it reads best): never in the file itself, and from one place only."""
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> _KeySource:
+        if getattr(self, "api_key_env", None) and getattr(self, "api_key_file", None):
+            raise ValueError("set api_key_env or api_key_file, not both")
+        return self
+
+    def api_key(self) -> str | None:
+        """The key, read from the environment or a file (never from the config itself)."""
+        env: str | None = getattr(self, "api_key_env", None)
+        path: Path | None = getattr(self, "api_key_file", None)
+        if env:
+            return os.environ.get(env)
+        if path:
+            return path.read_text().strip()
+        return None
+
+
+class DeploymentConfig(_KeySource):
     # http(s)://host:port of the backend (no path).
     url: str
     # llama_cpp: probed on /health, slots and context from /props; openai: any OpenAI-compatible server.
@@ -564,20 +585,6 @@ class DeploymentConfig(_Section):
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment")
         return value.rstrip("/")
-
-    @model_validator(mode="after")
-    def _one_secret_source(self) -> DeploymentConfig:
-        if self.api_key_env and self.api_key_file:
-            raise ValueError("set api_key_env or api_key_file, not both")
-        return self
-
-    def api_key(self) -> str | None:
-        """The upstream's key, read from the environment or a file (never from the config itself)."""
-        if self.api_key_env:
-            return os.environ.get(self.api_key_env)
-        if self.api_key_file:
-            return self.api_key_file.read_text().strip()
-        return None
 
 
 class ModelConfig(_Section):
@@ -799,7 +806,7 @@ class _ModeratorBase(_Section):
     action: Literal["block", "flag"] = "block"
 
 
-class OpenAIModerationConfig(_ModeratorBase):
+class OpenAIModerationConfig(_ModeratorBase, _KeySource):
     """Any OpenAI-compatible moderation endpoint (hosted or self-hosted)."""
 
     # openai_moderation

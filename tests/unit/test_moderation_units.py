@@ -158,6 +158,11 @@ models:
         ),
         ("moderation: {moderators: {x: {kind: magic}}}", "moderation.moderators.x", "kind"),
         (
+            "moderation: {moderators: {o: {kind: openai_moderation, url: 'http://m', api_key_env: K, api_key_file: /k}}}",  # noqa: E501
+            "moderation.moderators.o.openai_moderation",
+            "set api_key_env or api_key_file, not both",
+        ),
+        (
             "moderation: {stream_window_chars: 50, stream_context_chars: 50}",
             "moderation",
             "stream_context_chars must be smaller than stream_window_chars",

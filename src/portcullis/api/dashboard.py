@@ -24,6 +24,7 @@ from portcullis.identity import scopes
 from portcullis.identity.principal import Principal
 from portcullis.jobs.store import batch_object
 from portcullis.quota import usage
+from portcullis.quota.plan import user_budget_of
 from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -167,7 +168,6 @@ def _models(gw: Gateway) -> list[dict[str, Any]]:
 
 async def _budgets(gw: Gateway, today: str, month: str) -> list[dict[str, Any]]:
     """Budgets (a key's own, its user's) at half their limit or more, fullest first."""
-    quota = gw.config.quota
     if gw.keys is None:
         return []
     keys = [k for k in await gw.keys.list() if k.revoked_at is None]
@@ -182,13 +182,12 @@ async def _budgets(gw: Gateway, today: str, month: str) -> list[dict[str, Any]]:
             by_user[p][r["user"]] = by_user[p].get(r["user"], 0.0) + r["cost"]
     found: dict[tuple[str, str, str], dict[str, Any]] = {}
     for key in keys:
-        tier = gw.config.tiers.get(key.tier)
-        user_override = quota.users.get(key.user)
-        user_budget = user_override.budget if user_override is not None else (tier.user_budget if tier else None)
+        user_budget = user_budget_of(gw.config, key.user, gw.config.tiers.get(key.tier))
         for period in ("day", "month"):
-            limits = [("key", key.id, (key.budget or {}).get(period), by_key[period].get(key.id, 0.0))]
-            if user_budget is not None:
-                limits.append(("user", key.user, getattr(user_budget, period), by_user[period].get(key.user, 0.0)))
+            limits = [
+                ("key", key.id, (key.budget or {}).get(period), by_key[period].get(key.id, 0.0)),
+                ("user", key.user, getattr(user_budget, period), by_user[period].get(key.user, 0.0)),
+            ]
             for subject, who, limit, used in limits:
                 if limit and used >= 0.5 * limit:
                     found[subject, who, period] = {

@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from portcullis.config import BudgetConfig, Config, LimitsConfig
+from portcullis.config import BudgetConfig, Config, LimitsConfig, TierConfig
 from portcullis.identity.principal import Principal
 
 MICRO = 1_000_000  # budgets and costs are kept as integer millionths of the currency unit
@@ -92,8 +92,7 @@ def build_plan(config: Config, principal: Principal) -> Plan:
     key_budget = (
         BudgetConfig.model_validate(principal.budget) if principal.key_id and principal.budget is not None else None
     )
-    user_quota = config.quota.users.get(principal.user)
-    user_budget = user_quota.budget if user_quota is not None else (tier.user_budget if tier else BudgetConfig())
+    user_budget = user_budget_of(config, principal.user, tier)
     for subject, spec in (("key", key_budget), ("user", user_budget)):
         if spec is None:
             continue
@@ -109,3 +108,11 @@ def build_plan(config: Config, principal: Principal) -> Plan:
         concurrency=limits.concurrency,
         budgets=tuple(budgets),
     )
+
+
+def user_budget_of(config: Config, user: str, tier: TierConfig | None) -> BudgetConfig:
+    """A user's budget: `quota.users.<user>` when set, else the tier's `user_budget`."""
+    override = config.quota.users.get(user)
+    if override is not None:
+        return override.budget
+    return tier.user_budget if tier is not None else BudgetConfig()

@@ -117,13 +117,7 @@ class OpenAIModeration(RemoteModerator):
         self.model = config.model
         self.thresholds = dict(config.thresholds)
         self.known = set(OPENAI_CATEGORIES) | set(self.thresholds)
-        key = None
-        if config.api_key_env:
-            import os
-
-            key = os.environ.get(config.api_key_env)
-        elif config.api_key_file:
-            key = config.api_key_file.read_text().strip()
+        key = config.api_key()
         self.headers = {"content-type": "application/json"}
         if key:
             self.headers["authorization"] = f"Bearer {key}"
