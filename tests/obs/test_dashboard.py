@@ -95,7 +95,6 @@ def test_a_key_without_admin_read_cannot_sign_in(setup: tuple[Proc, Proc], brows
 
 
 def test_sign_in_see_a_replica_go_down_and_its_breaker_open(setup: tuple[Proc, Proc], browser: Any) -> None:
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     gw, sim = setup
@@ -123,14 +122,20 @@ def test_sign_in_see_a_replica_go_down_and_its_breaker_open(setup: tuple[Proc, P
     assert ADMIN_KEY not in browser.execute_script("return document.cookie")  # the page's script cannot read it
     wait = WebDriverWait(browser, 20, poll_frequency=0.2)
 
+    def text(selector: str) -> str:
+        # Read in one script call: the page re-renders its tables every second, so an element found by one
+        # WebDriver call may be gone by the next.
+        return browser.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.textContent.trim() : '';", selector
+        )
+
     def cell(name: str) -> str:
-        found = browser.find_elements(By.CSS_SELECTOR, f'#replicas tr[data-replica="gpu-1"] td.{name}')
-        return found[0].text if found else ""
+        return text(f'#replicas tr[data-replica="gpu-1"] td.{name}')
 
     wait.until(lambda _: cell("health") == "ready" and cell("breaker") == "closed")
-    wait.until(lambda _: "admin" in browser.find_element(By.ID, "keys").text)  # today's top key
-    wait.until(lambda _: "key " in browser.find_element(By.ID, "budgets").text)  # thrifty's key, over half
-    wait.until(lambda _: batch in browser.find_element(By.ID, "batches").text)
+    wait.until(lambda _: "admin" in text("#keys"))  # today's top key
+    wait.until(lambda _: "key " in text("#budgets"))  # thrifty's key, over half
+    wait.until(lambda _: batch in text("#batches"))
     sim.signal(signal.SIGKILL)
     sim.wait(10)
     with pytest.raises(openai.APIStatusError):  # the refused connection takes the replica out, the breaker opens
