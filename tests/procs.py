@@ -6,6 +6,7 @@ are no fixed ports and no race for one. Readiness is a bounded poll of an HTTP e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -181,3 +182,209 @@ def start_gateway(
     )
     proc.database_url = store["database_url"]
     return proc
+
+
+LLAMA_BIN = os.environ.get("LLAMA_SERVER_BIN")
+
+
+def free_port() -> int:
+    """A port free right now (for servers that cannot take an inherited socket, like llama-server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """A real llama-server process (LLAMA_SERVER_BIN) serving `model`, with the Proc-like surface the
+    chaos tests use (url, port, signal, wait, stop); `port` restarts one where the gateway expects it."""
+
+    def __init__(
+        self, model: Path, *, slots: int, ctx: int, log_dir: Path, port: int = 0, alias: str = "tiny-alias"
+    ) -> None:
+        assert LLAMA_BIN, "LLAMA_SERVER_BIN is not set"
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"llama-server-{self.port}.log"
+        self._log = open(self.log_path, "ab")
+        args = ["-m", str(model), "--host", "127.0.0.1", "--port", str(self.port), "-np", str(slots)]
+        args += ["-c", str(ctx * slots), "-a", alias, "-t", "1", "--no-warmup", "--metrics"]
+        self.popen = subprocess.Popen([LLAMA_BIN, *args], stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(self._ready, timeout=60, what=f"llama-server on {self.url}")
+        except BaseException:
+            self.stop()
+            log = self.log_path.read_text(errors="replace")
+            raise RuntimeError(f"llama-server did not start; log:\n{log}") from None
+
+    def _ready(self) -> bool:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {self.popen.returncode}")
+        return http_get(self.url + "/health", timeout=1)[0] == 200
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(timeout=10)
+        self._log.close()
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (initdb in `workdir`, on a free port), to stop, start, SIGSTOP
+    and SIGCONT without touching the machine's shared one. As root it runs as the `postgres` user
+    (PostgreSQL refuses root)."""
+
+    def __init__(self, workdir: Path) -> None:
+        import pwd
+        import shutil
+
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+        binary = str(found[-1]) if found else shutil.which("postgres")
+        if binary is None:
+            raise RuntimeError("PostgreSQL's server binaries are not installed (scripts/services installs them)")
+        self.bin = Path(binary).parent
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.dir = workdir / "pgdata"
+        self.port = free_port()
+        self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+        workdir.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            entry = pwd.getpwnam(self.user)
+            for path in (workdir, *workdir.parents):
+                if path == Path("/"):
+                    break
+                os.chmod(path, os.stat(path).st_mode | 0o011)  # traversable by postgres
+            os.chown(workdir, entry.pw_uid, entry.pw_gid)
+        subprocess.run(
+            [str(self.bin / "initdb"), "-D", str(self.dir), "-U", "postgres", "-A", "trust", "--no-sync"],
+            check=True,
+            capture_output=True,
+            user=self.user,
+        )
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            [
+                str(self.bin / "postgres"),
+                "-D",
+                str(self.dir),
+                "-p",
+                str(self.port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                str(self.dir),
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=100",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            user=self.user,
+        )
+        wait_until(self._answers, timeout=30, what=f"PostgreSQL on port {self.port}")
+
+    def _answers(self) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                return False
+        result = subprocess.run(
+            [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+            capture_output=True,
+        )
+        return result.returncode == 0
+
+    def stop(self) -> None:
+        """A fast shutdown: connections end, the port refuses."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            self.popen.wait(30)
+        self.popen = None
+
+    def _processes(self) -> list[int]:
+        """The postmaster and its children (each backend is a session of its own: killpg misses them)."""
+        assert self.popen is not None
+        pids = [self.popen.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.popen.pid:
+                    pids.append(int(entry.name))
+        return pids
+
+    def freeze(self) -> None:
+        """Every process of the server stops where it is: connections stay open and nothing answers."""
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.popen is not None:
+            self.thaw()
+        self.stop()
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, to kill, restart, SIGSTOP and SIGCONT."""
+
+    def __init__(self, workdir: Path) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (scripts/services installs it)")
+        self.binary = binary
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, what=f"redis-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+        except redis.ConnectionError:
+            return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGCONT)
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)

@@ -39,11 +39,12 @@ from portcullis.quota.usage import UsageRecorder
 from portcullis.routing.admission import Admission
 from portcullis.routing.affinity import Affinity
 from portcullis.routing.breaker import Breaker, BreakerState
-from portcullis.routing.catalog import Catalog, Replica
+from portcullis.routing.catalog import Catalog, Replica, ReplicaState
 from portcullis.routing.router import Router
 from portcullis.safety.moderation import Moderation
 from portcullis.store.bus import EventBus
 from portcullis.store.db import make_engine, pending, upgrade
+from portcullis.store.health import DatabaseHealth
 from portcullis.upstream.client import UpstreamClient
 from portcullis.upstream.deadline import Deadlines
 from portcullis.upstream.exchange import ABORT_CLIENT_GONE, ABORT_PREEMPTED, ABORT_SHUTDOWN, Exchange
@@ -101,9 +102,20 @@ class Gateway:
         self.exchanges: set[Exchange] = set()
         # Upstream attempts' time limits, checked on the live exchanges by one watchdog.
         self.deadlines = Deadlines(self.exchanges)
-        self.engine = make_engine(config.store.database_url)
+        self.engine = make_engine(config.store.database_url, timeout_s=config.store.timeout_s)
+        self.db_health = DatabaseHealth(
+            self.engine, timeout_s=config.store.timeout_s, log=self.log, metrics=self.metrics
+        )
         self.quota = Quota(config, self.metrics, self.log, self.catalog)
-        self.usage = UsageRecorder(self.engine, config.quota.usage, self.metrics, self.log)
+        self.usage = UsageRecorder(
+            self.engine,
+            config.quota.usage,
+            self.metrics,
+            self.log,
+            health=self.db_health,
+            database_url=config.store.database_url,
+            timeout_s=config.store.timeout_s,
+        )
         self.batch_store = BatchStore(self.engine) if config.batch.enabled else None
         self.batch_runner = BatchRunner(self, self.batch_store) if self.batch_store is not None else None
         self.metrics.watch_routing(self.affinity, self.admission, self.batch_runner)
@@ -339,6 +351,8 @@ class Gateway:
 
     def _record_usage(self, req: Request, ex: Exchange) -> None:
         principal = ex.principal
+        # A batch line's record is named by its request id (one per line): a line that runs again after a
+        # crash replaces its earlier record instead of counting twice.
         self.usage.record(
             (
                 time.time(),
@@ -358,7 +372,8 @@ class Gateway:
                 ex.error_code,
                 ex.cache_hit,
                 ex.moderation,
-            )
+            ),
+            req.request_id if ex.background else None,
         )
 
     # -- lifespan -----------------------------------------------------------------------------
@@ -409,9 +424,21 @@ class Gateway:
         if hasher is not None:
             self.keys = KeyStore(self.engine, hasher)
         if self.config.store.redis_url:
-            self.bus = EventBus(self.config.store.redis_url)
+            self.bus = EventBus(self.config.store.redis_url, timeout_s=self.config.store.redis_timeout_s)
+        # Revocations count as pushed once the bus has subscribed (startup), and only while it stays so.
         self.identity = Identity(
-            self.config, self.keys if auth.api_keys else None, hasher, jwt, pushed_invalidation=self.bus is not None
+            self.config, self.keys if auth.api_keys else None, hasher, jwt, pushed_invalidation=False,
+            health=self.db_health,
+        )
+        self.metrics.count(
+            "portcullis_event_bus_publish_failures",
+            "Events (revocations, model switches) Redis did not take; the database still has them",
+            lambda: self.bus.publish_failures if self.bus is not None else 0,
+        )
+        self.metrics.count(
+            "portcullis_auth_stale_keys",
+            "Requests authenticated from a cached key while the database could not confirm it",
+            lambda: self.identity.stale_served if self.identity is not None else 0,
         )
         if self.config.tracing.enabled and self.tracing is None:
             try:
@@ -446,13 +473,14 @@ class Gateway:
                 api_key=replica.api_key,
                 config=self.config.upstream,
                 timeouts=self.config.timeouts_for(replica.model),
+                max_connections=replica.max_connections,
             )
         if self.keys is not None:
             self.catalog.disabled = await self.keys.disabled_models()
             if self.bus is not None:
-                await self.bus.start(self._on_event)
-            else:
-                self._background.append(asyncio.create_task(self._poll_model_state()))
+                await self.bus.start(self._on_event, self._on_bus_connection)
+            # Model switches are polled from the database whenever the bus is not there to push them.
+            self._background.append(asyncio.create_task(self._poll_model_state()))
         self.identity.start()
         await self.moderation.start()
         self.deadlines.start()
@@ -489,6 +517,7 @@ class Gateway:
         await self.usage.stop()
         if self.bus is not None:
             await self.bus.close()
+        await self.db_health.stop()
         for replica in self.catalog.all_replicas():
             if replica.client is not None:
                 await replica.client.close()
@@ -501,10 +530,17 @@ class Gateway:
     # -- state shared between processes --------------------------------------------------------
 
     async def publish(self, event: dict[str, Any]) -> None:
-        """Tell every process (this one directly, the others over the bus when there is one)."""
+        """Tell every process (this one directly, the others over the bus when there is one). The change is
+        already saved: if Redis does not take the event, the others see it within the key cache's short TTL
+        (they are not connected either) or at their next poll, so this never fails the admin's request."""
         self._on_event(event)
         if self.bus is not None:
             await self.bus.publish(event)
+
+    def _on_bus_connection(self, connected: bool) -> None:
+        self.metrics.bus_connected.set(1 if connected else 0)
+        if self.identity is not None:
+            self.identity.revocations_pushed(connected)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("type") == "key" and self.identity is not None:
@@ -520,10 +556,13 @@ class Gateway:
         assert self.keys is not None
         while True:
             await asyncio.sleep(_MODEL_POLL_S)
+            if self.bus is not None and self.bus.connected:
+                continue  # pushed
             try:
-                self.catalog.disabled = await self.keys.disabled_models()
-            except Exception:
-                self.log.warning("model_state_poll_failed")
+                async with asyncio.timeout(self.config.store.timeout_s):
+                    self.catalog.disabled = await self.keys.disabled_models()
+            except Exception as exc:
+                self.log.warning("model_state_poll_failed", error=type(exc).__name__)
 
     async def _tick_throughput(self) -> None:
         while True:
@@ -593,6 +632,15 @@ class Gateway:
             self.admission.kick_later(replica.model, breaker.config.open_s)
 
     def _on_replica_change(self, replica: Replica) -> None:
+        if replica.state is ReplicaState.DOWN:
+            # Probes found it dead (hung, gone): the attempts still waiting on it for an answer would wait out
+            # their whole time limit. Cut them now (the watchdog's next tick) and retry them elsewhere. Streams
+            # that are flowing are left alone: their tokens say the replica lives (the idle limit watches them).
+            now = asyncio.get_running_loop().time()
+            for ex in self.exchanges:
+                if ex.replica is replica and ex.deadline > 0.0 and ex.streamed_tokens == 0:
+                    ex.replica_lost = True
+                    ex.deadline = now
         self.admission.kick(replica.model)
 
     # -- graceful shutdown --------------------------------------------------------------------

@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="as a guard model, answer 'unsafe' and CODE (e.g. S1) for PHRASE (repeatable; replaces the defaults)",
     )
     sim.add_argument("--moderation-delay-ms", type=float, default=0.0, help="/v1/moderations answers this late")
+    # llama-server (cpp-httplib) closes a keep-alive connection idle for 5 s, and after 100 requests on one.
+    sim.add_argument("--keep-alive-s", type=float, default=5.0, help="close a client connection idle this long")
+    sim.add_argument(
+        "--max-requests-per-connection", type=int, default=100, help="answer the last with 'Connection: close'"
+    )
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -151,6 +156,8 @@ def _run_sim(args: argparse.Namespace) -> int:
         stamp_chunks=args.stamp_chunks,
         reply=args.reply,
         moderation_delay_ms=args.moderation_delay_ms,
+        keep_alive_s=args.keep_alive_s,
+        max_requests_per_connection=args.max_requests_per_connection,
     )
     for option, field in (("moderation_trigger", "moderation_triggers"), ("guard_trigger", "guard_triggers")):
         pairs = getattr(args, option)
@@ -167,7 +174,9 @@ def _run_sim(args: argparse.Namespace) -> int:
         Simulator(settings),
         host=args.host or "127.0.0.1",
         port=args.port,
-        keep_alive_s=75,
+        # The simulator decides when a connection is dead (SimSettings.keep_alive_s); uvicorn's own timer only
+        # frees connections left idle well past that.
+        keep_alive_s=args.keep_alive_s + 5 if args.keep_alive_s else 3600,
         log_level="warning",
     )
     uvicorn.Server(config).run(sockets=_inherited(args.fd))
@@ -233,7 +242,7 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
                 Simulator(SimSettings(model_alias="demo.gguf", ttft_ms=80, tokens_per_s=40)),
                 host="127.0.0.1",
                 port=sim_port,
-                keep_alive_s=75,
+                keep_alive_s=10,  # the simulator itself closes connections idle for llama-server's 5 s
             )
         )
         sim_task = asyncio.create_task(sim_server.serve(sockets=[sim_sock]))

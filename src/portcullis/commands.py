@@ -234,9 +234,14 @@ async def _usage(config: Config, engine: Any, args: argparse.Namespace) -> int:
 
 async def _announce(config: Config, event: dict[str, Any]) -> None:
     if config.store.redis_url:
-        bus = EventBus(config.store.redis_url)
+        bus = EventBus(config.store.redis_url, timeout_s=config.store.redis_timeout_s)
         try:
-            await bus.publish(event)
+            if not await bus.publish(event):
+                print(
+                    "note: Redis did not take the event; running gateways see the change within their key "
+                    "cache's short TTL (1 s) instead of at once.",
+                    file=sys.stderr,
+                )
         finally:
             await bus.close()
 

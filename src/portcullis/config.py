@@ -88,6 +88,11 @@ class StoreConfig(_Section):
     redis_url: str | None = None
     # Apply pending migrations at startup instead of refusing to start (the demo does this).
     auto_migrate: bool = False
+    # Deadline of the gateway's own database work (connecting, waiting for a pooled connection, a usage
+    # batch, a health probe). Key lookups on the request path have their own, shorter one.
+    timeout_s: PositiveFloat = 5.0
+    # Redis calls of the event bus (publishing a revocation, its liveness pings) fail after this.
+    redis_timeout_s: PositiveFloat = 1.0
 
     @field_validator("database_url")
     @classmethod
@@ -134,9 +139,16 @@ class AuthConfig(_Section):
     key_secret_env: str = "PORTCULLIS_KEY_SECRET"
     # Or: a file holding that secret.
     key_secret_file: Path | None = None
-    # How long a verified key is trusted without asking the database. Default: 30 s with Redis
-    # (revocations are pushed over pub/sub), 1 s without (revocation must bite within 1 s).
+    # How long a verified key is trusted without asking the database. Default: 30 s while the Redis
+    # bus is connected (revocations are pushed over pub/sub), 1 s without it or while it is away
+    # (revocation must bite within 1 s).
     key_cache_ttl_s: float | None = Field(None, gt=0)
+    # A key lookup in the database that takes longer fails; a key verified before is then served from
+    # the cache (below), a key never seen gets 503.
+    key_lookup_timeout_s: PositiveFloat = 0.5
+    # While the database fails or hangs, a key verified at most this long ago is still served from the
+    # cache (revocations pushed over the bus still apply). 0: never serve a stale key.
+    key_cache_stale_s: float = Field(600.0, ge=0)
     # After a rotation the old key keeps working this long.
     rotation_grace_s: float = Field(86_400.0, ge=0)
     # JWT bearer tokens (off by default).
@@ -224,6 +236,14 @@ class UsageConfig(_Section):
     batch_size: int = Field(500, ge=1)
     # How often queued records are written.
     flush_interval_s: PositiveFloat = 1.0
+    # Each record is also appended to a local file before it is queued, and a process that starts
+    # replays the files of processes that died (SIGKILL, a crash, a lost database meanwhile), so records
+    # not yet written to the database are not lost. Off: a crash loses what was queued.
+    spool: bool = True
+    # Where the spool files are. Default: beside the SQLite database file, or for PostgreSQL under
+    # $XDG_STATE_HOME (~/.local/state)/portcullis/usage-spool/, a folder per database. It must survive
+    # the process (not a tmpfs a restart clears) and be private to the processes of this gateway.
+    spool_dir: Path | None = None
 
 
 class QuotaConfig(_Section):
@@ -414,6 +434,11 @@ class CacheConfig(_Section):
     seeded: bool = False
     # Identical cacheable requests in flight share one upstream call.
     coalesce: bool = True
+    # The Redis backend's calls fail after this; the cache then steps aside (every lookup a miss, no
+    # coalescing across processes) for `store_retry_s` before one request tries Redis again.
+    store_timeout_s: PositiveFloat = 0.25
+    # How long the cache leaves Redis alone after a failed or late call.
+    store_retry_s: PositiveFloat = 5.0
     # The opt-in semantic cache (nearest earlier conversation).
     semantic: SemanticCacheConfig = SemanticCacheConfig()
 
@@ -484,10 +509,13 @@ class ModelTimeouts(_Section):
 class UpstreamConfig(_Section):
     # Time limits of every upstream call (models.<name>.timeouts override them).
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
-    # Open connections to one replica at most.
-    max_connections_per_replica: int = Field(1024, ge=1)
-    # Idle upstream connections are closed after this.
-    keepalive_s: PositiveFloat = 30.0
+    # Pooled connections to one replica for traffic (each open stream holds one), unless its deployment
+    # sets max_connections. Waiting for one is the gateway's congestion, never counted against the replica.
+    max_connections_per_replica: int = Field(8192, ge=1)
+    # A pooled connection idle this long is not reused. Below the 5 s after which llama-server
+    # (cpp-httplib) and uvicorn close an idle keep-alive connection, so the gateway rarely picks one up
+    # just as the server closes it (when it does, the request goes again on a fresh connection).
+    keepalive_s: PositiveFloat = 4.0
 
 
 class HealthConfig(_Section):
@@ -495,6 +523,11 @@ class HealthConfig(_Section):
     interval_s: PositiveFloat = 2.0
     # A probe's time limit.
     timeout_s: PositiveFloat = 2.0
+    # Consecutive failed probes (no answer, an error) before a ready replica is marked down: one slow
+    # probe under load is not an outage. (A refused connection during a request marks it down at once.)
+    down_after: int = Field(3, ge=1)
+    # Consecutive good probes before a replica that was down receives traffic again.
+    up_after: int = Field(2, ge=1)
     # Wait this long at startup for a first probe of every replica before serving.
     startup_probe_timeout_s: float = Field(5.0, ge=0)
 
@@ -567,6 +600,9 @@ class DeploymentConfig(_KeySource):
     # Requests the gateway sends this replica at once; beyond it they wait in the gateway's queue
     # (admission). None: llama-server's slot count (/props total_slots); unlimited for other kinds.
     max_in_flight: int | None = Field(None, ge=1)
+    # Pooled connections to this replica for traffic (each open stream holds one; a request waits at most
+    # upstream.timeouts.pool_s for a free one). None: upstream.max_connections_per_replica.
+    max_connections: int | None = Field(None, ge=1)
     # Context per slot, in tokens. llama-server tells it (/props); give it for other backends, where a
     # request that cannot fit is then never sent here.
     n_ctx: int | None = Field(None, ge=16)

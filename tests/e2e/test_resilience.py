@@ -282,9 +282,12 @@ def test_a_client_that_disconnects_leaves_the_queue_at_once(tmp_path: Path) -> N
 
 
 def test_sigterm_answers_queued_requests_at_once_and_drains_the_running_one(tmp_path: Path) -> None:
+    """Queued requests are answered 503 server_shutting_down at SIGTERM, and so is one that arrives during the
+    drain's grace and finds every slot busy (it was told `overloaded` before: a reason to wait, not to go to
+    another instance)."""
     sim = start_sim("--slots", "1", "--tokens-per-s", "10", log_dir=tmp_path)
     cfg = gateway_config({"m": [sim.url]})
-    cfg["server"].update({"drain_grace_s": 0.2, "shutdown_timeout_s": 10})
+    cfg["server"].update({"drain_grace_s": 1.0, "shutdown_timeout_s": 10})
     gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
     try:
 
@@ -295,7 +298,9 @@ def test_sigterm_answers_queued_requests_at_once_and_drains_the_running_one(tmp_
                 queued = [asyncio.create_task(call(s, gw.url, chat_body(max_tokens=2))) for _ in range(3)]
                 await asyncio.to_thread(wait_until, lambda: _depth(gw) == 3)
                 gw.signal(signal.SIGTERM)
-                return [await running, *await asyncio.gather(*queued)]
+                await asyncio.to_thread(wait_until, lambda: http_get(gw.url + "/readyz")[0] == 503)
+                late = await call(s, gw.url, chat_body(max_tokens=2))  # within the grace: still accepted
+                return [await running, *await asyncio.gather(*queued), late]
 
         running, *queued = asyncio.run(run())
         assert running.status == 200 and running.latency > 1.0

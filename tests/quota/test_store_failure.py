@@ -3,52 +3,13 @@ come back by themselves when Redis returns. The test runs its own redis-server s
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-from procs import Proc, bind_loopback, gateway_config, http_get, start_gateway, wait_until
+from procs import Proc, RedisServer, gateway_config, http_get, start_gateway, wait_until
 from quota_helpers import MSG, make_key
-
-
-class RedisServer:
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (scripts/services installs it)")
-        self.binary = binary
-        sock = bind_loopback()
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(self._answers, what=f"redis-server on port {self.port}")
-
-    def _answers(self) -> bool:
-        import redis
-
-        try:
-            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
-        except redis.ConnectionError:
-            return False
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -242,3 +242,51 @@ def test_a_wait_that_runs_out_as_it_is_granted_keeps_the_slot_and_leaks_nothing(
     assert gate.holding == 1 and gate.depth == 0  # ours now; release it and nothing is left over
     gate.release(None)
     assert gate.holding == 0
+
+
+# -- health probes: hysteresis ---------------------------------------------------------------------
+
+
+def _probed(replica: Replica, results: list[ReplicaState], **health: int) -> list[ReplicaState]:
+    """The replica's state after each probe result (the prober's rule, without the network)."""
+    from portcullis.config import HealthConfig
+    from portcullis.upstream.probe import _with_hysteresis
+
+    config = HealthConfig(**health)
+    states = []
+    for seen in results:
+        replica.state = _with_hysteresis(replica, seen, config)
+        states.append(replica.state)
+    return states
+
+
+def test_a_ready_replica_is_marked_down_only_after_down_after_failed_probes_in_a_row() -> None:
+    R, D = ReplicaState.READY, ReplicaState.DOWN
+    replica = Replica("m", "r", "http://x", "llama_cpp", None, 1)
+    assert _probed(replica, [R, D, D, R, D, D, D, D], down_after=3, up_after=2) == [R, R, R, R, R, R, D, D]
+
+
+def test_a_down_replica_comes_back_after_up_after_good_probes_and_loading_applies_at_once() -> None:
+    R, D, W = ReplicaState.READY, ReplicaState.DOWN, ReplicaState.WARMING
+    replica = Replica("m", "r", "http://x", "llama_cpp", None, 1)
+    # The first probe decides at once (the state was unknown); a 503 "Loading model" is an answer.
+    assert _probed(replica, [D, R, D, R, R, W, R], down_after=3, up_after=2) == [D, D, D, D, R, W, R]
+
+
+def test_a_refused_connection_marks_down_at_once_and_probes_must_see_it_back_up_after_times() -> None:
+    R = ReplicaState.READY
+    replica = Replica("m", "r", "http://x", "llama_cpp", None, 1)
+    _probed(replica, [R] * 5)
+    replica.mark_down("connect failed")
+    assert _probed(replica, [R, R], up_after=2) == [ReplicaState.DOWN, R]
+
+
+def test_what_a_streams_error_event_says_about_the_replica() -> None:
+    from portcullis.upstream.relay import replica_fault
+
+    assert replica_fault(b'{"error": {"code": 500, "message": "decode failed", "type": "server_error"}}') == "5xx"
+    assert replica_fault(b'{"error": {"message": "boom"}}') == "5xx"
+    assert replica_fault(b"not json") == "5xx"
+    assert replica_fault(b'{"error": {"code": 400, "type": "exceed_context_size_error", "message": "x"}}') is None
+    assert replica_fault(b'{"error": {"code": 400, "type": "invalid_request_error", "message": "x"}}') is None
+    assert replica_fault(b'{"error": {"code": "context_length_exceeded", "message": "x"}}') is None

@@ -75,7 +75,7 @@ class ResponseCache:
         self.store: CacheStore
         if config.backend == "redis" or (config.backend == "auto" and redis_url):
             assert redis_url is not None
-            self.store = RedisStore(redis_url)
+            self.store = RedisStore(redis_url, timeout_s=config.store_timeout_s, retry_s=config.store_retry_s)
         else:
             self.store = MemoryStore(config.max_bytes, config.max_entry_bytes)
         self._in_flight: dict[str, asyncio.Future[bytes]] = {}

@@ -62,24 +62,59 @@ class MemoryStore:
         self.size = 0
 
 
+class StoreDown(Exception):
+    """The Redis cache failed or was late moments ago: it is left alone for a while (a miss)."""
+
+
 class RedisStore:
-    """Entries as plain Redis strings with PX expiry; Redis's own maxmemory policy bounds the bytes."""
+    """Entries as plain Redis strings with PX expiry; Redis's own maxmemory policy bounds the bytes.
+
+    A cache must never be slower than no cache. Every call has a deadline (`timeout_s`); a call that fails
+    or passes it makes the store step aside for `retry_s`: calls fail at once (StoreDown, a miss to the
+    cache) until then, and then a single call tries Redis again (the others still step aside meanwhile).
+    """
 
     shared = True
 
-    def __init__(self, url: str, prefix: str = "pc:cache:", timeout_s: float = 0.5) -> None:
+    def __init__(self, url: str, prefix: str = "pc:cache:", timeout_s: float = 0.25, retry_s: float = 5.0) -> None:
         import redis.asyncio as redis
 
         self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.down_until = 0.0  # monotonic; 0 while Redis answers
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.lead_prefix = prefix.rstrip(":") + ":lead:"
 
+    def _enter(self) -> None:
+        down_until = self.down_until
+        if down_until:
+            now = time.monotonic()
+            if now < down_until:
+                raise StoreDown
+            self.down_until = now + self.timeout_s + 0.05  # this call probes; the others keep stepping aside
+
+    def _failed(self) -> None:
+        self.down_until = time.monotonic() + self.retry_s
+
     async def get(self, key: str) -> bytes | None:
-        value = await self._redis.get(self.prefix + key)
+        self._enter()
+        try:
+            value = await self._redis.get(self.prefix + key)
+        except Exception:
+            self._failed()
+            raise
+        self.down_until = 0.0
         return value if isinstance(value, bytes) else None
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._redis.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
+        self._enter()
+        try:
+            await self._redis.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
+        except Exception:
+            self._failed()
+            raise
+        self.down_until = 0.0
 
     # Coalescing across processes: the process answering a key holds a short lease on it ("lead"),
     # renewed while the answer is under way; the others wait for the answer to appear in the cache, or
@@ -87,20 +122,40 @@ class RedisStore:
 
     async def lead(self, key: str, ttl_s: float) -> bool:
         """Take the lead on `key` (True), or find another process has it (False)."""
-        return bool(await self._redis.set(self.lead_prefix + key, b"1", nx=True, px=int(ttl_s * 1000)))
+        self._enter()
+        try:
+            return bool(await self._redis.set(self.lead_prefix + key, b"1", nx=True, px=int(ttl_s * 1000)))
+        except Exception:
+            self._failed()
+            raise
 
     async def led(self, key: str) -> bool:
         """Whether some process still leads `key`."""
-        return bool(await self._redis.exists(self.lead_prefix + key))
+        self._enter()
+        try:
+            return bool(await self._redis.exists(self.lead_prefix + key))
+        except Exception:
+            self._failed()
+            raise
 
     async def renew(self, keys: list[str], ttl_s: float) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.pexpire(self.lead_prefix + key, int(ttl_s * 1000))
-            await pipe.execute()
+        self._enter()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.pexpire(self.lead_prefix + key, int(ttl_s * 1000))
+                await pipe.execute()
+        except Exception:
+            self._failed()
+            raise
 
     async def unlead(self, key: str) -> None:
-        await self._redis.delete(self.lead_prefix + key)
+        self._enter()
+        try:
+            await self._redis.delete(self.lead_prefix + key)
+        except Exception:
+            self._failed()
+            raise
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -1,9 +1,16 @@
 """The authentication stage: credentials → Principal, or a 401/429 refusal.
 
 Keys stay off the database on the hot path: a verified record is cached in process for `ttl` seconds
-(1 s without Redis, so a revocation bites everywhere within 1 s; 30 s with Redis, where revocations are
-pushed to every process over pub/sub and evict at once). Concurrent misses for one key share one load.
-`last_used_at` is collected in memory and written in one batch every few seconds.
+(30 s while the Redis bus is connected, where revocations are pushed to every process and evict at
+once; 1 s without it, and while it is away, so a revocation bites everywhere within 1 s). Concurrent
+misses for one key share one load. `last_used_at` is collected in memory and written in one batch every
+few seconds.
+
+The database may fail or hang. A lookup has a deadline (`auth.key_lookup_timeout_s`); when it fails, a key
+verified within `auth.key_cache_stale_s` is served from its cached record (stale-if-error), and while the
+database is known to be degraded (store/health.py) such a key is served at once and refreshed in the
+background, so a hung database costs one lookup's deadline, not every request's. A revocation pushed
+over the bus removes the record, so a revoked key is never served stale; a key never verified gets 503.
 
 Every refusal of a credential looks the same ("Incorrect API key provided"), whether the id is unknown,
 the secret wrong, or the key revoked or expired: a response never tells whether a key id exists.
@@ -29,6 +36,7 @@ from portcullis.obs.logging import get_logger
 
 if TYPE_CHECKING:
     from portcullis.http import Request
+    from portcullis.store.health import DatabaseHealth
 
 log = get_logger("portcullis.identity")
 
@@ -39,6 +47,8 @@ _NO_KEY = (
     "(or in an 'api-key' / 'x-api-key' header)."
 )
 _NEGATIVE_TTL_S = 1.0
+_POLLED_TTL_S = 1.0  # without pushed revocations
+_PUSHED_TTL_S = 30.0  # while the bus pushes them
 _TOUCH_EVERY_S = 5.0
 # Past this many cached ids, expired entries are swept: random ids sprayed at the gateway (each cached
 # as "unknown" for a second) must not grow the cache without bound.
@@ -54,19 +64,39 @@ class Identity:
         jwt: JwtVerifier | None,
         *,
         pushed_invalidation: bool,
+        health: DatabaseHealth | None = None,
     ) -> None:
         self.config = config.auth
         self.store = store
         self.hasher = hasher
         self.jwt = jwt
-        self.ttl = self.config.key_cache_ttl_s or (30.0 if pushed_invalidation else 1.0)
+        self.health = health
+        # Whether revocations reach this process as they happen (the bus is connected); set by the gateway.
+        self.pushed = pushed_invalidation
         self.throttle = FailedAuthThrottle(self.config.failed_auth_per_minute)
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in config.server.trusted_proxies]
-        # key id → (record, its principal, usable until (POSIX time), cached until (monotonic))
-        self._cache: dict[str, tuple[KeyRecord | None, Principal | None, float, float]] = {}
-        self._loading: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        # key id → (record, its principal, usable until (POSIX time), fresh until (monotonic), loaded at
+        # (monotonic))
+        self._cache: dict[str, tuple[KeyRecord | None, Principal | None, float, float, float]] = {}
+        self._loading: dict[str, asyncio.Task[KeyRecord | None]] = {}
+        self._refreshing: set[asyncio.Task[None]] = set()
         self._last_used: dict[str, float] = {}
         self._toucher: asyncio.Task[None] | None = None
+        self.stale_served = 0  # requests authenticated from a stale record while the database was away
+
+    @property
+    def ttl(self) -> float:
+        if self.config.key_cache_ttl_s is not None:
+            return self.config.key_cache_ttl_s
+        return _PUSHED_TTL_S if self.pushed else _POLLED_TTL_S
+
+    def revocations_pushed(self, pushed: bool) -> None:
+        """The bus connected (True) or went away (False). Without it, no cached record may outlive the
+        polled TTL: a revocation published meanwhile may never arrive."""
+        self.pushed = pushed
+        if not pushed:
+            horizon = time.monotonic() + self.ttl
+            self._cache = {k: (*v[:3], min(v[3], horizon), v[4]) for k, v in self._cache.items()}
 
     # -- the hot path ---------------------------------------------------------------------------
 
@@ -111,16 +141,65 @@ class Identity:
 
     async def _api_key(self, presented: str) -> Principal:
         key_id = key_id_of(presented)
-        record, principal, usable_until = None, None, 0.0
-        if key_id is not None:
-            if len(self._cache) >= _CACHE_SWEEP_AT:
-                self._sweep()
+        if key_id is None:
+            return self._verify(presented, None, None, 0.0)
+        stale = self._stale(key_id)
+        if stale is not None and self.health is not None and self.health.degraded:
+            # The database is known to be away: serve the verified record now, ask again in the background.
+            self._refresh_later(key_id)
+            return self._serve_stale(presented, stale)
+        if len(self._cache) >= _CACHE_SWEEP_AT:
+            self._sweep()
+        try:
             record = await self._load(key_id)
-            if record is not None:
-                principal, usable_until = record.principal(), record.usable_until()
-            ttl = self.ttl if record is not None else _NEGATIVE_TTL_S
-            self._cache[key_id] = (record, principal, usable_until, time.monotonic() + ttl)
-        return self._verify(presented, record, principal, usable_until)
+        except ServiceUnavailable:
+            if stale is None:
+                raise
+            return self._serve_stale(presented, stale)
+        entry = self._remember(key_id, record)
+        return self._verify(presented, record, entry[1], entry[2])
+
+    def _stale(self, key_id: str) -> tuple[KeyRecord | None, Principal | None, float, float, float] | None:
+        """A cached verified record young enough to serve while the database is away."""
+        entry = self._cache.get(key_id)
+        if entry is None or entry[0] is None or time.monotonic() - entry[4] > self.config.key_cache_stale_s:
+            return None
+        return entry
+
+    def _serve_stale(
+        self, presented: str, entry: tuple[KeyRecord | None, Principal | None, float, float, float]
+    ) -> Principal:
+        principal = self._verify(presented, entry[0], entry[1], entry[2])
+        assert entry[0] is not None
+        # Served from the cache again for a polled TTL, so the database is asked about this key once a
+        # second while it is away, not once a request. Its age (loaded at) stays what it was.
+        self._cache[entry[0].id] = (*entry[:3], time.monotonic() + _POLLED_TTL_S, entry[4])
+        self.stale_served += 1
+        return principal
+
+    def _remember(
+        self, key_id: str, record: KeyRecord | None
+    ) -> tuple[KeyRecord | None, Principal | None, float, float, float]:
+        principal, usable_until = None, 0.0
+        if record is not None:
+            principal, usable_until = record.principal(), record.usable_until()
+        now = time.monotonic()
+        entry = (record, principal, usable_until, now + (self.ttl if record is not None else _NEGATIVE_TTL_S), now)
+        self._cache[key_id] = entry
+        return entry
+
+    def _refresh_later(self, key_id: str) -> None:
+        if key_id in self._loading:
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(key_id))
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
+
+    async def _refresh(self, key_id: str) -> None:
+        with contextlib.suppress(ServiceUnavailable):
+            record = await self._load(key_id)
+            if key_id in self._cache:  # not revoked (evicted) meanwhile
+                self._remember(key_id, record)
 
     def _verify(
         self, presented: str, record: KeyRecord | None, principal: Principal | None, usable_until: float
@@ -136,33 +215,50 @@ class Identity:
 
     def _sweep(self) -> None:
         now_m = time.monotonic()
-        self._cache = {k: v for k, v in self._cache.items() if v[3] > now_m}
+        keep = self.config.key_cache_stale_s
+        # Expired entries go, but for verified records young enough to be served while the database is away.
+        self._cache = {
+            k: v for k, v in self._cache.items() if v[3] > now_m or (v[0] is not None and now_m - v[4] <= keep)
+        }
 
     async def _load(self, key_id: str) -> KeyRecord | None:
-        pending = self._loading.get(key_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
+        """The key's record from the database, waiting at most `key_lookup_timeout_s`.
+
+        The lookup runs in a task of its own that concurrent misses of the key share, and each waits on it
+        with its own deadline: a driver cancelled mid-query (a hung server) may take seconds to let go,
+        and no request should wait for that."""
         assert self.store is not None
-        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
-        self._loading[key_id] = future
+        task = self._loading.get(key_id)
+        if task is None:
+            task = self._loading[key_id] = asyncio.get_running_loop().create_task(self._fetch(key_id))
+            task.add_done_callback(lambda done: self._loaded(key_id, done))
         try:
-            try:
-                record = await self.store.get(key_id)
-            except Exception as exc:
+            async with asyncio.timeout(self.config.key_lookup_timeout_s):
+                record = await asyncio.shield(task)
+        except Exception as exc:
+            if self.health is None or not self.health.degraded:  # the health logs the outage once
                 log.warning("key_store_unavailable", error=type(exc).__name__)
-                raise ServiceUnavailable(
-                    "Credentials cannot be checked right now; try again shortly.",
-                    code="auth_store_unavailable",
-                    headers={"Retry-After": "2"},
-                ) from exc
-            future.set_result(record)
-            return record
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: nobody else may be waiting
-            raise
-        finally:
+            if self.health is not None:
+                self.health.failed(exc)
+            raise ServiceUnavailable(
+                "Credentials cannot be checked right now; try again shortly.",
+                code="auth_store_unavailable",
+                headers={"Retry-After": "2"},
+            ) from exc
+        if self.health is not None and self.health.degraded:
+            self.health.succeeded()
+        return record
+
+    async def _fetch(self, key_id: str) -> KeyRecord | None:
+        assert self.store is not None
+        async with asyncio.timeout(self.config.key_lookup_timeout_s):
+            return await self.store.get(key_id)
+
+    def _loaded(self, key_id: str, task: asyncio.Task[KeyRecord | None]) -> None:
+        if self._loading.get(key_id) is task:
             del self._loading[key_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters have seen it (or gave up waiting)
 
     def _token(self, token: str) -> Principal:
         assert self.jwt is not None
@@ -191,20 +287,31 @@ class Identity:
             self._toucher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._toucher
-        await self._flush_last_used()
+        for task in [*self._refreshing, *self._loading.values()]:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.config.key_lookup_timeout_s * 4):
+                await self._flush_last_used()
 
     async def _touch_loop(self) -> None:
         while True:
             await asyncio.sleep(_TOUCH_EVERY_S)
+            if self.health is not None and self.health.degraded:
+                continue  # the times wait (the newest per key is kept) until the database is back
             try:
-                await self._flush_last_used()
-            except Exception:
-                log.exception("last_used_flush_failed")
+                async with asyncio.timeout(_TOUCH_EVERY_S):
+                    await self._flush_last_used()
+            except Exception as exc:
+                log.warning("last_used_flush_failed", error=type(exc).__name__)
 
     async def _flush_last_used(self) -> None:
         if self._last_used and self.store is not None:
             batch, self._last_used = self._last_used, {}
-            await self.store.touch({key_id: datetime.fromtimestamp(t, UTC) for key_id, t in batch.items()})
+            try:
+                await self.store.touch({key_id: datetime.fromtimestamp(t, UTC) for key_id, t in batch.items()})
+            except BaseException:
+                self._last_used = {**batch, **self._last_used}  # kept for the next try
+                raise
 
 
 def _credential(req: Request) -> str | None:

@@ -7,7 +7,7 @@ so the hot path pays nothing for them.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -34,7 +34,7 @@ class ReplicaCollector(Collector):
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         in_flight = GaugeMetricFamily(
             "portcullis_replica_in_flight", "Requests in flight to a replica", labels=["model", "replica"]
         )
@@ -58,7 +58,26 @@ class ReplicaCollector(Collector):
             "Seconds until an open breaker lets a probe through",
             labels=["model", "replica"],
         )
+        connections = GaugeMetricFamily(
+            "portcullis_upstream_connections_in_use",
+            "Pooled traffic connections to a replica held by requests",
+            labels=["model", "replica"],
+        )
+        fresh = CounterMetricFamily(
+            "portcullis_upstream_fresh_connection_retries",
+            "Requests sent again on a fresh connection because their pooled one was already closed",
+            labels=["model", "replica"],
+        )
+        pool_timeouts = CounterMetricFamily(
+            "portcullis_upstream_pool_timeouts",
+            "Requests that found every pooled connection to a replica busy for pool_s",
+            labels=["model", "replica"],
+        )
         for r in self.catalog.all_replicas():
+            if r.client is not None:
+                connections.add_metric([r.model, r.name], r.client.in_use)
+                fresh.add_metric([r.model, r.name], r.client.fresh_retries)
+                pool_timeouts.add_metric([r.model, r.name], r.client.pool_timeouts)
             in_flight.add_metric([r.model, r.name], r.in_flight)
             slots.add_metric([r.model, r.name], r.capacity)
             for s in ReplicaState:
@@ -71,6 +90,18 @@ class ReplicaCollector(Collector):
         yield state
         yield breaker
         yield retry_in
+        yield connections
+        yield fresh
+        yield pool_timeouts
+
+
+class _CountedCollector(Collector):
+    def __init__(self, counted: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self.counted = counted
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, (doc, read) in self.counted.items():
+            yield CounterMetricFamily(name, doc, value=read())
 
 
 class AdmissionCollector(Collector):
@@ -275,6 +306,20 @@ class Metrics:
             "portcullis_usage_records_dropped", "Usage records dropped because the queue was full", registry=r
         )
         self.usage_queue = Gauge("portcullis_usage_queue_length", "Usage records waiting to be written", registry=r)
+        # Dependencies: the database and the Redis bus, as this process sees them.
+        self.database_degraded = Gauge(
+            "portcullis_database_degraded",
+            "1 while database calls fail or pass their deadline (verified keys are served from the cache)",
+            registry=r,
+        )
+        self.bus_connected = Gauge(
+            "portcullis_event_bus_connected",
+            "1 while the Redis event bus is subscribed and answering (revocations are pushed)",
+            registry=r,
+        )
+        # Counters kept by their owners as plain ints, read at scrape time: name → (help, read).
+        self._counted: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.registry.register(_CountedCollector(self._counted))
         # Resilience and admission: events of the slow path.
         self.queue_wait = Histogram(
             "portcullis_queue_wait_seconds",
@@ -342,6 +387,10 @@ class Metrics:
             ["router", "model"],
             registry=r,
         )
+
+    def count(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Export a counter its owner keeps (a plain int attribute, say) under `name`."""
+        self._counted[name] = (doc, read)
 
     def watch_admission(self, admission: Admission) -> None:
         self.registry.register(AdmissionCollector(admission))

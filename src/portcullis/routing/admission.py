@@ -390,6 +390,8 @@ class Admission:
             ),
             "shutdown": "The gateway is shutting down; retry on another instance.",
         }[reason]
+        if reason == "shutdown":  # another instance can take it now: not a wait for this one's capacity
+            return ServiceUnavailable(message, code="server_shutting_down", headers=retry_after_headers(min(wait, 5.0)))
         return ServiceUnavailable(message, code="overloaded", headers=retry_after_headers(wait))
 
     def spill(self, req: Request, ex: Exchange, gate: Gate) -> Gate | None:

@@ -50,11 +50,14 @@ class Replica:
     slots: int = 1
     n_ctx: int | None = None  # context per slot, when the upstream tells
     last_error: str | None = None
+    # Consecutive probe results: n > 0 successes, n < 0 failures (health.up_after / down_after).
+    probe_streak: int = 0
     client: UpstreamClient | None = None
     # Price per 1,000 tokens in quota.currency (budgets and usage records).
     prompt_per_1k: float = 0.0
     completion_per_1k: float = 0.0
     max_in_flight: int | None = None  # configured; None: the slots (llama-server) or unlimited
+    max_connections: int | None = None  # the traffic pool's size (None: upstream.max_connections_per_replica)
     breaker: Breaker = field(default_factory=lambda: Breaker("", BreakerConfig()))
     # After an upstream 429 with Retry-After, the replica gets nothing new until then (monotonic time).
     cooldown_until: float = 0.0
@@ -76,6 +79,12 @@ class Replica:
     busy_s: float = 0.0
     tokens_out: int = 0
     _marks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_THROUGHPUT_MARKS), repr=False)
+
+    def mark_down(self, reason: str) -> None:
+        """Passive health: a refused connection takes the replica out at once; probes bring it back."""
+        self.state = ReplicaState.DOWN
+        self.last_error = reason
+        self.probe_streak = 0
 
     @property
     def context(self) -> int | None:
@@ -163,6 +172,7 @@ class Replica:
             prompt_per_1k=dep.cost.prompt_per_1k,
             completion_per_1k=dep.cost.completion_per_1k,
             max_in_flight=dep.max_in_flight,
+            max_connections=dep.max_connections,
             breaker=Breaker(f"{model}/{name}", breaker),
             quality=dep.quality if dep.quality is not None else quality,
             tags=tuple(dep.tags),

@@ -17,6 +17,7 @@ import orjson
 from portcullis.config import GuardModelConfig, OpenAIModerationConfig
 from portcullis.routing.balancer import choose
 from portcullis.routing.catalog import Catalog
+from portcullis.upstream.client import one_shot_session, stale_connection
 
 # OpenAI's moderation categories (omni-moderation); `/v1/moderations` always lists all of them.
 OPENAI_CATEGORIES = (
@@ -122,16 +123,20 @@ class OpenAIModeration(RemoteModerator):
         if key:
             self.headers["authorization"] = f"Bearer {key}"
         self.session: aiohttp.ClientSession | None = None
+        self.fresh: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        # Idle connections are not reused after 4 s: servers (uvicorn, llama-server) close theirs after 5.
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=4),
             skip_auto_headers=("User-Agent",),
         )
+        self.fresh = one_shot_session()
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        for session in (self.session, self.fresh):
+            if session is not None:
+                await session.close()
 
     async def categories(self, turns: Turns, judged: str) -> dict[str, float | None]:
         texts = [text for role, text in turns if role == judged and text]
@@ -141,10 +146,19 @@ class OpenAIModeration(RemoteModerator):
         if self.model:
             body["model"] = self.model
         assert self.session is not None, "start() first"
+        data = orjson.dumps(body)
         try:
-            async with self.session.post(self.url, data=orjson.dumps(body), headers=self.headers) as resp:
-                raw = await resp.read()
-                status = resp.status
+            try:
+                async with self.session.post(self.url, data=data, headers=self.headers) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except Exception as exc:
+                if not stale_connection(exc) or self.fresh is None:
+                    raise
+                # The pooled connection had been closed by the server: once more, on a fresh one.
+                async with self.fresh.post(self.url, data=data, headers=self.headers) as resp:
+                    raw = await resp.read()
+                    status = resp.status
         except (aiohttp.ClientError, OSError) as exc:
             raise ModeratorError(f"unreachable ({type(exc).__name__})") from exc
         if status != 200:

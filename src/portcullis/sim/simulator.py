@@ -33,6 +33,7 @@ import math
 import random
 import re
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,16 @@ class SimSettings:
     moderation_triggers: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MODERATION_TRIGGERS))
     guard_triggers: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_GUARD_TRIGGERS))
     moderation_delay_ms: float = 0.0
+    # Keep-alive as llama-server (cpp-httplib) keeps it: a connection idle `keep_alive_s` is dead (0: never),
+    # and the 100th request on one is answered with `Connection: close`. A request that arrives on a dead
+    # connection finds it closed without an answer: what a client sees when the server's idle timer fires
+    # as its request crosses the wire. With a real server that takes a loaded event loop or bad luck; here
+    # every reuse of a connection idle that long meets it (the HTTP server's own timer, 5 s later, frees
+    # connections nobody came back to), so tests see the worst case every time.
+    keep_alive_s: float = 5.0
+    max_requests_per_connection: int = 100
+    # The next N requests that arrive on a connection used before find it closed, however long it was idle.
+    drop_reused_next: int = 0
 
 
 def tokenize(text: str) -> list[int]:
@@ -159,8 +170,12 @@ class Simulator:
             "embedding_inputs": 0,
             "moderation_calls": 0,
             "guard_calls": 0,
+            "dropped_reused": 0,
         }
         self.last_guard_prompt: str | None = None
+        # Per client connection (uvicorn's protocol object of it; it goes when the connection does):
+        # [requests served, when the last answer ended].
+        self._connections: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
         self._fixed_chat = b""
         self._fixed_completion = b""
         self._prepare_fixed()
@@ -178,6 +193,10 @@ class Simulator:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
+            return
+        send = self._keep_alive(scope, send)
+        if send is None:  # closed under the request: return once the server has seen it go
+            await _wait_disconnect(receive)
             return
         path, method = scope["path"], scope["method"]
         if self.settings.fixed and method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
@@ -216,6 +235,39 @@ class Simulator:
                 await _json(send, 404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
         except orjson.JSONDecodeError:
             await _json(send, 400, {"error": {"code": 400, "message": "invalid JSON", "type": "invalid_request_error"}})
+
+    def _keep_alive(self, scope: Scope, send: Any) -> Any:
+        """The connection's keep-alive habits: `send`, wrapped to note when the answer ends (and to add
+        Connection: close on the last request allowed), or None when the connection was closed instead."""
+        s = self.settings
+        transport = getattr(getattr(send, "__self__", None), "transport", None)  # uvicorn's request cycle has it
+        if transport is None:
+            return send  # not under uvicorn: no connection to speak of
+        connection = transport.get_protocol()
+        connections = self._connections
+        state = connections.get(connection)
+        if state is not None:
+            idle = s.keep_alive_s and time.monotonic() - state[1] >= s.keep_alive_s
+            if idle or s.drop_reused_next > 0:
+                if not idle:
+                    self.settings = dataclasses.replace(s, drop_reused_next=s.drop_reused_next - 1)
+                del connections[connection]
+                self.stats["dropped_reused"] += 1
+                transport.close()
+                return None
+        state = connections[connection] = [state[0] + 1 if state is not None else 1, float("inf")]
+        last = s.max_requests_per_connection and state[0] >= s.max_requests_per_connection
+        if last:
+            del connections[connection]
+
+        async def noting(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and last:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state[1] = time.monotonic()
+
+        return noting
 
     # -- control ------------------------------------------------------------------------------
 

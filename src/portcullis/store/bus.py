@@ -1,13 +1,21 @@
 """Events between gateway processes over Redis pub/sub: key revocations and model switches.
 
-Publishing is fire-and-forget; each process evicts or updates its local view when a message arrives.
-Without Redis there is no bus: key caches expire within 1 s and model state is polled from the database.
+Pub/sub delivers to whoever is subscribed at that moment, and nothing to a process whose connection is
+down, hung, or re-subscribing after Redis restarted. So the bus says when it is *connected*: subscribed,
+and hearing Redis answer a PING at least every `_SILENT_S` seconds. While it is not, nothing may rely on
+pushed events (the key cache falls back to its short TTL, model state is polled from the database), and
+the database stays the truth: a revocation saved there reaches every process within that short TTL,
+whether or not its event was ever delivered. Re-subscribing is tried every `_RETRY_S`, so a process is
+connected again within a second of Redis's return.
+
+Publishing has a deadline and reports failure instead of raising: the change is already saved.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,38 +26,104 @@ from portcullis.obs.logging import get_logger
 
 CHANNEL = "portcullis:events"
 log = get_logger("portcullis.bus")
+_PING_S = 0.5  # a PING on the subscription this often ...
+_SILENT_S = 2.0  # ... and nothing heard for this long means the connection is dead or Redis hangs
+_RETRY_S = 0.2  # between attempts to subscribe again
 
 
 class EventBus:
-    def __init__(self, url: str) -> None:
-        self.redis = aioredis.from_url(url)
+    def __init__(self, url: str, *, timeout_s: float = 1.0) -> None:
+        self.timeout_s = timeout_s
+        self.redis = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # Subscriptions block reading: no socket timeout there; liveness comes from PINGs instead.
+        self._subscriber = aioredis.from_url(url, socket_connect_timeout=timeout_s)
+        self.connected = False
+        self.publish_failures = 0
         self._listener: asyncio.Task[None] | None = None
+        self._on_connection: Callable[[bool], None] | None = None
 
-    async def publish(self, event: dict[str, Any]) -> None:
-        await self.redis.publish(CHANNEL, orjson.dumps(event))
+    async def publish(self, event: dict[str, Any]) -> bool:
+        """Send the event to the other processes; False when Redis did not take it in time."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.redis.publish(CHANNEL, orjson.dumps(event))
+        except Exception as exc:
+            self.publish_failures += 1
+            log.warning("bus_publish_failed", kind=event.get("type"), error=type(exc).__name__)
+            return False
+        return True
 
-    async def start(self, handler: Callable[[dict[str, Any]], None]) -> None:
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(CHANNEL)
-        self._listener = asyncio.create_task(self._listen(pubsub, handler))
+    async def start(
+        self, handler: Callable[[dict[str, Any]], None], on_connection: Callable[[bool], None] | None = None
+    ) -> None:
+        """Listen in the background; `on_connection(True/False)` is told whenever the bus connects or is lost.
+        Returns once the first subscription was tried (connected or not)."""
+        self._on_connection = on_connection
+        first = asyncio.get_running_loop().create_future()
+        self._listener = asyncio.create_task(self._listen(handler, first))
+        await first
 
-    async def _listen(self, pubsub: Any, handler: Callable[[dict[str, Any]], None]) -> None:
+    async def _listen(self, handler: Callable[[dict[str, Any]], None], first: asyncio.Future[None]) -> None:
         while True:
+            pubsub = self._subscriber.pubsub()
             try:
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        handler(orjson.loads(message["data"]))
+                async with asyncio.timeout(self.timeout_s):
+                    await pubsub.subscribe(CHANNEL)
+                self._set_connected(True)
+                if not first.done():
+                    first.set_result(None)
+                await self._receive(pubsub, handler)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("bus_disconnected")
-                await asyncio.sleep(1.0)
+            except Exception as exc:
+                if self.connected:
+                    log.warning("bus_disconnected", error=type(exc).__name__)
+                self._set_connected(False)
+                if not first.done():
+                    first.set_result(None)
+            finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.subscribe(CHANNEL)
+                    async with asyncio.timeout(self.timeout_s):
+                        await pubsub.aclose()
+            await asyncio.sleep(_RETRY_S)
+
+    async def _receive(self, pubsub: Any, handler: Callable[[dict[str, Any]], None]) -> None:
+        heard = pinged = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - heard > _SILENT_S:
+                raise ConnectionError(f"nothing from Redis for {_SILENT_S:g} s")
+            if now - pinged >= _PING_S:
+                pinged = now
+                async with asyncio.timeout(self.timeout_s):
+                    await pubsub.ping()
+            message = await pubsub.get_message(timeout=_PING_S / 2)
+            if message is None:
+                continue
+            heard = time.monotonic()
+            if message.get("type") == "message":
+                try:
+                    event = orjson.loads(message["data"])
+                except orjson.JSONDecodeError:
+                    log.warning("bus_bad_event")
+                    continue
+                handler(event)
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected is self.connected:
+            return
+        self.connected = connected
+        if connected:
+            log.info("bus_connected")
+        if self._on_connection is not None:
+            self._on_connection(connected)
 
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        await self.redis.aclose()
+        for client in (self.redis, self._subscriber):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.timeout_s):
+                    await client.aclose()

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str) -> AsyncEngine:
+def make_engine(url: str, *, timeout_s: float = 5.0) -> AsyncEngine:
     if url.startswith("sqlite"):
         # One file shared by every process on the host; a writer waits up to 30 s for another
         # process's lock rather than failing. WAL lets readers (reports, key lookups) run beside the
@@ -30,7 +30,16 @@ def make_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_async_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
+        # A server that is down refuses at once; one that hangs (stopped, a dead network path) must not
+        # hold a connect or a wait for a pooled connection longer than the deadline.
+        engine = create_async_engine(
+            url,
+            pool_size=5,
+            max_overflow=10,
+            pool_pre_ping=True,
+            pool_timeout=timeout_s,
+            connect_args={"timeout": timeout_s},
+        )
     return engine
 
 

@@ -74,8 +74,12 @@ usage = Table(
     Column("cache_hit", Boolean, nullable=False),
     # What moderation did, e.g. "input:redact,output:block" (safety/moderation.py); null when nothing.
     Column("moderation", String(64), nullable=True),
+    # Unique per record (quota/usage.py): a replayed or re-run record replaces its earlier copy. Null in
+    # rows written before it existed.
+    Column("record_id", String(160), nullable=True),
     Index("ix_usage_day_user", "day", "user"),
     Index("ix_usage_key_id", "key_id"),
+    Index("ux_usage_record_id", "record_id", unique=True),
 )
 
 # Files of the Batch API: uploaded input (purpose "batch") and generated output ("batch_output").

@@ -1,9 +1,22 @@
 """One pooled HTTP client per upstream replica, and the translation of its failures into our tree.
 
-aiohttp rather than httpx: as the upstream client it measured 8-14x faster here (DESIGN.md). One
-`ClientSession` per replica keeps connections alive and bounds them per replica. Timeouts:
-`pool_s` waiting for a free connection, `connect_s` opening one (the model's values); the time to first
-token, the idle limit and the total are the upstream stage's (proxy.py).
+aiohttp rather than httpx: as the upstream client it measured 8-14x faster here (DESIGN.md). Each
+replica has three sets of connections:
+
+  traffic   a keep-alive pool of at most `max_connections` (the deployment's, or
+            `upstream.max_connections_per_replica`). Requests wait for a free one at most `pool_s`; that
+            wait is the gateway's own congestion, never evidence against the replica (`PoolExhausted`).
+  fresh     a connection opened for one request and closed after it: the second try of a request whose
+            pooled connection turned out to be dead (below).
+  probes    the same, for health probes and /props: a probe never waits behind traffic, and never holds
+            one of llama-server's HTTP threads idle between probes.
+
+A pooled connection can die while idle: llama-server (cpp-httplib) closes a keep-alive connection idle
+for 5 s (uvicorn, under vLLM, too). aiohttp notices only when it reads the close; a request that takes the
+connection in the meantime fails writing (`ClientOSError`) or finds the server gone before any answer
+(`ServerDisconnectedError`). That says nothing about the replica, so the request is sent once more on a
+fresh connection at once; only if that one fails too is it a failure of the replica. Pooled connections
+are not reused after `keepalive_s` (default 4 s, under those servers' 5 s), which makes the race rare.
 
 Error messages here never name the upstream's address: the client sees the model, not our network.
 """
@@ -27,43 +40,102 @@ from portcullis.errors import (
 )
 
 _JSON = {"content-type": "application/json"}
+# Side calls (guard models, embeddings of the semantic cache, /tokenize) go through the traffic pool
+# without waiting for its count: aiohttp's own limit leaves them this much room.
+_SIDE_CALLS = 64
+
+
+# What a pooled connection that the server had already closed fails with (the request never reached it).
+# ClientConnectorError (a ClientOSError too) is not one of them: no connection could be made at all.
+_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
+
+
+def stale_connection(exc: BaseException) -> bool:
+    """Did the request fail on a connection that was already dead (worth one more try on a fresh one)?"""
+    return isinstance(exc, _STALE) and not isinstance(exc, aiohttp.ClientConnectorError)
+
+
+class PoolExhausted(ServiceUnavailable):
+    """Every pooled connection to the replica stayed busy for `pool_s`: the gateway's congestion."""
 
 
 class UpstreamClient:
     def __init__(
-        self, base_url: str, *, api_key: str | None, config: UpstreamConfig, timeouts: UpstreamTimeouts
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        config: UpstreamConfig,
+        timeouts: UpstreamTimeouts,
+        max_connections: int | None = None,
     ) -> None:
         self.base_url = base_url
         t = timeouts
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=t.pool_s + t.connect_s, sock_connect=t.connect_s, sock_read=None
-        )
+        self.pool_s = t.pool_s
+        self.max_connections = max_connections or config.max_connections_per_replica
+        # Free traffic connections; waited for (at most pool_s) only when none is free.
+        self._free = asyncio.Semaphore(self.max_connections)
+        self.in_use = 0
+        self.fresh_retries = 0  # requests re-sent on a fresh connection after a pooled one was dead
+        self.pool_timeouts = 0
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_connect=t.connect_s)
         self._headers = dict(_JSON)
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
-        self._connector = aiohttp.TCPConnector(
-            limit=config.max_connections_per_replica,
-            keepalive_timeout=config.keepalive_s,
-            ttl_dns_cache=300,
-        )
         self._session = aiohttp.ClientSession(
-            connector=self._connector,
+            connector=aiohttp.TCPConnector(
+                limit=self.max_connections + _SIDE_CALLS, keepalive_timeout=config.keepalive_s, ttl_dns_cache=300
+            ),
             timeout=self._timeout,
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
         )
+        self._fresh = one_shot_session(self._timeout)
+        self._probes = one_shot_session(self._timeout, limit=4)
 
     async def post(self, path: str, body: bytes, *, model: str) -> aiohttp.ClientResponse:
         """Send the request; return the response once its headers arrived (the body is the caller's)."""
+        url = self.base_url + path
         try:
-            return await self._session.post(self.base_url + path, data=body, headers=self._headers)
+            return await self._session.post(url, data=body, headers=self._headers)
+        except Exception as exc:
+            if not stale_connection(exc):
+                raise translate_exception(exc, model) from exc
+            # A pooled connection that was already dead (or the replica went away): try a fresh one.
+        self.fresh_retries += 1
+        try:
+            return await self._fresh.post(url, data=body, headers=self._headers)
         except Exception as exc:
             raise translate_exception(exc, model) from exc
 
+    async def acquire(self) -> None:
+        """Take one of the replica's traffic connections (give it back with `release`), waiting at most
+        `pool_s` when all are busy."""
+        free = self._free
+        if not free.locked():
+            await free.acquire()  # returns at once
+            self.in_use += 1
+            return
+        try:
+            async with asyncio.timeout(self.pool_s):
+                await free.acquire()
+            self.in_use += 1
+        except TimeoutError:
+            self.pool_timeouts += 1
+            raise PoolExhausted(
+                f"All {self.max_connections} connections to a replica stayed busy for {self.pool_s:g} s.",
+                code="upstream_pool_exhausted",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    def release(self) -> None:
+        self.in_use -= 1
+        self._free.release()
+
     async def get(self, path: str, *, timeout_s: float) -> tuple[int, Any]:
-        """A small GET for probes: (status, parsed JSON or None)."""
+        """A small GET for probes, on a connection of its own: (status, parsed JSON or None)."""
         timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with self._session.get(self.base_url + path, timeout=timeout, headers=self._headers) as resp:
+        async with self._probes.get(self.base_url + path, timeout=timeout, headers=self._headers) as resp:
             raw = await resp.read()
             try:
                 return resp.status, orjson.loads(raw) if raw else None
@@ -83,7 +155,18 @@ class UpstreamClient:
                 return resp.status, None
 
     async def close(self) -> None:
-        await self._session.close()
+        for session in (self._session, self._fresh, self._probes):
+            await session.close()
+
+
+def one_shot_session(timeout: aiohttp.ClientTimeout | None = None, limit: int = 0) -> aiohttp.ClientSession:
+    """Connections opened for one request and closed after it."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True, limit=limit),
+        timeout=timeout or aiohttp.ClientTimeout(total=None),
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+    )
 
 
 def translate_exception(exc: BaseException, model: str) -> GatewayError:

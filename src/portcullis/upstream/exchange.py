@@ -51,6 +51,8 @@ class Exchange:
     # The current upstream attempt's time limit (loop time; 0: none) and whether it passed (deadline.py).
     deadline: float = 0.0
     deadline_expired: bool = False
+    # The attempt's replica was found dead while the attempt waited on it (health probes): cut it now.
+    replica_lost: bool = False
     degraded: str | None = None  # what degradation changed, as told in x-portcullis-degraded
     # Routing: why a router chose the model (logged), the tokens a replica must hold (0: any), the
     # prompt's prefix keys (affinity), llama-server's `timings` of the answer.

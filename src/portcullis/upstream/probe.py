@@ -1,9 +1,16 @@
 """Background health probes, one loop per replica.
 
 llama-server: `GET /health` 200 is ready; 503 (its body says "Loading model") is warming, alive but
-not serving; no answer or anything else is down. When a llama-server replica is (again) ready, the
+not serving; no answer or anything else is a failure. When a llama-server replica is (again) ready, the
 prober reads `/props` for `total_slots` and the per-slot context `n_ctx`, which the balancer uses.
 Other OpenAI-compatible backends have no /health: `GET /v1/models` answering 200 means ready.
+
+Probes go over connections of their own (upstream/client.py), so a replica busy with thousands of
+streams is still probed at once. And they have hysteresis, like HAProxy's rise and fall: a ready
+replica is marked down after `down_after` failed probes in a row, and a down one ready after `up_after`
+good ones, so one probe that was slow under load does not take a replica out, nor does one lucky answer
+bring a crash-looping one back. Loading (503) is an answer, not a failure: it applies at once. The first
+probe of a replica (its state unknown) decides at once too.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ async def learn_capacity(replica: Replica, timeout_s: float) -> None:
 async def update(replica: Replica, config: HealthConfig) -> bool:
     """Probe once; True when the replica's state or capacity changed."""
     state = await probe_once(replica, config.timeout_s)
+    state = _with_hysteresis(replica, state, config)
     slots = replica.slots
     if state is ReplicaState.READY and replica.kind == "llama_cpp" and replica.state is not ReplicaState.READY:
         await learn_capacity(replica, config.timeout_s)
@@ -72,6 +80,24 @@ async def update(replica: Replica, config: HealthConfig) -> bool:
     )
     replica.state = state
     return True
+
+
+def _with_hysteresis(replica: Replica, seen: ReplicaState, config: HealthConfig) -> ReplicaState:
+    """The state a probe's result leads to, given the results before it."""
+    streak = replica.probe_streak
+    current = replica.state
+    if seen is ReplicaState.READY:
+        replica.probe_streak = streak = max(streak, 0) + 1
+        if current is ReplicaState.DOWN and streak < config.up_after:
+            return current
+        return seen
+    if seen is ReplicaState.DOWN:
+        replica.probe_streak = streak = min(streak, 0) - 1
+        if current in (ReplicaState.READY, ReplicaState.WARMING) and -streak < config.down_after:
+            return current
+        return seen
+    replica.probe_streak = 0
+    return seen
 
 
 class Prober:

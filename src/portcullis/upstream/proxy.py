@@ -29,9 +29,9 @@ import orjson
 from portcullis.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
 from portcullis.http import Request
 from portcullis.routing.balancer import choose, unavailable
-from portcullis.routing.catalog import Replica, ReplicaState
+from portcullis.routing.catalog import Replica
 from portcullis.routing.retry import RETRYABLE_STATUS, AttemptFailed, backoff_delay, retry_after_of
-from portcullis.upstream.client import upstream_error
+from portcullis.upstream.client import PoolExhausted, upstream_error
 from portcullis.upstream.exchange import Exchange
 from portcullis.upstream.relay import end_stream_with_error, relay_sse
 
@@ -158,14 +158,18 @@ class Upstream:
         resp: aiohttp.ClientResponse | None = None
         ok: bool | None = None
         kind: str | None = None
+        connection = False  # holding one of the replica's traffic connections
         try:
             try:
+                await replica.client.acquire()
+                connection = True
                 resp = await replica.client.post(path, body, model=model)
+            except PoolExhausted as exc:  # our own congestion: says nothing about the replica
+                raise AttemptFailed(exc, kind="pool", retryable=True) from None
             except BadGateway as exc:
                 if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
                     # Passive health: a refused connection takes the replica out until the prober sees it back.
-                    replica.state = ReplicaState.DOWN
-                    replica.last_error = "connect failed"
+                    replica.mark_down("connect failed")
                 ok, kind = False, "connect"
                 raise AttemptFailed(exc, kind="connect", retryable=True) from None
             except GatewayTimeout as exc:
@@ -181,7 +185,7 @@ class Upstream:
             if ex.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
                 ex.upstream_s += time.perf_counter() - t0
                 try:
-                    ok = await relay_sse(
+                    fault = await relay_sse(
                         req,
                         resp,
                         ex,
@@ -194,9 +198,17 @@ class Upstream:
                 except AttemptFailed as failure:
                     ok, kind = False, failure.kind
                     raise
-                kind = None if ok else "connect"
+                ok, kind = fault is None, fault
                 return
-            raw = await resp.read()
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, OSError) as exc:  # nothing reached the client yet: retryable
+                ok, kind = False, "connect"
+                raise AttemptFailed(
+                    BadGateway(f"The connection to the upstream for model '{model}' broke during its answer."),
+                    kind="connect",
+                    retryable=True,
+                ) from exc
             ex.upstream_s += time.perf_counter() - t0
             ok = True
             ex.deadline = 0.0  # from here on only the client is written to
@@ -211,6 +223,15 @@ class Upstream:
                 resp.close()  # cancels the generation upstream
                 resp = None
             streaming = req.status != 0
+            if ex.replica_lost:
+                ex.replica_lost = False
+                message = f"The replica serving model '{model}' stopped answering its health probes."
+                if streaming:
+                    message += " The stream was ended."
+                    await end_stream_with_error(req, ex, message, code="upstream_unavailable")
+                    return
+                lost = BadGateway(message, code="upstream_unavailable")
+                raise AttemptFailed(lost, kind="timeout", retryable=True) from None
             phase = "idle" if streaming else ("first_token" if ex.stream and loop.time() < deadline else "total")
             limit = {"idle": timeouts.idle_s, "first_token": timeouts.ttft_s, "total": timeouts.total_s}[phase]
             message = {
@@ -237,6 +258,8 @@ class Upstream:
                     resp.release()
                 else:
                     resp.close()
+            if connection:
+                replica.client.release()
 
     def _next_replica(self, target: Target, tried: list[Replica], ex: Exchange) -> tuple[Replica, str] | None:
         """An untried replica of the model (where its prefix is, first), else of its fallbacks in order,

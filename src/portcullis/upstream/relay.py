@@ -7,7 +7,8 @@ relay understands (llama-server's habits, and OpenAI's):
   - a chunk with `choices: []` and `usage` is the usage chunk: counted, and forwarded only if the
     client asked for it (`stream_options.include_usage`);
   - `data: {"error": ...}` mid-stream (llama-server ends such a stream without [DONE]) is normalised
-    to the OpenAI error shape and ends the stream;
+    to the OpenAI error shape and ends the stream; unless it is about the request itself, it counts
+    against the replica like a broken connection;
   - an upstream that ends or breaks without either gets an error event appended: a stream is never
     silently truncated;
   - nothing reaches the client before the upstream's first event, so a replica that fails before it
@@ -50,8 +51,10 @@ async def relay_sse(
     top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
     idle_s: float = 0.0,
     deadline: float = 0.0,
-) -> bool:
-    """Relay the stream; False if the upstream broke it (the client got an error event).
+) -> str | None:
+    """Relay the stream; None when the replica did its part, else the breaker's kind of failure: "connect"
+    when the upstream broke the stream, "5xx" when it ended it with an error event of its own (the
+    client got an error event either way).
 
     Nothing is sent to the client before the upstream's first event: if the upstream breaks before
     it, `AttemptFailed` is raised and another replica may serve the request. From the first event on,
@@ -63,6 +66,7 @@ async def relay_sse(
     guard = ex.output_guard
     data_lines: list[bytes] = []
     finished = False  # [DONE] or an error event was relayed
+    fault: str | None = None  # what the upstream's final error event says about the replica
     started = False
     broken: str | None = None
     perf = time.perf_counter
@@ -91,6 +95,8 @@ async def relay_sse(
         data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
         data_lines.clear()
         chunk, out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
+        if finished and chunk is None and data != b"[DONE]":
+            fault = replica_fault(data)
         if not started:
             started = True
             await req.start_stream()
@@ -123,6 +129,8 @@ async def relay_sse(
     if not finished and data_lines:  # last event without its blank line
         data = b"\n".join(data_lines)
         chunk, out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
+        if finished and chunk is None and data != b"[DONE]":
+            fault = replica_fault(data)
         if chunk is not None:
             out = _event(chunk, ex) if guard is None else await _guarded(guard, chunk, out, finished, ex)
         if out:
@@ -145,7 +153,7 @@ async def relay_sse(
                 await req.stream_chunk(held + guard.closing)
                 ex.finished = True
                 await req.end_stream()
-                return True
+                return "connect"
             if held:
                 await req.stream_chunk(held)
         ex.error_code = "upstream_stream_truncated"
@@ -154,7 +162,7 @@ async def relay_sse(
         )
     ex.finished = True
     await req.end_stream()
-    return ex.error_code != "upstream_stream_truncated"
+    return "connect" if ex.error_code == "upstream_stream_truncated" else fault
 
 
 async def end_stream_with_error(req: Request, ex: Exchange, message: str, code: str) -> None:
@@ -199,6 +207,36 @@ def _translate(
     if "model" in chunk:
         chunk["model"] = model
     return chunk, b"", False
+
+
+# Error types (llama-server's and OpenAI's) that are about the request, not the server that answered it.
+_REQUEST_ERRORS = frozenset(
+    {
+        "invalid_request_error",
+        "exceed_context_size_error",
+        "not_found_error",
+        "authentication_error",
+        "permission_error",
+        "context_length_exceeded",
+    }
+)
+
+
+def replica_fault(data: bytes) -> str | None:
+    """A stream's final error event: "5xx" when the replica failed (decode error, out of memory, an
+    answer that is not JSON), None when the error is about the request (like a 4xx)."""
+    try:
+        err = orjson.loads(data).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "5xx"
+    if not isinstance(err, dict):
+        return "5xx"
+    status = err.get("code")
+    if err.get("type") in _REQUEST_ERRORS or err.get("code") in _REQUEST_ERRORS:
+        return None
+    if isinstance(status, int) and 400 <= status < 500 and status != 429:
+        return None
+    return "5xx"
 
 
 def _event(chunk: dict[str, Any], ex: Exchange) -> bytes:
