@@ -389,9 +389,11 @@ class AdmissionConfig(_Section):
     # between keys of a tier), or answer 503 at once. Both say when to come back (Retry-After).
     when_full: Literal["queue", "reject"] = "queue"
     # Requests that may wait for a slot per model; beyond it: 503 queue_full.
-    max_queue: int = Field(256, ge=0)
-    # The longest a request waits for a slot before a 503 with Retry-After.
-    max_wait_s: PositiveFloat = 30.0
+    max_queue: int = Field(64, ge=0)
+    # The longest a request waits for a slot before a 503 with Retry-After. In a sustained overload the
+    # queue stays full and every served request waits about this long: keep it below your clients'
+    # patience less one service time (docs/resilience.md, bench/RESULTS.md "overload").
+    max_wait_s: PositiveFloat = 5.0
     # Graceful degradation when a model is slow (models.<name>.degrade overrides it).
     degrade: DegradeConfig = DegradeConfig()
 
@@ -478,14 +480,17 @@ class UpstreamTimeouts(_Section):
     pool_s: PositiveFloat = 10.0
     # Streams: from sending the request to the first event. Past it, nothing has reached the client,
     # so the request is retried on another replica (llama-server beyond its slots queues silently:
-    # this is what catches a replica that accepted work it will not start soon).
-    ttft_s: PositiveFloat = 120.0
+    # this is what catches a replica that accepted work it will not start soon). At least the prefill
+    # of the longest prompt on the slowest replica (its context / prompt tokens per second), doubled.
+    ttft_s: PositiveFloat = 60.0
     # Streams: longest silence between two events once the stream has started. Past it the client's
     # stream ends with an error event and the upstream call is cancelled.
-    idle_s: PositiveFloat = 60.0
+    idle_s: PositiveFloat = 30.0
     # The whole upstream part of a request, attempts and streaming included. A non-streamed answer
-    # arrives in one piece at the end, so this is its only bound after connecting.
-    total_s: PositiveFloat = 600.0
+    # arrives in one piece at the end, so this is its only bound after connecting: at least the
+    # longest answer (max_tokens / decoding tokens per second) plus ttft_s. (A replica whose probes
+    # fail has the requests waiting on it retried elsewhere long before.)
+    total_s: PositiveFloat = 300.0
 
 
 class ModelTimeouts(_Section):

@@ -233,9 +233,7 @@ def test_requests_waiting_on_a_hung_replica_are_retried_once_probes_find_it_dead
     has otherwise, 600 s by default)."""
     sims = [start_sim("--slots", "4", "--tokens-per-s", "10", log_dir=tmp_path) for _ in range(2)]
     deployments = [{"url": s.url, "name": f"r{i}"} for i, s in enumerate(sims)]
-    cfg = gateway_config(
-        {"m": deployments}, tiers=TIERS, health={"interval_s": 0.3, "timeout_s": 0.5, "down_after": 3}
-    )
+    cfg = gateway_config({"m": deployments}, tiers=TIERS, health={"interval_s": 0.3, "timeout_s": 0.5})
     gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
     try:
 
