@@ -30,7 +30,9 @@ from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, key_
 from portcullis.identity.principal import Principal
 from portcullis.jobs.runner import BatchRunner
 from portcullis.jobs.store import BatchStore
+from portcullis.obs.lag import LAG
 from portcullis.obs.logging import access_line, flush_logs, get_logger
+from portcullis.obs.memory import MemoryReturn
 from portcullis.obs.metrics import Metrics
 from portcullis.obs.timeline import Timeline
 from portcullis.obs.tracing import Tracing, TracingUnavailable
@@ -102,6 +104,7 @@ class Gateway:
         self.exchanges: set[Exchange] = set()
         # Upstream attempts' time limits, checked on the live exchanges by one watchdog.
         self.deadlines = Deadlines(self.exchanges)
+        self.memory = MemoryReturn(self.exchanges, self.log)  # after a spike, give the memory back
         self.engine = make_engine(config.store.database_url, timeout_s=config.store.timeout_s)
         self.db_health = DatabaseHealth(
             self.engine, timeout_s=config.store.timeout_s, log=self.log, metrics=self.metrics
@@ -483,7 +486,9 @@ class Gateway:
             self._background.append(asyncio.create_task(self._poll_model_state()))
         self.identity.start()
         await self.moderation.start()
+        LAG.start()
         self.deadlines.start()
+        self.memory.start()
         self.timeline.start()
         self.admission.start()
         self.quota.start()
@@ -504,6 +509,8 @@ class Gateway:
             await self.batch_runner.stop()
         await self.prober.stop()
         await self.deadlines.stop()
+        await self.memory.stop()
+        await LAG.stop()
         await self.timeline.stop()
         await self.admission.stop()
         for task in self._background:
@@ -632,16 +639,24 @@ class Gateway:
             self.admission.kick_later(replica.model, breaker.config.open_s)
 
     def _on_replica_change(self, replica: Replica) -> None:
-        if replica.state is ReplicaState.DOWN:
+        if replica.state is ReplicaState.DOWN and self._elsewhere(replica):
             # Probes found it dead (hung, gone): the attempts still waiting on it for an answer would wait out
             # their whole time limit. Cut them now (the watchdog's next tick) and retry them elsewhere. Streams
             # that are flowing are left alone: their tokens say the replica lives (the idle limit watches them).
+            # With nowhere else to go they wait on: probes cannot tell a hung replica from a swamped one.
             now = asyncio.get_running_loop().time()
             for ex in self.exchanges:
                 if ex.replica is replica and ex.deadline > 0.0 and ex.streamed_tokens == 0:
                     ex.replica_lost = True
                     ex.deadline = now
         self.admission.kick(replica.model)
+
+    def _elsewhere(self, replica: Replica) -> bool:
+        """Is there another usable replica of its model, or of a fallback, to retry its requests on?"""
+        now = time.monotonic()
+        models = [replica.model, *self.catalog.fallbacks.get(replica.model, [])]
+        usable = (r for m in models if m not in self.catalog.disabled for r in self.catalog.models[m])
+        return any(r is not replica and r.usable(now) for r in usable)
 
     # -- graceful shutdown --------------------------------------------------------------------
 

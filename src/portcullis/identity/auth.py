@@ -32,6 +32,7 @@ from portcullis.identity.jwt import InvalidToken, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, key_id_of
 from portcullis.identity.principal import Principal
 from portcullis.identity.throttle import FailedAuthThrottle, client_address
+from portcullis.obs.lag import LAG
 from portcullis.obs.logging import get_logger
 
 if TYPE_CHECKING:
@@ -236,7 +237,9 @@ class Identity:
             async with asyncio.timeout(self.config.key_lookup_timeout_s):
                 record = await asyncio.shield(task)
         except Exception as exc:
-            if self.health is None or not self.health.degraded:  # the health logs the outage once
+            # The health logs an outage once; a deadline passed while our own loop was busy is none.
+            known = self.health is not None and self.health.degraded
+            if not known and not (isinstance(exc, TimeoutError) and LAG.busy()):
                 log.warning("key_store_unavailable", error=type(exc).__name__)
             if self.health is not None:
                 self.health.failed(exc)

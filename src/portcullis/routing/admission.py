@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import math
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
@@ -82,6 +83,39 @@ class _Waiter:
         self.key = key
 
 
+class Samples:
+    """The last `size` (time, value) samples, in two arrays allocated once.
+
+    Recording one allocates nothing. A deque of tuples did, for every request: thousands of small objects
+    that outlived a burst, scattered over the memory the burst had used, and kept the allocator from
+    giving any of it back to the system (bench/spike.py)."""
+
+    __slots__ = ("count", "next", "size", "times", "values")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.times = array("d", bytes(8 * size))
+        self.values = array("d", bytes(8 * size))
+        self.next = 0
+        self.count = 0
+
+    def add(self, when: float, value: float) -> None:
+        i = self.next
+        self.times[i] = when
+        self.values[i] = value
+        self.next = (i + 1) % self.size
+        if self.count < self.size:
+            self.count += 1
+
+    def since(self, horizon: float) -> list[float]:
+        """The values recorded at or after `horizon`."""
+        times, values = self.times, self.values
+        return [values[i] for i in range(self.count) if times[i] >= horizon]
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class Gate:
     """One model's slots and queue."""
 
@@ -95,13 +129,13 @@ class Gate:
         self.depth = 0
         self.service_s: float | None = None  # EWMA of how long a slot is held
         # (monotonic time, priority) of recent grants: a tier waits behind the higher tiers' arrivals too
-        self.grants: deque[tuple[float, int]] = deque(maxlen=1024)
+        self.grants = Samples(1024)
         self.budget = RetryBudget(config.resilience.retry_budget)
         self.timeouts = config.timeouts_for(model)
         self.degrade = config.degrade_for(model)
         self.target: Target  # set by Admission, which knows the other gates
         # (monotonic time, seconds to first token) of recent requests, for degradation
-        self.ttft: deque[tuple[float, float]] = deque(maxlen=4096)
+        self.ttft = Samples(4096)
         self.ttft_p95: float | None = None
         self._evaluated_at = 0.0
         # Background holders (batch lines) in the order they took their slot, and how many were told to
@@ -132,10 +166,9 @@ class Gate:
         if priority is not None and self.grants:
             horizon = time.monotonic() - _SHARE_WINDOW_S
             recent = higher = 0
-            for t, p in self.grants:
-                if t >= horizon:
-                    recent += 1
-                    higher += p > priority
+            for p in self.grants.since(horizon):
+                recent += 1
+                higher += p > priority
             if recent:
                 wait /= max(0.05, 1 - higher / recent)
         return wait
@@ -211,7 +244,7 @@ class Gate:
             if waiter.fut.done():
                 continue
             self.holding += 1
-            self.grants.append((time.monotonic(), waiter.priority))
+            self.grants.add(time.monotonic(), waiter.priority)
             waiter.fut.set_result(None)
 
     def idle(self, reserve: int) -> int:
@@ -254,7 +287,7 @@ class Gate:
     # -- degradation --------------------------------------------------------------------------------
 
     def observe_ttft(self, seconds: float) -> None:
-        self.ttft.append((time.monotonic(), seconds))
+        self.ttft.add(time.monotonic(), seconds)
 
     def slow(self, degrade: DegradeConfig) -> bool:
         threshold = degrade.ttft_p95_s
@@ -264,7 +297,7 @@ class Gate:
         if now - self._evaluated_at >= _DEGRADE_EVAL_S:
             self._evaluated_at = now
             horizon = now - degrade.window_s
-            recent = sorted(v for t, v in self.ttft if t >= horizon)
+            recent = sorted(self.ttft.since(horizon))
             self.ttft_p95 = (
                 recent[min(len(recent) - 1, math.ceil(0.95 * len(recent)) - 1)]
                 if (len(recent) >= degrade.min_samples)

@@ -8,8 +8,7 @@ replica has three sets of connections:
             wait is the gateway's own congestion, never evidence against the replica (`PoolExhausted`).
   fresh     a connection opened for one request and closed after it: the second try of a request whose
             pooled connection turned out to be dead (below).
-  probes    the same, for health probes and /props: a probe never waits behind traffic, and never holds
-            one of llama-server's HTTP threads idle between probes.
+(Health probes have connections of their own too, on a thread of their own: upstream/probe.py.)
 
 A pooled connection can die while idle: llama-server (cpp-httplib) closes a keep-alive connection idle
 for 5 s (uvicorn, under vLLM, too). aiohttp notices only when it reads the close; a request that takes the
@@ -91,7 +90,6 @@ class UpstreamClient:
             skip_auto_headers=("User-Agent",),
         )
         self._fresh = one_shot_session(self._timeout)
-        self._probes = one_shot_session(self._timeout, limit=4)
 
     async def post(self, path: str, body: bytes, *, model: str) -> aiohttp.ClientResponse:
         """Send the request; return the response once its headers arrived (the body is the caller's)."""
@@ -132,16 +130,6 @@ class UpstreamClient:
         self.in_use -= 1
         self._free.release()
 
-    async def get(self, path: str, *, timeout_s: float) -> tuple[int, Any]:
-        """A small GET for probes, on a connection of its own: (status, parsed JSON or None)."""
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with self._probes.get(self.base_url + path, timeout=timeout, headers=self._headers) as resp:
-            raw = await resp.read()
-            try:
-                return resp.status, orjson.loads(raw) if raw else None
-            except orjson.JSONDecodeError:
-                return resp.status, None
-
     async def call(self, path: str, obj: Any, *, timeout_s: float = 5.0) -> tuple[int, Any]:
         """A small JSON POST beside the traffic (e.g. /tokenize): (status, parsed JSON or None)."""
         timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -155,7 +143,7 @@ class UpstreamClient:
                 return resp.status, None
 
     async def close(self) -> None:
-        for session in (self._session, self._fresh, self._probes):
+        for session in (self._session, self._fresh):
             await session.close()
 
 

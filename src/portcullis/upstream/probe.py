@@ -5,19 +5,29 @@ not serving; no answer or anything else is a failure. When a llama-server replic
 prober reads `/props` for `total_slots` and the per-slot context `n_ctx`, which the balancer uses.
 Other OpenAI-compatible backends have no /health: `GET /v1/models` answering 200 means ready.
 
-Probes go over connections of their own (upstream/client.py), so a replica busy with thousands of
-streams is still probed at once. And they have hysteresis, like HAProxy's rise and fall: a ready
-replica is marked down after `down_after` failed probes in a row, and a down one ready after `up_after`
-good ones, so one probe that was slow under load does not take a replica out, nor does one lucky answer
-bring a crash-looping one back. Loading (503) is an answer, not a failure: it applies at once. The first
-probe of a replica (its state unknown) decides at once too.
+A probe judges the replica, so nothing of the gateway's own may stand in its way. Probes go over
+connections of their own (opened per probe, closed after it), never waiting behind traffic for a pooled
+one, and they run on an event loop of their own in a thread: a gateway whose loop is busy with a burst of
+thousands of requests would otherwise see every probe time out, with the replica's answer unread in the
+kernel's buffer, and take a healthy replica out. The results are applied on the gateway's loop.
+
+And they have hysteresis, like HAProxy's rise and fall: a ready replica is marked down after
+`down_after` failed probes in a row, and a down one ready after `up_after` good ones, so one probe that
+was slow under load does not take a replica out, nor does one lucky answer bring a crash-looping one
+back. Loading (503) is an answer, not a failure: it applies at once. The first probe of a replica (its
+state unknown) decides at once too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
 
 from portcullis.config import HealthConfig
 from portcullis.obs.logging import get_logger
@@ -26,12 +36,60 @@ from portcullis.routing.catalog import Replica, ReplicaState
 log = get_logger("portcullis.health")
 
 
-async def probe_once(replica: Replica, timeout_s: float) -> ReplicaState:
-    assert replica.client is not None
+class ProbeClient:
+    """GETs on an event loop in a thread of its own, each on a connection of its own."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._session: aiohttp.ClientSession | None = None
+        self._thread = threading.Thread(target=self._run, name="portcullis-probes", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    async def get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, Any]:
+        """(status, parsed JSON or None); raises what the request raised. Awaited on the caller's loop."""
+        future = asyncio.run_coroutine_threadsafe(self._get(url, headers, timeout_s), self._loop)
+        return await asyncio.wrap_future(future)
+
+    async def _get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, Any]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=0), skip_auto_headers=("User-Agent",)
+            )
+        async with asyncio.timeout(timeout_s):
+            async with self._session.get(url, headers=headers) as resp:
+                raw = await resp.read()
+        try:
+            return resp.status, orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return resp.status, None
+
+    def close(self) -> None:
+        async def shut() -> None:
+            if self._session is not None:
+                await self._session.close()
+
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        self._loop.close()
+
+
+def _target(replica: Replica, path: str) -> tuple[str, dict[str, str]]:
+    headers = {"authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
+    return replica.url + path, headers
+
+
+async def probe_once(client: ProbeClient, replica: Replica, timeout_s: float) -> ReplicaState:
     path = "/health" if replica.kind == "llama_cpp" else "/v1/models"
     try:
-        status, _ = await replica.client.get(path, timeout_s=timeout_s)
-    except (TimeoutError, OSError, Exception) as exc:
+        status, _ = await client.get(*_target(replica, path), timeout_s)
+    except Exception as exc:
         replica.last_error = type(exc).__name__
         return ReplicaState.DOWN
     if status == 200:
@@ -44,11 +102,10 @@ async def probe_once(replica: Replica, timeout_s: float) -> ReplicaState:
     return ReplicaState.DOWN
 
 
-async def learn_capacity(replica: Replica, timeout_s: float) -> None:
+async def learn_capacity(client: ProbeClient, replica: Replica, timeout_s: float) -> None:
     """Read llama-server's /props: total_slots and the context per slot."""
-    assert replica.client is not None
     try:
-        status, props = await replica.client.get("/props", timeout_s=timeout_s)
+        status, props = await client.get(*_target(replica, "/props"), timeout_s)
     except Exception:
         return
     if status != 200 or not isinstance(props, dict):
@@ -61,13 +118,13 @@ async def learn_capacity(replica: Replica, timeout_s: float) -> None:
         replica.n_ctx = settings["n_ctx"]
 
 
-async def update(replica: Replica, config: HealthConfig) -> bool:
+async def update(client: ProbeClient, replica: Replica, config: HealthConfig) -> bool:
     """Probe once; True when the replica's state or capacity changed."""
-    state = await probe_once(replica, config.timeout_s)
+    state = await probe_once(client, replica, config.timeout_s)
     state = _with_hysteresis(replica, state, config)
     slots = replica.slots
     if state is ReplicaState.READY and replica.kind == "llama_cpp" and replica.state is not ReplicaState.READY:
-        await learn_capacity(replica, config.timeout_s)
+        await learn_capacity(client, replica, config.timeout_s)
     if state is replica.state:
         return slots != replica.slots
     log.info(
@@ -107,24 +164,31 @@ class Prober:
         self.replicas = replicas
         self.config = config
         self.on_change = on_change
+        self.client: ProbeClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def first_round(self) -> None:
         """Probe every replica once, so the gateway starts with a known picture."""
         if not self.replicas:
             return
+        if self.client is None:
+            self.client = ProbeClient()
+        client = self.client
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.startup_probe_timeout_s or None):
-                await asyncio.gather(*(update(r, self.config) for r in self.replicas))
+                await asyncio.gather(*(update(client, r, self.config) for r in self.replicas))
 
     def start(self) -> None:
+        if self.client is None and self.replicas:
+            self.client = ProbeClient()
         self._tasks = [asyncio.create_task(self._loop(r)) for r in self.replicas]
 
     async def _loop(self, replica: Replica) -> None:
+        assert self.client is not None
         while True:
             await asyncio.sleep(self.config.interval_s)
             try:
-                if await update(replica, self.config) and self.on_change is not None:
+                if await update(self.client, replica, self.config) and self.on_change is not None:
                     self.on_change(replica)
             except Exception:
                 log.exception("probe_failed", model=replica.model, replica=replica.name)
@@ -134,3 +198,6 @@ class Prober:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.client is not None:
+            await asyncio.to_thread(self.client.close)
+            self.client = None

@@ -28,6 +28,7 @@ import orjson
 
 from portcullis.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
 from portcullis.http import Request
+from portcullis.obs.lag import LAG
 from portcullis.routing.balancer import choose, unavailable
 from portcullis.routing.catalog import Replica
 from portcullis.routing.retry import RETRYABLE_STATUS, AttemptFailed, backoff_delay, retry_after_of
@@ -227,11 +228,14 @@ class Upstream:
                 ex.replica_lost = False
                 message = f"The replica serving model '{model}' stopped answering its health probes."
                 if streaming:
+                    ok = kind = None
                     message += " The stream was ended."
                     await end_stream_with_error(req, ex, message, code="upstream_unavailable")
                     return
+                # The probes' verdict took the replica out already: no second count for its breaker.
+                ok = kind = None
                 lost = BadGateway(message, code="upstream_unavailable")
-                raise AttemptFailed(lost, kind="timeout", retryable=True) from None
+                raise AttemptFailed(lost, kind=None, retryable=True) from None
             phase = "idle" if streaming else ("first_token" if ex.stream and loop.time() < deadline else "total")
             limit = {"idle": timeouts.idle_s, "first_token": timeouts.ttft_s, "total": timeouts.total_s}[phase]
             message = {
@@ -246,6 +250,8 @@ class Upstream:
         finally:
             ex.deadline = 0.0
             replica.end(time.perf_counter())
+            if kind == "timeout" and LAG.busy():
+                ok = None  # our own loop was too busy to read the answer in time: no evidence against the replica
             breaker.record(ok, kind, probe=probe)
             if ex.trace is not None:
                 ex.trace.attempt_ended(ok, kind, ex.ttft_s)
