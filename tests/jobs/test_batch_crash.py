@@ -1,16 +1,21 @@
 """A batch of 1,000 lines survives its gateway being SIGKILLed midway (SQLite, restarted on the same
 file), and runs on two gateway processes sharing PostgreSQL, one of them SIGKILLed midway: every input
-line appears exactly once in the output.
+line appears exactly once in the output, and has exactly one usage record (a line that ran again after the
+crash replaces its earlier record; records the dead process had not written yet are replayed from its
+spool).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import signal
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import openai
 import orjson
 import pytest
@@ -75,6 +80,33 @@ def _check_output(client: openai.OpenAI, batch_id: str) -> None:
     assert len(ids) == LINES and ids == [f"line-{i}" for i in range(LINES)]  # each once, in input order
 
 
+def _usage_per_line(database_url: str, batch_id: str) -> dict[str, int]:
+    """Usage records per batch line (its request id), read from the database directly."""
+    prefix = f"batch_req_{batch_id[6:]}_"
+    sql = "SELECT request_id, count(*) FROM usage WHERE request_id LIKE $1 GROUP BY request_id"
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.split(":///", 1)[1]) as db:
+            return dict(db.execute(sql.replace("$1", "?"), (prefix + "%",)).fetchall())
+
+    async def run() -> dict[str, int]:
+        conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+        try:
+            return {r[0]: r[1] for r in await conn.fetch(sql, prefix + "%")}
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _one_record_per_line(database_url: str, batch_id: str) -> None:
+    def complete() -> bool:
+        return len(_usage_per_line(database_url, batch_id)) == LINES
+
+    wait_until(complete, timeout=30, interval=0.5, what="a usage record for every line")
+    counts = _usage_per_line(database_url, batch_id)
+    assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
+
+
 def _lines_run(gw: Proc) -> float:
     _, raw = http_get(gw.url + "/metrics")
     return next(float(x.split()[-1]) for x in raw.decode().splitlines() if x.startswith("portcullis_batch_lines_total"))
@@ -98,6 +130,7 @@ def test_a_killed_gateway_restarted_finishes_the_batch(sim: Proc, module_tmp: Pa
         halfway = _completed(client, batch.id)
         assert 200 <= halfway < LINES  # it really was cut in the middle
         _check_output(client, batch.id)
+        _one_record_per_line(cfg["store"]["database_url"], batch.id)
     finally:
         gw.stop()
 
@@ -118,6 +151,7 @@ def test_two_gateways_share_the_batch_on_postgres_and_survive_one_being_killed(
         first.wait()
         # The survivor takes over the dead one's leases once they expire, and finishes.
         _check_output(_client(second), batch.id)
+        _one_record_per_line(postgres_url, batch.id)
     finally:
         first.stop()
         second.stop()
