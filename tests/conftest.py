@@ -13,14 +13,32 @@ import contextlib
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from procs import Proc, bind_loopback, gateway_config, start_gateway, start_sim, wait_until
+
+
+@pytest.fixture
+def reaper() -> Iterator[Callable[[Any], Any]]:
+    """`reaper(proc)` returns proc and stops it when the test ends, however it ends (a gateway that fails to
+    start must not leave its simulators behind)."""
+    started: list[Any] = []
+
+    def keep(proc: Any) -> Any:
+        started.append(proc)
+        return proc
+
+    yield keep
+    for proc in reversed(started):
+        stop = getattr(proc, "close", None) or getattr(proc, "stop", None) or proc.kill
+        with contextlib.suppress(Exception):
+            stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,20 +75,22 @@ def _pg_count(url: str, sql: str) -> int:
 # -- PostgreSQL ---------------------------------------------------------------------------------------
 
 
-def test_a_database_stopped_then_hung_under_load_fails_no_request_of_a_known_key(tmp_path: Path, sim: Proc) -> None:
+def test_a_database_stopped_then_hung_under_load_fails_no_request_of_a_known_key(
+    tmp_path: Path, reaper: Callable[[Any], Any], sim: Proc
+) -> None:
     """PostgreSQL stopped for 30 s, then SIGSTOPped for 30 s, under 20 requests/s from five keys the gateway
     has verified before (no Redis: the key cache lives 1 s, so each key is looked up every second). Every
     request is answered 200; while the database hangs the slowest requests take under 1 s (one lookup's
     deadline, then the cached keys are served without waiting); /readyz stays 200 and says the database
     is degraded; afterwards every answered request has its usage record. (Before: 503 for nearly every
     request once the cache expired, and 30 s stalls while it hung.)"""
-    pg = PrivatePostgres(tmp_path / "pg")
+    pg = reaper(PrivatePostgres(tmp_path / "pg"))
     cfg = gateway_config(
         {"m": [{"url": sim.url, "name": "r0"}]},
         store={"database_url": pg.url, "auto_migrate": True},
         tiers=TIERS,
     )
-    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
         keys = [ADMIN_KEY, *_keys(gw, 4)]
         for key in keys:  # each verified once
@@ -150,19 +152,19 @@ def _ready(gw: Proc) -> tuple[int, Any]:
 # -- Redis ------------------------------------------------------------------------------------------------
 
 
-def test_a_hung_redis_does_not_slow_cached_answers(tmp_path: Path, sim: Proc) -> None:
+def test_a_hung_redis_does_not_slow_cached_answers(tmp_path: Path, reaper: Callable[[Any], Any], sim: Proc) -> None:
     """Redis (limits and the shared cache) SIGSTOPped while cacheable requests flow: the quota falls back to
     this process's counters, the cache steps aside after its first late call, and no request waits on Redis
     for more than one short deadline: p99 stays under 1 s and every request is served. (Before: each lookup,
     lease and store waited out its own timeout: 1-1.8 s a request.)"""
-    redis = RedisServer(tmp_path)
+    redis = reaper(RedisServer(tmp_path))
     cfg = gateway_config(
         {"m": [{"url": sim.url, "name": "r0"}]},
         store={"redis_url": redis.url},
         cache={"backend": "redis"},
         tiers=TIERS,
     )
-    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
         deterministic = [
             (dict(chat_body(max_tokens=2, text=f"q{i % 20}"), temperature=0), ADMIN_KEY) for i in range(200)
@@ -183,7 +185,7 @@ def test_a_hung_redis_does_not_slow_cached_answers(tmp_path: Path, sim: Proc) ->
 
 
 def test_a_revocation_made_while_redis_is_away_reaches_every_process(
-    tmp_path: Path, sim: Proc, postgres_url: str
+    tmp_path: Path, reaper: Callable[[Any], Any], sim: Proc, postgres_url: str
 ) -> None:
     """Two gateways on one PostgreSQL and one Redis, both having verified a key (cached 30 s while the bus
     pushes revocations). Redis is killed; the key is revoked through the first gateway: the admin gets 200
@@ -192,14 +194,14 @@ def test_a_revocation_made_while_redis_is_away_reaches_every_process(
     answers (the second gateway may not have subscribed again yet): refused there within a second of
     Redis's return. (Before: the admin got 500 although the key was revoked, and the other process kept
     accepting it for 30 s.)"""
-    redis = RedisServer(tmp_path)
+    redis = reaper(RedisServer(tmp_path))
     cfg = gateway_config(
         {"m": [{"url": sim.url, "name": "r0"}]},
         store={"database_url": postgres_url, "auto_migrate": True, "redis_url": redis.url},
         tiers=TIERS,
     )
-    first = start_gateway(cfg, tmp_path, ready_path="/readyz")
-    second = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    first = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
+    second = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
         one, two = _keys(first, 2)
         for gw in (first, second):
@@ -252,7 +254,7 @@ def _refused_within(gw: Proc, key: str, limit_s: float) -> float:
 # -- the gateway itself SIGKILLed --------------------------------------------------------------------------
 
 
-def test_a_sigkilled_gateway_loses_no_usage_record(tmp_path: Path, sim: Proc) -> None:
+def test_a_sigkilled_gateway_loses_no_usage_record(tmp_path: Path, reaper: Callable[[Any], Any], sim: Proc) -> None:
     """40 requests/s, each with its own x-request-id; the gateway is SIGKILLed mid-load and started again on
     the same database: every request that was answered 200 has its usage record (the restarted process
     replays what the dead one had spooled but not yet written). (Before: about a second of records was lost
@@ -264,7 +266,7 @@ def test_a_sigkilled_gateway_loses_no_usage_record(tmp_path: Path, sim: Proc) ->
         tiers=TIERS,
         quota={"usage": {"flush_interval_s": 1.0}},
     )
-    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     answered: list[str] = []
     try:
 
@@ -298,7 +300,7 @@ def test_a_sigkilled_gateway_loses_no_usage_record(tmp_path: Path, sim: Proc) ->
     finally:
         gw.stop()
     assert 150 <= len(answered) <= 201
-    restarted = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    restarted = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
 
         def recorded() -> set[str]:

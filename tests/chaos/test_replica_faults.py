@@ -13,7 +13,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,10 @@ class _Sims:
     def body(self, *, stream: bool, max_tokens: int) -> dict[str, Any]:
         return chat_body(stream=stream, max_tokens=max_tokens)
 
+    def slow_body(self) -> dict[str, Any]:
+        """A non-streamed request whose answer takes about 3 s."""
+        return chat_body(max_tokens=240)
+
 
 class _Llamas:
     """Two real llama-server replicas of the tiny random-weight model. Bursts every 5 s, its keep-alive: a
@@ -113,11 +117,15 @@ class _Llamas:
         from llama.tiny_gguf import write_tiny_llama
 
         model = write_tiny_llama(tmp / "tiny.gguf")
-        self.procs = [LlamaServer(model, slots=4, ctx=512, log_dir=tmp) for _ in range(2)]
+        self.procs = [LlamaServer(model, slots=4, ctx=2048, log_dir=tmp) for _ in range(2)]
 
     def body(self, *, stream: bool, max_tokens: int) -> dict[str, Any]:
         # The tiny model decodes thousands of tokens a second; ignore_eos makes every answer its full length.
         return {**chat_body(stream=stream, max_tokens=max_tokens * 8), "ignore_eos": True}
+
+    def slow_body(self) -> dict[str, Any]:
+        """A non-streamed request whose answer takes about 3 s (on one CPU thread; 2,048 tokens of context)."""
+        return {**chat_body(max_tokens=1900), "ignore_eos": True}
 
 
 needs_llama = pytest.mark.skipif(not LLAMA_BIN, reason="LLAMA_SERVER_BIN is not set (a real llama-server is optional)")
@@ -131,7 +139,9 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_Sims | _L
         p.stop()
 
 
-def test_a_killed_replica_never_opens_the_survivors_breaker(tmp_path: Path, fleet: _Sims | _Llamas) -> None:
+def test_a_killed_replica_never_opens_the_survivors_breaker(
+    tmp_path: Path, reaper: Callable[[Any], Any], fleet: _Sims | _Llamas
+) -> None:
     """SIGKILL one of two replicas under mixed load (streams; plain requests with think time and in bursts,
     so pooled connections go idle as long as the replicas' keep-alive and meet servers closing them): no non-streamed
     request fails, every stream cut on the victim ends with an error event, and the survivor stays ready
@@ -139,7 +149,7 @@ def test_a_killed_replica_never_opens_the_survivors_breaker(tmp_path: Path, flee
     its connect failures, and its breaker opened: 503 no_ready_replica for everyone.)"""
     deployments = [{"url": p.url, "name": f"r{i}"} for i, p in enumerate(fleet.procs)]
     cfg = gateway_config({"m": deployments}, resilience=RESILIENCE, tiers=TIERS, admission={"max_wait_s": 15})
-    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     victim = fleet.procs[0]
     period = fleet.burst_period_s
     try:
@@ -197,15 +207,17 @@ def test_a_killed_replica_never_opens_the_survivors_breaker(tmp_path: Path, flee
         gw.stop()
 
 
-def test_a_pooled_connection_the_server_closed_is_not_a_replica_failure(tmp_path: Path) -> None:
+def test_a_pooled_connection_the_server_closed_is_not_a_replica_failure(
+    tmp_path: Path, reaper: Callable[[Any], Any]
+) -> None:
     """The replica closes each connection used before just as the next request arrives on it (llama-server's
     keep-alive timer firing under the request; the simulator does it on demand): each such request goes
     again at once on a fresh connection. Every answer is 200 on the first attempt, the replica's breaker
     counts nothing and it stays ready. (Before: ClientOSError / ServerDisconnectedError counted as the
     replica's connect failures; five opened its breaker.)"""
-    sim = start_sim("--slots", "4", log_dir=tmp_path)
+    sim = reaper(start_sim("--slots", "4", log_dir=tmp_path))
     cfg = gateway_config({"m": [{"url": sim.url, "name": "r0"}]}, tiers=TIERS)
-    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
 
         async def run(n: int) -> list[Result]:
@@ -226,51 +238,52 @@ def test_a_pooled_connection_the_server_closed_is_not_a_replica_failure(tmp_path
         sim.stop()
 
 
-def test_requests_waiting_on_a_hung_replica_are_retried_once_probes_find_it_dead(tmp_path: Path) -> None:
-    """SIGSTOP a replica while non-streamed requests wait on it (each answer takes 3 s): its probes fail,
-    it is marked down after `down_after` of them, and the requests waiting on it go to the other replica
-    at once: every one is answered 200 in seconds, not after `total_s` (the only limit a non-streamed answer
-    has otherwise, 600 s by default)."""
-    sims = [start_sim("--slots", "4", "--tokens-per-s", "10", log_dir=tmp_path) for _ in range(2)]
-    deployments = [{"url": s.url, "name": f"r{i}"} for i, s in enumerate(sims)]
+def test_requests_waiting_on_a_hung_replica_are_retried_once_probes_find_it_dead(
+    tmp_path: Path, reaper: Callable[[Any], Any], fleet: _Sims | _Llamas
+) -> None:
+    """SIGSTOP one of two replicas while non-streamed requests wait on it (each answer takes about 3 s): its
+    probes fail, it is marked down after `down_after` of them, and the requests waiting on it go to the other
+    replica at once: every one is answered 200 as soon as the survivor's slots allow, not after `total_s` (the
+    only limit a non-streamed answer has otherwise)."""
+    deployments = [{"url": p.url, "name": f"r{i}"} for i, p in enumerate(fleet.procs)]
     cfg = gateway_config({"m": deployments}, tiers=TIERS, health={"interval_s": 0.3, "timeout_s": 0.5})
-    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
+    hung = fleet.procs[0]
     try:
 
         async def run() -> list[Result]:
             async with aiohttp.ClientSession() as s:
-                body = chat_body(max_tokens=30)
+                body = fleet.slow_body()
                 tasks = [asyncio.create_task(call(s, gw.url, body, limit_s=40)) for _ in range(8)]
                 await asyncio.to_thread(wait_until, lambda: _backends(gw)["r0"]["in_flight"] >= 2, timeout=10)
-                sims[0].signal(signal.SIGSTOP)
+                hung.signal(signal.SIGSTOP)
                 return list(await asyncio.gather(*tasks))
 
         results = asyncio.run(run())
         assert [(r.status, r.body) for r in results if r.status != 200] == []
         assert any(r.attempts == 2 for r in results)
-        assert max(r.latency for r in results) < 15.0
+        # Waiting out total_s would take 300 s; the retried requests wait only for the survivor's slots.
+        assert max(r.latency for r in results) < 60.0
         assert _backends(gw)["r0"]["state"] == "down"
     finally:
-        sims[0].signal(signal.SIGCONT)
+        hung.signal(signal.SIGCONT)
         gw.stop()
-        for s in sims:
-            s.stop()
 
 
 # -- thousands of open streams ------------------------------------------------------------------
 
 
-def test_1100_open_streams_never_mark_their_replica_down(tmp_path: Path) -> None:
+def test_1100_open_streams_never_mark_their_replica_down(tmp_path: Path, reaper: Callable[[Any], Any]) -> None:
     """1,100 streams open at once on one replica (a llama-server-like simulator with 1,200 slots): the
     probes have their own connections, so the replica stays ready with its breaker closed, and every
     stream completes. (Before: a 1,024-connection pool shared with the probes; the probe waited behind the
     streams, timed out, and the replica was marked down.)"""
     n = 1100
-    sim = start_sim("--slots", "1200", "--tokens-per-s", "3", log_dir=tmp_path)
+    sim = reaper(start_sim("--slots", "1200", "--tokens-per-s", "3", log_dir=tmp_path))
     cfg = gateway_config(
         {"m": [{"url": sim.url, "name": "r0"}]}, tiers=TIERS, health={"interval_s": 0.5, "timeout_s": 1}
     )
-    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
 
         async def run() -> list[Result]:
@@ -293,11 +306,11 @@ def test_1100_open_streams_never_mark_their_replica_down(tmp_path: Path) -> None
         sim.stop()
 
 
-def test_waiting_for_a_pooled_connection_is_not_a_replica_failure(tmp_path: Path) -> None:
+def test_waiting_for_a_pooled_connection_is_not_a_replica_failure(tmp_path: Path, reaper: Callable[[Any], Any]) -> None:
     """A backend without slot limits behind a pool of 4 connections: 16 streams at once, the pool wait
     limit 0.3 s. Those that find no connection in time get 503 upstream_pool_exhausted with Retry-After;
     the replica stays ready and its breaker counts nothing."""
-    sim = start_sim("--slots", "64", "--tokens-per-s", "10", log_dir=tmp_path)
+    sim = reaper(start_sim("--slots", "64", "--tokens-per-s", "10", log_dir=tmp_path))
     deployment = {"url": sim.url, "name": "r0", "kind": "openai", "max_connections": 4}
     cfg = gateway_config(
         {"m": [deployment]},
@@ -305,7 +318,7 @@ def test_waiting_for_a_pooled_connection_is_not_a_replica_failure(tmp_path: Path
         resilience={"retries": 0, "breaker": {"failures": 2}},
         upstream={"timeouts": {"pool_s": 0.3}},
     )
-    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
 
         async def run() -> list[Result]:
@@ -332,15 +345,15 @@ def test_waiting_for_a_pooled_connection_is_not_a_replica_failure(tmp_path: Path
 # -- error events inside streams ------------------------------------------------------------------
 
 
-def test_error_events_in_streams_count_against_the_replica(tmp_path: Path) -> None:
+def test_error_events_in_streams_count_against_the_replica(tmp_path: Path, reaper: Callable[[Any], Any]) -> None:
     """A replica whose streams end with llama-server's `data: {"error": ...}` event after two tokens: each is
     a failure of the replica, and five open its breaker, so the next streams go to the healthy one. (Before:
     such streams counted as successes; 40 of them in 15 s never moved the breaker.)"""
-    sims = [start_sim("--slots", "4", "--tokens-per-s", "100", log_dir=tmp_path) for _ in range(2)]
+    sims = [reaper(start_sim("--slots", "4", "--tokens-per-s", "100", log_dir=tmp_path)) for _ in range(2)]
     sim_control(sims[0], stream_error_rate=1.0)
     deployments = [{"url": s.url, "name": f"r{i}"} for i, s in enumerate(sims)]
     cfg = gateway_config({"m": deployments}, tiers=TIERS, resilience={"breaker": {"failures": 5, "open_s": 30}})
-    gw = start_gateway(cfg, tmp_path, ready_path="/readyz")
+    gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
 
         async def run(n: int) -> list[Result]:
