@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from portcullis.api import admin, batches, dashboard, openai, openapi, ops
 from portcullis.cache.batching import EmbeddingBatcher
@@ -105,7 +107,7 @@ class Gateway:
         # Upstream attempts' time limits, checked on the live exchanges by one watchdog.
         self.deadlines = Deadlines(self.exchanges)
         self.memory = MemoryReturn(self.exchanges, self.log)  # after a spike, give the memory back
-        self.engine = make_engine(config.store.database_url, timeout_s=config.store.timeout_s)
+        self.engine = make_engine(config.store.database_url, timeout_s=config.store.timeout_s, statements=True)
         self.db_health = DatabaseHealth(
             self.engine, timeout_s=config.store.timeout_s, log=self.log, metrics=self.metrics
         )
@@ -223,11 +225,30 @@ class Gateway:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             await self._after_abort(req, ex)
-        except Exception:
-            self.log.exception("unhandled_error", request_id=req.request_id, path=req.path)
-            ex.error_code = "internal_error"
+        except (OSError, TimeoutError, SQLAlchemyError) as exc:
+            # A dependency that failed or passed its deadline (the database, mostly: its drivers raise plain
+            # ConnectionRefusedError and TimeoutError): 503 with Retry-After, never a 500.
+            if isinstance(exc, SQLAlchemyError) and not isinstance(exc, _UNAVAILABLE):
+                await self._unhandled(req, ex)  # a statement that is wrong: our bug, not an outage
+                return
+            store = _from_store(exc)
+            if store:
+                self.db_health.failed(exc)
+            self.log.warning(
+                "dependency_unavailable",
+                request_id=req.request_id,
+                path=req.path,
+                error=type(exc).__name__,
+                store=store,
+            )
+            ex.error_code = "database_unavailable" if store else "temporarily_unavailable"
             if req.status == 0:
-                await req.respond_error(GatewayError("The gateway failed to handle the request."))
+                what = "The database did not answer" if store else "A resource the gateway needs was unavailable"
+                await req.respond_error(
+                    ServiceUnavailable(f"{what}; try again shortly.", code=ex.error_code, headers={"Retry-After": "2"})
+                )
+        except Exception:
+            await self._unhandled(req, ex)
         finally:
             self.exchanges.discard(ex)
             ex.stop_watching()
@@ -244,6 +265,12 @@ class Gateway:
                 self._record(req, ex)
             if ex.trace is not None:
                 ex.trace.finish(req, ex)
+
+    async def _unhandled(self, req: Request, ex: Exchange) -> None:
+        self.log.exception("unhandled_error", request_id=req.request_id, path=req.path)
+        ex.error_code = "internal_error"
+        if req.status == 0:
+            await req.respond_error(GatewayError("The gateway failed to handle the request."))
 
     def _route(self, req: Request) -> tuple[Handler, tuple[Any, ...], str]:
         found = self.routes.get((req.method, req.path))
@@ -423,14 +450,22 @@ class Gateway:
                     "The database schema is not up to date. Run `portcullis db upgrade --config FILE` "
                     "(or set store.auto_migrate: true)."
                 )
-            await upgrade(self.engine)
+            migrator = make_engine(self.config.store.database_url)  # no statement deadline: may take long
+            try:
+                await upgrade(migrator)
+            finally:
+                await migrator.dispose()
         if hasher is not None:
             self.keys = KeyStore(self.engine, hasher)
         if self.config.store.redis_url:
             self.bus = EventBus(self.config.store.redis_url, timeout_s=self.config.store.redis_timeout_s)
         # Revocations count as pushed once the bus has subscribed (startup), and only while it stays so.
         self.identity = Identity(
-            self.config, self.keys if auth.api_keys else None, hasher, jwt, pushed_invalidation=False,
+            self.config,
+            self.keys if auth.api_keys else None,
+            hasher,
+            jwt,
+            pushed_invalidation=False,
             health=self.db_health,
         )
         self.metrics.count(
@@ -548,6 +583,11 @@ class Gateway:
         self.metrics.bus_connected.set(1 if connected else 0)
         if self.identity is not None:
             self.identity.revocations_pushed(connected)
+        if connected and self.keys is not None:
+            # A switch made between the last poll and the subscription is in no event: read it once.
+            task = asyncio.get_running_loop().create_task(self._read_model_state())
+            self._background.append(task)
+            task.add_done_callback(self._background.remove)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("type") == "key" and self.identity is not None:
@@ -560,16 +600,18 @@ class Gateway:
                 self.catalog.disabled.discard(name)
 
     async def _poll_model_state(self) -> None:
-        assert self.keys is not None
         while True:
             await asyncio.sleep(_MODEL_POLL_S)
-            if self.bus is not None and self.bus.connected:
-                continue  # pushed
-            try:
-                async with asyncio.timeout(self.config.store.timeout_s):
-                    self.catalog.disabled = await self.keys.disabled_models()
-            except Exception as exc:
-                self.log.warning("model_state_poll_failed", error=type(exc).__name__)
+            if self.bus is None or not self.bus.connected:  # else pushed
+                await self._read_model_state()
+
+    async def _read_model_state(self) -> None:
+        assert self.keys is not None
+        try:
+            async with asyncio.timeout(self.config.store.timeout_s):
+                self.catalog.disabled = await self.keys.disabled_models()
+        except Exception as exc:
+            self.log.warning("model_state_poll_failed", error=type(exc).__name__)
 
     async def _tick_throughput(self) -> None:
         while True:
@@ -644,11 +686,13 @@ class Gateway:
             # their whole time limit. Cut them now (the watchdog's next tick) and retry them elsewhere. Streams
             # that are flowing are left alone: their tokens say the replica lives (the idle limit watches them).
             # With nowhere else to go they wait on: probes cannot tell a hung replica from a swamped one.
-            now = asyncio.get_running_loop().time()
-            for ex in self.exchanges:
-                if ex.replica is replica and ex.deadline > 0.0 and ex.streamed_tokens == 0:
-                    ex.replica_lost = True
-                    ex.deadline = now
+            # One that answered requests while its probes failed is swamped, not hung: its requests are left.
+            if replica.answered_at < replica.failing_since:
+                now = asyncio.get_running_loop().time()
+                for ex in self.exchanges:
+                    if ex.replica is replica and ex.deadline > 0.0 and ex.streamed_tokens == 0:
+                        ex.replica_lost = True
+                        ex.deadline = now
         self.admission.kick(replica.model)
 
     def _elsewhere(self, replica: Replica) -> bool:
@@ -675,6 +719,24 @@ class Gateway:
         for ex in list(self.exchanges):
             if ex.route not in _QUIET:
                 ex.abort(ABORT_SHUTDOWN)
+
+
+# SQLAlchemy's errors that mean the database is away (a refused or dropped connection, a pool timeout), not
+# that the statement was wrong.
+_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
+_DRIVERS = ("/sqlalchemy/", "/asyncpg/", "/aiosqlite/", "/sqlite3/")
+
+
+def _from_store(exc: BaseException) -> bool:
+    """Did this come from the database (its driver or SQLAlchemy)? The drivers raise builtin errors."""
+    if isinstance(exc, SQLAlchemyError):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(part in tb.tb_frame.f_code.co_filename for part in _DRIVERS):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _version() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -204,6 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
     if config is not None and (args.ssl_certfile or args.ssl_keyfile):
         config = _with_tls(config, args)
+    _raise_open_files_limit()  # before --workers forks: the workers inherit it
     if args.workers != 1:
         if config is None or args.workers < 1:
             print("portcullis serve: --workers N (N >= 1) needs --config (the demo is one process)", file=sys.stderr)
@@ -216,6 +218,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve_async(args, config))
+
+
+def _raise_open_files_limit() -> None:
+    """Each open stream holds two descriptors (the client's and the upstream's): take the hard limit, not the
+    soft one a shell leaves (often 1,024), as servers do."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _with_tls(config: Config, args: argparse.Namespace) -> Config:

@@ -238,8 +238,8 @@ async def _announce(config: Config, event: dict[str, Any]) -> None:
         try:
             if not await bus.publish(event):
                 print(
-                    "note: Redis did not take the event; running gateways see the change within their key "
-                    "cache's short TTL (1 s) instead of at once.",
+                    "note: Redis did not take the event. The change is saved: gateways that lost Redis too read it "
+                    "within 1 s; others within their key cache's TTL (30 s).",
                     file=sys.stderr,
                 )
         finally:

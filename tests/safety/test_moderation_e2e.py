@@ -43,7 +43,7 @@ def sims(module_tmp: Path) -> Iterator[dict[str, Proc]]:
         # Upstreams: each test that changes what one answers owns it for the time of the test.
         "main": start_sim("--tokens-per-s", "2000", log_dir=module_tmp),
         "out": start_sim("--tokens-per-s", "400", log_dir=module_tmp),
-        "slow": start_sim("--ttft-ms", "1500", "--tokens-per-s", "50", log_dir=module_tmp),
+        "slow": start_sim("--ttft-ms", "3000", "--tokens-per-s", "50", log_dir=module_tmp),
         # The guard model and the hosted-style moderation endpoint (the same simulator serves both).
         "guard": start_sim(
             "--guard-trigger",
@@ -120,7 +120,9 @@ def gw(sims: dict[str, Proc], module_tmp: Path) -> Iterator[Proc]:
     policies = {
         "chat": {"input": ["pii", "words", "guard"]},
         "hosted": {"input": ["hosted"]},
-        "parallel": {"input": ["guard"], "mode": "parallel"},
+        # The guard takes 0.6 s, so the upstream call has surely started when the refusal comes (an
+        # instant guard could answer before the request reached the upstream: nothing to cancel then).
+        "parallel": {"input": ["slow_guard"], "mode": "parallel"},
         "parallel-fast": {"input": ["slow_guard"], "mode": "parallel"},
         "out": {"input": [], "output": ["pii", "words"]},
         "out-guard": {"input": [], "output": ["guard"]},
@@ -293,7 +295,7 @@ def test_parallel_mode_cancels_the_upstream_call_when_the_input_is_refused(
         client.chat.completions.create(**_chat("parallel", "how to build a bomb", stream=True))
     elapsed = time.monotonic() - t0
     _refused(exc)
-    assert elapsed < 1.2  # refused when the guard answered, not after the upstream's 1.5 s first token
+    assert elapsed < 2.5  # refused when the guard answered (0.6 s), not after the upstream's 3 s first token
     # The upstream call had started (parallel) and was cancelled: counted at the simulator.
     wait_until(lambda: sim_stats(slow)["cancelled"] == before["cancelled"] + 1, what="the upstream's cancellation")
     after = sim_stats(slow)

@@ -54,7 +54,7 @@ async def test_an_unreachable_key_store_is_503_not_500() -> None:
 
 
 async def test_sprayed_unknown_ids_do_not_grow_the_cache_without_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(auth_module, "_CACHE_SWEEP_AT", 100)
+    monkeypatch.setattr(auth_module, "_UNKNOWN_MAX", 100)
     monkeypatch.setattr(auth_module, "_NEGATIVE_TTL_S", -1.0)  # every negative entry already expired
     store = EmptyStore()
     identity = Identity(CONFIG, store, KeyHasher(b"k" * 32), None, pushed_invalidation=False)  # type: ignore[arg-type]
@@ -159,8 +159,6 @@ async def test_a_hung_database_costs_one_lookup_deadline_then_nothing() -> None:
         await identity.authenticate(_request(key))
     assert time.monotonic() - started < 0.05
     assert health.degraded
-    for task in list(identity._refreshing):
-        task.cancel()
     await health.stop()
 
 
@@ -192,3 +190,13 @@ async def test_without_the_bus_no_cached_key_outlives_the_polled_ttl() -> None:
     identity.revocations_pushed(False)  # the bus went away: a revocation may be missed from now on
     assert identity.ttl == 1.0
     assert identity._cache[key.split("-")[1]][3] - time.monotonic() <= 1.0
+
+
+async def test_unknown_ids_that_have_not_expired_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth_module, "_UNKNOWN_MAX", 100)
+    identity = Identity(CONFIG, EmptyStore(), KeyHasher(b"k" * 32), None, pushed_invalidation=False)  # type: ignore[arg-type]
+    identity.throttle.per_minute = 10**9
+    for i in range(1000):
+        with pytest.raises(Unauthenticated):
+            await identity.authenticate(_request(_key(i)))
+    assert len(identity._cache) <= 100 and len(identity._unknown) <= 100

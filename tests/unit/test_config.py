@@ -126,7 +126,7 @@ models:
     )
     assert config.resilience.retries == 3 and config.resilience.breaker.count == ["connect", "429"]
     assert config.timeouts_for("big").idle_s == 5 and config.timeouts_for("big").ttft_s == 30
-    assert config.timeouts_for("small").idle_s == 60  # the global default
+    assert config.timeouts_for("small").idle_s == 30  # the global default
     assert config.degrade_for("big").model == "small"
     for bad, field, reason in (
         ("models: {a: {deployments: [{url: 'http://h:1'}], fallbacks: [nope]}}", "", "'nope' is not another"),

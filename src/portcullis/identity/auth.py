@@ -8,9 +8,10 @@ few seconds.
 
 The database may fail or hang. A lookup has a deadline (`auth.key_lookup_timeout_s`); when it fails, a key
 verified within `auth.key_cache_stale_s` is served from its cached record (stale-if-error), and while the
-database is known to be degraded (store/health.py) such a key is served at once and refreshed in the
-background, so a hung database costs one lookup's deadline, not every request's. A revocation pushed
-over the bus removes the record, so a revoked key is never served stale; a key never verified gets 503.
+database is known to be degraded (store/health.py) such a key is served at once, without a lookup: a hung
+database costs one lookup's deadline, not every request's, and thousands of keys do not storm it. A
+revocation pushed over the bus removes the record, so a revoked key is never served stale; a key never
+verified gets 503.
 
 Every refusal of a credential looks the same ("Incorrect API key provided"), whether the id is unknown,
 the secret wrong, or the key revoked or expired: a response never tells whether a key id exists.
@@ -51,9 +52,9 @@ _NEGATIVE_TTL_S = 1.0
 _POLLED_TTL_S = 1.0  # without pushed revocations
 _PUSHED_TTL_S = 30.0  # while the bus pushes them
 _TOUCH_EVERY_S = 5.0
-# Past this many cached ids, expired entries are swept: random ids sprayed at the gateway (each cached
-# as "unknown" for a second) must not grow the cache without bound.
-_CACHE_SWEEP_AT = 50_000
+# Ids found unknown are cached a second, at most this many: random ids sprayed at the gateway must not grow
+# the cache without bound. (Known ids are as many as there are keys.)
+_UNKNOWN_MAX = 50_000
 
 
 class Identity:
@@ -80,7 +81,7 @@ class Identity:
         # (monotonic))
         self._cache: dict[str, tuple[KeyRecord | None, Principal | None, float, float, float]] = {}
         self._loading: dict[str, asyncio.Task[KeyRecord | None]] = {}
-        self._refreshing: set[asyncio.Task[None]] = set()
+        self._unknown: dict[str, float] = {}  # ids cached as unknown, oldest first → their expiry
         self._last_used: dict[str, float] = {}
         self._toucher: asyncio.Task[None] | None = None
         self.stale_served = 0  # requests authenticated from a stale record while the database was away
@@ -146,11 +147,10 @@ class Identity:
             return self._verify(presented, None, None, 0.0)
         stale = self._stale(key_id)
         if stale is not None and self.health is not None and self.health.degraded:
-            # The database is known to be away: serve the verified record now, ask again in the background.
-            self._refresh_later(key_id)
+            # The database is known to be away: serve the verified record now. No lookup per key meanwhile
+            # (thousands of keys would storm a database that is down); the health probe sees it come back,
+            # and the next expiry after that asks again.
             return self._serve_stale(presented, stale)
-        if len(self._cache) >= _CACHE_SWEEP_AT:
-            self._sweep()
         try:
             record = await self._load(key_id)
         except ServiceUnavailable:
@@ -187,20 +187,23 @@ class Identity:
         now = time.monotonic()
         entry = (record, principal, usable_until, now + (self.ttl if record is not None else _NEGATIVE_TTL_S), now)
         self._cache[key_id] = entry
+        if record is None:
+            self._forget_unknown(now)
+            self._unknown[key_id] = entry[3]
         return entry
 
-    def _refresh_later(self, key_id: str) -> None:
-        if key_id in self._loading:
-            return
-        task = asyncio.get_running_loop().create_task(self._refresh(key_id))
-        self._refreshing.add(task)
-        task.add_done_callback(self._refreshing.discard)
-
-    async def _refresh(self, key_id: str) -> None:
-        with contextlib.suppress(ServiceUnavailable):
-            record = await self._load(key_id)
-            if key_id in self._cache:  # not revoked (evicted) meanwhile
-                self._remember(key_id, record)
+    def _forget_unknown(self, now: float) -> None:
+        """Drop expired unknown ids (oldest first: they expire in the order they came), and the oldest beyond
+        the cap. Amortised O(1) per miss, however many ids are cached."""
+        unknown, cache = self._unknown, self._cache
+        while unknown:
+            key_id, expires = next(iter(unknown.items()))
+            if expires > now and len(unknown) < _UNKNOWN_MAX:
+                break
+            del unknown[key_id]
+            entry = cache.get(key_id)
+            if entry is not None and entry[0] is None:
+                del cache[key_id]
 
     def _verify(
         self, presented: str, record: KeyRecord | None, principal: Principal | None, usable_until: float
@@ -213,14 +216,6 @@ class Identity:
             raise Unauthenticated(_BAD_KEY, headers={"WWW-Authenticate": 'Bearer realm="portcullis"'})
         self._last_used[record.id] = when
         return principal
-
-    def _sweep(self) -> None:
-        now_m = time.monotonic()
-        keep = self.config.key_cache_stale_s
-        # Expired entries go, but for verified records young enough to be served while the database is away.
-        self._cache = {
-            k: v for k, v in self._cache.items() if v[3] > now_m or (v[0] is not None and now_m - v[4] <= keep)
-        }
 
     async def _load(self, key_id: str) -> KeyRecord | None:
         """The key's record from the database, waiting at most `key_lookup_timeout_s`.
@@ -290,7 +285,7 @@ class Identity:
             self._toucher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._toucher
-        for task in [*self._refreshing, *self._loading.values()]:
+        for task in self._loading.values():
             task.cancel()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.config.key_lookup_timeout_s * 4):

@@ -28,7 +28,9 @@ from typing import Any
 
 import orjson
 
-_SEGMENT_BYTES = 32 * 1024 * 1024
+# A segment that passed this size is closed at the next write to the database, so segments whose records are
+# all written go away under steady load too (and a replay after a crash re-reads little that is written).
+_SEGMENT_BYTES = 1024 * 1024
 _PREFIX, _SUFFIX = "usage-", ".spool"
 
 
@@ -58,7 +60,6 @@ class UsageSpool:
         self.segment_bytes = segment_bytes
         self.appended = 0  # records given an index (every queued record, written to the file or not)
         self.done = 0  # records known to be in the database
-        self.failed_writes = 0
         self._segments: deque[_Segment] = deque()
         self._tag = f"{os.getpid()}-{os.urandom(4).hex()}"
         self._serial = 0
@@ -69,32 +70,37 @@ class UsageSpool:
         self._segments.append(self._new_segment())
 
     def _new_segment(self) -> _Segment:
+        """A new file, locked before it takes the name other processes look for (an unlocked file of that
+        name would be an orphan to them)."""
         self._serial += 1
-        path = self.directory / f"{_PREFIX}{self._tag}-{self._serial}{_SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return _Segment(path, fd)
+        name = f"{_PREFIX}{self._tag}-{self._serial}{_SUFFIX}"
+        hidden = self.directory / f".{name}.new"
+        fd = os.open(hidden, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(hidden, self.directory / name)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                hidden.unlink()
+            raise
+        return _Segment(self.directory / name, fd)
 
     # -- the request path -------------------------------------------------------------------------
 
-    def append(self, row: tuple[Any, ...]) -> None:
-        """Spool one record (it is queued next, whatever happens here)."""
+    def append(self, row: tuple[Any, ...]) -> bool:
+        """Spool one record (it is queued next, whatever happens here); False when it could not be."""
         self.appended += 1
+        if not self._segments:  # closed
+            return False
         current = self._segments[-1]
         data = orjson.dumps(row) + b"\n"
         try:
             os.write(current.fd, data)
         except OSError:
-            self.failed_writes += 1  # a full disk: the record is still queued, only not crash-safe
-            return
+            return False  # a full disk: the record is still queued, only not crash-safe
         current.size += len(data)
-        if current.size >= self.segment_bytes:
-            try:
-                fresh = self._new_segment()
-            except OSError:
-                return  # keep appending to this one
-            current.end = self.appended
-            self._segments.append(fresh)
+        return True
 
     # -- the writer ---------------------------------------------------------------------------------
 
@@ -102,13 +108,19 @@ class UsageSpool:
         """The oldest `count` queued records are in the database now."""
         self.done += count
         segments = self._segments
-        while len(segments) > 1 and segments[0].end is not None and segments[0].end <= self.done:
-            _remove(segments.popleft())
+        if not segments:
+            return
         current = segments[-1]
         if self.done == self.appended and current.size:
             with contextlib.suppress(OSError):
                 os.ftruncate(current.fd, 0)  # appends (O_APPEND) go on at the new end
                 current.size = 0
+        elif current.size >= self.segment_bytes:
+            with contextlib.suppress(OSError):  # else: keep appending to this one
+                segments.append(self._new_segment())
+                current.end = self.appended
+        while len(segments) > 1 and segments[0].end is not None and segments[0].end <= self.done:
+            _remove(segments.popleft())
 
     def orphans(self) -> Iterator[tuple[Path, int]]:
         """Spool files of processes that are gone, each locked for the caller (who removes it when done)."""
@@ -140,8 +152,9 @@ class UsageSpool:
             self.directory.rmdir()  # only when empty
 
 
-def read_orphan(fd: int, batch: int) -> Iterator[tuple[list[tuple[Any, ...]], int]]:
-    """An orphan's records in batches, each with how many lines could not be read (a torn last line)."""
+def read_orphan(fd: int, batch: int, width: int) -> Iterator[tuple[list[tuple[Any, ...]], int]]:
+    """An orphan's records in batches, each with how many lines could not be read (a torn last line, or a
+    record of another width: written by another version)."""
     with os.fdopen(os.dup(fd), "rb") as f:
         f.seek(0)
         rows: list[tuple[Any, ...]] = []
@@ -154,7 +167,7 @@ def read_orphan(fd: int, batch: int) -> Iterator[tuple[list[tuple[Any, ...]], in
             except orjson.JSONDecodeError:
                 bad += 1
                 continue
-            if not isinstance(row, list):
+            if not isinstance(row, list) or len(row) != width:
                 bad += 1
                 continue
             rows.append(tuple(row))
@@ -169,6 +182,15 @@ def remove_orphan(path: Path, fd: int) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
     os.close(fd)
+
+
+def set_aside(path: Path, fd: int) -> Path:
+    """An orphan the database keeps refusing: renamed out of the way (kept for a human), never retried."""
+    aside = path.with_name(path.name + ".bad")
+    with contextlib.suppress(OSError):
+        path.rename(aside)
+    os.close(fd)
+    return aside
 
 
 def _remove(segment: _Segment) -> None:

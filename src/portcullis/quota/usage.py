@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from portcullis.config import UsageConfig
 from portcullis.obs.metrics import Metrics
-from portcullis.quota.spool import UsageSpool, default_spool_dir, read_orphan, remove_orphan
+from portcullis.quota.spool import UsageSpool, default_spool_dir, read_orphan, remove_orphan, set_aside
 from portcullis.store.schema import usage
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ FIELDS = (
 )
 _RETRY_S = 1.0
 _ORPHAN_SCAN_S = 5.0
+_ORPHAN_ATTEMPTS = 3  # writes of one orphan the database refuses (while it takes others) before it is set aside
 
 
 class UsageRecorder:
@@ -86,8 +87,10 @@ class UsageRecorder:
         self._sql: str | None = None
         self.written = 0
         self.dropped = 0
-        self.replayed = 0  # records of dead processes' spools written by this one
+        self.replayed = 0  # records of dead processes' spools written by this one (some may have been already)
         self.unreadable = 0  # spooled lines that could not be read back (lost)
+        self.unspooled = 0  # records queued without a copy in the spool (lost if the process dies)
+        self._orphan_failures: dict[str, int] = {}
         self._ids = itertools.count()
         self._id_prefix = f"{os.urandom(8).hex()}-"
         self.spool: UsageSpool | None = None
@@ -102,7 +105,7 @@ class UsageRecorder:
         metrics.count(
             "portcullis_usage_records_unspooled",
             "Usage records that could not be appended to the spool (queued, but lost if the process dies)",
-            lambda: self.spool.failed_writes if self.spool is not None else 0,
+            lambda: self.unspooled,
         )
         metrics.count(
             "portcullis_usage_records_lost",
@@ -118,8 +121,12 @@ class UsageRecorder:
             self.metrics.usage_dropped.inc()
             return
         row = (*row, record_id or f"{self._id_prefix}{next(self._ids)}")
-        if self.spool is not None:
-            self.spool.append(row)
+        spool = self.spool
+        if spool is not None:
+            if not spool.append(row):
+                self.unspooled += 1
+        elif self.config.spool:
+            self.unspooled += 1  # the spool could not be opened (logged at start)
         self.queue.append(row)
         if len(self.queue) >= self.config.batch_size:
             self._wake.set()
@@ -137,41 +144,60 @@ class UsageRecorder:
     async def _run(self) -> None:
         next_scan = 0.0
         while not self._stopping:
-            # Orphans: at start (a restart replays what its predecessor left), then every few seconds (a
-            # process sharing the folder may die while this one runs).
-            if self.spool is not None and time.monotonic() >= next_scan:
-                next_scan = time.monotonic() + (_ORPHAN_SCAN_S if await self._replay_orphans() else _RETRY_S)
             try:
-                await asyncio.wait_for(self._wake.wait(), self.config.flush_interval_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            while self.queue:
-                if not await self._flush_batch():
-                    await asyncio.sleep(_RETRY_S)
-                    break
-                if len(self.queue) < self.config.batch_size:
-                    break
+                # Orphans: at start (a restart replays what its predecessor left), then every few seconds (a
+                # process sharing the folder may die while this one runs).
+                if self.spool is not None and time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + (_ORPHAN_SCAN_S if await self._replay_orphans() else _RETRY_S)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.config.flush_interval_s)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                while self.queue:
+                    if not await self._flush_batch():
+                        await asyncio.sleep(_RETRY_S)
+                        break
+                    if len(self.queue) < self.config.batch_size:
+                        break
+            except Exception:  # the writer must outlive anything one round meets
+                self.log.exception("usage_writer_failed")
+                await asyncio.sleep(_RETRY_S)
 
     async def _replay_orphans(self) -> bool:
         """Write what dead processes spooled; True when every orphan is done."""
         assert self.spool is not None
+        done = True
         for path, fd in self.spool.orphans():
+            records = 0
             try:
-                for rows, bad in read_orphan(fd, self.config.batch_size):
+                for rows, bad in read_orphan(fd, self.config.batch_size, len(FIELDS)):
                     self.unreadable += bad
                     if rows and not await self._write(rows):
-                        os.close(fd)  # the lock goes too; tried again later
-                        return False
-                    self.replayed += len(rows)
-                    self.metrics.usage_written.inc(len(rows))
+                        raise _Refused
+                    records += len(rows)
+            except _Refused:
+                failures = self._orphan_failures[path.name] = self._orphan_failures.get(path.name, 0) + 1
+                if failures >= _ORPHAN_ATTEMPTS and not (self.health is not None and self.health.degraded):
+                    # The database takes other writes but not these: keep them for a human, go on with the rest.
+                    aside = set_aside(path, fd)
+                    self.log.error("usage_spool_set_aside", file=aside.name, attempts=failures)
+                    self._orphan_failures.pop(path.name, None)
+                else:
+                    os.close(fd)  # the lock goes too; tried again later
+                    done = False
+                continue
             except OSError as exc:
-                self.log.error("usage_spool_replay_failed", file=str(path), error=str(exc))
+                self.log.error("usage_spool_replay_failed", file=path.name, error=str(exc))
                 os.close(fd)
                 continue
+            finally:
+                self.replayed += records
+                self.metrics.usage_written.inc(records)
             remove_orphan(path, fd)
-            self.log.info("usage_spool_replayed", file=path.name, records=self.replayed)
-        return True
+            self._orphan_failures.pop(path.name, None)
+            self.log.info("usage_spool_replayed", file=path.name, records=records)
+        return done
 
     def _prepare(self) -> None:
         """The INSERT compiled once for this database, with its parameters in order.
@@ -188,9 +214,12 @@ class UsageRecorder:
         else:
             from sqlalchemy.dialects.sqlite import insert
         statement = insert(usage).values({c: bindparam(c) for c in columns})
+        # A record replaces an older one of the same id, never a newer one (a spool replayed after a batch
+        # line ran again elsewhere holds the older run's record).
         statement = statement.on_conflict_do_update(
             index_elements=[usage.c.record_id],
             set_={c: statement.excluded[c] for c in columns if c != "record_id"},
+            where=usage.c.at <= statement.excluded.at,
         )
         compiled = statement.compile(dialect=dialect)
         self._sql = str(compiled)
@@ -272,6 +301,11 @@ class UsageRecorder:
             )
         if self.spool is not None:
             self.spool.close()
+            self.spool = None
+
+
+class _Refused(Exception):
+    """The database did not take a batch of an orphan's records."""
 
 
 GROUPS = {"key": usage.c.key_id, "user": usage.c.user, "model": usage.c.model, "day": usage.c.day}

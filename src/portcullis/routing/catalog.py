@@ -52,6 +52,8 @@ class Replica:
     last_error: str | None = None
     # Consecutive probe results: n > 0 successes, n < 0 failures (health.up_after / down_after).
     probe_streak: int = 0
+    answered_at: float = 0.0  # monotonic time it last answered a request (headers, or a whole answer)
+    failing_since: float = 0.0  # monotonic time the first probe of the current run of failed ones began
     client: UpstreamClient | None = None
     # Price per 1,000 tokens in quota.currency (budgets and usage records).
     prompt_per_1k: float = 0.0

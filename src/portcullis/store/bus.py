@@ -8,7 +8,10 @@ the database stays the truth: a revocation saved there reaches every process wit
 whether or not its event was ever delivered. Re-subscribing is tried every `_RETRY_S`, so a process is
 connected again within a second of Redis's return.
 
-Publishing has a deadline and reports failure instead of raising: the change is already saved.
+Publishing has a deadline and never fails the caller: the change is already saved. An event Redis did not
+take goes to an outbox that is sent again every `_RETRY_S` until Redis takes it (events are idempotent:
+evict this key, this model is on or off), so processes that stayed connected while this one could not
+publish (a latency spike on one path) still hear of it, late rather than never.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ CHANNEL = "portcullis:events"
 log = get_logger("portcullis.bus")
 _PING_S = 0.5  # a PING on the subscription this often ...
 _SILENT_S = 2.0  # ... and nothing heard for this long means the connection is dead or Redis hangs
-_RETRY_S = 0.2  # between attempts to subscribe again
+_RETRY_S = 0.2  # between attempts to subscribe again, or to publish what Redis did not take
+_OUTBOX_MAX = 1000
 
 
 class EventBus:
@@ -39,19 +43,39 @@ class EventBus:
         self._subscriber = aioredis.from_url(url, socket_connect_timeout=timeout_s)
         self.connected = False
         self.publish_failures = 0
+        self._outbox: list[dict[str, Any]] = []
+        self._sender: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._on_connection: Callable[[bool], None] | None = None
 
     async def publish(self, event: dict[str, Any]) -> bool:
-        """Send the event to the other processes; False when Redis did not take it in time."""
+        """Send the event to the other processes; False when Redis did not take it in time (it is then sent
+        again from the outbox until it does)."""
+        if await self._send(event):
+            return True
+        self.publish_failures += 1
+        if event not in self._outbox:
+            if len(self._outbox) >= _OUTBOX_MAX:
+                self._outbox.pop(0)  # the oldest: the processes' short TTL has covered it by now
+            self._outbox.append(event)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
+        return False
+
+    async def _send(self, event: dict[str, Any]) -> bool:
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self.redis.publish(CHANNEL, orjson.dumps(event))
         except Exception as exc:
-            self.publish_failures += 1
             log.warning("bus_publish_failed", kind=event.get("type"), error=type(exc).__name__)
             return False
         return True
+
+    async def _send_outbox(self) -> None:
+        while self._outbox:
+            await asyncio.sleep(_RETRY_S)
+            while self._outbox and await self._send(self._outbox[0]):
+                self._outbox.pop(0)
 
     async def start(
         self, handler: Callable[[dict[str, Any]], None], on_connection: Callable[[bool], None] | None = None
@@ -119,10 +143,11 @@ class EventBus:
             self._on_connection(connected)
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._sender):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for client in (self.redis, self._subscriber):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.timeout_s):

@@ -21,7 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, *, timeout_s: float = 5.0) -> AsyncEngine:
+def make_engine(url: str, *, timeout_s: float = 5.0, statements: bool = False) -> AsyncEngine:
+    """The engine for `url`. `statements`: every statement has the deadline too (the serving gateway; not
+    migrations, which may take long on a large table)."""
     if url.startswith("sqlite"):
         # One file shared by every process on the host; a writer waits up to 30 s for another
         # process's lock rather than failing. WAL lets readers (reports, key lookups) run beside the
@@ -38,7 +40,7 @@ def make_engine(url: str, *, timeout_s: float = 5.0) -> AsyncEngine:
             max_overflow=10,
             pool_pre_ping=True,
             pool_timeout=timeout_s,
-            connect_args={"timeout": timeout_s},
+            connect_args={"timeout": timeout_s, **({"command_timeout": timeout_s} if statements else {})},
         )
     return engine
 

@@ -23,6 +23,7 @@ Error messages here never name the upstream's address: the client sees the model
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import Any
 
 import aiohttp
@@ -97,6 +98,7 @@ class UpstreamClient:
         try:
             return await self._session.post(url, data=body, headers=self._headers)
         except Exception as exc:
+            _out_of_descriptors(exc)
             if not stale_connection(exc):
                 raise translate_exception(exc, model) from exc
             # A pooled connection that was already dead (or the replica went away): try a fresh one.
@@ -104,6 +106,7 @@ class UpstreamClient:
         try:
             return await self._fresh.post(url, data=body, headers=self._headers)
         except Exception as exc:
+            _out_of_descriptors(exc)
             raise translate_exception(exc, model) from exc
 
     async def acquire(self) -> None:
@@ -145,6 +148,17 @@ class UpstreamClient:
     async def close(self) -> None:
         for session in (self._session, self._fresh):
             await session.close()
+
+
+def _out_of_descriptors(exc: BaseException) -> None:
+    """This process ran out of file descriptors (EMFILE, ENFILE): our own exhaustion, not the replica's."""
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, OSError) and os_error.errno in (errno.EMFILE, errno.ENFILE):
+        raise PoolExhausted(
+            "The gateway has no file descriptors left for another upstream connection; try again shortly.",
+            code="gateway_out_of_file_descriptors",
+            headers={"Retry-After": "1"},
+        ) from exc
 
 
 def one_shot_session(timeout: aiohttp.ClientTimeout | None = None, limit: int = 0) -> aiohttp.ClientSession:

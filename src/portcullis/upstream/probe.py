@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -77,7 +78,8 @@ class ProbeClient:
                 asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
-        self._loop.close()
+        if not self._thread.is_alive():  # (a stuck thread is a daemon: it goes with the process)
+            self._loop.close()
 
 
 def _target(replica: Replica, path: str) -> tuple[str, dict[str, str]]:
@@ -120,7 +122,10 @@ async def learn_capacity(client: ProbeClient, replica: Replica, timeout_s: float
 
 async def update(client: ProbeClient, replica: Replica, config: HealthConfig) -> bool:
     """Probe once; True when the replica's state or capacity changed."""
+    started = time.monotonic()
     state = await probe_once(client, replica, config.timeout_s)
+    if state is ReplicaState.DOWN and replica.probe_streak >= 0:
+        replica.failing_since = started
     state = _with_hysteresis(replica, state, config)
     slots = replica.slots
     if state is ReplicaState.READY and replica.kind == "llama_cpp" and replica.state is not ReplicaState.READY:

@@ -146,6 +146,7 @@ class Upstream:
         """One call to one replica. Raises AttemptFailed when it failed before the client saw anything."""
         assert replica.client is not None
         ex.replica = replica
+        ex.replica_lost = False
         timeouts = target.timeouts
         loop = asyncio.get_running_loop()
         # The attempt's limit: the first event (streams) or the total; the relay moves it per event.
@@ -176,6 +177,7 @@ class Upstream:
             except GatewayTimeout as exc:
                 ok, kind = False, "timeout"
                 raise AttemptFailed(exc, kind="timeout", retryable=True) from None
+            replica.answered_at = time.monotonic()
             status = resp.status
             if status >= 400:
                 raw = await resp.read()
@@ -224,6 +226,14 @@ class Upstream:
                 resp.close()  # cancels the generation upstream
                 resp = None
             streaming = req.status != 0
+            if not connection:  # the limit passed while waiting for a pooled connection: our congestion
+                ok = kind = None
+                exhausted = PoolExhausted(
+                    f"No connection to a replica of model '{model}' came free in time.",
+                    code="upstream_pool_exhausted",
+                    headers={"Retry-After": "1"},
+                )
+                raise AttemptFailed(exhausted, kind="pool", retryable=ex.stream and loop.time() < deadline) from None
             if ex.replica_lost:
                 ex.replica_lost = False
                 message = f"The replica serving model '{model}' stopped answering its health probes."

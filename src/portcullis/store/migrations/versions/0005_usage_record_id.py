@@ -15,9 +15,15 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("usage") as batch:
-        batch.add_column(sa.Column("record_id", sa.String(160), nullable=True))
-    op.create_index("ux_usage_record_id", "usage", ["record_id"], unique=True)
+    if "record_id" not in {c["name"] for c in sa.inspect(op.get_bind()).get_columns("usage")}:
+        with op.batch_alter_table("usage") as batch:
+            batch.add_column(sa.Column("record_id", sa.String(160), nullable=True))
+    # Building the index locks the table against writes for as long as it takes. On a large PostgreSQL
+    # table, build it beforehand without the lock and this step is skipped:
+    #   ALTER TABLE usage ADD COLUMN IF NOT EXISTS record_id VARCHAR(160);
+    #   CREATE UNIQUE INDEX CONCURRENTLY ux_usage_record_id ON usage (record_id);
+    if "ux_usage_record_id" not in {ix["name"] for ix in sa.inspect(op.get_bind()).get_indexes("usage")}:
+        op.create_index("ux_usage_record_id", "usage", ["record_id"], unique=True)
 
 
 def downgrade() -> None:
