@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/spike.py                                  # about 2 minutes
     .venv/bin/python bench/spike.py --baseline /tmp/worktree-of-an-earlier-build
+    .venv/bin/python bench/spike.py --pymalloc                       # and on CPython's own allocator
 
 One simulator with room for every stream (6,000 slots, 1 token/s) on CPU 1; the gateway on CPU 0 (API keys,
 SQLite). After a warm-up of a few hundred requests, --streams streams are opened, 500 a second (20 tokens
@@ -67,7 +68,14 @@ async def streams(url: str, n: int, per_s: float = 500.0) -> int:
         return sum(await asyncio.gather(*tasks))
 
 
-def run_one(name: str, src: str | None, sim_url: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(
+    name: str,
+    src: str | None,
+    sim_url: str,
+    work: Path,
+    args: argparse.Namespace,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     port = free_port()
     config = {
         "server": {"access_log": False, "drain_grace_s": 0.1},
@@ -82,6 +90,7 @@ def run_one(name: str, src: str | None, sim_url: str, work: Path, args: argparse
     env = {"PORTCULLIS_KEY_SECRET": SECRET, "PORTCULLIS_BOOTSTRAP_ADMIN_KEY": KEY}
     if src is not None:
         env["PYTHONPATH"] = src
+    env.update(extra_env or {})
     serve = ["serve", "--config", str(work / f"{name}.yaml"), "--port", str(port)]
     gw = start_portcullis(serve, 0, work / f"{name}.log", env)
     url = f"http://127.0.0.1:{port}"
@@ -133,6 +142,11 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument("--calm", type=float, default=60)
     parser.add_argument("--baseline", default=None, help="an earlier build's source tree (a git worktree)")
+    parser.add_argument(
+        "--pymalloc",
+        action="store_true",
+        help="also run this build on CPython's own allocator (PYTHONMALLOC=pymalloc; `serve` picks glibc's malloc)",
+    )
     parser.add_argument("--out", default=str(HERE / "RESULTS-spike.md"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pc-spike-"))
@@ -147,6 +161,9 @@ def main() -> int:
     try:
         wait_http(sim_url + "/health")
         results = [run_one("gateway", None, sim_url, work, args)]
+        if args.pymalloc:
+            pymalloc = {"PYTHONMALLOC": "pymalloc"}
+            results.append(run_one("gateway on pymalloc", None, sim_url, work, args, pymalloc))
         if args.baseline:
             src = str(Path(args.baseline).resolve() / "src")
             results.append(run_one("gateway-baseline", src, sim_url, work, args))
@@ -162,6 +179,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "# A stream spike, then calm",
         "",
         f"Command: `.venv/bin/python bench/spike.py --streams {args.streams} --calm {args.calm:g}"
+        + (" --pymalloc" if args.pymalloc else "")
         + (" --baseline <worktree of the build before>" if args.baseline else "")
         + f"` ({time.strftime('%Y-%m-%d')}, 2-core VM).",
         "",
@@ -179,13 +197,14 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
     lines += [
         "",
-        "After the spike the gateway collects garbage and asks glibc to return its free pages (`malloc_trim`,"
-        " obs/memory.py). What stays is CPython's small-object allocator: `sys._debugmallocstats()` after a"
-        " 3,000-stream spike showed 127 arenas of 1 MiB with 53 MB in use and 66 MB in wholly unused pools, no"
-        " arena reclaimed: an arena goes back to the system only when every block in it is free, and a few"
-        " hundred long-lived objects written during the spike (counters, timers, weak references) sit in most"
-        " of them. The memory is reused: a second 3,000-stream spike grew RSS by 5 MiB more. Returning it needs fewer"
-        " long-lived allocations on the request path or recycling the process (not done yet).",
+        "After the spike the gateway collects garbage and asks the C allocator to return its free pages"
+        " (`malloc_trim`, obs/memory.py). `portcullis serve` runs on glibc's malloc (PYTHONMALLOC=malloc,"
+        " src/portcullis/entry.py), whose free pages that returns. On CPython's own small-object allocator"
+        " (`gateway on pymalloc`) most of the growth stays: an arena of 1 MiB goes back to the system only when"
+        " every block in it is free, and the few objects that outlive a spike sit in most of them (fewer small"
+        " objects were alive after the spike than before it: nothing leaks, the memory is reused by the next"
+        " spike). glibc's malloc costs about 5% more CPU per request (bench/RESULTS-malloc-ab.md);"
+        " PYTHONMALLOC=pymalloc chooses the other side of that trade.",
         "",
         "![RSS over time](results-spike.png)",
         "",

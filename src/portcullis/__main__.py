@@ -1,3 +1,3 @@
-from portcullis.cli import main
+from portcullis.entry import main
 
 raise SystemExit(main())
