@@ -22,9 +22,9 @@ def _with_system_malloc() -> None:
 
     Why: after a spike of thousands of streams, CPython's allocator keeps every 1 MiB arena in which a single
     object still lives, and the few objects that outlive a spike pin most of them (fewer small objects were
-    alive after the spike than before it). Measured with bench/spike.py: 5,000 streams grew RSS by 160 MiB,
-    and a minute later CPython's allocator had returned 26% of that, glibc's malloc (trimmed by
-    obs/memory.py) 78%. It costs about 5% more CPU per request (bench/RESULTS-malloc-ab.md)."""
+    alive after the spike than before it). Measured with bench/spike.py: 5,000 streams grew RSS by 166 MiB,
+    and a minute later CPython's allocator had returned 27% of that, glibc's malloc (trimmed by
+    obs/memory.py) 72%. It costs about 5% more CPU per request (bench/RESULTS-malloc-ab.md)."""
     if "PYTHONMALLOC" in os.environ or not sys.executable:
         return
     os.environ["PYTHONMALLOC"] = "malloc"
