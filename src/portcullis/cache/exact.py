@@ -7,6 +7,16 @@ a deny-list, so a field this gateway has never heard of (llama-server's `top_k`,
 the default) or nobody (`global`, an operator's opt-in). Only deterministic requests are cached:
 `temperature: 0`, or a `seed` when `cache.seeded` allows it; everything else is `bypass`.
 
+The output policy follows the scope: a fingerprint of the moderators that judge the answer (their names
+and settings), because an entry is the answer as its first client received it, after output moderation.
+So an answer cached (or being answered) for a key whose tier does not redact e-mail addresses is never
+served to one whose tier does, in either scope, from the exact or the semantic cache or a request in
+flight. Why a key and not a second judgement on the way out: each entry was already judged by exactly the
+policy of everyone who can reach it (a replayed stream carries the same text the whole answer was judged
+as, and a streamed miss is stored as its client got it), the key costs one dict lookup per request where
+re-judging would put a remote moderator's call in front of every hit, and the fingerprint is of the
+settings, not the tier's name, so a changed policy never meets the entries of the old one in Redis.
+
 An entry is the non-streamed JSON answer; a streaming client gets it replayed as chunks (replay.py),
 and a streamed miss is assembled back into that form as it passes. Nothing is stored unless the answer
 ended normally: no errors, no cut streams, no degraded or fallback answers.
@@ -38,6 +48,7 @@ if TYPE_CHECKING:
     from portcullis.http import Request
     from portcullis.obs.metrics import Metrics
     from portcullis.routing.catalog import Catalog
+    from portcullis.safety.output import OutputGuard
     from portcullis.upstream.exchange import Exchange
 
 _NOT_OUTPUT = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
@@ -82,13 +93,31 @@ class ResponseCache:
         self._writes: set[asyncio.Task[None]] = set()
         self._leading: set[str] = set()  # keys whose lease this process holds (renewed by _renewer)
         self._renewer: asyncio.Task[None] | None = None
+        self._policies: dict[int, tuple[Any, str]] = {}  # id(output pipeline) → (it, its fingerprint)
 
     def scope(self, ex: Exchange) -> str:
+        """Who may share an entry: the scope (the user, or everyone) and the output policy its answer passed."""
+        guard = ex.output_guard
+        policy = "-" if guard is None else self._output_policy(guard)
         if self.config.scope == "global":
-            return "g"
+            return "g:" + policy
         principal = ex.principal
         tenant = principal.user if principal is not None else "-"
-        return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()
+        return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest() + ":" + policy
+
+    def _output_policy(self, guard: OutputGuard) -> str:
+        """A fingerprint of the moderators that judge this request's answer, computed once per pipeline
+        (the moderation stage keeps one pipeline object per list of moderators for its lifetime)."""
+        pipeline = guard.pipeline
+        known = self._policies.get(id(pipeline))
+        if known is not None:
+            return known[1]
+        specs = guard.moderation.config.moderators
+        names = [m.name for m in pipeline.rules] + [m.name for m in pipeline.remote]
+        described = [[name, specs[name].model_dump(mode="json") if name in specs else None] for name in names]
+        fingerprint = hashlib.blake2b(orjson.dumps(described, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+        self._policies[id(pipeline)] = (pipeline, fingerprint)  # the pipeline kept: its id is never reused
+        return fingerprint
 
     def key(self, route: str, payload: dict[str, Any], ex: Exchange) -> str:
         body = {k: v for k, v in payload.items() if k not in _NOT_OUTPUT}

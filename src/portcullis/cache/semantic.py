@@ -2,10 +2,10 @@
 
 For a deterministic chat request that missed the exact cache, the conversation's text is embedded by a
 configured embedding model (one call, bounded by `timeout_s`; on any failure the request simply misses).
-Entries are grouped by family: the scope (tenant or global, as for the exact cache) plus a hash of every
-other output-affecting field, so only requests that differ in their messages alone can ever match. In a
-family the nearest stored conversation by cosine similarity is taken if it reaches `threshold`; its
-answer is served with `x-portcullis-cache: semantic-hit` and `x-portcullis-cache-similarity`.
+Entries are grouped by family: the scope (tenant or global, and the output policy, as for the exact cache)
+plus a hash of every other output-affecting field, so only requests that differ in their messages alone
+can ever match. In a family the nearest stored conversation by cosine similarity is taken if it reaches
+`threshold`; its answer is served with `x-portcullis-cache: semantic-hit` and `x-portcullis-cache-similarity`.
 
 The risk: a question that is close in wording but different in meaning ("... in 2023" vs "... in 2024")
 gets the other's answer. Keep the threshold high (0.95 or more with a good embedding model), scope
