@@ -575,7 +575,8 @@ def run_streaming(work: Path, counts: list[int]) -> dict[str, Any]:
     cfg.write_text(
         json.dumps(
             {
-                "server": {"port": gw_port, "access_log": True},
+                # Thousands of open streams from one address: lift the per-address connection cap.
+                "server": {"port": gw_port, "access_log": True, "max_connections_per_client": 0},
                 "store": {"database_url": f"sqlite+aiosqlite:///{work}/gateway-stream.db", "auto_migrate": True},
                 "upstream": {"max_connections_per_replica": 20000},
                 "models": {

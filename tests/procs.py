@@ -26,6 +26,13 @@ KEY_SECRET = "test-key-secret-0123456789abcdef0123456789abcdef"
 ADMIN_KEY = "pc-00000000000000ad-test-admin-key-0123456789abcdefghijklmnop"
 
 
+def _limit_open_files(count: int) -> None:
+    """In the child before exec: a soft and hard open-files limit (the gateway can raise neither)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
 def bind_loopback(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,6 +87,7 @@ class Proc:
         log_dir: Path | None = None,
         name: str = "proc",
         port: int = 0,
+        nofile: int | None = None,
     ) -> None:
         self.database_url = ""  # gateways: the database it was started with
         self.sock = bind_loopback(port)
@@ -90,6 +98,7 @@ class Proc:
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "portcullis", *args, "--fd", str(self.sock.fileno())],
             pass_fds=[self.sock.fileno()],
+            preexec_fn=(lambda: _limit_open_files(nofile)) if nofile else None,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -165,8 +174,10 @@ def start_gateway(
     ready_path: str = "/healthz",
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    nofile: int | None = None,
 ) -> Proc:
-    """A gateway process; unless the config names a database, a fresh SQLite file in tmp_path."""
+    """A gateway process; unless the config names a database, a fresh SQLite file in tmp_path. `nofile`: its
+    open-files limit (soft and hard)."""
     stamp = time.monotonic_ns()
     store = config.setdefault("store", {})
     store.setdefault("database_url", f"sqlite+aiosqlite:///{tmp_path}/gateway-{stamp}.db")
@@ -179,6 +190,7 @@ def start_gateway(
         env=full_env,
         log_dir=tmp_path,
         name="gateway",
+        nofile=nofile,
     )
     proc.database_url = store["database_url"]
     return proc

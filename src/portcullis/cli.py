@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from portcullis import commands, remote
 from portcullis.config import Config, ConfigError, build_config, demo_config, load_config
+from portcullis.edge import Edge, EdgeCollector, edge_limits
 from portcullis.server import DrainingServer, QuietServer, bound_port, uvicorn_config
 
 
@@ -287,8 +288,10 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
     tls = {}
     if config.server.ssl_certfile:
         tls = {"ssl_certfile": str(config.server.ssl_certfile), "ssl_keyfile": str(config.server.ssl_keyfile)}
+    edge = Edge(edge_limits(config.server))
+    gateway.metrics.registry.register(EdgeCollector(edge))
     server = DrainingServer(
-        uvicorn_config(gateway, host=host, port=port, keep_alive_s=config.server.keep_alive_s, **tls),
+        uvicorn_config(gateway, host=host, port=port, keep_alive_s=config.server.keep_alive_s, edge=edge, **tls),
         on_drain=gateway.begin_drain,
         on_deadline=gateway.cut_in_flight,
         drain_grace_s=config.server.drain_grace_s,

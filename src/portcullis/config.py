@@ -54,6 +54,19 @@ class ServerConfig(_Section):
     keep_alive_s: PositiveFloat = 75.0
     # Browser origins allowed to call the API (CORS). None by default: no cross-origin access.
     cors_origins: list[str] = []
+    # The most bytes a request's line and headers may take together; more gets 431 and the connection closes.
+    head_max_bytes: int = Field(65_536, ge=4096, le=16_777_216)
+    # A request's line and headers must arrive within this many seconds (of connecting, or of the request's
+    # first byte on a kept-alive connection); late: 408, closed. Slow and silent sockets cannot pile up.
+    head_timeout_s: PositiveFloat = 10.0
+    # A request's body must arrive within this many seconds of its headers; late: 408, closed.
+    body_timeout_s: PositiveFloat = 120.0
+    # Client connections one process keeps open (0: half the open-files limit, at most 16,384). At the cap the
+    # oldest connection with no request in progress is closed to make room; if all are busy, the new one gets 503.
+    max_connections: int = Field(0, ge=0)
+    # Client connections from one address (0: no cap); over it, 503. Behind a proxy every connection comes from
+    # the proxy's address: raise this above the proxy's connection pool, or set 0.
+    max_connections_per_client: int = Field(1024, ge=0)
     # Peers whose X-Forwarded-For is believed (CIDRs); everyone else is identified by the socket.
     trusted_proxies: list[str] = []
     # Serve TLS with this certificate (PEM).

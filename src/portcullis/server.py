@@ -1,4 +1,5 @@
-"""Running an ASGI app under uvicorn (uvloop + httptools), with the gateway's graceful shutdown.
+"""Running an ASGI app under uvicorn (uvloop + httptools, with the edge's connection limits), with the gateway's
+graceful shutdown.
 
 SIGTERM (or the first Ctrl-C) starts a drain instead of uvicorn's immediate stop:
   t=0                 /readyz answers 503; new connections are still accepted, so a load balancer
@@ -22,14 +23,21 @@ from typing import Any
 
 import uvicorn
 
+from portcullis.edge import Edge
 
-def uvicorn_config(app: Any, *, host: str, port: int, keep_alive_s: float, **extra: Any) -> uvicorn.Config:
+
+def uvicorn_config(
+    app: Any, *, host: str, port: int, keep_alive_s: float, edge: Edge | None = None, **extra: Any
+) -> uvicorn.Config:
+    """With an `edge`, connections get its limits (edge.py) and WebSocket upgrades are not served (the gateway
+    has no WebSocket route; an upgrade request is answered as plain HTTP)."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=edge.protocol_class() if edge is not None else "httptools",
+        ws="none" if edge is not None else "auto",
         lifespan="on",
         access_log=False,
         log_config=None,

@@ -1,0 +1,403 @@
+"""The connection edge: limits that hold before a request exists, so nobody unauthenticated can exhaust the gateway.
+
+uvicorn's httptools protocol has no limit on a request's head (httptools buffers an unfinished header
+without bound: four sockets sending 64 MiB of it added 255 MiB to the process), no deadline before a
+connection's first request and none for a body, and no cap on connections (a 300-descriptor gateway
+stopped answering under 320 idle sockets). This module adds them as a thin subclass of that protocol;
+the request path itself is untouched. (Chosen by measurement over Granian and Hypercorn: docs/security.md.)
+
+What it enforces, per server process:
+  head size    a request's line and headers together may take `head_max_bytes`; more is 431 and the
+               connection closes. Checked before bytes reach the parser, so nothing past the limit is held.
+  head time    a new connection must deliver a whole head within `head_timeout_s` of connecting; a
+               keep-alive connection, within `head_timeout_s` of its next request's first byte. Late:
+               408 (or a silent close when nothing was sent) and the connection closes.
+  body time    a request's body must arrive within `body_timeout_s` of its head; late: 408, closed.
+  idle time    a keep-alive connection idle for `keep_alive_s` is closed (uvicorn's own timer, replaced
+               by the sweep below: one timer per process instead of one per request).
+  connections  at most `max_connections` open; at the cap the oldest connection with no request in
+               progress (silent, trickling a head, or idle keep-alive) is closed to make room, and only
+               when every connection is busy with a request is the new one refused (503). At most
+               `max_connections_per_client` from one address; over it, refused (503).
+Refusals are written in the OpenAI error shape with `connection: close`, then the socket is half-closed
+and what the client still sends is read and dropped for a moment (a "lingering close"): closing with
+unread input would make the kernel reset the connection and the client could lose the answer.
+
+Deadlines are checked by one sweep a second over the connections that have one (a dict each), against a
+clock the sweep keeps; a request pays a few dict operations and no timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+SWEEP_S = 1.0
+LINGER_S = 2.0
+MAX_LINGERING = 256  # past this many half-closed refusals, refuse by closing at once (each holds a descriptor)
+
+# Parser phases of a connection (what the client is sending, not what we answer).
+HEAD = 0  # waiting for, or receiving, a request head
+BODY = 1  # head received, body arriving
+DONE = 2  # the whole request received; an answer may be in progress
+IDLE = 3  # keep-alive: answered, waiting for the next request
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    head_max_bytes: int = 65_536
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 120.0
+    keep_alive_s: float = 75.0
+    max_connections: int = 0  # 0: from the open-files limit (resolve())
+    max_connections_per_client: int = 1024  # 0: no cap per address
+
+    def resolve(self) -> EdgeLimits:
+        """`max_connections: 0` becomes what the descriptors allow: each connection may hold a second descriptor
+        (its upstream request), and the database, Redis, logs and the spool need a few."""
+        if self.max_connections:
+            return self
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        auto = max(16, min(16_384, (soft - 128) // 2))
+        return EdgeLimits(
+            head_max_bytes=self.head_max_bytes,
+            head_timeout_s=self.head_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            keep_alive_s=self.keep_alive_s,
+            max_connections=auto,
+            max_connections_per_client=self.max_connections_per_client,
+        )
+
+
+def edge_limits(server: Any) -> EdgeLimits:
+    """The limits of the `server` section of the config (config.ServerConfig)."""
+    return EdgeLimits(
+        head_max_bytes=server.head_max_bytes,
+        head_timeout_s=server.head_timeout_s,
+        body_timeout_s=server.body_timeout_s,
+        keep_alive_s=server.keep_alive_s,
+        max_connections=server.max_connections,
+        max_connections_per_client=server.max_connections_per_client,
+    )
+
+
+def _refusal(status: int, reason: bytes, message: str, code: str, extra: bytes = b"") -> bytes:
+    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+            b"x-content-type-options: nosniff\r\nconnection: close\r\n",
+            extra,
+            b"\r\n",
+            body,
+        )
+    )
+
+
+def _refusals(limits: EdgeLimits) -> dict[str, bytes]:
+    busy = "The gateway has too many open connections; retry shortly."
+    return {
+        "head_too_large": _refusal(
+            431,
+            b"Request Header Fields Too Large",
+            f"The request line and headers exceed {limits.head_max_bytes} bytes.",
+            "request_header_too_large",
+        ),
+        "head_timeout": _refusal(
+            408,
+            b"Request Timeout",
+            f"The request line and headers did not arrive within {limits.head_timeout_s:g} s.",
+            "request_header_timeout",
+        ),
+        "body_timeout": _refusal(
+            408,
+            b"Request Timeout",
+            f"The request body did not arrive within {limits.body_timeout_s:g} s.",
+            "request_body_timeout",
+        ),
+        "too_many_connections": _refusal(
+            503, b"Service Unavailable", busy, "too_many_connections", b"retry-after: 1\r\n"
+        ),
+        "too_many_connections_per_client": _refusal(
+            503,
+            b"Service Unavailable",
+            "Too many open connections from this address; close idle ones or reuse them.",
+            "too_many_connections_per_client",
+            b"retry-after: 1\r\n",
+        ),
+        "bad_request": _refusal(400, b"Bad Request", "The request is not valid HTTP/1.1.", "invalid_http_request"),
+    }
+
+
+class Edge:
+    """The connections of one server process and their deadlines."""
+
+    def __init__(self, limits: EdgeLimits) -> None:
+        self.limits = limits.resolve()
+        self.responses = _refusals(self.limits)
+        self.open = 0
+        self.per_client: dict[str, int] = {}
+        # Connections with no request in progress, oldest first (dicts keep insertion order): the ones
+        # closed to make room at the cap. Value: the deadline of their head (or of their keep-alive idling).
+        self.waiting: dict[EdgeProtocol, float] = {}
+        self.bodies: dict[EdgeProtocol, float] = {}
+        self.lingering: dict[EdgeProtocol, float] = {}
+        self.now = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.counts: dict[str, int] = dict.fromkeys(
+            (
+                "head_too_large",
+                "head_timeout",
+                "body_timeout",
+                "idle_timeout",
+                "too_many_connections",
+                "too_many_connections_per_client",
+                "evicted",
+                "bad_request",
+            ),
+            0,
+        )
+
+    def protocol_class(self) -> type[EdgeProtocol]:
+        """The protocol class uvicorn instantiates per connection, bound to this edge."""
+        return type("EdgeProtocol", (EdgeProtocol,), {"edge": self})
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.now = loop.time()
+        self._sweeper = loop.call_later(SWEEP_S, self._sweep)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        now = self.now = self._loop.time()
+        late = [proto for proto, deadline in self.waiting.items() if deadline <= now]
+        for proto in late:
+            proto.expire_waiting()
+        late = [proto for proto, deadline in self.bodies.items() if deadline <= now]
+        for proto in late:
+            proto.expire_body()
+        late = [proto for proto, deadline in self.lingering.items() if deadline <= now]
+        for proto in late:
+            self.lingering.pop(proto, None)
+            proto.transport.close()
+        self._sweeper = self._loop.call_later(SWEEP_S, self._sweep)
+
+    def admit(self, proto: EdgeProtocol, address: str) -> str | None:
+        """None when the connection may stay (counted), else the refusal's name."""
+        limits = self.limits
+        per_client = self.per_client.get(address, 0)
+        if limits.max_connections_per_client and per_client >= limits.max_connections_per_client:
+            return "too_many_connections_per_client"
+        if self.open >= limits.max_connections:
+            if not self.waiting:
+                return "too_many_connections"
+            oldest = next(iter(self.waiting))
+            self.counts["evicted"] += 1
+            oldest.evict()
+        self.open += 1
+        self.per_client[address] = per_client + 1
+        return None
+
+    def release(self, proto: EdgeProtocol, address: str) -> None:
+        self.open -= 1
+        left = self.per_client.get(address, 1) - 1
+        if left > 0:
+            self.per_client[address] = left
+        else:
+            self.per_client.pop(address, None)
+        self.waiting.pop(proto, None)
+        self.bodies.pop(proto, None)
+        self.lingering.pop(proto, None)
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the edge's limits (see the module's docstring)."""
+
+    edge: Edge
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._address = ""
+        self._phase = HEAD
+        self._head_bytes = 0
+        self._counted = False  # admitted (in edge.open); a refused connection never is
+        self._discarding = False  # refused: what still arrives is dropped until the socket closes
+
+    # Connection lifecycle
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        edge = self.edge
+        if edge._sweeper is None:
+            edge._start(self.loop)
+        peer = transport.get_extra_info("peername")
+        self._address = peer[0] if isinstance(peer, tuple) and peer else ""
+        refused = edge.admit(self, self._address)
+        if refused is not None:
+            self.transport = transport
+            self._refuse(refused)
+            return
+        self._counted = True
+        super().connection_made(transport)
+        edge.waiting[self] = edge.now + edge.limits.head_timeout_s
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self.edge.release(self, self._address)
+        else:
+            self.edge.lingering.pop(self, None)
+            return  # never admitted: uvicorn never knew this connection
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        if self._discarding:
+            self.transport.close()
+        return None
+
+    def _refuse(self, name: str) -> None:
+        """Answer `name`'s refusal and close: half-close, drop what still comes, close after LINGER_S."""
+        edge = self.edge
+        edge.counts[name] += 1
+        self._discarding = True
+        edge.waiting.pop(self, None)
+        edge.bodies.pop(self, None)
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(edge.responses[name])
+        if len(edge.lingering) < MAX_LINGERING and transport.can_write_eof():
+            transport.write_eof()
+            edge.lingering[self] = edge.now + LINGER_S
+        else:
+            transport.close()
+
+    def evict(self) -> None:
+        """Closed to make room for a new connection: it had no request in progress."""
+        self.edge.waiting.pop(self, None)
+        if self._phase == HEAD and self._head_bytes:
+            self._refuse("head_timeout")  # a head still arriving: tell the sender why
+        else:
+            self.transport.close()
+
+    def expire_waiting(self) -> None:
+        edge = self.edge
+        edge.waiting.pop(self, None)
+        if self._phase == HEAD and self._head_bytes:
+            self._refuse("head_timeout")
+        else:  # silent since connecting, or idle between requests: nothing to answer
+            edge.counts["idle_timeout" if self._phase == IDLE else "head_timeout"] += 1
+            self.transport.close()
+
+    def expire_body(self) -> None:
+        self.edge.bodies.pop(self, None)
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.edge.counts["body_timeout"] += 1
+            self.transport.close()
+        else:
+            if cycle is not None:
+                cycle.response_complete = True  # the app's answer, if it comes, must not follow ours
+            self._refuse("body_timeout")
+
+    # Bytes in
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        if self._phase == HEAD or self._phase == IDLE:
+            limit = self.edge.limits.head_max_bytes
+            seen = self._head_bytes + len(data)
+            if seen > limit:
+                # Past the limit only if the head does not end within it (a body may follow in this chunk).
+                end = data.find(b"\r\n\r\n")
+                if end < 0 or self._head_bytes + end + 4 > limit:
+                    self._refuse("head_too_large")
+                    return
+            self._head_bytes = seen
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no upgrades here (WebSockets are off): the request was answered as plain HTTP
+        except httptools.HttpParserError:
+            if not self._discarding:
+                self._refuse("bad_request")
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse("bad_request")
+
+    # Parser callbacks (the parser's view of the request: it runs ahead of the answer)
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        edge = self.edge
+        if self._phase == IDLE:  # a kept-alive connection starts a request: its head has head_timeout_s
+            edge.waiting.pop(self, None)
+            edge.waiting[self] = edge.now + edge.limits.head_timeout_s
+        elif self._phase == DONE:  # pipelined behind an answer in progress
+            edge.waiting[self] = edge.now + edge.limits.head_timeout_s
+        self._phase = HEAD
+
+    def on_headers_complete(self) -> None:
+        edge = self.edge
+        edge.waiting.pop(self, None)
+        self._phase = BODY
+        self._head_bytes = 0
+        edge.bodies[self] = edge.now + edge.limits.body_timeout_s
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.edge.bodies.pop(self, None)
+        self._phase = DONE
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, but the keep-alive wait is the sweep's deadline instead of a timer per request.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self._phase == DONE:
+            self._phase = IDLE
+            edge = self.edge
+            edge.waiting[self] = edge.now + edge.limits.keep_alive_s
+
+
+class EdgeCollector(Collector):
+    """The edge's counters at scrape time (the connection path pays nothing for them)."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        edge = self.edge
+        yield GaugeMetricFamily("portcullis_connections_open", "Client connections open", value=edge.open)
+        yield GaugeMetricFamily(
+            "portcullis_connections_limit",
+            "The most client connections this process keeps open",
+            value=edge.limits.max_connections,
+        )
+        closed = CounterMetricFamily(
+            "portcullis_connections_closed_by_edge",
+            "Client connections the gateway refused or closed before a request completed, by reason",
+            labels=["reason"],
+        )
+        for reason, count in edge.counts.items():
+            closed.add_metric([reason], count)
+        yield closed
