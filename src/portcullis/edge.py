@@ -332,7 +332,10 @@ class EdgeProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            pass  # no upgrades here (WebSockets are off): the request was answered as plain HTTP
+            # No upgrades here (WebSockets are off): the request is answered as plain HTTP, and the parser
+            # reads nothing more on this connection, so it closes after that answer.
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
         except httptools.HttpParserError:
             if not self._discarding:
                 self._refuse("bad_request")
