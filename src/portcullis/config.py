@@ -844,6 +844,14 @@ class BatchConfig(_Section):
     retry_delay_s: PositiveFloat = 1.0
     # Uploaded and generated files are kept this long (None: until deleted).
     file_ttl_s: PositiveFloat | None = 30 * 86400.0
+    # Input files one principal may keep stored at once (uploads past it get 400 file_quota_exceeded).
+    max_files_per_owner: int = Field(100, ge=1)
+    # Bytes of input files one principal may keep stored at once (an upload past it gets 413).
+    max_bytes_per_owner: int = Field(1024 * 1024 * 1024, ge=1024)
+    # Uploads one principal may have in progress at once in this process (more get 429 too_many_uploads).
+    max_uploads_in_progress: int = Field(2, ge=1)
+    # Where uploads are spooled while they arrive, before they are stored (unset: the system's temp dir).
+    spool_dir: Path | None = None
 
 
 ModerationAction = Literal["block", "redact", "flag"]

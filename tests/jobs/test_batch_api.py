@@ -91,7 +91,9 @@ def client(gw: Proc) -> openai.OpenAI:
 
 
 def new_key(gw: Proc, **spec: Any) -> str:
-    status, raw = http_post(gw.url + "/admin/keys", {"tier": "enterprise", "scopes": ["batches:write"], **spec})
+    # (chat lines need chat:write too: batches:write alone runs nothing; tests/security/test_batch_grants.py)
+    scopes = ["batches:write", "chat:write"]
+    status, raw = http_post(gw.url + "/admin/keys", {"tier": "enterprise", "scopes": scopes, **spec})
     assert status == 201, raw
     return orjson.loads(raw)["key"]
 

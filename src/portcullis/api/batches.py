@@ -10,24 +10,35 @@
 Every route needs the `batches:write` scope. Files and batches belong to the user who created them;
 a principal with `admin:read` may read anyone's. A batch is validated whole when it is created (each
 line: JSON, a unique custom_id, POST to the batch's endpoint, a body the endpoint accepts, one model the
-caller may use); a file with errors gives a `failed` batch listing them with their line numbers, as
-OpenAI does. A valid batch is `in_progress` at once and its lines wait for the runner.
+caller may use, and the scope the endpoint's route needs: `batches:write` alone runs nothing); a file with
+errors gives a `failed` batch listing them with their line numbers, as OpenAI does. A valid batch is
+`in_progress` at once and its lines wait for the runner (which checks the scope and the model again, as
+the key is when the line runs).
+
+Uploads are bounded per principal (files and bytes stored, uploads in progress) and never held whole in
+memory: the file part is checked line by line as it arrives, spooled to a temporary file, and stored in
+chunks (jobs/store.py). Files past their expiry are gone for readers at once and deleted by the runner's
+sweep.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
+import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
-from portcullis.api.common import query_params, read_model
-from portcullis.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from portcullis.api.common import query_int, query_params, read_model
+from portcullis.config import BatchConfig
+from portcullis.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, TooManyRequests
 from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.auth import may_use
@@ -45,9 +56,12 @@ _VALIDATORS = {
     "/v1/completions": validation.validate_completion,
     "/v1/embeddings": validation.validate_embedding,
 }
-_WINDOW = re.compile(r"^(\d+)([smhd])$")
+# ASCII digits, at most 9 (int() refuses over 4300 digits: a 5000-digit window was a 500); \Z, not $.
+_WINDOW = re.compile(r"^([0-9]{1,9})([smhd])\Z")
 _WINDOW_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_ERRORS = 100  # errors listed for a file that failed validation
+_SPOOL_FLUSH = 1024 * 1024  # bytes of an upload held in memory before they are written to its spool file
+_FIELD_LIMIT = 64 * 1024  # a form field other than the file (purpose)
 
 
 class NewBatch(BaseModel):
@@ -75,10 +89,7 @@ def _may_read(ex: Exchange, owner: str) -> bool:
 
 
 def _limit(query: dict[str, str]) -> int:
-    raw = query.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
-        raise InvalidRequest("'limit' must be an integer from 1 to 100.", param="limit", code="invalid_value")
-    return int(raw)
+    return query_int(query, "limit", 20, 1, 100)
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -86,62 +97,161 @@ def _limit(query: dict[str, str]) -> int:
 
 async def upload_file(gw: Gateway, req: Request, ex: Exchange) -> None:
     store = _store(gw)
-    limit = gw.config.batch.max_file_bytes
-    form = await _read_form(req, limit + 64 * 1024, file_limit=limit)
-    purpose = form.get("purpose", (None, b""))[1].decode(errors="replace").strip()
-    if purpose != "batch":
-        raise InvalidRequest(
-            f"'purpose' must be 'batch' here (got {purpose!r}); this gateway stores batch input files only.",
-            param="purpose",
-            code="invalid_value",
+    config = gw.config.batch
+    owner = _owner(ex)
+    # Uploads in progress per principal: each one holds a spool file and a request; the stored-bytes
+    # quota below only sees finished uploads, so this is what bounds a burst of parallel ones.
+    in_progress = store.uploading.get(owner, 0)
+    if in_progress >= config.max_uploads_in_progress:
+        raise TooManyRequests(
+            f"You have {in_progress} uploads in progress, the most allowed at once; retry when one ends.",
+            code="too_many_uploads",
+            headers={"retry-after": "1"},
         )
-    if "file" not in form:
-        raise InvalidRequest("The form has no 'file' part.", param="file", code="missing_required_parameter")
-    filename, content = form["file"]
-    count = _check_jsonl(content, gw.config.batch.max_lines)
-    if count == 0:
-        raise InvalidRequest("The file has no requests.", param="file", code="empty_file")
-    ttl = gw.config.batch.file_ttl_s
-    record = await store.create_file(
-        file_id="file-" + secrets.token_hex(12),
-        owner=_owner(ex),
-        purpose="batch",
-        filename=(filename or "input.jsonl")[:512],
-        content=content,
-        expires_at=time.time() + ttl if ttl is not None else None,
-    )
+    store.uploading[owner] = in_progress + 1
+    try:
+        count, used = await store.usage(owner, time.time())
+        _check_quota(config, count, used, 0)
+        room = min(config.max_file_bytes, config.max_bytes_per_owner - used)
+        spool: IO[bytes] = await asyncio.to_thread(
+            tempfile.TemporaryFile, dir=config.spool_dir, prefix="portcullis-upload-"
+        )
+        try:
+            check = _JsonlCheck(config.max_lines, gw.config.server.max_body_bytes)
+            form = await _read_form(req, room + _FIELD_LIMIT, spool=spool, check=check, file_limit=room, config=config)
+            purpose = form.get("purpose", b"").decode(errors="replace").strip()
+            if purpose != "batch":
+                raise InvalidRequest(
+                    f"'purpose' must be 'batch' here (got {purpose!r}); this gateway stores batch input files only.",
+                    param="purpose",
+                    code="invalid_value",
+                )
+            if check.size < 0:
+                raise InvalidRequest("The form has no 'file' part.", param="file", code="missing_required_parameter")
+            if check.count == 0:
+                raise InvalidRequest("The file has no requests.", param="file", code="empty_file")
+            ttl = config.file_ttl_s
+            size = check.size
+            record = await store.store_upload(
+                file_id="file-" + secrets.token_hex(12),
+                owner=owner,
+                filename=(check.filename or "input.jsonl")[:512],
+                spool=spool,
+                size=size,
+                expires_at=time.time() + ttl if ttl is not None else None,
+                check=lambda files_now, bytes_now: _check_quota(config, files_now, bytes_now, size),
+            )
+        finally:
+            await asyncio.to_thread(spool.close)
+    finally:
+        left = store.uploading.get(owner, 1) - 1
+        if left > 0:
+            store.uploading[owner] = left
+        else:
+            store.uploading.pop(owner, None)
     await req.respond_json(200, record)
 
 
-def _check_jsonl(content: bytes, max_lines: int) -> int:
-    """Lines of requests in a JSONL file (blank lines skipped); 400 naming the first bad line."""
-    try:
-        content.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest("The file is not UTF-8 text.", param="file", code="invalid_file") from exc
-    count = 0
-    for number, raw in enumerate(content.split(b"\n"), start=1):
+def _check_quota(config: BatchConfig, files_stored: int, bytes_stored: int, adding: int) -> None:
+    """Refuse an upload past the principal's stored files or bytes (`adding`: the new file's size, 0 before
+    it is known)."""
+    if files_stored >= config.max_files_per_owner:
+        raise InvalidRequest(
+            f"You store {files_stored} files, the most allowed ({config.max_files_per_owner}); "
+            "delete some (DELETE /v1/files/{id}) or wait for them to expire.",
+            param="file",
+            code="file_quota_exceeded",
+        )
+    limit = config.max_bytes_per_owner
+    if bytes_stored + adding > limit or (adding == 0 and bytes_stored >= limit):
+        raise PayloadTooLarge(
+            f"Your files would take more than the {limit} bytes you may store "
+            f"(stored now: {bytes_stored}); delete some or wait for them to expire.",
+            param="file",
+            code="file_quota_exceeded",
+        )
+
+
+class _JsonlCheck:
+    """Checks a JSONL file as it arrives, line by line, so no whole file is ever held: UTF-8 JSON on each
+    line, at most `max_lines` requests, no line over `max_line` bytes (a line is one request body, and a
+    body over the gateway's body cap could never run). Keeps the part's size and filename."""
+
+    def __init__(self, max_lines: int, max_line: int) -> None:
+        self.max_lines = max_lines
+        self.max_line = max_line
+        self.partial: list[bytes] = []
+        self.partial_size = 0
+        self.number = 0  # lines seen (1-based numbers in messages)
+        self.count = 0  # requests (non-blank lines)
+        self.size = -1  # bytes of the file part; -1: no file part yet
+        self.filename: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            piece = data[start:end]
+            if self.partial:
+                self.partial.append(piece)
+                piece = b"".join(self.partial)
+                self.partial.clear()
+                self.partial_size = 0
+            self._line(piece)
+            start = end + 1
+        if start < len(data):
+            self.partial_size += len(data) - start
+            if self.partial_size > self.max_line:
+                self._too_long(self.number + 1)
+            self.partial.append(data[start:])
+
+    def finish(self) -> None:
+        if self.partial:
+            piece = b"".join(self.partial)
+            self.partial.clear()
+            self._line(piece)
+
+    def _too_long(self, number: int) -> None:
+        raise InvalidRequest(
+            f"Line {number} of the file is longer than {self.max_line} bytes, the largest request body accepted.",
+            param="file",
+            code="invalid_file",
+        )
+
+    def _line(self, raw: bytes) -> None:
+        self.number += 1
+        if len(raw) > self.max_line:
+            self._too_long(self.number)
         if not raw.strip():
-            continue
+            return
         try:
             orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest(
+                    f"Line {self.number} of the file is not UTF-8 text.", param="file", code="invalid_file"
+                ) from exc
             reason = str(exc).split(": line ")[0]  # (orjson's position is within the line, not the file)
             raise InvalidRequest(
-                f"Line {number} of the file is not valid JSON: {reason}.", param="file", code="invalid_file"
+                f"Line {self.number} of the file is not valid JSON: {reason}.", param="file", code="invalid_file"
             ) from exc
-        count += 1
-        if count > max_lines:
+        self.count += 1
+        if self.count > self.max_lines:
             raise InvalidRequest(
-                f"The file has more than {max_lines} requests, the most one batch may hold.",
+                f"The file has more than {self.max_lines} requests, the most one batch may hold.",
                 param="file",
                 code="too_many_requests_in_file",
             )
-    return count
 
 
-async def _read_form(req: Request, limit: int, *, file_limit: int) -> dict[str, tuple[str | None, bytes]]:
-    """A multipart/form-data body → {field: (filename, bytes)}, parsed as it arrives, never over `limit`."""
+async def _read_form(
+    req: Request, limit: int, *, spool: IO[bytes], check: _JsonlCheck, file_limit: int, config: BatchConfig
+) -> dict[str, bytes]:
+    """A multipart/form-data upload, parsed as it arrives and never over `limit` bytes: the 'file' part is
+    checked line by line and written to `spool` in pieces of at most _SPOOL_FLUSH bytes (memory stays
+    bounded whatever the file's size); the other fields → {name: bytes}, each at most _FIELD_LIMIT."""
     kind, params = parse_options_header(req.header(b"content-type") or b"")
     boundary = params.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
@@ -150,14 +260,16 @@ async def _read_form(req: Request, limit: int, *, file_limit: int) -> dict[str, 
             param="file",
             code="invalid_content_type",
         )
-    parts: dict[str, tuple[str | None, bytes]] = {}
+    fields: dict[str, bytes] = {}
     current: dict[str, Any] = {}
     header_field: list[bytes] = []
     header_value: list[bytes] = []
+    pending: list[bytes] = []  # file bytes not yet in the spool
+    pending_size = 0
 
     def on_part_begin() -> None:
         current.clear()
-        current.update(headers={}, data=[], size=0)
+        current.update(headers={}, data=[], size=0, name=None, is_file=False)
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         header_field.append(data[start:end])
@@ -170,17 +282,42 @@ async def _read_form(req: Request, limit: int, *, file_limit: int) -> dict[str, 
         header_field.clear()
         header_value.clear()
 
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(current["headers"].get(b"content-disposition", b""))
+        current["name"] = disposition.get(b"name", b"").decode(errors="replace")
+        if current["name"] == "file":
+            if check.size >= 0:
+                raise InvalidRequest("The form has more than one 'file' part.", param="file", code="invalid_body")
+            filename = disposition.get(b"filename")
+            check.filename = filename.decode(errors="replace") if filename is not None else None
+            check.size = 0
+            current["is_file"] = True
+
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        current["size"] += end - start
-        if current["size"] > file_limit:
-            raise PayloadTooLarge(f"The file exceeds the limit of {file_limit} bytes.")
-        current["data"].append(data[start:end])
+        nonlocal pending_size
+        piece = data[start:end]
+        if current["is_file"]:
+            if check.size + len(piece) > file_limit:
+                raise PayloadTooLarge(
+                    f"The file exceeds {file_limit} bytes: the limit per file is {config.max_file_bytes} "
+                    f"and each principal may store {config.max_bytes_per_owner} bytes of files.",
+                    param="file",
+                    code="file_too_large" if file_limit == config.max_file_bytes else "file_quota_exceeded",
+                )
+            check.feed(piece)
+            pending.append(piece)
+            pending_size += len(piece)
+            return
+        current["size"] += len(piece)
+        if current["size"] > _FIELD_LIMIT:
+            raise PayloadTooLarge(f"The form field {current['name']!r} exceeds {_FIELD_LIMIT} bytes.")
+        current["data"].append(piece)
 
     def on_part_end() -> None:
-        _, disposition = parse_options_header(current["headers"].get(b"content-disposition", b""))
-        name = disposition.get(b"name", b"").decode(errors="replace")
-        filename = disposition.get(b"filename")
-        parts[name] = (filename.decode(errors="replace") if filename is not None else None, b"".join(current["data"]))
+        if current["is_file"]:
+            check.finish()
+        else:
+            fields[current["name"]] = b"".join(current["data"])
 
     parser = MultipartParser(
         boundary,
@@ -189,6 +326,7 @@ async def _read_form(req: Request, limit: int, *, file_limit: int) -> dict[str, 
             "on_header_field": on_header_field,
             "on_header_value": on_header_value,
             "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
             "on_part_data": on_part_data,
             "on_part_end": on_part_end,
         },
@@ -196,12 +334,19 @@ async def _read_form(req: Request, limit: int, *, file_limit: int) -> dict[str, 
     try:
         async for chunk in req.iter_body(limit):
             parser.write(chunk)
+            if pending_size >= _SPOOL_FLUSH:
+                data = b"".join(pending)
+                pending.clear()
+                pending_size = 0
+                await asyncio.to_thread(spool.write, data)
         parser.finalize()
     except GatewayError:
         raise
     except Exception as exc:  # python_multipart's parse errors
         raise InvalidRequest(f"The multipart body is malformed: {exc}", param="file", code="invalid_body") from exc
-    return parts
+    if pending:
+        await asyncio.to_thread(spool.write, b"".join(pending))
+    return fields
 
 
 async def list_files(gw: Gateway, req: Request, ex: Exchange) -> None:
@@ -224,19 +369,22 @@ async def get_file(gw: Gateway, req: Request, ex: Exchange, file_id: str) -> Non
 
 
 async def file_content(gw: Gateway, req: Request, ex: Exchange, file_id: str) -> None:
+    """The file's bytes, streamed chunk by chunk as they are read (a download holds one chunk at a time)."""
     row = await _file(gw, ex, file_id)
-    content = await _store(gw).file_content(file_id)
-    if content is None:
-        raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
     safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", row.filename)
-    await req.respond(
-        200,
-        content,
-        [
-            (b"content-type", b"application/octet-stream"),
-            (b"content-disposition", f'attachment; filename="{safe_name}"'.encode()),
-        ],
-    )
+    headers = [
+        (b"content-type", b"application/octet-stream"),
+        (b"content-length", str(row.bytes).encode()),
+        (b"content-disposition", f'attachment; filename="{safe_name}"'.encode()),
+    ]
+    pieces = _store(gw).iter_content(file_id)
+    first = await anext(pieces, b"")  # (a database error here still gets its error answer)
+    req.status = 200
+    await req.send({"type": "http.response.start", "status": 200, "headers": req.response_headers + headers})
+    await req.send({"type": "http.response.body", "body": first, "more_body": True})
+    async for piece in pieces:
+        await req.send({"type": "http.response.body", "body": piece, "more_body": True})
+    await req.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def delete_file(gw: Gateway, req: Request, ex: Exchange, file_id: str) -> None:
@@ -261,10 +409,9 @@ async def create_batch(gw: Gateway, req: Request, ex: Exchange) -> None:
     file = await _file(gw, ex, spec.input_file_id)
     if file.purpose != "batch":
         raise InvalidRequest("The input file's purpose must be 'batch'.", param="input_file_id", code="invalid_value")
-    content = await store.file_content(spec.input_file_id) or b""
     principal = ex.principal
     assert principal is not None
-    lines, errors, model = _check_lines(gw, content, spec.endpoint, principal)
+    lines, errors, model = await _check_lines(gw, _file_lines(store, spec.input_file_id), spec.endpoint, principal)
     now = time.time()
     row: dict[str, Any] = {
         "id": "batch_" + secrets.token_hex(12),
@@ -311,8 +458,28 @@ def _window_s(text: str, min_s: float, max_s: float) -> float:
     return float(seconds)
 
 
-def _check_lines(
-    gw: Gateway, content: bytes, endpoint: str, principal: Principal
+async def _file_lines(store: BatchStore, file_id: str) -> AsyncIterator[tuple[int, bytes]]:
+    """(1-based line number, line) of a stored file, read chunk by chunk."""
+    number = 0
+    partial = b""
+    async for piece in store.iter_content(file_id):
+        parts = (partial + piece).split(b"\n") if partial else piece.split(b"\n")
+        partial = parts.pop()
+        for raw in parts:
+            number += 1
+            yield number, raw
+    if partial:
+        yield number + 1, partial
+
+
+def route_scope(gw: Gateway, endpoint: str) -> str:
+    """The scope a client needs to call `endpoint` itself: a batch line needs it too (read from the route
+    table, so the two cannot disagree)."""
+    return gw.routes[("POST", endpoint)][1]
+
+
+async def _check_lines(
+    gw: Gateway, numbered: AsyncIterator[tuple[int, bytes]], endpoint: str, principal: Principal
 ) -> tuple[list[tuple[str, str]], list[dict[str, Any]], str | None]:
     """(lines as (custom_id, body JSON), errors OpenAI-shaped with 1-based line numbers, the model)."""
     lines: list[tuple[str, str]] = []
@@ -320,12 +487,13 @@ def _check_lines(
     seen: set[str] = set()
     model: str | None = None
     validate = _VALIDATORS[endpoint]
+    needed = route_scope(gw, endpoint)
 
     def fail(number: int, code: str, message: str, param: str | None = None) -> None:
         if len(errors) < _MAX_ERRORS:
             errors.append({"code": code, "message": message, "param": param, "line": number})
 
-    for number, raw in enumerate(content.split(b"\n"), start=1):
+    async for number, raw in numbered:
         if not raw.strip():
             continue
         try:
@@ -351,6 +519,14 @@ def _check_lines(
             continue
         if item.get("url") != endpoint:
             fail(number, "mismatched_endpoint", f"The line's 'url' must be the batch's endpoint {endpoint}.", "url")
+            continue
+        if needed not in principal.scopes:  # batches:write is not a way around the endpoint's own scope
+            fail(
+                number,
+                "missing_scope",
+                f"Your credentials lack the scope '{needed}' needed to call {endpoint}.",
+                "url",
+            )
             continue
         body = item.get("body")
         if not isinstance(body, dict):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from portcullis.identity.auth import may_use
 from portcullis.identity.keys import now as utc_now
 from portcullis.identity.principal import Principal
 from portcullis.jobs.offpeak import OffPeak
@@ -60,7 +61,7 @@ _TRANSIENT = frozenset(
     }
 )
 _FINALIZE_EVERY_S = 2.0
-_CLEANUP_EVERY_S = 60.0  # files past batch.file_ttl_s are deleted this often
+_SWEEP_MAX_S = 60.0  # the longest wait between two sweeps of expired files
 _SAFETY = 1.5  # how much longer than the measured pace a batch is assumed to need
 
 
@@ -91,6 +92,9 @@ class BatchRunner:
         self.stopping = False
         self.lines_done = 0
         self._last_cleanup = 0.0
+        # Expired files are deleted this often (they are unreadable from the moment they expire; this frees
+        # their storage): every minute, or as often as files expire when they live shorter than that.
+        self._sweep_s = min(_SWEEP_MAX_S, self.config.file_ttl_s or _SWEEP_MAX_S)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -135,7 +139,7 @@ class BatchRunner:
 
     async def round(self) -> None:
         now = time.time()
-        if now - self._last_cleanup >= _CLEANUP_EVERY_S:
+        if now - self._last_cleanup >= self._sweep_s:
             self._last_cleanup = now
             removed = await self.store.delete_expired_files(now)
             if removed:
@@ -242,6 +246,11 @@ class BatchRunner:
                 )
                 self._finished.append((line.id, "failed", result, time.time()))
                 return
+            refused = self._not_granted(batch, line, principal)
+            if refused is not None:
+                result = _error_line(request_id, line.custom_id, 403, *refused)
+                self._finished.append((line.id, "failed", result, time.time()))
+                return
             status, headers, body = await self.gateway.call_internal(
                 "POST", batch.endpoint, line.body.encode(), principal, request_id=request_id
             )
@@ -273,6 +282,23 @@ class BatchRunner:
         ).decode()
         self._finished.append((line.id, "done" if status < 400 else "failed", result, time.time()))
         self.lines_done += 1
+
+    def _not_granted(self, batch: Any, line: Line, principal: Principal) -> tuple[str, str] | None:
+        """(code, message) when the key, as it is now, may not make this line's request: it lacks the scope
+        of the batch's endpoint, or its model allow-list no longer names the line's model. (The request path
+        trusts an internal request's principal, so the scope is checked here; the model would be refused
+        there too, but not before the request had been validated and routed.)"""
+        needed = self.gateway.routes[("POST", batch.endpoint)][1]  # the scope a client needs for the endpoint
+        if needed not in principal.scopes:
+            return "missing_scope", f"The API key that created this batch no longer has the scope '{needed}'."
+        if principal.models is not None:
+            try:
+                asked = orjson.loads(line.body).get("model")
+            except (orjson.JSONDecodeError, AttributeError):
+                asked = None
+            if not isinstance(asked, str) or not may_use(principal, asked, batch.model):
+                return "model_not_allowed", f"The API key that created this batch no longer allows the model '{asked}'."
+        return None
 
     async def _principal(self, batch: Any) -> Principal | None:
         """Who the lines run as: the batch's key as it is now (a revoked key stops its batches), or the

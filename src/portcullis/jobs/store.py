@@ -15,16 +15,19 @@ the tables:
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from portcullis.store.schema import batch_lines, batches, files
+from portcullis.store.schema import batch_lines, batches, file_chunks, files
 
+CHUNK_BYTES = 1024 * 1024  # an uploaded file is stored and read in pieces of this size
 OPEN = ("pending", "leased")
 LIVE = ("validating", "in_progress", "finalizing", "cancelling")
 
@@ -102,38 +105,102 @@ def not_run(batch_id: str, line_no: int, custom_id: str, code: str, message: str
 class BatchStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.uploading: dict[str, int] = {}  # principal → uploads in progress in this process
+        # Quota checks of one owner's uploads in this process take turns (striped: a bounded set of locks).
+        self._quota_locks = [asyncio.Lock() for _ in range(64)]
 
     # -- files ----------------------------------------------------------------------------------
 
-    async def create_file(
-        self, *, file_id: str, owner: str, purpose: str, filename: str, content: bytes, expires_at: float | None
+    async def store_upload(
+        self,
+        *,
+        file_id: str,
+        owner: str,
+        filename: str,
+        spool: IO[bytes],
+        size: int,
+        expires_at: float | None,
+        check: Callable[[int, int], None],
     ) -> dict[str, Any]:
+        """An uploaded file (spooled to `spool`, `size` bytes) stored in CHUNK_BYTES pieces, in one transaction
+        that first calls `check(files, bytes)` with what the owner already stores (it raises to refuse): under
+        the transaction (and, on PostgreSQL, a lock per owner) so concurrent uploads cannot both pass it."""
         row = {
             "id": file_id,
             "owner": owner,
-            "purpose": purpose,
+            "purpose": "batch",
             "filename": filename,
-            "bytes": len(content),
+            "bytes": size,
             "created_at": time.time(),
             "expires_at": expires_at,
-            "content": content,
+            "content": b"",
         }
-        async with self.engine.begin() as conn:
+        async with self._quota_locks[hash(owner) % len(self._quota_locks)], self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": "files:" + owner})
+            check(*await self._usage(conn, owner, time.time()))
             await conn.execute(insert(files).values(row))
+            await asyncio.to_thread(spool.seek, 0)
+            seq = 0
+            while data := await asyncio.to_thread(spool.read, CHUNK_BYTES):
+                await conn.execute(insert(file_chunks).values(file_id=file_id, seq=seq, data=data))
+                seq += 1
         return file_object(RowView(row))
 
+    async def usage(self, owner: str, now: float) -> tuple[int, int]:
+        """(input files, their bytes) the owner stores now (expired ones no longer count)."""
+        async with self.engine.connect() as conn:
+            return await self._usage(conn, owner, now)
+
+    async def _usage(self, conn: AsyncConnection, owner: str, now: float) -> tuple[int, int]:
+        query = select(func.count(), func.coalesce(func.sum(files.c.bytes), 0)).where(
+            files.c.owner == owner, files.c.purpose == "batch", _live(now)
+        )
+        count, size = (await conn.execute(query)).one()
+        return int(count), int(size)
+
     async def get_file(self, file_id: str) -> Any:
+        """The file's row without its content; None once it expired (the sweep deletes it later)."""
         columns = [c for c in files.c if c.name != "content"]
         async with self.engine.connect() as conn:
-            return (await conn.execute(select(*columns).where(files.c.id == file_id))).first()
+            query = select(*columns).where(files.c.id == file_id, _live(time.time()))
+            return (await conn.execute(query)).first()
+
+    async def iter_content(self, file_id: str) -> AsyncIterator[bytes]:
+        """The file's bytes piece by piece (its inline content, then its chunks), one query per piece, so a
+        reader holds one chunk at a time."""
+        async with self.engine.connect() as conn:
+            inline = (await conn.execute(select(files.c.content).where(files.c.id == file_id))).scalar()
+            seqs = list(
+                (
+                    await conn.execute(
+                        select(file_chunks.c.seq).where(file_chunks.c.file_id == file_id).order_by(file_chunks.c.seq)
+                    )
+                ).scalars()
+            )
+        if inline:
+            yield inline
+        for seq in seqs:
+            async with self.engine.connect() as conn:
+                query = select(file_chunks.c.data).where(file_chunks.c.file_id == file_id, file_chunks.c.seq == seq)
+                data = (await conn.execute(query)).scalar()
+            if data:
+                yield data
 
     async def file_content(self, file_id: str) -> bytes | None:
-        async with self.engine.connect() as conn:
-            return (await conn.execute(select(files.c.content).where(files.c.id == file_id))).scalar()
+        """The whole file (small generated files, tests); readers of uploads use iter_content."""
+        if await self.get_file(file_id) is None:
+            return None
+        return b"".join([piece async for piece in self.iter_content(file_id)])
 
     async def list_files(self, owner: str | None, purpose: str | None, limit: int, after: str | None) -> list[Any]:
         columns = [c for c in files.c if c.name != "content"]
-        query = select(*columns).order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit)
+        query = (
+            select(*columns)
+            .where(_live(time.time()))
+            .order_by(files.c.created_at.desc(), files.c.id.desc())
+            .limit(limit)
+        )
         if owner is not None:
             query = query.where(files.c.owner == owner)
         if purpose is not None:
@@ -147,11 +214,16 @@ class BatchStore:
 
     async def delete_file(self, file_id: str) -> bool:
         async with self.engine.begin() as conn:
+            await conn.execute(delete(file_chunks).where(file_chunks.c.file_id == file_id))
             return (await conn.execute(delete(files).where(files.c.id == file_id))).rowcount > 0
 
     async def delete_expired_files(self, now: float) -> int:
+        expired = and_(files.c.expires_at.is_not(None), files.c.expires_at <= now)
         async with self.engine.begin() as conn:
-            done = await conn.execute(delete(files).where(files.c.expires_at.is_not(None), files.c.expires_at < now))
+            await conn.execute(
+                delete(file_chunks).where(file_chunks.c.file_id.in_(select(files.c.id).where(expired)))
+            )
+            done = await conn.execute(delete(files).where(expired))
             return done.rowcount
 
     # -- batches --------------------------------------------------------------------------------
@@ -414,3 +486,8 @@ class RowView:
 
 def _param(name: str) -> Any:
     return bindparam(name)
+
+
+def _live(now: float) -> Any:
+    """Files not expired at `now`: an expired file is gone for readers before the sweep deletes it."""
+    return or_(files.c.expires_at.is_(None), files.c.expires_at > now)

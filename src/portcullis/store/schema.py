@@ -95,7 +95,17 @@ files = Table(
     Column("bytes", BigInteger, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=True),
-    Column("content", LargeBinary, nullable=False),
+    Column("content", LargeBinary, nullable=False),  # inline part (generated files); uploads keep b"" here
+)
+
+# An uploaded file's content in bounded pieces, so neither an upload nor a read holds a whole file in memory
+# (a file's bytes are files.content followed by its chunks in seq order).
+file_chunks = Table(
+    "file_chunks",
+    metadata,
+    Column("file_id", String(40), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
 )
 
 batches = Table(
