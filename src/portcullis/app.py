@@ -61,7 +61,7 @@ Handler = Callable[..., Awaitable[None]]
 # Routes whose requests get no access-log line or request metrics (probes would drown the rest).
 _QUIET = {"/healthz", "/readyz", "/metrics"}
 # Routes whose every request is settled against quotas and leaves a usage record.
-_METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+_METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/moderations"}
 _MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
 _THROUGHPUT_TICK_S = 10.0  # how often replicas' throughput (and hourly-priced deployments' prices) update
 # The ASGI scope key of requests the gateway makes to itself (batch lines): who they run as. A request

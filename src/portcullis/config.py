@@ -982,6 +982,10 @@ class ModerationConfig(_Section):
     stream_context_chars: int = Field(100, ge=0, le=10_000)
     # The most characters a remote moderator is sent (the newest; longer input is cut from the front).
     max_chars: int = Field(32_000, ge=100)
+    # Inputs one POST /v1/moderations may carry (more: 400 too_many_inputs); each may cost a remote moderator call.
+    max_inputs: int = Field(32, ge=1, le=2048)
+    # Inputs of one POST /v1/moderations judged at once (guard calls also wait for a slot of the guard model).
+    endpoint_concurrency: int = Field(4, ge=1, le=256)
 
     @model_validator(mode="after")
     def _window_holds_its_context(self) -> ModerationConfig:

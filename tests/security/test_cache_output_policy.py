@@ -182,3 +182,30 @@ def test_a_free_request_is_never_coalesced_onto_an_enterprise_answer(tenant_gw: 
     assert status == 200 and EMAIL not in _text(answer), f"the free request was served as {how}"
     assert _text(answer) == REDACTED and how == "miss"
     assert _upstream(sim) == before + 2
+
+
+def test_an_answer_a_moderator_let_through_unjudged_is_never_cached(sim: Proc, module_tmp: Path) -> None:
+    """A fail_open output moderator that cannot answer lets the answer out unjudged; cached, that answer would
+    be handed to everyone under the policy for the cache's TTL without a verdict. It is not stored."""
+    judge = start_sim("--moderation-delay-ms", "3000", log_dir=module_tmp)  # never answers within timeout_s
+    cfg = gateway_config(
+        {"m": [sim.url]},
+        moderation={
+            "moderators": {
+                "slow": {"kind": "openai_moderation", "url": judge.url, "timeout_s": 0.2, "on_error": "fail_open"}
+            }
+        },
+        tiers={"free": {"priority": 0, "moderation": {"output": ["slow"]}}},
+    )
+    gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
+    try:
+        key = _key(gw, f"u-{secrets.token_hex(4)}", "free")
+        payload = _ask(f"an unjudged answer {secrets.token_hex(4)}")
+        before = _upstream(sim)
+        for _ in range(2):
+            status, headers, answer = post_chat(gw.url, payload, key)
+            assert (status, headers["x-portcullis-cache"], _text(answer)) == (200, "miss", REPLY)
+        assert _upstream(sim) == before + 2  # the second went upstream (and was judged again) too
+    finally:
+        gw.stop()
+        judge.stop()

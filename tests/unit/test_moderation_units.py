@@ -3,6 +3,8 @@ the guard model's answer parsing and prompt, and the config's moderation mistake
 
 from __future__ import annotations
 
+import random
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from portcullis.config import ConfigError, GuardModelConfig, RulesConfig, load_c
 from portcullis.routing.catalog import Catalog
 from portcullis.safety.moderation import Finding, moderation_result
 from portcullis.safety.moderators import GuardModel, ModeratorError
-from portcullis.safety.rules import Rules, iban_ok, luhn_ok, redact
+from portcullis.safety.rules import _REACH, _SLICE, Rules, _finditer, iban_ok, luhn_ok, redact
 
 
 def _rules(**config: object) -> Rules:
@@ -63,6 +65,35 @@ def test_redaction_rewrites_only_redact_matches_and_respects_an_end() -> None:
     # Up to an end (the output guard never puts one inside a match): only what lies before it.
     end = text.index(", mail c")
     assert redact(text, matches, end=end) == "mail [REDACTED:pii/email], card 4111 1111 1111 1111"
+
+
+def test_a_long_text_is_scanned_in_slices_with_the_same_matches_as_whole() -> None:
+    # PII placed across every slice edge (and the reach's): sliced searches find what one search finds.
+    rules = _rules(
+        pii={"email": "redact", "phone": "redact", "card": "block", "iban": "redact", "national_id": "flag"},
+        keywords=[{"name": "secret", "words": ["project nightshade"]}],
+        patterns=[{"name": "tail", "regex": r"zz\w*$", "action": "flag"}],  # `$` must not match at a slice edge
+    )
+    pieces = [" bob.smith@example.com ", " 4111 1111 1111 1111 ", " +44 20 7946 0958 ", " project  nightshade ", " zz"]
+    rng = random.Random(17)
+    # Mostly short gaps; some longer than the reach, so that a match can run into a slice's end.
+    gaps = [rng.randrange(0, 3_000) if rng.random() < 0.8 else rng.randrange(_REACH, 2 * _REACH) for _ in range(200)]
+    text = "".join(rng.choice(pieces) + "w" * gap for gap in gaps) + " zzend"
+    assert len(text) > 10 * (_SLICE + _REACH)
+    for d in rules.detectors:
+        whole = [m.span() for m in d.pattern.finditer(text)]
+        assert [m.span() for m in _finditer(d.pattern, text)] == whole, d.category
+    assert [m.category for m in rules.scan(text)].count("pii/email") == text.count("bob.smith@example.com")
+    assert rules.scan(text)[-1].category == "tail"
+
+
+def test_a_text_dense_with_matches_is_scanned_in_linear_time() -> None:
+    text = "a@b.co " * 30_000  # 210 KB, 30,000 addresses: a pairwise overlap test took 50 s
+    t0 = time.perf_counter()
+    matches = PII.scan(text)
+    assert len(matches) == 30_000
+    assert time.perf_counter() - t0 < 3.0
+    assert redact(text, matches).count("[REDACTED:pii/email]") == 30_000
 
 
 def test_keywords_match_whole_words_and_phrases_in_any_case_and_spacing() -> None:

@@ -14,9 +14,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from portcullis.errors import InvalidRequest, ServiceUnavailable
 from portcullis.http import Request
 from portcullis.identity.auth import may_use, require_model
+from portcullis.protocol import EmbeddingRequest
+from portcullis.quota import estimate
 from portcullis.safety import validation
+from portcullis.safety.moderation import GuardSlots
 from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -69,12 +73,27 @@ async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
 
 
 async def moderations(gw: Gateway, req: Request, ex: Exchange) -> None:
-    """OpenAI's moderation endpoint, answered by the gateway's own moderator pipeline."""
+    """OpenAI's moderation endpoint, answered by the gateway's own moderator pipeline; metered like a model
+    call (the caller's request, token and concurrency limits), at most `moderation.max_inputs` inputs, the
+    guard model's calls through its admission (moderation.GuardSlots)."""
     body = await req.read_body(gw.config.server.max_body_bytes)
     payload = validation.parse_json_object(body, gw.config.validation)
     texts = validation.moderation_inputs(payload, gw.config.validation)
+    cap = gw.config.moderation.max_inputs
+    if len(texts) > cap:
+        raise InvalidRequest(
+            f"'input' has {len(texts)} items; at most {cap} are allowed per moderation request.",
+            param="input",
+            code="too_many_inputs",
+        )
     model = payload.get("model")
-    results = await gw.moderation.evaluate(texts, model if isinstance(model, str) else None)
+    name = model if isinstance(model, str) else None
+    gw.moderation.answering(name)  # 404 before anything is reserved when nothing could answer
+    # Sized like an embeddings request: the inputs' tokens, no completion.
+    sized = EmbeddingRequest.model_construct(model=name or "", input=texts)
+    await gw.quota.admit(req, ex, sized)
+    results = await gw.moderation.evaluate(texts, name, slots=GuardSlots(gw.admission, ex.principal))
+    ex.prompt_tokens = estimate.reservation(sized, gw.config.quota)[0]  # settled (and recorded) as spent
     await req.respond_json(
         200,
         {

@@ -240,7 +240,8 @@ class ResponseCache:
         ticket: Ticket = ex.cache
         ex.cache = None
         answer = None
-        if status == 200 and ex.error_code is None and ex.degraded is None and ex.abort_reason is None:
+        whole = ex.error_code is None and ex.degraded is None and ex.abort_reason is None
+        if status == 200 and whole and not ex.unjudged:
             answer = ticket.answer if ticket.assembler is None else ticket.assembler.answer()
             replica = ex.replica
             if replica is not None and isinstance(answer, dict) and answer.get("model") != replica.model:

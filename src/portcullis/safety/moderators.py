@@ -9,15 +9,22 @@ Their failures raise `ModeratorError`; the pipeline (moderation.py) applies the 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
 from portcullis.config import GuardModelConfig, OpenAIModerationConfig
+from portcullis.errors import ServiceUnavailable
 from portcullis.routing.balancer import choose
-from portcullis.routing.catalog import Catalog
+from portcullis.routing.catalog import Catalog, Replica
 from portcullis.upstream.client import one_shot_session, stale_connection
+
+if TYPE_CHECKING:
+    from portcullis.routing.admission import Target
+    from portcullis.upstream.exchange import Exchange
 
 # OpenAI's moderation categories (omni-moderation); `/v1/moderations` always lists all of them.
 OPENAI_CATEGORIES = (
@@ -83,6 +90,9 @@ Provide your safety assessment for ONLY THE LAST {role} message in the above con
  - If unsafe, a second line must include a comma-separated list of violated categories."""
 
 Turns = list[tuple[str, str]]  # (role: "user" | "assistant", text)
+# A guard call's admission: `async with slots(model) as (target, exchange)` holds one of the model's slots
+# (moderation.GuardSlots); the call goes to the target's replicas and names the one it asked on the exchange.
+Slots = Callable[[str], AbstractAsyncContextManager[tuple["Target", "Exchange"]]]
 
 
 class ModeratorError(Exception):
@@ -98,8 +108,9 @@ class RemoteModerator:
         self.on_error = config.on_error
         self.action = config.action
 
-    async def categories(self, turns: Turns, judged: str) -> dict[str, float | None]:
-        """The violated categories of the `judged` role's turns, with a score where the moderator gives one."""
+    async def categories(self, turns: Turns, judged: str, slots: Slots | None = None) -> dict[str, float | None]:
+        """The violated categories of the `judged` role's turns, with a score where the moderator gives one.
+        `slots`: a guard model's call takes a slot of its gate first (an outside endpoint has no gate here)."""
         raise NotImplementedError
 
     async def start(self) -> None:
@@ -138,7 +149,7 @@ class OpenAIModeration(RemoteModerator):
             if session is not None:
                 await session.close()
 
-    async def categories(self, turns: Turns, judged: str) -> dict[str, float | None]:
+    async def categories(self, turns: Turns, judged: str, slots: Slots | None = None) -> dict[str, float | None]:
         texts = [text for role, text in turns if role == judged and text]
         if not texts:
             return {}
@@ -209,8 +220,19 @@ class GuardModel(RemoteModerator):
             .replace("{conversation}", conversation)
         )
 
-    async def categories(self, turns: Turns, judged: str) -> dict[str, float | None]:
-        replica = choose(self.catalog.models[self.model])
+    async def categories(self, turns: Turns, judged: str, slots: Slots | None = None) -> dict[str, float | None]:
+        if slots is None:
+            return await self._ask(self.catalog.models[self.model], turns, judged, None)
+        try:
+            async with slots(self.model) as (target, ex):
+                return await self._ask(target.replicas, turns, judged, ex)
+        except ServiceUnavailable as exc:  # admission's refusal (queue full, waited too long, no replica)
+            raise ModeratorError(f"the guard model '{self.model}' has no free slot ({exc.code})") from exc
+
+    async def _ask(
+        self, replicas: list[Replica], turns: Turns, judged: str, ex: Exchange | None
+    ) -> dict[str, float | None]:
+        replica = choose(replicas)
         if replica is None or replica.client is None:
             raise ModeratorError(f"no replica of the guard model '{self.model}' is available")
         body = orjson.dumps(
@@ -222,6 +244,8 @@ class GuardModel(RemoteModerator):
                 "stream": False,
             }
         )
+        if ex is not None:
+            ex.replica = replica
         t0 = time.perf_counter()
         replica.begin(t0)
         try:

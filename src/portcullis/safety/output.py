@@ -179,6 +179,7 @@ class OutputGuard:
                 [("user", last_user_text(self.payload, self.chat)), ("assistant", before + redact(text, matches))],
                 "assistant",
                 "output",
+                failed_open=self._unjudged,
             )
             if failed is not None:
                 error = unavailable(failed)
@@ -193,6 +194,9 @@ class OutputGuard:
             return None
         self.moderation.note(self.req, self.ex, "output", found, text)
         return redact(text, matches, cut), cut
+
+    def _unjudged(self) -> None:
+        self.ex.unjudged = True
 
     def _close(self, found: list[Finding], text: str, message: str, code: str = "content_policy_violation") -> None:
         self.moderation.note(self.req, self.ex, "output", found, text)

@@ -54,6 +54,9 @@ class Exchange:
     # The attempt's replica was found dead while the attempt waited on it (health probes): cut it now.
     replica_lost: bool = False
     degraded: str | None = None  # what degradation changed, as told in x-portcullis-degraded
+    # An output moderator failed open on this answer: it went out unjudged, so it is never cached (a hit would
+    # hand the unjudged text to everyone under the policy for the cache's TTL).
+    unjudged: bool = False
     # Routing: why a router chose the model (logged), the tokens a replica must hold (0: any), the
     # prompt's prefix keys (affinity), llama-server's `timings` of the answer.
     route_reason: str | None = None
