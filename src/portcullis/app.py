@@ -28,7 +28,7 @@ from portcullis.http import ClientDisconnected, Receive, Request, Scope, Send
 from portcullis.identity import scopes
 from portcullis.identity.auth import Identity, require_scope
 from portcullis.identity.jwt import JwtSetupError, JwtVerifier
-from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, key_id_of, key_secret
+from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, ModelState, key_id_of, key_secret
 from portcullis.identity.principal import Principal
 from portcullis.jobs.runner import BatchRunner
 from portcullis.jobs.store import BatchStore
@@ -125,6 +125,8 @@ class Gateway:
         self.batch_runner = BatchRunner(self, self.batch_store) if self.batch_store is not None else None
         self.metrics.watch_routing(self.affinity, self.admission, self.batch_runner)
         self.keys: KeyStore | None = None
+        # Models switched off at run time; set at preflight, with or without API keys (a JWT-only gateway too).
+        self.model_state: ModelState | None = None
         self.identity: Identity | None = None
         self.tracing: Tracing | None = None  # built at preflight when enabled (tests may set their own)
         self.bus: EventBus | None = None
@@ -457,6 +459,7 @@ class Gateway:
                 await migrator.dispose()
         if hasher is not None:
             self.keys = KeyStore(self.engine, hasher)
+        self.model_state = ModelState(self.engine)
         if self.config.store.redis_url:
             self.bus = EventBus(self.config.store.redis_url, timeout_s=self.config.store.redis_timeout_s)
         # Revocations count as pushed once the bus has subscribed (startup), and only while it stays so.
@@ -468,6 +471,8 @@ class Gateway:
             pushed_invalidation=False,
             health=self.db_health,
         )
+        # Failed authentications are counted where the quotas are: in Redis, shared by every process.
+        self.identity.throttle.shared = self.quota.redis
         self.metrics.count(
             "portcullis_event_bus_publish_failures",
             "Events (revocations, model switches) Redis did not take; the database still has them",
@@ -513,8 +518,8 @@ class Gateway:
                 timeouts=self.config.timeouts_for(replica.model),
                 max_connections=replica.max_connections,
             )
-        if self.keys is not None:
-            self.catalog.disabled = await self.keys.disabled_models()
+        if self.model_state is not None:
+            self.catalog.disabled = await self.model_state.disabled_models()
             if self.bus is not None:
                 await self.bus.start(self._on_event, self._on_bus_connection)
             # Model switches are polled from the database whenever the bus is not there to push them.
@@ -583,7 +588,7 @@ class Gateway:
         self.metrics.bus_connected.set(1 if connected else 0)
         if self.identity is not None:
             self.identity.revocations_pushed(connected)
-        if connected and self.keys is not None:
+        if connected and self.model_state is not None:
             # A switch made between the last poll and the subscription is in no event: read it once.
             task = asyncio.get_running_loop().create_task(self._read_model_state())
             self._background.append(task)
@@ -606,10 +611,10 @@ class Gateway:
                 await self._read_model_state()
 
     async def _read_model_state(self) -> None:
-        assert self.keys is not None
+        assert self.model_state is not None
         try:
             async with asyncio.timeout(self.config.store.timeout_s):
-                self.catalog.disabled = await self.keys.disabled_models()
+                self.catalog.disabled = await self.model_state.disabled_models()
         except Exception as exc:
             self.log.warning("model_state_poll_failed", error=type(exc).__name__)
 

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from portcullis.identity import scopes as scope_names
+
 ENV_PREFIX = "PORTCULLIS_"
 # Variables with the prefix that are not config overrides.
 _ENV_NOT_OVERRIDES = {"PORTCULLIS_CONFIG"}
@@ -52,8 +54,6 @@ class ServerConfig(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Keep-alive for client connections (seconds idle before the server closes one).
     keep_alive_s: PositiveFloat = 75.0
-    # Browser origins allowed to call the API (CORS). None by default: no cross-origin access.
-    cors_origins: list[str] = []
     # The most bytes a request's line and headers may take together; more gets 431 and the connection closes.
     head_max_bytes: int = Field(65_536, ge=4096, le=16_777_216)
     # A request's line and headers must arrive within this many seconds (of connecting, or of the request's
@@ -67,8 +67,14 @@ class ServerConfig(_Section):
     # Client connections from one address (0: no cap); over it, 503. Behind a proxy every connection comes from
     # the proxy's address: raise this above the proxy's connection pool, or set 0.
     max_connections_per_client: int = Field(1024, ge=0)
-    # Peers whose X-Forwarded-For is believed (CIDRs); everyone else is identified by the socket.
+    # Browser origins allowed to call the API (CORS). None by default: no cross-origin access.
+    cors_origins: list[str] = []
+    # Addresses (CIDRs) of your own proxies in front of the gateway, whose X-Forwarded-For is believed; everyone
+    # else is identified by the socket. List only the proxies: any peer in these ranges can claim any address.
     trusted_proxies: list[str] = []
+    # How many trusted proxies a request passes (each appends to X-Forwarded-For): at most this many entries are
+    # read from the right, so anything a client wrote to the left of them is ignored.
+    trusted_proxy_hops: int = Field(1, ge=1, le=16)
     # Serve TLS with this certificate (PEM).
     ssl_certfile: Path | None = None
     # The certificate's private key (PEM).
@@ -84,7 +90,9 @@ class ServerConfig(_Section):
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
         for cidr in value:
-            ipaddress.ip_network(cidr, strict=False)
+            if ipaddress.ip_network(cidr, strict=False).prefixlen == 0:
+                # Trusting every peer lets any client choose the address it is throttled under.
+                raise ValueError(f"{cidr} trusts every peer: list the addresses of your proxies")
         return value
 
     @model_validator(mode="after")
@@ -141,8 +149,24 @@ class JwtConfig(_Section):
     tier_claim: str = "tier"
     # The tier of a token without that claim.
     default_tier: str = "free"
-    # The claim listing the models the caller may use (absent: all).
+    # The claim listing the models the caller may use (absent: all; present, it must be a list of names).
     models_claim: str = "models"
+    # The scopes a token may grant; any other scope it claims is dropped. Default: inference only (no
+    # models:write/delete, usage:read, keys:admin, admin:read); list them to let tokens administer.
+    allowed_scopes: list[str] = Field(default_factory=lambda: list(scope_names.DEFAULT))
+    # The tiers a token may claim; a token claiming another is refused (401). None: every configured tier.
+    allowed_tiers: list[str] | None = None
+    # A token's user is `jwt:` + its subject, apart from API-key users; this maps a subject to another user id
+    # (e.g. an API-key user's, to share their files, batches, cache and budget). Empty: no mapping.
+    users: dict[str, Annotated[str, Field(min_length=1, max_length=256)]] = {}
+
+    @field_validator("allowed_scopes")
+    @classmethod
+    def _known_scopes(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - scope_names.ALL)
+        if unknown:
+            raise ValueError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(sorted(scope_names.ALL))}")
+        return value
 
 
 class AuthConfig(_Section):
@@ -1059,6 +1083,9 @@ class Config(_Section):
     def _jwt_default_tier(self) -> Config:
         if self.auth.jwt.enabled and self.auth.jwt.default_tier not in self.tiers:
             raise ValueError(f"auth.jwt.default_tier '{self.auth.jwt.default_tier}' is not a configured tier")
+        for tier in self.auth.jwt.allowed_tiers or ():
+            if self.auth.jwt.enabled and tier not in self.tiers:
+                raise ValueError(f"auth.jwt.allowed_tiers: '{tier}' is not a configured tier")
         if self.quota.backend == "redis" and not self.store.redis_url:
             raise ValueError("quota.backend is 'redis' but store.redis_url is not set")
         if self.cache.backend == "redis" and not self.store.redis_url:

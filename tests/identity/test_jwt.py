@@ -49,7 +49,7 @@ def _hs_token(**over: Any) -> str:
 
 def test_valid_hs256_maps_claims(hs: JwtVerifier) -> None:
     p = hs.verify(_hs_token(tier="premium", models=["tiny"]))
-    assert (p.user, p.tier, p.via) == ("dana", "premium", "jwt")
+    assert (p.user, p.tier, p.via) == ("jwt:dana", "premium", "jwt")  # the token namespace, apart from key users
     assert p.scopes == {"chat:write", "models:read"} and p.models == {"tiny"}
     perms = hs.verify(_hs_token(scope=None, permissions=["embeddings:write", "not-a-scope"]))
     assert perms.scopes == {"embeddings:write"}
@@ -113,7 +113,7 @@ def test_algorithm_confusion_is_refused(tmp_path: Path, monkeypatch: pytest.Monk
     )
     with pytest.raises(InvalidToken):
         both.verify(token)
-    assert both.verify(pyjwt.encode(_claims(), private, algorithm="RS256")).user == "dana"
+    assert both.verify(pyjwt.encode(_claims(), private, algorithm="RS256")).user == "jwt:dana"
 
 
 def test_jwks_picks_keys_by_kid_and_refuses_unknown_kid(tmp_path: Path) -> None:
@@ -125,7 +125,7 @@ def test_jwks_picks_keys_by_kid_and_refuses_unknown_kid(tmp_path: Path) -> None:
     (tmp_path / "jwks.json").write_bytes(orjson.dumps(jwks))
     v = JwtVerifier(JwtConfig(enabled=True, algorithms=["RS256"], jwks_file=tmp_path / "jwks.json"), TIERS)
     for kid, key in (("old", old), ("new", new)):  # both signing keys valid during a rotation
-        assert v.verify(pyjwt.encode(_claims(), key, algorithm="RS256", headers={"kid": kid})).user == "dana"
+        assert v.verify(pyjwt.encode(_claims(), key, algorithm="RS256", headers={"kid": kid})).user == "jwt:dana"
     with pytest.raises(InvalidToken, match="kid"):
         v.verify(pyjwt.encode(_claims(), new, algorithm="RS256", headers={"kid": "stranger"}))
     with pytest.raises(InvalidToken):  # the right kid, the wrong key
@@ -136,7 +136,7 @@ def test_es256_with_a_pem_public_key(tmp_path: Path) -> None:
     private = ec.generate_private_key(ec.SECP256R1())
     (tmp_path / "ec.pem").write_bytes(_pem_public(private))
     v = JwtVerifier(JwtConfig(enabled=True, algorithms=["ES256"], public_key_file=tmp_path / "ec.pem"), TIERS)
-    assert v.verify(pyjwt.encode(_claims(), private, algorithm="ES256")).user == "dana"
+    assert v.verify(pyjwt.encode(_claims(), private, algorithm="ES256")).user == "jwt:dana"
 
 
 def test_no_key_material_is_a_setup_error(monkeypatch: pytest.MonkeyPatch) -> None:

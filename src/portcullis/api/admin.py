@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from portcullis.api.common import query_params, read_model
 from portcullis.config import BudgetConfig, LimitsConfig
-from portcullis.errors import InvalidRequest, NotFound
+from portcullis.errors import InvalidRequest, NotFound, ServiceUnavailable
 from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.keys import KeyStore, now
@@ -140,7 +140,9 @@ async def usage_report(gw: Gateway, req: Request, ex: Exchange) -> None:
 async def enable_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
     if model not in gw.catalog.models:
         raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
-    await _store(gw).set_model_disabled(model, False)
+    if gw.model_state is None:  # (before the preflight only; not a key-store matter: JWT-only gateways have it)
+        raise ServiceUnavailable("Models cannot be switched on on this gateway yet.", code="model_state_unavailable")
+    await gw.model_state.set_model_disabled(model, False)
     await gw.publish({"type": "model", "name": model, "disabled": False})
     await req.respond_json(200, {"id": model, "object": "model", "enabled": True})
 

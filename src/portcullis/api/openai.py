@@ -136,7 +136,10 @@ async def get_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None
 async def delete_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
     """Switch a model off in the live catalog, on every process, persistently (OpenAI's delete shape)."""
     gw.catalog.replicas_for(model)
-    assert gw.keys is not None
-    await gw.keys.set_model_disabled(model, True)
+    require_model(ex.principal, model)  # a principal limited to some models switches no other off
+    # The state lives in the database, not the key store: a gateway taking only JWTs has it too.
+    if gw.model_state is None:
+        raise ServiceUnavailable("Models cannot be switched off on this gateway yet.", code="model_state_unavailable")
+    await gw.model_state.set_model_disabled(model, True)
     await gw.publish({"type": "model", "name": model, "disabled": True})
     await req.respond_json(200, {"id": model, "object": "model", "deleted": True})

@@ -15,6 +15,10 @@ verified gets 503.
 
 Every refusal of a credential looks the same ("Incorrect API key provided"), whether the id is unknown,
 the secret wrong, or the key revoked or expired: a response never tells whether a key id exists.
+
+A request carrying one credential header more than once is refused (400): which copy counts would differ
+between a proxy in front and us. That refusal, and every refusal of a token, counts as a failed
+authentication for the address's throttle.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from portcullis.config import Config
-from portcullis.errors import Forbidden, ServiceUnavailable, TooManyRequests, Unauthenticated
+from portcullis.errors import Forbidden, InvalidRequest, ServiceUnavailable, TooManyRequests, Unauthenticated
 from portcullis.identity import scopes as scope_names
 from portcullis.identity.jwt import InvalidToken, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, key_id_of
@@ -77,6 +81,7 @@ class Identity:
         self.pushed = pushed_invalidation
         self.throttle = FailedAuthThrottle(self.config.failed_auth_per_minute)
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in config.server.trusted_proxies]
+        self.proxy_hops = config.server.trusted_proxy_hops
         # key id → (record, its principal, usable until (POSIX time), fresh until (monotonic), loaded at
         # (monotonic))
         self._cache: dict[str, tuple[KeyRecord | None, Principal | None, float, float, float]] = {}
@@ -105,21 +110,20 @@ class Identity:
     async def authenticate(self, req: Request, credential: str | None = None) -> Principal:
         """The request's principal, from its Authorization (or api-key) header, or from `credential` (the
         dashboard's cookie)."""
-        address = client_address(req.scope, self.trusted)
         if self.throttle.blocked:  # only look the address up while someone is being throttled
-            wait = self.throttle.retry_after(address)
+            wait = self.throttle.retry_after(client_address(req.scope, self.trusted, self.proxy_hops))
             if wait is not None:
-                raise TooManyRequests(
-                    "Too many failed authentication attempts from your address; try again later.",
-                    code="too_many_failed_auth",
-                    headers={"Retry-After": str(int(wait) + 1)},
-                )
+                raise _too_many_failures(wait)
         if credential is None:
-            credential = _credential(req)
+            try:
+                credential = _credential(req)
+            except InvalidRequest:
+                await self._failed(req)
+                raise
         if credential is None:
             if self.config.allow_anonymous:
                 return ANONYMOUS
-            self.throttle.failed(address)
+            await self._failed(req)
             raise Unauthenticated(_NO_KEY, headers={"WWW-Authenticate": 'Bearer realm="portcullis"'})
         try:
             if credential.startswith("pc-") and self.store is not None:
@@ -130,8 +134,16 @@ class Identity:
                 return self._token(credential)
             raise Unauthenticated(_BAD_KEY, headers={"WWW-Authenticate": 'Bearer realm="portcullis"'})
         except Unauthenticated:
-            self.throttle.failed(address)
+            await self._failed(req)
             raise
+
+    async def _failed(self, req: Request) -> None:
+        """Count a failed authentication. The count is one atomic step taken after the credential was judged,
+        and past the limit the answer becomes 429: attempts sent all at once all pass the check above, but at
+        most `failed_auth_per_minute` of them are told 401 (identity/throttle.py)."""
+        wait = await self.throttle.record(client_address(req.scope, self.trusted, self.proxy_hops))
+        if wait is not None:
+            raise _too_many_failures(wait)
 
     def _cached_key(self, presented: str) -> Principal | None:
         """A principal from the cache; None when the id is not cached (or its entry went stale)."""
@@ -263,11 +275,17 @@ class Identity:
         try:
             return self.jwt.verify(token)
         except InvalidToken as exc:
+            # The description may quote the token (an algorithm's name, PyJWT's reason): in a header it keeps
+            # printable ASCII without quotes or backslashes (RFC 6750 §3), so it can neither end the quoted
+            # string nor the header.
+            described = "".join(c for c in str(exc) if " " <= c <= "~" and c not in '"\\')[:200]
             raise Unauthenticated(
                 f"Invalid bearer token: {exc}.",
                 code="invalid_token",
                 headers={
-                    "WWW-Authenticate": f'Bearer realm="portcullis", error="invalid_token", error_description="{exc}"'
+                    "WWW-Authenticate": (
+                        f'Bearer realm="portcullis", error="invalid_token", error_description="{described}"'
+                    )
                 },
             ) from exc
 
@@ -312,8 +330,23 @@ class Identity:
                 raise
 
 
+def _too_many_failures(wait: float) -> TooManyRequests:
+    return TooManyRequests(
+        "Too many failed authentication attempts from your address; try again later.",
+        code="too_many_failed_auth",
+        headers={"Retry-After": str(int(wait) + 1)},
+    )
+
+
+_CREDENTIAL_HEADERS = (b"authorization", b"api-key", b"x-api-key")
+
+
 def _credential(req: Request) -> str | None:
     auth = req.header(b"authorization")
+    # The header dict (built for every request) keeps the last of repeated names, so fewer names than headers
+    # is the one cheap sign of a repeat; only then are the headers counted.
+    if req._headers is not None and len(req._headers) < len(req.scope["headers"]):
+        _refuse_repeated(req.scope["headers"])
     if auth:
         if auth[:7].lower() == b"bearer ":
             value = auth[7:].strip()
@@ -324,6 +357,17 @@ def _credential(req: Request) -> str | None:
         if value:
             return value.decode("latin-1").strip()
     return None
+
+
+def _refuse_repeated(headers: list[tuple[bytes, bytes]]) -> None:
+    for name in _CREDENTIAL_HEADERS:
+        if sum(1 for key, _ in headers if key == name) > 1:
+            shown = name.decode()
+            raise InvalidRequest(
+                f"The request carries the '{shown}' header more than once; send exactly one credential.",
+                param=shown,
+                code="duplicate_credentials",
+            )
 
 
 def require_scope(principal: Principal, scope: str) -> None:

@@ -3,8 +3,19 @@
 The algorithm is decided by the configuration, never by the token: a token whose `alg` is not in
 `auth.jwt.algorithms` is refused (this covers `none`), and the key is picked by the algorithm's family,
 so an HS256 token "signed" with our RSA public key meets the HMAC secret, not the public key, and fails.
-With a JWKS file the key is chosen by `kid`; an unknown `kid` is refused. `exp` and `sub` are required;
+With a JWKS file the key is chosen by `kid`; an unknown `kid`, or one naming a key of another family than
+the token's `alg` (a JWKS may mix RSA, EC and symmetric keys), is refused. `exp` and `sub` are required;
 `nbf`/`iat`/`exp` are checked with leeway; `iss`/`aud` when configured.
+
+Every claim we read is type-checked: a signed token is still input, and a claim of the wrong type (`tier: []`,
+`scope: 5`, `models: "x"`) is refused as invalid rather than crashing the stage (a 500 that the failed-auth
+throttle never counted) or being read loosely (a `models` claim that is not a list used to mean every model).
+What a token may claim is capped by the configuration: scopes beyond `allowed_scopes` are dropped (as names
+that are not Portcullis scopes are), a tier outside `allowed_tiers` is refused.
+
+The principal's user is `jwt:<sub>` (or the user `auth.jwt.users` maps the subject to): API-key users live in
+a namespace of their own, and no key user may be called `jwt:...` (identity/keys.py), so a token whose `sub`
+is an API-key user's name reaches none of that user's files, batches, cache entries or budgets.
 """
 
 from __future__ import annotations
@@ -16,8 +27,7 @@ import jwt as pyjwt
 import orjson
 
 from portcullis.config import JwtConfig
-from portcullis.identity import scopes as scope_names
-from portcullis.identity.principal import Principal
+from portcullis.identity.principal import JWT_USER_PREFIX, Principal
 
 
 class JwtSetupError(Exception):
@@ -28,13 +38,19 @@ class InvalidToken(Exception):
     pass
 
 
+# The JWK key type each family of algorithms verifies with. HS* never reads the JWKS (the configured secret).
+_KEY_TYPE = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
+
+
 class JwtVerifier:
     def __init__(self, config: JwtConfig, tiers: set[str]) -> None:
         self.config = config
         self.tiers = tiers
         self.secret: bytes | None = None
         self.public_key: Any = None
-        self.jwks: dict[str, Any] = {}
+        self.jwks: dict[str, pyjwt.PyJWK] = {}
+        self.allowed_scopes = frozenset(config.allowed_scopes)
+        self.allowed_tiers = set(config.allowed_tiers) if config.allowed_tiers is not None else tiers
         if config.secret_file:
             self.secret = config.secret_file.read_bytes().strip()
         elif config.secret_env and os.environ.get(config.secret_env):
@@ -45,7 +61,7 @@ class JwtVerifier:
             for jwk in pyjwt.PyJWKSet.from_dict(orjson.loads(config.jwks_file.read_bytes())).keys:
                 if not jwk.key_id:
                     raise JwtSetupError(f"{config.jwks_file}: every key in the JWKS needs a 'kid'")
-                self.jwks[jwk.key_id] = jwk.key
+                self.jwks[jwk.key_id] = jwk
         wants_secret = any(a.startswith("HS") for a in config.algorithms)
         wants_public = any(not a.startswith("HS") for a in config.algorithms)
         if wants_secret and not self.secret:
@@ -62,9 +78,13 @@ class JwtVerifier:
         if alg.startswith("HS"):
             return self.secret
         if self.jwks:
-            if kid is None or kid not in self.jwks:
+            jwk = self.jwks.get(kid) if isinstance(kid, str) else None
+            if jwk is None:
                 raise InvalidToken("unknown signing key (kid)")
-            return self.jwks[kid]
+            # PyJWT given a key of the wrong family raises TypeError, not one of its own errors.
+            if jwk.key_type != _KEY_TYPE.get(alg[:2]):
+                raise InvalidToken(f"the signing key (kid) is not a key for {alg}")
+            return jwk.key
         return self.public_key
 
     def verify(self, token: str) -> Principal:
@@ -91,24 +111,45 @@ class JwtVerifier:
             raise InvalidToken("the token has expired") from exc
         except pyjwt.PyJWTError as exc:
             raise InvalidToken(f"the token is not valid: {exc}") from exc
+        except (TypeError, ValueError, AttributeError) as exc:
+            # Key material PyJWT cannot use with this token (it raises these, not its own errors): still the
+            # token's fault as far as the client is concerned, and a failed authentication.
+            raise InvalidToken("the token cannot be verified with the configured key") from exc
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise InvalidToken("the token has no subject")
         tier = claims.get(cfg.tier_claim, cfg.default_tier)
+        if not isinstance(tier, str):
+            raise InvalidToken(f"the claim {cfg.tier_claim!r} must be a string")
         if tier not in self.tiers:
             raise InvalidToken("the token names an unknown tier")
-        raw_scopes = claims.get("scope", claims.get("scp", claims.get("permissions", "")))
+        if tier not in self.allowed_tiers:
+            raise InvalidToken(f"the tier {tier!r} may not be claimed by a token")
+        scope_claim = next((c for c in ("scope", "scp", "permissions") if c in claims), None)
+        raw_scopes = claims[scope_claim] if scope_claim is not None else ""
         if isinstance(raw_scopes, str):
             raw_scopes = raw_scopes.split()
-        granted = frozenset(s for s in raw_scopes if isinstance(s, str) and s in scope_names.ALL)
-        models = claims.get(cfg.models_claim)
+        elif not _strings(raw_scopes):
+            raise InvalidToken(f"the claim {scope_claim!r} must be a string or a list of strings")
+        granted = frozenset(s for s in raw_scopes if s in self.allowed_scopes)
+        models: frozenset[str] | None = None
+        if cfg.models_claim in claims:
+            listed = claims[cfg.models_claim]
+            # Strictly a list: anything else read as "absent" would grant every model.
+            if not _strings(listed):
+                raise InvalidToken(f"the claim {cfg.models_claim!r} must be a list of strings")
+            models = frozenset(listed)
         return Principal(
-            user=sub,
+            user=cfg.users.get(sub) or JWT_USER_PREFIX + sub,
             tier=tier,
             scopes=granted,
             via="jwt",
-            models=frozenset(m for m in models if isinstance(m, str)) if isinstance(models, list) else None,
+            models=models,
         )
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def mint(

@@ -22,8 +22,9 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from portcullis.config import Config
+from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes as scope_names
-from portcullis.identity.principal import Principal
+from portcullis.identity.principal import JWT_USER_PREFIX, Principal
 from portcullis.store.schema import api_keys, model_state
 
 PREFIX = "pc-"
@@ -103,7 +104,17 @@ def key_secret(config: Config) -> bytes:
         )
     if len(value) < 32:
         raise KeySecretMissing(f"{auth.key_secret_env} must hold at least 32 characters.")
+    if PLACEHOLDER_SECRET.search(value):
+        raise KeySecretMissing(
+            f"{auth.key_secret_env} holds a template's placeholder, not a secret: generate one, e.g. "
+            f"`export {auth.key_secret_env}=$(openssl rand -hex 32)`."
+        )
     return value.encode()
+
+
+# Words of a template's placeholder ("replace-with-...", "change-me", "<your secret>"): a deployment example
+# copied with its placeholder left in must not start with a secret anyone can read in the repository.
+PLACEHOLDER_SECRET = re.compile(r"replace|change[-_ ]?me|placeholder|example|your[-_ ]|fill[-_ ]?in|[<>]", re.I)
 
 
 def now() -> datetime:
@@ -234,6 +245,13 @@ class KeyStore:
         key: str | None = None,
     ) -> tuple[str, KeyRecord]:
         """A new key; returns the key itself (shown once) and its record. `key` imports a given one."""
+        if user.startswith(JWT_USER_PREFIX):
+            # The namespace of token subjects (identity/principal.py): a key user there would share their data.
+            raise InvalidRequest(
+                f"The user '{user}' is in the namespace of JWT subjects ('{JWT_USER_PREFIX}...'); choose another.",
+                param="user",
+                code="invalid_value",
+            )
         if key is None:
             key_id, key = generate_key()
         else:
@@ -319,6 +337,20 @@ class KeyStore:
         async with self.engine.begin() as conn:
             for key_id, when in last_used.items():
                 await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=when))
+
+    async def disabled_models(self) -> set[str]:
+        return await ModelState(self.engine).disabled_models()
+
+    async def set_model_disabled(self, name: str, disabled: bool) -> None:
+        await ModelState(self.engine).set_model_disabled(name, disabled)
+
+
+class ModelState:
+    """Models switched off at run time (DELETE /v1/models/{id}), in the database beside the keys. It needs no
+    key secret, so a gateway that takes only JWTs (no key store) can switch models off and on too."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
 
     async def disabled_models(self) -> set[str]:
         async with self.engine.connect() as conn:

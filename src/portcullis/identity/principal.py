@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# One namespace per identity source: the user of a JWT is "jwt:<sub>" (unless auth.jwt.users maps the subject),
+# and an API key's user may not start with this, so a token's subject never names a key user's data.
+JWT_USER_PREFIX = "jwt:"
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:

@@ -1,9 +1,10 @@
 """Quota counters in Redis, shared by every gateway process: each operation is one Lua script, one round trip.
 
-The scripts (admit.lua, settle.lua, extend.lua) are loaded on every new connection and called by
-hash. All keys one script touches share the user's hash tag (plan.py), so Redis Cluster runs them
-on one node. On a single node the calls go through `RespClient` (resp.py, why: its docstring); on a
-cluster through redis-py's cluster client, which knows the slot map.
+The scripts (admit.lua, settle.lua, extend.lua; authfail.lua counts failed authentications) are loaded
+on every new connection and called by hash. All keys one script touches share the user's hash tag
+(plan.py), so Redis Cluster runs them on one node (authfail.lua touches one key). On a single node the
+calls go through `RespClient` (resp.py, why: its docstring); on a cluster through redis-py's cluster
+client, which knows the slot map.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class _Script:
 ADMIT = _Script("admit.lua")
 SETTLE = _Script("settle.lua")
 EXTEND = _Script("extend.lua")
-_SCRIPTS = (ADMIT, SETTLE, EXTEND)
+AUTHFAIL = _Script("authfail.lua")
+_SCRIPTS = (ADMIT, SETTLE, EXTEND, AUTHFAIL)
 _HEAD_CACHE = 50_000
 _RETRY_FLUSH_S = 1.0
 
@@ -264,6 +266,12 @@ class RedisQuotaStore:
         grant = int(await self._call(EXTEND, len(keys), keys, [more, *(b.limit for b in ask.plan.budgets)], None))
         ask.extra_cost += grant
         return grant
+
+    async def count_failure(self, key: str, window_s: float) -> tuple[int, float]:
+        """One failed authentication counted under `key` (identity/throttle.py), in one atomic step shared
+        by every process: the failures in its window so far and the seconds until that window ends."""
+        reply = await self._call(AUTHFAIL, 1, [key, math.ceil(window_s * 1000)], [], None)
+        return int(reply[0]), int(reply[1]) / 1000.0
 
     async def renew(self, asks: list[Ask]) -> None:
         """Push out the expiry of the concurrency leases of requests still running, and of their sets."""
