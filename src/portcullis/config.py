@@ -493,6 +493,40 @@ class EmbeddingBatchingConfig(_Section):
     max_wait_ms: PositiveFloat = 5.0
 
 
+class ImageUrlPolicy(_Section):
+    """Which URLs a chat message's image_url (and video_url, audio_url) parts may carry. Upstreams such as
+    llama-server and vLLM fetch an http(s) URL themselves, from inside the network: an unchecked URL lets
+    any client make them fetch internal addresses (cloud metadata, admin ports)."""
+
+    # Accept data: URLs (the image inline).
+    allow_data: bool = True
+    # Hosts whose https:// URLs are accepted: exact names, "*.example.com" for its subdomains, or "*" for
+    # any public host. Empty: data: URLs only. Loopback, private and link-local addresses (and names such
+    # as localhost) are refused whatever this says.
+    allowed_hosts: list[str] = []
+    # Also accept plain http:// URLs on the allowed hosts.
+    allow_http: bool = False
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _public_hosts(cls, value: list[str]) -> list[str]:
+        # Lazy: the checker lives with the request validation, which imports this module.
+        from portcullis.safety.validation import HOST_NAME, internal_host
+
+        hosts = []
+        for entry in value:
+            host = entry.strip().lower().rstrip(".")
+            if host != "*":
+                name = host.removeprefix("*.")
+                if not HOST_NAME.fullmatch(name):
+                    raise ValueError(f"{entry!r} is not a host name (give images.example.com, *.example.com or *)")
+                reason = internal_host(name)
+                if reason:
+                    raise ValueError(f"{entry!r} is {reason}: image URLs there are never allowed")
+            hosts.append(host)
+        return hosts
+
+
 class ValidationLimits(_Section):
     # Messages per chat request.
     max_messages: int = Field(2048, ge=1)
@@ -500,12 +534,29 @@ class ValidationLimits(_Section):
     max_message_chars: int = Field(1_000_000, ge=1)
     # Characters of all messages together.
     max_total_chars: int = Field(4_000_000, ge=1)
-    # Requests asking for more max_tokens are refused (none: no ceiling).
+    # Requests asking for more max_tokens are refused (none: no ceiling). It bounds the request's one
+    # length (the smallest of max_tokens, max_completion_tokens and native_length_fields), and a request
+    # giving none is forwarded with max_tokens set to it.
     max_tokens_ceiling: int | None = Field(None, ge=1)
+    # Backend-native fields that also bound an answer's length (llama-server's n_predict); each one a
+    # request gives is validated and forwarded holding the request's one length.
+    native_length_fields: list[str] = ["n_predict"]
+    # Choices per request at most: n, best_of and llama-server's n_cmpl (each choice is a whole answer).
+    max_choices: int = Field(8, ge=1, le=128)
+    # Which image URLs chat messages may carry.
+    image_urls: ImageUrlPolicy = ImageUrlPolicy()
     # Nesting depth of the request body.
     max_json_depth: int = Field(32, ge=2, le=256)
     # Inputs per embeddings (or moderations) request.
     max_embedding_inputs: int = Field(2048, ge=1)
+
+    @field_validator("native_length_fields")
+    @classmethod
+    def _native_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or name in ("max_tokens", "max_completion_tokens"):
+                raise ValueError(f"{name!r}: name backend-native fields only (the OpenAI ones always count)")
+        return list(dict.fromkeys(value))
 
 
 class UpstreamTimeouts(_Section):

@@ -98,3 +98,54 @@ def test_completion_and_embedding_requests() -> None:
     with pytest.raises(InvalidRequest) as info:
         validate_embedding({"model": "m", "input": []}, LIMITS)
     assert info.value.param == "input"
+
+
+def test_lengths_become_one_value_in_every_field_given() -> None:
+    body = _chat(max_tokens=50, n_predict=3000)
+    assert validate_chat(body, LIMITS).max_tokens == 50
+    assert (body["max_tokens"], body["n_predict"]) == (50, 50)
+    native_only = _chat(n_predict=7)
+    assert validate_chat(native_only, LIMITS).max_tokens == 7 and native_only["max_tokens"] == 7
+    newer_only = _chat(max_completion_tokens=9)
+    validate_chat(newer_only, LIMITS)
+    assert "max_tokens" not in newer_only  # never both OpenAI fields where the client sent one
+    unasked = _chat()
+    assert validate_chat(unasked, LIMITS).max_tokens == 100 and unasked["max_tokens"] == 100  # the ceiling
+    both = _chat(n=3, n_cmpl=2)
+    assert validate_chat(both, LIMITS).n == 2 and (both["n"], both["n_cmpl"]) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_tokens": "8"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"n_predict": 8.0}, "n_predict"),
+        ({"n_predict": -1}, "n_predict"),
+        ({"n_predict": 101}, "n_predict"),
+        ({"n": 9}, "n"),
+        ({"best_of": 1000}, "best_of"),
+    ],
+)
+def test_lengths_and_counts_are_strict(extra: dict, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        validate_chat(_chat(**extra), LIMITS)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "127.1", "2130706433", "0x7f.1", "017700000001", "::1", "::ffff:10.0.0.1", "2002:a9fe:a9fe::",
+     "169.254.169.254", "100.64.0.1", "fd00::1", "fe80::1", "0", "localhost", "a.localhost", "metadata.internal"],
+)  # fmt: skip
+def test_internal_hosts_in_every_spelling(host: str) -> None:
+    from portcullis.safety.validation import internal_host
+
+    assert internal_host(host), host
+
+
+def test_public_hosts_are_not_internal() -> None:
+    from portcullis.safety.validation import internal_host
+
+    for host in ("images.example.com", "8.8.8.8", "2606:4700::1111", "cafe.bad"):
+        assert internal_host(host) is None, host

@@ -61,17 +61,28 @@ def completion_allowance(max_tokens: int | None, n: int | None, default: int) ->
     return (max_tokens or default) * max(1, n or 1)
 
 
+def _answers(request: ChatCompletionRequest | CompletionRequest) -> int:
+    """Answers the upstream generates: n, or best_of when larger (it generates best_of, returns n)."""
+    best_of = request.best_of if isinstance(request, CompletionRequest) else (request.model_extra or {}).get("best_of")
+    return max(request.n or 1, best_of or 1)
+
+
 def reservation(
     request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, config: QuotaConfig
 ) -> tuple[int, int]:
-    """(prompt tokens, completion tokens) to reserve for one validated request."""
+    """(prompt tokens, completion tokens) to reserve for one validated request.
+
+    Validation normalised the lengths: `max_tokens` holds the request's one length whichever field the
+    client used (max_completion_tokens, n_predict, ...), or the ceiling when it gave none."""
     cpt = config.chars_per_token
     if isinstance(request, ChatCompletionRequest):
-        allowance = request.max_completion_tokens or request.max_tokens
-        return chat_prompt(request, cpt), completion_allowance(allowance, request.n, config.default_max_tokens)
+        return (
+            chat_prompt(request, cpt),
+            completion_allowance(request.max_tokens, _answers(request), config.default_max_tokens),
+        )
     if isinstance(request, CompletionRequest):
         return (
             completion_prompt(request, cpt),
-            completion_allowance(request.max_tokens, request.n, config.default_max_tokens),
+            completion_allowance(request.max_tokens, _answers(request), config.default_max_tokens),
         )
     return embedding_input(request, cpt), 0

@@ -394,12 +394,17 @@ class Admission:
             return gate
         actions = []
         if settings.max_tokens is not None:
-            for field in ("max_tokens", "max_completion_tokens"):
+            # Every length field the body carries is capped (validation left them one integer value):
+            # a backend-native one left alone (llama-server's n_predict wins over max_tokens) would undo
+            # the cap. A body with neither OpenAI field gets max_tokens.
+            cap = settings.max_tokens
+            for field in ("max_tokens", "max_completion_tokens", *self.config.validation.native_length_fields):
                 asked = payload.get(field)
-                if field == "max_tokens" or asked is not None:
-                    if not isinstance(asked, int) or asked > settings.max_tokens:
-                        payload[field] = settings.max_tokens
-            actions.append(f"max_tokens={settings.max_tokens}")
+                if asked is not None and (not isinstance(asked, int) or asked > cap):
+                    payload[field] = cap
+            if payload.get("max_tokens") is None and payload.get("max_completion_tokens") is None:
+                payload["max_tokens"] = cap
+            actions.append(f"max_tokens={cap}")
         cheaper = settings.model
         if cheaper is not None and cheaper != gate.model and cheaper not in self.catalog.disabled:
             gate = self.gates[cheaper]

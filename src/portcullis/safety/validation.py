@@ -6,12 +6,16 @@ model the later stages read. Every refusal is a 400 whose `param` names the offe
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from portcullis.config import ValidationLimits
+from portcullis.config import ImageUrlPolicy, ValidationLimits
 from portcullis.errors import InvalidRequest
 from portcullis.protocol import (
     ChatCompletionRequest,
@@ -113,13 +117,215 @@ def _content_chars(content: Any) -> int:
     return 0
 
 
-def _check_max_tokens(value: int | None, param: str, limits: ValidationLimits) -> None:
-    if value is not None and limits.max_tokens_ceiling is not None and value > limits.max_tokens_ceiling:
+_LENGTH_FIELDS = ("max_tokens", "max_completion_tokens")
+# llama-server's own name for n (it wins over n there); best_of generates that many answers upstream.
+_CHOICE_FIELDS = ("n", "n_cmpl")
+_CHOICE_KEYS = frozenset((*_CHOICE_FIELDS, "best_of"))
+
+
+_JSON_KINDS = {str: "a string", float: "a decimal number", bool: "a boolean", list: "an array", dict: "an object"}
+
+
+def _count(value: Any, field: str) -> int:
+    """A length or choice count as the client gave it: a JSON integer >= 1, nothing else. Upstreams read
+    these fields by their own rules (llama-server ignores a string, truncates a float, takes true as 1,
+    and -1 as "no limit"), so anything but a plain positive integer would be checked as one value and
+    obeyed as another."""
+    if type(value) is not int:  # bool is an int subclass: `type` keeps it out
+        kind = _JSON_KINDS.get(type(value), "a value of another type")
         raise InvalidRequest(
-            f"'{param}' is {value}; this gateway allows at most {limits.max_tokens_ceiling}.",
-            param=param,
-            code="max_tokens_too_large",
+            f"Invalid type for '{field}': expected an integer, got {kind}.", param=field, code="invalid_type"
         )
+    if value < 1:
+        raise InvalidRequest(
+            f"Invalid value for '{field}': {value}; it must be at least 1.", param=field, code="invalid_value"
+        )
+    return value
+
+
+def _too_long(field: str, length: int, ceiling: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"'{field}' is {length}; this gateway allows at most {ceiling}.", param=field, code="max_tokens_too_large"
+    )
+
+
+def _normalise_lengths(obj: dict[str, Any], request: Any, limits: ValidationLimits) -> None:
+    """Hold every length field to one value, the smallest given (or the ceiling when none is), checked
+    against the ceiling; the forwarded body then carries that value in each length field it has, plus
+    max_tokens when it has neither OpenAI field, so no upstream reads a longer limit than the one checked
+    and every later stage (reservation, context fit, degradation) reads it from max_tokens."""
+    ceiling = limits.max_tokens_ceiling
+    natives = limits.native_length_fields
+    if "max_completion_tokens" not in obj and (not natives or obj.keys().isdisjoint(natives)):
+        # The usual request: max_tokens alone (the schema held it to a strict integer >= 1) or nothing.
+        # Two lookups and no writes: this runs on every chat request.
+        length = request.max_tokens
+        if length is None:
+            if ceiling is not None:
+                # No limit given: the upstream's own default may be none (llama-server's n_predict -1).
+                obj["max_tokens"] = request.max_tokens = ceiling
+        elif ceiling is not None and length > ceiling:
+            raise _too_long("max_tokens", length, ceiling)
+        return
+    length = None
+    named = ""
+    given: list[str] = []
+    for fields in (_LENGTH_FIELDS, natives):
+        for field in fields:
+            value = obj.get(field)
+            if value is None:
+                continue
+            _count(value, field)
+            given.append(field)
+            if length is None or value < length:
+                length, named = value, field
+    if length is None:  # only nulls
+        if ceiling is not None:
+            obj["max_tokens"] = request.max_tokens = ceiling
+        return
+    if ceiling is not None and length > ceiling:
+        raise _too_long(named, length, ceiling)
+    for field in given:
+        obj[field] = length
+    if "max_tokens" not in given and "max_completion_tokens" not in given:
+        obj["max_tokens"] = length
+    request.max_tokens = length
+    if "max_completion_tokens" in given:
+        request.max_completion_tokens = length
+
+
+def _bound_choices(obj: dict[str, Any], request: Any, limits: ValidationLimits) -> None:
+    """n and llama-server's n_cmpl held to one value (the smaller); those and best_of within max_choices."""
+    if obj.keys().isdisjoint(_CHOICE_KEYS):
+        return  # the usual request: one C-level set test
+    choices: int | None = None
+    given = 0
+    for field in (*_CHOICE_FIELDS, "best_of"):
+        value = obj.get(field)
+        if value is None:
+            continue
+        if _count(value, field) > limits.max_choices:
+            raise InvalidRequest(
+                f"'{field}' is {value}; this gateway allows at most {limits.max_choices} choices per request.",
+                param=field,
+                code="too_many_choices",
+            )
+        if field != "best_of":
+            given += 1
+            choices = value if choices is None else min(choices, value)
+    if given > 1:
+        for field in _CHOICE_FIELDS:
+            obj[field] = choices
+        request.n = choices
+
+
+# -- image URLs -------------------------------------------------------------------------------------
+
+# A DNS name or a dotted IPv4 address, lower case (what an allow-list entry or a URL's host may be).
+HOST_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+# Names that are loopback, link-local or private by definition (RFC 6761 localhost, mDNS .local,
+# RFC 8375 home.arpa, the reserved .internal that cloud metadata services answer on).
+_INTERNAL_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa", ".localdomain")
+_INTERNAL_NAMES = {"localhost", "localhost.localdomain", "local", "internal", "home.arpa"}
+_URL_PARTS = ("image_url", "video_url", "audio_url")
+_UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f\\]")
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    # inet_aton reads every form a fetching client's resolver may take for an IPv4 literal:
+    # 127.1, 0x7f.0.0.1, 017700000001, 2130706433. ipaddress alone would let them pass as names.
+    if host and host[-1].isalnum() and all(c.isdigit() or c in ".xabcdef" for c in host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def internal_host(host: str) -> str | None:
+    """Why a URL host is inside the network (loopback, private, link-local, ...), or None."""
+    host = host.lower().rstrip(".").strip("[]")
+    if host in _INTERNAL_NAMES or host.endswith(_INTERNAL_SUFFIXES):
+        return "a local or internal name"
+    address = _address(host)
+    if address is None:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address carried in IPv6 (::ffff:a.b.c.d, 6to4) is judged as that IPv4 address.
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None:
+            address = embedded
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address"
+    if not address.is_global or address.is_multicast:
+        return "a private or reserved address"
+    return None
+
+
+def _host_allowed(host: str, allowed: list[str]) -> bool:
+    for entry in allowed:
+        if entry == "*" or entry == host or (entry.startswith("*.") and host.endswith(entry[1:])):
+            return True
+    return False
+
+
+def _url_refusal(url: str, policy: ImageUrlPolicy) -> str | None:
+    """Why `url` may not be sent upstream under `policy`, or None."""
+    scheme, _, rest = url.partition(":")
+    scheme = scheme.lower()
+    if scheme == "data":
+        return None if policy.allow_data else "data: URLs are not accepted here"
+    if scheme not in ("https", "http"):
+        return f"the scheme {scheme[:16]!r} is not accepted (data: or https:)"
+    if scheme == "http" and not policy.allow_http:
+        return "plain http:// URLs are not accepted (use https:// or a data: URL)"
+    # Anything parsers disagree on (a backslash, userinfo, whitespace or controls, percent-escapes in
+    # the host) is refused rather than read one way here and another by the fetching upstream.
+    if not rest.startswith("//") or _UNSAFE_URL_CHAR.search(url):
+        return "the URL is malformed"
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        return "URLs with credentials are not accepted"
+    host = (parts.hostname or "").rstrip(".")
+    try:
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError:
+        return "the URL's port is malformed"
+    if not host or not (HOST_NAME.fullmatch(host) or (":" in host and parts.netloc.startswith("["))):
+        return "the URL's host is malformed"
+    reason = internal_host(host)
+    if reason:
+        return f"its host is {reason}"
+    if not _host_allowed(host, policy.allowed_hosts):
+        return f"the host {host!r} is not on this gateway's allow-list" if policy.allowed_hosts else (
+            "only data: URLs are accepted here"
+        )
+    return None
+
+
+def _check_urls(i: int, content: list[Any], policy: ImageUrlPolicy) -> None:
+    for j, part in enumerate(content):
+        if part.type not in _URL_PARTS:
+            continue
+        media = (part.model_extra or {}).get(part.type)
+        url = media.get("url") if isinstance(media, dict) else media
+        if not isinstance(url, str):
+            continue  # image_url's shape is the schema's to check; other kinds carry no URL to fetch
+        reason = _url_refusal(url, policy)
+        if reason:
+            param = f"messages[{i}].content[{j}].{part.type}.url"
+            raise InvalidRequest(
+                f"The {part.type} in messages[{i}] (content part {j}) is not allowed: {reason}.",
+                param=param,
+                code="url_not_allowed",
+            )
 
 
 def validate_chat(obj: dict[str, Any], limits: ValidationLimits) -> ChatCompletionRequest:
@@ -141,14 +347,16 @@ def validate_chat(obj: dict[str, Any], limits: ValidationLimits) -> ChatCompleti
                 code="message_too_long",
             )
         total += chars
+        if type(message.content) is list:
+            _check_urls(i, message.content, limits.image_urls)
     if total > limits.max_total_chars:
         raise InvalidRequest(
             f"'messages' hold {total} characters in all; at most {limits.max_total_chars} are allowed.",
             param="messages",
             code="messages_too_long",
         )
-    _check_max_tokens(request.max_tokens, "max_tokens", limits)
-    _check_max_tokens(request.max_completion_tokens, "max_completion_tokens", limits)
+    _normalise_lengths(obj, request, limits)
+    _bound_choices(obj, request, limits)
     return request
 
 
@@ -162,7 +370,8 @@ def validate_completion(obj: dict[str, Any], limits: ValidationLimits) -> Comple
             param="prompt",
             code="prompt_too_long",
         )
-    _check_max_tokens(request.max_tokens, "max_tokens", limits)
+    _normalise_lengths(obj, request, limits)
+    _bound_choices(obj, request, limits)
     return request
 
 

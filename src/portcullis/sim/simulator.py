@@ -15,7 +15,9 @@ What it reproduces from llama.cpp's tools/server:
     takes the idle slot whose cache shares the longest prefix with its prompt (at least
     `slot_similarity` of it, else the least recently used slot) and only the rest of the prompt costs
     `prompt_ms_per_token`; `timings.cache_n` and `usage.prompt_tokens_details.cached_tokens` say how
-    many tokens were reused.
+    many tokens were reused;
+  - the answer's length from `n_predict`, else `max_completion_tokens`, else `max_tokens`, a value of
+    the wrong type (a string) ignored as llama-server's json_value ignores it.
 Output is deterministic for `temperature: 0` (and for a given `seed`). Faults can be injected by
 probability, or exactly (`fail_next`: the next N completion requests answer a chosen status, with
 Retry-After if set), at start-up or at run time through `POST /sim/control`; `GET /sim/stats` counts what
@@ -124,6 +126,21 @@ def chat_ids(messages: list[Any]) -> list[int]:
         if isinstance(m, dict):
             ids += [_ROLE_IDS.get(str(m.get("role")), 10), 1, 2, 3, *tokenize(_text_of(m.get("content")))]
     return [*ids, 4, 5, 6]
+
+
+def _json_int(req: dict[str, Any], key: str, default: int | None) -> int | None:
+    """llama-server's json_value for an integer: null or a wrong type (a string) gives the default; a
+    number or a boolean converts (nlohmann's get<int>: 8.9 is 8, true is 1)."""
+    value = req.get(key)
+    if isinstance(value, bool | int | float):
+        return int(value)
+    return default
+
+
+def _n_predict(req: dict[str, Any]) -> int | None:
+    """The length llama-server obeys (server-task.cpp, params_from_json_cmpl): n_predict, else
+    max_completion_tokens, else max_tokens; None, 0 or negative: the answer's natural length (and the context)."""
+    return _json_int(req, "n_predict", _json_int(req, "max_completion_tokens", _json_int(req, "max_tokens", None)))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -471,7 +488,7 @@ class Simulator:
         elif fault_roll < s.drop_rate + s.stream_error_rate:
             stream_fault = "error"
 
-        max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or req.get("n_predict")
+        max_tokens = _n_predict(req)
         temperature = req.get("temperature", 0.8)
         seed = req.get("seed")
         if temperature == 0:
@@ -481,7 +498,7 @@ class Simulator:
         else:
             rng = random.Random()
         natural = rng.randint(max(1, s.default_max_tokens // 2), max(1, s.default_max_tokens))
-        limit = min(int(max_tokens) if max_tokens else natural, s.n_ctx - n_prompt)
+        limit = min(max_tokens if max_tokens is not None and max_tokens > 0 else natural, s.n_ctx - n_prompt)
         n_gen = min(natural, limit)
         finish = "stop" if n_gen == natural else "length"
         words = [(" " if i else "") + rng.choice(_WORDS) for i in range(n_gen)]
