@@ -87,6 +87,8 @@ class Gateway:
         self.catalog = Catalog.from_config(config)
         self.metrics = Metrics(self.catalog, per_key=config.server.metrics_per_key)
         self.timeline = Timeline(self.metrics)  # the dashboard's time series
+        # Dashboard sign-ins (in Redis through the bus's client when there is one, else here).
+        self.dashboard_sessions = dashboard.Sessions(config.dashboard.session_ttl_s)
         self.log = get_logger("portcullis")
         self.admission = Admission(config, self.catalog, self.metrics)
         self.metrics.watch_admission(self.admission)
@@ -178,6 +180,8 @@ class Gateway:
             ("DELETE", re.compile(r"^/admin/keys/([0-9a-f]+)$"), admin.revoke_key, scopes.KEYS_ADMIN),
             ("POST", re.compile(r"^/admin/keys/([0-9a-f]+)/revoke$"), admin.revoke_key, scopes.KEYS_ADMIN),
             ("POST", re.compile(r"^/admin/keys/([0-9a-f]+)/rotate$"), admin.rotate_key, scopes.KEYS_ADMIN),
+            # The dashboard's script and styles (its CSP allows no inline ones); nothing secret in them.
+            ("GET", re.compile(r"^/dashboard/static/([a-z]+\.(?:js|css))$"), dashboard.static, scopes.PUBLIC),
         ]
         self._paths = {path for _, path in self.routes}
         self.openapi = orjson.dumps(openapi.document(_version(), list(config.models)))

@@ -1086,6 +1086,13 @@ class TracingConfig(_Section):
     sample_ratio: float = Field(1.0, ge=0, le=1)
 
 
+class DashboardConfig(_Section):
+    """The operator dashboard (/dashboard): sign-in sessions kept server-side (Redis when configured)."""
+
+    # How long a dashboard sign-in lasts; signing out ends it at once, in every process.
+    session_ttl_s: float = Field(28_800.0, ge=1, le=604_800)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -1107,6 +1114,7 @@ class Config(_Section):
     batch: BatchConfig = BatchConfig()
     moderation: ModerationConfig = ModerationConfig()
     tracing: TracingConfig = TracingConfig()
+    dashboard: DashboardConfig = DashboardConfig()
 
     @model_validator(mode="after")
     def _moderation_references(self) -> Config:

@@ -1,7 +1,9 @@
 """The operator dashboard in a real browser (Debian's Chromium, headless, driven by Selenium): sign in with an
 admin key, see the live replica, kill it and watch the page show it down with its breaker open; the screenshot
-is kept in test-artifacts/dashboard.png. Also: the cookie is HttpOnly, Secure and SameSite=Strict, a key without
-admin:read cannot sign in, the data endpoint needs the cookie, signing out works."""
+is kept in test-artifacts/dashboard.png. Also: the cookie (a session id, not the key) is HttpOnly, Secure and
+SameSite=Strict, the page runs under its Content-Security-Policy without a refusal, a key without admin:read cannot
+sign in, the data endpoint needs the cookie, signing out works. (tests/security/test_dashboard_session.py attacks
+the sessions.)"""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from dashboard_http import data as dashboard_data
+from dashboard_http import sign_in as http_sign_in
 from procs import ADMIN_KEY, Proc, gateway_config, http_get, http_post, start_gateway, start_sim, wait_until
 
 ARTIFACTS = Path(os.environ.get("PORTCULLIS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
@@ -38,6 +42,7 @@ def _browser() -> Any:
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: CSP violations show there
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
@@ -119,6 +124,7 @@ def test_sign_in_see_a_replica_go_down_and_its_breaker_open(setup: tuple[Proc, P
     _sign_in(browser, gw, ADMIN_KEY)
     cookie = browser.get_cookie("portcullis_dashboard")
     assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
+    assert ADMIN_KEY not in cookie["value"]  # a session id, not the key
     assert ADMIN_KEY not in browser.execute_script("return document.cookie")  # the page's script cannot read it
     wait = WebDriverWait(browser, 20, poll_frequency=0.2)
 
@@ -143,6 +149,11 @@ def test_sign_in_see_a_replica_go_down_and_its_breaker_open(setup: tuple[Proc, P
     wait.until(lambda _: cell("health") == "down" and cell("breaker") == "open")
     # The charts have drawn their lines (a series needs two samples, two seconds apart).
     wait_until(lambda: browser.execute_script("return document.querySelectorAll('#rps path').length") == 2)
+    # The page ran under its Content-Security-Policy (script and styles from files): the browser refused nothing.
+    refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not refused, refused
+    widths = browser.execute_script("return [...document.querySelectorAll('.bar > div')].map(e => e.style.width)")
+    assert widths and all(w.endswith("%") for w in widths)  # the bars' widths, set by the script
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     browser.save_screenshot(str(shot))
@@ -159,10 +170,14 @@ def test_sign_in_see_a_replica_go_down_and_its_breaker_open(setup: tuple[Proc, P
     assert [b["id"] for b in data["batches"]] == [batch] and data["batches"][0]["total"] == 2
 
 
+_SESSIONS: dict[str, str] = {}
+
+
 def _dashboard_data(gw: Proc) -> dict[str, Any]:
-    status, raw = http_get(gw.url + "/dashboard/data", headers={"cookie": f"portcullis_dashboard={ADMIN_KEY}"})
-    assert status == 200
-    return orjson.loads(raw)
+    session = _SESSIONS.get(gw.url) or _SESSIONS.setdefault(gw.url, http_sign_in(gw.url, ADMIN_KEY))
+    answer = dashboard_data(gw.url, session)
+    assert answer.status == 200, answer.text
+    return orjson.loads(answer.body)
 
 
 def _submit_batch(gw: Proc) -> str:
