@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
@@ -23,8 +24,15 @@ from portcullis.api import admin, batches, dashboard, openai, openapi, ops
 from portcullis.cache.batching import EmbeddingBatcher
 from portcullis.cache.exact import ResponseCache
 from portcullis.config import Config
-from portcullis.errors import Forbidden, GatewayError, MethodNotAllowed, NotFound, ServiceUnavailable
-from portcullis.http import ClientDisconnected, Receive, Request, Scope, Send
+from portcullis.errors import (
+    Forbidden,
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+)
+from portcullis.http import JSON_HEADERS, NOSNIFF, ClientDisconnected, Receive, Request, Scope, Send
 from portcullis.identity import scopes
 from portcullis.identity.auth import Identity, require_scope
 from portcullis.identity.jwt import JwtSetupError, JwtVerifier
@@ -75,6 +83,24 @@ _CORS_EXPOSE = (
     b"x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
     b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
 )
+
+
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """No route speaks WebSocket, but uvicorn hands an Upgrade request to the app as a `websocket` scope, and
+    an app that leaves it unanswered makes uvicorn send a 500. Refuse it with a 400 in the OpenAI shape (the
+    ASGI denial-response extension), or with a close (uvicorn's bare 403) on a server without it."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        error = InvalidRequest(
+            "This gateway does not speak WebSocket; use plain HTTP (streams are server-sent events).",
+            code="websocket_not_supported",
+        )
+        headers = [*JSON_HEADERS, NOSNIFF]
+        await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": error.body()})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
 
 
 class StartupError(Exception):
@@ -194,9 +220,16 @@ class Gateway:
             await self.handle(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await _refuse_websocket(scope, receive, send)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = Request(scope, receive, send)
+        raw_path = scope.get("raw_path")
+        if raw_path is not None and b"%" in raw_path:
+            # Route on the path as sent: uvicorn's decoded one would let /%61dmin/keys reach /admin/keys (a
+            # proxy's path rules see the raw form). _route decodes what a pattern route captures.
+            req.path = raw_path.decode("latin-1")
         if self.hsts is not None:
             req.response_headers.append((b"strict-transport-security", self.hsts))
         ex = Exchange(route=req.path, task=asyncio.current_task(), started_at=req.started)
@@ -284,9 +317,11 @@ class Gateway:
             return found[0], (), found[1]
         path_known = req.path in self._paths
         for method, pattern, handler, needed in self.pattern_routes:
-            match = pattern.match(req.path)
+            match = pattern.fullmatch(req.path)  # (match's $ also matched before a trailing %0a)
             if match:
                 if method == req.method:
+                    if "%" in req.path:  # a raw path (handle): the handler gets the decoded id
+                        return handler, tuple(unquote(group) for group in match.groups()), needed
                     return handler, match.groups(), needed
                 path_known = True
         if path_known:

@@ -278,6 +278,15 @@ class EdgeProtocol(HttpToolsProtocol):
         edge.waiting.pop(self, None)
         edge.bodies.pop(self, None)
         transport = self.transport
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A request in progress on this connection ends here: its handler hears a disconnect, and what it
+            # still sends is dropped (it would follow our answer, after the half-close).
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:  # an answer is half sent: ours cannot follow it, only a close can
+                transport.close()
+                return
         if transport.is_closing():
             return
         transport.write(edge.responses[name])
@@ -311,8 +320,6 @@ class EdgeProtocol(HttpToolsProtocol):
             self.edge.counts["body_timeout"] += 1
             self.transport.close()
         else:
-            if cycle is not None:
-                cycle.response_complete = True  # the app's answer, if it comes, must not follow ours
             self._refuse("body_timeout")
 
     # Bytes in

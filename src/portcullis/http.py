@@ -27,6 +27,8 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+# On every response: browsers must not sniff a JSON error (which may echo input) into HTML or script.
+NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 
 class Request:
@@ -61,7 +63,7 @@ class Request:
         self.hold: Callable[[], Awaitable[None]] | None = None
         rid = self.header(b"x-request-id")
         self.request_id = rid.decode() if rid and _REQUEST_ID_OK.match(rid) else os.urandom(12).hex()
-        self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.request_id.encode())]
+        self.response_headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.request_id.encode()), NOSNIFF]
 
     def header(self, name: bytes) -> bytes | None:
         if self._headers is None:

@@ -29,13 +29,19 @@ if TYPE_CHECKING:
     from portcullis.app import Gateway
 
 
+# The longest expiry or rotation grace an admin may ask for: 100 years.
+MAX_SPAN_S = 100 * 365.25 * 86400
+
+
 class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: str = Field(min_length=1, max_length=256)
     tier: str
     scopes: list[str] | None = None
     models: list[str] | None = None
-    expires_in_s: float | None = Field(None, gt=0)
+    # Bounded (and finite) so that now + expires_in_s is a date the key store can hold: 1e308 overflowed
+    # datetime arithmetic into a 500. A key that should never expire omits the field.
+    expires_in_s: float | None = Field(None, gt=0, le=MAX_SPAN_S, allow_inf_nan=False)
     label: str | None = Field(None, max_length=256)
     # Overrides of the tier's limits (same shape as tiers.<name>.limits), and the key's own budget.
     limits: LimitsConfig | None = None
@@ -49,7 +55,7 @@ class NewKey(BaseModel):
 
 class Rotation(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    grace_s: float | None = Field(None, ge=0)
+    grace_s: float | None = Field(None, ge=0, le=MAX_SPAN_S, allow_inf_nan=False)  # (as expires_in_s)
 
 
 def _store(gw: Gateway) -> KeyStore:
@@ -147,7 +153,7 @@ async def enable_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> N
     await req.respond_json(200, {"id": model, "object": "model", "enabled": True})
 
 
-_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")  # ASCII digits (\d takes any script's); \Z: no trailing newline
 
 
 async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:

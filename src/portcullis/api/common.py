@@ -19,7 +19,24 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def query_params(req: Request) -> dict[str, str]:
-    return dict(parse_qsl(req.scope.get("query_string", b"").decode("latin-1")))
+    """The query string's parameters (percent-decoded as UTF-8, bad bytes replaced); 400 for a NUL, which
+    PostgreSQL refuses in text (a filter like ?user=%00 would fail in the driver as a 500)."""
+    query = dict(parse_qsl(req.scope.get("query_string", b"").decode("latin-1")))
+    for name, value in query.items():
+        if "\x00" in value or "\x00" in name:
+            raise InvalidRequest("Query parameters may not contain NUL bytes.", param=name, code="invalid_value")
+    return query
+
+
+def query_int(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    """An integer parameter from `low` to `high`, or 400 naming it. ASCII digits only, and few of them:
+    str.isdigit() is also true for '²', which int() refuses, and int() refuses more than 4300 digits."""
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18 and low <= int(raw) <= high):
+        raise InvalidRequest(f"'{name}' must be an integer from {low} to {high}.", param=name, code="invalid_value")
+    return int(raw)
 
 
 async def read_model(gw: Gateway, req: Request, model: type[M]) -> M:

@@ -183,10 +183,18 @@ def _op(
 _TEXT = {"200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 _HTML = {"200": {"description": "A page", "content": {"text/html": {"schema": {"type": "string"}}}}}
 _REDIRECT = {"303": {"description": "To the dashboard (a cookie set or cleared)"}}
+_STATIC = {
+    "200": {
+        "description": "The dashboard's script or styles",
+        "content": {kind: {"schema": {"type": "string"}} for kind in ("text/javascript", "text/css")},
+    }
+}
 _LOGIN_FORM = {
     "required": True,
     "content": {
-        "application/x-www-form-urlencoded": {"schema": {"type": "object", "properties": {"key": {"type": "string"}}}}
+        "application/x-www-form-urlencoded": {
+            "schema": {"type": "object", "properties": {"key": {"type": "string"}, "csrf": {"type": "string"}}}
+        }
     },
 }
 _UPLOAD = {
@@ -227,7 +235,8 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/files/{file_id}/content": {
         "get": _op(
             "A file's content",
-            {"200": {"description": "JSONL", "content": {"application/jsonl": {"schema": {"type": "string"}}}}},
+            # The handler serves the bytes as uploaded (JSONL) as application/octet-stream.
+            {"200": {"description": "JSONL", "content": {"application/octet-stream": {"schema": {"type": "string"}}}}},
             params=["file_id"],
         )
     },
@@ -282,6 +291,11 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/dashboard/logout": {"post": _op("Sign out of the dashboard", _REDIRECT, public=True)},
     "/dashboard/data": {"get": _op("What the dashboard shows", _ok("Object"), public=True)},
+    "/dashboard/static/{name}": {
+        "get": _op(
+            "The dashboard's script and styles (its CSP allows nothing inline)", _STATIC, params=["name"], public=True
+        )
+    },
 }
 
 
