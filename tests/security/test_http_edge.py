@@ -102,7 +102,7 @@ def test_unfinished_huge_headers_get_431_and_hold_no_memory(edge_gw: Proc) -> No
     before = _rss_mib(edge_gw.popen.pid)
     socks = [_connect(edge_gw) for _ in range(4)]
     sent = dict.fromkeys(range(4), 0)
-    for i, sock in enumerate(socks):
+    for sock in socks:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-fill: ")
     chunk = b"a" * 65536
     for _ in range(256):  # 16 MiB each, interleaved
