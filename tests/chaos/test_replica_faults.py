@@ -281,7 +281,10 @@ def test_1100_open_streams_never_mark_their_replica_down(tmp_path: Path, reaper:
     n = 1100
     sim = reaper(start_sim("--slots", "1200", "--tokens-per-s", "3", log_dir=tmp_path))
     cfg = gateway_config(
-        {"m": [{"url": sim.url, "name": "r0"}]}, tiers=TIERS, health={"interval_s": 0.5, "timeout_s": 1}
+        {"m": [{"url": sim.url, "name": "r0"}]},
+        tiers=TIERS,
+        health={"interval_s": 0.5, "timeout_s": 1},
+        server={"max_connections_per_client": 0},  # 1,100 streams from one address: lift the per-address cap
     )
     gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
