@@ -56,11 +56,19 @@ class ServerConfig(_Section):
     keep_alive_s: PositiveFloat = 75.0
     # The most bytes a request's line and headers may take together; more gets 431 and the connection closes.
     head_max_bytes: int = Field(65_536, ge=4096, le=16_777_216)
+    # The most header fields a request may have; more gets 431 and the connection closes.
+    head_max_fields: int = Field(100, ge=16, le=10_000)
     # A request's line and headers must arrive within this many seconds (of connecting, or of the request's
     # first byte on a kept-alive connection); late: 408, closed. Slow and silent sockets cannot pile up.
     head_timeout_s: PositiveFloat = 10.0
-    # A request's body must arrive within this many seconds of its headers; late: 408, closed.
+    # A request's body must arrive within this many seconds of its headers, plus a second for each body_min_rate
+    # bytes received (a large upload on a slow link is not cut, a trickle is); late: 408, closed.
     body_timeout_s: PositiveFloat = 120.0
+    # Bytes per second that earn a body another second (see body_timeout_s).
+    body_min_rate: int = Field(65_536, ge=1)
+    # A client that reads nothing of its answer for this many seconds (the answer backs up in the socket) is
+    # disconnected: a stream nobody reads would hold its task and an upstream slot.
+    write_timeout_s: PositiveFloat = 60.0
     # Client connections one process keeps open (0: half the open-files limit, at most 16,384). At the cap the
     # oldest connection with no request in progress is closed to make room; if all are busy, the new one gets 503.
     max_connections: int = Field(0, ge=0)

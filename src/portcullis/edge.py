@@ -12,16 +12,28 @@ What it enforces, per server process:
   head time    a new connection must deliver a whole head within `head_timeout_s` of connecting; a
                keep-alive connection, within `head_timeout_s` of its next request's first byte. Late:
                408 (or a silent close when nothing was sent) and the connection closes.
-  body time    a request's body must arrive within `body_timeout_s` of its head; late: 408, closed.
+  head fields  at most `head_max_fields` header fields (Envoy's default, 100); more is 431. Trailers after a
+               chunked body are read within the same byte limit and dropped (never added to the request's
+               headers, which the handler already holds).
+  body time    a request's body must arrive within `body_timeout_s` of its head, plus a second for each
+               `body_min_rate` bytes received (a large upload over a slow link is not cut; a trickle is);
+               late: 408, closed.
+  write time   a client that stops reading (the answer backs up past the socket's high-water mark) for
+               `write_timeout_s` is cut: its stream would otherwise hold a task and an upstream slot.
   idle time    a keep-alive connection idle for `keep_alive_s` is closed (uvicorn's own timer, replaced
                by the sweep below: one timer per process instead of one per request).
   connections  at most `max_connections` open; at the cap the oldest connection with no request in
                progress (silent, trickling a head, or idle keep-alive) is closed to make room, and only
                when every connection is busy with a request is the new one refused (503). At most
                `max_connections_per_client` from one address; over it, refused (503).
+An address is counted as itself (IPv4, an IPv4-mapped IPv6 address as its IPv4) or as its IPv6 /64: one
+host commonly holds a whole /64.
 Refusals are written in the OpenAI error shape with `connection: close`, then the socket is half-closed
 and what the client still sends is read and dropped for a moment (a "lingering close"): closing with
 unread input would make the kernel reset the connection and the client could lose the answer.
+
+A request answered before its body arrived (an early 401 or 413) is followed by the same lingering close:
+reading a body nobody wants would keep the connection busy for nothing.
 
 Deadlines are checked by one sweep a second over the connections that have one (a dict each), against a
 clock the sweep keeps; a request pays a few dict operations and no timer.
@@ -30,6 +42,8 @@ clock the sweep keeps; a request pays a few dict operations and no timer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +53,7 @@ import httptools
 import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 SWEEP_S = 1.0
@@ -55,8 +70,11 @@ IDLE = 3  # keep-alive: answered, waiting for the next request
 @dataclass(frozen=True, slots=True)
 class EdgeLimits:
     head_max_bytes: int = 65_536
+    head_max_fields: int = 100
     head_timeout_s: float = 10.0
     body_timeout_s: float = 120.0
+    body_min_rate: int = 65_536
+    write_timeout_s: float = 60.0
     keep_alive_s: float = 75.0
     max_connections: int = 0  # 0: from the open-files limit (resolve())
     max_connections_per_client: int = 1024  # 0: no cap per address
@@ -70,22 +88,18 @@ class EdgeLimits:
         if soft == resource.RLIM_INFINITY:
             soft = 1 << 20
         auto = max(16, min(16_384, (soft - 128) // 2))
-        return EdgeLimits(
-            head_max_bytes=self.head_max_bytes,
-            head_timeout_s=self.head_timeout_s,
-            body_timeout_s=self.body_timeout_s,
-            keep_alive_s=self.keep_alive_s,
-            max_connections=auto,
-            max_connections_per_client=self.max_connections_per_client,
-        )
+        return dataclasses.replace(self, max_connections=auto)
 
 
 def edge_limits(server: Any) -> EdgeLimits:
     """The limits of the `server` section of the config (config.ServerConfig)."""
     return EdgeLimits(
         head_max_bytes=server.head_max_bytes,
+        head_max_fields=server.head_max_fields,
         head_timeout_s=server.head_timeout_s,
         body_timeout_s=server.body_timeout_s,
+        body_min_rate=server.body_min_rate,
+        write_timeout_s=server.write_timeout_s,
         keep_alive_s=server.keep_alive_s,
         max_connections=server.max_connections,
         max_connections_per_client=server.max_connections_per_client,
@@ -115,6 +129,12 @@ def _refusals(limits: EdgeLimits) -> dict[str, bytes]:
             f"The request line and headers exceed {limits.head_max_bytes} bytes.",
             "request_header_too_large",
         ),
+        "too_many_headers": _refusal(
+            431,
+            b"Request Header Fields Too Large",
+            f"The request has more than {limits.head_max_fields} header fields.",
+            "request_header_too_large",
+        ),
         "head_timeout": _refusal(
             408,
             b"Request Timeout",
@@ -141,6 +161,20 @@ def _refusals(limits: EdgeLimits) -> dict[str, bytes]:
     }
 
 
+def client_key(host: str) -> str:
+    """The address connections are counted under: IPv4 as itself (also when written as IPv4-mapped IPv6), IPv6
+    by its /64 (a single host is commonly given a whole /64, so counting each address would not cap it)."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(address) >> 64 << 64)}/64"
+
+
 class Edge:
     """The connections of one server process and their deadlines."""
 
@@ -153,6 +187,7 @@ class Edge:
         # closed to make room at the cap. Value: the deadline of their head (or of their keep-alive idling).
         self.waiting: dict[EdgeProtocol, float] = {}
         self.bodies: dict[EdgeProtocol, float] = {}
+        self.writes: dict[EdgeProtocol, float] = {}  # answers backed up behind a client that does not read
         self.lingering: dict[EdgeProtocol, float] = {}
         self.now = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -160,8 +195,10 @@ class Edge:
         self.counts: dict[str, int] = dict.fromkeys(
             (
                 "head_too_large",
+                "too_many_headers",
                 "head_timeout",
                 "body_timeout",
+                "write_timeout",
                 "idle_timeout",
                 "too_many_connections",
                 "too_many_connections_per_client",
@@ -181,8 +218,11 @@ class Edge:
             {
                 "edge": self,
                 "head_max_bytes": limits.head_max_bytes,
+                "head_max_fields": limits.head_max_fields,
                 "head_timeout_s": limits.head_timeout_s,
                 "body_timeout_s": limits.body_timeout_s,
+                "body_min_rate": limits.body_min_rate,
+                "write_timeout_s": limits.write_timeout_s,
                 "keep_alive_s": limits.keep_alive_s,
             },
         )
@@ -198,18 +238,21 @@ class Edge:
 
     def _sweep(self) -> None:
         assert self._loop is not None
-        now = self.now = self._loop.time()
-        late = [proto for proto, deadline in self.waiting.items() if deadline <= now]
-        for proto in late:
-            proto.expire_waiting()
-        late = [proto for proto, deadline in self.bodies.items() if deadline <= now]
-        for proto in late:
-            proto.expire_body()
-        late = [proto for proto, deadline in self.lingering.items() if deadline <= now]
-        for proto in late:
-            self.lingering.pop(proto, None)
-            proto.transport.close()
-        self._sweeper = self._loop.call_later(SWEEP_S, self._sweep)
+        try:
+            now = self.now = self._loop.time()
+            for proto in [p for p, deadline in self.waiting.items() if deadline <= now]:
+                proto.expire_waiting()
+            for proto in [p for p, deadline in self.bodies.items() if deadline <= now]:
+                proto.expire_body(now)
+            for proto in [p for p, deadline in self.writes.items() if deadline <= now]:
+                self.writes.pop(proto, None)
+                self.counts["write_timeout"] += 1
+                proto.transport.abort()  # close() would wait for the backed-up answer to drain: it never will
+            for proto in [p for p, deadline in self.lingering.items() if deadline <= now]:
+                self.lingering.pop(proto, None)
+                proto.transport.abort()
+        finally:  # one connection's failure must not end every deadline
+            self._sweeper = self._loop.call_later(SWEEP_S, self._sweep)
 
     def admit(self, proto: EdgeProtocol, address: str) -> str | None:
         """None when the connection may stay (counted), else the refusal's name."""
@@ -236,6 +279,7 @@ class Edge:
             self.per_client.pop(address, None)
         self.waiting.pop(proto, None)
         self.bodies.pop(proto, None)
+        self.writes.pop(proto, None)
         self.lingering.pop(proto, None)
 
 
@@ -244,15 +288,22 @@ class EdgeProtocol(HttpToolsProtocol):
 
     edge: Edge
     head_max_bytes: int
+    head_max_fields: int
     head_timeout_s: float
     body_timeout_s: float
+    body_min_rate: int
+    write_timeout_s: float
     keep_alive_s: float
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._address = ""
         self._phase = HEAD
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes since the current head began (while the parser is not in a body)
+        self._head_tail = b""  # the last bytes of the previous read: a head's end may straddle two reads
+        self._framing = 0  # bytes read in a body that were not body: chunk lines and trailers (reset per chunk)
+        self._body_bytes = 0
+        self._body_start = 0.0
         self._counted = False  # admitted (in edge.open); a refused connection never is
         self._discarding = False  # refused: what still arrives is dropped until the socket closes
 
@@ -262,7 +313,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if edge._sweeper is None:
             edge._start(self.loop)
         peer = transport.get_extra_info("peername")
-        self._address = peer[0] if isinstance(peer, tuple) and peer else ""
+        self._address = client_key(peer[0]) if isinstance(peer, tuple) and peer else ""
         refused = edge.admit(self, self._address)
         if refused is not None:
             self.transport = transport
@@ -286,26 +337,52 @@ class EdgeProtocol(HttpToolsProtocol):
             self.transport.close()
         return None
 
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+        edge = self.edge
+        edge.writes[self] = edge.now + self.write_timeout_s
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
+        self.edge.writes.pop(self, None)
+
+    def _answer_in_progress(self) -> bool:
+        """Whether bytes of an answer may already be on the wire (a refusal written now would land inside it)."""
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and cycle.response_started and not cycle.response_complete)
+
     def _refuse(self, name: str) -> None:
         """Answer `name`'s refusal and close: half-close, drop what still comes, close after LINGER_S."""
+        self.edge.counts[name] += 1
+        in_progress = self._answer_in_progress()
+        self._end_cycle()
+        if in_progress:  # ours cannot follow half an answer, only a close can
+            self._discarding = True
+            self.transport.abort()
+            return
+        if not self.transport.is_closing():
+            self.transport.write(self.edge.responses[name])
+        self._linger()
+
+    def _end_cycle(self) -> None:
+        """A request in progress on this connection ends here: its handler hears a disconnect, and what it still
+        sends is dropped (it would follow our answer, after the half-close)."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.waiting_for_100_continue = False  # no "100 Continue" after our answer and half-close
+            cycle.message_event.set()
+
+    def _linger(self) -> None:
+        """Half-close, drop what the client still sends, and close after LINGER_S: closing with unread input
+        makes the kernel reset the connection, and the client could lose the answer just written."""
         edge = self.edge
-        edge.counts[name] += 1
         self._discarding = True
         edge.waiting.pop(self, None)
         edge.bodies.pop(self, None)
         transport = self.transport
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            # A request in progress on this connection ends here: its handler hears a disconnect, and what it
-            # still sends is dropped (it would follow our answer, after the half-close).
-            cycle.disconnected = True
-            cycle.message_event.set()
-            if cycle.response_started:  # an answer is half sent: ours cannot follow it, only a close can
-                transport.close()
-                return
         if transport.is_closing():
             return
-        transport.write(edge.responses[name])
         if len(edge.lingering) < MAX_LINGERING and transport.can_write_eof():
             transport.write_eof()
             edge.lingering[self] = edge.now + LINGER_S
@@ -329,29 +406,35 @@ class EdgeProtocol(HttpToolsProtocol):
             edge.counts["idle_timeout" if self._phase == IDLE else "head_timeout"] += 1
             self.transport.close()
 
-    def expire_body(self) -> None:
-        self.edge.bodies.pop(self, None)
-        cycle = self.cycle
-        if cycle is not None and cycle.response_started:
-            self.edge.counts["body_timeout"] += 1
-            self.transport.close()
-        else:
-            self._refuse("body_timeout")
+    def expire_body(self, now: float) -> None:
+        edge = self.edge
+        # The deadline grows with what arrived: a second per body_min_rate bytes.
+        deadline = self._body_start + self.body_timeout_s + self._body_bytes / self.body_min_rate
+        if deadline > now:
+            edge.bodies[self] = deadline
+            return
+        edge.bodies.pop(self, None)
+        self._refuse("body_timeout")
 
     # Bytes in
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
-        if self._phase == HEAD or self._phase == IDLE:
+        phase = self._phase
+        if phase != BODY:  # a head, or the start of one (a read may also hold the previous request's end)
             limit = self.head_max_bytes
             seen = self._head_bytes + len(data)
             if seen > limit:
-                # Past the limit only if the head does not end within it (a body may follow in this chunk).
-                end = data.find(b"\r\n\r\n")
-                if end < 0 or self._head_bytes + end + 4 > limit:
+                # Past the limit only if the head does not end within it (a body may follow in this read).
+                tail = self._head_tail
+                end = (tail + data).find(b"\r\n\r\n")
+                if end < 0 or self._head_bytes - len(tail) + end + 4 > limit:
                     self._refuse("head_too_large")
                     return
             self._head_bytes = seen
+            self._head_tail = data[-3:]
+        else:
+            self._framing += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -362,6 +445,11 @@ class EdgeProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             if not self._discarding:
                 self._refuse("bad_request")
+            return
+        # Chunk lines and trailers are not body: the parser buffers trailers whole, so they are held to the
+        # head's limit (checked per read: the most held is the limit and one read).
+        if self._framing > self.head_max_bytes and self._phase == BODY and not self._discarding:
+            self._refuse("head_too_large")
 
     def send_400_response(self, msg: str) -> None:
         self._refuse("bad_request")
@@ -373,17 +461,54 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._phase == IDLE:  # a kept-alive connection starts a request: its head has head_timeout_s
             edge.waiting.pop(self, None)
             edge.waiting[self] = edge.now + self.head_timeout_s
-        elif self._phase == DONE:  # pipelined behind an answer in progress
-            edge.waiting[self] = edge.now + self.head_timeout_s
+        # A request pipelined behind an answer in progress (phase DONE) gets its head deadline when that
+        # answer ends (on_response_complete): in `waiting` now, it could be evicted with the answer half sent.
         self._phase = HEAD
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._phase != HEAD:
+            return  # a trailer after a chunked body: dropped (the handler already holds the headers)
+        headers = self.headers
+        if len(headers) >= self.head_max_fields:
+            self._refuse("too_many_headers")
+            raise httptools.HttpParserError("too many header fields")  # stops the parser: no request starts
+        # uvicorn's own, inline.
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         edge = self.edge
         edge.waiting.pop(self, None)
         self._phase = BODY
         self._head_bytes = 0
-        edge.bodies[self] = edge.now + self.body_timeout_s
+        self._head_tail = b""
+        self._framing = 0
+        self._body_bytes = 0
+        pipelined = self.cycle is not None and not self.cycle.response_complete
         super().on_headers_complete()
+        if not pipelined:
+            # A pipelined request's body cannot arrive before the answer ahead of it ends (uvicorn stops
+            # reading): its deadline starts then (on_response_complete).
+            self._body_start = edge.now
+            edge.bodies[self] = edge.now + self.body_timeout_s
+
+    def on_body(self, body: bytes) -> None:
+        # uvicorn's, inline, less its upgrade check (no upgrades here: the parser stops at one), counting bytes.
+        size = len(body)
+        self._body_bytes += size
+        self._framing -= size
+        cycle = self.cycle
+        if cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
+    def on_chunk_complete(self) -> None:
+        self._framing = 0
 
     def on_message_complete(self) -> None:
         self.edge.bodies.pop(self, None)
@@ -396,13 +521,23 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self.flow.resume_reading()
+        edge = self.edge
+        phase = self._phase
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
-        elif self._phase == DONE:
+            if phase == BODY:  # the pipelined request's body may arrive now
+                self._body_start = edge.now
+                edge.bodies[self] = edge.now + self.body_timeout_s
+        elif phase == DONE:
             self._phase = IDLE
-            edge = self.edge
             edge.waiting[self] = edge.now + self.keep_alive_s
+        elif phase == BODY:
+            # Answered before its body arrived (an early 401, 413): nobody will read the rest, so the
+            # connection ends rather than spend time or bytes on it.
+            self._linger()
+        else:  # HEAD: a request pipelined during the answer is arriving; its head deadline starts now
+            edge.waiting[self] = edge.now + self.head_timeout_s
 
 
 class EdgeCollector(Collector):

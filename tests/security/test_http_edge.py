@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from procs import ADMIN_KEY, Proc, gateway_config, http_get, http_post, start_gateway
+from procs import ADMIN_KEY, Proc, gateway_config, http_get, http_post, sim_control, start_gateway
 
 ATTACKER = "127.0.0.2"
 
@@ -89,6 +89,7 @@ def edge_gw(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
             "head_timeout_s": 1.5,
             "body_timeout_s": 1.5,
             "keep_alive_s": 1.5,
+            "write_timeout_s": 1.5,
             "max_connections_per_client": 40,
         },
     )
@@ -177,7 +178,7 @@ def test_a_body_that_never_arrives_gets_408(edge_gw: Proc) -> None:
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
         + ADMIN_KEY.encode()
-        + b"\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\": "
+        + b'\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{"model": '
     )
     closed, raw = _closed_within(sock, 6)
     sock.close()
@@ -230,3 +231,143 @@ def test_more_idle_sockets_than_descriptors_do_not_starve_the_gateway(sim: Proc,
         for sock in socks:
             sock.close()
         gw.stop()
+
+
+def _metric(gw: Proc, line_start: bytes) -> float:
+    _, body = http_get(gw.url + "/metrics", timeout=5)
+    for line in body.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(b" ", 1)[1])
+    return 0.0
+
+
+def test_endless_trailers_after_a_chunked_body_get_431_and_hold_no_memory(edge_gw: Proc) -> None:
+    """A chunked body's trailers are headers the parser buffers whole: one that never ends grew the process
+    without bound (and trailers were appended to the headers the handler was already reading)."""
+    before = _rss_mib(edge_gw.popen.pid)
+    sock = _connect(edge_gw)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+        + ADMIN_KEY.encode()  # authenticated: the handler waits for the body's end instead of answering 401
+        + b"\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-t: "
+    )
+    chunk = b"a" * 65536
+    with contextlib.suppress(OSError):  # the server closing the connection is the point
+        for _ in range(256):  # 16 MiB of one trailer
+            sock.sendall(chunk)
+    grown = _rss_mib(edge_gw.popen.pid) - before
+    raw = _answer(sock)
+    sock.close()
+    assert _status(raw) == 431, raw[:300]
+    assert grown < 24, f"the process grew {grown:.0f} MiB while one socket sent an unfinished trailer"
+
+
+def test_a_head_with_too_many_fields_gets_431(edge_gw: Proc) -> None:
+    sock = _connect(edge_gw)
+    fields = b"".join(b"x-%d: 1\r\n" % i for i in range(2000))  # 20 KB: within the byte limit
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + fields + b"\r\n")
+    raw = _answer(sock)
+    sock.close()
+    assert _status(raw) == 431 and b"header fields" in raw, raw[:300]
+
+
+def test_a_head_whose_end_straddles_two_reads_near_the_limit_passes(edge_gw: Proc) -> None:
+    """The end of a head (CRLF CRLF) split across two reads, with a body behind it past the limit, is not a
+    head over the limit."""
+    body = orjson.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 20_000}], "max_tokens": 2})
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n"
+        f"content-type: application/json\r\nx-fill: {'b' * 60_000}\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode()
+    sock = _connect(edge_gw, "127.0.0.1")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(head[:-2])
+    time.sleep(0.3)  # let the server read the first part on its own
+    sock.sendall(head[-2:] + body)
+    raw = _answer(sock, 10)
+    sock.close()
+    # The request reached the gateway's handler (its answers carry x-request-id; the edge's refusals do not).
+    assert _status(raw) not in (408, 431) and b"\r\nx-request-id: " in raw, raw[:300]
+
+
+def test_an_answer_before_the_body_ends_the_connection(edge_gw: Proc) -> None:
+    """Answered early (413 from the content-length), a connection whose client then sends the whole body used
+    to stay open for ever: its request was complete, so no deadline held it."""
+    sock = _connect(edge_gw, "127.0.0.1")
+    size = 2 * 1024 * 1024  # over max_body_bytes (1 MiB)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+        + ADMIN_KEY.encode()
+        + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % size
+    )
+    first = sock.recv(65536)
+    assert _status(first) == 413, first[:300]
+    with contextlib.suppress(OSError):
+        sock.sendall(b" " * size)
+    closed, _ = _closed_within(sock, 6)
+    sock.close()
+    assert closed, "the connection stayed open 6 s after its answer (keep_alive_s is 1.5)"
+
+
+def test_a_slow_but_steady_body_is_not_cut(edge_gw: Proc) -> None:
+    """The body deadline grows with what arrives: 200 KB sent over 3 s (twice body_timeout_s) passes."""
+    body = orjson.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 200_000}], "max_tokens": 2})
+    sock = _connect(edge_gw, "127.0.0.1")
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+        + ADMIN_KEY.encode()
+        + b"\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+    )
+    step = len(body) // 30 + 1
+    for i in range(0, len(body), step):  # ~67 KB/s, a client on a slow link
+        sock.sendall(body[i : i + step])
+        time.sleep(0.1)
+    raw = _answer(sock, 10)
+    sock.close()
+    # The request reached the gateway's handler (its answers carry x-request-id; the edge's refusals do not).
+    assert _status(raw) not in (408, 431) and b"\r\nx-request-id: " in raw, raw[:300]
+
+
+def test_a_client_that_stops_reading_is_cut(edge_gw: Proc) -> None:
+    """Answers backed up behind a client that reads nothing held the connection and its task for ever."""
+    before = _metric(edge_gw, b'portcullis_connections_closed_by_edge_total{reason="write_timeout"}')
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind(("127.0.0.1", 0))
+    sock.connect(("127.0.0.1", edge_gw.port))
+    # 400 pipelined requests for the OpenAPI document (32 KB): 13 MB of answers, never read, more than the
+    # socket buffers hold.
+    sock.sendall(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n" * 400)
+    deadline = time.monotonic() + 8
+    cut = False
+    while time.monotonic() < deadline and not cut:
+        time.sleep(0.5)
+        cut = _metric(edge_gw, b'portcullis_connections_closed_by_edge_total{reason="write_timeout"}') > before
+    sock.close()
+    assert cut, "a connection whose client read nothing for 8 s was still open (write_timeout_s is 1.5)"
+
+
+def test_a_pipelined_request_waits_for_the_answer_ahead_of_it(edge_gw: Proc, sim: Proc) -> None:
+    """A request pipelined behind a slow answer got its body deadline at once: the 408 was written into the
+    middle of the answer ahead of it. Its deadline now starts when that answer ends."""
+    body = orjson.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    first = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    second = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n"
+        "content-type: application/json\r\ncontent-length: 100\r\n\r\n"
+    ).encode()  # its body never comes
+    sim_control(sim, ttft_ms=3000)  # the first answer takes twice body_timeout_s
+    try:
+        sock = _connect(edge_gw, "127.0.0.1")
+        sock.sendall(first + second)
+        raw = _answer(sock, 10)
+        sock.close()
+    finally:
+        sim_control(sim, ttft_ms=0)
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
+    answers = raw.split(b"HTTP/1.1 ")
+    assert len(answers) == 3 and answers[2].startswith(b"408 "), raw[:600]
