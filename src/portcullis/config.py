@@ -540,7 +540,7 @@ class ValidationLimits(_Section):
     max_messages: int = Field(2048, ge=1)
     # Characters per message.
     max_message_chars: int = Field(1_000_000, ge=1)
-    # Characters of all messages together.
+    # Characters of all messages together (of a completion: its prompts, a token id counting as one).
     max_total_chars: int = Field(4_000_000, ge=1)
     # Requests asking for more max_tokens are refused (none: no ceiling). It bounds the request's one
     # length (the smallest of max_tokens, max_completion_tokens and native_length_fields), and a request
@@ -549,7 +549,8 @@ class ValidationLimits(_Section):
     # Backend-native fields that also bound an answer's length (llama-server's n_predict); each one a
     # request gives is validated and forwarded holding the request's one length.
     native_length_fields: list[str] = ["n_predict"]
-    # Choices per request at most: n, best_of and llama-server's n_cmpl (each choice is a whole answer).
+    # Choices per request at most: n, best_of and llama-server's n_cmpl (each choice is a whole answer);
+    # a completion with several prompts gets them for each, so its prompts times its choices are held to it.
     max_choices: int = Field(8, ge=1, le=128)
     # Which image URLs chat messages may carry.
     image_urls: ImageUrlPolicy = ImageUrlPolicy()

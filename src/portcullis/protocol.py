@@ -158,6 +158,15 @@ class ChatCompletionRequest(_Sampling):
 PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
+def prompt_count(prompt: PromptInput) -> int:
+    """The prompts a completion request holds. llama-server (like OpenAI) answers each string of a list, or
+    each list of token ids in a list, as a request of its own with its own `n` choices; a string or one
+    list of token ids is one prompt."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
 class CompletionRequest(_Sampling):
     prompt: PromptInput
     echo: bool | None = None

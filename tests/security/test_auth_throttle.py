@@ -52,8 +52,9 @@ def _attempt(gw: Proc, key: str, forwarded_for: str | None = None) -> tuple[int,
 
 
 def _statuses(gw: Proc, attempts: int, forwarded_for: object) -> Counter[int]:
-    return Counter(_attempt(gw, _bad_key(), forwarded_for(i) if callable(forwarded_for) else None)[0]
-                   for i in range(attempts))
+    return Counter(
+        _attempt(gw, _bad_key(), forwarded_for(i) if callable(forwarded_for) else None)[0] for i in range(attempts)
+    )
 
 
 def _gateway(sim: Proc, tmp_path: Path, trusted: list[str], **store: str) -> Proc:
@@ -96,8 +97,16 @@ def test_a_victim_cannot_be_locked_out_by_a_forged_header(sim: Proc, tmp_path: P
 def test_strings_that_are_not_addresses_are_no_identity(sim: Proc, tmp_path: Path) -> None:
     """Rotating junk in the hop a trusted proxy is supposed to have written counts under the proxy's own
     address, not under the junk."""
-    junk = ["not-an-ip-{}", "unknown{}", "' OR 1={}--", "10.0.0.{}.evil", "{0}" * 3 + "z" * 300, "_hidden{}",
-            "fe80::{}::1", "1.2.3.4 {}"]
+    junk = [
+        "not-an-ip-{}",
+        "unknown{}",
+        "' OR 1={}--",
+        "10.0.0.{}.evil",
+        "{0}" * 3 + "z" * 300,
+        "_hidden{}",
+        "fe80::{}::1",
+        "1.2.3.4 {}",
+    ]
     gw = _gateway(sim, tmp_path, ["127.0.0.1/32"])
     try:
         seen = _statuses(gw, 50, lambda i: junk[i % len(junk)].format(i))
@@ -235,3 +244,29 @@ def test_without_redis_each_process_counts_alone() -> None:
     waits = asyncio.run(run())
     assert waits[:3] == [None] * 3 and all(w is not None and 59 < w <= 60 for w in waits[3:])
     assert Down.calls == 1  # not asked again until it has had time to come back
+
+
+def test_ended_windows_are_forgotten_as_new_failures_arrive() -> None:
+    """The table of addresses is swept a few entries per new failure, oldest first, instead of all at once
+    when it is full (which made every failure in a flood of new addresses scan it whole). Ended windows
+    must still go: `blocked` (addresses at their limit) returns to what is current, and while it is above 0
+    every request looks its address up."""
+    from portcullis.identity.throttle import FailedAuthThrottle
+
+    clock = [0.0]
+    throttle = FailedAuthThrottle(1, clock=lambda: clock[0])
+    first = [f"198.51.{i // 250}.{i % 250}" for i in range(1000)]
+    for address in first:
+        throttle.failed(address)
+    assert throttle.blocked == 1000
+    clock[0] = 61.0  # every window above has ended
+    assert throttle.failed(first[0]) is None  # its window reopens (counted once, not twice)
+    later = [f"203.0.113.{i}" for i in range(200)]
+    for address in later:
+        throttle.failed(address)
+    assert throttle.blocked == 1 + len(later), throttle.blocked
+    assert throttle.retry_after(first[1]) is None and throttle.retry_after(first[0]) is not None
+    clock[0] = 200.0  # and now those have ended too
+    for i in range(30):
+        throttle.failed(f"192.0.2.{i}")
+    assert throttle.blocked == 30, throttle.blocked

@@ -4,8 +4,10 @@ The attack: one user holds two keys on two tiers. The free tier's output policy 
 the enterprise tier has none. The simulator's answer carries an address. The enterprise key fills the
 cache (or is still being answered when the free key asks the same thing); the free key must get the
 redacted answer all the same: from the exact cache, from a streamed replay, from the semantic cache,
-with `cache.scope: global` for another user, and when the two requests would be coalesced. Real gateway
-and simulator processes; what reached the upstream is counted at the simulator.
+with `cache.scope: global` for another user, and when the two requests would be coalesced; and a gateway
+whose moderation reads answers differently (how much text a remote moderator is shown, the windows a stream
+is judged in) never serves the entries another's settings passed. Real gateway and simulator processes;
+what reached the upstream is counted at the simulator.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ def sim(module_tmp: Path) -> Iterator[Proc]:
     proc.stop()
 
 
-def _config(sim: Proc, **sections: Any) -> dict[str, Any]:
+def _config(sim: Proc, moderation: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
     return gateway_config(
         {"m": [sim.url], "emb": [sim.url]},
-        moderation={"moderators": {"pii": {"kind": "rules", "pii": {"email": "redact"}}}},
+        moderation={"moderators": {"pii": {"kind": "rules", "pii": {"email": "redact"}}}, **(moderation or {})},
         tiers={
             "free": {"priority": 0, "moderation": {"output": ["pii"]}},
             "enterprise": {"priority": 2},  # trusted: no output moderation
@@ -115,9 +117,12 @@ def test_the_semantic_cache_keeps_output_policies_apart(tenant_gw: Proc, sim: Pr
     user = f"u-{secrets.token_hex(4)}"
     enterprise, free = _key(tenant_gw, user, "enterprise"), _key(tenant_gw, user, "free")
     topic = secrets.token_hex(3)
-    assert post_chat(tenant_gw.url, _ask(f"who is the contact person for {topic} today"), enterprise)[1][
-        "x-portcullis-cache"
-    ] == "miss"
+    assert (
+        post_chat(tenant_gw.url, _ask(f"who is the contact person for {topic} today"), enterprise)[1][
+            "x-portcullis-cache"
+        ]
+        == "miss"
+    )
     near = _ask(f"Who is the contact person for {topic} today please")
     status, headers, answer = post_chat(tenant_gw.url, near, free)
     assert status == 200 and EMAIL not in _text(answer), f"the free key got {headers['x-portcullis-cache']}"
@@ -143,6 +148,35 @@ def test_with_a_global_scope_another_users_free_key_gets_it_redacted(global_gw: 
     status, headers, answer = post_chat(global_gw.url, payload, carol)
     assert (status, headers["x-portcullis-cache"], _text(answer)) == (200, "hit", REPLY)
     assert _upstream(sim) == before + 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("max_chars", 1000), ("stream_window_chars", 400), ("stream_context_chars", 10)],
+)
+def test_moderation_settings_are_part_of_the_output_policy(
+    global_gw: Proc, sim: Proc, module_tmp: Path, redis_url: str, setting: str, value: int
+) -> None:
+    # Two gateways sharing one Redis cache with the same moderators, differing in one setting that changes
+    # what text the moderators judge: the second must not serve what the first's settings let through.
+    cfg = _config(sim, {setting: value}, cache={"scope": "global", "backend": "redis"}, store={"redis_url": redis_url})
+    other = start_gateway(cfg, module_tmp, ready_path="/readyz")
+    try:
+        tag = secrets.token_hex(4)
+        payload = _ask(f"who do I write to about plan {tag}")
+        before = _upstream(sim)
+        status, headers, answer = post_chat(global_gw.url, payload, _key(global_gw, f"a-{tag}", "free"))
+        assert (status, headers["x-portcullis-cache"], _text(answer)) == (200, "miss", REDACTED)
+        key = _key(other, f"b-{tag}", "free")
+        status, headers, answer = post_chat(other.url, payload, key)
+        assert status == 200 and headers["x-portcullis-cache"] == "miss", (
+            f"{setting}={value} was served the entry judged under the default: {headers['x-portcullis-cache']}"
+        )
+        # Within its own settings the cache still shares.
+        assert post_chat(other.url, payload, key)[1]["x-portcullis-cache"] == "hit"
+        assert _upstream(sim) == before + 2
+    finally:
+        other.stop()
 
 
 def test_a_free_request_is_never_coalesced_onto_an_enterprise_answer(tenant_gw: Proc, sim: Proc) -> None:

@@ -2,11 +2,12 @@
 gateway does not check but the backend obeys.
 
 llama-server reads the length from n_predict, else max_completion_tokens, else max_tokens, ignores a
-value of the wrong type (a string: its own default, unlimited) and takes n_cmpl for n. The simulator
-does the same, and echoes the body it received (`echo_request`), so each test sees what was forwarded.
-Against a real gateway process: `sim` (answers of 150..300 tokens unless told fewer) behind `gw`
-(max_tokens_ceiling 16), and `slow` (300 ms to first token) behind `gw_slow` (no ceiling, degradation
-capping lengths at 3, a 16-token default reservation).
+value of the wrong type (a string: its own default, unlimited), takes n_cmpl for n, and answers each prompt
+of a /v1/completions list as a request of its own. The simulator obeys lengths the same way, and echoes the
+body it received (`echo_request`), so each test sees what was forwarded. Against a real gateway process:
+`sim` (answers of 150..300 tokens unless told fewer) behind `gw` (max_tokens_ceiling 16, max_total_chars
+2000, the default max_choices 8), and `slow` (300 ms to first token) behind `gw_slow` (no ceiling,
+degradation capping lengths at 3, a 16-token default reservation).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from procs import ADMIN_KEY, Proc, gateway_config, http_post, sim_control, start_gateway, start_sim, wait_until
 
 CEILING = 16
+MAX_CHARS = 2000
 DEGRADE_CAP = 3
 MSG = [{"role": "user", "content": "tell me a long story"}]
 
@@ -37,7 +39,7 @@ def sim(module_tmp: Path) -> Iterator[Proc]:
 
 @pytest.fixture(scope="module")
 def gw(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
-    cfg = gateway_config({"tiny": [sim.url]}, validation={"max_tokens_ceiling": CEILING})
+    cfg = gateway_config({"tiny": [sim.url]}, validation={"max_tokens_ceiling": CEILING, "max_total_chars": MAX_CHARS})
     proc = start_gateway(cfg, module_tmp, ready_path="/readyz")
     yield proc
     proc.stop()
@@ -160,6 +162,87 @@ def test_n_and_n_cmpl_are_forwarded_as_one_count(gw: Proc) -> None:
     status, body, _ = post(gw, chat(max_tokens=4, n=1, n_cmpl=8))
     assert status == 200, body
     assert (body["sim_request"].get("n"), body["sim_request"].get("n_cmpl")) == (1, 1), body["sim_request"]
+
+
+def _key(gw: Proc, tokens_per_minute: int) -> str:
+    status, raw = http_post(
+        gw.url + "/admin/keys",
+        {
+            "user": f"u-{secrets.token_hex(4)}",
+            "tier": "enterprise",
+            "limits": {"tokens": {"minute": tokens_per_minute}},
+        },
+    )
+    assert status == 201, raw
+    return orjson.loads(raw)["key"]
+
+
+def over_limit(status: int, body: dict[str, Any], completion: int) -> None:
+    assert status == 400, f"admitted: {status}, usage {body.get('usage')}"
+    assert body["error"]["code"] == "tokens_exceed_limit", body
+    assert f"{completion} for the completion" in body["error"]["message"], body
+
+
+def test_n_cmpl_alone_is_reserved_like_n(gw: Proc) -> None:
+    # 8 choices of 16 tokens: 128 completion tokens against a key allowed 100 a minute. llama-server obeys
+    # n_cmpl as n, so given alone it must be reserved as 8 answers, not as the one a request without n gets.
+    key = _key(gw, 100)
+    for field in ("n", "n_cmpl"):
+        status, body, _ = post(gw, chat(max_tokens=CEILING, **{field: 8}), key=key)
+        over_limit(status, body, 8 * CEILING)
+    # The control: one answer fits.
+    status, body, _ = post(gw, chat(max_tokens=CEILING, n_cmpl=1), key=key)
+    assert status == 200, body
+
+
+def _completion(prompt: Any, **extra: Any) -> dict[str, Any]:
+    return {"model": "tiny", "prompt": prompt, "max_tokens": 4, **extra}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _completion(["x"] * 9),  # nine prompts, one answer each
+        _completion([[1, 2, 3]] * 9),  # the same as lists of token ids
+        _completion(["x"] * 3, n=3),
+        _completion(["x"] * 3, n_cmpl=3),
+        _completion(["x"] * 2, best_of=5),
+        _completion(["x"] * 1000),
+    ],
+)
+def test_every_prompt_of_a_completion_counts_toward_max_choices(gw: Proc, body: dict[str, Any]) -> None:
+    # llama-server answers each prompt of a list as a request of its own, with its own n choices.
+    status, answer, _ = post(gw, body, path="/v1/completions")
+    refused(status, answer, "prompt", "too_many_choices")
+
+
+def test_prompts_within_max_choices_pass(gw: Proc) -> None:
+    for body in (_completion(["x"] * 4, n=2), _completion([[1, 2], [3, 4]] * 4), _completion([1, 2, 3], n=8)):
+        status, answer, _ = post(gw, body, path="/v1/completions")
+        assert status == 200, (body, answer)
+
+
+def test_the_reservation_counts_every_prompt(gw: Proc) -> None:
+    # Eight prompts of up to 16 tokens each: 128 completion tokens against a key allowed 100 a minute.
+    key = _key(gw, 100)
+    for prompt in (["once upon a time"] * 8, [[1, 2, 3]] * 8):
+        status, body, _ = post(gw, _completion(prompt, max_tokens=CEILING), key=key, path="/v1/completions")
+        over_limit(status, body, 8 * CEILING)
+    status, body, _ = post(gw, _completion(["once upon a time"], max_tokens=CEILING), key=key, path="/v1/completions")
+    assert status == 200, body
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        [7] * (MAX_CHARS + 1),  # one prompt of token ids
+        [[7] * (MAX_CHARS // 2 + 1)] * 2,  # two of them, together past the bound
+        ["x" * (MAX_CHARS // 2 + 1)] * 2,  # strings, for comparison (refused before too)
+    ],
+)
+def test_token_id_prompts_count_toward_the_input_bound(gw: Proc, prompt: Any) -> None:
+    status, answer, _ = post(gw, _completion(prompt), path="/v1/completions")
+    refused(status, answer, "prompt", "prompt_too_long")
 
 
 def test_the_reservation_counts_the_native_length(gw_slow: Proc) -> None:

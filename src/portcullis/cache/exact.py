@@ -106,15 +106,22 @@ class ResponseCache:
         return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest() + ":" + policy
 
     def _output_policy(self, guard: OutputGuard) -> str:
-        """A fingerprint of the moderators that judge this request's answer, computed once per pipeline
-        (the moderation stage keeps one pipeline object per list of moderators for its lifetime)."""
+        """A fingerprint of the moderators that judge this request's answer and of the settings that decide
+        what text they are shown, computed once per pipeline (the moderation stage keeps one pipeline
+        object per list of moderators for its lifetime)."""
         pipeline = guard.pipeline
         known = self._policies.get(id(pipeline))
         if known is not None:
             return known[1]
-        specs = guard.moderation.config.moderators
+        config = guard.moderation.config
+        specs = config.moderators
         names = [m.name for m in pipeline.rules] + [m.name for m in pipeline.remote]
-        described = [[name, specs[name].model_dump(mode="json") if name in specs else None] for name in names]
+        described: list[Any] = [
+            [name, specs[name].model_dump(mode="json") if name in specs else None] for name in names
+        ]
+        # How much of the answer a remote moderator reads, and the windows a stream is judged in: with other
+        # values the same moderators may pass text these would have stopped.
+        described.append([config.max_chars, config.stream_window_chars, config.stream_context_chars])
         fingerprint = hashlib.blake2b(orjson.dumps(described, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
         self._policies[id(pipeline)] = (pipeline, fingerprint)  # the pipeline kept: its id is never reused
         return fingerprint

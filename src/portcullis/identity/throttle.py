@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections import OrderedDict
 from typing import Any, Protocol
 
 from portcullis.obs.logging import get_logger
@@ -30,7 +31,9 @@ _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 WINDOW_S = 60.0
-_MAX_ADDRESSES = 100_000  # addresses remembered in process before stale windows are swept
+# Ended windows forgotten per new window at most: a failure's bookkeeping costs the same however many
+# addresses are remembered, and ended windows still go faster than new ones arrive.
+_SWEEP_BATCH = 8
 _SHARED_RETRY_S = 5.0  # after a Redis failure, count in process this long before asking Redis again
 _KEY_PREFIX = "pc:authfail:"
 
@@ -100,7 +103,8 @@ class FailedAuthThrottle:
         # Counts in Redis when set (the gateway sets it when quotas live there).
         self.shared = shared
         self._shared_down_until = 0.0
-        self._windows: dict[str, list[float]] = {}  # address → [window start, failures]
+        # address → [window start, failures], oldest window first (so the ended ones are at the front)
+        self._windows: OrderedDict[str, list[float]] = OrderedDict()
         self.blocked = 0  # addresses at their limit right now (lets the hot path skip the lookup)
 
     def retry_after(self, address: str) -> float | None:
@@ -138,8 +142,10 @@ class FailedAuthThrottle:
         now = self.clock()
         window = self._windows.get(address)
         if window is None or now - window[0] >= WINDOW_S:
-            if window is not None and window[1] >= self.per_minute:
-                self.blocked -= 1
+            if window is not None:
+                del self._windows[address]  # reopened below as the newest, at the end
+                if window[1] >= self.per_minute:
+                    self.blocked -= 1
             self._sweep(now)
             self._windows[address] = window = [now, 0]
         window[1] += 1
@@ -152,15 +158,25 @@ class FailedAuthThrottle:
         address before looking at credentials until the shared window ends."""
         if count >= self.per_minute:
             now = self.clock()
-            window = self._windows.get(address)
-            if window is None:
-                self._sweep(now)
+            window = self._windows.pop(address, None)  # put back at the end, where new windows go
             if window is None or window[1] < self.per_minute:
                 self.blocked += 1
+            self._sweep(now)
             self._windows[address] = [now - (WINDOW_S - left_s), float(count)]
         return left_s if count > self.per_minute else None
 
     def _sweep(self, now: float) -> None:
-        if len(self._windows) > _MAX_ADDRESSES:  # forget stale windows rather than grow without bound
-            self._windows = {a: w for a, w in self._windows.items() if now - w[0] < WINDOW_S}
-            self.blocked = sum(1 for w in self._windows.values() if w[1] >= self.per_minute)
+        """Forget ended windows from the front, at most _SWEEP_BATCH of them: a flood of new addresses must
+        not make each failure scan every address remembered. (A window mirrored from Redis may have started
+        before those queued ahead of it; it is forgotten when they are, or when its address is next seen.)"""
+        windows = self._windows
+        for _ in range(_SWEEP_BATCH):
+            if not windows:
+                return
+            address = next(iter(windows))
+            window = windows[address]
+            if now - window[0] < WINDOW_S:
+                return
+            del windows[address]
+            if window[1] >= self.per_minute:
+                self.blocked -= 1

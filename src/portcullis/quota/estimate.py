@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from portcullis.config import QuotaConfig
-from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, prompt_count
 
 _PER_MESSAGE = 4  # role markers and separators of a chat template
 _PER_REQUEST = 3
@@ -49,7 +49,8 @@ def chat_prompt(request: ChatCompletionRequest, chars_per_token: float) -> int:
 
 
 def completion_prompt(request: CompletionRequest, chars_per_token: float) -> int:
-    return _prompt_input(request.prompt, chars_per_token) + _PER_REQUEST
+    # Several prompts are several requests upstream: each is read, and framed, on its own.
+    return _prompt_input(request.prompt, chars_per_token) + _PER_REQUEST * prompt_count(request.prompt)
 
 
 def embedding_input(request: EmbeddingRequest, chars_per_token: float) -> int:
@@ -73,7 +74,8 @@ def reservation(
     """(prompt tokens, completion tokens) to reserve for one validated request.
 
     Validation normalised the lengths: `max_tokens` holds the request's one length whichever field the
-    client used (max_completion_tokens, n_predict, ...), or the ceiling when it gave none."""
+    client used (max_completion_tokens, n_predict, ...), or the ceiling when it gave none; and `n` the
+    choices whether the client said n or n_cmpl. A completion's answers are those times its prompts."""
     cpt = config.chars_per_token
     if isinstance(request, ChatCompletionRequest):
         return (
@@ -83,6 +85,8 @@ def reservation(
     if isinstance(request, CompletionRequest):
         return (
             completion_prompt(request, cpt),
-            completion_allowance(request.max_tokens, _answers(request), config.default_max_tokens),
+            completion_allowance(
+                request.max_tokens, _answers(request) * prompt_count(request.prompt), config.default_max_tokens
+            ),
         )
     return embedding_input(request, cpt), 0

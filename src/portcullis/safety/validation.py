@@ -23,6 +23,7 @@ from portcullis.protocol import (
     EmbeddingRequest,
     ModerationImageInput,
     ModerationRequest,
+    prompt_count,
 )
 
 _NUL_ESCAPE = b"\\u0000"
@@ -194,11 +195,14 @@ def _normalise_lengths(obj: dict[str, Any], request: Any, limits: ValidationLimi
         request.max_completion_tokens = length
 
 
-def _bound_choices(obj: dict[str, Any], request: Any, limits: ValidationLimits) -> None:
-    """n and llama-server's n_cmpl held to one value (the smaller); those and best_of within max_choices."""
-    if obj.keys().isdisjoint(_CHOICE_KEYS):
+def _bound_choices(obj: dict[str, Any], request: Any, limits: ValidationLimits, prompts: int = 1) -> None:
+    """n and llama-server's n_cmpl held to one value (the smaller), which `request.n` carries whichever of
+    them was given (the reservation reads it there); each of them and best_of within max_choices, and so
+    are the answers to all of a completion's `prompts` together (each prompt gets its own choices)."""
+    if prompts == 1 and obj.keys().isdisjoint(_CHOICE_KEYS):
         return  # the usual request: one C-level set test
     choices: int | None = None
+    best_of: int | None = None
     given = 0
     for field in (*_CHOICE_FIELDS, "best_of"):
         value = obj.get(field)
@@ -210,13 +214,25 @@ def _bound_choices(obj: dict[str, Any], request: Any, limits: ValidationLimits) 
                 param=field,
                 code="too_many_choices",
             )
-        if field != "best_of":
+        if field == "best_of":
+            best_of = value
+        else:
             given += 1
             choices = value if choices is None else min(choices, value)
     if given > 1:
         for field in _CHOICE_FIELDS:
             obj[field] = choices
+    if choices is not None:
+        # n_cmpl alone is obeyed as n upstream: reserved as n here, or it would be reserved as one answer.
         request.n = choices
+    each = max(choices or 1, best_of or 1)
+    if prompts > 1 and prompts * each > limits.max_choices:
+        raise InvalidRequest(
+            f"'prompt' holds {prompts} prompts of {each} choice{'s' if each > 1 else ''} each, "
+            f"{prompts * each} in all; this gateway allows at most {limits.max_choices} choices per request.",
+            param="prompt",
+            code="too_many_choices",
+        )
 
 
 # -- image URLs -------------------------------------------------------------------------------------
@@ -247,6 +263,27 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return None
 
 
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: local-use IPv4/IPv6 translation
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")  # every public IPv6 address; the rest is special-use
+# IPv6 prefixes whose last 32 bits are an IPv4 address: RFC 6052's well-known NAT64 prefix, RFC 4291's
+# deprecated IPv4-compatible addresses (::a.b.c.d; :: is judged as 0.0.0.0, ::1 as the loopback it is),
+# and SIIT's IPv4-translated addresses (::ffff:0:a.b.c.d, RFC 2765).
+_IPV4_CARRIERS = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+)
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries: mapped (::ffff:a.b.c.d), 6to4, NAT64, IPv4-compatible or
+    SIIT; Teredo is not here (2001::/32 is not global, so it is refused as it is)."""
+    embedded = address.ipv4_mapped or address.sixtofour
+    if embedded is None and any(address in net for net in _IPV4_CARRIERS):
+        embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return embedded
+
+
 def internal_host(host: str) -> str | None:
     """Why a URL host is inside the network (loopback, private, link-local, ...), or None."""
     host = host.lower().rstrip(".").strip("[]")
@@ -256,8 +293,11 @@ def internal_host(host: str) -> str | None:
     if address is None:
         return None
     if isinstance(address, ipaddress.IPv6Address):
-        # An IPv4 address carried in IPv6 (::ffff:a.b.c.d, 6to4) is judged as that IPv4 address.
-        embedded = address.ipv4_mapped or address.sixtofour
+        if address in _LOCAL_NAT64:
+            return "a private or reserved address"
+        # An IPv4 address carried in IPv6 is judged as that IPv4 address: a NAT64 gateway or a dual-stack
+        # host takes these to it.
+        embedded = None if address.is_loopback else _embedded_ipv4(address)
         if embedded is not None:
             address = embedded
     if address.is_loopback:
@@ -265,6 +305,9 @@ def internal_host(host: str) -> str | None:
     if address.is_link_local:
         return "a link-local address"
     if not address.is_global or address.is_multicast:
+        return "a private or reserved address"
+    if isinstance(address, ipaddress.IPv6Address) and address not in _GLOBAL_UNICAST:
+        # Python calls some special-use IPv6 space global (the rest of ::/8, for one); no public host is there.
         return "a private or reserved address"
     return None
 
@@ -290,7 +333,10 @@ def _url_refusal(url: str, policy: ImageUrlPolicy) -> str | None:
     # the host) is refused rather than read one way here and another by the fetching upstream.
     if not rest.startswith("//") or _UNSAFE_URL_CHAR.search(url):
         return "the URL is malformed"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)  # raises on a bracketed host that is no IPv6 address ([::ffff:127.1])
+    except ValueError:
+        return "the URL is malformed"
     if "@" in parts.netloc:
         return "URLs with credentials are not accepted"
     host = (parts.hostname or "").rstrip(".")
@@ -298,14 +344,18 @@ def _url_refusal(url: str, policy: ImageUrlPolicy) -> str | None:
         parts.port  # noqa: B018 (raises on a malformed port)
     except ValueError:
         return "the URL's port is malformed"
-    if not host or not (HOST_NAME.fullmatch(host) or (":" in host and parts.netloc.startswith("["))):
+    # A bracketed host must be an IPv6 address this check can read (not an IPvFuture [v1.x] literal).
+    bracketed = ":" in host and parts.netloc.startswith("[") and _address(host) is not None
+    if not host or not (HOST_NAME.fullmatch(host) or bracketed):
         return "the URL's host is malformed"
     reason = internal_host(host)
     if reason:
         return f"its host is {reason}"
     if not _host_allowed(host, policy.allowed_hosts):
-        return f"the host {host!r} is not on this gateway's allow-list" if policy.allowed_hosts else (
-            "only data: URLs are accepted here"
+        return (
+            f"the host {host!r} is not on this gateway's allow-list"
+            if policy.allowed_hosts
+            else "only data: URLs are accepted here"
         )
     return None
 
@@ -363,15 +413,23 @@ def validate_chat(obj: dict[str, Any], limits: ValidationLimits) -> ChatCompleti
 def validate_completion(obj: dict[str, Any], limits: ValidationLimits) -> CompletionRequest:
     request: CompletionRequest = _validate(obj, CompletionRequest)
     prompt = request.prompt
-    chars = len(prompt) if isinstance(prompt, str) else sum(len(p) for p in prompt if isinstance(p, str))
-    if chars > limits.max_total_chars:
+    prompts = prompt_count(prompt)
+    # A token id counts as one character toward max_total_chars: without the model's tokenizer that is the
+    # least text an id can stand for, and a prompt of ids is then bounded like one of text.
+    ids = not isinstance(prompt, str) and bool(prompt) and not isinstance(prompt[0], str)
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        length = len(prompt)  # a string, or one prompt of token ids
+    else:
+        length = sum(len(p) for p in prompt)  # strings, or lists of token ids
+    if length > limits.max_total_chars:
+        what = "token ids" if ids else "characters"
         raise InvalidRequest(
-            f"'prompt' has {chars} characters; at most {limits.max_total_chars} are allowed.",
+            f"'prompt' has {length} {what}; at most {limits.max_total_chars} are allowed.",
             param="prompt",
             code="prompt_too_long",
         )
     _normalise_lengths(obj, request, limits)
-    _bound_choices(obj, request, limits)
+    _bound_choices(obj, request, limits, prompts)
     return request
 
 
