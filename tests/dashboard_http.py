@@ -35,9 +35,7 @@ class Answer:
         return self.body.decode(errors="replace")
 
 
-def request(
-    url: str, *, form: dict[str, str] | None = None, cookies: dict[str, str | None] | None = None
-) -> Answer:
+def request(url: str, *, form: dict[str, str] | None = None, cookies: dict[str, str | None] | None = None) -> Answer:
     """GET (no form) or POST a form, with these cookies (None values left out), without following redirects."""
     headers = {}
     jar = "; ".join(f"{k}={v}" for k, v in (cookies or {}).items() if v is not None)

@@ -122,10 +122,14 @@ def _ids(gw: Proc) -> dict[str, str]:
     line = orjson.dumps({"custom_id": "1", "method": "POST", "url": "/v1/embeddings", "body": body})
     boundary = "fuzzboundary"
     form = (
-        f"--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-        f"--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n"
-        "content-type: application/jsonl\r\n\r\n"
-    ).encode() + line + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\ncontent-disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\ncontent-disposition: form-data; name="file"; filename="in.jsonl"\r\n'
+            "content-type: application/jsonl\r\n\r\n"
+        ).encode()
+        + line
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     status, raw = http_post(
         gw.url + "/v1/files", form, headers={"content-type": f"multipart/form-data; boundary={boundary}"}
     )

@@ -220,9 +220,7 @@ class BatchStore:
     async def delete_expired_files(self, now: float) -> int:
         expired = and_(files.c.expires_at.is_not(None), files.c.expires_at <= now)
         async with self.engine.begin() as conn:
-            await conn.execute(
-                delete(file_chunks).where(file_chunks.c.file_id.in_(select(files.c.id).where(expired)))
-            )
+            await conn.execute(delete(file_chunks).where(file_chunks.c.file_id.in_(select(files.c.id).where(expired))))
             done = await conn.execute(delete(files).where(expired))
             return done.rowcount
 
