@@ -18,16 +18,9 @@ import orjson
 import pytest
 import redis
 from dashboard_http import CSRF_COOKIE, SESSION_COOKIE, csrf_of, data, request, sign_in, sign_in_answer, sign_out
-from procs import ADMIN_KEY, Proc, gateway_config, http_post, start_gateway, start_sim, wait_until
+from procs import ADMIN_KEY, Proc, gateway_config, http_post, start_gateway, wait_until
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-@pytest.fixture(scope="module")
-def sim(module_tmp: Path) -> Iterator[Proc]:
-    proc = start_sim("--slots", "2", log_dir=module_tmp)
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

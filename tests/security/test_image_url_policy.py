@@ -19,19 +19,12 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from procs import Proc, gateway_config, http_post, start_gateway, start_sim
+from procs import Proc, gateway_config, http_post, start_gateway
 
 PNG = (
     "data:image/png;base64,"
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
-
-
-@pytest.fixture(scope="module")
-def sim(module_tmp: Path) -> Iterator[Proc]:
-    proc = start_sim("--slots", "4", log_dir=module_tmp)
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from procs import ADMIN_KEY, Proc, gateway_config, http_get, http_post, start_gateway, start_sim, wait_until
+from procs import ADMIN_KEY, Proc, gateway_config, http_get, http_post, start_gateway, wait_until
 
 MIB = 1024 * 1024
 
@@ -46,13 +46,6 @@ def _new_key(gw: Proc, user: str) -> str:
     status, raw = http_post(gw.url + "/admin/keys", {"user": user, "tier": "free"})  # default scopes
     assert status == 201, raw
     return orjson.loads(raw)["key"]
-
-
-@pytest.fixture(scope="module")
-def sim(module_tmp: Path) -> Iterator[Proc]:
-    proc = start_sim("--slots", "2", log_dir=module_tmp)
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")
