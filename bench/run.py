@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import quota_cost  # bench/ is on the path when this script runs
-from harness import free_port, logger, wait_http
+from harness import Server, cpu_seconds, free_port, logger, pinned, wrk
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -40,28 +38,6 @@ PY = sys.executable
 
 
 log = logger("bench")
-
-
-def wait_redis(url: str, timeout: float = 30) -> None:
-    import redis
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            redis.Redis.from_url(url, socket_timeout=1).ping()
-            return
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def pinned(cpu: int, args: list[str]) -> list[str]:
-    return (
-        ["taskset", "-c", str(cpu), *args]
-        if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1
-        else args
-    )
 
 
 def ensure_tools() -> None:
@@ -72,102 +48,6 @@ def ensure_tools() -> None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk", "nginx-light", "redis-server"], check=True)
     elif missing:
         sys.exit(f"bench needs {missing}: apt-get install wrk nginx-light redis-server")
-
-
-class Server:
-    def __init__(
-        self,
-        name: str,
-        args: list[str],
-        health: str,
-        workdir: Path,
-        env: dict[str, str] | None = None,
-        startup_s: float = 30,
-    ):
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        self.proc = subprocess.Popen(
-            args,
-            stdout=open(self.log_path, "wb"),
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        if health.startswith("redis://"):
-            wait_redis(health, startup_s)
-        else:
-            wait_http(health, startup_s)
-
-    def rss_kib(self) -> int:
-        pids = [self.proc.pid, *_children(self.proc.pid)]
-        total = 0
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        return total
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        return []
-    return [int(x) for x in out.split()]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system, all threads) of these processes and their children so far."""
-    ticks = 0
-    for pid in {p for root in pids for p in (root, *_children(root))}:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-
-
-def _ms(text: str) -> float:
-    m = re.match(r"([\d.]+)(us|ms|s)", text)
-    assert m, text
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def wrk(url: str, connections: int, seconds: float, key: str | None = None) -> dict[str, float]:
-    cmd = pinned(
-        1,
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{max(1, round(seconds))}s",
-            "--latency",
-            "-s",
-            str(HERE / "post.lua"),
-            url,
-        ],
-    )
-    env = {**os.environ, "BENCH_KEY": key or ""}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    errors = re.search(r"Socket errors: (.*)", out)
-    if non2xx or errors:
-        raise RuntimeError(f"wrk saw failures against {url}:\n{out}")
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99}
 
 
 def measure(
@@ -191,7 +71,8 @@ def measure(
         for name, url, key in targets[shift:] + targets[:shift]:
             time.sleep(1.0)
             cpu_before = cpu_seconds(pids[name])
-            sample = wrk(url, connections, seconds, key)
+            got = wrk(url, connections, seconds, key)
+            sample = {k: got[k] for k in ("rps", "p50_ms", "p99_ms")}  # the fields results.json has always had
             used = cpu_seconds(pids[name]) - cpu_before
             sample["cpu_us"] = used / max(1.0, sample["rps"] * max(1, round(seconds))) * 1e6
             samples[name].append(sample)

@@ -22,24 +22,20 @@ Writes bench/RESULTS-servers.md and bench/results-servers.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import resource
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from harness import free_port, logger  # bench/ is on the path when this script runs
+from harness import Server, cpu_seconds, free_port, logger, pinned, wrk  # bench/ is on the path when this script runs
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -127,101 +123,6 @@ NATIVE: dict[str, dict[str, str]] = {
 LIMITS = list(NATIVE["uvicorn-httptools"])
 
 
-def pinned(cpu: int, args: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *args] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else args
-
-
-def descendants(pid: int) -> list[int]:
-    """The process and its descendants (parents read from /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime (all threads) of the process and its descendants so far."""
-    ticks = 0
-    for p in set(descendants(pid)):
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-class Proc:
-    def __init__(self, name: str, args: list[str], work: Path, env: dict[str, str] | None = None):
-        self.name = name
-        self.args = args
-        self.log_path = work / f"{name}.log"
-        self.proc = subprocess.Popen(
-            args,
-            stdout=self.log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            cwd=work,
-        )
-
-    def wait_ready(self, url: str, post: bool, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                req = urllib.request.Request(
-                    url, data=BODY if post else None, headers={"content-type": "application/json"}
-                )
-                with urllib.request.urlopen(req, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except Exception:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not answer {url}: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-
-
-def _ms(text: str) -> float:
-    m = re.match(r"([\d.]+)(us|ms|s)", text)
-    assert m, text
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def wrk(url: str, connections: int, seconds: int) -> dict[str, Any]:
-    cmd = pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(HERE / "post.lua"), url])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "BENCH_KEY": ""}).stdout
-    total = re.search(r"(\d+) requests in", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    errors = re.search(r"Socket errors: (.*)", out)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "requests": int(total.group(1)) if total else 0,
-        "p50_ms": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
-        "p99_ms": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
-        "non2xx": int(non2xx.group(1)) if non2xx else 0,
-        "socket_errors": errors.group(1).strip() if errors else "",
-    }
-
-
 def versions(alt_py: str) -> dict[str, str]:
     code = (
         "import importlib.metadata as m, json\n"
@@ -267,15 +168,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="portcullis-servers-"))
     (work / "servers_app.py").write_text(APP_MODULE)
     (work / "edge_launcher.py").write_text(EDGE_LAUNCHER)
-    procs: list[Proc] = []
+    procs: list[Server] = []
     try:
         nginx_port = free_port()
         conf = (HERE / "nginx.conf.template").read_text().replace("{dir}", str(work)).replace("{port}", str(nginx_port))
         (work / "nginx.conf").write_text(conf)
         upstream = f"http://127.0.0.1:{nginx_port}"
-        nginx = Proc("nginx", pinned(1, [nginx_bin, "-c", str(work / "nginx.conf"), "-g", "daemon off;"]), work)
+        nginx = Server(
+            "nginx", pinned(1, [nginx_bin, "-c", str(work / "nginx.conf"), "-g", "daemon off;"]), None, work, cwd=work
+        )
         procs.append(nginx)
-        nginx.wait_ready(upstream + "/health", post=False)
+        nginx.wait_ready(upstream + "/health")
 
         app_path = f"{work}:{HERE}"
         ports = {name: free_port() for name in NATIVE}
@@ -327,27 +230,27 @@ def main() -> int:
             ),
         }
         names = [n for n in specs if not args.only or n in args.only.split(",")]
-        servers: dict[str, Proc] = {}
+        servers: dict[str, Server] = {}
         for name in names:
             cmd, env = specs[name]
-            servers[name] = Proc(name, pinned(0, cmd), work, env)
+            servers[name] = Server(name, pinned(0, cmd), None, work, env, cwd=work)
             procs.append(servers[name])
         urls = {name: f"http://127.0.0.1:{ports[name]}/v1/chat/completions" for name in names}
         for name in names:
-            servers[name].wait_ready(urls[name], post=True)
+            servers[name].wait_ready(urls[name], body=BODY)
             log(f"{name} up (pid {servers[name].proc.pid}): {shlex.join(servers[name].args)}")
 
         for name in names:  # warm-up: pools filled, code paths hot
-            wrk(urls[name], args.connections, 2)
+            wrk(urls[name], args.connections, 2, failures_ok=True)
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for i in range(args.runs):
             shift = i % len(names)
             for name in names[shift:] + names[:shift]:
                 time.sleep(1.0)
                 pid = servers[name].proc.pid
-                before = cpu_seconds(pid)
-                sample = wrk(urls[name], args.connections, args.seconds)
-                used = cpu_seconds(pid) - before
+                before = cpu_seconds([pid])
+                sample = wrk(urls[name], args.connections, args.seconds, failures_ok=True)
+                used = cpu_seconds([pid]) - before
                 sample["cpu_s"] = used
                 sample["cpu_us"] = used / max(1, sample["requests"]) * 1e6
                 sample["cpu_share"] = used / args.seconds  # of one core: what the server got of CPU 0

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ KEY = "pc-00000000000000c7-slowloris-bench-key-0123456789abcdefghijklm"
 SECRET = "slowloris-bench-key-secret-0123456789abcdef0123456789abcdef"
 ATTACKER = "127.0.0.2"
 log = logger("slowloris")
+FILL = b"a" * 65536  # a big attacker's header, 64 KiB at a time
+# What an attacker does on one connection (Attack.slow, .silent, .big).
+Body = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 CHAT = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 4})
 
 
@@ -85,61 +89,48 @@ class Attack:
         with contextlib.suppress(Exception):
             await writer.wait_closed()
 
-    async def slow(self) -> None:
+    async def cycle(self, kind: str, body: Body) -> None:
+        """One attacker: connect, run `body` on the connection (an OSError, timeouts included, ends it), record
+        what ended it; and again, until the attack stops."""
         while time.monotonic() < self.until:
             conn = await self._open()
             if conn is None:
                 continue
             reader, writer = conn
             t0 = time.monotonic()
-            try:
-                writer.write(b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\n")
-                while time.monotonic() < self.until and not reader.at_eof():
-                    read = asyncio.ensure_future(reader.read(1))
-                    done, _ = await asyncio.wait({read}, timeout=1.0)
-                    if done:
-                        first = read.result()
-                        if first:  # the server answered: put the byte back for _end
-                            reader._buffer[0:0] = first  # type: ignore[attr-defined]
-                        break
-                    read.cancel()
-                    writer.write(b"x-slow: 1\r\n")
-                    await writer.drain()
-            except OSError:
-                pass
-            await self._end("slow", reader, writer, t0)
+            with contextlib.suppress(OSError):
+                await body(reader, writer)
+            await self._end(kind, reader, writer, t0)
 
-    async def silent(self) -> None:
-        while time.monotonic() < self.until:
-            conn = await self._open()
-            if conn is None:
-                continue
-            reader, writer = conn
-            t0 = time.monotonic()
-            with contextlib.suppress(OSError, asyncio.TimeoutError):
-                first = await asyncio.wait_for(reader.read(1), max(self.until - time.monotonic(), 0.01))
-                if first:
+    async def slow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A request line, then one header line a second, never ending the head."""
+        writer.write(b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\n")
+        while time.monotonic() < self.until and not reader.at_eof():
+            read = asyncio.ensure_future(reader.read(1))
+            done, _ = await asyncio.wait({read}, timeout=1.0)
+            if done:
+                first = read.result()
+                if first:  # the server answered: put the byte back for _end
                     reader._buffer[0:0] = first  # type: ignore[attr-defined]
-            await self._end("silent", reader, writer, t0)
+                break
+            read.cancel()
+            writer.write(b"x-slow: 1\r\n")
+            await writer.drain()
 
-    async def big(self) -> None:
-        chunk = b"a" * 65536
-        while time.monotonic() < self.until:
-            conn = await self._open()
-            if conn is None:
-                continue
-            reader, writer = conn
-            t0 = time.monotonic()
-            try:
-                writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\nx-fill: ")
-                for _ in range(256):  # 16 MiB of one header
-                    if reader.at_eof() or time.monotonic() >= self.until:
-                        break
-                    writer.write(chunk)
-                    await asyncio.wait_for(writer.drain(), 5)
-            except (TimeoutError, OSError):
-                pass
-            await self._end("big", reader, writer, t0)
+    async def silent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Nothing sent: wait for the server to answer or close."""
+        first = await asyncio.wait_for(reader.read(1), max(self.until - time.monotonic(), 0.01))
+        if first:
+            reader._buffer[0:0] = first  # type: ignore[attr-defined]
+
+    async def big(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One header of up to 16 MiB, as fast as the server reads it."""
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\nx-fill: ")
+        for _ in range(256):
+            if reader.at_eof() or time.monotonic() >= self.until:
+                break
+            writer.write(FILL)
+            await asyncio.wait_for(writer.drain(), 5)
 
 
 async def honest(url: str, until: float, samples: dict[str, list[tuple[float, float, bool]]], t_zero: float) -> None:
@@ -215,9 +206,9 @@ async def _measure(name: str, url: str, port: int, pid: int, args: argparse.Name
         att = Attack(port, attack_until)
         log(f"{name}: attacking with {args.slow} slow, {args.silent} silent, {args.big} big-header sockets")
         await asyncio.gather(
-            *(att.slow() for _ in range(args.slow)),
-            *(att.silent() for _ in range(args.silent)),
-            *(att.big() for _ in range(args.big)),
+            *(att.cycle("slow", att.slow) for _ in range(args.slow)),
+            *(att.cycle("silent", att.silent) for _ in range(args.silent)),
+            *(att.cycle("big", att.big) for _ in range(args.big)),
         )
         return att
 
