@@ -205,6 +205,10 @@ def test_delete_model_works_with_jwt_only(gw: Proc) -> None:
     assert status == 404, body
     assert_openai_error(body, status, "model_not_found")
     assert bearer(gw, "GET", "/v1/models/tiny", token)[0] == 200  # the others stay
+    # Switching it back on needs the model grant too (it did not).
+    status, _, body = bearer(gw, "POST", "/admin/models/other/enable", hs(models=["tiny"]))
+    assert status == 403, body
+    assert_openai_error(body, status, "model_not_allowed")
     status, _, body = bearer(gw, "POST", "/admin/models/other/enable", token)
     assert status == 200, body
     assert bearer(gw, "POST", "/v1/chat/completions", token, chat)[0] == 200

@@ -19,6 +19,7 @@ from portcullis.config import BudgetConfig, LimitsConfig
 from portcullis.errors import InvalidRequest, NotFound, ServiceUnavailable
 from portcullis.http import Request
 from portcullis.identity import scopes
+from portcullis.identity.auth import require_model
 from portcullis.identity.keys import KeyStore, now
 from portcullis.quota import usage
 from portcullis.routing.catalog import Replica
@@ -148,6 +149,7 @@ async def enable_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> N
         raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
     if gw.model_state is None:  # (before the preflight only; not a key-store matter: JWT-only gateways have it)
         raise ServiceUnavailable("Models cannot be switched on on this gateway yet.", code="model_state_unavailable")
+    require_model(ex.principal, model)  # as DELETE /v1/models: a principal limited to some models switches no other
     await gw.model_state.set_model_disabled(model, False)
     await gw.publish({"type": "model", "name": model, "disabled": False})
     await req.respond_json(200, {"id": model, "object": "model", "enabled": True})
