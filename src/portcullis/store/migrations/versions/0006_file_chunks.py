@@ -25,4 +25,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Before 0006 a file's bytes were all in files.content: put each file's chunks back after its inline part
+    # (one file in memory at a time), or the files uploaded since would read back empty.
+    bind = op.get_bind()
+    chunks = sa.table("file_chunks", sa.column("file_id"), sa.column("seq"), sa.column("data", sa.LargeBinary))
+    files = sa.table("files", sa.column("id"), sa.column("content", sa.LargeBinary))
+    for (file_id,) in bind.execute(sa.select(chunks.c.file_id).distinct()).all():
+        inline = bind.execute(sa.select(files.c.content).where(files.c.id == file_id)).scalar()
+        parts = bind.execute(sa.select(chunks.c.data).where(chunks.c.file_id == file_id).order_by(chunks.c.seq))
+        content = b"".join([inline or b"", *(bytes(row[0]) for row in parts)])
+        bind.execute(sa.update(files).where(files.c.id == file_id).values(content=content))
     op.drop_table("file_chunks")
