@@ -81,6 +81,16 @@ def _chat_ok(gw: Proc) -> bool:
     return status == 200
 
 
+def _chat_head(length: int | None, extra: str = "") -> bytes:
+    """A chat completion's head with the admin key: `length` its content-length (None: a chunked body),
+    `extra` more header lines (each ending in CRLF)."""
+    framing = "transfer-encoding: chunked" if length is None else f"content-length: {length}"
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n"
+        f"content-type: application/json\r\n{extra}{framing}\r\n\r\n"
+    ).encode()
+
+
 @pytest.fixture(scope="module")
 def edge_gw(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
     cfg = gateway_config(
@@ -129,11 +139,7 @@ def test_a_head_just_under_the_limit_and_a_large_body_in_one_write_pass(edge_gw:
     """The head limit counts the head only: a body arriving in the same packet is not head."""
     filler = "b" * 60_000
     body = orjson.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 500_000}], "max_tokens": 2})
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n"
-        f"content-type: application/json\r\nx-fill: {filler}\r\ncontent-length: {len(body)}\r\n"
-        "connection: close\r\n\r\n"
-    ).encode()
+    head = _chat_head(len(body), f"x-fill: {filler}\r\nconnection: close\r\n")
     sock = _connect(edge_gw, "127.0.0.1")
     sock.sendall(head + body)
     raw = _answer(sock, 10)
@@ -175,11 +181,7 @@ def test_silent_and_slow_sockets_are_closed_by_the_head_deadline(edge_gw: Proc) 
 
 def test_a_body_that_never_arrives_gets_408(edge_gw: Proc) -> None:
     sock = _connect(edge_gw, "127.0.0.1")
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
-        + ADMIN_KEY.encode()
-        + b'\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{"model": '
-    )
+    sock.sendall(_chat_head(1000) + b'{"model": ')
     closed, raw = _closed_within(sock, 6)
     sock.close()
     assert closed, "the connection stayed open 6 s with its body unfinished (body_timeout_s is 1.5)"
@@ -246,11 +248,7 @@ def test_endless_trailers_after_a_chunked_body_get_431_and_hold_no_memory(edge_g
     without bound (and trailers were appended to the headers the handler was already reading)."""
     before = _rss_mib(edge_gw.popen.pid)
     sock = _connect(edge_gw)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
-        + ADMIN_KEY.encode()  # authenticated: the handler waits for the body's end instead of answering 401
-        + b"\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-t: "
-    )
+    sock.sendall(_chat_head(None) + b"2\r\n{}\r\n0\r\nx-t: ")  # authenticated: the handler waits for the body's end
     chunk = b"a" * 65536
     with contextlib.suppress(OSError):  # the server closing the connection is the point
         for _ in range(256):  # 16 MiB of one trailer
@@ -275,11 +273,7 @@ def test_a_head_whose_end_straddles_two_reads_near_the_limit_passes(edge_gw: Pro
     """The end of a head (CRLF CRLF) split across two reads, with a body behind it past the limit, is not a
     head over the limit."""
     body = orjson.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 20_000}], "max_tokens": 2})
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n"
-        f"content-type: application/json\r\nx-fill: {'b' * 60_000}\r\ncontent-length: {len(body)}\r\n"
-        "connection: close\r\n\r\n"
-    ).encode()
+    head = _chat_head(len(body), f"x-fill: {'b' * 60_000}\r\nconnection: close\r\n")
     sock = _connect(edge_gw, "127.0.0.1")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(head[:-2])
@@ -296,11 +290,7 @@ def test_an_answer_before_the_body_ends_the_connection(edge_gw: Proc) -> None:
     to stay open for ever: its request was complete, so no deadline held it."""
     sock = _connect(edge_gw, "127.0.0.1")
     size = 2 * 1024 * 1024  # over max_body_bytes (1 MiB)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
-        + ADMIN_KEY.encode()
-        + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % size
-    )
+    sock.sendall(_chat_head(size))
     first = sock.recv(65536)
     assert _status(first) == 413, first[:300]
     with contextlib.suppress(OSError):
@@ -314,11 +304,7 @@ def test_a_slow_but_steady_body_is_not_cut(edge_gw: Proc) -> None:
     """The body deadline grows with what arrives: 200 KB sent over 3 s (twice body_timeout_s) passes."""
     body = orjson.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 200_000}], "max_tokens": 2})
     sock = _connect(edge_gw, "127.0.0.1")
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
-        + ADMIN_KEY.encode()
-        + b"\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
-    )
+    sock.sendall(_chat_head(len(body), "connection: close\r\n"))
     step = len(body) // 30 + 1
     for i in range(0, len(body), step):  # ~67 KB/s, a client on a slow link
         sock.sendall(body[i : i + step])
@@ -352,14 +338,8 @@ def test_a_pipelined_request_waits_for_the_answer_ahead_of_it(edge_gw: Proc, sim
     """A request pipelined behind a slow answer got its body deadline at once: the 408 was written into the
     middle of the answer ahead of it. Its deadline now starts when that answer ends."""
     body = orjson.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-    first = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    second = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n"
-        "content-type: application/json\r\ncontent-length: 100\r\n\r\n"
-    ).encode()  # its body never comes
+    first = _chat_head(len(body)) + body
+    second = _chat_head(100)  # its body never comes
     sim_control(sim, ttft_ms=3000)  # the first answer takes twice body_timeout_s
     try:
         sock = _connect(edge_gw, "127.0.0.1")
