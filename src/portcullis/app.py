@@ -440,7 +440,9 @@ class Gateway:
                 (time.perf_counter() - req.started) * 1000,
                 ex.ttft_s * 1000 if ex.ttft_s is not None else None,
                 req.status,
-                ex.error_code,
+                # An upstream's error code is passed on as it came; the column holds 64 characters, and a
+                # record that does not fit is dropped by the writer (quota/usage.py) with its tokens and cost.
+                ex.error_code[:64] if ex.error_code else None,
                 ex.cache_hit,
                 ex.moderation,
             ),

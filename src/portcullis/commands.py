@@ -17,6 +17,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from portcullis.config import BudgetConfig, Config, ConfigError, LimitsConfig, load_config
+from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes
 from portcullis.identity.keys import KeyHasher, KeyRecord, KeySecretMissing, KeyStore, key_secret, now
 from portcullis.store.bus import EventBus
@@ -141,16 +142,19 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
             raise OperatorError(str(exc)) from exc
         limits = _json_spec("--limits", args.limits, LimitsConfig, exclude_unset=True)
         budget = _json_spec("--budget", args.budget, BudgetConfig, exclude_none=True)
-        key, record = await store.create(
-            user=args.user,
-            tier=args.tier,
-            scopes=granted,
-            models=tuple(m for m in args.models.split(",") if m) if args.models else None,
-            expires_at=now() + args.expires if args.expires else None,
-            label=args.label,
-            limits=limits,
-            budget=budget,
-        )
+        try:
+            key, record = await store.create(
+                user=args.user,
+                tier=args.tier,
+                scopes=granted,
+                models=tuple(m for m in args.models.split(",") if m) if args.models else None,
+                expires_at=now() + args.expires if args.expires else None,
+                label=args.label,
+                limits=limits,
+                budget=budget,
+            )
+        except InvalidRequest as exc:  # a user or label the store refuses: the operator's message, not a trace
+            raise OperatorError(exc.message) from exc
         _print(
             {**record.public(), "key": key}, args.json, headline=f"Created key {record.id}. The key, shown once:\n{key}"
         )

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from portcullis.identity import scopes as scope_names
+from portcullis.identity.principal import unstorable
 
 ENV_PREFIX = "PORTCULLIS_"
 # Variables with the prefix that are not config overrides.
@@ -174,6 +175,16 @@ class JwtConfig(_Section):
         unknown = sorted(set(value) - scope_names.ALL)
         if unknown:
             raise ValueError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(sorted(scope_names.ALL))}")
+        return value
+
+    @field_validator("users")
+    @classmethod
+    def _storable_users(cls, value: dict[str, str]) -> dict[str, str]:
+        # A mapped user is stored as it is, like any other (identity/principal.py).
+        for sub, user in value.items():
+            problem = unstorable(user)
+            if problem is not None:
+                raise ValueError(f"the user that subject {sub!r} maps to cannot be stored: {problem}")
         return value
 
 

@@ -126,8 +126,15 @@ class StreamOptions(_Open):
 Stop = str | list[str] | None
 
 
+# A model name is recorded with the request's usage before it is resolved (the usage of a 404 names what was
+# asked), in a String(256) column (store/schema.py): a longer one failed the usage writer's INSERT, which held
+# up every tenant's usage behind it (now it would be dropped there). A model configured under a longer name
+# could not have had its usage written either.
+MODEL_MAX_CHARS = 256
+
+
 class _Sampling(_Open):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MODEL_MAX_CHARS)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     # Lengths and counts are strict: an upstream reads "8" or 8.5 or true by rules of its own (llama-server
@@ -182,7 +189,7 @@ def _input_not_empty(value: Any) -> Any:
 
 
 class EmbeddingRequest(_Open):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MODEL_MAX_CHARS)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(None, ge=1)

@@ -5,7 +5,8 @@ The algorithm is decided by the configuration, never by the token: a token whose
 so an HS256 token "signed" with our RSA public key meets the HMAC secret, not the public key, and fails.
 With a JWKS file the key is chosen by `kid`; an unknown `kid`, or one naming a key of another family than
 the token's `alg` (a JWKS may mix RSA, EC and symmetric keys), is refused. `exp` and `sub` are required;
-`nbf`/`iat`/`exp` are checked with leeway; `iss`/`aud` when configured.
+`nbf`/`iat`/`exp` are checked with leeway; `iss`/`aud` when configured. A `sub` that could not be stored as
+the user (over 252 characters with the `jwt:` prefix, or holding control characters) is refused too.
 
 Every claim we read is type-checked: a signed token is still input, and a claim of the wrong type (`tier: []`,
 `scope: 5`, `models: "x"`) is refused as invalid rather than crashing the stage (a 500 that the failed-auth
@@ -27,7 +28,7 @@ import jwt as pyjwt
 import orjson
 
 from portcullis.config import JwtConfig
-from portcullis.identity.principal import JWT_USER_PREFIX, Principal
+from portcullis.identity.principal import JWT_USER_PREFIX, USER_MAX_CHARS, Principal, unstorable
 
 
 class JwtSetupError(Exception):
@@ -118,6 +119,15 @@ class JwtVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise InvalidToken("the token has no subject")
+        user = cfg.users.get(sub)
+        if user is None:
+            # `jwt:<sub>` is stored as the user (identity/principal.py): one that cannot be stored is refused
+            # here, counted as a failed authentication, rather than failing every later write that names it.
+            # (A mapped subject's user is the configuration's, checked when it is loaded.)
+            problem = unstorable(sub, USER_MAX_CHARS - len(JWT_USER_PREFIX))
+            if problem is not None:
+                raise InvalidToken(f"the subject (sub) cannot be a user: {problem}")
+            user = JWT_USER_PREFIX + sub
         tier = claims.get(cfg.tier_claim, cfg.default_tier)
         if not isinstance(tier, str):
             raise InvalidToken(f"the claim {cfg.tier_claim!r} must be a string")
@@ -140,7 +150,7 @@ class JwtVerifier:
                 raise InvalidToken(f"the claim {cfg.models_claim!r} must be a list of strings")
             models = frozenset(listed)
         return Principal(
-            user=cfg.users.get(sub) or JWT_USER_PREFIX + sub,
+            user=user,
             tier=tier,
             scopes=granted,
             via="jwt",

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from portcullis.config import Config
 from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes as scope_names
-from portcullis.identity.principal import JWT_USER_PREFIX, Principal
+from portcullis.identity.principal import JWT_USER_PREFIX, Principal, unstorable
 from portcullis.store.schema import api_keys, model_state
 
 PREFIX = "pc-"
@@ -252,6 +252,14 @@ class KeyStore:
                 param="user",
                 code="invalid_value",
             )
+        # Stored as they are, in String(256) columns (principal.py). The admin API's schema caps the length and
+        # its JSON parser drops NULs, but `keys create` passed a longer one (or undecodable bytes, as lone
+        # surrogates) on to a failed INSERT; and a key user that could not be stored would fail every usage
+        # write naming it. Control characters are refused as in a token's subject.
+        for param, value in (("user", user), ("label", label)):
+            problem = unstorable(value) if value is not None else None
+            if problem is not None:
+                raise InvalidRequest(f"The {param} cannot be stored: {problem}.", param=param, code="invalid_value")
         if key is None:
             key_id, key = generate_key()
         else:

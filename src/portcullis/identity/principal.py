@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 # One namespace per identity source: the user of a JWT is "jwt:<sub>" (unless auth.jwt.users maps the subject),
 # and an API key's user may not start with this, so a token's subject never names a key user's data.
 JWT_USER_PREFIX = "jwt:"
+
+# A user is stored as it is: usage.user, files.owner, batches.owner, api_keys.user are String(256)
+# (store/schema.py). One that does not fit, or holds a character PostgreSQL refuses in text (NUL) or cannot
+# encode (a lone surrogate), failed every write naming it: the usage writer retried its batch for ever and
+# no tenant's usage was written again, and the principal's file uploads were 500s. So a user is checked where
+# it enters (a token's subject, a key's user), never truncated: two long names would become one user.
+USER_MAX_CHARS = 256
+# C0 and C1 controls (NUL among them, DEL too) and surrogates. Nothing printable is refused: e-mail addresses,
+# URLs and non-Latin names are subjects identity providers issue.
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def unstorable(text: str, max_chars: int = USER_MAX_CHARS) -> str | None:
+    """Why `text` cannot be stored as a user (or another identifier of that column width), or None."""
+    if len(text) > max_chars:
+        return f"it is longer than {max_chars} characters"
+    if _UNSTORABLE.search(text) is not None:
+        return "it contains a control character or an unpaired surrogate"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,7 +94,10 @@ class UsageSpool:
         if not self._segments:  # closed
             return False
         current = self._segments[-1]
-        data = orjson.dumps(row) + b"\n"
+        try:
+            data = orjson.dumps(row) + b"\n"
+        except TypeError:  # a string JSON cannot hold (a lone surrogate): never the request's failure
+            return False
         try:
             os.write(current.fd, data)
         except OSError:

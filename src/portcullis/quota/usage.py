@@ -4,8 +4,10 @@ The request path appends the record to this process's spool file (quota/spool.py
 and to a bounded deque. A writer task flushes when a batch is full or the interval has passed, in one
 multi-row INSERT under a deadline (`store.timeout_s`). A full queue drops the record and counts it
 (`portcullis_usage_records_dropped_total`): a slow database must never slow requests. A failed write keeps
-the batch, tells the database's health, and tries again. Shutdown flushes everything that is queued; what
-cannot be written stays in the spool for the next process.
+the batch, tells the database's health, and tries again. A batch the database refuses for its data (a value
+that does not fit its column) is written record by record once, and the records refused again are dropped,
+logged and counted (`portcullis_usage_records_rejected_total`): one bad record never holds up the others.
+Shutdown flushes everything that is queued; what cannot be written stays in the spool for the next process.
 
 Every record has an id of its own (unique in the table), and a write replaces a record with the same id:
 replaying a spool that was partly written already counts nothing twice, and a batch line that ran again
@@ -25,6 +27,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, case, func, select
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from portcullis.config import UsageConfig
@@ -90,6 +93,7 @@ class UsageRecorder:
         self.replayed = 0  # records of dead processes' spools written by this one (some may have been already)
         self.unreadable = 0  # spooled lines that could not be read back (lost)
         self.unspooled = 0  # records queued without a copy in the spool (lost if the process dies)
+        self.rejected = 0  # records the database refused for their data (dropped: see _isolate)
         self._orphan_failures: dict[str, int] = {}
         self._ids = itertools.count()
         self._id_prefix = f"{os.urandom(8).hex()}-"
@@ -106,6 +110,11 @@ class UsageRecorder:
             "portcullis_usage_records_unspooled",
             "Usage records that could not be appended to the spool (queued, but lost if the process dies)",
             lambda: self.unspooled,
+        )
+        metrics.count(
+            "portcullis_usage_records_rejected",
+            "Usage records the database refused for their data (a value that does not fit its column): dropped",
+            lambda: self.rejected,
         )
         metrics.count(
             "portcullis_usage_records_lost",
@@ -173,9 +182,10 @@ class UsageRecorder:
             try:
                 for rows, bad in read_orphan(fd, self.config.batch_size, len(FIELDS)):
                     self.unreadable += bad
-                    if rows and not await self._write(rows):
+                    rejected = await self._write(rows) if rows else 0
+                    if rejected is None:
                         raise _Refused
-                    records += len(rows)
+                    records += len(rows) - rejected
             except _Refused:
                 failures = self._orphan_failures[path.name] = self._orphan_failures.get(path.name, 0) + 1
                 if failures >= _ORPHAN_ATTEMPTS and not (self.health is not None and self.health.degraded):
@@ -247,35 +257,89 @@ class UsageRecorder:
             rows.append(self._order((*record, stamp, known[1])))
         return rows
 
-    async def _write(self, records: Sequence[tuple[Any, ...]], count: int = -1) -> bool:
+    async def _write(self, records: Sequence[tuple[Any, ...]], count: int = -1) -> int | None:
+        """Write the first `count` records (all by default). When they are done with, how many of them the
+        database refused as data (dropped, see `_isolate`; the rest are in the database); None when the
+        database could not take them (down, hung): they are tried again later."""
         if self._sql is None:
             self._prepare()
         assert self._sql is not None
         count = len(records) if count < 0 else count
         rows = self._parameters(records, count)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                async with self.engine.begin() as conn:
-                    await conn.exec_driver_sql(self._sql, rows)
+            await self._insert(rows)
         except Exception as exc:
-            self.log.error("usage_write_failed", records=count, error=f"{type(exc).__name__}: {exc}")
-            if self.health is not None:
-                self.health.failed(exc)
-            return False
+            if not refused_as_data(exc):
+                self._failed(count, exc)
+                return None
+            return await self._isolate(records, rows, exc)
+        self._succeeded()
+        return 0
+
+    async def _insert(self, rows: list[Any]) -> None:
+        assert self._sql is not None
+        async with asyncio.timeout(self.timeout_s):
+            async with self.engine.begin() as conn:
+                await conn.exec_driver_sql(self._sql, rows)
+
+    async def _isolate(self, records: Sequence[tuple[Any, ...]], rows: list[Any], exc: Exception) -> int | None:
+        """The database refused the batch for its data (a value too long for its column, a NUL, a number out of
+        range): retrying it would fail for ever, and every record queued behind it with it. (A `jwt:` user of a
+        253-character subject stopped all usage of every tenant this way.) So each record is written alone,
+        once, and those refused again as data are dropped: logged with their request ids and counted
+        (`portcullis_usage_records_rejected_total`). Each record has its own transaction, and one written here
+        and again at a later retry replaces itself (ON CONFLICT on its id). An outage meanwhile ends the pass:
+        None, and the whole batch is tried again later. Else how many were dropped."""
+        rejected: list[tuple[Any, ...]] = []
+        reasons: list[str] = []
+        if len(rows) == 1:
+            rejected.append(records[0])
+            reasons.append(_reason(exc))
+        else:
+            for i, row in enumerate(rows):
+                try:
+                    await self._insert([row])
+                except Exception as one:
+                    if not refused_as_data(one):
+                        self._failed(len(rows), one)
+                        return None
+                    rejected.append(records[i])
+                    reasons.append(_reason(one))
+        # The database answered: it is not the database's health that failed.
+        self._succeeded()
+        request_id, record_id = FIELDS.index("request_id"), FIELDS.index("record_id")
+        for record, reason in zip(rejected, reasons, strict=True):
+            self.log.error(
+                "usage_record_rejected",
+                request_id=str(record[request_id])[:128],
+                record_id=str(record[record_id])[:160],
+                error=reason,
+            )
+        self.rejected += len(rejected)
+        return len(rejected)
+
+    def _failed(self, count: int, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()  # (as in _reason)
+        self.log.error("usage_write_failed", records=count, error=error)
+        if self.health is not None:
+            self.health.failed(exc)
+
+    def _succeeded(self) -> None:
         if self.health is not None and self.health.degraded:
             self.health.succeeded()
-        return True
 
     async def _flush_batch(self) -> bool:
         count = min(len(self.queue), self.config.batch_size)
-        if not await self._write(self.queue, count):
+        rejected = await self._write(self.queue, count)
+        if rejected is None:
             return False
         for _ in range(count):
             self.queue.popleft()
         if self.spool is not None:
+            # Rejected records too: done with, their spooled copies must not come back after a restart.
             self.spool.written(count)
-        self.written += count
-        self.metrics.usage_written.inc(count)
+        self.written += count - rejected
+        self.metrics.usage_written.inc(count - rejected)
         return True
 
     async def stop(self) -> None:
@@ -306,6 +370,33 @@ class UsageRecorder:
 
 class _Refused(Exception):
     """The database did not take a batch of an orphan's records."""
+
+
+# SQLSTATE classes of errors in the data a statement carries, not in the database or the connection: 22 data
+# exception (a value too long, a NUL, out of range, unencodable), 23 integrity constraint violation.
+_DATA_SQLSTATES = ("22", "23")
+
+
+def refused_as_data(exc: BaseException) -> bool:
+    """Whether the database (or the driver, before sending) refused a write for the values it carries, which no
+    retry changes; as opposed to a connection lost, a deadline passed, a database away."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    if isinstance(exc, DBAPIError):
+        # asyncpg's errors reach SQLAlchemy mostly as a plain DBAPIError: its SQLSTATE says which kind it is.
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return isinstance(state, str) and state[:2] in _DATA_SQLSTATES
+    # A parameter SQLAlchemy could not process, or one the driver could not encode (sqlite3: a lone surrogate
+    # in a string, an int beyond 64 bits).
+    return isinstance(exc, StatementError | UnicodeError | OverflowError)
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own message, without SQLAlchemy's statement and parameters (other records' values). It may
+    quote the refused value: a lone surrogate there is escaped, or the JSON log line could not be written."""
+    orig = getattr(exc, "orig", None)
+    text = f"{type(orig or exc).__name__}: {orig or exc}"[:300]
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 GROUPS = {"key": usage.c.key_id, "user": usage.c.user, "model": usage.c.model, "day": usage.c.day}

@@ -31,7 +31,8 @@ class DatabaseHealth:
         self.log = log
         self.degraded = False
         self.since: float | None = None  # time.time() it became degraded
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # the message, for the log
+        self.last_error_kind: str | None = None  # only the exception's class, for /readyz
         self.gauge = metrics.database_degraded if metrics is not None else None
         self._probe: asyncio.Task[None] | None = None
 
@@ -39,7 +40,7 @@ class DatabaseHealth:
         """A call failed or passed its deadline."""
         if isinstance(exc, TimeoutError) and LAG.busy():
             return  # our own loop was too busy to read the answer in time: no evidence against the database
-        self.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        self._note(exc)
         if self.degraded:
             return
         self.degraded = True
@@ -71,14 +72,22 @@ class DatabaseHealth:
                     async with self.engine.connect() as conn:
                         await conn.execute(text("SELECT 1"))
             except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                self._note(exc)
                 continue
             self.succeeded()
 
+    def _note(self, exc: BaseException) -> None:
+        # The message may quote SQL with other tenants' values (a failed usage INSERT carries users, key ids
+        # and request ids): the log has it, a lone surrogate escaped so that the JSON line can be written.
+        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        self.last_error = text.encode("utf-8", "backslashreplace").decode()
+        self.last_error_kind = type(exc).__name__
+
     def status(self) -> dict[str, Any]:
+        """For /readyz, which anyone may call: the state and the kind of failure, never its message."""
         if not self.degraded:
             return {"state": "ok"}
-        return {"state": "degraded", "since": self.since, "error": self.last_error}
+        return {"state": "degraded", "since": self.since, "error": self.last_error_kind}
 
     async def stop(self) -> None:
         probe, self._probe = self._probe, None
