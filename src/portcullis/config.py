@@ -939,12 +939,23 @@ class BatchConfig(_Section):
     retry_delay_s: PositiveFloat = 1.0
     # Uploaded and generated files are kept this long (None: until deleted).
     file_ttl_s: PositiveFloat | None = 30 * 86400.0
-    # Input files one principal may keep stored at once (uploads past it get 400 file_quota_exceeded).
+    # Files one principal may keep stored at once, input and output (uploads past it get 400
+    # file_quota_exceeded). A batch's output and error files are always written, and count: while they put
+    # the principal over a limit, uploads and new batches are refused until files are deleted or expire.
     max_files_per_owner: int = Field(100, ge=1)
-    # Bytes of input files one principal may keep stored at once (an upload past it gets 413).
+    # Bytes of files (input and output) one principal may keep stored at once (an upload past it gets 413).
     max_bytes_per_owner: int = Field(1024 * 1024 * 1024, ge=1024)
     # Uploads one principal may have in progress at once in this process (more get 429 too_many_uploads).
     max_uploads_in_progress: int = Field(2, ge=1)
+    # Batch creations one principal may have in progress at once in this process (more get 429
+    # too_many_batch_creations): each reads its input file (up to max_file_bytes) twice and writes its lines.
+    max_creations_in_progress: int = Field(2, ge=1)
+    # Batches not yet ended (in progress or being cancelled) one principal may have at once (more get 429
+    # too_many_batches): each keeps a copy of its lines in the database until it ends.
+    max_live_batches_per_owner: int = Field(100, ge=1)
+    # Requests one principal's unfinished batches may hold in all (a batch that would pass it gets 429
+    # too_many_queued_requests; one larger than it alone, 400).
+    max_queued_lines_per_owner: int = Field(1_000_000, ge=1)
     # Where uploads are spooled while they arrive, before they are stored (unset: the system's temp dir).
     spool_dir: Path | None = None
 

@@ -15,15 +15,22 @@ errors gives a `failed` batch listing them with their line numbers, as OpenAI do
 `in_progress` at once and its lines wait for the runner (which checks the scope and the model again, as
 the key is when the line runs).
 
-Uploads are bounded per principal (files and bytes stored, uploads in progress) and never held whole in
-memory: the file part is checked line by line as it arrives, spooled to a temporary file, and stored in
-chunks (jobs/store.py). Files past their expiry are gone for readers at once and deleted by the runner's
-sweep.
+Uploads are bounded per principal (files and bytes stored, output files included; uploads in progress)
+and never held whole in memory: the file part is checked line by line as it arrives, spooled to an
+anonymous temporary file (gone with its descriptor, whatever ends the upload), and stored in chunks
+(jobs/store.py). The form takes only the fields the API defines. Files past their expiry are gone for
+readers at once and deleted by the runner's sweep.
+
+Creating a batch is bounded the same way: per principal, creations in progress, batches not ended and the
+requests they hold; its input file is read twice, chunk by chunk (a first pass validates, a second inserts
+the lines in groups), so no creation holds the file's lines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
 import re
 import secrets
 import tempfile
@@ -32,7 +39,7 @@ from collections.abc import AsyncIterator
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
@@ -43,7 +50,7 @@ from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.auth import may_use
 from portcullis.identity.principal import Principal
-from portcullis.jobs.store import BatchStore, RowView, batch_object, file_object
+from portcullis.jobs.store import BatchStore, InputChanged, RowView, batch_object, file_object
 from portcullis.safety import validation
 from portcullis.upstream.exchange import Exchange
 
@@ -61,15 +68,38 @@ _WINDOW = re.compile(r"^([0-9]{1,9})([smhd])\Z")
 _WINDOW_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_ERRORS = 100  # errors listed for a file that failed validation
 _SPOOL_FLUSH = 1024 * 1024  # bytes of an upload held in memory before they are written to its spool file
-_FIELD_LIMIT = 64 * 1024  # a form field other than the file (purpose)
+# The form of an upload: these fields and no other (OpenAI's Files API, as its SDK sends them: `purpose`,
+# `expires_after[...]`, then `file`). Anything else is refused when its part's headers arrive, so no field
+# is kept that the API does not use.
+_FORM_FIELDS = ("purpose", "expires_after[anchor]", "expires_after[seconds]", "file")
+_FIELDS_LIMIT = 1024  # bytes of all the fields other than the file together (their values are words)
+_HEADERS_LIMIT = 16 * 1024  # bytes of all the parts' headers together
+_FORM_ROOM = 64 * 1024  # what the form may add to its file: boundaries, headers and the fields above
+# OpenAI's bounds of `expires_after[seconds]` (1 hour to 30 days).
+_EXPIRES_MIN_S, _EXPIRES_MAX_S = 3600, 2_592_000
+# Control characters (C0, DEL, C1): refused in a custom_id and a file name, which are stored as text
+# (PostgreSQL refuses NUL in text: it was a 500) and shown back in JSON and headers.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Errors of the spool's storage that mean "no room", not "broken".
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class NewBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input_file_id: str = Field(min_length=1, max_length=64)
     endpoint: str
-    completion_window: str
+    completion_window: str = Field(max_length=64)
     metadata: dict[str, str] | None = Field(None, max_length=16)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        # OpenAI's bounds: keys up to 64 characters, values up to 512 (a batch row is kept after it ends).
+        # (NULs never get here: the JSON body's parse drops them, as for every JSON request.)
+        for key, item in (value or {}).items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError("metadata keys are at most 64 characters and values at most 512")
+        return value
 
 
 def _store(gw: Gateway) -> BatchStore:
@@ -113,35 +143,31 @@ async def upload_file(gw: Gateway, req: Request, ex: Exchange) -> None:
         count, used = await store.usage(owner, time.time())
         _check_quota(config, count, used, 0)
         room = min(config.max_file_bytes, config.max_bytes_per_owner - used)
-        spool: IO[bytes] = await asyncio.to_thread(
-            tempfile.TemporaryFile, dir=config.spool_dir, prefix="portcullis-upload-"
+        spool: IO[bytes] = await _spool_io(
+            gw, tempfile.TemporaryFile, dir=config.spool_dir, prefix="portcullis-upload-"
         )
         try:
             check = _JsonlCheck(config.max_lines, gw.config.server.max_body_bytes)
-            form = await _read_form(req, room + _FIELD_LIMIT, spool=spool, check=check, file_limit=room, config=config)
-            purpose = form.get("purpose", b"").decode(errors="replace").strip()
-            if purpose != "batch":
-                raise InvalidRequest(
-                    f"'purpose' must be 'batch' here (got {purpose!r}); this gateway stores batch input files only.",
-                    param="purpose",
-                    code="invalid_value",
-                )
+            form = await _read_form(gw, req, room + _FORM_ROOM, spool=spool, check=check, file_limit=room)
+            _check_purpose(form.get("purpose", b""))
             if check.size < 0:
                 raise InvalidRequest("The form has no 'file' part.", param="file", code="missing_required_parameter")
             if check.count == 0:
                 raise InvalidRequest("The file has no requests.", param="file", code="empty_file")
-            ttl = config.file_ttl_s
+            ttl = _ttl(config, form)
             size = check.size
+            await _spool_io(gw, spool.seek, 0)
             record = await store.store_upload(
                 file_id="file-" + secrets.token_hex(12),
                 owner=owner,
                 filename=(check.filename or "input.jsonl")[:512],
-                spool=spool,
+                read=lambda n: _spool_io(gw, spool.read, n),
                 size=size,
                 expires_at=time.time() + ttl if ttl is not None else None,
                 check=lambda files_now, bytes_now: _check_quota(config, files_now, bytes_now, size),
             )
         finally:
+            # (an anonymous file: closing it frees its storage, whatever ended the upload)
             await asyncio.to_thread(spool.close)
     finally:
         left = store.uploading.get(owner, 1) - 1
@@ -152,21 +178,93 @@ async def upload_file(gw: Gateway, req: Request, ex: Exchange) -> None:
     await req.respond_json(200, record)
 
 
+async def _spool_io(gw: Gateway, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn` (an operation on an upload's spool) in a thread. Its storage failing is the gateway's trouble,
+    not a bad request: logged, and 507 (no room: a full disk or a file-size limit) or 503 to the client."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except OSError as exc:
+        gw.log.error("upload_spool_failed", error=str(exc), errno=exc.errno)
+        if exc.errno in _NO_ROOM:
+            raise GatewayError(
+                "The gateway has no room to receive this upload now; try again later.",
+                status=507,
+                type="server_error",
+                code="insufficient_storage",
+            ) from exc
+        raise GatewayError(
+            "The gateway could not store this upload now; try again later.",
+            status=503,
+            type="server_error",
+            code="storage_unavailable",
+        ) from exc
+
+
+def _check_purpose(raw: bytes) -> None:
+    purpose = raw.decode(errors="replace").strip()
+    if purpose != "batch":
+        raise InvalidRequest(
+            f"'purpose' must be 'batch' here (got {purpose!r}); this gateway stores batch input files only.",
+            param="purpose",
+            code="invalid_value",
+        )
+
+
+def _ttl(config: BatchConfig, form: dict[str, bytes]) -> float | None:
+    """How long the file lives: `expires_after` (anchor created_at, 1 hour to 30 days, as OpenAI), within
+    the gateway's `batch.file_ttl_s`."""
+    anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return config.file_ttl_s
+    if anchor is None or seconds is None:
+        missing = "expires_after[anchor]" if anchor is None else "expires_after[seconds]"
+        raise InvalidRequest(
+            f"'expires_after' needs both 'expires_after[anchor]' and 'expires_after[seconds]' (missing {missing!r}).",
+            param=missing,
+            code="missing_required_parameter",
+        )
+    ttl = float(_expires_seconds(seconds))
+    return min(ttl, config.file_ttl_s) if config.file_ttl_s is not None else ttl
+
+
+def _check_form_field(name: str, value: bytes) -> None:
+    """A field's value, checked as soon as the field ends (before the file that follows it is read)."""
+    if name == "purpose":
+        _check_purpose(value)
+    elif name == "expires_after[anchor]":
+        if value.decode(errors="replace").strip() != "created_at":
+            raise InvalidRequest("'expires_after[anchor]' must be 'created_at'.", param=name, code="invalid_value")
+    elif name == "expires_after[seconds]":
+        _expires_seconds(value)
+
+
+def _expires_seconds(value: bytes) -> int:
+    text = value.decode(errors="replace").strip()
+    # (at most 8 ASCII digits before int(): the bounds are checked on the whole value)
+    if not (0 < len(text) <= 8 and text.isascii() and text.isdigit() and _EXPIRES_MIN_S <= int(text) <= _EXPIRES_MAX_S):
+        raise InvalidRequest(
+            f"'expires_after[seconds]' must be a whole number of seconds from {_EXPIRES_MIN_S} to {_EXPIRES_MAX_S}.",
+            param="expires_after[seconds]",
+            code="invalid_value",
+        )
+    return int(text)
+
+
 def _check_quota(config: BatchConfig, files_stored: int, bytes_stored: int, adding: int) -> None:
     """Refuse an upload past the principal's stored files or bytes (`adding`: the new file's size, 0 before
     it is known)."""
     if files_stored >= config.max_files_per_owner:
         raise InvalidRequest(
-            f"You store {files_stored} files, the most allowed ({config.max_files_per_owner}); "
-            "delete some (DELETE /v1/files/{id}) or wait for them to expire.",
+            f"You store {files_stored} files, the most allowed ({config.max_files_per_owner}; your batches' "
+            "output and error files count); delete some (DELETE /v1/files/{id}) or wait for them to expire.",
             param="file",
             code="file_quota_exceeded",
         )
     limit = config.max_bytes_per_owner
     if bytes_stored + adding > limit or (adding == 0 and bytes_stored >= limit):
         raise PayloadTooLarge(
-            f"Your files would take more than the {limit} bytes you may store "
-            f"(stored now: {bytes_stored}); delete some or wait for them to expire.",
+            f"Your files would take more than the {limit} bytes you may store (stored now: {bytes_stored}; "
+            "your batches' output and error files count); delete some or wait for them to expire.",
             param="file",
             code="file_quota_exceeded",
         )
@@ -247,11 +345,15 @@ class _JsonlCheck:
 
 
 async def _read_form(
-    req: Request, limit: int, *, spool: IO[bytes], check: _JsonlCheck, file_limit: int, config: BatchConfig
+    gw: Gateway, req: Request, limit: int, *, spool: IO[bytes], check: _JsonlCheck, file_limit: int
 ) -> dict[str, bytes]:
     """A multipart/form-data upload, parsed as it arrives and never over `limit` bytes: the 'file' part is
     checked line by line and written to `spool` in pieces of at most _SPOOL_FLUSH bytes (memory stays
-    bounded whatever the file's size); the other fields → {name: bytes}, each at most _FIELD_LIMIT."""
+    bounded whatever the file's size); the other fields → {name: bytes}. Only the fields of _FORM_FIELDS,
+    each once, are accepted (any other is refused when its headers arrive), their values and the parts'
+    headers within _FIELDS_LIMIT and _HEADERS_LIMIT bytes in all; `purpose` is checked when it ends (before
+    the file, in the order the SDKs send them), not after the file was read."""
+    config = gw.config.batch
     kind, params = parse_options_header(req.header(b"content-type") or b"")
     boundary = params.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
@@ -266,15 +368,25 @@ async def _read_form(
     header_value: list[bytes] = []
     pending: list[bytes] = []  # file bytes not yet in the spool
     pending_size = 0
+    sizes = {"fields": 0, "headers": 0}
 
     def on_part_begin() -> None:
         current.clear()
-        current.update(headers={}, data=[], size=0, name=None, is_file=False)
+        current.update(headers={}, data=[], name=None, is_file=False)
+
+    def count_header(size: int) -> None:
+        sizes["headers"] += size
+        if sizes["headers"] > _HEADERS_LIMIT:
+            raise InvalidRequest(
+                f"The form's part headers exceed {_HEADERS_LIMIT} bytes.", param="file", code="invalid_body"
+            )
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
+        count_header(end - start)
         header_field.append(data[start:end])
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
+        count_header(end - start)
         header_value.append(data[start:end])
 
     def on_header_end() -> None:
@@ -284,12 +396,24 @@ async def _read_form(
 
     def on_headers_finished() -> None:
         _, disposition = parse_options_header(current["headers"].get(b"content-disposition", b""))
-        current["name"] = disposition.get(b"name", b"").decode(errors="replace")
-        if current["name"] == "file":
-            if check.size >= 0:
-                raise InvalidRequest("The form has more than one 'file' part.", param="file", code="invalid_body")
+        name = disposition.get(b"name", b"").decode(errors="replace")
+        if name not in _FORM_FIELDS:
+            raise InvalidRequest(
+                f"Unknown form field {name[:64]!r}: uploads take 'purpose', 'file' and optionally "
+                "'expires_after[anchor]' and 'expires_after[seconds]'.",
+                param=name[:64] or None,
+                code="unknown_parameter",
+            )
+        if name in fields or (name == "file" and check.size >= 0):
+            raise InvalidRequest(f"The form has more than one {name!r} field.", param=name, code="invalid_body")
+        current["name"] = name
+        if name == "file":
             filename = disposition.get(b"filename")
             check.filename = filename.decode(errors="replace") if filename is not None else None
+            if check.filename is not None and _CONTROL.search(check.filename):
+                raise InvalidRequest(
+                    "The file's name must not contain control characters.", param="file", code="invalid_value"
+                )
             check.size = 0
             current["is_file"] = True
 
@@ -308,16 +432,19 @@ async def _read_form(
             pending.append(piece)
             pending_size += len(piece)
             return
-        current["size"] += len(piece)
-        if current["size"] > _FIELD_LIMIT:
-            raise PayloadTooLarge(f"The form field {current['name']!r} exceeds {_FIELD_LIMIT} bytes.")
+        sizes["fields"] += len(piece)
+        if sizes["fields"] > _FIELDS_LIMIT:
+            raise PayloadTooLarge(
+                f"The form's fields other than the file exceed {_FIELDS_LIMIT} bytes.", param=current["name"]
+            )
         current["data"].append(piece)
 
     def on_part_end() -> None:
         if current["is_file"]:
             check.finish()
-        else:
-            fields[current["name"]] = b"".join(current["data"])
+            return
+        value = fields[current["name"]] = b"".join(current["data"])
+        _check_form_field(current["name"], value)  # now, not after the file that follows it was read
 
     parser = MultipartParser(
         boundary,
@@ -331,21 +458,30 @@ async def _read_form(
             "on_part_end": on_part_end,
         },
     )
-    try:
-        async for chunk in req.iter_body(limit):
-            parser.write(chunk)
-            if pending_size >= _SPOOL_FLUSH:
-                data = b"".join(pending)
-                pending.clear()
-                pending_size = 0
-                await asyncio.to_thread(spool.write, data)
-        parser.finalize()
-    except GatewayError:
-        raise
-    except Exception as exc:  # python_multipart's parse errors
-        raise InvalidRequest(f"The multipart body is malformed: {exc}", param="file", code="invalid_body") from exc
+
+    def parse(chunk: bytes | None) -> None:
+        try:
+            if chunk is None:
+                parser.finalize()
+            else:
+                parser.write(chunk)
+        except GatewayError:
+            raise
+        except Exception as exc:  # python_multipart's parse errors (the body's; storage is not touched here)
+            raise InvalidRequest(f"The multipart body is malformed: {exc}", param="file", code="invalid_body") from exc
+
+    # (the client going away ends the upload with ClientDisconnected, and the spool's storage failing with
+    # _spool_io's error: neither is a malformed body)
+    async for chunk in req.iter_body(limit):
+        parse(chunk)
+        if pending_size >= _SPOOL_FLUSH:
+            data = b"".join(pending)
+            pending.clear()
+            pending_size = 0
+            await _spool_io(gw, spool.write, data)
+    parse(None)
     if pending:
-        await asyncio.to_thread(spool.write, b"".join(pending))
+        await _spool_io(gw, spool.write, b"".join(pending))
     return fields
 
 
@@ -400,29 +536,63 @@ async def delete_file(gw: Gateway, req: Request, ex: Exchange, file_id: str) -> 
 
 async def create_batch(gw: Gateway, req: Request, ex: Exchange) -> None:
     store = _store(gw)
+    config = gw.config.batch
+    principal = ex.principal
+    assert principal is not None
+    owner = principal.user
+    # Creations in progress per principal (counted from before the body is read, as uploads are): each
+    # reads its input file, up to max_file_bytes, twice and writes its lines.
+    in_progress = store.creating.get(owner, 0)
+    if in_progress >= config.max_creations_in_progress:
+        raise TooManyRequests(
+            f"You have {in_progress} batch creations in progress, the most allowed at once; retry when one ends.",
+            code="too_many_batch_creations",
+            headers={"retry-after": "1"},
+        )
+    store.creating[owner] = in_progress + 1
+    try:
+        row = await _create_batch(gw, store, req, ex, principal)
+    finally:
+        left = store.creating.get(owner, 1) - 1
+        if left > 0:
+            store.creating[owner] = left
+        else:
+            store.creating.pop(owner, None)
+    if gw.batch_runner is not None and row["status"] == "in_progress":
+        gw.batch_runner.wake()
+    gw.log.info("batch_created", batch_id=row["id"], user=owner, lines=row["total"], status=row["status"])
+    await req.respond_json(200, batch_object(RowView(row)))
+
+
+async def _create_batch(gw: Gateway, store: BatchStore, req: Request, ex: Exchange, principal: Principal) -> Any:
+    config = gw.config.batch
     spec = await read_model(gw, req, NewBatch)
     if spec.endpoint not in ENDPOINTS:
         raise InvalidRequest(
             f"'endpoint' must be one of {', '.join(ENDPOINTS)}.", param="endpoint", code="invalid_value"
         )
-    window = _window_s(spec.completion_window, gw.config.batch.min_window_s, gw.config.batch.max_window_s)
+    completion_window = spec.completion_window.strip()  # (stored as checked: the column holds 16 characters)
+    window = _window_s(completion_window, config.min_window_s, config.max_window_s)
     file = await _file(gw, ex, spec.input_file_id)
     if file.purpose != "batch":
         raise InvalidRequest("The input file's purpose must be 'batch'.", param="input_file_id", code="invalid_value")
-    principal = ex.principal
-    assert principal is not None
-    lines, errors, model = await _check_lines(gw, _file_lines(store, spec.input_file_id), spec.endpoint, principal)
+    owner = principal.user
+    now = time.time()
+    # Refused before the file is read when nothing could be added (checked again, with the batch's size,
+    # where it is stored).
+    _check_room(config, *await store.batch_usage(owner), *await store.usage(owner, now), 0)
+    total, errors, model = await _check_lines(gw, _file_lines(store, spec.input_file_id), spec.endpoint, principal)
     now = time.time()
     row: dict[str, Any] = {
         "id": "batch_" + secrets.token_hex(12),
-        "owner": principal.user,
+        "owner": owner,
         "principal": _snapshot(principal),
         "endpoint": spec.endpoint,
         "model": model or "",
         "input_file_id": spec.input_file_id,
-        "completion_window": spec.completion_window,
+        "completion_window": completion_window,
         "status": "failed" if errors else "in_progress",
-        "total": 0 if errors else len(lines),
+        "total": 0 if errors else total,
         "completed": 0,
         "failed": 0,
         "output_file_id": None,
@@ -439,11 +609,63 @@ async def create_batch(gw: Gateway, req: Request, ex: Exchange) -> None:
         "cancelling_at": None,
         "cancelled_at": None,
     }
-    await store.create_batch(row, [] if errors else lines)
-    if gw.batch_runner is not None and not errors:
-        gw.batch_runner.wake()
-    gw.log.info("batch_created", batch_id=row["id"], user=principal.user, lines=row["total"], status=row["status"])
-    await req.respond_json(200, batch_object(RowView(row)))
+    if errors:
+        await store.create_batch(row)  # (a failed batch holds no lines)
+        return row
+    try:
+        await store.create_batch(
+            row,
+            _accepted_lines(store, spec.input_file_id),
+            check=lambda live, queued, files_now, bytes_now: _check_room(
+                config, live, queued, files_now, bytes_now, total
+            ),
+        )
+    except InputChanged as exc:
+        raise InvalidRequest(
+            "The input file was deleted or expired while the batch was being created.",
+            param="input_file_id",
+            code="invalid_value",
+        ) from exc
+    return row
+
+
+def _check_room(config: BatchConfig, live: int, queued: int, files_stored: int, bytes_stored: int, adding: int) -> None:
+    """Refuse a batch of `adding` requests (0: before its size is known) past the owner's batches not
+    ended, the requests they hold, or while the owner's files are over their limits (output files are
+    always written and count: new work waits until the owner makes room)."""
+    if adding > config.max_queued_lines_per_owner:
+        raise InvalidRequest(
+            f"The file has {adding} requests; unfinished batches may hold at most "
+            f"{config.max_queued_lines_per_owner} of yours at once.",
+            param="input_file_id",
+            code="too_many_queued_requests",
+        )
+    if live >= config.max_live_batches_per_owner:
+        raise TooManyRequests(
+            f"You have {live} batches not yet ended, the most allowed ({config.max_live_batches_per_owner}); "
+            "create this one when one of them ends (or cancel one).",
+            code="too_many_batches",
+        )
+    limit = config.max_queued_lines_per_owner
+    if queued + adding > limit or queued >= limit:
+        held = f"Your unfinished batches hold {queued} requests"
+        raise TooManyRequests(
+            (
+                f"{held}, the most allowed ({limit})"
+                if adding == 0
+                else f"{held}; this file's {adding} would pass the {limit} allowed"
+            )
+            + "; create this batch when some have ended (or cancel one).",
+            code="too_many_queued_requests",
+        )
+    if files_stored > config.max_files_per_owner or bytes_stored > config.max_bytes_per_owner:
+        raise InvalidRequest(
+            f"You store {files_stored} files of {bytes_stored} bytes, more than allowed "
+            f"({config.max_files_per_owner} files, {config.max_bytes_per_owner} bytes; your batches' output and "
+            "error files count): delete some (DELETE /v1/files/{id}) before creating a batch.",
+            param="input_file_id",
+            code="file_quota_exceeded",
+        )
 
 
 def _window_s(text: str, min_s: float, max_s: float) -> float:
@@ -459,17 +681,39 @@ def _window_s(text: str, min_s: float, max_s: float) -> float:
 
 
 async def _file_lines(store: BatchStore, file_id: str) -> AsyncIterator[tuple[int, bytes]]:
-    """(1-based line number, line) of a stored file, read chunk by chunk."""
+    """(1-based line number, line) of a stored file, read chunk by chunk (a line split over chunks is
+    joined once, when it ends)."""
     number = 0
-    partial = b""
+    partial: list[bytes] = []
     async for piece in store.iter_content(file_id):
-        parts = (partial + piece).split(b"\n") if partial else piece.split(b"\n")
-        partial = parts.pop()
-        for raw in parts:
+        start = 0
+        while (end := piece.find(b"\n", start)) >= 0:
+            raw = piece[start:end]
+            if partial:
+                partial.append(raw)
+                raw = b"".join(partial)
+                partial.clear()
             number += 1
             yield number, raw
+            start = end + 1
+        if start < len(piece):
+            partial.append(piece[start:])
     if partial:
-        yield number + 1, partial
+        yield number + 1, b"".join(partial)
+
+
+async def _accepted_lines(store: BatchStore, file_id: str) -> AsyncIterator[tuple[str, str]]:
+    """(custom_id, body JSON) of each request of a file that _check_lines accepted whole, read again chunk
+    by chunk (the second pass: what is stored is never held as a list)."""
+    async for _, raw in _file_lines(store, file_id):
+        if not raw.strip():
+            continue
+        try:
+            item = orjson.loads(raw)
+            custom_id, body = item["custom_id"], item["body"]
+        except (orjson.JSONDecodeError, TypeError, KeyError) as exc:
+            raise InputChanged("a line no longer reads as it was checked") from exc
+        yield custom_id, orjson.dumps(body).decode()
 
 
 def route_scope(gw: Gateway, endpoint: str) -> str:
@@ -480,11 +724,12 @@ def route_scope(gw: Gateway, endpoint: str) -> str:
 
 async def _check_lines(
     gw: Gateway, numbered: AsyncIterator[tuple[int, bytes]], endpoint: str, principal: Principal
-) -> tuple[list[tuple[str, str]], list[dict[str, Any]], str | None]:
-    """(lines as (custom_id, body JSON), errors OpenAI-shaped with 1-based line numbers, the model)."""
-    lines: list[tuple[str, str]] = []
+) -> tuple[int, list[dict[str, Any]], str | None]:
+    """(requests, errors OpenAI-shaped with 1-based line numbers, the model). The first pass over the file:
+    it keeps no line, only a 16-byte digest of each custom_id to find duplicates."""
+    total = 0
     errors: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    seen: set[bytes] = set()
     model: str | None = None
     validate = _VALIDATORS[endpoint]
     needed = route_scope(gw, endpoint)
@@ -510,10 +755,19 @@ async def _check_lines(
                 "custom_id",
             )
             continue
-        if custom_id in seen:
+        if _CONTROL.search(custom_id):
+            fail(
+                number,
+                "invalid_custom_id",
+                "A custom_id must not contain control characters (such as NUL).",
+                "custom_id",
+            )
+            continue
+        digest = hashlib.blake2b(custom_id.encode(errors="surrogatepass"), digest_size=16).digest()
+        if digest in seen:
             fail(number, "duplicate_custom_id", f"The custom_id {custom_id!r} appears more than once.", "custom_id")
             continue
-        seen.add(custom_id)
+        seen.add(digest)
         if item.get("method") != "POST":
             fail(number, "invalid_method", "Each line's 'method' must be POST.", "method")
             continue
@@ -551,10 +805,10 @@ async def _check_lines(
         elif name != model:
             fail(number, "mismatched_model", f"Every line must use the same model ('{model}').", "body.model")
             continue
-        lines.append((custom_id, orjson.dumps(body).decode()))
-    if not lines and not errors:
+        total += 1
+    if not total and not errors:
         errors.append({"code": "empty_file", "message": "The input file has no requests.", "param": None, "line": None})
-    return lines, errors, model
+    return total, errors, model
 
 
 def _snapshot(principal: Principal) -> dict[str, Any]:

@@ -204,7 +204,15 @@ _UPLOAD = {
             "schema": {
                 "type": "object",
                 "required": ["file", "purpose"],
-                "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string"}},
+                # The only fields taken (api/batches.py refuses any other): OpenAI's, expires_after as its SDK
+                # sends it.
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "purpose": {"type": "string", "enum": ["batch"]},
+                    "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                    "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
+                },
+                "additionalProperties": False,
             }
         }
     },

@@ -9,25 +9,37 @@ the tables:
             this process's: a line whose lease expired and was taken over is written by whoever holds it;
   release   a leased line goes back to `pending` (overloaded, preempted, shutting down) to run again later;
   finalize  once no line is open, one transaction (the batch row locked) writes the output and error
-            files from the lines in input order and marks the batch ended. Each input line has exactly one
-            row, written once, so each appears exactly once in the output or the error file.
+            files from the lines in input order, in chunks as it reads them (never a whole file in memory),
+            marks the batch ended and deletes its lines (their results are in the files now). Each input
+            line has exactly one row, written once, so each appears exactly once in the output or the error
+            file.
+
+Every file, uploaded or generated, is stored in CHUNK_BYTES pieces (file_chunks) and read back one piece at
+a time (generated files written before that kept their bytes in files.content: see iter_content). Output and
+error files count toward their owner's stored files and bytes like uploads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import LargeBinary, and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from portcullis.store.schema import batch_lines, batches, file_chunks, files
 
-CHUNK_BYTES = 1024 * 1024  # an uploaded file is stored and read in pieces of this size
+CHUNK_BYTES = 1024 * 1024  # a file is stored and read in pieces of this size
+# Creating a batch inserts its lines in groups of at most this many lines or bytes (one statement each), so
+# it never holds more than one group of a file's lines.
+_INSERT_LINES = 1000
+_INSERT_BYTES = 4 * 1024 * 1024
+# Finalizing reads ended lines this many at a time (a line's result is one answer, usually a few KB).
+_FINALIZE_PAGE = 256
 OPEN = ("pending", "leased")
 LIVE = ("validating", "in_progress", "finalizing", "cancelling")
 
@@ -106,8 +118,11 @@ class BatchStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.uploading: dict[str, int] = {}  # principal → uploads in progress in this process
-        # Quota checks of one owner's uploads in this process take turns (striped: a bounded set of locks).
+        self.creating: dict[str, int] = {}  # principal → batch creations in progress in this process
+        # Quota checks of one owner's uploads (or batch creations) in this process take turns (striped: a
+        # bounded set of locks).
         self._quota_locks = [asyncio.Lock() for _ in range(64)]
+        self._batch_locks = [asyncio.Lock() for _ in range(64)]
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -117,14 +132,15 @@ class BatchStore:
         file_id: str,
         owner: str,
         filename: str,
-        spool: IO[bytes],
+        read: Callable[[int], Awaitable[bytes]],
         size: int,
         expires_at: float | None,
         check: Callable[[int, int], None],
     ) -> dict[str, Any]:
-        """An uploaded file (spooled to `spool`, `size` bytes) stored in CHUNK_BYTES pieces, in one transaction
-        that first calls `check(files, bytes)` with what the owner already stores (it raises to refuse): under
-        the transaction (and, on PostgreSQL, a lock per owner) so concurrent uploads cannot both pass it."""
+        """An uploaded file (`size` bytes; `read(n)` gives its next n from the spool) stored in CHUNK_BYTES
+        pieces, in one transaction that first calls `check(files, bytes)` with what the owner already stores
+        (it raises to refuse): under the transaction (and, on PostgreSQL, a lock per owner) so concurrent
+        uploads cannot both pass it."""
         row = {
             "id": file_id,
             "owner": owner,
@@ -140,21 +156,21 @@ class BatchStore:
                 await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": "files:" + owner})
             check(*await self._usage(conn, owner, time.time()))
             await conn.execute(insert(files).values(row))
-            await asyncio.to_thread(spool.seek, 0)
             seq = 0
-            while data := await asyncio.to_thread(spool.read, CHUNK_BYTES):
+            while data := await read(CHUNK_BYTES):
                 await conn.execute(insert(file_chunks).values(file_id=file_id, seq=seq, data=data))
                 seq += 1
         return file_object(RowView(row))
 
     async def usage(self, owner: str, now: float) -> tuple[int, int]:
-        """(input files, their bytes) the owner stores now (expired ones no longer count)."""
+        """(files, their bytes) the owner stores now: uploads and the output and error files of their batches
+        (expired ones no longer count)."""
         async with self.engine.connect() as conn:
             return await self._usage(conn, owner, now)
 
     async def _usage(self, conn: AsyncConnection, owner: str, now: float) -> tuple[int, int]:
         query = select(func.count(), func.coalesce(func.sum(files.c.bytes), 0)).where(
-            files.c.owner == owner, files.c.purpose == "batch", _live(now)
+            files.c.owner == owner, _live(now)
         )
         count, size = (await conn.execute(query)).one()
         return int(count), int(size)
@@ -168,9 +184,12 @@ class BatchStore:
 
     async def iter_content(self, file_id: str) -> AsyncIterator[bytes]:
         """The file's bytes piece by piece (its inline content, then its chunks), one query per piece, so a
-        reader holds one chunk at a time."""
+        reader holds one chunk at a time. Inline content (files written before they were chunked) is read
+        in CHUNK_BYTES slices on PostgreSQL; SQLite materialises a whole value to slice it, so there it is
+        read in one piece, as it always was."""
         async with self.engine.connect() as conn:
-            inline = (await conn.execute(select(files.c.content).where(files.c.id == file_id))).scalar()
+            sliced = conn.dialect.name == "postgresql"
+            inline = (await conn.execute(select(func.length(files.c.content)).where(files.c.id == file_id))).scalar()
             seqs = list(
                 (
                     await conn.execute(
@@ -178,8 +197,13 @@ class BatchStore:
                     )
                 ).scalars()
             )
-        if inline:
-            yield inline
+        step = CHUNK_BYTES if sliced else max(1, inline or 0)
+        for start in range(0, inline or 0, step):
+            async with self.engine.connect() as conn:
+                piece = func.substr(files.c.content, start + 1, step, type_=LargeBinary)  # (1-based)
+                data = (await conn.execute(select(piece).where(files.c.id == file_id))).scalar()
+            if data:
+                yield bytes(data)
         for seq in seqs:
             async with self.engine.connect() as conn:
                 query = select(file_chunks.c.data).where(file_chunks.c.file_id == file_id, file_chunks.c.seq == seq)
@@ -226,26 +250,65 @@ class BatchStore:
 
     # -- batches --------------------------------------------------------------------------------
 
-    async def create_batch(self, row: dict[str, Any], lines: list[tuple[str, str]]) -> None:
-        """The batch and its lines ((custom_id, body JSON) in input order), in one transaction."""
-        async with self.engine.begin() as conn:
+    async def create_batch(
+        self,
+        row: dict[str, Any],
+        lines: AsyncIterator[tuple[str, str]] | None = None,
+        check: Callable[[int, int, int, int], None] | None = None,
+    ) -> None:
+        """The batch and its lines ((custom_id, body JSON) in input order, read as they are inserted, in
+        groups), in one transaction: if `lines` raises, or yields other than row["total"] lines, nothing is
+        stored. `check(live batches, their lines, files, bytes)` is called first with what the owner has now
+        (it raises to refuse), under the transaction and, on PostgreSQL, a lock per owner, so concurrent
+        creations cannot both pass it."""
+        owner = row["owner"]
+        async with self._batch_locks[hash(owner) % len(self._batch_locks)], self.engine.begin() as conn:
+            if check is not None:
+                if conn.dialect.name == "postgresql":
+                    await conn.execute(
+                        text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": "batches:" + owner}
+                    )
+                now = time.time()
+                check(*await self._batch_usage(conn, owner), *await self._usage(conn, owner, now))
             await conn.execute(insert(batches).values(row))
-            if lines:
-                await conn.execute(
-                    insert(batch_lines),
-                    [
-                        {
-                            "batch_id": row["id"],
-                            "line_no": i,
-                            "custom_id": custom_id,
-                            "body": body,
-                            "state": "pending",
-                            "not_before": 0.0,
-                            "attempts": 0,
-                        }
-                        for i, (custom_id, body) in enumerate(lines)
-                    ],
+            if lines is None:
+                return
+            group: list[dict[str, Any]] = []
+            size = count = 0
+            async for custom_id, body in lines:
+                group.append(
+                    {
+                        "batch_id": row["id"],
+                        "line_no": count,
+                        "custom_id": custom_id,
+                        "body": body,
+                        "state": "pending",
+                        "not_before": 0.0,
+                        "attempts": 0,
+                    }
                 )
+                count += 1
+                size += len(body) + len(custom_id)
+                if len(group) >= _INSERT_LINES or size >= _INSERT_BYTES:
+                    await conn.execute(insert(batch_lines), group)
+                    group = []
+                    size = 0
+            if group:
+                await conn.execute(insert(batch_lines), group)
+            if count != row["total"]:
+                raise InputChanged(f"the input file gave {count} requests, {row['total']} when it was checked")
+
+    async def batch_usage(self, owner: str) -> tuple[int, int]:
+        """(batches not ended, the lines they hold) of the owner."""
+        async with self.engine.connect() as conn:
+            return await self._batch_usage(conn, owner)
+
+    async def _batch_usage(self, conn: AsyncConnection, owner: str) -> tuple[int, int]:
+        query = select(func.count(), func.coalesce(func.sum(batches.c.total), 0)).where(
+            batches.c.owner == owner, batches.c.status.in_(LIVE)
+        )
+        count, lines = (await conn.execute(query)).one()
+        return int(count), int(lines)
 
     async def get_batch(self, batch_id: str) -> Any:
         async with self.engine.connect() as conn:
@@ -384,24 +447,19 @@ class BatchStore:
 
     async def finalize(self, batch_id: str, now: float, *, ttl_s: float | None) -> str | None:
         """End the batch if nothing is open (or it expired, or it is being cancelled and nothing runs):
-        write the output and error files, set the final status. Returns that status, or None if not yet."""
+        write the output and error files, set the final status, delete the lines. Returns that status, or
+        None if not yet. The lines are read a page at a time and the files written a chunk at a time, so a
+        batch's end holds one page and one chunk per file whatever the batch's size."""
         async with self.engine.begin() as conn:
             row = (await conn.execute(select(batches).where(batches.c.id == batch_id).with_for_update())).first()
             if row is None or row.status not in ("in_progress", "cancelling"):
                 return None
-            open_lines = (
-                await conn.execute(
-                    select(
-                        batch_lines.c.id,
-                        batch_lines.c.line_no,
-                        batch_lines.c.custom_id,
-                        batch_lines.c.state,
-                        batch_lines.c.lease_until,
-                    ).where(batch_lines.c.batch_id == batch_id, batch_lines.c.state.in_(OPEN))
-                )
-            ).all()
+            mine = batch_lines.c.batch_id == batch_id
+            is_open = and_(mine, batch_lines.c.state.in_(OPEN))
+            open_lines = (await conn.execute(select(func.count()).where(is_open))).scalar() or 0
             if row.status == "cancelling":
-                if any(r.state == "leased" and (r.lease_until or 0) >= now for r in open_lines):
+                running = and_(mine, batch_lines.c.state == "leased", batch_lines.c.lease_until >= now)
+                if (await conn.execute(select(batch_lines.c.id).where(running).limit(1))).first() is not None:
                     return None  # lines still running; their processes are stopping them
                 final, code, message = (
                     "cancelled",
@@ -419,50 +477,71 @@ class BatchStore:
             else:
                 final, code, message = "completed", "", ""
             if open_lines:
+                # Lines that never ran end as failed with no result: their error line (which names the
+                # reason) is made as the error file is written, not stored line by line first.
                 await conn.execute(
                     update(batch_lines)
-                    .where(batch_lines.c.id == _param("line_id"))
-                    .values(state="failed", result=_param("new_result"), finished_at=now, lease_owner=None),
-                    [
-                        {"line_id": r.id, "new_result": not_run(batch_id, r.line_no, r.custom_id, code, message)}
-                        for r in open_lines
-                    ],
+                    .where(is_open)
+                    .values(state="failed", result=None, finished_at=now, lease_owner=None)
                 )
-            ended = (
-                await conn.execute(
-                    select(batch_lines.c.state, batch_lines.c.result)
-                    .where(batch_lines.c.batch_id == batch_id)
-                    .order_by(batch_lines.c.line_no)
-                )
-            ).all()
-            outputs = [r.result for r in ended if r.state == "done"]
-            errors = [r.result for r in ended if r.state == "failed"]
+            expires = now + ttl_s if ttl_s is not None else None
+            writers = {
+                kind: _FileWriter(conn, f"file-{kind[:3]}{batch_id[6:]}", f"{batch_id}_{kind}.jsonl")
+                for kind in ("output", "error")
+            }
+            last = -1
+            while True:
+                page = (
+                    await conn.execute(
+                        select(
+                            batch_lines.c.line_no, batch_lines.c.custom_id, batch_lines.c.state, batch_lines.c.result
+                        )
+                        .where(mine, batch_lines.c.line_no > last)
+                        .order_by(batch_lines.c.line_no)
+                        .limit(_FINALIZE_PAGE)
+                    )
+                ).all()
+                if not page:
+                    break
+                for r in page:
+                    if r.state == "done":
+                        await writers["output"].add(r.result)
+                    else:
+                        result = (
+                            r.result
+                            if r.result is not None
+                            else not_run(batch_id, r.line_no, r.custom_id, code, message)
+                        )
+                        await writers["error"].add(result)
+                last = page[-1].line_no
             values: dict[str, Any] = {
                 "status": final,
-                "completed": len(outputs),
-                "failed": len(errors),
+                "completed": writers["output"].lines,
+                "failed": writers["error"].lines,
                 "finalizing_at": now,
                 f"{final}_at": now,
             }
-            expires = now + ttl_s if ttl_s is not None else None
-            for kind, lines in (("output", outputs), ("error", errors)):
-                if not lines:
+            for kind, writer in writers.items():
+                if not writer.lines:
                     continue
-                content = ("\n".join(lines) + "\n").encode()
-                file_id = f"file-{kind[:3]}{batch_id[6:]}"
+                await writer.close()
+                # Always written, even past the owner's file limits (they are the batch's results); they count
+                # toward them from now on, so uploads and new batches wait until the owner makes room.
                 await conn.execute(
                     insert(files).values(
-                        id=file_id,
+                        id=writer.file_id,
                         owner=row.owner,
                         purpose="batch_output",
-                        filename=f"{batch_id}_{kind}.jsonl",
-                        bytes=len(content),
+                        filename=writer.filename,
+                        bytes=writer.size,
                         created_at=now,
                         expires_at=expires,
-                        content=content,
+                        content=b"",
                     )
                 )
-                values[f"{kind}_file_id"] = file_id
+                values[f"{kind}_file_id"] = writer.file_id
+            # The lines' results are in the files now: the table keeps only what live batches hold.
+            await conn.execute(delete(batch_lines).where(mine))
             await conn.execute(update(batches).where(batches.c.id == batch_id).values(values))
             return final
 
@@ -473,6 +552,49 @@ class BatchStore:
                 .where(batches.c.id == batch_id, batches.c.status.in_(LIVE))
                 .values(status="failed", failed_at=now, errors=errors)
             )
+
+
+class InputChanged(Exception):
+    """A batch's input file read back differently from when it was checked (deleted or expired meanwhile)."""
+
+
+class _FileWriter:
+    """A generated file written as file_chunks of CHUNK_BYTES as its lines come (one chunk held at a time)."""
+
+    def __init__(self, conn: AsyncConnection, file_id: str, filename: str) -> None:
+        self.conn = conn
+        self.file_id = file_id
+        self.filename = filename
+        self.lines = 0
+        self.size = 0
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._seq = 0
+
+    async def add(self, line: str) -> None:
+        data = line.encode() + b"\n"
+        self.lines += 1
+        self.size += len(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= CHUNK_BYTES:
+            joined = b"".join(self._pending)
+            full = len(joined) - len(joined) % CHUNK_BYTES
+            for start in range(0, full, CHUNK_BYTES):
+                await self._write(joined[start : start + CHUNK_BYTES])
+            rest = joined[full:]
+            self._pending = [rest] if rest else []
+            self._pending_size = len(rest)
+
+    async def close(self) -> None:
+        if self._pending:
+            await self._write(b"".join(self._pending))
+            self._pending = []
+            self._pending_size = 0
+
+    async def _write(self, data: bytes) -> None:
+        await self.conn.execute(insert(file_chunks).values(file_id=self.file_id, seq=self._seq, data=data))
+        self._seq += 1
 
 
 class RowView:
