@@ -29,13 +29,14 @@ the lines in groups), so no creation holds the file's lines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import re
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
@@ -125,21 +126,34 @@ def _limit(query: dict[str, str]) -> int:
 # -- files ---------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _one_more(counts: dict[str, int], owner: str, limit: int, what: str, code: str) -> Iterator[None]:
+    """One more of `what` in progress for `owner` (in this process) while the block runs; past `limit`, 429."""
+    in_progress = counts.get(owner, 0)
+    if in_progress >= limit:
+        raise TooManyRequests(
+            f"You have {in_progress} {what} in progress, the most allowed at once; retry when one ends.",
+            code=code,
+            headers={"retry-after": "1"},
+        )
+    counts[owner] = in_progress + 1
+    try:
+        yield
+    finally:
+        left = counts.get(owner, 1) - 1
+        if left > 0:
+            counts[owner] = left
+        else:
+            counts.pop(owner, None)
+
+
 async def upload_file(gw: Gateway, req: Request, ex: Exchange) -> None:
     store = _store(gw)
     config = gw.config.batch
     owner = _owner(ex)
     # Uploads in progress per principal: each one holds a spool file and a request; the stored-bytes
     # quota below only sees finished uploads, so this is what bounds a burst of parallel ones.
-    in_progress = store.uploading.get(owner, 0)
-    if in_progress >= config.max_uploads_in_progress:
-        raise TooManyRequests(
-            f"You have {in_progress} uploads in progress, the most allowed at once; retry when one ends.",
-            code="too_many_uploads",
-            headers={"retry-after": "1"},
-        )
-    store.uploading[owner] = in_progress + 1
-    try:
+    with _one_more(store.uploading, owner, config.max_uploads_in_progress, "uploads", "too_many_uploads"):
         count, used = await store.usage(owner, time.time())
         _check_quota(config, count, used, 0)
         room = min(config.max_file_bytes, config.max_bytes_per_owner - used)
@@ -169,12 +183,6 @@ async def upload_file(gw: Gateway, req: Request, ex: Exchange) -> None:
         finally:
             # (an anonymous file: closing it frees its storage, whatever ended the upload)
             await asyncio.to_thread(spool.close)
-    finally:
-        left = store.uploading.get(owner, 1) - 1
-        if left > 0:
-            store.uploading[owner] = left
-        else:
-            store.uploading.pop(owner, None)
     await req.respond_json(200, record)
 
 
@@ -542,22 +550,9 @@ async def create_batch(gw: Gateway, req: Request, ex: Exchange) -> None:
     owner = principal.user
     # Creations in progress per principal (counted from before the body is read, as uploads are): each
     # reads its input file, up to max_file_bytes, twice and writes its lines.
-    in_progress = store.creating.get(owner, 0)
-    if in_progress >= config.max_creations_in_progress:
-        raise TooManyRequests(
-            f"You have {in_progress} batch creations in progress, the most allowed at once; retry when one ends.",
-            code="too_many_batch_creations",
-            headers={"retry-after": "1"},
-        )
-    store.creating[owner] = in_progress + 1
-    try:
+    limit = config.max_creations_in_progress
+    with _one_more(store.creating, owner, limit, "batch creations", "too_many_batch_creations"):
         row = await _create_batch(gw, store, req, ex, principal)
-    finally:
-        left = store.creating.get(owner, 1) - 1
-        if left > 0:
-            store.creating[owner] = left
-        else:
-            store.creating.pop(owner, None)
     if gw.batch_runner is not None and row["status"] == "in_progress":
         gw.batch_runner.wake()
     gw.log.info("batch_created", batch_id=row["id"], user=owner, lines=row["total"], status=row["status"])
