@@ -313,6 +313,11 @@ def test_a_sigkilled_gateway_loses_no_usage_record(tmp_path: Path, reaper: Calla
                 "SELECT count(*) FROM (SELECT request_id FROM usage GROUP BY request_id HAVING count(*) > 1)"
             ).fetchone()[0]
         assert duplicates == 0
-        assert _metric(restarted, "portcullis_usage_records_replayed_total") > 0
+        # The counter moves when the whole spool file is written, a moment after its last rows are visible.
+        wait_until(
+            lambda: _metric(restarted, "portcullis_usage_records_replayed_total") > 0,
+            timeout=10,
+            what="the replay counted",
+        )
     finally:
         restarted.stop()
