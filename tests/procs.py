@@ -400,3 +400,18 @@ class RedisServer:
     def thaw(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+
+
+BATCH_ENDED = ("completed", "failed", "expired", "cancelled")
+
+
+def wait_ended(client: Any, batch_id: str, timeout: float = 60) -> Any:
+    """A batch (retrieved through an openai client) once it has ended."""
+    found: dict[str, Any] = {}
+
+    def ended() -> bool:
+        found["b"] = client.batches.retrieve(batch_id)
+        return found["b"].status in BATCH_ENDED
+
+    wait_until(ended, timeout=timeout, interval=0.1, what=f"batch {batch_id} to end")
+    return found["b"]

@@ -26,10 +26,9 @@ from procs import (
     sim_stats,
     start_gateway,
     start_sim,
+    wait_ended,
     wait_until,
 )
-
-ENDED = ("completed", "failed", "expired", "cancelled")
 
 
 def line(i: int, *, model: str = "m", url: str = "/v1/chat/completions", **body: Any) -> dict[str, Any]:
@@ -48,17 +47,6 @@ def jsonl(items: list[Any]) -> bytes:
 def submit(client: openai.OpenAI, content: bytes, window: str = "24h", endpoint: str = "/v1/chat/completions") -> Any:
     file = client.files.create(file=("input.jsonl", io.BytesIO(content)), purpose="batch")
     return client.batches.create(input_file_id=file.id, endpoint=endpoint, completion_window=window)  # type: ignore[arg-type]
-
-
-def wait_ended(client: openai.OpenAI, batch_id: str, timeout: float = 60) -> Any:
-    found: dict[str, Any] = {}
-
-    def ended() -> bool:
-        found["b"] = client.batches.retrieve(batch_id)
-        return found["b"].status in ENDED
-
-    wait_until(ended, timeout=timeout, interval=0.1, what=f"batch {batch_id} to end")
-    return found["b"]
 
 
 def output_lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:

@@ -16,9 +16,16 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from procs import ADMIN_KEY, Proc, gateway_config, http_post, sim_stats, start_gateway, start_sim, wait_until
-
-ENDED = ("completed", "failed", "expired", "cancelled")
+from procs import (
+    ADMIN_KEY,
+    Proc,
+    gateway_config,
+    http_post,
+    sim_stats,
+    start_gateway,
+    start_sim,
+    wait_ended,
+)
 
 
 def _lines(n: int, model: str = "m") -> bytes:
@@ -126,18 +133,8 @@ def test_a_key_that_loses_its_grant_has_its_waiting_lines_refused(
     )
     admin = _client(runner, ADMIN_KEY)
 
-    def ended(batch_id: str) -> Any:
-        found: dict[str, Any] = {}
-
-        def done() -> bool:
-            found["b"] = admin.batches.retrieve(batch_id)
-            return found["b"].status in ENDED
-
-        wait_until(done, timeout=20, interval=0.1, what=f"batch {batch_id} to end")
-        return found["b"]
-
     for batch, n, code in ((first, 4, "missing_scope"), (second, 3, "model_not_allowed")):
-        end = ended(batch.id)
+        end = wait_ended(admin, batch.id, timeout=20)
         counts = end.request_counts
         assert (counts.completed, counts.failed) == (0, n), f"{batch.id}: lines ran for a key without the grant"
         assert end.output_file_id is None

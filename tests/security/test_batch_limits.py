@@ -25,10 +25,9 @@ import openai
 import orjson
 import pytest
 from conftest import scratch_postgres
-from procs import ADMIN_KEY, Proc, gateway_config, http_post, start_gateway, wait_until
+from procs import ADMIN_KEY, Proc, gateway_config, http_post, start_gateway, wait_ended, wait_until
 
 MIB = 1024 * 1024
-ENDED = ("completed", "failed", "expired", "cancelled")
 
 
 def _jsonl(n: int, *, pad: int = 0, id_pad: int = 0, model: str = "m") -> bytes:
@@ -62,17 +61,6 @@ def _create(client: openai.OpenAI, file_id: str, **options: Any) -> Any:
     return client.batches.create(
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", **options
     )
-
-
-def _wait_ended(client: openai.OpenAI, batch_id: str) -> Any:
-    found: dict[str, Any] = {}
-
-    def ended() -> bool:
-        found["b"] = client.batches.retrieve(batch_id)
-        return found["b"].status in ENDED
-
-    wait_until(ended, timeout=60, interval=0.1, what=f"batch {batch_id} to end")
-    return found["b"]
 
 
 def _rss(pid: int) -> tuple[int, int]:
@@ -151,7 +139,7 @@ def test_creating_a_batch_holds_neither_its_file_nor_its_lines(held: Proc) -> No
     with _db(held) as db:
         assert db.execute("SELECT count(*) FROM batch_lines WHERE batch_id = ?", (failed.id,)).fetchone()[0] == 0
     client.batches.cancel(batch.id)
-    _wait_ended(client, batch.id)
+    wait_ended(client, batch.id)
 
 
 def _stalled_create(gw: Proc, key: str) -> socket.socket:
@@ -233,7 +221,7 @@ def test_batches_not_ended_and_their_requests_are_bounded_per_owner(tight: Proc)
     assert _create(neighbour, _upload(neighbour, _jsonl(2)).id).status == "in_progress"
 
     client.batches.cancel(first.id)
-    assert _wait_ended(client, first.id).status == "cancelled"
+    assert wait_ended(client, first.id).status == "cancelled"
     assert _create(client, one).status == "in_progress"  # 4 requests in 3 batches again
 
 
@@ -253,7 +241,7 @@ def test_output_and_error_files_count_toward_the_owners_limits(tight: Proc) -> N
             assert exc.body["code"] == "file_quota_exceeded" and exc.body["param"] == "input_file_id", exc.body
             break
         client.batches.cancel(batch.id)
-        ended = _wait_ended(client, batch.id)
+        ended = wait_ended(client, batch.id)
         assert ended.status == "cancelled" and ended.request_counts.failed == 5
         lines = [orjson.loads(x) for x in client.files.content(ended.error_file_id).text.splitlines()]
         assert [x["error"]["code"] for x in lines] == ["batch_cancelled"] * 5
@@ -283,7 +271,7 @@ def test_a_batch_end_writes_its_files_in_chunks(held: Proc) -> None:
     assert batch.request_counts.total == 40_000
     base = _reset_peak(pid)
     client.batches.cancel(batch.id)
-    ended = _wait_ended(client, batch.id)
+    ended = wait_ended(client, batch.id)
     growth = _rss(pid)[1] - base
     print(f"ending a batch of 40,000 lines: peak RSS +{growth / MIB:.1f} MiB")
     assert ended.status == "cancelled" and ended.request_counts.failed == 40_000
