@@ -18,6 +18,7 @@ import statistics
 import time
 
 from portcullis.config import build_config
+from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity.principal import Principal
 from portcullis.obs.logging import get_logger
@@ -25,7 +26,6 @@ from portcullis.obs.metrics import Metrics
 from portcullis.protocol import ChatCompletionRequest
 from portcullis.quota.stage import Quota
 from portcullis.routing.catalog import Catalog
-from portcullis.upstream.exchange import Exchange
 
 # The shape of the default tiers' limits (config.py), with values no benchmark reaches. bench/run.py
 # gives its limited gateways the same.

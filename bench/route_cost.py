@@ -16,13 +16,13 @@ import time
 from typing import Any
 
 from portcullis.config import build_config
+from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.obs.metrics import Metrics
 from portcullis.routing.admission import Admission
 from portcullis.routing.affinity import Affinity
 from portcullis.routing.catalog import Catalog, ReplicaState
 from portcullis.routing.router import Router
-from portcullis.upstream.exchange import Exchange
 
 # The same body as bench/post.lua.
 BODY = {

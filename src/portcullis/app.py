@@ -12,7 +12,6 @@ import gc
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -20,7 +19,8 @@ import orjson
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from portcullis.api import admin, batches, dashboard, openai, openapi, ops
+from portcullis.api import dashboard, openapi, routes
+from portcullis.api.routes import Route
 from portcullis.cache.batching import EmbeddingBatcher
 from portcullis.cache.exact import ResponseCache
 from portcullis.config import Config
@@ -31,7 +31,9 @@ from portcullis.errors import (
     MethodNotAllowed,
     NotFound,
     ServiceUnavailable,
+    sse_error,
 )
+from portcullis.exchange import Abort, Exchange, Filter
 from portcullis.http import JSON_HEADERS, NOSNIFF, ClientDisconnected, Receive, Request, Scope, Send
 from portcullis.identity import scopes
 from portcullis.identity.auth import Identity, require_scope
@@ -59,17 +61,9 @@ from portcullis.store.db import make_engine, pending, upgrade
 from portcullis.store.health import DatabaseHealth
 from portcullis.upstream.client import UpstreamClient
 from portcullis.upstream.deadline import Deadlines
-from portcullis.upstream.exchange import ABORT_CLIENT_GONE, ABORT_PREEMPTED, ABORT_SHUTDOWN, Exchange
 from portcullis.upstream.probe import Prober
 from portcullis.upstream.proxy import Upstream
-from portcullis.upstream.relay import sse_error
 
-Handler = Callable[..., Awaitable[None]]
-
-# Routes whose requests get no access-log line or request metrics (probes would drown the rest).
-_QUIET = {"/healthz", "/readyz", "/metrics"}
-# Routes whose every request is settled against quotas and leaves a usage record.
-_METERED = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/moderations"}
 _MODEL_POLL_S = 1.0  # without Redis, how often each process re-reads which models are disabled
 _THROUGHPUT_TICK_S = 10.0  # how often replicas' throughput (and hourly-priced deployments' prices) update
 # The ASGI scope key of requests the gateway makes to itself (batch lines): who they run as. A request
@@ -101,6 +95,22 @@ async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.http.response.body", "body": error.body()})
     else:
         await send({"type": "websocket.close", "code": 1008})
+
+
+class _Metering(Filter):
+    """The app's own response half on metered routes: the usage record, and what the router learns from a
+    whole answer's prompt count. Added first, so its `done` runs last: after the quota stage settled the
+    tokens and cost it records."""
+
+    __slots__ = ("gateway",)
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def done(self, ex: Exchange, status: int) -> None:
+        self.gateway.record_usage(ex, status)
+        if ex.prompt_size is not None and status == 200:
+            self.gateway.router.learn(ex)
 
 
 class StartupError(Exception):
@@ -165,52 +175,18 @@ class Gateway:
             if config.server.ssl_certfile
             else None
         )
-        metrics_scope = scopes.PUBLIC if config.server.metrics_public else scopes.ADMIN_READ
-        self.routes: dict[tuple[str, str], tuple[Handler, str]] = {
-            ("POST", "/v1/chat/completions"): (openai.chat_completions, scopes.CHAT),
-            ("POST", "/v1/completions"): (openai.completions, scopes.COMPLETIONS),
-            ("POST", "/v1/embeddings"): (openai.embeddings, scopes.EMBEDDINGS),
-            ("POST", "/v1/moderations"): (openai.moderations, scopes.MODERATIONS),
-            ("GET", "/v1/models"): (openai.list_models, scopes.MODELS_READ),
-            ("POST", "/admin/keys"): (admin.create_key, scopes.KEYS_ADMIN),
-            ("GET", "/admin/keys"): (admin.list_keys, scopes.KEYS_ADMIN),
-            ("GET", "/admin/usage"): (admin.usage_report, scopes.USAGE),
-            ("GET", "/admin/backends"): (admin.backends, scopes.ADMIN_READ),
-            ("GET", "/admin/models"): (admin.models, scopes.ADMIN_READ),
-            ("POST", "/admin/route"): (admin.explain_route, scopes.ADMIN_READ),
-            ("POST", "/v1/files"): (batches.upload_file, scopes.BATCHES),
-            ("GET", "/v1/files"): (batches.list_files, scopes.BATCHES),
-            ("POST", "/v1/batches"): (batches.create_batch, scopes.BATCHES),
-            ("GET", "/v1/batches"): (batches.list_batches, scopes.BATCHES),
-            # The dashboard signs in with an admin key held in its own cookie (api/dashboard.py checks it).
-            ("GET", "/dashboard"): (dashboard.page, scopes.PUBLIC),
-            ("POST", "/dashboard/login"): (dashboard.login, scopes.PUBLIC),
-            ("POST", "/dashboard/logout"): (dashboard.logout, scopes.PUBLIC),
-            ("GET", "/dashboard/data"): (dashboard.data, scopes.PUBLIC),
-            ("GET", "/openapi.json"): (openapi.serve, scopes.PUBLIC),
-            ("GET", "/healthz"): (ops.healthz, scopes.PUBLIC),
-            ("GET", "/readyz"): (ops.readyz, scopes.PUBLIC),
-            ("GET", "/metrics"): (ops.metrics, metrics_scope),
-        }
-        # Routes with an id in the path: (method, pattern, handler, scope).
-        self.pattern_routes: list[tuple[str, re.Pattern[str], Handler, str]] = [
-            ("GET", re.compile(r"^/v1/models/(.+)$"), openai.get_model, scopes.MODELS_READ),
-            ("GET", re.compile(r"^/v1/files/([A-Za-z0-9_-]+)/content$"), batches.file_content, scopes.BATCHES),
-            ("GET", re.compile(r"^/v1/files/([A-Za-z0-9_-]+)$"), batches.get_file, scopes.BATCHES),
-            ("DELETE", re.compile(r"^/v1/files/([A-Za-z0-9_-]+)$"), batches.delete_file, scopes.BATCHES),
-            ("GET", re.compile(r"^/v1/batches/([A-Za-z0-9_-]+)$"), batches.get_batch, scopes.BATCHES),
-            ("POST", re.compile(r"^/v1/batches/([A-Za-z0-9_-]+)/cancel$"), batches.cancel_batch, scopes.BATCHES),
-            ("DELETE", re.compile(r"^/v1/models/(.+)$"), openai.delete_model, scopes.MODELS_DELETE),
-            ("POST", re.compile(r"^/admin/models/(.+)/enable$"), admin.enable_model, scopes.MODELS_WRITE),
-            ("GET", re.compile(r"^/admin/keys/([0-9a-f]+)$"), admin.show_key, scopes.KEYS_ADMIN),
-            ("DELETE", re.compile(r"^/admin/keys/([0-9a-f]+)$"), admin.revoke_key, scopes.KEYS_ADMIN),
-            ("POST", re.compile(r"^/admin/keys/([0-9a-f]+)/revoke$"), admin.revoke_key, scopes.KEYS_ADMIN),
-            ("POST", re.compile(r"^/admin/keys/([0-9a-f]+)/rotate$"), admin.rotate_key, scopes.KEYS_ADMIN),
-            # The dashboard's script and styles (its CSP allows no inline ones); nothing secret in them.
-            ("GET", re.compile(r"^/dashboard/static/([a-z]+\.(?:js|css))$"), dashboard.static, scopes.PUBLIC),
+        # The route table (api/routes.py): fixed paths by (method, path), then the paths with an id in them.
+        table = routes.table(metrics_public=config.server.metrics_public)
+        self.routes: dict[tuple[str, str], Route] = {(r.method, r.path): r for r in table if r.pattern is None}
+        self.pattern_routes: list[tuple[re.Pattern[str], Route]] = [
+            (pattern, r) for r in table if (pattern := r.pattern) is not None
         ]
         self._paths = {path for _, path in self.routes}
-        self.openapi = orjson.dumps(openapi.document(_version(), list(config.models)))
+        # By path, whatever the method: a probe's 405 is as quiet as its 200, a 405 on a metered path is recorded.
+        self._quiet = {r.path for r in table if r.quiet}
+        self._metered = {r.path for r in table if r.metered}
+        self._metering = _Metering(self)
+        self.openapi = orjson.dumps(openapi.document(table, _version(), list(config.models)))
 
     # -- ASGI ---------------------------------------------------------------------------------
 
@@ -232,27 +208,31 @@ class Gateway:
             req.path = raw_path.decode("latin-1")
         if self.hsts is not None:
             req.response_headers.append((b"strict-transport-security", self.hsts))
-        ex = Exchange(route=req.path, task=asyncio.current_task(), started_at=req.started)
-        if self.tracing is not None and req.path not in _QUIET:
+        ex = Exchange(route=req.path, task=asyncio.current_task(), started_at=req.started, request_id=req.request_id)
+        quiet = req.path in self._quiet
+        if self.tracing is not None and not quiet:
             ex.trace = self.tracing.begin(req)
+        metered = req.path in self._metered
+        if metered:  # the usage record and the router's learning, after every other filter's done
+            ex.filters.append(self._metering)
         self.exchanges.add(ex)
         try:
             if req.method == "OPTIONS" or self.cors_origins:
                 if await self._cors(req):
                     return
-            handler, args, needed = self._route(req)
+            route, args = self._route(req)
             internal = scope.get(INTERNAL)
             if internal is not None:  # the gateway's own background request (a batch line)
                 ex.principal, ex.background = internal, True
-            elif needed is not scopes.PUBLIC:
+            elif route.scope is not scopes.PUBLIC:
                 assert self.identity is not None
                 if ex.trace is not None:
                     ex.trace.stage("authenticate")
                 ex.principal = await self.identity.authenticate(req)
-                require_scope(ex.principal, needed)
+                require_scope(ex.principal, route.scope)
             if ex.trace is not None:
                 ex.trace.stage("validate")  # the handler reads, parses and validates the body first
-            await handler(self, req, ex, *args)
+            await route.handler(self, req, ex, *args)
         except GatewayError as error:
             ex.error_code = error.code or error.type
             if req.status == 0:
@@ -291,16 +271,12 @@ class Gateway:
         finally:
             self.exchanges.discard(ex)
             ex.stop_watching()
-            if ex.cache is not None:
-                self.cache.complete(ex, req.status)
-            if ex.batch is not None:
-                ex.batch.fail()  # the batch's leader ended without splitting an answer: members go alone
-            if req.path in _METERED:
-                self.quota.settle(ex, req.status)
-                self._record_usage(req, ex)
-                if ex.prompt_size is not None and req.status == 200:
-                    self.router.learn(ex)
-            if req.path not in _QUIET:
+            status = req.status
+            if metered:
+                ex.account(status)  # what it spent, before anyone settles or records it
+            for f in reversed(ex.filters):  # the response halves, unwinding (exchange.py)
+                f.done(ex, status)
+            if not quiet:
                 self._record(req, ex)
             if ex.trace is not None:
                 ex.trace.finish(req, ex)
@@ -311,18 +287,18 @@ class Gateway:
         if req.status == 0:
             await req.respond_error(GatewayError("The gateway failed to handle the request."))
 
-    def _route(self, req: Request) -> tuple[Handler, tuple[Any, ...], str]:
+    def _route(self, req: Request) -> tuple[Route, tuple[str, ...]]:
         found = self.routes.get((req.method, req.path))
         if found is not None:
-            return found[0], (), found[1]
+            return found, ()
         path_known = req.path in self._paths
-        for method, pattern, handler, needed in self.pattern_routes:
+        for pattern, route in self.pattern_routes:
             match = pattern.fullmatch(req.path)  # (match's $ also matched before a trailing %0a)
             if match:
-                if method == req.method:
+                if route.method == req.method:
                     if "%" in req.path:  # a raw path (handle): the handler gets the decoded id
-                        return handler, tuple(unquote(group) for group in match.groups()), needed
-                    return handler, match.groups(), needed
+                        return route, tuple(unquote(group) for group in match.groups())
+                    return route, match.groups()
                 path_known = True
         if path_known:
             raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}.")
@@ -358,17 +334,17 @@ class Gateway:
         return False
 
     async def _after_abort(self, req: Request, ex: Exchange) -> None:
-        if ex.abort_reason == ABORT_CLIENT_GONE:
+        if ex.abort_reason == Abort.CLIENT_GONE:
             req.status = req.status or 499
             return
-        if ex.abort_reason == ABORT_PREEMPTED:  # background work only: never a stream
+        if ex.abort_reason == Abort.PREEMPTED:  # background work only: never a stream
             ex.error_code = "preempted"
             if req.status == 0:
                 await req.respond_error(
                     ServiceUnavailable("Preempted by an interactive request; run again later.", code="preempted")
                 )
             return
-        if ex.abort_reason == ABORT_SHUTDOWN:
+        if ex.abort_reason == Abort.SHUTDOWN:
             ex.error_code = "server_shutting_down"
             message = "The gateway is shutting down; the request was cut at the shutdown deadline."
             if req.status == 0:
@@ -420,33 +396,33 @@ class Gateway:
                 }
             )
 
-    def _record_usage(self, req: Request, ex: Exchange) -> None:
+    def record_usage(self, ex: Exchange, status: int) -> None:
         principal = ex.principal
         # A batch line's record is named by its request id (one per line): a line that runs again after a
         # crash replaces its earlier record instead of counting twice.
         self.usage.record(
             (
                 time.time(),
-                req.request_id,
+                ex.request_id,
                 principal.key_id if principal else None,
                 principal.user if principal else None,
-                req.path,
+                ex.route,
                 ex.model,
                 ex.replica.name if ex.replica else None,
                 ex.stream,
                 ex.prompt_tokens or 0,
                 ex.completion_tokens or 0,
                 ex.cost,
-                (time.perf_counter() - req.started) * 1000,
+                (time.perf_counter() - ex.started_at) * 1000,
                 ex.ttft_s * 1000 if ex.ttft_s is not None else None,
-                req.status,
+                status,
                 # An upstream's error code is passed on as it came; the column holds 64 characters, and a
                 # record that does not fit is dropped by the writer (quota/usage.py) with its tokens and cost.
                 ex.error_code[:64] if ex.error_code else None,
                 ex.cache_hit,
                 ex.moderation,
             ),
-            req.request_id if ex.background else None,
+            ex.request_id if ex.background else None,
         )
 
     # -- lifespan -----------------------------------------------------------------------------
@@ -763,8 +739,8 @@ class Gateway:
     def cut_in_flight(self) -> None:
         """The shutdown deadline: end whatever is still running (streams get an error event)."""
         for ex in list(self.exchanges):
-            if ex.route not in _QUIET:
-                ex.abort(ABORT_SHUTDOWN)
+            if ex.route not in self._quiet:
+                ex.abort(Abort.SHUTDOWN)
 
 
 # SQLAlchemy's errors that mean the database is away (a refused or dropped connection, a pool timeout), not

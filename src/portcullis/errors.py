@@ -126,6 +126,11 @@ def error_body(message: str, *, type: str, code: str | None = None, param: str |
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
+def sse_error(message: str, *, type: str = "server_error", code: str | None = None) -> bytes:
+    """The same error as a server-sent event: how a stream that has started ends in error."""
+    return b"data: " + error_body(message, type=type, code=code) + b"\n\n"
+
+
 def retry_after_headers(seconds: float) -> dict[str, str]:
     """`Retry-After` in whole seconds (rounded up: never earlier than the real wait) and `retry-after-ms`
     with the precision (the openai SDK prefers it)."""

@@ -49,7 +49,8 @@ def test_the_document_covers_every_route(fuzzed: Proc) -> None:
     documented = {(method.upper(), _template(path)) for path, ops in doc["paths"].items() for method in ops}
     gateway = Gateway(build_config(gateway_config({"tiny": ["http://127.0.0.1:1"]}), source="(test)", environ={}))
     routes = {(method, path) for method, path in gateway.routes}
-    for method, pattern, _, _ in gateway.pattern_routes:
+    for pattern, route in gateway.pattern_routes:
+        method = route.method
         path = (
             pattern.pattern.strip("^$")
             .replace("(.+)", "X")

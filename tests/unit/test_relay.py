@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from portcullis.upstream.exchange import Exchange
-from portcullis.upstream.relay import _event, _translate
+from portcullis.exchange import Exchange
+from portcullis.upstream.relay import _sse, _translate
 
 
 def _ex() -> Exchange:
@@ -25,7 +25,7 @@ def test_model_name_is_the_clients_and_unknown_fields_survive() -> None:
         client_wants_usage=False,
     )
     assert chunk is not None
-    out = _event(chunk, ex)
+    out = _sse(chunk)
     sent = orjson.loads(out[len(b"data: ") :])
     assert sent["model"] == "mine" and sent["timings"] == {"predicted_n": 1} and not done
     assert out.endswith(b"\n\n")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from portcullis.api.common import query_params, read_model
 from portcullis.config import BudgetConfig, LimitsConfig
 from portcullis.errors import InvalidRequest, NotFound, ServiceUnavailable
+from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.auth import require_model
@@ -24,7 +25,6 @@ from portcullis.identity.keys import KeyStore, now
 from portcullis.quota import usage
 from portcullis.routing.catalog import Replica
 from portcullis.safety.validation import parse_json_object, validate_chat, validate_completion
-from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
     from portcullis.app import Gateway

@@ -47,13 +47,13 @@ from python_multipart.multipart import parse_options_header
 from portcullis.api.common import query_int, query_params, read_model
 from portcullis.config import BatchConfig
 from portcullis.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, TooManyRequests
+from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.auth import may_use
 from portcullis.identity.principal import Principal
 from portcullis.jobs.store import BatchStore, InputChanged, RowView, batch_object, file_object
 from portcullis.safety import validation
-from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
     from portcullis.app import Gateway
@@ -714,7 +714,7 @@ async def _accepted_lines(store: BatchStore, file_id: str) -> AsyncIterator[tupl
 def route_scope(gw: Gateway, endpoint: str) -> str:
     """The scope a client needs to call `endpoint` itself: a batch line needs it too (read from the route
     table, so the two cannot disagree)."""
-    return gw.routes[("POST", endpoint)][1]
+    return gw.routes[("POST", endpoint)].scope
 
 
 async def _check_lines(

@@ -39,13 +39,13 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from portcullis.errors import Forbidden, GatewayError, NotFound, ServiceUnavailable
+from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.principal import Principal
 from portcullis.jobs.store import batch_object
 from portcullis.quota import usage
 from portcullis.quota.plan import user_budget_of
-from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -15,13 +15,13 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from portcullis.errors import InvalidRequest, ServiceUnavailable
+from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity.auth import may_use, require_model
 from portcullis.protocol import EmbeddingRequest
 from portcullis.quota import estimate
 from portcullis.safety import validation
 from portcullis.safety.moderation import GuardSlots
-from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
     from portcullis.app import Gateway
@@ -38,9 +38,7 @@ async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
         if await gw.cache.answer(req, ex, payload, route="/v1/chat/completions", chat=True):
             return  # from the cache, or shared with an identical request in flight
         async with gw.admission.slot(req, ex, model, payload) as target:
-            await gw.upstream.forward(
-                req, ex, path="/v1/chat/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
-            )
+            await gw.upstream.forward(req, ex, path="/v1/chat/completions", payload=payload, target=target)
 
 
 async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
@@ -54,9 +52,7 @@ async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
         if await gw.cache.answer(req, ex, payload, route="/v1/completions", chat=False):
             return  # from the cache, or shared with an identical request in flight
         async with gw.admission.slot(req, ex, model, payload) as target:
-            await gw.upstream.forward(
-                req, ex, path="/v1/completions", payload=payload, target=target, top_up=gw.quota.stream_guard(ex)
-            )
+            await gw.upstream.forward(req, ex, path="/v1/completions", payload=payload, target=target)
 
 
 async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:

@@ -16,11 +16,12 @@ from pydantic import BaseModel
 
 from portcullis.api.admin import NewKey, Rotation
 from portcullis.api.batches import NewBatch
+from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModerationRequest
-from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
+    from portcullis.api.routes import Route
     from portcullis.app import Gateway
 
 _OBJECT: dict[str, Any] = {"type": "object"}
@@ -218,95 +219,6 @@ _UPLOAD = {
     },
 }
 
-PATHS: dict[str, dict[str, Any]] = {
-    "/v1/chat/completions": {
-        "post": _op("Create a chat completion", _ok("ChatCompletion", stream=True), body=_body(ChatCompletionRequest))
-    },
-    "/v1/completions": {
-        "post": _op("Create a completion", _ok("Completion", stream=True), body=_body(CompletionRequest))
-    },
-    "/v1/embeddings": {"post": _op("Create embeddings", _ok("EmbeddingList"), body=_body(EmbeddingRequest))},
-    "/v1/moderations": {"post": _op("Classify text", _ok("ModerationResult"), body=_body(ModerationRequest))},
-    "/v1/models": {"get": _op("List models, routers and aliases", _ok("ModelList"))},
-    "/v1/models/{model}": {
-        "get": _op("Retrieve a model", _ok("Model"), params=["model"]),
-        "delete": _op("Switch a model off", _ok("Object"), params=["model"]),
-    },
-    "/v1/files": {
-        "post": _op("Upload a file", _ok("File"), body=_UPLOAD),
-        "get": _op("List files", _ok("List")),
-    },
-    "/v1/files/{file_id}": {
-        "get": _op("Retrieve a file", _ok("File"), params=["file_id"]),
-        "delete": _op("Delete a file", _ok("Object"), params=["file_id"]),
-    },
-    "/v1/files/{file_id}/content": {
-        "get": _op(
-            "A file's content",
-            # The handler serves the bytes as uploaded (JSONL) as application/octet-stream.
-            {"200": {"description": "JSONL", "content": {"application/octet-stream": {"schema": {"type": "string"}}}}},
-            params=["file_id"],
-        )
-    },
-    "/v1/batches": {
-        "post": _op("Create a batch", _ok("Batch"), body=_body(NewBatch)),
-        "get": _op("List batches", _ok("List")),
-    },
-    "/v1/batches/{batch_id}": {"get": _op("Retrieve a batch", _ok("Batch"), params=["batch_id"])},
-    "/v1/batches/{batch_id}/cancel": {"post": _op("Cancel a batch", _ok("Batch"), params=["batch_id"])},
-    "/admin/keys": {
-        "post": _op("Create an API key", _ok("Object", status="201"), body=_body(NewKey)),
-        "get": _op("List API keys", _ok("Object")),
-    },
-    "/admin/keys/{key_id}": {
-        "get": _op("Show an API key", _ok("Object"), params=["key_id"]),
-        "delete": _op("Revoke an API key", _ok("Object"), params=["key_id"]),
-    },
-    "/admin/keys/{key_id}/revoke": {"post": _op("Revoke an API key", _ok("Object"), params=["key_id"])},
-    "/admin/keys/{key_id}/rotate": {
-        "post": _op(
-            "Rotate an API key",
-            _ok("Object", status="201"),
-            params=["key_id"],
-            body={"required": False, "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Rotation"}}}},
-        )
-    },
-    "/admin/usage": {"get": _op("Usage report", _ok("Object"))},
-    "/admin/backends": {"get": _op("Models, slots, queues and replicas", _ok("Object"))},
-    "/admin/models": {"get": _op("Models and deployments with live state", _ok("Object"))},
-    "/admin/models/{model}/enable": {"post": _op("Switch a model back on", _ok("Object"), params=["model"])},
-    "/admin/route": {"post": _op("Explain a routing decision", _ok("Object"), body=_body(schema="Object"))},
-    "/healthz": {"get": _op("The process is alive", _ok("Object"), public=True)},
-    "/readyz": {
-        "get": _op("The gateway can serve", {**_ok("Object"), "503": {"description": "Not ready"}}, public=True)
-    },
-    "/metrics": {"get": _op("Prometheus metrics", _TEXT)},
-    "/openapi.json": {"get": _op("This document", _ok("Object"), public=True)},
-    "/dashboard": {"get": _op("The operator dashboard, or its sign-in form", _HTML, public=True)},
-    "/dashboard/login": {
-        "post": _op(
-            "Sign in to the dashboard",
-            {
-                **_REDIRECT,
-                "401": {
-                    "description": "The sign-in form again",
-                    "content": {"text/html": {"schema": {"type": "string"}}},
-                },
-            },
-            body=_LOGIN_FORM,
-            public=True,
-        )
-    },
-    "/dashboard/logout": {"post": _op("Sign out of the dashboard", _REDIRECT, public=True)},
-    "/dashboard/data": {"get": _op("What the dashboard shows", _ok("Object"), public=True)},
-    "/dashboard/static/{name}": {
-        "get": _op(
-            "The dashboard's script and styles (its CSP allows nothing inline)", _STATIC, params=["name"], public=True
-        )
-    },
-}
-
-
 def _examples(model: str, embed_model: str) -> dict[str, dict[str, Any]]:
     """A valid request per generating route, naming a model this gateway serves (clients and fuzzers start there)."""
     chat = {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}
@@ -318,7 +230,8 @@ def _examples(model: str, embed_model: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def document(version: str, models: list[str] | None = None) -> dict[str, Any]:
+def document(routes: list[Route], version: str, models: list[str] | None = None) -> dict[str, Any]:
+    """The document of the route table (api/routes.py): every route, and nothing the dispatcher does not serve."""
     schemas = dict(SCHEMAS)
     for model in (
         ChatCompletionRequest,
@@ -332,9 +245,10 @@ def document(version: str, models: list[str] | None = None) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    paths = PATHS
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = route.op
     if models:
-        paths = {path: dict(ops) for path, ops in PATHS.items()}
         embed = next((m for m in models if "embed" in m), models[0])
         for path, example in _examples(models[0], embed).items():
             post = dict(paths[path]["post"])

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from portcullis.exchange import Exchange
 from portcullis.http import Request
-from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
     from portcullis.app import Gateway

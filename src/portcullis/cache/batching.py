@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from portcullis.config import EmbeddingBatchingConfig
+from portcullis.errors import GatewayError
+from portcullis.exchange import Filter
 
 if TYPE_CHECKING:
+    from portcullis.exchange import Exchange
     from portcullis.http import Request
     from portcullis.routing.catalog import Replica
-    from portcullis.upstream.exchange import Exchange
 
 
 class _BatchFailed(Exception):
@@ -41,17 +43,35 @@ class _Member:
 
 
 @dataclass(slots=True, eq=False)
-class Batch:
+class Batch(Filter):
+    """An embeddings batch; the leader's exchange carries it as a response filter: the merged answer is
+    split among the members (the leader keeps its own part), and a leader that ends without an answer
+    releases its members, who then go alone."""
+
     group: tuple[Any, ...]
     members: list[_Member] = field(default_factory=list)
     size: int = 0
     full: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    answers: bool = True
+
+    async def answer(self, ex: Exchange, answer: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.split(ex, answer)
+        except Exception as exc:
+            model = ex.replica.model if ex.replica is not None else ex.model
+            raise GatewayError(
+                f"The upstream for model '{model}' answered a merged embeddings call wrongly: {exc}.",
+                status=502,
+                code="bad_upstream_answer",
+            ) from exc
+
+    def done(self, ex: Exchange, status: int) -> None:
+        self.fail()  # (after a split every member has its answer: nothing left to release)
 
     def split(self, ex: Exchange, answer: dict[str, Any]) -> dict[str, Any]:
         """The leader's answer arrived: hand each member its part; returns the leader's own part."""
         batch = self
-        ex.batch = None
         data = sorted(answer.get("data") or [], key=lambda d: d.get("index", 0))
         total = sum(len(m.inputs) for m in batch.members)
         if len(data) != total:
@@ -122,7 +142,7 @@ class EmbeddingBatcher:
                 del self._open[group]
         if len(batch.members) > 1:
             payload["input"] = [item for member in batch.members for item in member.inputs]
-            ex.batch = batch
+            ex.filters.append(batch)
         return False
 
     async def _as_member(self, req: Request, ex: Exchange, batch: Batch, inputs: list[Any]) -> bool:

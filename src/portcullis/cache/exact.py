@@ -43,13 +43,13 @@ from portcullis.cache.replay import Assembler, as_stream
 from portcullis.cache.semantic import SemanticIndex, conversation_text
 from portcullis.cache.store import CacheStore, MemoryStore, RedisStore
 from portcullis.config import CacheConfig
+from portcullis.exchange import Filter
 
 if TYPE_CHECKING:
+    from portcullis.exchange import Exchange
     from portcullis.http import Request
     from portcullis.obs.metrics import Metrics
     from portcullis.routing.catalog import Catalog
-    from portcullis.safety.output import OutputGuard
-    from portcullis.upstream.exchange import Exchange
 
 _NOT_OUTPUT = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
 _HEADER = b"x-portcullis-cache"
@@ -63,19 +63,36 @@ class _LeaderFailed(Exception):
 
 
 @dataclass(slots=True, eq=False)
-class Ticket:
-    """What the cache stage keeps on an exchange that went upstream as a cacheable miss."""
+class Ticket(Filter):
+    """A cacheable miss on its way upstream: the cache stage's response half. It keeps the answer as the
+    client gets it (after output moderation: the filters before it), assembling a stream back into the
+    whole answer; when the request is over, `done` stores it and hands it to the requests that waited."""
 
+    cache: ResponseCache
     key: str
     chat: bool
     store: bool  # False with Cache-Control: no-store
     assembler: Assembler | None = None  # streams
-    answer: dict[str, Any] | None = None  # non-streamed answers
+    whole: dict[str, Any] | None = None  # non-streamed answers
     leader: asyncio.Future[bytes] | None = field(default=None, repr=False)
     shared_lead: bool = False  # this process holds the key's lease in Redis
     # The semantic cache's family and the conversation's embedding, to index the answer once stored.
     family: str | None = None
     vector: Any = field(default=None, repr=False)
+    answers: bool = True
+    streams: bool = False
+
+    async def answer(self, ex: Exchange, answer: dict[str, Any]) -> dict[str, Any]:
+        self.whole = answer
+        return answer
+
+    async def event(self, ex: Exchange, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.assembler is not None:
+            self.assembler.add(chunk)
+        return [chunk]
+
+    def done(self, ex: Exchange, status: int) -> None:
+        self.cache.complete(ex, self, status)
 
 
 class ResponseCache:
@@ -93,38 +110,16 @@ class ResponseCache:
         self._writes: set[asyncio.Task[None]] = set()
         self._leading: set[str] = set()  # keys whose lease this process holds (renewed by _renewer)
         self._renewer: asyncio.Task[None] | None = None
-        self._policies: dict[int, tuple[Any, str]] = {}  # id(output pipeline) → (it, its fingerprint)
 
     def scope(self, ex: Exchange) -> str:
-        """Who may share an entry: the scope (the user, or everyone) and the output policy its answer passed."""
-        guard = ex.output_guard
-        policy = "-" if guard is None else self._output_policy(guard)
+        """Who may share an entry: the scope (the user, or everyone) and the output policy its answer passed
+        (a fingerprint the moderation stage made of its output moderators and their settings)."""
+        policy = ex.output_policy or "-"
         if self.config.scope == "global":
             return "g:" + policy
         principal = ex.principal
         tenant = principal.user if principal is not None else "-"
         return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest() + ":" + policy
-
-    def _output_policy(self, guard: OutputGuard) -> str:
-        """A fingerprint of the moderators that judge this request's answer and of the settings that decide
-        what text they are shown, computed once per pipeline (the moderation stage keeps one pipeline
-        object per list of moderators for its lifetime)."""
-        pipeline = guard.pipeline
-        known = self._policies.get(id(pipeline))
-        if known is not None:
-            return known[1]
-        config = guard.moderation.config
-        specs = config.moderators
-        names = [m.name for m in pipeline.rules] + [m.name for m in pipeline.remote]
-        described: list[Any] = [
-            [name, specs[name].model_dump(mode="json") if name in specs else None] for name in names
-        ]
-        # How much of the answer a remote moderator reads, and the windows a stream is judged in: with other
-        # values the same moderators may pass text these would have stopped.
-        described.append([config.max_chars, config.stream_window_chars, config.stream_context_chars])
-        fingerprint = hashlib.blake2b(orjson.dumps(described, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
-        self._policies[id(pipeline)] = (pipeline, fingerprint)  # the pipeline kept: its id is never reused
-        return fingerprint
 
     def key(self, route: str, payload: dict[str, Any], ex: Exchange) -> str:
         body = {k: v for k, v in payload.items() if k not in _NOT_OUTPUT}
@@ -198,13 +193,14 @@ class ResponseCache:
                 raise
         self.metrics.cache_lookup(route, "miss")
         req.response_headers.append((_HEADER, _MISS))
-        ticket = Ticket(key, chat, store, assembler=Assembler(chat=chat) if ex.stream else None)
+        assembler = Assembler(chat=chat) if ex.stream else None
+        ticket = Ticket(self, key, chat, store, assembler=assembler, streams=assembler is not None)
         ticket.family, ticket.vector = family, vector
         ticket.shared_lead = key in self._leading
         if self.config.coalesce:
             ticket.leader = asyncio.get_running_loop().create_future()
             self._in_flight[key] = ticket.leader
-        ex.cache = ticket
+        ex.filters.append(ticket)
         return False
 
     async def _semantic_hit(
@@ -241,15 +237,13 @@ class ResponseCache:
         ex.finished = True
         await req.end_stream()
 
-    def complete(self, ex: Exchange, status: int) -> None:
+    def complete(self, ex: Exchange, ticket: Ticket, status: int) -> None:
         """The request that went upstream is over: store its answer if it is a whole one, and hand it to
         the identical requests that waited for it."""
-        ticket: Ticket = ex.cache
-        ex.cache = None
         answer = None
         whole = ex.error_code is None and ex.degraded is None and ex.abort_reason is None
         if status == 200 and whole and not ex.unjudged:
-            answer = ticket.answer if ticket.assembler is None else ticket.assembler.answer()
+            answer = ticket.whole if ticket.assembler is None else ticket.assembler.answer()
             replica = ex.replica
             if replica is not None and isinstance(answer, dict) and answer.get("model") != replica.model:
                 answer = None  # served by a fallback model: not the answer this key asked for

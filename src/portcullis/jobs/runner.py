@@ -288,7 +288,7 @@ class BatchRunner:
         of the batch's endpoint, or its model allow-list no longer names the line's model. (The request path
         trusts an internal request's principal, so the scope is checked here; the model would be refused
         there too, but not before the request had been validated and routed.)"""
-        needed = self.gateway.routes[("POST", batch.endpoint)][1]  # the scope a client needs for the endpoint
+        needed = self.gateway.routes[("POST", batch.endpoint)].scope  # the scope a client needs for the endpoint
         if needed not in principal.scopes:
             return "missing_scope", f"The API key that created this batch no longer has the scope '{needed}'."
         if principal.models is not None:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from portcullis.config import TracingConfig
+    from portcullis.exchange import Exchange
     from portcullis.http import Request
-    from portcullis.upstream.exchange import Exchange
 
 _OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion", "/v1/embeddings": "embeddings"}
 

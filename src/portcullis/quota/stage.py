@@ -22,13 +22,12 @@ import itertools
 import math
 import os
 from calendar import monthrange
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from portcullis.config import Config
-from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequests, retry_after_headers
+from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequests, retry_after_headers, sse_error
+from portcullis.exchange import Exchange, Filter
 from portcullis.http import Request
 from portcullis.identity.principal import Principal
 from portcullis.obs.metrics import Metrics
@@ -37,9 +36,8 @@ from portcullis.quota.alerts import BudgetAlerts
 from portcullis.quota.plan import MICRO, Plan, build_plan
 from portcullis.quota.redis_store import RedisQuotaStore
 from portcullis.quota.resp import RedisReplyError, RedisUnavailable
-from portcullis.quota.store import BUDGET, CONCURRENCY, TOO_LARGE, Alert, Ask, MemoryQuotaStore, Verdict
+from portcullis.quota.store import BUDGET, CONCURRENCY, TOO_LARGE, Alert, Ask, MemoryQuotaStore, QuotaStore, Verdict
 from portcullis.routing.catalog import Catalog
-from portcullis.upstream.exchange import Exchange
 
 _PLAN_CACHE = 50_000
 _PROBE_S = 1.0
@@ -48,15 +46,38 @@ STORE_ERRORS = (RedisUnavailable, RedisReplyError)
 _HeaderSpec = tuple[tuple[int, ...], bytes, bytes, bytes]
 
 
-@dataclass(slots=True, eq=False)
-class Held:
-    """What a request holds until it is settled."""
+class Meter(Filter):
+    """What a request holds until it is settled, and the quota stage's response half: a stream under a
+    budget asks for more each time it passes what its reservation covers (and is ended when the budget is
+    spent); when the request is over, its real tokens and cost replace the reservation."""
 
-    store: Any  # the store that admitted it (Redis, or the in-process fallback)
-    ask: Ask
-    prompt_estimate: int
-    completion_price: float  # per 1k, the most expensive deployment's (for mid-stream top-ups)
-    covered_tokens: int  # completion tokens the budget reservation covers so far
+    __slots__ = ("ask", "closing", "completion_price", "covered_tokens", "quota", "store", "streams")
+
+    def __init__(
+        self, quota: Quota, store: QuotaStore, ask: Ask, completion_price: float, covered_tokens: int
+    ) -> None:
+        self.quota = quota
+        self.store = store  # the store that admitted it (Redis, or the in-process fallback)
+        self.ask = ask
+        self.completion_price = completion_price  # per 1k, the most expensive deployment's (for top-ups)
+        self.covered_tokens = covered_tokens  # completion tokens the budget reservation covers so far
+        self.streams = bool(ask.plan.budgets)  # only a budget needs to watch a stream
+        self.closing: bytes | None = None
+
+    async def event(self, ex: Exchange, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        if ex.streamed_tokens > self.covered_tokens and not await self.quota.top_up(ex, self):
+            ex.streamed_tokens -= 1  # this token is not delivered, so not charged
+            ex.error_code = "budget_exceeded"
+            self.closing = sse_error(
+                "The budget was spent during this response; it was ended after the tokens already paid for.",
+                type="rate_limit_error",
+                code=ex.error_code,
+            )
+            return []
+        return [chunk]
+
+    def done(self, ex: Exchange, status: int) -> None:
+        self.quota.settle(ex, self)
 
 
 def duration(seconds: float) -> str:
@@ -184,7 +205,8 @@ class Quota:
             req.response_headers += _headers(plan, verdict, header_spec)
         if not verdict.admitted:
             raise self._refusal(plan, ask, verdict, prompt_tokens, completion_tokens)
-        ex.quota = Held(store, ask, prompt_tokens, completion_price, completion_tokens)
+        ex.prompt_estimate = prompt_tokens
+        ex.filters.append(Meter(self, store, ask, completion_price, completion_tokens))
         if store is self.redis and plan.concurrency is not None:
             self._leased[ask.lease] = ask
 
@@ -231,14 +253,8 @@ class Quota:
 
     # -- streams that outgrow their reservation -------------------------------------------------
 
-    def stream_guard(self, ex: Exchange) -> Callable[[Exchange], Awaitable[bool]] | None:
-        """The top-up hook for the relay, when this request is under a budget."""
-        held: Held | None = ex.quota
-        return self.top_up if held is not None and held.ask.plan.budgets else None
-
-    async def top_up(self, ex: Exchange) -> bool:
+    async def top_up(self, ex: Exchange, held: Meter) -> bool:
         """More budget for a stream past its covered tokens; False: a budget is spent, end the stream."""
-        held: Held = ex.quota
         step = max(16, held.covered_tokens // 4)
         per_token = held.completion_price * 1000  # micro-units
         if per_token <= 0:
@@ -257,25 +273,17 @@ class Quota:
 
     # -- settlement -----------------------------------------------------------------------------
 
-    def settle(self, ex: Exchange, status: int) -> None:
-        """The request is over: real tokens and cost replace the reservation. Never waits."""
-        held: Held | None = ex.quota
-        replica = ex.replica
-        prompt, completion = _actual_tokens(ex, status, held.prompt_estimate if held else 0)
-        ex.prompt_tokens, ex.completion_tokens = prompt, completion
-        if replica is not None and (prompt or completion):
-            ex.cost = (prompt * replica.prompt_per_1k + completion * replica.completion_per_1k) / 1000
-        if held is None:
-            return
-        ex.quota = None
+    def settle(self, ex: Exchange, held: Meter) -> None:
+        """The request is over (`ex.account` has run): real tokens and cost replace the reservation. Never waits."""
         cost = math.ceil(ex.cost * MICRO)
         ask = held.ask
+        spent = (ex.prompt_tokens or 0) + (ex.completion_tokens or 0)
         if held.store is self.memory:
-            self._alert(ask, self.memory.settle_now(ask, prompt + completion, cost, self.thresholds))
+            self._alert(ask, self.memory.settle_now(ask, spent, cost, self.thresholds))
             return
         self._leased.pop(ask.lease, None)
         assert self.redis is not None
-        future = self.redis.settle_soon(ask, prompt + completion, cost, self.thresholds)
+        future = self.redis.settle_soon(ask, spent, cost, self.thresholds)
         if future is None:  # carried along with this principal's next admission
             return
         self._settling.add(future)
@@ -364,19 +372,6 @@ class Quota:
                     await self.redis.renew(list(self._leased.values()))
                 except STORE_ERRORS as exc:
                     self._store_failed(exc)
-
-
-def _actual_tokens(ex: Exchange, status: int, prompt_estimate: int) -> tuple[int, int]:
-    """The upstream's own counts when it gave them; otherwise what we can show it spent: never less."""
-    if ex.prompt_tokens is not None or ex.completion_tokens is not None:
-        return ex.prompt_tokens or 0, ex.completion_tokens or 0
-    if ex.replica is None:
-        return 0, 0  # refused before any upstream was asked
-    if ex.streamed_tokens or status == 200 or ex.abort_reason is not None:
-        # Cut before the usage chunk, or an upstream that reports no usage: the prompt was read and
-        # these tokens were sent.
-        return prompt_estimate, ex.streamed_tokens
-    return 0, 0
 
 
 def _header_spec(plan: Plan) -> list[_HeaderSpec]:

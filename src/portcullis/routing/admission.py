@@ -44,16 +44,16 @@ from typing import TYPE_CHECKING, Any
 
 from portcullis.config import Config, DegradeConfig, UpstreamTimeouts
 from portcullis.errors import ServiceUnavailable, retry_after_headers
+from portcullis.exchange import Abort
 from portcullis.routing.balancer import unavailable
 from portcullis.routing.catalog import Catalog, Replica, ReplicaState
 from portcullis.routing.retry import RetryBudget
-from portcullis.upstream.exchange import ABORT_PREEMPTED
 
 if TYPE_CHECKING:
+    from portcullis.exchange import Exchange
     from portcullis.http import Request
     from portcullis.identity.principal import Principal
     from portcullis.obs.metrics import Metrics
-    from portcullis.upstream.exchange import Exchange
 
 _UNLIMITED = 1 << 30
 _EWMA_ALPHA = 0.1
@@ -259,8 +259,8 @@ class Gate:
             return
         for ex in reversed(self.background):
             if ex.abort_reason is None:
-                ex.abort(ABORT_PREEMPTED)
-                if ex.abort_reason == ABORT_PREEMPTED:  # (one that is finishing anyway frees its slot soon)
+                ex.abort(Abort.PREEMPTED)
+                if ex.abort_reason == Abort.PREEMPTED:  # (one that is finishing anyway frees its slot soon)
                     self.preempting += 1
                     self.preempted += 1
                     return
@@ -544,7 +544,7 @@ class Slot:
         ex = self._ex
         if ex.background:
             del gate.background[ex]
-            if ex.abort_reason == ABORT_PREEMPTED:
+            if ex.abort_reason == Abort.PREEMPTED:
                 gate.preempting -= 1
         gate.release(time.perf_counter() - self._since if ex.replica is not None else None)
         if ex.ttft_s is not None:

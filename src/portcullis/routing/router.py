@@ -39,10 +39,10 @@ from portcullis.routing.complexity import Scorer, features, load_scorer
 from portcullis.routing.context import TokenCounter, completion_need, fits, token_id_prompt
 
 if TYPE_CHECKING:
+    from portcullis.exchange import Exchange
     from portcullis.http import Request
     from portcullis.obs.metrics import Metrics
     from portcullis.routing.admission import Admission
-    from portcullis.upstream.exchange import Exchange
 
 ROUTE_HEADER = b"x-portcullis-route"
 

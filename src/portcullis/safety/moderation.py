@@ -30,8 +30,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from portcullis.config import Config, GuardModelConfig, OpenAIModerationConfig, RulesConfig
 from portcullis.errors import GatewayError, InvalidRequest, NotFound, ServiceUnavailable
+from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.safety.moderators import (
     OPENAI_CATEGORIES,
@@ -43,7 +46,6 @@ from portcullis.safety.moderators import (
     Turns,
 )
 from portcullis.safety.rules import ACTION_RANK, Match, Rules, merge, redact
-from portcullis.upstream.exchange import Exchange
 
 if TYPE_CHECKING:
     from portcullis.identity.principal import Principal
@@ -98,6 +100,8 @@ class Pipeline:
         self.rules = rules
         self.remote = remote
         self.moderation = moderation
+        self.fingerprint = _fingerprint(self)
+
 
     def scan(self, text: str) -> list[Match]:
         """The rules' matches in `text`, without overlaps (an earlier moderator's match wins)."""
@@ -160,6 +164,20 @@ class Pipeline:
             if hits and moderator.action == "block":
                 break
         return findings, None
+
+
+def _fingerprint(pipeline: Pipeline) -> str:
+    """The output policy a pipeline applies, as the cache keys on it (cache/exact.py says why): its
+    moderators' names and settings, and the settings that decide what text they are shown (how much of an
+    answer a remote moderator reads, the windows a stream is judged in). Computed once per pipeline (the
+    moderation stage keeps one per list of moderators for its lifetime)."""
+    config = pipeline.moderation.config
+    specs = config.moderators
+    names = [m.name for m in pipeline.rules] + [m.name for m in pipeline.remote]
+    described: list[Any] = [[name, specs[name].model_dump(mode="json") if name in specs else None] for name in names]
+    described.append([config.max_chars, config.stream_window_chars, config.stream_context_chars])
+    return hashlib.blake2b(orjson.dumps(described, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+
 
 
 def _newest(turns: Turns, max_chars: int) -> Turns:
@@ -312,7 +330,8 @@ class Moderation:
         if policy.output is not None:
             from portcullis.safety.output import OutputGuard
 
-            ex.output_guard = OutputGuard(self, policy.output, req, ex, chat=chat, payload=payload)
+            ex.output_policy = policy.output.fingerprint
+            ex.filters.append(OutputGuard(self, policy.output, req, ex, chat=chat, payload=payload))
         if policy.input is None:
             return _NO_SCREEN
         return Screen(self, policy.input, policy.parallel, req, ex, payload, chat)

@@ -23,8 +23,8 @@ from portcullis.routing.catalog import Catalog, Replica
 from portcullis.upstream.client import one_shot_session, stale_connection
 
 if TYPE_CHECKING:
+    from portcullis.exchange import Exchange
     from portcullis.routing.admission import Target
-    from portcullis.upstream.exchange import Exchange
 
 # OpenAI's moderation categories (omni-moderation); `/v1/moderations` always lists all of them.
 OPENAI_CATEGORIES = (

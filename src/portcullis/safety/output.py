@@ -21,11 +21,11 @@ import copy
 import time
 from typing import TYPE_CHECKING, Any
 
+from portcullis.errors import sse_error
+from portcullis.exchange import Exchange, Filter
 from portcullis.http import Request
 from portcullis.safety.moderation import Finding, Pipeline, findings_of, last_user_text, refusal, unavailable
 from portcullis.safety.rules import redact
-from portcullis.upstream.exchange import Exchange
-from portcullis.upstream.relay import sse_error
 
 if TYPE_CHECKING:
     from portcullis.safety.moderation import Moderation
@@ -43,7 +43,11 @@ class _Held:
         self.sent_tail = ""
 
 
-class OutputGuard:
+class OutputGuard(Filter):
+    """The moderation stage's response half: judges whole answers and stream windows (see the module's docstring)."""
+
+    answers = streams = True
+
     def __init__(
         self,
         moderation: Moderation,
@@ -70,7 +74,7 @@ class OutputGuard:
 
     # -- non-streamed answers --------------------------------------------------------------------
 
-    async def answer(self, answer: dict[str, Any]) -> dict[str, Any]:
+    async def answer(self, ex: Exchange, answer: dict[str, Any]) -> dict[str, Any]:
         choices = answer.get("choices")
         if not isinstance(choices, list):
             return answer
@@ -94,15 +98,15 @@ class OutputGuard:
 
     # -- streams ----------------------------------------------------------------------------------
 
-    async def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    async def event(self, ex: Exchange, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         """One upstream chunk → the chunks to send now (none while a window fills)."""
         choices = chunk.get("choices")
         if not choices:  # the usage chunk (or another without choices): whatever is held goes first
-            return [*await self.flush(), chunk]
+            return [*await self.flush(ex), chunk]
         if len(choices) > 1:  # one choice per chunk from here on (OpenAI streams n > 1 that way too)
             out: list[dict[str, Any]] = []
             for choice in choices:
-                out += await self.feed({**chunk, "choices": [choice]})
+                out += await self.event(ex, {**chunk, "choices": [choice]})
                 if self.closing is not None:
                     break
             return out
@@ -126,7 +130,7 @@ class OutputGuard:
             return out if self.closing is not None else [*out, chunk]
         return [chunk]
 
-    async def flush(self) -> list[dict[str, Any]]:
+    async def flush(self, ex: Exchange) -> list[dict[str, Any]]:
         """The end of the stream: every held window, judged."""
         out: list[dict[str, Any]] = []
         for index, held in self.held.items():

@@ -16,7 +16,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from portcullis.upstream.exchange import Exchange
+    from portcullis.exchange import Exchange
 
 TICK_S = 0.05
 EXPIRED = "upstream deadline"  # the cancel message, for whoever reads a traceback

@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
 from portcullis.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
+from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.obs.lag import LAG
 from portcullis.routing.balancer import choose, unavailable
 from portcullis.routing.catalog import Replica
 from portcullis.routing.retry import RETRYABLE_STATUS, AttemptFailed, backoff_delay, retry_after_of
 from portcullis.upstream.client import PoolExhausted, upstream_error
-from portcullis.upstream.exchange import Exchange
 from portcullis.upstream.relay import end_stream_with_error, relay_sse
 
 if TYPE_CHECKING:
@@ -62,7 +61,6 @@ class Upstream:
         path: str,
         payload: dict[str, Any],
         target: Target,
-        top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
     ) -> None:
         if ex.trace is not None:
             ex.trace.stage("upstream")
@@ -107,7 +105,6 @@ class Upstream:
                     target=target,
                     deadline=deadline,
                     client_wants_usage=client_wants_usage,
-                    top_up=top_up,
                 )
                 return
             except AttemptFailed as failure:
@@ -141,7 +138,6 @@ class Upstream:
         target: Target,
         deadline: float,
         client_wants_usage: bool,
-        top_up: Callable[[Exchange], Awaitable[bool]] | None,
     ) -> None:
         """One call to one replica. Raises AttemptFailed when it failed before the client saw anything."""
         assert replica.client is not None
@@ -194,7 +190,6 @@ class Upstream:
                         ex,
                         model=model,
                         client_wants_usage=client_wants_usage,
-                        top_up=top_up,
                         idle_s=timeouts.idle_s,
                         deadline=deadline,
                     )
@@ -354,24 +349,15 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
     if isinstance(answer, dict):
         if "model" in answer:
             answer["model"] = model
-        if ex.batch is not None:  # an embeddings batch: the other requests get their parts, we ours
-            try:
-                answer = ex.batch.split(ex, answer)
-            except Exception as exc:
-                raise GatewayError(
-                    f"The upstream for model '{model}' answered a merged embeddings call wrongly: {exc}.",
-                    status=502,
-                    code="bad_upstream_answer",
-                ) from exc
-        ex.usage(answer.get("usage"))
+        ex.usage(answer.get("usage"))  # the upstream's own count, charged even when a filter refuses the answer
+        for f in ex.filters:  # the stages' response halves (exchange.py): split, judged, kept for the cache
+            if f.answers:
+                answer = await f.answer(ex, answer)
+        ex.usage(answer.get("usage"))  # as a filter left it (an embeddings batch's leader: its own share)
         timings = answer.get("timings")
         if isinstance(timings, dict):
             ex.timings = timings
             if isinstance(timings.get("prompt_ms"), int | float):
                 ex.prompt_s = timings["prompt_ms"] / 1000
-        if ex.output_guard is not None:
-            answer = await ex.output_guard.answer(answer)
-        if ex.cache is not None:
-            ex.cache.answer = answer
     ex.finished = True
     await req.respond(200, orjson.dumps(answer))

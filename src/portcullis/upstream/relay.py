@@ -19,26 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import orjson
 
-from portcullis.errors import BadGateway, error_body
+from portcullis.errors import BadGateway, sse_error
+from portcullis.exchange import Exchange, ResponseFilter
 from portcullis.http import Request
 from portcullis.routing.retry import AttemptFailed
 from portcullis.upstream.client import upstream_error
-from portcullis.upstream.exchange import Exchange
-
-if TYPE_CHECKING:
-    from portcullis.safety.output import OutputGuard
 
 _DONE = b"data: [DONE]\n\n"
-
-
-def sse_error(message: str, *, type: str = "server_error", code: str | None = None) -> bytes:
-    return b"data: " + error_body(message, type=type, code=code) + b"\n\n"
 
 
 async def relay_sse(
@@ -48,7 +40,6 @@ async def relay_sse(
     *,
     model: str,
     client_wants_usage: bool,
-    top_up: Callable[[Exchange], Awaitable[bool]] | None = None,
     idle_s: float = 0.0,
     deadline: float = 0.0,
 ) -> str | None:
@@ -60,12 +51,12 @@ async def relay_sse(
     it, `AttemptFailed` is raised and another replica may serve the request. From the first event on,
     the attempt's limit (`ex.deadline`, set by the caller to the time-to-first-token limit) is moved to
     `idle_s` after each event, never past `deadline` (0: no limits, as in tests of the relay alone).
-    `top_up`, when given, is asked for more budget each time the stream passes what it covers.
+    Every event passes the exchange's response filters that watch streams (exchange.py), in order.
     """
     content = resp.content
-    guard = ex.output_guard
+    chain = _Chain([f for f in ex.filters if f.streams], ex)
     data_lines: list[bytes] = []
-    finished = False  # [DONE] or an error event was relayed
+    finished = False  # [DONE] or an error event was relayed, or a filter ended the stream
     fault: str | None = None  # what the upstream's final error event says about the replica
     started = False
     broken: str | None = None
@@ -100,26 +91,11 @@ async def relay_sse(
         if not started:
             started = True
             await req.start_stream()
-        if top_up is not None and ex.streamed_tokens > ex.quota.covered_tokens and not await top_up(ex):
-            ex.streamed_tokens -= 1  # this token is not delivered, so not charged
-            ex.error_code = "budget_exceeded"
-            await req.stream_chunk(
-                sse_error(
-                    "The budget was spent during this response; it was ended after the tokens already paid for.",
-                    type="rate_limit_error",
-                    code=ex.error_code,
-                )
-            )
+        out = await chain.pass_on(chunk, out, finished)
+        if chain.closing is not None:  # a filter ended it: what passed was sent, then its error event
+            await req.stream_chunk(out + chain.closing)
             finished = True
             break
-        if guard is not None:
-            out = await _guarded(guard, chunk, out, finished, ex)
-            if guard.closing is not None:  # refused: what passed was sent, then the error event; no more
-                await req.stream_chunk(out + guard.closing)
-                finished = True
-                break
-        elif chunk is not None:
-            out = _event(chunk, ex)
         if out:
             await req.stream_chunk(out)
         if finished:
@@ -131,8 +107,10 @@ async def relay_sse(
         chunk, out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
         if finished and chunk is None and data != b"[DONE]":
             fault = replica_fault(data)
-        if chunk is not None:
-            out = _event(chunk, ex) if guard is None else await _guarded(guard, chunk, out, finished, ex)
+        out = await chain.pass_on(chunk, out, finished)
+        if chain.closing is not None:
+            out += chain.closing
+            finished = True
         if out:
             if not started:
                 started = True
@@ -147,15 +125,14 @@ async def relay_sse(
         )
     if not finished:
         reason = broken or "the upstream ended the stream before it was complete"
-        if guard is not None and guard.closing is None:  # what the upstream did send, judged, goes first
-            held = await _guarded(guard, None, b"", True, ex)
-            if guard.closing is not None:
-                await req.stream_chunk(held + guard.closing)
-                ex.finished = True
-                await req.end_stream()
-                return "connect"
-            if held:
-                await req.stream_chunk(held)
+        held = await chain.pass_on(None, b"", True)  # what the upstream did send, through the filters, goes first
+        if chain.closing is not None:
+            await req.stream_chunk(held + chain.closing)
+            ex.finished = True
+            await req.end_stream()
+            return "connect"
+        if held:
+            await req.stream_chunk(held)
         ex.error_code = "upstream_stream_truncated"
         await req.stream_chunk(
             sse_error(f"The stream for model '{model}' was cut short: {reason}.", code=ex.error_code)
@@ -163,6 +140,44 @@ async def relay_sse(
     ex.finished = True
     await req.end_stream()
     return "connect" if ex.error_code == "upstream_stream_truncated" else fault
+
+
+class _Chain:
+    """The response filters that watch this stream, and the error event one of them ended it with."""
+
+    __slots__ = ("closing", "ex", "filters")
+
+    def __init__(self, filters: list[ResponseFilter], ex: Exchange) -> None:
+        self.filters = filters
+        self.ex = ex
+        self.closing: bytes | None = None
+
+    async def pass_on(self, chunk: dict[str, Any] | None, out: bytes, finished: bool) -> bytes:
+        """One translated upstream event → the bytes to send. A chunk goes through every filter; at the end
+        of the stream (`finished`) each filter's held events go through the filters after it, and first
+        (the raw `out`, [DONE] or an error event, is dropped when a filter ends the stream instead)."""
+        filters = self.filters
+        if not filters:
+            return out if chunk is None else _sse(chunk)
+        ex = self.ex
+        chunks: list[dict[str, Any]] = [] if chunk is None else [chunk]
+        for i, f in enumerate(filters):
+            if chunks:
+                passed: list[dict[str, Any]] = []
+                for c in chunks:
+                    passed += await f.event(ex, c)
+                    if f.closing is not None:
+                        break
+                chunks = passed
+            if finished and chunk is None and f.closing is None:
+                chunks += await f.flush(ex)
+            if f.closing is not None:
+                self.closing = f.closing
+                for later in filters[i + 1 :]:  # what passed this filter still goes through the rest
+                    chunks = [d for c in chunks for d in await later.event(ex, c)]
+                return b"".join(map(_sse, chunks))
+        sent = b"".join(map(_sse, chunks))
+        return sent if chunk is not None else sent + out
 
 
 async def end_stream_with_error(req: Request, ex: Exchange, message: str, code: str) -> None:
@@ -239,22 +254,8 @@ def replica_fault(data: bytes) -> str | None:
     return "5xx"
 
 
-def _event(chunk: dict[str, Any], ex: Exchange) -> bytes:
-    """A chunk as the client gets it (and as the cache assembles it)."""
-    if ex.cache is not None and ex.cache.assembler is not None:
-        ex.cache.assembler.add(chunk)
+def _sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-
-async def _guarded(guard: OutputGuard, chunk: dict[str, Any] | None, out: bytes, finished: bool, ex: Exchange) -> bytes:
-    """Through output moderation: a chunk is held until its window is judged; at the end of the stream
-    ([DONE], an upstream error event, a break) the held windows are judged and go first."""
-    if chunk is not None:
-        return b"".join(_event(c, ex) for c in await guard.feed(chunk))
-    if finished:
-        held = b"".join(_event(c, ex) for c in await guard.flush())
-        return held if guard.closing is not None else held + out
-    return out
 
 
 def _has_token(choice: Any) -> bool:

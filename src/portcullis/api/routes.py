@@ -1,0 +1,291 @@
+"""The route table: every route once, with its method, path, handler, the scope it needs, how it is metered
+and its OpenAPI operation. The dispatcher (app.py) and `/openapi.json` are both made from it, so no route
+can be served undocumented or documented unserved.
+
+A path parameter matches what `PARAMS` says (the whole raw path is matched: see docs/operations.md);
+the handler gets it decoded, as an extra positional argument.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from portcullis.api import admin, batches, dashboard, openai, openapi, ops
+from portcullis.api.openapi import _HTML, _LOGIN_FORM, _REDIRECT, _STATIC, _TEXT, _UPLOAD, _body, _ok, _op
+from portcullis.identity import scopes
+from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModerationRequest
+
+Handler = Callable[..., Awaitable[None]]
+
+# What each path parameter may be (ids are ours: their alphabet is known; a model name is anything).
+PARAMS = {
+    "model": r".+",
+    "file_id": r"[A-Za-z0-9_-]+",
+    "batch_id": r"[A-Za-z0-9_-]+",
+    "key_id": r"[0-9a-f]+",
+    "name": r"[a-z]+\.(?:js|css)",
+}
+_PARAM = re.compile(r"\{([a-z_]+)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str  # as OpenAPI writes it: /v1/models/{model}
+    handler: Handler
+    scope: str  # the one scope it needs (scopes.PUBLIC: none)
+    op: dict[str, Any]  # its OpenAPI operation
+    metered: bool = False  # settled against quotas, leaves a usage record
+    quiet: bool = False  # no access-log line, request metrics or span (probes would drown the rest)
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        """The regular expression of a path with parameters (None: a fixed path)."""
+        if "{" not in self.path:
+            return None
+        return re.compile("^" + _PARAM.sub(lambda m: f"({PARAMS[m.group(1)]})", self.path) + "$")
+
+
+def table(*, metrics_public: bool) -> list[Route]:
+    metrics_scope = scopes.PUBLIC if metrics_public else scopes.ADMIN_READ
+    key_body = {
+        "required": False,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Rotation"}}},
+    }
+    file_content = {
+        "200": {"description": "JSONL", "content": {"application/octet-stream": {"schema": {"type": "string"}}}}
+    }
+    ready = {**_ok("Object"), "503": {"description": "Not ready"}}
+    login = {
+        **_REDIRECT,
+        "401": {"description": "The sign-in form again", "content": {"text/html": {"schema": {"type": "string"}}}},
+    }
+    return [
+        # The OpenAI API
+        Route(
+            "POST",
+            "/v1/chat/completions",
+            openai.chat_completions,
+            scopes.CHAT,
+            _op("Create a chat completion", _ok("ChatCompletion", stream=True), body=_body(ChatCompletionRequest)),
+            metered=True,
+        ),
+        Route(
+            "POST",
+            "/v1/completions",
+            openai.completions,
+            scopes.COMPLETIONS,
+            _op("Create a completion", _ok("Completion", stream=True), body=_body(CompletionRequest)),
+            metered=True,
+        ),
+        Route(
+            "POST",
+            "/v1/embeddings",
+            openai.embeddings,
+            scopes.EMBEDDINGS,
+            _op("Create embeddings", _ok("EmbeddingList"), body=_body(EmbeddingRequest)),
+            metered=True,
+        ),
+        Route(
+            "POST",
+            "/v1/moderations",
+            openai.moderations,
+            scopes.MODERATIONS,
+            _op("Classify text", _ok("ModerationResult"), body=_body(ModerationRequest)),
+            metered=True,
+        ),
+        Route(
+            "GET",
+            "/v1/models",
+            openai.list_models,
+            scopes.MODELS_READ,
+            _op("List models, routers and aliases", _ok("ModelList")),
+        ),
+        Route(
+            "GET",
+            "/v1/models/{model}",
+            openai.get_model,
+            scopes.MODELS_READ,
+            _op("Retrieve a model", _ok("Model"), params=["model"]),
+        ),
+        Route(
+            "DELETE",
+            "/v1/models/{model}",
+            openai.delete_model,
+            scopes.MODELS_DELETE,
+            _op("Switch a model off", _ok("Object"), params=["model"]),
+        ),
+        Route(
+            "POST", "/v1/files", batches.upload_file, scopes.BATCHES, _op("Upload a file", _ok("File"), body=_UPLOAD)
+        ),
+        Route("GET", "/v1/files", batches.list_files, scopes.BATCHES, _op("List files", _ok("List"))),
+        Route(
+            "GET",
+            "/v1/files/{file_id}",
+            batches.get_file,
+            scopes.BATCHES,
+            _op("Retrieve a file", _ok("File"), params=["file_id"]),
+        ),
+        Route(
+            "DELETE",
+            "/v1/files/{file_id}",
+            batches.delete_file,
+            scopes.BATCHES,
+            _op("Delete a file", _ok("Object"), params=["file_id"]),
+        ),
+        # The handler serves the bytes as uploaded (JSONL) as application/octet-stream.
+        Route(
+            "GET",
+            "/v1/files/{file_id}/content",
+            batches.file_content,
+            scopes.BATCHES,
+            _op("A file's content", file_content, params=["file_id"]),
+        ),
+        Route(
+            "POST",
+            "/v1/batches",
+            batches.create_batch,
+            scopes.BATCHES,
+            _op("Create a batch", _ok("Batch"), body=_body(batches.NewBatch)),
+        ),
+        Route("GET", "/v1/batches", batches.list_batches, scopes.BATCHES, _op("List batches", _ok("List"))),
+        Route(
+            "GET",
+            "/v1/batches/{batch_id}",
+            batches.get_batch,
+            scopes.BATCHES,
+            _op("Retrieve a batch", _ok("Batch"), params=["batch_id"]),
+        ),
+        Route(
+            "POST",
+            "/v1/batches/{batch_id}/cancel",
+            batches.cancel_batch,
+            scopes.BATCHES,
+            _op("Cancel a batch", _ok("Batch"), params=["batch_id"]),
+        ),
+        # Administration
+        Route(
+            "POST",
+            "/admin/keys",
+            admin.create_key,
+            scopes.KEYS_ADMIN,
+            _op("Create an API key", _ok("Object", status="201"), body=_body(admin.NewKey)),
+        ),
+        Route("GET", "/admin/keys", admin.list_keys, scopes.KEYS_ADMIN, _op("List API keys", _ok("Object"))),
+        Route(
+            "GET",
+            "/admin/keys/{key_id}",
+            admin.show_key,
+            scopes.KEYS_ADMIN,
+            _op("Show an API key", _ok("Object"), params=["key_id"]),
+        ),
+        Route(
+            "DELETE",
+            "/admin/keys/{key_id}",
+            admin.revoke_key,
+            scopes.KEYS_ADMIN,
+            _op("Revoke an API key", _ok("Object"), params=["key_id"]),
+        ),
+        Route(
+            "POST",
+            "/admin/keys/{key_id}/revoke",
+            admin.revoke_key,
+            scopes.KEYS_ADMIN,
+            _op("Revoke an API key", _ok("Object"), params=["key_id"]),
+        ),
+        Route(
+            "POST",
+            "/admin/keys/{key_id}/rotate",
+            admin.rotate_key,
+            scopes.KEYS_ADMIN,
+            _op("Rotate an API key", _ok("Object", status="201"), params=["key_id"], body=key_body),
+        ),
+        Route("GET", "/admin/usage", admin.usage_report, scopes.USAGE, _op("Usage report", _ok("Object"))),
+        Route(
+            "GET",
+            "/admin/backends",
+            admin.backends,
+            scopes.ADMIN_READ,
+            _op("Models, slots, queues and replicas", _ok("Object")),
+        ),
+        Route(
+            "GET",
+            "/admin/models",
+            admin.models,
+            scopes.ADMIN_READ,
+            _op("Models and deployments with live state", _ok("Object")),
+        ),
+        Route(
+            "POST",
+            "/admin/models/{model}/enable",
+            admin.enable_model,
+            scopes.MODELS_WRITE,
+            _op("Switch a model back on", _ok("Object"), params=["model"]),
+        ),
+        Route(
+            "POST",
+            "/admin/route",
+            admin.explain_route,
+            scopes.ADMIN_READ,
+            _op("Explain a routing decision", _ok("Object"), body=_body(schema="Object")),
+        ),
+        # Operations
+        Route(
+            "GET",
+            "/healthz",
+            ops.healthz,
+            scopes.PUBLIC,
+            _op("The process is alive", _ok("Object"), public=True),
+            quiet=True,
+        ),
+        Route(
+            "GET", "/readyz", ops.readyz, scopes.PUBLIC, _op("The gateway can serve", ready, public=True), quiet=True
+        ),
+        Route("GET", "/metrics", ops.metrics, metrics_scope, _op("Prometheus metrics", _TEXT), quiet=True),
+        Route("GET", "/openapi.json", openapi.serve, scopes.PUBLIC, _op("This document", _ok("Object"), public=True)),
+        # The dashboard signs in with an admin key held in its own cookie (api/dashboard.py checks it).
+        Route(
+            "GET",
+            "/dashboard",
+            dashboard.page,
+            scopes.PUBLIC,
+            _op("The operator dashboard, or its sign-in form", _HTML, public=True),
+        ),
+        Route(
+            "POST",
+            "/dashboard/login",
+            dashboard.login,
+            scopes.PUBLIC,
+            _op("Sign in to the dashboard", login, body=_LOGIN_FORM, public=True),
+        ),
+        Route(
+            "POST",
+            "/dashboard/logout",
+            dashboard.logout,
+            scopes.PUBLIC,
+            _op("Sign out of the dashboard", _REDIRECT, public=True),
+        ),
+        Route(
+            "GET",
+            "/dashboard/data",
+            dashboard.data,
+            scopes.PUBLIC,
+            _op("What the dashboard shows", _ok("Object"), public=True),
+        ),
+        # Its script and styles (its CSP allows no inline ones); nothing secret in them.
+        Route(
+            "GET",
+            "/dashboard/static/{name}",
+            dashboard.static,
+            scopes.PUBLIC,
+            _op(
+                "The dashboard's script and styles (its CSP allows nothing inline)",
+                _STATIC,
+                params=["name"],
+                public=True,
+            ),
+        ),
+    ]
