@@ -129,10 +129,12 @@ class Gateway:
         self.admission = Admission(config, self.catalog, self.metrics)
         self.metrics.watch_admission(self.admission)
         self.affinity = Affinity(config.routing.affinity)
-        self.router = Router(config, self.catalog, self.admission, self.affinity, self.metrics)
+        # Every call to a backend goes through the upstream stage: traffic (forward) and side calls alike.
         self.upstream = Upstream(config.resilience, self.metrics, self.affinity)
-        self.moderation = Moderation(config, self.catalog, self.metrics, self.log)
-        self.cache = ResponseCache(config.cache, config.store.redis_url, self.metrics, self.catalog)
+        call = self.upstream.call
+        self.router = Router(config, self.catalog, self.admission, self.affinity, self.metrics, call)
+        self.moderation = Moderation(config, self.catalog, self.metrics, self.log, call)
+        self.cache = ResponseCache(config.cache, config.store.redis_url, self.metrics, self.catalog, call)
         self.batcher = EmbeddingBatcher(config.embedding_batching) if config.embedding_batching.enabled else None
         self._replica_of: dict[Breaker, Replica] = {}
         for replica in self.catalog.all_replicas():

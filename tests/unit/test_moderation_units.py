@@ -118,9 +118,13 @@ def test_the_markup_rule_set_is_off_unless_named() -> None:
     assert _categories(_rules(rule_sets=["markup_injection"]), question) == ["markup_injection"] * 2
 
 
+async def _no_upstream(*args: object, **kwargs: object) -> tuple[int, object]:
+    raise AssertionError("these tests only parse and prompt: nothing calls the guard model")
+
+
 def _guard(**config: object) -> GuardModel:
     spec = GuardModelConfig.model_validate({"kind": "guard_model", "model": "g", **config})
-    return GuardModel("g", spec, Catalog.__new__(Catalog))
+    return GuardModel("g", spec, Catalog.__new__(Catalog), _no_upstream)
 
 
 def test_guard_answers_are_parsed() -> None:

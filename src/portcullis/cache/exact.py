@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from portcullis.exchange import Exchange
     from portcullis.http import Request
     from portcullis.obs.metrics import Metrics
-    from portcullis.routing.catalog import Catalog
+    from portcullis.routing.catalog import Catalog, SideCall
 
 _NOT_OUTPUT = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
 _HEADER = b"x-portcullis-cache"
@@ -96,10 +96,13 @@ class Ticket(Filter):
 
 
 class ResponseCache:
-    def __init__(self, config: CacheConfig, redis_url: str | None, metrics: Metrics, catalog: Catalog) -> None:
+    def __init__(
+        self, config: CacheConfig, redis_url: str | None, metrics: Metrics, catalog: Catalog, call: SideCall
+    ) -> None:
         self.config = config
         self.metrics = metrics
-        self.semantic = SemanticIndex(config.semantic, catalog) if config.enabled and config.semantic.enabled else None
+        semantic = config.enabled and config.semantic.enabled
+        self.semantic = SemanticIndex(config.semantic, catalog, call) if semantic else None
         self.store: CacheStore
         if config.backend == "redis" or (config.backend == "auto" and redis_url):
             assert redis_url is not None

@@ -17,7 +17,6 @@ float32 rows of one numpy matrix per family, so a lookup is one matrix-vector pr
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ from portcullis.routing.balancer import choose
 if TYPE_CHECKING:
     import numpy as np
 
-    from portcullis.routing.catalog import Catalog
+    from portcullis.routing.catalog import Catalog, SideCall
 
 _NOT_FAMILY = frozenset({"messages", "stream", "stream_options", "user", "metadata", "store", "service_tier"})
 
@@ -48,7 +47,7 @@ def conversation_text(messages: Any) -> str:
 
 
 class SemanticIndex:
-    def __init__(self, config: SemanticCacheConfig, catalog: Catalog) -> None:
+    def __init__(self, config: SemanticCacheConfig, catalog: Catalog, call: SideCall) -> None:
         try:
             import numpy  # an optional dependency: imported only when the feature is on
         except ImportError as exc:
@@ -57,6 +56,7 @@ class SemanticIndex:
         self.np = numpy
         self.config = config
         self.catalog = catalog
+        self.call = call
         self._families: dict[str, tuple[np.ndarray, list[str]]] = {}
         self._order: deque[tuple[str, str]] = deque()  # (family, key), oldest first
 
@@ -72,15 +72,14 @@ class SemanticIndex:
         replica = choose(self.catalog.models[model])
         if replica is None or replica.client is None:
             return None
-        body = orjson.dumps({"model": replica.upstream_model or model, "input": text})
+        body = {"model": replica.upstream_model or model, "input": text}
         try:
-            async with asyncio.timeout(self.config.timeout_s):
-                resp = await replica.client.post("/v1/embeddings", body, model=model)
-                raw = await resp.read()
-                resp.release()
-            if resp.status != 200:
+            status, answer = await self.call(
+                replica, "/v1/embeddings", body, model=model, timeout_s=self.config.timeout_s
+            )
+            if status != 200:
                 return None
-            vector = self.np.asarray(orjson.loads(raw)["data"][0]["embedding"], dtype=self.np.float32)
+            vector = self.np.asarray(answer["data"][0]["embedding"], dtype=self.np.float32)
         except Exception:
             return None
         norm = float(self.np.linalg.norm(vector))

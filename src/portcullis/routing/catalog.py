@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from portcullis.config import BreakerConfig, Config, DeploymentConfig, RouterConfig
@@ -25,7 +25,34 @@ from portcullis.errors import NotFound
 from portcullis.routing.breaker import Breaker
 
 if TYPE_CHECKING:
-    from portcullis.upstream.client import UpstreamClient
+    import aiohttp
+
+
+class Client(Protocol):
+    """A replica's connection pool, as the rest of the gateway sees it (upstream/client.py makes them; the
+    routing package names only this, so it never imports the upstream stage that imports it)."""
+
+    in_use: int  # traffic connections taken
+    fresh_retries: int  # requests re-sent on a fresh connection after a pooled one was dead
+    pool_timeouts: int
+
+    async def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    async def post(self, path: str, body: bytes, *, model: str) -> aiohttp.ClientResponse: ...
+
+    async def close(self) -> None: ...
+
+
+class SideCall(Protocol):
+    """One small JSON call to a replica beside the traffic (/tokenize, a guard model's verdict, an embedding
+    for the semantic cache): the upstream stage's `Upstream.call`, handed to the stages that need one, so every
+    call to a backend counts in its in-flight requests and tells its breaker how it went."""
+
+    async def __call__(
+        self, replica: Replica, path: str, obj: Any, *, model: str, timeout_s: float | None = None
+    ) -> tuple[int, Any]: ...
 
 
 class ReplicaState(StrEnum):
@@ -54,7 +81,7 @@ class Replica:
     probe_streak: int = 0
     answered_at: float = 0.0  # monotonic time it last answered a request (headers, or a whole answer)
     failing_since: float = 0.0  # monotonic time the first probe of the current run of failed ones began
-    client: UpstreamClient | None = None
+    client: Client | None = None
     # Price per 1,000 tokens in quota.currency (budgets and usage records).
     prompt_per_1k: float = 0.0
     completion_per_1k: float = 0.0

@@ -26,7 +26,8 @@ from typing import Any
 import orjson
 
 from portcullis.config import ContextFitConfig
-from portcullis.routing.catalog import Replica
+from portcullis.errors import GatewayError
+from portcullis.routing.catalog import Replica, SideCall
 
 _PER_MESSAGE = 6  # <|start_header_id|>role<|end_header_id|>\n\n ... <|eot_id|> and the like
 _PER_REQUEST = 5  # BOS and the assistant header the template opens
@@ -86,8 +87,9 @@ _LEARN_RATE = 0.1
 
 
 class TokenCounter:
-    def __init__(self, config: ContextFitConfig, chars_per_token: float) -> None:
+    def __init__(self, config: ContextFitConfig, chars_per_token: float, call: SideCall | None = None) -> None:
         self.config = config
+        self.call = call  # the upstream stage's side call (None: no exact counts, estimates only)
         self.default_ratio = 1 / chars_per_token  # tokens per byte before a model has shown its own
         self.ratios: dict[str, float] = {}
         self._counts: OrderedDict[bytes, int] = OrderedDict()
@@ -143,7 +145,7 @@ class TokenCounter:
         if ids is not None:
             return ids
         replica = next((r for r in replicas if r.kind == "llama_cpp" and r.client is not None and r.usable(now)), None)
-        if replica is None:
+        if replica is None or self.call is None:
             return None
         texts, messages = texts_of(payload)
         keys = [hashlib.blake2b(f"{model}\0{t}".encode(), digest_size=16).digest() for t in texts]
@@ -152,7 +154,7 @@ class TokenCounter:
             try:
                 async with asyncio.timeout(self.config.tokenize_timeout_s):
                     counted = await asyncio.gather(*(self._tokenize(replica, t) for t in missing.values()))
-            except (TimeoutError, OSError, ValueError):
+            except (TimeoutError, OSError, ValueError, GatewayError):
                 return None
             for key, n in zip(missing, counted, strict=True):
                 self._remember(key, n)
@@ -166,9 +168,10 @@ class TokenCounter:
         return total + (_PER_MESSAGE * messages + _PER_REQUEST if messages else 1)
 
     async def _tokenize(self, replica: Replica, text: str) -> int:
-        assert replica.client is not None
+        assert self.call is not None
         self.tokenize_calls += 1
-        status, answer = await replica.client.call("/tokenize", {"content": text, "add_special": False})
+        ask = {"content": text, "add_special": False}
+        status, answer = await self.call(replica, "/tokenize", ask, model=replica.model)
         tokens = answer.get("tokens") if isinstance(answer, dict) else None
         if status != 200 or not isinstance(tokens, list):
             raise ValueError(f"/tokenize answered {status}")

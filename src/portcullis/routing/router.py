@@ -34,7 +34,7 @@ from portcullis.identity.principal import Principal
 from portcullis.jobs.offpeak import OffPeak
 from portcullis.routing.affinity import Affinity
 from portcullis.routing.balancer import choose, unavailable
-from portcullis.routing.catalog import Catalog, Replica
+from portcullis.routing.catalog import Catalog, Replica, SideCall
 from portcullis.routing.complexity import Scorer, features, load_scorer
 from portcullis.routing.context import TokenCounter, completion_need, fits, token_id_prompt
 
@@ -128,7 +128,13 @@ class Decision:
 
 class Router:
     def __init__(
-        self, config: Config, catalog: Catalog, admission: Admission, affinity: Affinity, metrics: Metrics | None = None
+        self,
+        config: Config,
+        catalog: Catalog,
+        admission: Admission,
+        affinity: Affinity,
+        metrics: Metrics | None = None,
+        call: SideCall | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -136,7 +142,7 @@ class Router:
         self.admission = admission
         self.affinity = affinity
         self.offpeak = OffPeak(config.scheduling.off_peak)
-        self.tokens = TokenCounter(config.routing.context, config.quota.chars_per_token)
+        self.tokens = TokenCounter(config.routing.context, config.quota.chars_per_token, call)
         self.scorers: dict[str, Scorer] = {name: load_scorer(r.scorer) for name, r in config.routers.items()}
         # Models whose requests get prefix keys: two or more llama-server replicas.
         self.placed = {

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from portcullis.identity.principal import Principal
     from portcullis.obs.metrics import Metrics
     from portcullis.routing.admission import Admission, Target
-    from portcullis.routing.catalog import Catalog
+    from portcullis.routing.catalog import Catalog, SideCall
 
 # Texts up to this many characters are checked by the rules on the event loop (a few milliseconds at
 # most: a full PII set runs at 1-4 MB/s here), longer ones on the rules' worker thread, so that one large
@@ -251,7 +251,7 @@ class Policy:
 
 
 class Moderation:
-    def __init__(self, config: Config, catalog: Catalog, metrics: Metrics, log: Any) -> None:
+    def __init__(self, config: Config, catalog: Catalog, metrics: Metrics, log: Any, call: SideCall) -> None:
         self.config = config.moderation
         self.models = config.models
         self.tiers = config.tiers
@@ -267,7 +267,7 @@ class Moderation:
             elif isinstance(spec, OpenAIModerationConfig):
                 self.remote[name] = OpenAIModeration(name, spec)
             elif isinstance(spec, GuardModelConfig):
-                self.remote[name] = GuardModel(name, spec, catalog)
+                self.remote[name] = GuardModel(name, spec, catalog, call)
         self._policies: dict[tuple[str, str | None], Policy] = {}
         self._pipelines: dict[tuple[str, ...], Pipeline | None] = {}
         self.endpoint = self.pipeline(self.config.endpoint if self.config.endpoint is not None else self.config.input)

@@ -8,7 +8,6 @@ Their failures raise `ModeratorError`; the pipeline (moderation.py) applies the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ import orjson
 from portcullis.config import GuardModelConfig, OpenAIModerationConfig
 from portcullis.errors import ServiceUnavailable
 from portcullis.routing.balancer import choose
-from portcullis.routing.catalog import Catalog, Replica
+from portcullis.routing.catalog import Catalog, Replica, SideCall
 from portcullis.upstream.client import one_shot_session, stale_connection
 
 if TYPE_CHECKING:
@@ -202,10 +201,11 @@ class GuardModel(RemoteModerator):
 
     kind = "guard_model"
 
-    def __init__(self, name: str, config: GuardModelConfig, catalog: Catalog) -> None:
+    def __init__(self, name: str, config: GuardModelConfig, catalog: Catalog, call: SideCall) -> None:
         super().__init__(name, config)
         self.model = config.model
         self.catalog = catalog
+        self.call = call
         self.codes = dict(config.categories or LLAMA_GUARD_CATEGORIES)
         self.template = config.template or GUARD_TEMPLATE
         self.max_tokens = config.max_tokens
@@ -235,32 +235,23 @@ class GuardModel(RemoteModerator):
         replica = choose(replicas)
         if replica is None or replica.client is None:
             raise ModeratorError(f"no replica of the guard model '{self.model}' is available")
-        body = orjson.dumps(
-            {
-                "model": replica.upstream_model or self.model,
-                "messages": [{"role": "user", "content": self.prompt(turns, judged)}],
-                "max_tokens": self.max_tokens,
-                "temperature": 0,
-                "stream": False,
-            }
-        )
+        body = {
+            "model": replica.upstream_model or self.model,
+            "messages": [{"role": "user", "content": self.prompt(turns, judged)}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "stream": False,
+        }
         if ex is not None:
             ex.replica = replica
-        t0 = time.perf_counter()
-        replica.begin(t0)
         try:
-            resp = await replica.client.post("/v1/chat/completions", body, model=self.model)
-            async with resp:
-                raw = await resp.read()
-                status = resp.status
+            status, answer = await self.call(replica, "/v1/chat/completions", body, model=self.model)
         except Exception as exc:
             raise ModeratorError(f"the guard model could not be reached ({type(exc).__name__})") from exc
-        finally:
-            replica.end(time.perf_counter())
         if status != 200:
             raise ModeratorError(f"the guard model answered with status {status}")
         try:
-            text = orjson.loads(raw)["choices"][0]["message"]["content"] or ""
+            text = answer["choices"][0]["message"]["content"] or ""
         except Exception as exc:
             raise ModeratorError("the guard model's answer has no message") from exc
         return self.parse(text)

@@ -272,6 +272,48 @@ class Upstream:
             if connection:
                 replica.client.release()
 
+    async def call(
+        self, replica: Replica, path: str, obj: Any, *, model: str, timeout_s: float | None = None
+    ) -> tuple[int, Any]:
+        """A side call (routing/catalog.py SideCall): (status, the answer's JSON or None). Raises our error
+        tree (BadGateway, GatewayTimeout, PoolExhausted) when there is no answer. Its outcome goes to the
+        replica's breaker like a request's: no answer or a 5xx against it, anything else for it; a call cut
+        from outside (its caller's own deadline, a client gone) says nothing."""
+        assert replica.client is not None
+        breaker = replica.breaker
+        probe = breaker.acquire()
+        replica.begin(time.perf_counter())
+        ok: bool | None = None
+        kind: str | None = None
+        try:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    resp = await replica.client.post(path, orjson.dumps(obj), model=model)
+                    async with resp:
+                        raw = await resp.read()
+            except TimeoutError:
+                ok, kind = False, "timeout"
+                raise GatewayTimeout(f"The upstream for model '{model}' did not answer {path} in time.") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                ok, kind = False, "connect"
+                raise BadGateway(f"The upstream for model '{model}' broke its answer to {path}.") from exc
+            except GatewayError as exc:
+                if not isinstance(exc, PoolExhausted):
+                    ok, kind = False, "connect"
+                raise
+            status = resp.status
+            replica.answered_at = time.monotonic()
+            ok, kind = (False, "5xx") if status >= 500 else (True, None)
+            try:
+                return status, orjson.loads(raw) if raw else None
+            except orjson.JSONDecodeError:
+                return status, None
+        finally:
+            replica.end(time.perf_counter())
+            if kind == "timeout" and LAG.busy():
+                ok = None
+            breaker.record(ok, kind, probe=probe)
+
     def _next_replica(self, target: Target, tried: list[Replica], ex: Exchange) -> tuple[Replica, str] | None:
         """An untried replica of the model (where its prefix is, first), else of its fallbacks in order,
         else one already tried."""
