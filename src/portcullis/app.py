@@ -8,6 +8,7 @@ the request path. Errors from any stage are `GatewayError`s and become the OpenA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import re
@@ -40,7 +41,7 @@ from portcullis.identity.auth import Identity, require_scope
 from portcullis.identity.jwt import JwtSetupError, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, ModelState, key_id_of, key_secret
 from portcullis.identity.principal import Principal
-from portcullis.jobs.runner import BatchRunner
+from portcullis.jobs.runner import Answer, BatchRunner
 from portcullis.jobs.store import BatchStore
 from portcullis.obs.lag import LAG
 from portcullis.obs.logging import access_line, flush_logs, get_logger
@@ -97,6 +98,27 @@ async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.close", "code": 1008})
 
 
+class _Internal:
+    """What a request the gateway makes to itself carries in its ASGI scope: who it runs as; and what the
+    request path leaves there for the caller: the refusal's code."""
+
+    __slots__ = ("error", "principal")
+
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+        self.error: str | None = None
+
+
+def _retry_after(headers: dict[bytes, bytes]) -> float:
+    """A refusal's wait: retry-after-ms when given (the precise one), else Retry-After's seconds."""
+    for name, scale in ((b"retry-after-ms", 1000.0), (b"retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            with contextlib.suppress(ValueError):
+                return float(value) / scale
+    return 0.0
+
+
 class _Metering(Filter):
     """The app's own response half on metered routes: the usage record, and what the router learns from a
     whole answer's prompt count. Added first, so its `done` runs last: after the quota stage settled the
@@ -127,7 +149,6 @@ class Gateway:
         self.dashboard_sessions = dashboard.Sessions(config.dashboard.session_ttl_s)
         self.log = get_logger("portcullis")
         self.admission = Admission(config, self.catalog, self.metrics)
-        self.metrics.watch_admission(self.admission)
         self.affinity = Affinity(config.routing.affinity)
         # Every call to a backend goes through the upstream stage: traffic (forward) and side calls alike.
         self.upstream = Upstream(config.resilience, self.metrics, self.affinity)
@@ -162,8 +183,24 @@ class Gateway:
             timeout_s=config.store.timeout_s,
         )
         self.batch_store = BatchStore(self.engine) if config.batch.enabled else None
-        self.batch_runner = BatchRunner(self, self.batch_store) if self.batch_store is not None else None
-        self.metrics.watch_routing(self.affinity, self.admission, self.batch_runner)
+        self.batch_runner = (
+            BatchRunner(
+                config,
+                self.batch_store,
+                call=self.call_internal,
+                admission=self.admission,
+                catalog=self.catalog,
+                concurrency_of=self.quota.concurrency_of,
+                scope_of=lambda endpoint: self.routes[("POST", endpoint)].scope,
+                keys=lambda: self.keys,
+            )
+            if self.batch_store is not None
+            else None
+        )
+        # Each component's own gauges and counters, read at scrape time.
+        for component in (self.catalog, self.admission, self.affinity, self.batch_runner):
+            if component is not None:
+                self.metrics.register(component.collector())
         self.keys: KeyStore | None = None
         # Models switched off at run time; set at preflight, with or without API keys (a JWT-only gateway too).
         self.model_state: ModelState | None = None
@@ -214,6 +251,7 @@ class Gateway:
         quiet = req.path in self._quiet
         if self.tracing is not None and not quiet:
             ex.trace = self.tracing.begin(req)
+        internal: _Internal | None = scope.get(INTERNAL)
         metered = req.path in self._metered
         if metered:  # the usage record and the router's learning, after every other filter's done
             ex.filters.append(self._metering)
@@ -223,9 +261,8 @@ class Gateway:
                 if await self._cors(req):
                     return
             route, args = self._route(req)
-            internal = scope.get(INTERNAL)
             if internal is not None:  # the gateway's own background request (a batch line)
-                ex.principal, ex.background = internal, True
+                ex.principal, ex.background = internal.principal, True
             elif route.scope is not scopes.PUBLIC:
                 assert self.identity is not None
                 if ex.trace is not None:
@@ -274,6 +311,8 @@ class Gateway:
             self.exchanges.discard(ex)
             ex.stop_watching()
             status = req.status
+            if internal is not None:
+                internal.error = ex.error_code
             if metered:
                 ex.account(status)  # what it spent, before anyone settles or records it
             for f in reversed(ex.filters):  # the response halves, unwinding (exchange.py)
@@ -646,9 +685,10 @@ class Gateway:
 
     async def call_internal(
         self, method: str, path: str, body: bytes, principal: Principal, *, request_id: str
-    ) -> tuple[int, dict[bytes, bytes], bytes]:
+    ) -> Answer:
         """Run one request through the whole request path as `principal`, in the background (batch lines):
-        (status, response headers, body)."""
+        the status and body a client would have got, and a refusal's code and wait as values."""
+        internal = _Internal(principal)
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
@@ -665,7 +705,7 @@ class Gateway:
             ],
             "client": None,
             "server": None,
-            INTERNAL: principal,
+            INTERNAL: internal,
         }
         sent = False
         never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -691,7 +731,7 @@ class Gateway:
                 chunks.append(message.get("body", b""))
 
         await self.handle(scope, receive, send)
-        return status, headers, b"".join(chunks)
+        return Answer(status, b"".join(chunks), internal.error, _retry_after(headers) if status >= 400 else 0.0)
 
     # -- replicas and breakers -----------------------------------------------------------------
 

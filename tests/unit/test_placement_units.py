@@ -7,7 +7,7 @@ from datetime import datetime
 import pytest
 
 from portcullis.config import AffinityConfig, ConfigError, ContextFitConfig, OffPeakWindow, build_config
-from portcullis.jobs.offpeak import OffPeak
+from portcullis.offpeak import OffPeak
 from portcullis.routing.affinity import Affinity
 from portcullis.routing.catalog import Replica, ReplicaState
 from portcullis.routing.context import TokenCounter

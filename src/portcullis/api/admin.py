@@ -161,10 +161,10 @@ _DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")  # ASCII digits (\d takes an
 async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:
     """GET /admin/backends: every model's slots and queue, every replica's health and breaker."""
     models = []
-    for name, gate in gw.admission.gates.items():
-        capacity = gate.capacity()
+    for o in gw.admission.outlooks():
+        name = o.model
         replicas = []
-        for r in gate.replicas:
+        for r in gw.catalog.models[name]:
             requests, failures = r.breaker.window()
             replicas.append(
                 {
@@ -188,17 +188,17 @@ async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:
         models.append(
             {
                 "model": name,
-                "enabled": name not in gw.catalog.disabled,
+                "enabled": o.enabled,
                 "fallbacks": gw.catalog.fallbacks.get(name, []),
-                "slots": {"capacity": capacity if capacity < 1 << 20 else None, "in_use": gate.holding},
+                "slots": {"capacity": o.capacity, "in_use": o.in_use},
                 "queue": {
-                    "depth": gate.depth,
-                    "service_s": round(gate.service_s, 4) if gate.service_s is not None else None,
-                    "estimated_wait_s": round(gate.estimate_wait(gate.depth + 1), 3) if gate.depth else 0.0,
+                    "depth": o.depth,
+                    "service_s": round(o.service_s, 4) if o.service_s is not None else None,
+                    "estimated_wait_s": round(gw.admission.queue_wait(name), 3) if o.depth else 0.0,
                 },
-                "ttft_p95_s": gate.ttft_p95,
-                "degraded": gate.slow(gate.degrade),
-                "retry_budget_denied": gate.budget.denied,
+                "ttft_p95_s": o.ttft_p95_s,
+                "degraded": o.degraded,
+                "retry_budget_denied": o.retries_denied,
                 "replicas": replicas,
             }
         )

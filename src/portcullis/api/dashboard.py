@@ -398,15 +398,15 @@ async def snapshot(gw: Gateway) -> dict[str, Any]:
 
 def _models(gw: Gateway) -> list[dict[str, Any]]:
     models = []
-    for name, gate in gw.admission.gates.items():
-        capacity = gate.capacity()
+    for o in gw.admission.outlooks():
+        name = o.model
         models.append(
             {
                 "model": name,
-                "enabled": name not in gw.catalog.disabled,
-                "slots_in_use": gate.holding,
-                "slots": capacity if capacity < 1 << 20 else None,
-                "queue": gate.depth,
+                "enabled": o.enabled,
+                "slots_in_use": o.in_use,
+                "slots": o.capacity,
+                "queue": o.depth,
                 "replicas": [
                     {
                         "name": r.name,
@@ -416,7 +416,7 @@ def _models(gw: Gateway) -> list[dict[str, Any]]:
                         "slots": r.limit,
                         "last_error": r.last_error,
                     }
-                    for r in gate.replicas
+                    for r in gw.catalog.models[name]
                 ],
             }
         )

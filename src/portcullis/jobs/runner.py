@@ -27,20 +27,26 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from portcullis.identity.auth import may_use
 from portcullis.identity.keys import now as utc_now
 from portcullis.identity.principal import Principal
-from portcullis.jobs.offpeak import OffPeak
 from portcullis.jobs.store import BatchStore, Line
 from portcullis.obs.logging import get_logger
+from portcullis.offpeak import OffPeak
 
 if TYPE_CHECKING:
-    from portcullis.app import Gateway
+    from portcullis.config import Config
+    from portcullis.identity.keys import KeyStore
+    from portcullis.routing.admission import Admission
+    from portcullis.routing.catalog import Catalog
 
 log = get_logger("portcullis.batch")
 
@@ -65,6 +71,25 @@ _SWEEP_MAX_S = 60.0  # the longest wait between two sweeps of expired files
 _SAFETY = 1.5  # how much longer than the measured pace a batch is assumed to need
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a request the gateway made to itself got: the status and body as a client would have, and a
+    refusal as a value (its code, and how long it asked us to wait), so nobody parses the body for them."""
+
+    status: int
+    body: bytes
+    error: str | None = None  # the error code when status >= 400 (the exchange's error_code)
+    retry_after_s: float = 0.0  # Retry-After of a refusal (0: none)
+
+
+class InternalCall(Protocol):
+    """One request through the whole request path as `principal`, in the background (app.py's call_internal)."""
+
+    async def __call__(
+        self, method: str, path: str, body: bytes, principal: Principal, *, request_id: str
+    ) -> Answer: ...
+
+
 @dataclass(slots=True)
 class _Running:
     batch_id: str
@@ -74,11 +99,27 @@ class _Running:
 
 
 class BatchRunner:
-    def __init__(self, gateway: Gateway, store: BatchStore) -> None:
-        self.gateway = gateway
+    def __init__(
+        self,
+        config: Config,
+        store: BatchStore,
+        *,
+        call: InternalCall,
+        admission: Admission,
+        catalog: Catalog,
+        concurrency_of: Callable[[Principal], int | None],
+        scope_of: Callable[[str], str],
+        keys: Callable[[], KeyStore | None],
+    ) -> None:
         self.store = store
-        self.config = gateway.config.batch
-        self.offpeak = OffPeak(gateway.config.scheduling.off_peak)
+        self.config = config.batch
+        self.offpeak = OffPeak(config.scheduling.off_peak)
+        self.call = call  # a line's request, through the whole request path
+        self.admission = admission  # idle slots, and how fast lines run (its outlook)
+        self.catalog = catalog  # a router's candidates
+        self.concurrency_of = concurrency_of  # an owner's concurrency limit (the quota stage's plan)
+        self.scope_of = scope_of  # the scope a client needs for an endpoint (the route table)
+        self.keys = keys  # the key store, once the preflight made it (None: no API keys)
         self.owner = f"{os.uname().nodename[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
         self.running: dict[int, _Running] = {}  # line id → its task
         self._finished: list[tuple[int, str, str, float]] = []
@@ -105,6 +146,10 @@ class BatchRunner:
             loop.create_task(self._writer()),
             loop.create_task(self._renew()),
         ]
+
+    def collector(self) -> Collector:
+        """The lines this process ran, read at scrape time."""
+        return _LinesCollector(self)
 
     def wake(self) -> None:
         self._wake.set()
@@ -177,21 +222,21 @@ class BatchRunner:
         principal = await self._principal(batch)
         if principal is None:
             return 1  # one line, to record why it cannot run
-        plan, _ = self.gateway.quota.plan_for(principal)
-        if plan.concurrency is None:
-            return 1 << 30
+        limit = self.concurrency_of(principal)
+        if limit is None:
+            return self.config.max_in_flight  # no concurrency limit: the runner's own bounds the lines
         owner = _owner_of(batch)
         mine = sum(1 for r in self.running.values() if r.owner == owner)
-        return plan.concurrency - mine
+        return limit - mine
 
     def _idle(self, model: str) -> int:
-        admission = self.gateway.admission
-        router = self.gateway.catalog.routers.get(model)
+        router = self.catalog.routers.get(model)
         models = router.candidates if router is not None else [model]  # (a batch's model is resolved)
+        outlooks = [o for m in models if (o := self.admission.outlook(m)) is not None]
         # Lines started but not yet holding their slot count against the idle ones.
         started = sum(1 for r in self.running.values() if r.model == model)
-        idle = sum(admission.idle_slots(m) for m in models)
-        holding = sum(len(admission.gates[m].background) for m in models if m in admission.gates)
+        idle = sum(o.idle for o in outlooks)
+        holding = sum(o.background for o in outlooks)
         return idle - max(0, started - holding)
 
     async def _may_run(self, batch: Any, now: float) -> bool:
@@ -200,11 +245,14 @@ class BatchRunner:
         if self.config.in_peak != "when_needed":
             return self.config.in_peak == "always"
         counts = await self.store.counts(batch.id)
-        gate = self.gateway.admission.gates.get(batch.model)
-        service = gate.service_s if gate is not None and gate.service_s is not None else 1.0
-        slots = max(1, min(gate.capacity(), 1 << 20) - self.config.reserve_slots) if gate is not None else 1
+        left = counts.get("pending", 0) + counts.get("leased", 0)
+        outlook = self.admission.outlook(batch.model)
+        service = outlook.service_s if outlook is not None and outlook.service_s is not None else 1.0
+        slots = 1
+        if outlook is not None:  # an unbounded backend: as if its lines all ran at once
+            slots = max(1, (outlook.capacity if outlook.capacity is not None else left) - self.config.reserve_slots)
         return needed_now(
-            left=counts.get("pending", 0) + counts.get("leased", 0),
+            left=left,
             service_s=service,
             slots=slots,
             off_peak_left_s=self.offpeak.seconds_between(now, batch.expires_at),
@@ -251,9 +299,7 @@ class BatchRunner:
                 result = _error_line(request_id, line.custom_id, 403, *refused)
                 self._finished.append((line.id, "failed", result, time.time()))
                 return
-            status, headers, body = await self.gateway.call_internal(
-                "POST", batch.endpoint, line.body.encode(), principal, request_id=request_id
-            )
+            answer = await self.call("POST", batch.endpoint, line.body.encode(), principal, request_id=request_id)
         except asyncio.CancelledError:
             # Cancelled batch or gateway stopping: back to pending (a cancelled batch's finalize marks it).
             self._released.append((line.id, 0.0))
@@ -261,9 +307,10 @@ class BatchRunner:
         finally:
             self.running.pop(line.id, None)
             self._wake.set()
-        code = _error_code(body) if status >= 400 else None
+        status, body = answer.status, answer.body
+        code = answer.error if status >= 400 else None
         if code in _TRANSIENT:  # (a spent budget, 429 budget_exceeded, is an answer: it stays)
-            wait = max(self.config.retry_delay_s, _retry_after(headers))
+            wait = max(self.config.retry_delay_s, answer.retry_after_s)
             self._released.append((line.id, time.time() + wait))
             if code == "rate_limit_exceeded":  # the owner's limit: the whole batch waits, not just this line
                 self._held[batch.id] = time.time() + wait
@@ -288,7 +335,7 @@ class BatchRunner:
         of the batch's endpoint, or its model allow-list no longer names the line's model. (The request path
         trusts an internal request's principal, so the scope is checked here; the model would be refused
         there too, but not before the request had been validated and routed.)"""
-        needed = self.gateway.routes[("POST", batch.endpoint)].scope  # the scope a client needs for the endpoint
+        needed = self.scope_of(batch.endpoint)  # the scope a client needs for the endpoint
         if needed not in principal.scopes:
             return "missing_scope", f"The API key that created this batch no longer has the scope '{needed}'."
         if principal.models is not None:
@@ -309,7 +356,7 @@ class BatchRunner:
         snap = batch.principal
         principal: Principal | None
         key_id = snap.get("key_id")
-        keys = self.gateway.keys
+        keys = self.keys()
         if key_id and keys is not None:
             record = await keys.get(key_id)
             principal = record.principal() if record is not None and record.usable_at(utc_now()) else None
@@ -369,26 +416,6 @@ def needed_now(*, left: int, service_s: float, slots: int, off_peak_left_s: floa
     return off_peak_left_s < left * service_s / max(1, slots) * _SAFETY + margin_s
 
 
-def _error_code(body: bytes) -> str | None:
-    try:
-        error = orjson.loads(body).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return error.get("code") if isinstance(error, dict) else None
-
-
-def _retry_after(headers: dict[bytes, bytes]) -> float:
-    value = headers.get(b"retry-after-ms")
-    if value is not None:
-        with contextlib.suppress(ValueError):
-            return float(value) / 1000
-    value = headers.get(b"retry-after")
-    if value is not None:
-        with contextlib.suppress(ValueError):
-            return float(value)
-    return 0.0
-
-
 def _error_line(request_id: str, custom_id: str, status: int, code: str, message: str) -> str:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
     return orjson.dumps(
@@ -399,3 +426,13 @@ def _error_line(request_id: str, custom_id: str, status: int, code: str, message
             "error": None,
         }
     ).decode()
+
+
+class _LinesCollector(Collector):
+    def __init__(self, runner: BatchRunner) -> None:
+        self.runner = runner
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        lines = CounterMetricFamily("portcullis_batch_lines", "Batch lines this process ran to an answer")
+        lines.add_metric([], self.runner.lines_done)
+        yield lines

@@ -1,98 +1,34 @@
 """Prometheus metrics. Labels are bounded: routes and models come from the config, never the client.
 
-Per-replica gauges (in-flight, slots, state) are read from the catalog at scrape time by a collector,
-so the hot path pays nothing for them.
+Gauges of live state (a replica's in-flight requests, slots and health; a model's queue) are read at scrape
+time by collectors their components own and register (`Metrics.register`), so the hot path pays nothing for
+them and this module imports no stage.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from portcullis.routing.breaker import BreakerState
-from portcullis.routing.catalog import Catalog, ReplicaState
 
-if TYPE_CHECKING:
-    from portcullis.jobs.runner import BatchRunner
-    from portcullis.routing.admission import Admission
-    from portcullis.routing.affinity import Affinity
+class Named(Protocol):
+    """Whatever names the configured models (the catalog): labels are only ever these."""
+
+    @property
+    def models(self) -> Mapping[str, Any]: ...
+
 
 # The *_created series double the scrape for no use in dashboards or alerts.
 disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
-
-
-class ReplicaCollector(Collector):
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        in_flight = GaugeMetricFamily(
-            "portcullis_replica_in_flight", "Requests in flight to a replica", labels=["model", "replica"]
-        )
-        slots = GaugeMetricFamily(
-            "portcullis_replica_slots",
-            "Parallel slots of a replica (llama-server total_slots)",
-            labels=["model", "replica"],
-        )
-        state = GaugeMetricFamily(
-            "portcullis_replica_state",
-            "Health state of a replica (1 for the current state)",
-            labels=["model", "replica", "state"],
-        )
-        breaker = GaugeMetricFamily(
-            "portcullis_breaker_state",
-            "Circuit breaker state of a replica (1 for the current state)",
-            labels=["model", "replica", "state"],
-        )
-        retry_in = GaugeMetricFamily(
-            "portcullis_breaker_retry_in_seconds",
-            "Seconds until an open breaker lets a probe through",
-            labels=["model", "replica"],
-        )
-        connections = GaugeMetricFamily(
-            "portcullis_upstream_connections_in_use",
-            "Pooled traffic connections to a replica held by requests",
-            labels=["model", "replica"],
-        )
-        fresh = CounterMetricFamily(
-            "portcullis_upstream_fresh_connection_retries",
-            "Requests sent again on a fresh connection because their pooled one was already closed",
-            labels=["model", "replica"],
-        )
-        pool_timeouts = CounterMetricFamily(
-            "portcullis_upstream_pool_timeouts",
-            "Requests that found every pooled connection to a replica busy for pool_s",
-            labels=["model", "replica"],
-        )
-        for r in self.catalog.all_replicas():
-            if r.client is not None:
-                connections.add_metric([r.model, r.name], r.client.in_use)
-                fresh.add_metric([r.model, r.name], r.client.fresh_retries)
-                pool_timeouts.add_metric([r.model, r.name], r.client.pool_timeouts)
-            in_flight.add_metric([r.model, r.name], r.in_flight)
-            slots.add_metric([r.model, r.name], r.capacity)
-            for s in ReplicaState:
-                state.add_metric([r.model, r.name, s.value], 1.0 if r.state is s else 0.0)
-            for b in BreakerState:
-                breaker.add_metric([r.model, r.name, b.value], 1.0 if r.breaker.state is b else 0.0)
-            retry_in.add_metric([r.model, r.name], r.breaker.retry_in())
-        yield in_flight
-        yield slots
-        yield state
-        yield breaker
-        yield retry_in
-        yield connections
-        yield fresh
-        yield pool_timeouts
 
 
 class _CountedCollector(Collector):
@@ -102,63 +38,6 @@ class _CountedCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         for name, (doc, read) in self.counted.items():
             yield CounterMetricFamily(name, doc, value=read())
-
-
-class AdmissionCollector(Collector):
-    def __init__(self, admission: Admission) -> None:
-        self.admission = admission
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        depth = GaugeMetricFamily("portcullis_queue_depth", "Requests waiting for a slot", labels=["model"])
-        holding = GaugeMetricFamily("portcullis_slots_in_use", "Requests holding a slot of a model", labels=["model"])
-        capacity = GaugeMetricFamily(
-            "portcullis_slots_capacity",
-            "Slots of a model's usable replicas (ready, breaker not open)",
-            labels=["model"],
-        )
-        for model, gate in self.admission.gates.items():
-            depth.add_metric([model], gate.depth)
-            holding.add_metric([model], gate.holding)
-            capacity.add_metric([model], min(gate.capacity(), 1 << 20))
-        yield depth
-        yield holding
-        yield capacity
-
-
-class RoutingCollector(Collector):
-    """Placement by prefix affinity, preemptions of background work, batch lines run: read at scrape time."""
-
-    def __init__(self, affinity: Affinity, admission: Admission, runner: BatchRunner | None) -> None:
-        self.affinity = affinity
-        self.admission = admission
-        self.runner = runner
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        placements = CounterMetricFamily(
-            "portcullis_affinity_placements",
-            "Requests placed by prefix affinity: hit (the replica holding the prefix), new (an unseen prefix, "
-            "by its hash), overflow (that replica was full)",
-            labels=["result"],
-        )
-        a = self.affinity
-        for result, value in (("hit", a.hits), ("new", a.new), ("overflow", a.overflow)):
-            placements.add_metric([result], value)
-        yield placements
-        preempted = CounterMetricFamily(
-            "portcullis_background_preempted", "Background (batch) requests that gave their slot up", labels=["model"]
-        )
-        background = GaugeMetricFamily(
-            "portcullis_background_in_flight", "Background (batch) requests holding a slot", labels=["model"]
-        )
-        for model, gate in self.admission.gates.items():
-            preempted.add_metric([model], gate.preempted)
-            background.add_metric([model], len(gate.background))
-        yield preempted
-        yield background
-        if self.runner is not None:
-            lines = CounterMetricFamily("portcullis_batch_lines", "Batch lines this process ran to an answer")
-            lines.add_metric([], self.runner.lines_done)
-            yield lines
 
 
 class _Histogram:
@@ -266,7 +145,7 @@ class Metrics:
     the exposition format is unchanged (a collector renders these as the usual counter and histogram).
     """
 
-    def __init__(self, catalog: Catalog, *, per_key: bool = False) -> None:
+    def __init__(self, catalog: Named, *, per_key: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.cost: dict[tuple[str], float] = {}
         # key id → [requests, prompt tokens, completion tokens, spend]; only when the operator opts in
@@ -281,7 +160,6 @@ class Metrics:
         self.overhead: dict[tuple[str], _Histogram] = {}
         self.cache_lookups: dict[tuple[str, str], float] = {}  # (route, result) → count; per request
         self.registry.register(_RequestCollector(self))
-        self.registry.register(ReplicaCollector(catalog))
         # Quota and usage events: rare next to requests, so prometheus_client's own types are fine here.
         r = self.registry
         self.quota_refusals = Counter(
@@ -392,11 +270,10 @@ class Metrics:
         """Export a counter its owner keeps (a plain int attribute, say) under `name`."""
         self._counted[name] = (doc, read)
 
-    def watch_admission(self, admission: Admission) -> None:
-        self.registry.register(AdmissionCollector(admission))
-
-    def watch_routing(self, affinity: Affinity, admission: Admission, runner: BatchRunner | None) -> None:
-        self.registry.register(RoutingCollector(affinity, admission, runner))
+    def register(self, collector: Collector) -> None:
+        """A component's own collector, read at scrape time (the catalog's replica gauges, admission's queues,
+        affinity's placements, the batch runner's lines): obs/ knows no stage, each stage knows its numbers."""
+        self.registry.register(collector)
 
     def observe(
         self,

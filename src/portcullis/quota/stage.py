@@ -164,6 +164,10 @@ class Quota:
             entry = self._plans[cache_key] = (plan, _header_spec(plan))
         return entry
 
+    def concurrency_of(self, principal: Principal) -> int | None:
+        """How many requests `principal` may have in flight (None: no limit)."""
+        return self.plan_for(principal)[0].concurrency
+
     async def admit(self, req: Request, ex: Exchange, request: Any) -> None:
         """`request`: the validated chat, completion or embedding request (sizes the reservation)."""
         if ex.trace is not None:

@@ -38,9 +38,13 @@ import math
 import time
 from array import array
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from portcullis.config import Config, DegradeConfig, UpstreamTimeouts
 from portcullis.errors import ServiceUnavailable, retry_after_headers
@@ -306,6 +310,30 @@ class Gate:
         return self.ttft_p95 is not None and self.ttft_p95 > threshold
 
 
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    """A model's slots and queue as they stand: what the router, the admin API, the dashboard, the metrics
+    and the batch runner read of admission (none of them touches a gate)."""
+
+    model: str
+    capacity: int | None  # slots of its usable replicas; None: unbounded (a backend without a slot count)
+    in_use: int  # slots held
+    depth: int  # requests waiting for one
+    background: int  # slots held by background work (batch lines)
+    preempted: int  # background requests that gave their slot up, since start
+    idle: int  # slots background work may take now (nobody waits; batch.reserve_slots kept free)
+    service_s: float | None  # how long a slot is held (EWMA); None until measured
+    ttft_p95_s: float | None
+    degraded: bool  # answering slowly enough that requests are degraded
+    enabled: bool
+    retries_denied: int  # retries its retry budget refused, since start
+
+    @property
+    def free_slot(self) -> bool:
+        """Would a request get a slot now, without queueing?"""
+        return self.depth == 0 and (self.capacity is None or self.in_use < self.capacity)
+
+
 class Admission:
     def __init__(self, config: Config, catalog: Catalog, metrics: Metrics) -> None:
         self.config = config
@@ -357,6 +385,57 @@ class Admission:
         if low:
             return self.low_priority
         return self.priorities.get(principal.tier, 0) if principal is not None else 0
+
+    # -- what the rest of the gateway reads ----------------------------------------------------------
+
+    def outlook(self, model: str) -> Outlook | None:
+        """The model's slots and queue now (None: not a model of this gateway)."""
+        gate = self.gates.get(model)
+        if gate is None:
+            return None
+        capacity = gate.capacity()
+        enabled = model not in self.catalog.disabled
+        return Outlook(
+            model=model,
+            capacity=capacity if capacity < _UNLIMITED else None,
+            in_use=gate.holding,
+            depth=gate.depth,
+            background=len(gate.background),
+            preempted=gate.preempted,
+            idle=gate.idle(self.reserve) if enabled and not self.closed else 0,
+            service_s=gate.service_s,
+            ttft_p95_s=gate.ttft_p95,
+            degraded=gate.slow(gate.degrade),
+            enabled=enabled,
+            retries_denied=gate.budget.denied,
+        )
+
+    def outlooks(self) -> list[Outlook]:
+        """Every model's, in the catalog's order."""
+        return [o for model in self.gates if (o := self.outlook(model)) is not None]
+
+    def free_slot(self, model: str) -> bool:
+        """Would a request get a slot of `model` now, without queueing?"""
+        gate = self.gates[model]
+        return gate.depth == 0 and gate.holding < gate.capacity()
+
+    def expected_wait(self, model: str, priority: int | None = None) -> float:
+        """Seconds a request of `priority` would wait for a slot of `model` now (0 with a free slot): the
+        waiters of its priority and above ahead of it, at the rate slots free up (estimate_wait)."""
+        if self.free_slot(model):
+            return 0.0
+        gate = self.gates[model]
+        ahead = gate.ahead_of(priority) if priority is not None else gate.depth
+        return gate.estimate_wait(ahead + 1, priority)
+
+    def queue_wait(self, model: str) -> float:
+        """Seconds the next request to join the back of `model`'s queue would wait, whatever its priority."""
+        gate = self.gates[model]
+        return gate.estimate_wait(gate.depth + 1)
+
+    def collector(self) -> Collector:
+        """Queues, slots and background work per model, read at scrape time."""
+        return _AdmissionCollector(self)
 
     def idle_slots(self, model: str) -> int:
         """Slots of a model that background work may take now (jobs/runner.py asks before leasing lines)."""
@@ -551,3 +630,35 @@ class Slot:
             gate.observe_ttft(ex.ttft_s)
         elif ex.prompt_s is not None:
             gate.observe_ttft(ex.queue_s + ex.prompt_s)
+
+
+class _AdmissionCollector(Collector):
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        depth = GaugeMetricFamily("portcullis_queue_depth", "Requests waiting for a slot", labels=["model"])
+        holding = GaugeMetricFamily("portcullis_slots_in_use", "Requests holding a slot of a model", labels=["model"])
+        capacity = GaugeMetricFamily(
+            "portcullis_slots_capacity",
+            "Slots of a model's usable replicas (ready, breaker not open)",
+            labels=["model"],
+        )
+        preempted = CounterMetricFamily(
+            "portcullis_background_preempted", "Background (batch) requests that gave their slot up", labels=["model"]
+        )
+        background = GaugeMetricFamily(
+            "portcullis_background_in_flight", "Background (batch) requests holding a slot", labels=["model"]
+        )
+        for o in self.admission.outlooks():
+            depth.add_metric([o.model], o.depth)
+            holding.add_metric([o.model], o.in_use)
+            # An unbounded backend has no slot count: its gauge reads +Inf (it was a large sentinel before).
+            capacity.add_metric([o.model], o.capacity if o.capacity is not None else float("inf"))
+            preempted.add_metric([o.model], o.preempted)
+            background.add_metric([o.model], o.background)
+        yield depth
+        yield holding
+        yield capacity
+        yield preempted
+        yield background

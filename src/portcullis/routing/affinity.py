@@ -24,8 +24,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from portcullis.config import AffinityConfig
 from portcullis.routing.catalog import Replica
@@ -54,6 +57,10 @@ class Affinity:
         self.hits = 0  # placed on the replica of a known prefix
         self.new = 0  # an unknown prefix, placed by its hash
         self.overflow = 0  # the replica it belongs to was full: placed elsewhere
+
+    def collector(self) -> Collector:
+        """Placements by prefix affinity, read at scrape time."""
+        return _PlacementCollector(self)
 
     def keys(self, model: str, payload: dict[str, Any]) -> tuple[bytes, ...]:
         """One key per whole leading block of the prompt (none for a prompt shorter than a block)."""
@@ -121,3 +128,20 @@ class Affinity:
             index.move_to_end(key)
         while len(index) > self.config.max_entries:
             index.popitem(last=False)
+
+
+class _PlacementCollector(Collector):
+    def __init__(self, affinity: Affinity) -> None:
+        self.affinity = affinity
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        placements = CounterMetricFamily(
+            "portcullis_affinity_placements",
+            "Requests placed by prefix affinity: hit (the replica holding the prefix), new (an unseen prefix, "
+            "by its hash), overflow (that replica was full)",
+            labels=["result"],
+        )
+        a = self.affinity
+        for result, value in (("hit", a.hits), ("new", a.new), ("overflow", a.overflow)):
+            placements.add_metric([result], value)
+        yield placements

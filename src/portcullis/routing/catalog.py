@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
 from portcullis.config import BreakerConfig, Config, DeploymentConfig, RouterConfig
 from portcullis.errors import NotFound
-from portcullis.routing.breaker import Breaker
+from portcullis.routing.breaker import Breaker, BreakerState
 
 if TYPE_CHECKING:
     import aiohttp
@@ -306,6 +310,10 @@ class Catalog:
         ]
         return out
 
+    def collector(self) -> Collector:
+        """Every replica's live state as gauges, read at scrape time."""
+        return ReplicaCollector(self)
+
     def all_replicas(self) -> list[Replica]:
         return [r for replicas in self.models.values() for r in replicas]
 
@@ -318,3 +326,70 @@ class Catalog:
             if name not in self.disabled
             and not any(r.state is ReplicaState.READY and r.breaker.allows(now) for r in replicas)
         ]
+
+
+class ReplicaCollector(Collector):
+    """Every replica's live state, read at scrape time (registered by the composition: app.py)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        in_flight = GaugeMetricFamily(
+            "portcullis_replica_in_flight", "Requests in flight to a replica", labels=["model", "replica"]
+        )
+        slots = GaugeMetricFamily(
+            "portcullis_replica_slots",
+            "Parallel slots of a replica (llama-server total_slots)",
+            labels=["model", "replica"],
+        )
+        state = GaugeMetricFamily(
+            "portcullis_replica_state",
+            "Health state of a replica (1 for the current state)",
+            labels=["model", "replica", "state"],
+        )
+        breaker = GaugeMetricFamily(
+            "portcullis_breaker_state",
+            "Circuit breaker state of a replica (1 for the current state)",
+            labels=["model", "replica", "state"],
+        )
+        retry_in = GaugeMetricFamily(
+            "portcullis_breaker_retry_in_seconds",
+            "Seconds until an open breaker lets a probe through",
+            labels=["model", "replica"],
+        )
+        connections = GaugeMetricFamily(
+            "portcullis_upstream_connections_in_use",
+            "Pooled traffic connections to a replica held by requests",
+            labels=["model", "replica"],
+        )
+        fresh = CounterMetricFamily(
+            "portcullis_upstream_fresh_connection_retries",
+            "Requests sent again on a fresh connection because their pooled one was already closed",
+            labels=["model", "replica"],
+        )
+        pool_timeouts = CounterMetricFamily(
+            "portcullis_upstream_pool_timeouts",
+            "Requests that found every pooled connection to a replica busy for pool_s",
+            labels=["model", "replica"],
+        )
+        for r in self.catalog.all_replicas():
+            if r.client is not None:
+                connections.add_metric([r.model, r.name], r.client.in_use)
+                fresh.add_metric([r.model, r.name], r.client.fresh_retries)
+                pool_timeouts.add_metric([r.model, r.name], r.client.pool_timeouts)
+            in_flight.add_metric([r.model, r.name], r.in_flight)
+            slots.add_metric([r.model, r.name], r.capacity)
+            for s in ReplicaState:
+                state.add_metric([r.model, r.name, s.value], 1.0 if r.state is s else 0.0)
+            for b in BreakerState:
+                breaker.add_metric([r.model, r.name, b.value], 1.0 if r.breaker.state is b else 0.0)
+            retry_in.add_metric([r.model, r.name], r.breaker.retry_in())
+        yield in_flight
+        yield slots
+        yield state
+        yield breaker
+        yield retry_in
+        yield connections
+        yield fresh
+        yield pool_timeouts

@@ -31,7 +31,7 @@ from portcullis.config import Config, RouterConfig
 from portcullis.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable, retry_after_headers
 from portcullis.identity.auth import require_model
 from portcullis.identity.principal import Principal
-from portcullis.jobs.offpeak import OffPeak
+from portcullis.offpeak import OffPeak
 from portcullis.routing.affinity import Affinity
 from portcullis.routing.balancer import choose, unavailable
 from portcullis.routing.catalog import Catalog, Replica, SideCall
@@ -357,9 +357,8 @@ class Router:
             p = sum(r.prompt_per_1k for r in usable) / len(usable)
             q = sum(r.completion_per_1k for r in usable) / len(usable)
             c.cost = (counted * p + completion * q) / 1000
-            gate = self.admission.gates[model]
-            c.free_slot = gate.depth == 0 and gate.holding < gate.capacity()
-            c.wait_s = 0.0 if c.free_slot else gate.estimate_wait(gate.ahead_of(priority) + 1, priority)
+            c.free_slot = self.admission.free_slot(model)
+            c.wait_s = 0.0 if c.free_slot else self.admission.expected_wait(model, priority)
             c.latency_s = _latency(usable, counted, completion, c.wait_s)
             if constraints.max_cost is not None and c.cost > constraints.max_cost:
                 c.excluded = f"over max_cost {constraints.max_cost:g}"
