@@ -41,7 +41,7 @@ from portcullis.identity.principal import Principal
 from portcullis.jobs.runner import BatchRunner
 from portcullis.jobs.store import BatchStore
 from portcullis.obs.lag import LAG
-from portcullis.obs.logging import access_line, flush_logs, get_logger
+from portcullis.obs.logging import access_line, bind_principal, bind_request, flush_logs, get_logger, isolated
 from portcullis.obs.memory import MemoryReturn
 from portcullis.obs.metrics import Metrics
 from portcullis.obs.timeline import Timeline
@@ -225,6 +225,7 @@ class Gateway:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = Request(scope, receive, send)
+        bind_request(req.request_id)
         raw_path = scope.get("raw_path")
         if raw_path is not None and b"%" in raw_path:
             # Route on the path as sent: uvicorn's decoded one would let /%61dmin/keys reach /admin/keys (a
@@ -250,6 +251,7 @@ class Gateway:
                     ex.trace.stage("authenticate")
                 ex.principal = await self.identity.authenticate(req)
                 require_scope(ex.principal, needed)
+            bind_principal(ex.principal)
             if ex.trace is not None:
                 ex.trace.stage("validate")  # the handler reads, parses and validates the body first
             await handler(self, req, ex, *args)
@@ -712,7 +714,7 @@ class Gateway:
             else:
                 chunks.append(message.get("body", b""))
 
-        await self.handle(scope, receive, send)
+        await isolated(self.handle(scope, receive, send))
         return status, headers, b"".join(chunks)
 
     # -- replicas and breakers -----------------------------------------------------------------

@@ -32,6 +32,7 @@ from portcullis.errors import ContextLengthExceeded, InvalidRequest, ServiceUnav
 from portcullis.identity.auth import require_model
 from portcullis.identity.principal import Principal
 from portcullis.jobs.offpeak import OffPeak
+from portcullis.obs.logging import bind_model
 from portcullis.routing.affinity import Affinity
 from portcullis.routing.balancer import choose, unavailable
 from portcullis.routing.catalog import Catalog, Replica
@@ -154,6 +155,7 @@ class Router:
         asked = payload["model"]
         name = self.catalog.resolve(asked)
         require_model(ex.principal, asked, name)
+        bind_model(name)
         header = req.header
         if (
             "portcullis" in payload
@@ -179,6 +181,7 @@ class Router:
         if name in self.catalog.routers:
             decision = await self.decide(name, payload, constraints, ex.principal, asked=asked)
             name = ex.model = decision.model
+            bind_model(name)
             ex.need = decision.need
             ex.route_reason = decision.reason
             req.response_headers.append((ROUTE_HEADER, decision.header()))
