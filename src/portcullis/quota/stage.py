@@ -31,6 +31,7 @@ from portcullis.config import Config
 from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequests, retry_after_headers
 from portcullis.http import Request
 from portcullis.identity.principal import Principal
+from portcullis.obs.logging import detached
 from portcullis.obs.metrics import Metrics
 from portcullis.quota import estimate
 from portcullis.quota.alerts import BudgetAlerts
@@ -330,7 +331,7 @@ class Quota:
                 else "requests with quotas get 503 until Redis is back"
             ),
         )
-        probe = asyncio.create_task(self._probe_until_back())
+        probe = asyncio.create_task(self._probe_until_back(), context=detached())  # not the request's: it lives on
         self._tasks.append(probe)
         probe.add_done_callback(self._tasks.remove)
 
