@@ -44,7 +44,7 @@ from portcullis.identity.principal import Principal
 from portcullis.jobs.runner import Answer, BatchRunner
 from portcullis.jobs.store import BatchStore
 from portcullis.obs.lag import LAG
-from portcullis.obs.logging import access_line, flush_logs, get_logger
+from portcullis.obs.logging import access_line, bind_principal, bind_request, flush_logs, get_logger, isolated
 from portcullis.obs.memory import MemoryReturn
 from portcullis.obs.metrics import Metrics
 from portcullis.obs.timeline import Timeline
@@ -240,6 +240,7 @@ class Gateway:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = Request(scope, receive, send)
+        bind_request(req.request_id)
         raw_path = scope.get("raw_path")
         if raw_path is not None and b"%" in raw_path:
             # Route on the path as sent: uvicorn's decoded one would let /%61dmin/keys reach /admin/keys (a
@@ -269,6 +270,7 @@ class Gateway:
                     ex.trace.stage("authenticate")
                 ex.principal = await self.identity.authenticate(req)
                 require_scope(ex.principal, route.scope)
+            bind_principal(ex.principal)
             if ex.trace is not None:
                 ex.trace.stage("validate")  # the handler reads, parses and validates the body first
             await route.handler(self, req, ex, *args)
@@ -730,7 +732,7 @@ class Gateway:
             else:
                 chunks.append(message.get("body", b""))
 
-        await self.handle(scope, receive, send)
+        await isolated(self.handle(scope, receive, send))
         return Answer(status, b"".join(chunks), internal.error, _retry_after(headers) if status >= 400 else 0.0)
 
     # -- replicas and breakers -----------------------------------------------------------------

@@ -4,20 +4,30 @@ structlog renders each event to one JSON line (orjson); the lines go to a bounde
 a loop callback flushes to stdout in one write every `flush_interval_s` (and at shutdown). A full
 buffer drops lines and counts them rather than block a request. Prompts and completions are never
 logged: the access line carries sizes, tokens and timings only.
+
+Every line logged on a request's path carries the request's `request_id`, `key_id` and `model`: they are
+bound once per request in its contextvars context (`bind_request`, `bind_principal`, `bind_model`) and
+structlog's `merge_contextvars` adds them to each line (a field the call passes itself wins). Outside a
+request (startup, background loops) a line carries none of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 import structlog
+from structlog.contextvars import STRUCTLOG_KEY_PREFIX, bind_contextvars, clear_contextvars
+
+T = TypeVar("T")
 
 
 class BufferedLineWriter:
@@ -151,3 +161,60 @@ def flush_logs() -> None:
 
 def get_logger(name: str = "portcullis") -> Any:
     return structlog.get_logger(name)
+
+
+# -- the request's context -------------------------------------------------------------------------
+# structlog's own context variables for the three request fields (the same objects bind_contextvars uses, so
+# both spellings meet), fetched once: binding them is then a plain ContextVar.set each.
+_REQUEST_ID, _KEY_ID, _MODEL = (
+    token.var
+    for token in contextvars.Context()
+    .run(bind_contextvars, request_id=Ellipsis, key_id=Ellipsis, model=Ellipsis)
+    .values()
+)
+
+
+def bind_request(request_id: str) -> None:
+    """Start a request's log context (first thing in Gateway.handle): its id, `key_id` and `model` null until
+    known. All three are set, never added to: a request's task may start in a copy of an earlier request's
+    context (uvicorn creates a pipelined request's task from inside the previous one's)."""
+    _REQUEST_ID.set(request_id)
+    _KEY_ID.set(None)
+    _MODEL.set(None)
+
+
+def bind_principal(principal: Any) -> None:
+    """Once authenticated (or run as the batch's owner): the key id on every later line. None: not known."""
+    if principal is not None:
+        _KEY_ID.set(principal.key_id)
+
+
+def bind_model(model: str | None) -> None:
+    """The model the route stage resolved (a router's choice once made)."""
+    _MODEL.set(model)
+
+
+def bind(**fields: Any) -> None:
+    """Any other field, on every later line of the current context (bind_request resets only its three)."""
+    bind_contextvars(**fields)
+
+
+async def isolated(awaitable: Awaitable[T]) -> T:
+    """Await a request run inside another task (Gateway.call_internal, from a batch line's task), then give
+    that task back its own log context: the request's bindings must not label the caller's later lines."""
+    saved = contextvars.copy_context()
+    try:
+        return await awaitable
+    finally:
+        for var in contextvars.copy_context():
+            if var.name.startswith(STRUCTLOG_KEY_PREFIX):
+                var.set(saved.get(var, Ellipsis))
+
+
+def detached() -> contextvars.Context:
+    """A context without any request's log fields, for a long-lived task a request may happen to start (a
+    recovery probe, a retry loop): `loop.create_task(coro, context=detached())`. Without it the task would
+    label its lines, for its whole life, with the request that started it."""
+    context = contextvars.copy_context()
+    context.run(clear_contextvars)
+    return context

@@ -30,6 +30,7 @@ from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequest
 from portcullis.exchange import Exchange, Filter
 from portcullis.http import Request
 from portcullis.identity.principal import Principal
+from portcullis.obs.logging import detached
 from portcullis.obs.metrics import Metrics
 from portcullis.quota import estimate
 from portcullis.quota.alerts import BudgetAlerts
@@ -342,7 +343,7 @@ class Quota:
                 else "requests with quotas get 503 until Redis is back"
             ),
         )
-        probe = asyncio.create_task(self._probe_until_back())
+        probe = asyncio.create_task(self._probe_until_back(), context=detached())  # not the request's: it lives on
         self._tasks.append(probe)
         probe.add_done_callback(self._tasks.remove)
 

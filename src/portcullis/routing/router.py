@@ -31,6 +31,7 @@ from portcullis.config import Config, RouterConfig
 from portcullis.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable, retry_after_headers
 from portcullis.identity.auth import require_model
 from portcullis.identity.principal import Principal
+from portcullis.obs.logging import bind_model
 from portcullis.offpeak import OffPeak
 from portcullis.routing.affinity import Affinity
 from portcullis.routing.balancer import choose, unavailable
@@ -160,6 +161,7 @@ class Router:
         asked = payload["model"]
         name = self.catalog.resolve(asked)
         require_model(ex.principal, asked, name)
+        bind_model(name)
         header = req.header
         if (
             "portcullis" in payload
@@ -185,6 +187,7 @@ class Router:
         if name in self.catalog.routers:
             decision = await self.decide(name, payload, constraints, ex.principal, asked=asked)
             name = ex.model = decision.model
+            bind_model(name)
             ex.need = decision.need
             ex.route_reason = decision.reason
             req.response_headers.append((ROUTE_HEADER, decision.header()))

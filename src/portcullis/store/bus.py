@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from portcullis.obs.logging import get_logger
+from portcullis.obs.logging import detached, get_logger
 
 CHANNEL = "portcullis:events"
 log = get_logger("portcullis.bus")
@@ -59,7 +59,8 @@ class EventBus:
                 self._outbox.pop(0)  # the oldest: the processes' short TTL has covered it by now
             self._outbox.append(event)
         if self._sender is None or self._sender.done():
-            self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
+            # Detached: its retries are for every request's events, not the one that started it.
+            self._sender = asyncio.get_running_loop().create_task(self._send_outbox(), context=detached())
         return False
 
     async def _send(self, event: dict[str, Any]) -> bool:

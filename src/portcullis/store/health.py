@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from portcullis.obs.lag import LAG
+from portcullis.obs.logging import detached
 
 _PROBE_S = 1.0
 
@@ -49,7 +50,8 @@ class DatabaseHealth:
             self.gauge.set(1)
         self.log.error("database_degraded", error=self.last_error)
         with contextlib.suppress(RuntimeError):  # no running loop: nobody to probe for (tests)
-            self._probe = asyncio.get_running_loop().create_task(self._probe_until_back())
+            # Detached: the request that noticed the outage must not label the probe's lines (database_recovered).
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_back(), context=detached())
 
     def succeeded(self) -> None:
         if not self.degraded:
