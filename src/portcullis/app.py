@@ -296,7 +296,6 @@ class Gateway:
                 self.db_health.failed(exc)
             self.log.warning(
                 "dependency_unavailable",
-                request_id=req.request_id,
                 path=req.path,
                 error=type(exc).__name__,
                 store=store,
@@ -325,7 +324,7 @@ class Gateway:
                 ex.trace.finish(req, ex)
 
     async def _unhandled(self, req: Request, ex: Exchange) -> None:
-        self.log.exception("unhandled_error", request_id=req.request_id, path=req.path)
+        self.log.exception("unhandled_error", path=req.path)
         ex.error_code = "internal_error"
         if req.status == 0:
             await req.respond_error(GatewayError("The gateway failed to handle the request."))

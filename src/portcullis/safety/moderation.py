@@ -353,11 +353,8 @@ class Moderation:
             ex.moderation = f"{ex.moderation},{mark}"
         principal = ex.principal
         self.log.warning(
-            "moderation_violation",
-            request_id=req.request_id,
+            "moderation_violation",  # (request_id, key_id and model: the request's log context)
             user=principal.user if principal else None,
-            key_id=principal.key_id if principal else None,
-            model=ex.model,
             stage=stage,
             action=strongest,
             findings=[{"moderator": f.moderator, "category": f.category, "action": f.action} for f in findings],
