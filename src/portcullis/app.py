@@ -281,7 +281,7 @@ class Gateway:
         except ClientDisconnected:
             req.status = req.status or 499
         except asyncio.CancelledError:
-            if ex.abort_reason is None:
+            if ex.abort_reason is None or not ex.abort_reason.final:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             await self._after_abort(req, ex)

@@ -33,11 +33,20 @@ Chunk = dict[str, Any]  # one stream event's JSON (a chat.completion.chunk or a 
 
 
 class Abort(StrEnum):
-    """Why an exchange was cut short from outside (its value is logged and is the task's cancel message)."""
+    """Why an exchange's task was cancelled from outside (the value is the task's cancel message). Every
+    cancellation goes through `Exchange.abort`; the handler, or the stage that owns the reason, answers it."""
 
     CLIENT_GONE = "client_disconnected"
     SHUTDOWN = "shutdown"
     PREEMPTED = "preempted"  # a background (batch) request gave its slot to an interactive one
+    # These two are taken back (`Exchange.resume`) by the stage they belong to, which answers them and goes on:
+    DEADLINE = "upstream_deadline"  # an upstream attempt's time limit passed: retried, a 504 or an error event
+    MODERATION = "moderation"  # a parallel input verdict refused the request: the refusal is the answer
+
+    @property
+    def final(self) -> bool:
+        """Does the request end with it (rather than a stage answering it and going on)?"""
+        return self not in (Abort.DEADLINE, Abort.MODERATION)
 
 
 class ResponseFilter(Protocol):
@@ -117,9 +126,8 @@ class Exchange:
     # nearest thing to a time to first token that a one-piece answer tells.
     prompt_s: float | None = None
     attempts: int = 0
-    # The current upstream attempt's time limit (loop time; 0: none) and whether it passed (deadline.py).
+    # The current upstream attempt's time limit (loop time; 0: none); deadline.py aborts it when it passes.
     deadline: float = 0.0
-    deadline_expired: bool = False
     # The attempt's replica was found dead while the attempt waited on it (health probes): cut it now.
     replica_lost: bool = False
     degraded: str | None = None  # what degradation changed, as told in x-portcullis-degraded
@@ -146,10 +154,25 @@ class Exchange:
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def abort(self, reason: Abort) -> None:
-        if self.finished or self.abort_reason is not None or self.task is None:
+        """Cancel the request's task for `reason`; not once its last byte is on its way, and not over a reason
+        already given, unless that one would be taken back and this one ends the request (a client that
+        leaves while a deadline is being answered must still be seen as gone)."""
+        current = self.abort_reason
+        if self.finished or self.task is None or (current is not None and (current.final or not reason.final)):
             return
         self.abort_reason = reason
         self.task.cancel(reason)
+
+    def resume(self, reason: Abort) -> bool:
+        """In the stage that owns `reason`, handling a CancelledError: if that is why, take the cancellation
+        back (the stage answers it) and return True; False when it is another reason, not the stage's to answer."""
+        if self.abort_reason is not reason:
+            return False
+        self.abort_reason = None
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
 
     def watch_disconnect(self, wait_disconnect: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Abort when the client goes away (the body must have been read already). Once per exchange:
@@ -186,7 +209,7 @@ class Exchange:
         if prompt is None and completion is None:
             if self.replica is None:
                 prompt = completion = 0  # refused before any upstream was asked
-            elif self.streamed_tokens or status == 200 or self.abort_reason is not None:
+            elif self.streamed_tokens or status == 200 or (self.abort_reason is not None and self.abort_reason.final):
                 # Cut before the usage chunk, or an upstream that reports no usage: the prompt was read and
                 # these tokens were sent.
                 prompt, completion = self.prompt_estimate, self.streamed_tokens

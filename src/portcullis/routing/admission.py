@@ -262,9 +262,9 @@ class Gate:
         if self.depth <= self.preempting:
             return
         for ex in reversed(self.background):
-            if ex.abort_reason is None:
+            if ex.abort_reason is None or not ex.abort_reason.final:
                 ex.abort(Abort.PREEMPTED)
-                if ex.abort_reason == Abort.PREEMPTED:  # (one that is finishing anyway frees its slot soon)
+                if ex.abort_reason is Abort.PREEMPTED:  # (one that is finishing anyway frees its slot soon)
                     self.preempting += 1
                     self.preempted += 1
                     return

@@ -34,7 +34,7 @@ import orjson
 
 from portcullis.config import Config, GuardModelConfig, OpenAIModerationConfig, RulesConfig
 from portcullis.errors import GatewayError, InvalidRequest, NotFound, ServiceUnavailable
-from portcullis.exchange import Exchange
+from portcullis.exchange import Abort, Exchange
 from portcullis.http import Request
 from portcullis.safety.moderators import (
     OPENAI_CATEGORIES,
@@ -469,7 +469,6 @@ class Screen:
         "req",
         "settled",
         "task",
-        "verdict_cancelled",
     )
 
     def __init__(
@@ -493,7 +492,6 @@ class Screen:
         self.task: asyncio.Task[tuple[list[Finding], str | None]] | None = None
         self.inside = False  # parallel: the handler is between the screen's start and end, not at its hold
         self.settled = False  # the verdict has been applied (refused, or let through)
-        self.verdict_cancelled = False  # a parallel verdict cancelled the handler's task
 
     async def __aenter__(self) -> Screen:
         self.places = places = input_texts(self.payload, self.chat)
@@ -544,11 +542,10 @@ class Screen:
             return
         findings, failed = task.result()
         if failed is not None or any(f.action == "block" for f in findings):
-            handler = self.ex.task
-            if handler is not None and not self.ex.finished and self.ex.abort_reason is None:
-                self.verdict_cancelled = True
-                self.moderation.metrics.moderation_cancelled_upstream.inc()
-                handler.cancel("moderation")
+            if self.ex.abort_reason is None:
+                self.ex.abort(Abort.MODERATION)
+                if self.ex.abort_reason is Abort.MODERATION:
+                    self.moderation.metrics.moderation_cancelled_upstream.inc()
 
     async def _hold(self) -> None:
         """Before the first byte to the client: the verdict, or the refusal."""
@@ -567,10 +564,9 @@ class Screen:
         if self.settled:
             return False  # the answer (or the refusal) already went through the hold
         if isinstance(exc, asyncio.CancelledError):
-            if not self.verdict_cancelled or self.ex.abort_reason is not None:
+            if not self.ex.resume(Abort.MODERATION):
                 task.cancel()
                 return False  # the client left, or the shutdown: not ours to answer
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
         elif not isinstance(exc, GatewayError):
             task.cancel()  # finished without the hold (nothing was sent), or an unexpected failure
             return False

@@ -15,11 +15,12 @@ import contextlib
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from portcullis.exchange import Abort
+
 if TYPE_CHECKING:
     from portcullis.exchange import Exchange
 
 TICK_S = 0.05
-EXPIRED = "upstream deadline"  # the cancel message, for whoever reads a traceback
 
 
 class Deadlines:
@@ -39,9 +40,7 @@ class Deadlines:
             expired = [ex for ex in self.exchanges if 0.0 < ex.deadline <= now]
             for ex in expired:
                 ex.deadline = 0.0
-                ex.deadline_expired = True
-                if ex.task is not None:
-                    ex.task.cancel(EXPIRED)
+                ex.abort(Abort.DEADLINE)
 
     async def stop(self) -> None:
         if self._runner is not None:

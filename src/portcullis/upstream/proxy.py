@@ -26,7 +26,7 @@ import aiohttp
 import orjson
 
 from portcullis.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
-from portcullis.exchange import Exchange
+from portcullis.exchange import Abort, Exchange
 from portcullis.http import Request
 from portcullis.obs.lag import LAG
 from portcullis.routing.balancer import choose, unavailable
@@ -212,10 +212,8 @@ class Upstream:
             ex.deadline = 0.0  # from here on only the client is written to
             await respond_as_requested_model(req, ex, raw, model)
         except asyncio.CancelledError:
-            if not ex.deadline_expired or ex.abort_reason is not None:
-                raise  # the client left, or the shutdown deadline: not ours to answer
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            ex.deadline_expired = False
+            if not ex.resume(Abort.DEADLINE):
+                raise  # the client left, the shutdown deadline, a preemption: not ours to answer
             ok, kind = False, "timeout"
             if resp is not None:
                 resp.close()  # cancels the generation upstream
