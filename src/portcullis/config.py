@@ -135,11 +135,16 @@ class StoreConfig(_Section):
 JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
 
 
+def _default_algorithms() -> list[JwtAlgorithm]:
+    # A function rather than a lambda: mypy infers a lambda's ["HS256"] as list[str], not the Literal.
+    return ["HS256"]
+
+
 class JwtConfig(_Section):
     # Accept JWT bearer tokens.
     enabled: bool = False
     # Algorithms accepted (never none).
-    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: ["HS256"], min_length=1)
+    algorithms: list[JwtAlgorithm] = Field(default_factory=_default_algorithms, min_length=1)
     # HS*: the environment variable holding the shared secret.
     secret_env: str | None = "PORTCULLIS_JWT_SECRET"
     # HS*: or a file holding it.
@@ -360,6 +365,11 @@ def _default_tiers() -> dict[str, TierConfig]:
 FailureKind = Literal["connect", "timeout", "5xx", "429"]
 
 
+def _default_failure_kinds() -> list[FailureKind]:
+    # (A function for the Literal type, as _default_algorithms.)
+    return ["connect", "timeout", "5xx"]
+
+
 class BackoffConfig(_Section):
     """Delay before retry n (1-based): uniform in [0, min(max_s, base_s * 2**(n-1))] ("full" jitter)."""
 
@@ -401,7 +411,7 @@ class BreakerConfig(_Section):
     # Successful probes needed to close again.
     close_after: int = Field(default=1, ge=1)
     # What counts as a failure. A client's 4xx never does.
-    count: list[FailureKind] = Field(default_factory=lambda: ["connect", "timeout", "5xx"], min_length=1)
+    count: list[FailureKind] = Field(default_factory=_default_failure_kinds, min_length=1)
 
     @field_validator("count", mode="before")
     @classmethod
