@@ -88,7 +88,7 @@ class FunctionMessage(_Message):
 
     role: Literal["function"]
     content: str | None
-    name: str  # type: ignore[assignment]
+    name: str  # required here; optional on other messages
 
 
 Message = Annotated[
