@@ -143,7 +143,7 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
         limits = _json_spec("--limits", args.limits, LimitsConfig, exclude_unset=True)
         budget = _json_spec("--budget", args.budget, BudgetConfig, exclude_none=True)
         try:
-            key, record = await store.create(
+            key, created = await store.create(
                 user=args.user,
                 tier=args.tier,
                 scopes=granted,
@@ -156,7 +156,9 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
         except InvalidRequest as exc:  # a user or label the store refuses: the operator's message, not a trace
             raise OperatorError(exc.message) from exc
         _print(
-            {**record.public(), "key": key}, args.json, headline=f"Created key {record.id}. The key, shown once:\n{key}"
+            {**created.public(), "key": key},
+            args.json,
+            headline=f"Created key {created.id}. The key, shown once:\n{key}",
         )
         return 0
     if cmd == "list":
@@ -202,11 +204,13 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
     raise OperatorError(f"unknown command {cmd}")
 
 
-def _json_spec(flag: str, text: str | None, model: type[BaseModel], **dump: bool) -> dict[str, Any] | None:
+def _json_spec(
+    flag: str, text: str | None, model: type[BaseModel], *, exclude_unset: bool = False, exclude_none: bool = False
+) -> dict[str, Any] | None:
     if text is None:
         return None
     try:
-        return model.model_validate_json(text).model_dump(**dump)
+        return model.model_validate_json(text).model_dump(exclude_unset=exclude_unset, exclude_none=exclude_none)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "(value)"

@@ -40,12 +40,12 @@ class ServerConfig(_Section):
     # Address to listen on.
     host: str = "127.0.0.1"
     # Port to listen on (0: any free port).
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     # Larger request bodies get 413.
-    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
     # On SIGTERM /readyz turns 503 at once; the listener stays open this long so load balancers
     # notice before connections are refused.
-    drain_grace_s: float = Field(5.0, ge=0)
+    drain_grace_s: float = Field(default=5.0, ge=0)
     # From SIGTERM, how long in-flight requests and streams may run before they are cut (a cut
     # stream ends with an error event).
     shutdown_timeout_s: PositiveFloat = 30.0
@@ -56,9 +56,9 @@ class ServerConfig(_Section):
     # Keep-alive for client connections (seconds idle before the server closes one).
     keep_alive_s: PositiveFloat = 75.0
     # The most bytes a request's line and headers may take together; more gets 431 and the connection closes.
-    head_max_bytes: int = Field(65_536, ge=4096, le=16_777_216)
+    head_max_bytes: int = Field(default=65_536, ge=4096, le=16_777_216)
     # The most header fields a request may have; more gets 431 and the connection closes.
-    head_max_fields: int = Field(100, ge=16, le=10_000)
+    head_max_fields: int = Field(default=100, ge=16, le=10_000)
     # A request's line and headers must arrive within this many seconds (of connecting, or of the request's
     # first byte on a kept-alive connection); late: 408, closed. Slow and silent sockets cannot pile up.
     head_timeout_s: PositiveFloat = 10.0
@@ -66,16 +66,16 @@ class ServerConfig(_Section):
     # bytes received (a large upload on a slow link is not cut, a trickle is); late: 408, closed.
     body_timeout_s: PositiveFloat = 120.0
     # Bytes per second that earn a body another second (see body_timeout_s).
-    body_min_rate: int = Field(65_536, ge=1)
+    body_min_rate: int = Field(default=65_536, ge=1)
     # A client that reads nothing of its answer for this many seconds (the answer backs up in the socket) is
     # disconnected: a stream nobody reads would hold its task and an upstream slot.
     write_timeout_s: PositiveFloat = 60.0
     # Client connections one process keeps open (0: half the open-files limit, at most 16,384). At the cap the
     # oldest connection with no request in progress is closed to make room; if all are busy, the new one gets 503.
-    max_connections: int = Field(0, ge=0)
+    max_connections: int = Field(default=0, ge=0)
     # Client connections from one address (0: no cap); over it, 503. Behind a proxy every connection comes from
     # the proxy's address: raise this above the proxy's connection pool, or set 0.
-    max_connections_per_client: int = Field(1024, ge=0)
+    max_connections_per_client: int = Field(default=1024, ge=0)
     # Browser origins allowed to call the API (CORS). None by default: no cross-origin access.
     cors_origins: list[str] = []
     # Addresses (CIDRs) of your own proxies in front of the gateway, whose X-Forwarded-For is believed; everyone
@@ -83,13 +83,13 @@ class ServerConfig(_Section):
     trusted_proxies: list[str] = []
     # How many trusted proxies a request passes (each appends to X-Forwarded-For): at most this many entries are
     # read from the right, so anything a client wrote to the left of them is ignored.
-    trusted_proxy_hops: int = Field(1, ge=1, le=16)
+    trusted_proxy_hops: int = Field(default=1, ge=1, le=16)
     # Serve TLS with this certificate (PEM).
     ssl_certfile: Path | None = None
     # The certificate's private key (PEM).
     ssl_keyfile: Path | None = None
     # With TLS: the Strict-Transport-Security max-age.
-    hsts_max_age_s: int = Field(31_536_000, ge=0)
+    hsts_max_age_s: int = Field(default=31_536_000, ge=0)
     # /metrics needs the admin:read scope unless this is true (e.g. scraped on a private network).
     metrics_public: bool = False
     # Also export requests, tokens and spend per API key (a series per key: only with a bounded number of keys).
@@ -135,11 +135,16 @@ class StoreConfig(_Section):
 JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
 
 
+def _default_algorithms() -> list[JwtAlgorithm]:
+    # A function rather than a lambda: mypy infers a lambda's ["HS256"] as list[str], not the Literal.
+    return ["HS256"]
+
+
 class JwtConfig(_Section):
     # Accept JWT bearer tokens.
     enabled: bool = False
     # Algorithms accepted (never none).
-    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: ["HS256"], min_length=1)
+    algorithms: list[JwtAlgorithm] = Field(default_factory=_default_algorithms, min_length=1)
     # HS*: the environment variable holding the shared secret.
     secret_env: str | None = "PORTCULLIS_JWT_SECRET"
     # HS*: or a file holding it.
@@ -153,7 +158,7 @@ class JwtConfig(_Section):
     # Required aud claim.
     audience: str | None = None
     # Clock skew allowed on exp/nbf/iat.
-    leeway_s: float = Field(30.0, ge=0)
+    leeway_s: float = Field(default=30.0, ge=0)
     # The claim naming the caller's tier.
     tier_claim: str = "tier"
     # The tier of a token without that claim.
@@ -198,42 +203,42 @@ class AuthConfig(_Section):
     # How long a verified key is trusted without asking the database. Default: 30 s while the Redis
     # bus is connected (revocations are pushed over pub/sub), 1 s without it or while it is away
     # (revocation must bite within 1 s).
-    key_cache_ttl_s: float | None = Field(None, gt=0)
+    key_cache_ttl_s: float | None = Field(default=None, gt=0)
     # A key lookup in the database that takes longer fails; a key verified before is then served from
     # the cache (below), a key never seen gets 503.
     key_lookup_timeout_s: PositiveFloat = 0.5
     # While the database fails or hangs, a key verified at most this long ago is still served from the
     # cache (revocations pushed over the bus still apply). 0: never serve a stale key.
-    key_cache_stale_s: float = Field(600.0, ge=0)
+    key_cache_stale_s: float = Field(default=600.0, ge=0)
     # After a rotation the old key keeps working this long.
-    rotation_grace_s: float = Field(86_400.0, ge=0)
+    rotation_grace_s: float = Field(default=86_400.0, ge=0)
     # JWT bearer tokens (off by default).
     jwt: JwtConfig = JwtConfig()
     # Requests without credentials get an anonymous principal with every scope. Only for local
     # trials and benchmarks; startup logs a warning.
     allow_anonymous: bool = False
     # Failed authentications a client address may make per minute before 429.
-    failed_auth_per_minute: int = Field(20, ge=1)
+    failed_auth_per_minute: int = Field(default=20, ge=1)
 
 
 class RequestWindows(_Section):
     """Requests admitted per sliding window; None: no limit on that window."""
 
     # Requests per sliding minute.
-    minute: int | None = Field(None, ge=1)
+    minute: int | None = Field(default=None, ge=1)
     # Requests per sliding hour.
-    hour: int | None = Field(None, ge=1)
+    hour: int | None = Field(default=None, ge=1)
     # Requests per sliding day.
-    day: int | None = Field(None, ge=1)
+    day: int | None = Field(default=None, ge=1)
 
 
 class TokenWindows(_Section):
     """Tokens (prompt + completion) per sliding window; None: no limit on that window."""
 
     # Tokens per sliding minute.
-    minute: int | None = Field(None, ge=1)
+    minute: int | None = Field(default=None, ge=1)
     # Tokens per sliding day.
-    day: int | None = Field(None, ge=1)
+    day: int | None = Field(default=None, ge=1)
 
 
 class LimitsConfig(_Section):
@@ -244,16 +249,16 @@ class LimitsConfig(_Section):
     # Prompt + completion tokens per sliding window.
     tokens: TokenWindows = TokenWindows()
     # Requests of this principal in flight at once; None: unlimited.
-    concurrency: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(default=None, ge=1)
 
 
 class BudgetConfig(_Section):
     """Spend limits in `quota.currency` per UTC calendar day and month; None: no limit."""
 
     # Spend allowed per UTC day, in quota.currency.
-    day: float | None = Field(None, gt=0)
+    day: float | None = Field(default=None, gt=0)
     # Spend allowed per UTC month.
-    month: float | None = Field(None, gt=0)
+    month: float | None = Field(default=None, gt=0)
 
 
 class ModerationPolicy(_Section):
@@ -287,9 +292,9 @@ class UserQuota(_Section):
 class UsageConfig(_Section):
     # Records wait in a bounded in-memory queue and are written in batches; a full queue drops
     # (and counts) records rather than slow requests down.
-    queue_size: int = Field(100_000, ge=1)
+    queue_size: int = Field(default=100_000, ge=1)
     # Records written per INSERT at most.
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(default=500, ge=1)
     # How often queued records are written.
     flush_interval_s: PositiveFloat = 1.0
     # Each record is also appended to a local file before it is queued, and a process that starts
@@ -311,14 +316,14 @@ class QuotaConfig(_Section):
     # limit) or refuse with 503 until it is back.
     on_store_error: Literal["fail_open", "fail_closed"] = "fail_open"
     # With fail_open: the share of every limit each process enforces alone while Redis is away.
-    fallback_share: float = Field(1.0, gt=0, le=1)
+    fallback_share: float = Field(default=1.0, gt=0, le=1)
     # A Redis call slower than this counts as a failure.
     store_timeout_s: PositiveFloat = 0.5
     # A concurrency slot is a lease in Redis: it expires by itself if the process holding it dies;
     # live requests renew theirs.
     concurrency_lease_s: PositiveFloat = 60.0
     # The reservation for a request without max_tokens (completion tokens), and the prompt estimate.
-    default_max_tokens: int = Field(1024, ge=1)
+    default_max_tokens: int = Field(default=1024, ge=1)
     # For prompt estimates before the upstream's count is known.
     chars_per_token: PositiveFloat = 4.0
     # The currency of prices and budgets.
@@ -332,7 +337,7 @@ class QuotaConfig(_Section):
     # A webhook call's time limit.
     alert_webhook_timeout_s: PositiveFloat = 5.0
     # Retries of a failed webhook call.
-    alert_webhook_retries: int = Field(3, ge=0, le=10)
+    alert_webhook_retries: int = Field(default=3, ge=0, le=10)
     # The usage records' queue.
     usage: UsageConfig = UsageConfig()
 
@@ -360,6 +365,11 @@ def _default_tiers() -> dict[str, TierConfig]:
 FailureKind = Literal["connect", "timeout", "5xx", "429"]
 
 
+def _default_failure_kinds() -> list[FailureKind]:
+    # (A function for the Literal type, as _default_algorithms.)
+    return ["connect", "timeout", "5xx"]
+
+
 class BackoffConfig(_Section):
     """Delay before retry n (1-based): uniform in [0, min(max_s, base_s * 2**(n-1))] ("full" jitter)."""
 
@@ -375,33 +385,33 @@ class RetryBudgetConfig(_Section):
     """Retries of a model stay below `ratio` of its requests over `window_s` (plus `min_per_s`)."""
 
     # Retries allowed per request, over the window.
-    ratio: float = Field(0.2, ge=0, le=1)
+    ratio: float = Field(default=0.2, ge=0, le=1)
     # The window the budget is counted over.
     window_s: PositiveFloat = 10.0
     # Retries allowed regardless of the ratio (per second of window), so a quiet model can retry.
-    min_per_s: float = Field(1.0, ge=0)
+    min_per_s: float = Field(default=1.0, ge=0)
 
 
 class BreakerConfig(_Section):
     """A circuit breaker per replica (per gateway process)."""
 
     # Opens after this many failures within `window_s` ...
-    failures: int = Field(5, ge=1)
+    failures: int = Field(default=5, ge=1)
     # ... or, when set, once this fraction of at least `min_requests` requests in the window failed.
-    failure_rate: float | None = Field(None, gt=0, le=1)
+    failure_rate: float | None = Field(default=None, gt=0, le=1)
     # Requests in the window before failure_rate is judged.
-    min_requests: int = Field(10, ge=1)
+    min_requests: int = Field(default=10, ge=1)
     # The rolling window failures are counted in.
     window_s: PositiveFloat = 30.0
     # How long an open breaker refuses before letting probes through.
     open_s: PositiveFloat = 30.0
     # Requests let through at once when open_s has passed; `close_after` successes close it again,
     # one failure reopens it.
-    half_open_probes: int = Field(1, ge=1)
+    half_open_probes: int = Field(default=1, ge=1)
     # Successful probes needed to close again.
-    close_after: int = Field(1, ge=1)
+    close_after: int = Field(default=1, ge=1)
     # What counts as a failure. A client's 4xx never does.
-    count: list[FailureKind] = Field(default_factory=lambda: ["connect", "timeout", "5xx"], min_length=1)
+    count: list[FailureKind] = Field(default_factory=_default_failure_kinds, min_length=1)
 
     @field_validator("count", mode="before")
     @classmethod
@@ -413,7 +423,7 @@ class BreakerConfig(_Section):
 class ResilienceConfig(_Section):
     # Retries after the first attempt (so at most retries + 1 attempts), each preferably on another
     # replica or the model's fallback. Only before anything was sent to the client.
-    retries: int = Field(2, ge=0, le=10)
+    retries: int = Field(default=2, ge=0, le=10)
     # Delay between attempts.
     backoff: BackoffConfig = BackoffConfig()
     # Retries allowed as a share of requests.
@@ -431,9 +441,9 @@ class DegradeConfig(_Section):
     # The window time-to-first-token p95 is measured over.
     window_s: PositiveFloat = 60.0
     # Requests in the window before degradation may start.
-    min_samples: int = Field(20, ge=1)
+    min_samples: int = Field(default=20, ge=1)
     # Cap max_tokens at this, and/or route to this (cheaper) model.
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
     # Degrade to this model instead (told in x-portcullis-degraded).
     model: str | None = None
     # Only principals of these tiers are degraded; None: every tier.
@@ -445,7 +455,7 @@ class AdmissionConfig(_Section):
     # between keys of a tier), or answer 503 at once. Both say when to come back (Retry-After).
     when_full: Literal["queue", "reject"] = "queue"
     # Requests that may wait for a slot per model; beyond it: 503 queue_full.
-    max_queue: int = Field(64, ge=0)
+    max_queue: int = Field(default=64, ge=0)
     # The longest a request waits for a slot before a 503 with Retry-After. In a sustained overload the
     # queue stays full and every served request waits about this long: keep it below your clients'
     # patience less one service time (docs/resilience.md, bench/RESULTS.md "overload").
@@ -464,9 +474,9 @@ class SemanticCacheConfig(_Section):
     # A configured model that answers /v1/embeddings (llama-server with --embeddings works).
     model: str | None = None
     # Cosine similarity needed for a hit.
-    threshold: float = Field(0.95, gt=0, le=1)
+    threshold: float = Field(default=0.95, gt=0, le=1)
     # Conversations indexed at most.
-    max_entries: int = Field(10_000, ge=1)
+    max_entries: int = Field(default=10_000, ge=1)
     # An embedding call slower than this: a miss.
     timeout_s: PositiveFloat = 2.0
 
@@ -482,9 +492,9 @@ class CacheConfig(_Section):
     # How long an answer is kept.
     ttl_s: PositiveFloat = 3600.0
     # The memory backend's size bound (least recently used evicted).
-    max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     # Answers larger than this are not cached.
-    max_entry_bytes: int = Field(4 * 1024 * 1024, ge=256)
+    max_entry_bytes: int = Field(default=4 * 1024 * 1024, ge=256)
     # tenant: entries are per user; global: shared by everyone (only for answers that may be shared).
     scope: Literal["tenant", "global"] = "tenant"
     # Also cache requests with a fixed `seed` (not only temperature 0): deterministic on one build of one
@@ -507,7 +517,7 @@ class EmbeddingBatchingConfig(_Section):
     # Merge concurrent /v1/embeddings requests into one upstream call.
     enabled: bool = False
     # Inputs per merged call at most.
-    max_batch_inputs: int = Field(256, ge=2)
+    max_batch_inputs: int = Field(default=256, ge=2)
     # The longest a request waits for others to join.
     max_wait_ms: PositiveFloat = 5.0
 
@@ -548,27 +558,27 @@ class ImageUrlPolicy(_Section):
 
 class ValidationLimits(_Section):
     # Messages per chat request.
-    max_messages: int = Field(2048, ge=1)
+    max_messages: int = Field(default=2048, ge=1)
     # Characters per message.
-    max_message_chars: int = Field(1_000_000, ge=1)
+    max_message_chars: int = Field(default=1_000_000, ge=1)
     # Characters of all messages together (of a completion: its prompts, a token id counting as one).
-    max_total_chars: int = Field(4_000_000, ge=1)
+    max_total_chars: int = Field(default=4_000_000, ge=1)
     # Requests asking for more max_tokens are refused (none: no ceiling). It bounds the request's one
     # length (the smallest of max_tokens, max_completion_tokens and native_length_fields), and a request
     # giving none is forwarded with max_tokens set to it.
-    max_tokens_ceiling: int | None = Field(None, ge=1)
+    max_tokens_ceiling: int | None = Field(default=None, ge=1)
     # Backend-native fields that also bound an answer's length (llama-server's n_predict); each one a
     # request gives is validated and forwarded holding the request's one length.
     native_length_fields: list[str] = ["n_predict"]
     # Choices per request at most: n, best_of and llama-server's n_cmpl (each choice is a whole answer);
     # a completion with several prompts gets them for each, so its prompts times its choices are held to it.
-    max_choices: int = Field(8, ge=1, le=128)
+    max_choices: int = Field(default=8, ge=1, le=128)
     # Which image URLs chat messages may carry.
     image_urls: ImageUrlPolicy = ImageUrlPolicy()
     # Nesting depth of the request body.
-    max_json_depth: int = Field(32, ge=2, le=256)
+    max_json_depth: int = Field(default=32, ge=2, le=256)
     # Inputs per embeddings (or moderations) request.
-    max_embedding_inputs: int = Field(2048, ge=1)
+    max_embedding_inputs: int = Field(default=2048, ge=1)
 
     @field_validator("native_length_fields")
     @classmethod
@@ -624,7 +634,7 @@ class UpstreamConfig(_Section):
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     # Pooled connections to one replica for traffic (each open stream holds one), unless its deployment
     # sets max_connections. Waiting for one is the gateway's congestion, never counted against the replica.
-    max_connections_per_replica: int = Field(8192, ge=1)
+    max_connections_per_replica: int = Field(default=8192, ge=1)
     # A pooled connection idle this long is not reused. Below the 5 s after which llama-server
     # (cpp-httplib) and uvicorn close an idle keep-alive connection, so the gateway rarely picks one up
     # just as the server closes it (when it does, the request goes again on a fresh connection).
@@ -638,11 +648,11 @@ class HealthConfig(_Section):
     timeout_s: PositiveFloat = 2.0
     # Consecutive failed probes (no answer, an error) before a ready replica is marked down: one slow
     # probe under load is not an outage. (A refused connection during a request marks it down at once.)
-    down_after: int = Field(3, ge=1)
+    down_after: int = Field(default=3, ge=1)
     # Consecutive good probes before a replica that was down receives traffic again.
-    up_after: int = Field(2, ge=1)
+    up_after: int = Field(default=2, ge=1)
     # Wait this long at startup for a first probe of every replica before serving.
-    startup_probe_timeout_s: float = Field(5.0, ge=0)
+    startup_probe_timeout_s: float = Field(default=5.0, ge=0)
 
 
 class CostConfig(_Section):
@@ -651,17 +661,17 @@ class CostConfig(_Section):
     measures (routing/catalog.py)."""
 
     # Price of 1,000 prompt tokens in quota.currency.
-    prompt_per_1k: float = Field(0.0, ge=0)
+    prompt_per_1k: float = Field(default=0.0, ge=0)
     # Price of 1,000 completion tokens.
-    completion_per_1k: float = Field(0.0, ge=0)
+    completion_per_1k: float = Field(default=0.0, ge=0)
     # Or: the machine's price an hour; per-token prices then follow from measured throughput.
-    gpu_hour: float | None = Field(None, gt=0)
+    gpu_hour: float | None = Field(default=None, gt=0)
     # With gpu_hour: the completion tokens per second the deployment gives at full load, assumed until
     # the gateway has measured it. Prompt tokens are priced at `prompt_ratio` of a completion token
     # (prefill is that much cheaper than decoding) until measured too.
-    tokens_per_s: float | None = Field(None, gt=0)
+    tokens_per_s: float | None = Field(default=None, gt=0)
     # With gpu_hour: a prompt token's price as a share of a completion token's.
-    prompt_ratio: float = Field(0.1, gt=0, le=1)
+    prompt_ratio: float = Field(default=0.1, gt=0, le=1)
 
     @model_validator(mode="after")
     def _one_way(self) -> CostConfig:
@@ -705,23 +715,23 @@ class DeploymentConfig(_KeySource):
     # Or: a file holding it.
     api_key_file: Path | None = None
     # Capacity relative to other replicas (openai backends; llama-server reports its slots).
-    weight: int = Field(1, ge=1)
+    weight: int = Field(default=1, ge=1)
     # The replica's name in metrics and logs (default host:port).
     name: str | None = None
     # Prices, for budgets, usage and cost-aware routing.
     cost: CostConfig = CostConfig()
     # Requests the gateway sends this replica at once; beyond it they wait in the gateway's queue
     # (admission). None: llama-server's slot count (/props total_slots); unlimited for other kinds.
-    max_in_flight: int | None = Field(None, ge=1)
+    max_in_flight: int | None = Field(default=None, ge=1)
     # Pooled connections to this replica for traffic (each open stream holds one; a request waits at most
     # upstream.timeouts.pool_s for a free one). None: upstream.max_connections_per_replica.
-    max_connections: int | None = Field(None, ge=1)
+    max_connections: int | None = Field(default=None, ge=1)
     # Context per slot, in tokens. llama-server tells it (/props); give it for other backends, where a
     # request that cannot fit is then never sent here.
-    n_ctx: int | None = Field(None, ge=16)
+    n_ctx: int | None = Field(default=None, ge=16)
     # How capable this deployment is, 0..1, for cost-aware routers (a router sends a request to the
     # cheapest candidate whose quality covers the request's estimated complexity).
-    quality: float | None = Field(None, ge=0, le=1)
+    quality: float | None = Field(default=None, ge=0, le=1)
     # Free labels, shown by /admin/models.
     tags: list[str] = []
 
@@ -748,7 +758,7 @@ class ModelConfig(_Section):
     # slot instead of queueing (told in x-portcullis-route).
     spill_to_fallbacks: bool = False
     # The model's quality for routers, 0..1, where its deployments do not give their own.
-    quality: float | None = Field(None, ge=0, le=1)
+    quality: float | None = Field(default=None, ge=0, le=1)
     # Overrides of upstream.timeouts for this model.
     timeouts: ModelTimeouts = ModelTimeouts()
     # Overrides `admission.degrade` for this model.
@@ -776,9 +786,9 @@ class RouterConfig(_Section):
     # (rather than queueing); the latency budget, when given, decides too.
     spill_when_full: bool = True
     # A latency budget for every request through this router (a client's header or field overrides it).
-    latency_budget_ms: float | None = Field(None, gt=0)
+    latency_budget_ms: float | None = Field(default=None, gt=0)
     # Completion tokens assumed for cost and latency estimates when the request sets no max_tokens.
-    expected_completion_tokens: int = Field(256, ge=1)
+    expected_completion_tokens: int = Field(default=256, ge=1)
 
 
 class AffinityConfig(_Section):
@@ -788,13 +798,13 @@ class AffinityConfig(_Section):
     enabled: bool = True
     # The prompt is cut into blocks of this many characters; a request is matched on its longest run of
     # leading blocks seen before.
-    block_chars: int = Field(256, ge=16)
+    block_chars: int = Field(default=256, ge=16)
     # Prefix keys per request at most (one per block_chars of the rendered prompt).
-    max_blocks: int = Field(64, ge=1)
+    max_blocks: int = Field(default=64, ge=1)
     # Remembered prefixes (block hashes), least recently used forgotten first.
-    max_entries: int = Field(100_000, ge=16)
+    max_entries: int = Field(default=100_000, ge=16)
     # A replica keeps its prefixes while it has a free slot and at most this many times the average load.
-    load_factor: float = Field(2.0, ge=1.0)
+    load_factor: float = Field(default=2.0, ge=1.0)
 
 
 class ContextFitConfig(_Section):
@@ -806,11 +816,11 @@ class ContextFitConfig(_Section):
     # limit; always: whenever a limit is known; never: estimates only.
     tokenize: Literal["auto", "always", "never"] = "auto"
     # The estimate's uncertainty: a prompt estimated at N tokens may really be N*(1±margin).
-    margin: float = Field(0.5, ge=0, le=4)
+    margin: float = Field(default=0.5, ge=0, le=4)
     # A /tokenize call slower than this: the estimate decides.
     tokenize_timeout_s: PositiveFloat = 2.0
     # Token counts of message texts remembered (exact counts from /tokenize).
-    cache_entries: int = Field(20_000, ge=1)
+    cache_entries: int = Field(default=20_000, ge=1)
 
 
 class RoutingConfig(_Section):
@@ -832,9 +842,9 @@ class OffPeakWindow(_Section):
     # daily, mon-fri, sat,sun, ...
     days: str = "daily"
     # Local start time (HH:MM).
-    start: str = Field("00:00", alias="from")
+    start: str = Field(default="00:00", alias="from")
     # Local end time; a window ending at or before its start runs past midnight.
-    end: str = Field("24:00", alias="to")
+    end: str = Field(default="24:00", alias="to")
     # IANA time zone of the times.
     tz: str = "UTC"
 
@@ -915,9 +925,9 @@ class BatchConfig(_Section):
     # The Batch API (/v1/files, /v1/batches) and this process's batch runner.
     enabled: bool = True
     # The largest input file accepted.
-    max_file_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    max_file_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
     # The most requests one batch file may hold.
-    max_lines: int = Field(50_000, ge=1)
+    max_lines: int = Field(default=50_000, ge=1)
     # completion_window values accepted: 24h as OpenAI, and any duration like 90m, 12h, 2d within these.
     min_window_s: PositiveFloat = 60.0
     # The longest completion_window accepted.
@@ -928,10 +938,10 @@ class BatchConfig(_Section):
     # How often the runner looks for work (and at once when a line ends or a batch arrives).
     poll_s: PositiveFloat = 1.0
     # Lines this process runs at once at most (besides the free slots it finds).
-    max_in_flight: int = Field(64, ge=1)
+    max_in_flight: int = Field(default=64, ge=1)
     # Slots of each model left free for interactive requests (batch lines are also preempted, and run
     # again later, when an interactive request would otherwise queue).
-    reserve_slots: int = Field(1, ge=0)
+    reserve_slots: int = Field(default=1, ge=0)
     # Outside off-peak windows: run only when the batch could not finish in the off-peak time left
     # before its deadline (`when_needed`), always, or never.
     in_peak: Literal["when_needed", "always", "never"] = "when_needed"
@@ -942,20 +952,20 @@ class BatchConfig(_Section):
     # Files one principal may keep stored at once, input and output (uploads past it get 400
     # file_quota_exceeded). A batch's output and error files are always written, and count: while they put
     # the principal over a limit, uploads and new batches are refused until files are deleted or expire.
-    max_files_per_owner: int = Field(100, ge=1)
+    max_files_per_owner: int = Field(default=100, ge=1)
     # Bytes of files (input and output) one principal may keep stored at once (an upload past it gets 413).
-    max_bytes_per_owner: int = Field(1024 * 1024 * 1024, ge=1024)
+    max_bytes_per_owner: int = Field(default=1024 * 1024 * 1024, ge=1024)
     # Uploads one principal may have in progress at once in this process (more get 429 too_many_uploads).
-    max_uploads_in_progress: int = Field(2, ge=1)
+    max_uploads_in_progress: int = Field(default=2, ge=1)
     # Batch creations one principal may have in progress at once in this process (more get 429
     # too_many_batch_creations): each reads its input file (up to max_file_bytes) twice and writes its lines.
-    max_creations_in_progress: int = Field(2, ge=1)
+    max_creations_in_progress: int = Field(default=2, ge=1)
     # Batches not yet ended (in progress or being cancelled) one principal may have at once (more get 429
     # too_many_batches): each keeps a copy of its lines in the database until it ends.
-    max_live_batches_per_owner: int = Field(100, ge=1)
+    max_live_batches_per_owner: int = Field(default=100, ge=1)
     # Requests one principal's unfinished batches may hold in all (a batch that would pass it gets 429
     # too_many_queued_requests; one larger than it alone, 400).
-    max_queued_lines_per_owner: int = Field(1_000_000, ge=1)
+    max_queued_lines_per_owner: int = Field(default=1_000_000, ge=1)
     # Where uploads are spooled while they arrive, before they are stored (unset: the system's temp dir).
     spool_dir: Path | None = None
 
@@ -1009,7 +1019,7 @@ class GuardModelConfig(_ModeratorBase):
     # The prompt, with {role} ('User' or 'Agent'), {categories} and {conversation}; default: Llama Guard 3's task.
     template: str | None = None
     # The guard's answer length limit.
-    max_tokens: int = Field(16, ge=2, le=256)
+    max_tokens: int = Field(default=16, ge=2, le=256)
 
     @field_validator("template")
     @classmethod
@@ -1082,16 +1092,16 @@ class ModerationConfig(_Section):
     mode: Literal["sequential", "parallel"] = "sequential"
     endpoint: list[str] | None = None  # what serves POST /v1/moderations (default: `input`)
     # Streams are checked in windows of this many characters; nothing reaches the client unchecked.
-    stream_window_chars: int = Field(200, ge=8, le=100_000)
+    stream_window_chars: int = Field(default=200, ge=8, le=100_000)
     # Each window is checked with this much of the text already sent before it (a phrase split across two
     # windows is still seen whole).
-    stream_context_chars: int = Field(100, ge=0, le=10_000)
+    stream_context_chars: int = Field(default=100, ge=0, le=10_000)
     # The most characters a remote moderator is sent (the newest; longer input is cut from the front).
-    max_chars: int = Field(32_000, ge=100)
+    max_chars: int = Field(default=32_000, ge=100)
     # Inputs one POST /v1/moderations may carry (more: 400 too_many_inputs); each may cost a remote moderator call.
-    max_inputs: int = Field(32, ge=1, le=2048)
+    max_inputs: int = Field(default=32, ge=1, le=2048)
     # Inputs of one POST /v1/moderations judged at once (guard calls also wait for a slot of the guard model).
-    endpoint_concurrency: int = Field(4, ge=1, le=256)
+    endpoint_concurrency: int = Field(default=4, ge=1, le=256)
 
     @model_validator(mode="after")
     def _window_holds_its_context(self) -> ModerationConfig:
@@ -1114,14 +1124,14 @@ class TracingConfig(_Section):
     # The service.name resource attribute.
     service_name: str = "portcullis"
     # Share of requests traced (a client's sampled traceparent is always followed).
-    sample_ratio: float = Field(1.0, ge=0, le=1)
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
 
 class DashboardConfig(_Section):
     """The operator dashboard (/dashboard): sign-in sessions kept server-side (Redis when configured)."""
 
     # How long a dashboard sign-in lasts; signing out ends it at once, in every process.
-    session_ttl_s: float = Field(28_800.0, ge=1, le=604_800)
+    session_ttl_s: float = Field(default=28_800.0, ge=1, le=604_800)
 
 
 class Config(_Section):

@@ -332,10 +332,9 @@ class EdgeProtocol(HttpToolsProtocol):
             return  # never admitted: uvicorn never knew this connection
         super().connection_lost(exc)
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:
         if self._discarding:
             self.transport.close()
-        return None
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()

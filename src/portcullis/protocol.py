@@ -88,7 +88,7 @@ class FunctionMessage(_Message):
 
     role: Literal["function"]
     content: str | None
-    name: str  # type: ignore[assignment]
+    name: str  # required here; optional on other messages
 
 
 Message = Annotated[
@@ -135,16 +135,16 @@ MODEL_MAX_CHARS = 256
 
 class _Sampling(_Open):
     model: str = Field(min_length=1, max_length=MODEL_MAX_CHARS)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     # Lengths and counts are strict: an upstream reads "8" or 8.5 or true by rules of its own (llama-server
     # ignores a string), so a coerced value would be checked as one number and obeyed as another.
-    n: StrictInt | None = Field(None, ge=1, le=128)
-    max_tokens: StrictInt | None = Field(None, ge=1)
+    n: StrictInt | None = Field(default=None, ge=1, le=128)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     stop: Stop = None
     seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -153,13 +153,13 @@ class _Sampling(_Open):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 PromptInput = str | list[str] | list[int] | list[list[int]]
@@ -177,9 +177,9 @@ def prompt_count(prompt: PromptInput) -> int:
 class CompletionRequest(_Sampling):
     prompt: PromptInput
     echo: bool | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     suffix: str | None = None
-    best_of: StrictInt | None = Field(None, ge=1, le=128)
+    best_of: StrictInt | None = Field(default=None, ge=1, le=128)
 
 
 def _input_not_empty(value: Any) -> Any:
@@ -192,7 +192,7 @@ class EmbeddingRequest(_Open):
     model: str = Field(min_length=1, max_length=MODEL_MAX_CHARS)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
 
     _not_empty = field_validator("input")(_input_not_empty)

@@ -292,10 +292,10 @@ async def _explain_offline(path: str, payload: dict[str, Any], headers: dict[str
         decision = await router.decide(name, payload, constraints, None, asked=payload["model"])
     except GatewayError as exc:
         raise RemoteError(f"the gateway would answer {exc.status}: {exc.message}") from exc
-    replica = router.explain_replica(decision, payload)
+    chosen = router.explain_replica(decision, payload)
     return {
         **decision.public(),
-        "replica": replica.name if replica is not None else None,
+        "replica": chosen.name if chosen is not None else None,
         "header": decision.header().decode() if decision.router is not None else None,
         "note": "from the configuration alone: every replica assumed ready and idle, nothing observed yet",
     }

@@ -112,5 +112,6 @@ class DrainingServer(uvicorn.Server):
 def bound_port(server: uvicorn.Server) -> int | None:
     for srv in getattr(server, "servers", []):
         for sock in srv.sockets or []:
-            return sock.getsockname()[1]
+            port: int = sock.getsockname()[1]  # a TCP address: (host, port[, flowinfo, scope_id])
+            return port
     return None

@@ -42,8 +42,8 @@ class NewKey(BaseModel):
     models: list[str] | None = None
     # Bounded (and finite) so that now + expires_in_s is a date the key store can hold: 1e308 overflowed
     # datetime arithmetic into a 500. A key that should never expire omits the field.
-    expires_in_s: float | None = Field(None, gt=0, le=MAX_SPAN_S, allow_inf_nan=False)
-    label: str | None = Field(None, max_length=256)
+    expires_in_s: float | None = Field(default=None, gt=0, le=MAX_SPAN_S, allow_inf_nan=False)
+    label: str | None = Field(default=None, max_length=256)
     # Overrides of the tier's limits (same shape as tiers.<name>.limits), and the key's own budget.
     limits: LimitsConfig | None = None
     budget: BudgetConfig | None = None
@@ -56,7 +56,7 @@ class NewKey(BaseModel):
 
 class Rotation(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    grace_s: float | None = Field(None, ge=0, le=MAX_SPAN_S, allow_inf_nan=False)  # (as expires_in_s)
+    grace_s: float | None = Field(default=None, ge=0, le=MAX_SPAN_S, allow_inf_nan=False)  # (as expires_in_s)
 
 
 def _store(gw: Gateway) -> KeyStore:

@@ -90,7 +90,7 @@ class NewBatch(BaseModel):
     input_file_id: str = Field(min_length=1, max_length=64)
     endpoint: str
     completion_window: str = Field(max_length=64)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
     @field_validator("metadata")
     @classmethod

@@ -17,7 +17,7 @@ DONE = b"data: [DONE]\n\n"
 
 def as_stream(answer: dict[str, Any], *, chat: bool, include_usage: bool) -> list[bytes]:
     """The SSE events (each `data: ...\\n\\n`) that replay `answer`."""
-    base = {k: answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in answer}
+    base: dict[str, Any] = {k: answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in answer}
     kind = "chat.completion.chunk" if chat else "text_completion"
     events: list[bytes] = []
     for choice in answer.get("choices") or []:

@@ -353,9 +353,9 @@ def _credential(req: Request) -> str | None:
             if value:
                 return value.decode("latin-1")
     for name in (b"api-key", b"x-api-key"):
-        value = req.header(name)
-        if value:
-            return value.decode("latin-1").strip()
+        header = req.header(name)
+        if header:
+            return header.decode("latin-1").strip()
     return None
 
 

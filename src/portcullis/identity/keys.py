@@ -14,9 +14,10 @@ import importlib
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, overload
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -45,13 +46,23 @@ def key_id_of(presented: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _builtin_sha256() -> Any:
+class _Hash(Protocol):
+    """What KeyHasher uses of a hash object (hashlib's, or CPython's builtin one)."""
+
+    def copy(self) -> _Hash: ...
+    def update(self, data: bytes, /) -> None: ...
+    def digest(self) -> bytes: ...
+    def hexdigest(self) -> str: ...
+
+
+def _builtin_sha256() -> Callable[[bytes], _Hash]:
     """CPython's own SHA-256 (not OpenSSL's), where this Python has it under a known name."""
     for module in ("_sha2", "_sha256"):  # 3.12+, 3.11
         try:
-            return importlib.import_module(module).sha256
+            builtin: Callable[[bytes], _Hash] = importlib.import_module(module).sha256
         except (ImportError, AttributeError):
             continue
+        return builtin
     return hashlib.sha256
 
 
@@ -121,6 +132,10 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def _aware(value: datetime) -> datetime: ...
+@overload
+def _aware(value: None) -> None: ...
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything we store is UTC.
     if value is not None and value.tzinfo is None:

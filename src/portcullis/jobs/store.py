@@ -190,7 +190,7 @@ class BatchStore:
         async with self.engine.connect() as conn:
             sliced = conn.dialect.name == "postgresql"
             inline = (await conn.execute(select(func.length(files.c.content)).where(files.c.id == file_id))).scalar()
-            seqs = list(
+            seqs: list[int] = list(
                 (
                     await conn.execute(
                         select(file_chunks.c.seq).where(file_chunks.c.file_id == file_id).order_by(file_chunks.c.seq)

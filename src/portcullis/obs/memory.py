@@ -35,7 +35,7 @@ def _malloc_trim() -> Callable[[int], Any] | None:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
-    return trim  # type: ignore[no-any-return]
+    return trim
 
 
 class MemoryReturn:

@@ -71,7 +71,9 @@ class Timeline:
             "rps": [round(s[0], 3) for s in self.samples],
             "errors": [round(s[1], 3) for s in self.samples],
             **{
-                f"p{round(q * 100)}": [None if s[3][i] is None else round(s[3][i] * 1000, 2) for s in self.samples]
+                f"p{round(q * 100)}": [
+                    None if (seconds := s[3][i]) is None else round(seconds * 1000, 2) for s in self.samples
+                ]
                 for i, q in enumerate(_QUANTILES)
             },
         }

@@ -83,23 +83,26 @@ def build_plan(config: Config, principal: Principal) -> Plan:
     key_limits = LimitsConfig.model_validate(principal.limits) if principal.limits is not None else None
     limits = _merged(tier_limits, key_limits)
     windows: list[Window] = []
+    kind: Literal["requests", "tokens"]  # (declared so that the loop's strings are read as these literals)
     for kind, spec, prefix in (("requests", limits.requests, "r"), ("tokens", limits.tokens, "t")):
         for period, limit in spec.model_dump().items():
             if limit is not None:
                 seconds = _SECONDS[period]
-                windows.append(Window(kind, period, seconds, limit, f"{prefix}{seconds}"))  # type: ignore[arg-type]
+                windows.append(Window(kind, period, seconds, limit, f"{prefix}{seconds}"))
     budgets: list[Budget] = []
     key_budget = (
         BudgetConfig.model_validate(principal.budget) if principal.key_id and principal.budget is not None else None
     )
     user_budget = user_budget_of(config, principal.user, tier)
-    for subject, spec in (("key", key_budget), ("user", user_budget)):
-        if spec is None:
+    subject: Literal["key", "user"]
+    budget_period: Literal["day", "month"]
+    for subject, budget in (("key", key_budget), ("user", user_budget)):
+        if budget is None:
             continue
-        for period in ("day", "month"):
-            amount = getattr(spec, period)
+        for budget_period in ("day", "month"):
+            amount = getattr(budget, budget_period)
             if amount is not None:
-                budgets.append(Budget(subject, period, round(amount * MICRO), amount))  # type: ignore[arg-type]
+                budgets.append(Budget(subject, budget_period, round(amount * MICRO), amount))
     return Plan(
         tag=user_tag(principal.user),
         subject=f"k:{principal.key_id}" if principal.key_id else "u",

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import math
 import time
+from collections.abc import Awaitable
 from importlib import resources
 from typing import Any
 
@@ -277,7 +278,7 @@ class RedisQuotaStore:
         """Push out the expiry of the concurrency leases of requests still running, and of their sets."""
         until = time.time() + self.lease_s
         ttl = math.ceil(self.lease_s * 2)
-        futures = []
+        futures: list[Awaitable[Any]] = []  # the RESP client's futures, or redis-py cluster coroutines
         for key in {_leases_key(ask.plan) for ask in asks}:
             if self.client is not None:
                 futures.append(self.client.call("EXPIRE", key, ttl))

@@ -36,6 +36,9 @@ from portcullis.quota.spool import UsageSpool, default_spool_dir, read_orphan, r
 from portcullis.store.schema import usage
 
 if TYPE_CHECKING:
+    from sqlalchemy.dialects.postgresql import Insert as PostgresInsert
+    from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
+
     from portcullis.store.health import DatabaseHealth
 
 # The order of a record tuple (kept as a tuple on the hot path; columns are named at flush time). The
@@ -219,11 +222,17 @@ class UsageRecorder:
         """
         columns = ("at", "day", *FIELDS[1:])
         dialect = self.engine.dialect
+        # Each dialect's own INSERT, which has on_conflict_do_update (imported only for the one in use).
+        statement: PostgresInsert | SqliteInsert
         if dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
+            from sqlalchemy.dialects.postgresql import insert as postgres_insert
+
+            statement = postgres_insert(usage)
         else:
-            from sqlalchemy.dialects.sqlite import insert
-        statement = insert(usage).values({c: bindparam(c) for c in columns})
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            statement = sqlite_insert(usage)
+        statement = statement.values({c: bindparam(c) for c in columns})
         # A record replaces an older one of the same id, never a newer one (a spool replayed after a batch
         # line ran again elsewhere holds the older run's record).
         statement = statement.on_conflict_do_update(

@@ -160,11 +160,11 @@ class TokenCounter:
                 self._remember(key, n)
         total = 0
         for key in keys:
-            n = self._counts.get(key)
-            if n is None:
+            count = self._counts.get(key)
+            if count is None:
                 return None
             self._counts.move_to_end(key)
-            total += n
+            total += count
         return total + (_PER_MESSAGE * messages + _PER_REQUEST if messages else 1)
 
     async def _tokenize(self, replica: Replica, text: str) -> int:

@@ -265,5 +265,5 @@ class GuardModel(RemoteModerator):
         if verdict != "unsafe":
             raise ModeratorError("the guard model answered neither 'safe' nor 'unsafe'")
         codes = [c.strip().upper() for c in (lines[1] if len(lines) > 1 else "").replace(" ", ",").split(",")]
-        names = {self.codes.get(code, "unknown"): None for code in codes if code}
+        names: dict[str, float | None] = {self.codes.get(code, "unknown"): None for code in codes if code}
         return names or {"unspecified": None}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -99,7 +99,8 @@ def parse_json_object(body: bytes, limits: ValidationLimits) -> dict[str, Any]:
             f"The request body nests deeper than {limits.max_json_depth} levels.", code="json_too_deep"
         )
     if _NUL_ESCAPE in body:
-        obj = _strip_nul(obj)
+        stripped: dict[str, Any] = _strip_nul(obj)  # a dict in, a dict out
+        return stripped
     return obj
 
 
@@ -420,7 +421,8 @@ def validate_completion(obj: dict[str, Any], limits: ValidationLimits) -> Comple
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         length = len(prompt)  # a string, or one prompt of token ids
     else:
-        length = sum(len(p) for p in prompt)  # strings, or lists of token ids
+        # strings, or lists of token ids: validation made the list one or the other, so no item is an int
+        length = sum(len(p) for p in cast("list[str] | list[list[int]]", prompt))
     if length > limits.max_total_chars:
         what = "token ids" if ids else "characters"
         raise InvalidRequest(

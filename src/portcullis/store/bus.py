@@ -109,7 +109,7 @@ class EventBus:
             finally:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.timeout_s):
-                        await pubsub.aclose()
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py (8.1)
             await asyncio.sleep(_RETRY_S)
 
     async def _receive(self, pubsub: Any, handler: Callable[[dict[str, Any]], None]) -> None:
