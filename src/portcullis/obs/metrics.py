@@ -25,7 +25,7 @@ class Named(Protocol):
 
 
 # The *_created series double the scrape for no use in dashboards or alerts.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # (prometheus_client leaves it unannotated)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -57,6 +57,7 @@ class _RequestCollector(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        labels: tuple[str, ...]  # each series has its own label count
         m = self.metrics
         requests = CounterMetricFamily("portcullis_requests", "Requests answered", labels=["route", "model", "status"])
         for labels, value in m.requests.items():
@@ -131,7 +132,7 @@ class _RequestCollector(Collector):
                 cumulative, running = [], 0
                 for bound, count in zip((*bounds, float("inf")), hist.counts, strict=True):
                     running += count
-                    cumulative.append((floatToGoString(bound), running))
+                    cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
                 family.add_metric(list(labels), cumulative, sum_value=hist.sum)
             yield family
 

@@ -464,8 +464,8 @@ def _spread(n: int) -> list[float]:
 
 def _latency(replicas: list[Replica], prompt: int, completion: int, wait_s: float) -> float | None:
     """Queue wait + prompt processing + decoding, from what the replicas' answers showed (None: no data)."""
-    first = [prompt / r.prefill_tps if r.prefill_tps else r.ttft_s for r in replicas]
-    first = [f for f in first if f is not None]
+    estimates = [prompt / r.prefill_tps if r.prefill_tps else r.ttft_s for r in replicas]
+    first = [f for f in estimates if f is not None]
     speeds = [r.stream_tps for r in replicas if r.stream_tps]
     if not first and not speeds:
         return None

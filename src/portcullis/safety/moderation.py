@@ -319,7 +319,9 @@ class Moderation:
 
     # -- input --------------------------------------------------------------------------------
 
-    def screen(self, req: Request, ex: Exchange, payload: dict[str, Any], model: str, *, chat: bool) -> Screen:
+    def screen(
+        self, req: Request, ex: Exchange, payload: dict[str, Any], model: str, *, chat: bool
+    ) -> Screen | _NoScreen:
         """Moderate the request's input around the rest of the handler (`async with`)."""
         if ex.trace is not None:
             ex.trace.stage("moderation")
@@ -588,4 +590,4 @@ class _NoScreen:
         return False
 
 
-_NO_SCREEN: Any = _NoScreen()
+_NO_SCREEN = _NoScreen()
