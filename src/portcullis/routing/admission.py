@@ -521,7 +521,6 @@ class Admission:
                 reason = f"model={model}; reason={gate.model} full, spilled to its fallback".encode()
                 req.response_headers.append((b"x-portcullis-route", reason))
                 ex.route_reason = f"{gate.model} full, spilled"
-                ex.model = model
                 return other
         return None
 
@@ -610,6 +609,9 @@ class Slot:
                 if not evicted.fut.done():
                     evicted.fut.set_exception(admission.refuse(gate, "queue_full", evicted.priority))
             await admission.wait(self._req, ex, gate, priority)
+        # The one place that says which model the request ends up on: degraded to a cheaper one, spilled to a
+        # fallback, or the one routed to (the upstream stage may still fail over to a fallback: ex.replica).
+        ex.model = gate.model
         self._gate = gate
         self._since = time.perf_counter()
         return gate.target
