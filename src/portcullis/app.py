@@ -39,7 +39,7 @@ from portcullis.http import JSON_HEADERS, NOSNIFF, ClientDisconnected, Receive, 
 from portcullis.identity import scopes
 from portcullis.identity.auth import Identity, require_scope
 from portcullis.identity.jwt import JwtSetupError, JwtVerifier
-from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, ModelState, key_id_of, key_secret
+from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, key_id_of, key_secret
 from portcullis.identity.principal import Principal
 from portcullis.jobs.runner import Answer, BatchRunner
 from portcullis.jobs.store import BatchStore
@@ -60,6 +60,7 @@ from portcullis.safety.moderation import Moderation
 from portcullis.store.bus import EventBus
 from portcullis.store.db import make_engine, pending, upgrade
 from portcullis.store.health import DatabaseHealth
+from portcullis.store.model_state import ModelState
 from portcullis.upstream.client import UpstreamClient
 from portcullis.upstream.deadline import Deadlines
 from portcullis.upstream.probe import Prober

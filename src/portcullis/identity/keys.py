@@ -26,7 +26,7 @@ from portcullis.config import Config
 from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes as scope_names
 from portcullis.identity.principal import JWT_USER_PREFIX, Principal, unstorable
-from portcullis.store.schema import api_keys, model_state
+from portcullis.store.schema import api_keys
 
 PREFIX = "pc-"
 _ID_LEN = 16
@@ -360,33 +360,6 @@ class KeyStore:
         async with self.engine.begin() as conn:
             for key_id, when in last_used.items():
                 await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=when))
-
-    async def disabled_models(self) -> set[str]:
-        return await ModelState(self.engine).disabled_models()
-
-    async def set_model_disabled(self, name: str, disabled: bool) -> None:
-        await ModelState(self.engine).set_model_disabled(name, disabled)
-
-
-class ModelState:
-    """Models switched off at run time (DELETE /v1/models/{id}), in the database beside the keys. It needs no
-    key secret, so a gateway that takes only JWTs (no key store) can switch models off and on too."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-
-    async def disabled_models(self) -> set[str]:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(model_state.c.name).where(model_state.c.disabled.is_(True)))).all()
-        return {r[0] for r in rows}
-
-    async def set_model_disabled(self, name: str, disabled: bool) -> None:
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(model_state).where(model_state.c.name == name).values(disabled=disabled, updated_at=now())
-            )
-            if result.rowcount == 0:
-                await conn.execute(insert(model_state).values(name=name, disabled=disabled, updated_at=now()))
 
 
 def _row(record: KeyRecord) -> dict[str, Any]:

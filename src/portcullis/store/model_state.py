@@ -1,0 +1,33 @@
+"""Models switched off at run time (DELETE /v1/models/{id}, POST /admin/models/{id}/enable), kept in the
+database so every process and every restart agrees (the catalog holds the live set; app.py reads it at
+startup and on bus events or polls). It needs no key secret, so a gateway that takes only JWTs (no key store)
+can switch models off and on too: it is the catalog's state, not the key store's.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from portcullis.store.schema import model_state
+
+
+class ModelState:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def disabled_models(self) -> set[str]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(model_state.c.name).where(model_state.c.disabled.is_(True)))).all()
+        return {r[0] for r in rows}
+
+    async def set_model_disabled(self, name: str, disabled: bool) -> None:
+        now = datetime.now(UTC)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(model_state).where(model_state.c.name == name).values(disabled=disabled, updated_at=now)
+            )
+            if result.rowcount == 0:
+                await conn.execute(insert(model_state).values(name=name, disabled=disabled, updated_at=now))
