@@ -277,7 +277,7 @@ class ResponseCache:
                 await self.store.put(key, raw, self.config.ttl_s)
             if unlead:
                 self._leading.discard(key)
-                await self.store.unlead(key)  # type: ignore[attr-defined]
+                await self.store.unlead(key)
         except Exception:
             self.metrics.cache_store_errors.inc()
 
@@ -293,7 +293,7 @@ class ResponseCache:
     async def _lead(self, key: str) -> bool:
         """True: this process answers `key` (it holds the lease, or Redis is away and everyone answers alone)."""
         try:
-            if not await self.store.lead(key, _LEAD_TTL_S):  # type: ignore[attr-defined]
+            if not await self.store.lead(key, _LEAD_TTL_S):
                 return False
         except Exception:
             self.metrics.cache_store_errors.inc()
@@ -313,7 +313,7 @@ class ResponseCache:
                 raw = await self.store.get(key)
                 if raw is not None:
                     return raw
-                if not await self.store.led(key):  # type: ignore[attr-defined]
+                if not await self.store.led(key):
                     return await self.store.get(key)  # stored just before the lease went, or nothing
             except Exception:
                 self.metrics.cache_store_errors.inc()
@@ -323,7 +323,7 @@ class ResponseCache:
         while self._leading:
             await asyncio.sleep(_LEAD_TTL_S / 3)
             try:
-                await self.store.renew(list(self._leading), _LEAD_TTL_S)  # type: ignore[attr-defined]
+                await self.store.renew(list(self._leading), _LEAD_TTL_S)
             except Exception:
                 self.metrics.cache_store_errors.inc()
 

@@ -19,6 +19,13 @@ class CacheStore(Protocol):
     async def put(self, key: str, value: bytes, ttl_s: float) -> None: ...
     async def close(self) -> None: ...
 
+    # Coalescing across processes (cache/exact.py): one process leads a key (answers it upstream) under a
+    # lease; the others wait for its answer while it is led.
+    async def lead(self, key: str, ttl_s: float) -> bool: ...  # True: this process took the lease
+    async def led(self, key: str) -> bool: ...  # is someone answering it?
+    async def renew(self, keys: list[str], ttl_s: float) -> None: ...
+    async def unlead(self, key: str) -> None: ...
+
 
 class MemoryStore:
     shared = False
@@ -56,6 +63,19 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    # One process sees this store: identical requests are coalesced in process (exact.py), never through it.
+    async def lead(self, key: str, ttl_s: float) -> bool:
+        return True
+
+    async def led(self, key: str) -> bool:
+        return False
+
+    async def renew(self, keys: list[str], ttl_s: float) -> None:
+        return None
+
+    async def unlead(self, key: str) -> None:
+        return None
 
     async def close(self) -> None:
         self._entries.clear()
