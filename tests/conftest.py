@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import Proc, bind_loopback, gateway_config, start_gateway, start_sim, wait_until
+from procs import IN_CI, Proc, bind_loopback, gateway_config, start_gateway, start_sim, wait_until
 
 
 @pytest.fixture
@@ -69,7 +69,6 @@ def gateway(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
 
 PG_URL = os.environ.get("PORTCULLIS_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("PORTCULLIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI") == "true"
 
 
 def _missing(what: str, exc: Exception) -> None:

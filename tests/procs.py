@@ -25,6 +25,12 @@ import yaml
 KEY_SECRET = "test-key-secret-0123456789abcdef0123456789abcdef"
 ADMIN_KEY = "pc-00000000000000ad-test-admin-key-0123456789abcdefghijklmnop"
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+# Under CI=true what would be skipped (a missing service or tool) fails instead.
+IN_CI = os.environ.get("CI") == "true"
+# Reports worth keeping from a run (schemathesis, pip-audit, the dashboard's screenshot).
+ARTIFACTS = Path(os.environ.get("PORTCULLIS_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
 
 def _limit_open_files(count: int) -> None:
     """In the child before exec: a soft and hard open-files limit (the gateway can raise neither)."""
