@@ -67,6 +67,14 @@ def gateway(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def slow_sim(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[Proc]:
+    """A simulator slowed down as the module says: its command-line options in the module's SLOW_SIM."""
+    proc = start_sim(*request.module.SLOW_SIM, log_dir=module_tmp)
+    yield proc
+    proc.stop()
+
+
 PG_URL = os.environ.get("PORTCULLIS_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("PORTCULLIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

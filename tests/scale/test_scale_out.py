@@ -20,17 +20,13 @@ import orjson
 import pytest
 import yaml
 from conftest import scratch_postgres
-from procs import ADMIN_KEY, KEY_SECRET, Proc, gateway_config, http_get, http_post, sim_stats, start_gateway, start_sim
+from procs import ADMIN_KEY, KEY_SECRET, Proc, gateway_config, http_get, http_post, sim_stats, start_gateway
 from procs import wait_until as wait_for
 
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def slow_sim(module_tmp: Path) -> Iterator[Proc]:
-    proc = start_sim("--slots", "8", "--ttft-ms", "400", "--tokens-per-s", "200", log_dir=module_tmp)
-    yield proc
-    proc.stop()
+SLOW_SIM = ("--slots", "8", "--ttft-ms", "400", "--tokens-per-s", "200")  # conftest's slow_sim
 
 
 @pytest.fixture(scope="module")
