@@ -21,7 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import IN_CI, Proc, bind_loopback, gateway_config, start_gateway, start_sim, wait_until
+import openai
+from procs import IN_CI, Proc, bind_loopback, gateway_config, openai_client, start_gateway, start_sim, wait_until
 
 
 @pytest.fixture
@@ -65,6 +66,18 @@ def gateway(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
     proc = start_gateway(cfg, module_tmp, ready_path="/readyz")
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(gateway: Proc) -> Proc:
+    """The module's gateway: the shared one above, unless the module starts one of its own under this name."""
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def client(gw: Proc) -> openai.OpenAI:
+    """The openai SDK on the module's gateway `gw`, with the admin key."""
+    return openai_client(gw)
 
 
 @pytest.fixture(scope="module")
