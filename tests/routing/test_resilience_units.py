@@ -202,14 +202,11 @@ def test_wait_estimate_follows_the_observed_service_time() -> None:
     assert gate.estimate_wait(8) == pytest.approx(8 * 0.5 / 4)
 
 
-def test_a_wait_that_runs_out_as_it_is_granted_keeps_the_slot_and_leaks_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_wait_that_runs_out_as_it_is_granted_keeps_the_slot_and_leaks_nothing() -> None:
     """The queue timeout and the grant can land in the same loop iteration; the slot must be used
-    (or given back), never lost. The timeout is replaced by one that fires right after the grant."""
+    (or given back), never lost. The wait is given a deadline that runs out right after the grant."""
     from types import SimpleNamespace
 
-    from portcullis.routing import admission as admission_mod
     from portcullis.routing.admission import Admission
 
     gate = _gate(slots=1)
@@ -225,7 +222,6 @@ def test_a_wait_that_runs_out_as_it_is_granted_keeps_the_slot_and_leaks_nothing(
         async def __aexit__(self, *exc: object) -> None:
             raise TimeoutError  # ... and the wait runs out in the same instant
 
-    monkeypatch.setattr(admission_mod.asyncio, "timeout", RunsOutAfterGrant)
     config = build_config({"models": {"m": {"deployments": [{"url": "http://127.0.0.1:9"}]}}}, source="test")
     adm = Admission.__new__(Admission)
     adm.settings, adm.metrics = config.admission, gate.metrics
@@ -233,7 +229,7 @@ def test_a_wait_that_runs_out_as_it_is_granted_keeps_the_slot_and_leaks_nothing(
     ex = SimpleNamespace(principal=None, queue_s=0.0, watch_disconnect=lambda _w: None)
 
     async def run() -> None:
-        await adm.wait(req, ex, gate, 0)  # type: ignore[arg-type]
+        await adm.wait(req, ex, gate, 0, deadline=RunsOutAfterGrant)  # type: ignore[arg-type]
 
     asyncio.run(run())
     assert gate.holding == 1 and gate.depth == 0  # ours now; release it and nothing is left over
