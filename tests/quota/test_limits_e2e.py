@@ -16,6 +16,7 @@ from procs import (
     gateway_config,
     http_get,
     new_key,
+    openai_client,
     sim_control,
     sim_stats,
     start_gateway,
@@ -160,7 +161,7 @@ def test_every_response_carries_openai_rate_limit_headers(pair: tuple[Proc, Proc
 def test_sdk_raises_rate_limit_error_and_retry_after_is_the_real_wait(pair: tuple[Proc, Proc]) -> None:
     limit = 30
     key = new_key(pair[0], limits={"requests": {"minute": limit}})
-    client = openai.OpenAI(base_url=pair[0].url + "/v1", api_key=key, max_retries=0)
+    client = openai_client(pair[0], key)
     away_from_minute_edge(5)
     for _ in range(limit):
         client.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)
@@ -176,12 +177,17 @@ def test_sdk_raises_rate_limit_error_and_retry_after_is_the_real_wait(pair: tupl
     # The window is 60 s; the wait is until this bucket ends plus 1/30 of the next, not a whole minute.
     into_minute = answered_at % 60
     assert wait_s == pytest.approx(60 - into_minute + 60 / limit, abs=0.5)
-    other = openai.OpenAI(base_url=pair[1].url + "/v1", api_key=key, max_retries=0)  # the other process agrees
-    time.sleep(max(0.0, answered_at + wait_s - 1.0 - time.time()))
-    with pytest.raises(openai.RateLimitError):
-        other.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)
-    time.sleep(max(0.0, answered_at + wait_s - time.time()))
-    client.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)  # admitted
+    ends_at = answered_at + wait_s
+    other = openai_client(pair[1], key)  # the other process agrees: it refuses until the wait's last second
+
+    def refused_in_the_last_second() -> bool:
+        assert not _admitted(other), f"admitted {ends_at - time.time():.2f} s before the end of the wait"
+        return time.time() >= ends_at - 1.0
+
+    wait_until(refused_in_the_last_second, timeout=wait_s + 5, interval=0.25, what="a refusal in the last second")
+    # ... and the wait is all it takes: admitted as soon as it is over.
+    left = max(0.05, ends_at + 0.5 - time.time())  # (at least one ask, however late the last refusal came)
+    wait_until(lambda: _admitted(client), timeout=left, what="admission at the end of the wait")
 
 
 def test_in_process_backend_is_exact_within_one_process(wide_sim: Proc, module_tmp: Path) -> None:
