@@ -21,7 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import Proc, bind_loopback, gateway_config, start_gateway, start_sim, wait_until
+import openai
+from procs import IN_CI, Proc, bind_loopback, gateway_config, openai_client, start_gateway, start_sim, wait_until
 
 
 @pytest.fixture
@@ -67,9 +68,28 @@ def gateway(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def gw(gateway: Proc) -> Proc:
+    """The module's gateway: the shared one above, unless the module starts one of its own under this name."""
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def client(gw: Proc) -> openai.OpenAI:
+    """The openai SDK on the module's gateway `gw`, with the admin key."""
+    return openai_client(gw)
+
+
+@pytest.fixture(scope="module")
+def slow_sim(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[Proc]:
+    """A simulator slowed down as the module says: its command-line options in the module's SLOW_SIM."""
+    proc = start_sim(*request.module.SLOW_SIM, log_dir=module_tmp)
+    yield proc
+    proc.stop()
+
+
 PG_URL = os.environ.get("PORTCULLIS_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("PORTCULLIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI") == "true"
 
 
 def _missing(what: str, exc: Exception) -> None:

@@ -1,4 +1,5 @@
-"""Start the simulator and the gateway as real processes on loopback sockets, for tests.
+"""Start the simulator and the gateway as real processes on loopback sockets, for tests; and what the tests
+share besides: keys, openai clients, waits on a condition, where reports go.
 
 Each process gets a listening socket the test bound to port 0 (passed as an inherited fd), so there
 are no fixed ports and no race for one. Readiness is a bounded poll of an HTTP endpoint.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,12 +20,19 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 import yaml
 
 # Every test gateway gets this key secret, and this admin key (all scopes) on its first start.
 KEY_SECRET = "test-key-secret-0123456789abcdef0123456789abcdef"
 ADMIN_KEY = "pc-00000000000000ad-test-admin-key-0123456789abcdefghijklmnop"
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+# Under CI=true what would be skipped (a missing service or tool) fails instead.
+IN_CI = os.environ.get("CI") == "true"
+# Reports worth keeping from a run (schemathesis, pip-audit, the dashboard's screenshot).
+ARTIFACTS = Path(os.environ.get("PORTCULLIS_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
 
 def _limit_open_files(count: int) -> None:
@@ -61,6 +70,25 @@ def http_post(url: str, body: Any, timeout: float = 10.0, headers: dict[str, str
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def create_key(gw: Proc, *, user: str | None = None, tier: str = "enterprise", **spec: Any) -> dict[str, Any]:
+    """A new API key (POST /admin/keys with the admin key): the whole answer (`key`, `id`, `user`, ...).
+    Without `user`, a user of its own, so no two keys share per-user limits or usage by accident."""
+    body = {"user": user or f"u-{secrets.token_hex(4)}", "tier": tier, **spec}
+    status, raw = http_post(gw.url + "/admin/keys", body)
+    assert status == 201, raw
+    return orjson.loads(raw)
+
+
+def new_key(gw: Proc, *, user: str | None = None, tier: str = "enterprise", **spec: Any) -> str:
+    """create_key's key alone."""
+    return create_key(gw, user=user, tier=tier, **spec)["key"]
+
+
+def openai_client(gw: Proc, key: str = ADMIN_KEY, *, timeout: float = 60, max_retries: int = 0) -> openai.OpenAI:
+    """The openai SDK on a gateway's /v1. No retries unless asked: a test counts its requests and its refusals."""
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=max_retries, timeout=timeout)
 
 
 def wait_until(predicate: Any, *, timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> None:

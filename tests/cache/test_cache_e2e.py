@@ -25,6 +25,7 @@ from procs import (
     Proc,
     gateway_config,
     http_post,
+    new_key,
     sim_control,
     sim_stats,
     start_gateway,
@@ -131,14 +132,8 @@ def test_nondeterministic_requests_bypass(gw: Proc, sim: Proc) -> None:
     assert upstream(sim) == before + 2
 
 
-def _key(gw: Proc, user: str) -> str:
-    status, raw = http_post(gw.url + "/admin/keys", {"user": user, "tier": "enterprise"})
-    assert status == 201
-    return orjson.loads(raw)["key"]
-
-
 def test_tenants_never_share_an_entry(gw: Proc, sim: Proc) -> None:
-    alice, alice_again, bob = _key(gw, "alice"), _key(gw, "alice"), _key(gw, "bob")
+    alice, alice_again, bob = new_key(gw, user="alice"), new_key(gw, user="alice"), new_key(gw, user="bob")
     payload = body(messages=fresh())
     assert post(gw, payload, key=alice)[1]["x-portcullis-cache"] == "miss"
     assert post(gw, payload, key=bob)[1]["x-portcullis-cache"] == "miss"
@@ -328,7 +323,7 @@ def test_two_gateways_on_one_redis_share_the_cache(sim: Proc, tmp_path: Path, re
 def test_global_scope_shares_between_tenants_and_seeded_requests_are_opt_in(sim: Proc, tmp_path: Path) -> None:
     gw = _gateway(sim, tmp_path, "memory", scope="global", seeded=True)
     try:
-        alice, bob = _key(gw, "alice"), _key(gw, "bob")
+        alice, bob = new_key(gw, user="alice"), new_key(gw, user="bob")
         payload = body(messages=fresh())
         assert post(gw, payload, key=alice)[1]["x-portcullis-cache"] == "miss"
         assert post(gw, payload, key=bob)[1]["x-portcullis-cache"] == "hit"  # the operator chose to share

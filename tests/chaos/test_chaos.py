@@ -212,12 +212,8 @@ def test_all_replicas_down_then_back(tmp_path: Path, two_sims: list[Proc]) -> No
         gw.stop()
 
 
-@pytest.fixture
-def slow_sim(tmp_path: Path) -> Iterator[Proc]:
-    # 2 slots, 10 tokens at 100 tokens/s: ~0.1 s a request, a capacity of ~20 requests/s.
-    sim = start_sim("--slots", "2", "--tokens-per-s", "100", log_dir=tmp_path)
-    yield sim
-    sim.stop()
+# conftest's slow_sim: 2 slots, 10 tokens at 100 tokens/s: ~0.1 s a request, a capacity of ~20 requests/s.
+SLOW_SIM = ("--slots", "2", "--tokens-per-s", "100")
 
 
 def test_overload_three_times_capacity_with_a_queue(tmp_path: Path, slow_sim: Proc) -> None:

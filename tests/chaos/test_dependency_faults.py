@@ -27,6 +27,7 @@ from procs import (
     gateway_config,
     http_get,
     http_post,
+    new_key,
     start_gateway,
     start_sim,
     wait_until,
@@ -48,15 +49,6 @@ def _metric(gw: Proc, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
-
-
-def _keys(gw: Proc, n: int) -> list[str]:
-    keys = []
-    for i in range(n):
-        status, raw = http_post(gw.url + "/admin/keys", {"user": f"user-{i}", "tier": "premium"})
-        assert status == 201, raw
-        keys.append(orjson.loads(raw)["key"])
-    return keys
 
 
 def _pg_count(url: str, sql: str) -> int:
@@ -92,7 +84,7 @@ def test_a_database_stopped_then_hung_under_load_fails_no_request_of_a_known_key
     )
     gw = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
-        keys = [ADMIN_KEY, *_keys(gw, 4)]
+        keys = [ADMIN_KEY, *(new_key(gw, user=f"user-{i}", tier="premium") for i in range(4))]
         for key in keys:  # each verified once
             assert asyncio.run(open_loop(gw.url, [(chat_body(max_tokens=2), key)], rate=1))[0].status == 200
         phases: dict[str, tuple[float, float]] = {}
@@ -203,7 +195,7 @@ def test_a_revocation_made_while_redis_is_away_reaches_every_process(
     first = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     second = reaper(start_gateway(cfg, tmp_path, ready_path="/readyz"))
     try:
-        one, two = _keys(first, 2)
+        one, two = (new_key(first, user=f"user-{i}", tier="premium") for i in range(2))
         for gw in (first, second):
             for key in (one, two):
                 assert _status(gw, key) == 200

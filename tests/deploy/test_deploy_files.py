@@ -21,12 +21,11 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from procs import ADMIN_KEY, Proc, free_port, http_get
+from procs import ADMIN_KEY, IN_CI, Proc, free_port, http_get
 
 from portcullis.config import build_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-IN_CI = os.environ.get("CI") == "true"
 COMPOSE_SCHEMA = Path.home() / ".cache" / "portcullis" / "compose_spec.json"
 
 

@@ -21,11 +21,6 @@ from procs import (
 )
 
 
-@pytest.fixture(scope="module")
-def client(gateway: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30)
-
-
 @pytest.fixture
 def faults(sim: Proc, gateway: Proc) -> Iterator[None]:
     yield

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import orjson
-import pytest
 from procs import Proc, gateway_config, http_get, http_post, sim_control, start_gateway, start_sim, wait_until
 
 
@@ -86,11 +85,7 @@ def _connectable(port: int) -> bool:
         return False
 
 
-@pytest.fixture
-def slow_sim(tmp_path: Path):
-    proc = start_sim("--tokens-per-s", "10", "--default-max-tokens", "1000", log_dir=tmp_path)
-    yield proc
-    proc.stop()
+SLOW_SIM = ("--tokens-per-s", "10", "--default-max-tokens", "1000")  # conftest's slow_sim
 
 
 def test_sigterm_drains_in_flight_streams_then_exits_0(slow_sim: Proc, tmp_path: Path) -> None:

@@ -10,11 +10,6 @@ import pytest
 from procs import ADMIN_KEY, Proc, http_post, sim_control, sim_stats
 
 
-@pytest.fixture(scope="module")
-def client(gateway: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30)
-
-
 @pytest.fixture
 def echo(sim: Proc) -> Iterator[None]:
     sim_control(sim, echo_request=True)

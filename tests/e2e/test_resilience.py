@@ -257,8 +257,13 @@ def _raw_request(url: str, body: dict[str, Any]) -> socket.socket:
     return sock
 
 
+def _backend(gw: Proc, model: str = "m") -> dict[str, Any]:
+    """The model's entry in GET /admin/backends: its slots, queue and degradation as the gateway sees them."""
+    return next(m for m in orjson.loads(http_get(gw.url + "/admin/backends")[1])["data"] if m["model"] == model)
+
+
 def _depth(gw: Proc) -> int:
-    return orjson.loads(http_get(gw.url + "/admin/backends")[1])["data"][0]["queue"]["depth"]
+    return _backend(gw)["queue"]["depth"]
 
 
 def test_a_client_that_disconnects_leaves_the_queue_at_once(tmp_path: Path) -> None:
@@ -274,7 +279,13 @@ def test_a_client_that_disconnects_leaves_the_queue_at_once(tmp_path: Path) -> N
         for s in socks:
             s.close()
         wait_until(lambda: _depth(gw) == 0, timeout=1, what="the queue to empty")
-        time.sleep(0.3)
+        # The running request's client left too: once the replica has seen it cancelled and the gateway has
+        # given its slot back, a queued request still alive would have been handed that slot (and sent).
+        wait_until(
+            lambda: sim_stats(sim)["cancelled"] == 1 and _backend(gw)["slots"]["in_use"] == 0,
+            timeout=5,
+            what="the running request to be cancelled and its slot freed",
+        )
         assert sim_stats(sim)["requests"] == 1  # none of the queued ones ever reached the replica
     finally:
         gw.stop()
@@ -338,7 +349,8 @@ def test_degradation_caps_max_tokens_and_moves_chosen_tiers_to_a_cheaper_model(t
         assert before.status == 200 and "x-portcullis-degraded" not in before.headers
         for _ in range(5):  # stream samples of the big model's time to first token (~0.3 s)
             assert one(gw, chat_body(model="big", stream=True, max_tokens=2)).stream_complete
-        time.sleep(1.1)  # the p95 is re-evaluated once a second
+        # The p95 is re-evaluated at most once a second: wait until the gateway judges the big model slow.
+        wait_until(lambda: _backend(gw, "big")["degraded"], timeout=5, what="the big model to be judged slow")
         served_before = sim_stats(cheap)["requests"]
         r = one(gw, chat_body(model="big", max_tokens=20), key=free)
         assert r.status == 200

@@ -15,12 +15,8 @@ from procs import ADMIN_KEY, Proc, gateway_config, http_get, sim_stats, start_ga
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def slow_sim(module_tmp: Path) -> Iterator[Proc]:
-    # One chunk every 200 ms, each stamped with the time the simulator sent it; a ping every 150 ms.
-    proc = start_sim("--tokens-per-s", "5", "--stamp-chunks", "--ping-interval-s", "0.15", log_dir=module_tmp)
-    yield proc
-    proc.stop()
+# conftest's slow_sim: one chunk every 200 ms, each stamped with the time the simulator sent it; a ping every 150 ms.
+SLOW_SIM = ("--tokens-per-s", "5", "--stamp-chunks", "--ping-interval-s", "0.15")
 
 
 @pytest.fixture(scope="module")

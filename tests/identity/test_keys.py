@@ -7,15 +7,25 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import openai
 import orjson
 import pytest
 import yaml
-from procs import ADMIN_KEY, KEY_SECRET, Proc, gateway_config, http_get, http_post, start_gateway, wait_until
+from procs import (
+    KEY_SECRET,
+    Proc,
+    create_key,
+    gateway_config,
+    http_get,
+    http_post,
+    openai_client,
+    start_gateway,
+    wait_until,
+)
 
 MSG = [{"role": "user", "content": "hi"}]
+ALICE = {"user": "alice", "tier": "free"}  # whose keys these tests make
 
 
 @pytest.fixture(scope="module")
@@ -26,26 +36,16 @@ def gw(sim: Proc, database_url: str, module_tmp: Path) -> Iterator[Proc]:
     proc.stop()
 
 
-def create_key(gw: Proc, **spec: Any) -> dict[str, Any]:
-    status, body = http_post(gw.url + "/admin/keys", {"user": "alice", "tier": "free", **spec})
-    assert status == 201, body
-    return orjson.loads(body)
-
-
-def client(gw: Proc, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20)
-
-
 def chat_ok(gw: Proc, key: str) -> bool:
     try:
-        client(gw, key).chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+        openai_client(gw, key).chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
         return True
     except openai.AuthenticationError:
         return False
 
 
 def test_created_key_works_and_is_shown_once(gw: Proc) -> None:
-    made = create_key(gw, label="laptop")
+    made = create_key(gw, **ALICE, label="laptop")
     assert made["key"].startswith("pc-" + made["id"] + "-")
     assert chat_ok(gw, made["key"])
     status, body = http_get(gw.url + f"/admin/keys/{made['id']}")
@@ -57,7 +57,7 @@ def test_created_key_works_and_is_shown_once(gw: Proc) -> None:
 
 
 def test_last_used_is_recorded_off_the_hot_path(gw: Proc) -> None:
-    made = create_key(gw)
+    made = create_key(gw, **ALICE)
     assert orjson.loads(http_get(gw.url + f"/admin/keys/{made['id']}")[1])["last_used_at"] is None
     assert chat_ok(gw, made["key"])
 
@@ -68,7 +68,7 @@ def test_last_used_is_recorded_off_the_hot_path(gw: Proc) -> None:
 
 
 def test_key_headers_accepted_and_query_string_refused(gw: Proc) -> None:
-    key = create_key(gw)["key"]
+    key = create_key(gw, **ALICE)["key"]
     for header in ("api-key", "x-api-key"):
         status, _ = http_get(gw.url + "/v1/models", headers={"authorization": None, header: key})
         assert status == 200, header
@@ -77,13 +77,13 @@ def test_key_headers_accepted_and_query_string_refused(gw: Proc) -> None:
 
 
 def test_401_looks_the_same_for_unknown_id_and_wrong_secret(gw: Proc) -> None:
-    real = create_key(gw)
+    real = create_key(gw, **ALICE)
     wrong_secret = real["key"][:-4] + "AAAA"
     unknown_id = "pc-" + "f" * 16 + real["key"][19:]
     answers = []
     for key in (wrong_secret, unknown_id):
         with pytest.raises(openai.AuthenticationError) as info:
-            client(gw, key).models.list()
+            openai_client(gw, key).models.list()
         assert info.value.response.headers["www-authenticate"].startswith("Bearer")
         answers.append(info.value.body)
     assert answers[0] == answers[1]
@@ -91,7 +91,7 @@ def test_401_looks_the_same_for_unknown_id_and_wrong_secret(gw: Proc) -> None:
 
 
 def test_revocation_is_immediate(gw: Proc) -> None:
-    made = create_key(gw)
+    made = create_key(gw, **ALICE)
     assert chat_ok(gw, made["key"])  # now cached
     status, body = http_post(gw.url + f"/admin/keys/{made['id']}/revoke", {})
     assert status == 200 and orjson.loads(body)["status"] == "revoked"
@@ -99,7 +99,7 @@ def test_revocation_is_immediate(gw: Proc) -> None:
 
 
 def test_rotation_grace_then_stop(gw: Proc) -> None:
-    old = create_key(gw, scopes=["chat:write", "models:read"], models=["tiny"])
+    old = create_key(gw, **ALICE, scopes=["chat:write", "models:read"], models=["tiny"])
     status, body = http_post(gw.url + f"/admin/keys/{old['id']}/rotate", {"grace_s": 2})
     assert status == 201
     new = orjson.loads(body)
@@ -114,31 +114,31 @@ def test_rotation_grace_then_stop(gw: Proc) -> None:
 
 
 def test_expiry(gw: Proc) -> None:
-    made = create_key(gw, expires_in_s=1.5)
+    made = create_key(gw, **ALICE, expires_in_s=1.5)
     assert chat_ok(gw, made["key"])
     wait_until(lambda: not chat_ok(gw, made["key"]), timeout=6, interval=0.2, what="key expired")
     assert orjson.loads(http_get(gw.url + f"/admin/keys/{made['id']}")[1])["status"] == "expired"
 
 
 def test_scope_and_model_checks(gw: Proc) -> None:
-    embed_only = create_key(gw, scopes=["embeddings:write"])["key"]
+    embed_only = create_key(gw, **ALICE, scopes=["embeddings:write"])["key"]
     with pytest.raises(openai.PermissionDeniedError) as info:
-        client(gw, embed_only).chat.completions.create(model="tiny", messages=MSG)
+        openai_client(gw, embed_only).chat.completions.create(model="tiny", messages=MSG)
     assert info.value.code == "missing_scope" and "chat:write" in info.value.message
     status, body = http_post(
         gw.url + "/admin/keys", {"user": "x", "tier": "free"}, headers={"authorization": f"Bearer {embed_only}"}
     )
     assert status == 403 and orjson.loads(body)["error"]["param"] == "keys:admin"  # not an admin
 
-    tiny_only = create_key(gw, models=["tiny"])["key"]
+    tiny_only = create_key(gw, **ALICE, models=["tiny"])["key"]
     with pytest.raises(openai.PermissionDeniedError) as info:
-        client(gw, tiny_only).chat.completions.create(model="other", messages=MSG)
+        openai_client(gw, tiny_only).chat.completions.create(model="other", messages=MSG)
     assert info.value.code == "model_not_allowed" and "other" in info.value.message
-    assert [m.id for m in client(gw, tiny_only).models.list()] == ["tiny"]
+    assert [m.id for m in openai_client(gw, tiny_only).models.list()] == ["tiny"]
 
 
 def test_admin_routes_need_keys_admin_and_unknown_ids_are_404(gw: Proc) -> None:
-    user_key = create_key(gw)["key"]
+    user_key = create_key(gw, **ALICE)["key"]
     status, body = http_get(gw.url + "/admin/keys", headers={"authorization": f"Bearer {user_key}"})
     assert status == 403 and orjson.loads(body)["error"]["code"] == "missing_scope"
     status, _ = http_get(gw.url + "/admin/keys/0123456789abcdef")
@@ -148,7 +148,7 @@ def test_admin_routes_need_keys_admin_and_unknown_ids_are_404(gw: Proc) -> None:
 
 
 def test_disable_and_enable_a_model(gw: Proc) -> None:
-    c = client(gw, ADMIN_KEY)
+    c = openai_client(gw)
     deleted = c.models.delete("other")
     assert deleted.deleted is True
     assert "other" not in [m.id for m in c.models.list()]
@@ -218,7 +218,7 @@ def test_revocation_reaches_a_second_process_within_1s_with_redis(
     a = start_gateway(dict(cfg), module_tmp, ready_path="/readyz")
     b = start_gateway(dict(cfg, store=dict(cfg["store"])), module_tmp, ready_path="/readyz")
     try:
-        made = create_key(a)
+        made = create_key(a, **ALICE)
         assert chat_ok(b, made["key"])  # b has it cached now (30 s with Redis)
         status, _ = http_post(a.url + f"/admin/keys/{made['id']}/revoke", {})
         assert status == 200
@@ -226,9 +226,9 @@ def test_revocation_reaches_a_second_process_within_1s_with_redis(
         wait_until(lambda: not chat_ok(b, made["key"]), timeout=3, interval=0.02, what="b refuses the key")
         assert time.monotonic() - revoked_at < 1.0
         # and a model switched off on a is off on b
-        assert client(a, ADMIN_KEY).models.delete("tiny").deleted
+        assert openai_client(a).models.delete("tiny").deleted
         wait_until(
-            lambda: "tiny" not in [m.id for m in client(b, ADMIN_KEY).models.list()],
+            lambda: "tiny" not in [m.id for m in openai_client(b).models.list()],
             timeout=3,
             what="b sees the model disabled",
         )

@@ -22,6 +22,8 @@ from procs import (
     gateway_config,
     http_get,
     http_post,
+    new_key,
+    openai_client,
     sim_control,
     sim_stats,
     start_gateway,
@@ -73,17 +75,9 @@ def gw(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def client(gw: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-
-
-def new_key(gw: Proc, **spec: Any) -> str:
-    # (chat lines need chat:write too: batches:write alone runs nothing; tests/security/test_batch_grants.py)
-    scopes = ["batches:write", "chat:write"]
-    status, raw = http_post(gw.url + "/admin/keys", {"tier": "enterprise", "scopes": scopes, **spec})
-    assert status == 201, raw
-    return orjson.loads(raw)["key"]
+# A batch owner's scopes (chat lines need chat:write too: batches:write alone runs nothing;
+# tests/security/test_batch_grants.py).
+BATCH_SCOPES = ["batches:write", "chat:write"]
 
 
 def test_the_sdk_runs_a_batch_end_to_end(client: openai.OpenAI, gw: Proc, sim: Proc) -> None:
@@ -170,7 +164,7 @@ def test_uploads_are_checked(client: openai.OpenAI, gw: Proc) -> None:
 
 def test_batches_and_files_belong_to_their_user(client: openai.OpenAI, gw: Proc) -> None:
     batch = submit(client, jsonl([line(0)]))
-    stranger = openai.OpenAI(base_url=gw.url + "/v1", api_key=new_key(gw, user="stranger"), max_retries=0)
+    stranger = openai_client(gw, new_key(gw, user="stranger", scopes=BATCH_SCOPES))
     with pytest.raises(openai.NotFoundError):
         stranger.batches.retrieve(batch.id)
     with pytest.raises(openai.NotFoundError):
@@ -178,11 +172,7 @@ def test_batches_and_files_belong_to_their_user(client: openai.OpenAI, gw: Proc)
     with pytest.raises(openai.NotFoundError):
         stranger.batches.cancel(batch.id)
     assert batch.id not in [b.id for b in stranger.batches.list()]
-    no_scope = openai.OpenAI(
-        base_url=gw.url + "/v1",
-        api_key=new_key(gw, user="chatter", scopes=["chat:write"]),
-        max_retries=0,
-    )
+    no_scope = openai_client(gw, new_key(gw, user="chatter", scopes=["chat:write"]))
     with pytest.raises(openai.PermissionDeniedError):
         no_scope.batches.list()
 
@@ -224,8 +214,8 @@ def test_lines_left_at_the_deadline_expire(client: openai.OpenAI, sim: Proc) -> 
 
 def test_batch_lines_are_budgeted_like_any_request(gw: Proc) -> None:
     """A key whose daily budget covers a few lines: the rest end in the error file with budget_exceeded."""
-    key = new_key(gw, user="thrifty", budget={"day": 0.05})
-    owner = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    key = new_key(gw, user="thrifty", scopes=BATCH_SCOPES, budget={"day": 0.05})
+    owner = openai_client(gw, key)
     batch = submit(owner, jsonl([line(i) for i in range(20)]))  # each line costs ~0.015 at 1.0 per 1k tokens
     ended = wait_ended(owner, batch.id)
     assert ended.status == "completed"
@@ -238,8 +228,8 @@ def test_batch_lines_are_budgeted_like_any_request(gw: Proc) -> None:
 def test_a_batch_keeps_within_its_owners_concurrency_limit(gw: Proc) -> None:
     """The owner may have 2 requests in flight: the runner never runs more of their lines at once, so no
     line is refused for concurrency (and none is spent on a refusal)."""
-    key = new_key(gw, user="narrow", limits={"concurrency": 2})
-    owner = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    key = new_key(gw, user="narrow", scopes=BATCH_SCOPES, limits={"concurrency": 2})
+    owner = openai_client(gw, key)
     refusals = _metric(gw, 'portcullis_quota_refusals_total{reason="concurrency"}')
     batch = submit(owner, jsonl([line(i, model="other") for i in range(12)]))
     ended = wait_ended(owner, batch.id)

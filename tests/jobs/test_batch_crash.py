@@ -19,7 +19,7 @@ import asyncpg
 import openai
 import orjson
 import pytest
-from procs import ADMIN_KEY, Proc, gateway_config, http_get, start_gateway, start_sim, wait_until
+from procs import Proc, gateway_config, http_get, openai_client, start_gateway, start_sim, wait_until
 
 LINES = 1000
 LEASE_S = 2
@@ -54,10 +54,6 @@ def _config(sim: Proc, database_url: str) -> dict[str, Any]:
         store={"database_url": database_url, "auto_migrate": True},
         batch={"poll_s": 0.1, "lease_s": LEASE_S, "reserve_slots": 0},
     )
-
-
-def _client(gw: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=ADMIN_KEY, max_retries=2)
 
 
 def _completed(client: openai.OpenAI, batch_id: str) -> int:
@@ -116,7 +112,7 @@ def test_a_killed_gateway_restarted_finishes_the_batch(sim: Proc, module_tmp: Pa
     cfg = _config(sim, f"sqlite+aiosqlite:///{module_tmp}/crash.db")
     gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
     try:
-        client = _client(gw)
+        client = openai_client(gw, max_retries=2)
         file = client.files.create(file=("in.jsonl", io.BytesIO(_content())), purpose="batch")
         batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
         wait_until(lambda: _completed(client, batch.id) >= 200, timeout=60, what="200 lines done")
@@ -126,7 +122,7 @@ def test_a_killed_gateway_restarted_finishes_the_batch(sim: Proc, module_tmp: Pa
         gw.stop()
     gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
     try:
-        client = _client(gw)
+        client = openai_client(gw, max_retries=2)
         halfway = _completed(client, batch.id)
         assert 200 <= halfway < LINES  # it really was cut in the middle
         _check_output(client, batch.id)
@@ -142,7 +138,7 @@ def test_two_gateways_share_the_batch_on_postgres_and_survive_one_being_killed(
     first = start_gateway(cfg, module_tmp, ready_path="/readyz")
     second = start_gateway(cfg, module_tmp, ready_path="/readyz")
     try:
-        client = _client(first)
+        client = openai_client(first, max_retries=2)
         file = client.files.create(file=("in.jsonl", io.BytesIO(_content())), purpose="batch")
         batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
         # Both processes take lines from the shared queue.
@@ -150,7 +146,7 @@ def test_two_gateways_share_the_batch_on_postgres_and_survive_one_being_killed(
         first.signal(signal.SIGKILL)
         first.wait()
         # The survivor takes over the dead one's leases once they expire, and finishes.
-        _check_output(_client(second), batch.id)
+        _check_output(openai_client(second, max_retries=2), batch.id)
         _one_record_per_line(postgres_url, batch.id)
     finally:
         first.stop()

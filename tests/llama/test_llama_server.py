@@ -78,19 +78,14 @@ def llama(module_tmp: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def llama_gateway(llama: str, module_tmp: Path) -> Iterator[Proc]:
+def gw(llama: str, module_tmp: Path) -> Iterator[Proc]:
     gw = start_gateway(gateway_config({"tiny": [llama]}), module_tmp, ready_path="/readyz")
     yield gw
     gw.stop()
 
 
-@pytest.fixture(scope="module")
-def client(llama_gateway: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=llama_gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
-
-
-def test_slots_learned_from_props(llama_gateway: Proc) -> None:
-    _, text = http_get(llama_gateway.url + "/metrics")
+def test_slots_learned_from_props(gw: Proc) -> None:
+    _, text = http_get(gw.url + "/metrics")
     line = next(x for x in text.decode().splitlines() if x.startswith('portcullis_replica_slots{model="tiny"'))
     assert float(line.split()[-1]) == SLOTS
 
@@ -143,7 +138,7 @@ def test_models(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
-def test_the_gateway_queues_what_llama_server_would_queue_silently(llama: str, llama_gateway: Proc) -> None:
+def test_the_gateway_queues_what_llama_server_would_queue_silently(llama: str, gw: Proc) -> None:
     """More concurrent requests than slots: llama-server never defers one (its silent queue stays
     empty, per its own /metrics); the surplus waits in the gateway's queue and every stream completes."""
     import asyncio
@@ -173,7 +168,7 @@ def test_the_gateway_queues_what_llama_server_would_queue_silently(llama: str, l
 
     async def run() -> list:
         async with aiohttp.ClientSession() as s:
-            return list(await asyncio.gather(*(call(s, llama_gateway.url, body, limit_s=60) for _ in range(4 * SLOTS))))
+            return list(await asyncio.gather(*(call(s, gw.url, body, limit_s=60) for _ in range(4 * SLOTS))))
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -187,7 +182,7 @@ def test_the_gateway_queues_what_llama_server_would_queue_silently(llama: str, l
     assert deferred and max(deferred) == 0
 
 
-def test_context_fit_learns_the_tokenizer_and_asks_tokenize_near_the_limit(llama_gateway: Proc) -> None:
+def test_context_fit_learns_the_tokenizer_and_asks_tokenize_near_the_limit(gw: Proc) -> None:
     """512 tokens per slot; the tiny model's vocabulary is bytes, so 300 characters are ~300 tokens, not
     the ~75 a 4-characters-per-token estimate says. Once the model has answered one long enough prompt, the
     gateway estimates with its real tokens per byte, sees 300 + max_tokens 300 is close to 512, counts with
@@ -199,7 +194,7 @@ def test_context_fit_learns_the_tokenizer_and_asks_tokenize_near_the_limit(llama
         body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
         async with aiohttp.ClientSession() as s:
             async with s.post(
-                llama_gateway.url + "/v1/chat/completions",
+                gw.url + "/v1/chat/completions",
                 data=orjson.dumps(body),
                 headers={"authorization": f"Bearer {ADMIN_KEY}"},
             ) as r:

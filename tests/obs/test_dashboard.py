@@ -7,7 +7,6 @@ the sessions.)"""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 from collections.abc import Iterator
@@ -19,10 +18,18 @@ import orjson
 import pytest
 from dashboard_http import data as dashboard_data
 from dashboard_http import sign_in as http_sign_in
-from procs import ADMIN_KEY, Proc, gateway_config, http_get, http_post, start_gateway, start_sim, wait_until
-
-ARTIFACTS = Path(os.environ.get("PORTCULLIS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
-IN_CI = os.environ.get("CI") == "true"
+from procs import (
+    ADMIN_KEY,
+    ARTIFACTS,
+    IN_CI,
+    Proc,
+    gateway_config,
+    http_get,
+    http_post,
+    start_gateway,
+    start_sim,
+    wait_until,
+)
 
 
 def _browser() -> Any:

@@ -1,24 +1,15 @@
-"""Helpers for the quota tests: keys with limits, concurrent bursts over real HTTP."""
+"""Helpers for the quota tests: concurrent bursts over real HTTP (keys with limits: procs.create_key)."""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from typing import Any
 
 import aiohttp
 import orjson
-from procs import Proc, http_post
 
 MSG = [{"role": "user", "content": "hello there"}]
-
-
-def make_key(gw: Proc, *, tier: str = "enterprise", user: str | None = None, **spec: Any) -> dict[str, Any]:
-    body = {"user": user or f"u-{secrets.token_hex(4)}", "tier": tier, **spec}
-    status, raw = http_post(gw.url + "/admin/keys", body)
-    assert status == 201, raw
-    return orjson.loads(raw)
 
 
 def chat_body(**extra: Any) -> dict[str, Any]:

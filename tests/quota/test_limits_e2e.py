@@ -11,8 +11,19 @@ from pathlib import Path
 import openai
 import orjson
 import pytest
-from procs import Proc, gateway_config, http_get, sim_control, sim_stats, start_gateway, start_sim, wait_until
-from quota_helpers import MSG, away_from_minute_edge, burst, chat_body, make_key
+from procs import (
+    Proc,
+    gateway_config,
+    http_get,
+    new_key,
+    openai_client,
+    sim_control,
+    sim_stats,
+    start_gateway,
+    start_sim,
+    wait_until,
+)
+from quota_helpers import MSG, away_from_minute_edge, burst, chat_body
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +63,7 @@ def statuses(results: list[tuple[int, dict[str, str], bytes]]) -> dict[int, int]
 
 
 def test_two_processes_admit_exactly_the_request_limit(pair: tuple[Proc, Proc]) -> None:
-    key = make_key(pair[0], limits={"requests": {"minute": 100}})["key"]
+    key = new_key(pair[0], limits={"requests": {"minute": 100}})
     away_from_minute_edge()
     results = asyncio.run(burst([p.url for p in pair], key, 500, chat_body()))
     assert statuses(results) == {200: 100, 429: 400}
@@ -95,7 +106,7 @@ def _refusals(gw: Proc) -> int:
 
 
 def test_two_processes_admit_exactly_the_token_limit(pair: tuple[Proc, Proc], wide_sim: Proc, hanging: None) -> None:
-    key = make_key(pair[0], limits={"tokens": {"minute": 1000}})["key"]
+    key = new_key(pair[0], limits={"tokens": {"minute": 1000}})
     # Each request reserves its prompt estimate (3 chars/4 -> 3, + 4 + 3 framing = 10) + 90 = 100 tokens.
     _refusals_before[key] = sum(_refusals(p) for p in pair)
     away_from_minute_edge()
@@ -104,7 +115,7 @@ def test_two_processes_admit_exactly_the_token_limit(pair: tuple[Proc, Proc], wi
 
 
 def test_concurrency_limit_holds_across_processes(pair: tuple[Proc, Proc], wide_sim: Proc, hanging: None) -> None:
-    key = make_key(pair[0], limits={"concurrency": 5})["key"]
+    key = new_key(pair[0], limits={"concurrency": 5})
     _refusals_before[key] = sum(_refusals(p) for p in pair)
     admitted, refused = asyncio.run(_burst_until_decided(pair, wide_sim, key, 100, chat_body()))
     assert (admitted, refused) == (5, 95)
@@ -112,7 +123,7 @@ def test_concurrency_limit_holds_across_processes(pair: tuple[Proc, Proc], wide_
 
 def test_concurrency_under_load_never_exceeds_the_limit(pair: tuple[Proc, Proc], wide_sim: Proc) -> None:
     """Many short requests through both processes; the upstream never sees more than the limit at once."""
-    key = make_key(pair[0], limits={"concurrency": 3})["key"]
+    key = new_key(pair[0], limits={"concurrency": 3})
     sim_control(wide_sim, tokens_per_s=400.0)
     try:
         base = sim_stats(wide_sim)
@@ -136,7 +147,7 @@ def _admitted(client: openai.OpenAI) -> bool:
 
 
 def test_every_response_carries_openai_rate_limit_headers(pair: tuple[Proc, Proc]) -> None:
-    key = make_key(pair[0], limits={"requests": {"minute": 50, "day": 1000}, "tokens": {"minute": 5000}})["key"]
+    key = new_key(pair[0], limits={"requests": {"minute": 50, "day": 1000}, "tokens": {"minute": 5000}})
     client = openai.OpenAI(base_url=pair[0].url + "/v1", api_key=key, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(model="tiny", messages=MSG, max_tokens=4)
     h = raw.headers
@@ -149,8 +160,8 @@ def test_every_response_carries_openai_rate_limit_headers(pair: tuple[Proc, Proc
 
 def test_sdk_raises_rate_limit_error_and_retry_after_is_the_real_wait(pair: tuple[Proc, Proc]) -> None:
     limit = 30
-    key = make_key(pair[0], limits={"requests": {"minute": limit}})["key"]
-    client = openai.OpenAI(base_url=pair[0].url + "/v1", api_key=key, max_retries=0)
+    key = new_key(pair[0], limits={"requests": {"minute": limit}})
+    client = openai_client(pair[0], key)
     away_from_minute_edge(5)
     for _ in range(limit):
         client.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)
@@ -166,19 +177,24 @@ def test_sdk_raises_rate_limit_error_and_retry_after_is_the_real_wait(pair: tupl
     # The window is 60 s; the wait is until this bucket ends plus 1/30 of the next, not a whole minute.
     into_minute = answered_at % 60
     assert wait_s == pytest.approx(60 - into_minute + 60 / limit, abs=0.5)
-    other = openai.OpenAI(base_url=pair[1].url + "/v1", api_key=key, max_retries=0)  # the other process agrees
-    time.sleep(max(0.0, answered_at + wait_s - 1.0 - time.time()))
-    with pytest.raises(openai.RateLimitError):
-        other.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)
-    time.sleep(max(0.0, answered_at + wait_s - time.time()))
-    client.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)  # admitted
+    ends_at = answered_at + wait_s
+    other = openai_client(pair[1], key)  # the other process agrees: it refuses until the wait's last second
+
+    def refused_in_the_last_second() -> bool:
+        assert not _admitted(other), f"admitted {ends_at - time.time():.2f} s before the end of the wait"
+        return time.time() >= ends_at - 1.0
+
+    wait_until(refused_in_the_last_second, timeout=wait_s + 5, interval=0.25, what="a refusal in the last second")
+    # ... and the wait is all it takes: admitted as soon as it is over.
+    left = max(0.05, ends_at + 0.5 - time.time())  # (at least one ask, however late the last refusal came)
+    wait_until(lambda: _admitted(client), timeout=left, what="admission at the end of the wait")
 
 
 def test_in_process_backend_is_exact_within_one_process(wide_sim: Proc, module_tmp: Path) -> None:
     cfg = gateway_config({"tiny": [wide_sim.url]}, quota={"backend": "memory"})
     gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
     try:
-        key = make_key(gw, limits={"requests": {"minute": 50}, "concurrency": 200})["key"]
+        key = new_key(gw, limits={"requests": {"minute": 50}, "concurrency": 200})
         away_from_minute_edge()
         results = asyncio.run(burst([gw.url], key, 300, chat_body()))
         assert statuses(results) == {200: 50, 429: 250}

@@ -8,8 +8,17 @@ from pathlib import Path
 
 import openai
 import pytest
-from procs import Proc, RedisServer, gateway_config, http_get, start_gateway, wait_until
-from quota_helpers import MSG, make_key
+from procs import (
+    Proc,
+    RedisServer,
+    gateway_config,
+    http_get,
+    new_key,
+    openai_client,
+    start_gateway,
+    wait_until,
+)
+from quota_helpers import MSG
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +45,7 @@ def _degraded(gw: Proc) -> float:
 
 
 def _outcomes(gw: Proc, key: str, n: int) -> list[str]:
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=10)
+    client = openai_client(gw, key, timeout=10)
     out = []
     for _ in range(n):
         try:
@@ -54,8 +63,8 @@ def test_fail_open_and_fail_closed_then_recovery(sim: Proc, redis_server: RedisS
     closed = _gateway(sim, redis_server, module_tmp, "fail_closed")
     try:
         limits = {"requests": {"minute": 10}}
-        key_open = make_key(opened, limits=limits)["key"]
-        key_closed = make_key(closed, limits=limits)["key"]
+        key_open = new_key(opened, limits=limits)
+        key_closed = new_key(closed, limits=limits)
         assert _outcomes(opened, key_open, 4) == ["ok"] * 4  # counted in Redis
         assert _outcomes(closed, key_closed, 1) == ["ok"]
 
@@ -71,7 +80,7 @@ def test_fail_open_and_fail_closed_then_recovery(sim: Proc, redis_server: RedisS
         redis_server.start()  # an empty Redis: the scripts are loaded again on the new connection
         wait_until(lambda: _degraded(opened) == 0.0 and _degraded(closed) == 0.0, what="recovery from Redis")
         wait_until(lambda: "quota_store_recovered" in opened.log() + closed.log(), what="the recovery log line")
-        fresh = make_key(opened, limits=limits)["key"]
+        fresh = new_key(opened, limits=limits)
         assert _outcomes(opened, fresh, 11) == ["ok"] * 10 + ["429"]  # the whole limit again, in Redis
         assert _outcomes(closed, key_closed, 1) == ["ok"]
     finally:

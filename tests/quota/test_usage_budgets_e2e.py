@@ -16,8 +16,16 @@ import openai
 import orjson
 import pytest
 import yaml
-from procs import Proc, gateway_config, http_get, sim_control, start_gateway, wait_until
-from quota_helpers import make_key
+from procs import (
+    Proc,
+    create_key,
+    gateway_config,
+    http_get,
+    openai_client,
+    sim_control,
+    start_gateway,
+    wait_until,
+)
 
 PROMPT = [{"role": "user", "content": "count the sheep in the field"}]
 
@@ -72,10 +80,6 @@ def gw(request: pytest.FixtureRequest, sim: Proc, webhook: Webhook, module_tmp: 
     proc.stop()
 
 
-def client(gw: Proc, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20)
-
-
 def recorded(gw: Proc, key_id: str, requests: int) -> dict[str, Any]:
     """The usage report for one key, once its records have been written."""
     found: dict[str, Any] = {}
@@ -94,12 +98,12 @@ def recorded(gw: Proc, key_id: str, requests: int) -> dict[str, Any]:
 
 
 def test_recorded_tokens_equal_the_upstreams_counts(gw: Proc) -> None:
-    plain, streamed, silent = (make_key(gw) for _ in range(3))
-    answer = client(gw, plain["key"]).chat.completions.create(model="tiny", messages=PROMPT, max_tokens=12)
+    plain, streamed, silent = (create_key(gw) for _ in range(3))
+    answer = openai_client(gw, plain["key"]).chat.completions.create(model="tiny", messages=PROMPT, max_tokens=12)
     assert answer.usage is not None
 
     chunks = list(
-        client(gw, streamed["key"]).chat.completions.create(
+        openai_client(gw, streamed["key"]).chat.completions.create(
             model="tiny", messages=PROMPT, max_tokens=7, stream=True, stream_options={"include_usage": True}
         )
     )
@@ -108,7 +112,9 @@ def test_recorded_tokens_equal_the_upstreams_counts(gw: Proc) -> None:
 
     # Without include_usage the client sees no usage chunk, but the gateway asked for it all the same.
     quiet = list(
-        client(gw, silent["key"]).chat.completions.create(model="tiny", messages=PROMPT, max_tokens=12, stream=True)
+        openai_client(gw, silent["key"]).chat.completions.create(
+            model="tiny", messages=PROMPT, max_tokens=12, stream=True
+        )
     )
     assert all(c.usage is None for c in quiet) and all(c.choices for c in quiet)
 
@@ -119,8 +125,8 @@ def test_recorded_tokens_equal_the_upstreams_counts(gw: Proc) -> None:
 
 
 def test_budget_crossed_mid_stream_ends_it_and_alerts_fire_once(gw: Proc, sim: Proc, webhook: Webhook) -> None:
-    key = make_key(gw, budget={"day": 0.05})  # 50 completion tokens at 1.0 per 1k
-    c = client(gw, key["key"])
+    key = create_key(gw, budget={"day": 0.05})  # 50 completion tokens at 1.0 per 1k
+    c = openai_client(gw, key["key"])
     sim_control(sim, default_max_tokens=400)  # left alone, the model would write 200-400 tokens
     try:
         first = c.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=30, stream=True)
@@ -154,9 +160,9 @@ def test_budget_crossed_mid_stream_ends_it_and_alerts_fire_once(gw: Proc, sim: P
 
 
 def test_usage_report_json_table_and_cli(gw: Proc, module_tmp: Path) -> None:
-    key = make_key(gw, user="reporter")
+    key = create_key(gw, user="reporter")
     for _ in range(3):
-        client(gw, key["key"]).chat.completions.create(model="tiny", messages=PROMPT, max_tokens=2)
+        openai_client(gw, key["key"]).chat.completions.create(model="tiny", messages=PROMPT, max_tokens=2)
     recorded(gw, key["id"], 3)
     status, body = http_get(gw.url + "/admin/usage?group_by=user,model&user=reporter")
     report = orjson.loads(body)
@@ -166,7 +172,7 @@ def test_usage_report_json_table_and_cli(gw: Proc, module_tmp: Path) -> None:
     assert status == 200 and b"reporter" in table and b"total" in table
     assert http_get(gw.url + "/admin/usage?group_by=colour")[0] == 400
     # A key without usage:read is refused.
-    plain = make_key(gw)
+    plain = create_key(gw)
     assert http_get(gw.url + "/admin/usage", headers={"authorization": f"Bearer {plain['key']}"})[0] == 403
 
     cfg_path = module_tmp / f"cli-{key['id']}.yaml"
@@ -206,7 +212,7 @@ def test_key_limits_and_budget_are_validated_by_the_api_and_the_cli(gw: Proc, mo
     )
     made = orjson.loads(good.stdout)
     assert made["limits"] == {"requests": {"minute": 2}} and made["budget"] == {"month": 3.0}
-    c = client(gw, made["key"])
+    c = openai_client(gw, made["key"])
     c.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=1)
     c.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=1)
     with pytest.raises(openai.RateLimitError):

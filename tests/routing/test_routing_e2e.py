@@ -80,11 +80,6 @@ def gw(sims: dict[str, Proc], module_tmp: Path) -> Iterator[Proc]:
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def client(gw: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-
-
 def _requests(sim: Proc) -> int:
     return sim_stats(sim)["requests"]
 

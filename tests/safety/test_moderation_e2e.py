@@ -24,6 +24,8 @@ from procs import (
     gateway_config,
     http_get,
     http_post,
+    new_key,
+    openai_client,
     sim_control,
     sim_stats,
     start_gateway,
@@ -139,20 +141,6 @@ def gw(sims: dict[str, Proc], module_tmp: Path) -> Iterator[Proc]:
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def client(gw: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=20)
-
-
-def _key(gw: Proc, tier: str, scopes: list[str] | None = None) -> str:
-    body: dict[str, Any] = {"user": f"u-{tier}-{time.monotonic_ns()}", "tier": tier}
-    if scopes is not None:
-        body["scopes"] = scopes
-    status, raw = http_post(gw.url + "/admin/keys", body, headers={"authorization": f"Bearer {ADMIN_KEY}"})
-    assert status in (200, 201), raw
-    return orjson.loads(raw)["key"]
-
-
 def _chat(model: str, text: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 64, **extra}
 
@@ -212,12 +200,10 @@ def test_an_email_is_redacted_before_it_leaves_the_gateway(gw: Proc, sims: dict[
 
 def test_a_keyword_rule_blocks_and_the_tier_policy_applies(gw: Proc) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
-        openai.OpenAI(base_url=gw.url + "/v1", api_key=_key(gw, "free"), max_retries=0).chat.completions.create(
-            **_chat("plain", f"card {CARD}")
-        )
+        openai_client(gw, new_key(gw, tier="free")).chat.completions.create(**_chat("plain", f"card {CARD}"))
     _refused(exc)
     # The enterprise tier's policy has no input moderators; `plain` has none of its own: it passes.
-    trusted = openai.OpenAI(base_url=gw.url + "/v1", api_key=_key(gw, "enterprise"), max_retries=0)
+    trusted = openai_client(gw, new_key(gw, tier="enterprise"))
     assert trusted.chat.completions.create(**_chat("plain", f"card {CARD}")).choices[0].message.content
     # A model's own policy wins over the tier's: `chat` still checks enterprise keys.
     with pytest.raises(openai.BadRequestError) as exc:
@@ -455,7 +441,7 @@ def test_the_moderations_endpoint_in_openai_shape(gw: Proc, client: Any) -> None
 
 
 def test_the_moderations_endpoint_needs_its_scope(gw: Proc) -> None:
-    chat_only = openai.OpenAI(base_url=gw.url + "/v1", api_key=_key(gw, "free", ["chat:write"]), max_retries=0)
+    chat_only = openai_client(gw, new_key(gw, tier="free", scopes=["chat:write"]))
     with pytest.raises(openai.PermissionDeniedError):
         chat_only.moderations.create(input="hello")
     status, raw = http_post(gw.url + "/v1/moderations", {"input": []}, headers={"authorization": f"Bearer {ADMIN_KEY}"})

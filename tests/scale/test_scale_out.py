@@ -20,17 +20,24 @@ import orjson
 import pytest
 import yaml
 from conftest import scratch_postgres
-from procs import ADMIN_KEY, KEY_SECRET, Proc, gateway_config, http_get, http_post, sim_stats, start_gateway, start_sim
+from procs import (
+    ADMIN_KEY,
+    KEY_SECRET,
+    Proc,
+    create_key,
+    gateway_config,
+    http_get,
+    http_post,
+    new_key,
+    sim_stats,
+    start_gateway,
+)
 from procs import wait_until as wait_for
 
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def slow_sim(module_tmp: Path) -> Iterator[Proc]:
-    proc = start_sim("--slots", "8", "--ttft-ms", "400", "--tokens-per-s", "200", log_dir=module_tmp)
-    yield proc
-    proc.stop()
+SLOW_SIM = ("--slots", "8", "--ttft-ms", "400", "--tokens-per-s", "200")  # conftest's slow_sim
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +57,6 @@ def pair(slow_sim: Proc, redis_url: str, module_tmp: Path) -> Iterator[tuple[Pro
         b.stop()
 
 
-def _key(gw: Proc, **extra: Any) -> tuple[str, str]:
-    status, raw = http_post(
-        gw.url + "/admin/keys", {"user": f"scale-{secrets.token_hex(4)}", "tier": "enterprise", **extra}, headers=AUTH
-    )
-    assert status == 201, raw
-    body = orjson.loads(raw)
-    return body["key"], body["user"]
-
-
 async def _post(session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str, str]]:
     async with session.post(
         url + "/v1/chat/completions", data=orjson.dumps(body), headers={"authorization": f"Bearer {key}"}
@@ -73,7 +71,7 @@ def _chat(text: str, **extra: Any) -> dict[str, Any]:
 
 def test_limits_are_global_and_exact(pair: tuple[Proc, Proc]) -> None:
     a, b = pair
-    key, _ = _key(a, limits={"requests": {"minute": 10}})
+    key = new_key(a, limits={"requests": {"minute": 10}})
 
     async def burst() -> list[int]:
         async with aiohttp.ClientSession() as session:
@@ -86,7 +84,7 @@ def test_limits_are_global_and_exact(pair: tuple[Proc, Proc]) -> None:
 
 def test_a_revocation_reaches_the_other_process_within_a_second(pair: tuple[Proc, Proc]) -> None:
     a, b = pair
-    key, _ = _key(a)
+    key = new_key(a)
     key_id = key.split("-")[1]
     for gw in (a, b):  # both have verified (and cached) the key
         assert http_get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"})[0] == 200
@@ -99,7 +97,7 @@ def test_a_revocation_reaches_the_other_process_within_a_second(pair: tuple[Proc
 
 def test_the_cache_and_coalescing_are_shared(pair: tuple[Proc, Proc], slow_sim: Proc) -> None:
     a, b = pair
-    key, _ = _key(a)
+    key = new_key(a)
     body = _chat(f"the same question {secrets.token_hex(4)}", temperature=0)
     before = sim_stats(slow_sim)["requests"]
 
@@ -124,7 +122,8 @@ async def _single(url: str, key: str, body: dict[str, Any]) -> tuple[int, dict[s
 
 def test_usage_from_both_processes_is_complete(pair: tuple[Proc, Proc]) -> None:
     a, b = pair
-    key, user = _key(a)
+    made = create_key(a)
+    key, user = made["key"], made["user"]
 
     async def spread() -> list[int]:
         async with aiohttp.ClientSession() as session:

@@ -14,9 +14,7 @@ from xml.etree import ElementTree
 
 import orjson
 import pytest
-from procs import ADMIN_KEY, Proc, gateway_config, http_get, http_post, start_gateway
-
-ARTIFACTS = Path(os.environ.get("PORTCULLIS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+from procs import ADMIN_KEY, ARTIFACTS, Proc, gateway_config, http_get, http_post, start_gateway
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import openai
 import orjson
 import pytest
 from procs import (
-    ADMIN_KEY,
     Proc,
     gateway_config,
-    http_post,
+    new_key,
+    openai_client,
     sim_stats,
     start_gateway,
     start_sim,
@@ -41,19 +41,9 @@ def _lines(n: int, model: str = "m") -> bytes:
     return b"\n".join(orjson.dumps(x) for x in items) + b"\n"
 
 
-def _client(gw: Proc, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
-
-
 def _submit(client: openai.OpenAI, content: bytes) -> Any:
     file = client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
     return client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
-
-
-def _new_key(gw: Proc, user: str, scopes: list[str], **spec: Any) -> str:
-    status, raw = http_post(gw.url + "/admin/keys", {"user": user, "tier": "enterprise", "scopes": scopes, **spec})
-    assert status == 201, raw
-    return orjson.loads(raw)["key"]
 
 
 def _not_now() -> dict[str, str]:
@@ -85,8 +75,8 @@ def held(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
 
 def test_batches_write_alone_cannot_submit_chat_lines(held: Proc) -> None:
     """The file is rejected at submission, each line named with missing_scope; nothing is queued."""
-    key = _new_key(held, "batch-only", ["batches:write"])
-    batch = _submit(_client(held, key), _lines(3))
+    key = new_key(held, user="batch-only", scopes=["batches:write"])
+    batch = _submit(openai_client(held, key), _lines(3))
     assert batch.status == "failed", f"a batches:write-only key got a {batch.status} batch of chat lines"
     assert batch.request_counts.total == 0
     assert {(e.line, e.code, e.param) for e in batch.errors.data} == {
@@ -96,8 +86,8 @@ def test_batches_write_alone_cannot_submit_chat_lines(held: Proc) -> None:
     }
     assert "chat:write" in batch.errors.data[0].message
     # The model allow-list likewise, naming the line.
-    narrow = _new_key(held, "narrow", ["batches:write", "chat:write"], models=["other"])
-    batch = _submit(_client(held, narrow), _lines(2))
+    narrow = new_key(held, user="narrow", scopes=["batches:write", "chat:write"], models=["other"])
+    batch = _submit(openai_client(held, narrow), _lines(2))
     assert batch.status == "failed"
     assert {(e.line, e.code) for e in batch.errors.data} == {(1, "model_not_allowed"), (2, "model_not_allowed")}
 
@@ -108,10 +98,10 @@ def test_a_key_that_loses_its_grant_has_its_waiting_lines_refused(
     """Two keys submit valid batches; before any line runs, one loses chat:write and the other's model
     allow-list stops naming the batch's model. A gateway that then runs the lines sends none upstream: each
     ends in the error file with 403 missing_scope / model_not_allowed."""
-    lost_scope = _new_key(held, "loses-scope", ["batches:write", "chat:write"])
-    lost_model = _new_key(held, "loses-model", ["batches:write", "chat:write"], models=["m"])
-    first = _submit(_client(held, lost_scope), _lines(4))
-    second = _submit(_client(held, lost_model), _lines(3))
+    lost_scope = new_key(held, user="loses-scope", scopes=["batches:write", "chat:write"])
+    lost_model = new_key(held, user="loses-model", scopes=["batches:write", "chat:write"], models=["m"])
+    first = _submit(openai_client(held, lost_scope), _lines(4))
+    second = _submit(openai_client(held, lost_model), _lines(3))
     assert first.status == second.status == "in_progress"
 
     path = held.database_url.split("///", 1)[1]
@@ -131,7 +121,7 @@ def test_a_key_that_loses_its_grant_has_its_waiting_lines_refused(
             ready_path="/readyz",
         )
     )
-    admin = _client(runner, ADMIN_KEY)
+    admin = openai_client(runner)
 
     for batch, n, code in ((first, 4, "missing_scope"), (second, 3, "model_not_allowed")):
         end = wait_ended(admin, batch.id, timeout=20)

@@ -25,7 +25,16 @@ import openai
 import orjson
 import pytest
 from conftest import scratch_postgres
-from procs import ADMIN_KEY, Proc, gateway_config, http_post, start_gateway, wait_ended, wait_until
+from procs import (
+    Proc,
+    gateway_config,
+    http_post,
+    new_key,
+    openai_client,
+    start_gateway,
+    wait_ended,
+    wait_until,
+)
 
 MIB = 1024 * 1024
 
@@ -43,14 +52,7 @@ def _jsonl(n: int, *, pad: int = 0, id_pad: int = 0, model: str = "m") -> bytes:
     return b"\n".join(orjson.dumps(x) for x in items) + b"\n"
 
 
-def _client(gw: Proc, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-
-def _new_key(gw: Proc, user: str) -> str:
-    status, raw = http_post(gw.url + "/admin/keys", {"user": user, "tier": "enterprise"})  # default scopes
-    assert status == 201, raw
-    return orjson.loads(raw)["key"]
+SDK_TIMEOUT_S = 120  # uploads of tens of MiB on a busy machine
 
 
 def _upload(client: openai.OpenAI, content: bytes, **options: Any) -> Any:
@@ -117,7 +119,7 @@ def test_creating_a_batch_holds_neither_its_file_nor_its_lines(held: Proc) -> No
     """A batch of a 50 MiB file (40,000 requests) is created with the gateway's peak RSS growing by a
     bounded few MiB (the build before held every line and the rows built from them at once), all its lines
     stored; a file whose last line is wrong is refused whole, naming that line, with no line stored."""
-    client = _client(held, _new_key(held, "creator"))
+    client = openai_client(held, new_key(held, user="creator"), timeout=SDK_TIMEOUT_S)
     pid = held.popen.pid
     _create(client, _upload(client, _jsonl(10)).id)  # warm: imports, statements, connections
     content = _jsonl(40_000, pad=1_160)
@@ -156,8 +158,8 @@ def _stalled_create(gw: Proc, key: str) -> socket.socket:
 def test_batch_creations_in_progress_are_bounded_per_principal(held: Proc) -> None:
     """Each creation reads its whole input file: a principal gets 2 at once (the default); the next is
     refused with 429 while they last, and accepted once they end. (The build before had no limit.)"""
-    key = _new_key(held, "eager")
-    client = _client(held, key)
+    key = new_key(held, user="eager")
+    client = openai_client(held, key, timeout=SDK_TIMEOUT_S)
     good = _upload(client, _jsonl(2)).id
     bad = _upload(client, b'{"custom_id": "1", "method": "GET"}\n').id  # (its batches fail: none stays live)
     stalled = [_stalled_create(held, key) for _ in range(2)]
@@ -201,7 +203,7 @@ def test_batch_creations_in_progress_are_bounded_per_principal(held: Proc) -> No
 def test_batches_not_ended_and_their_requests_are_bounded_per_owner(tight: Proc) -> None:
     """With 3 batches not ended and 5 requests in them at most: past either, 429 naming which (400 for a
     file larger than the limit alone); an ended batch makes room; another owner is not affected."""
-    client = _client(tight, _new_key(tight, "busy"))
+    client = openai_client(tight, new_key(tight, user="busy"), timeout=SDK_TIMEOUT_S)
     two, one, six = (_upload(client, _jsonl(n)).id for n in (2, 1, 6))
     with pytest.raises(openai.BadRequestError) as too_big:
         _create(client, six)
@@ -217,7 +219,7 @@ def test_batches_not_ended_and_their_requests_are_bounded_per_owner(tight: Proc)
         _create(client, one)
     assert info.value.body["code"] == "too_many_batches", info.value.body
 
-    neighbour = _client(tight, _new_key(tight, "neighbour"))
+    neighbour = openai_client(tight, new_key(tight, user="neighbour"), timeout=SDK_TIMEOUT_S)
     assert _create(neighbour, _upload(neighbour, _jsonl(2)).id).status == "in_progress"
 
     client.batches.cancel(first.id)
@@ -230,7 +232,7 @@ def test_output_and_error_files_count_toward_the_owners_limits(tight: Proc) -> N
     16 KiB of files, uploads and new batches are refused until the owner deletes some. (The build before
     counted input files only: it let the owner create and cancel batches, each writing an error file the
     size of its input, without end.)"""
-    client = _client(tight, _new_key(tight, "outputs"))
+    client = openai_client(tight, new_key(tight, user="outputs"), timeout=SDK_TIMEOUT_S)
     file = _upload(client, _jsonl(5, id_pad=480))
     assert 3000 < file.bytes < 4000
     error_files = []
@@ -264,7 +266,7 @@ def test_a_batch_end_writes_its_files_in_chunks(held: Proc) -> None:
     gateway's peak RSS growing by a bounded few MiB (the build before built every error line, then the
     whole file, in memory, and stored it as one value); its lines are deleted once in the files, and the
     file downloads whole."""
-    client = _client(held, _new_key(held, "canceller"))
+    client = openai_client(held, new_key(held, user="canceller"), timeout=SDK_TIMEOUT_S)
     pid = held.popen.pid
     content = _jsonl(40_000, id_pad=480)
     batch = _create(client, _upload(client, content).id)
@@ -293,7 +295,7 @@ def test_a_file_stored_whole_is_read_back_in_pieces(on_postgres: Proc) -> None:
     """A generated file of the build before (its bytes in one value, files.content) downloads in 1 MiB
     slices on PostgreSQL: peak RSS grows by a bounded few MiB, not by the file (the build before read the
     value whole). (SQLite materialises a value to slice it: there it is still read whole.)"""
-    client = _client(on_postgres, _new_key(on_postgres, "legacy"))
+    client = openai_client(on_postgres, new_key(on_postgres, user="legacy"), timeout=SDK_TIMEOUT_S)
     data = os.urandom(15 * MIB).hex().encode()  # 30 MiB
 
     async def insert() -> None:
@@ -375,7 +377,7 @@ def test_a_form_field_the_api_does_not_define_is_refused_when_it_begins(held: Pr
     soon as its part's headers arrive, before the 100 MiB the request declares (the build before kept every
     distinct field up to the body limit: 1,600 fields of 60 KB each took 85 MiB per upload); so is a field
     given twice."""
-    key = _new_key(held, "fields")
+    key = new_key(held, user="fields")
     for parts, param in (
         (_field("purpose", b"batch") + b'--b\r\ncontent-disposition: form-data; name="padding-1"\r\n\r\n', "padding-1"),
         (_field("purpose", b"batch") + _field("purpose", b"batch"), "purpose"),
@@ -392,7 +394,7 @@ def test_a_form_field_the_api_does_not_define_is_refused_when_it_begins(held: Pr
 def test_a_wrong_purpose_is_refused_before_the_file_is_read(held: Proc) -> None:
     """The SDKs send purpose before file: a purpose other than 'batch' is refused when its field ends, not
     after the file that follows was spooled (the build before read the whole body first)."""
-    key = _new_key(held, "purposeful")
+    key = new_key(held, user="purposeful")
     parts = _field("purpose", b"fine-tune") + (
         b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n' + _jsonl(100)
     )
@@ -408,7 +410,7 @@ def test_expires_after_is_taken_as_openai_defines_it(held: Proc) -> None:
     """expires_after (anchor created_at, 1 hour to 30 days) sets the file's expiry, within batch.file_ttl_s;
     a value out of its bounds is refused naming it. (The build before ignored it: 30 days whatever was
     asked.)"""
-    client = _client(held, _new_key(held, "expiring"))
+    client = openai_client(held, new_key(held, user="expiring"), timeout=SDK_TIMEOUT_S)
     file = _upload(client, _jsonl(1), expires_after={"anchor": "created_at", "seconds": 3600})
     assert file.expires_at is not None and file.expires_at - file.created_at == 3600
     with pytest.raises(openai.BadRequestError) as info:
@@ -450,7 +452,7 @@ def on_postgres(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
 def test_a_custom_id_with_a_control_character_is_refused_naming_its_line(on_postgres: Proc) -> None:
     """A custom_id holding NUL fails the file at its line (the build before stored it: PostgreSQL refused
     the NUL, a 500); a request body's NULs (metadata) are dropped when it is parsed, as in every request."""
-    client = _client(on_postgres, ADMIN_KEY)
+    client = openai_client(on_postgres, timeout=SDK_TIMEOUT_S)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     items = [
         {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
@@ -486,7 +488,7 @@ def test_batch_fields_that_are_stored_are_bounded(on_postgres: Proc) -> None:
     """completion_window is stored as checked (the build before stored it with the white space around it:
     past the column's 16 characters, a 500 on PostgreSQL); metadata keys and values are held to OpenAI's 64 and 512
     characters (the build before took any length)."""
-    client = _client(on_postgres, ADMIN_KEY)
+    client = openai_client(on_postgres, timeout=SDK_TIMEOUT_S)
     file = _upload(client, _jsonl(1))
     batch = client.batches.create(
         input_file_id=file.id,
@@ -512,7 +514,7 @@ def test_a_spool_that_cannot_grow_is_the_gateways_error_not_a_bad_body(
     spool = module_tmp / "small-spool"
     spool.mkdir()
     gw = reaper(start_gateway(_held_config(sim, spool_dir=str(spool)), module_tmp, ready_path="/readyz"))
-    client = _client(gw, ADMIN_KEY)
+    client = openai_client(gw, timeout=SDK_TIMEOUT_S)
     resource.prlimit(gw.popen.pid, resource.RLIMIT_FSIZE, (6 * MIB, 6 * MIB))
     with pytest.raises(openai.APIStatusError) as info:
         _upload(client, _jsonl(6_000, pad=1_300))
@@ -542,7 +544,7 @@ def test_an_upload_cut_off_midway_leaves_nothing_behind(sim: Proc, module_tmp: P
     spool = module_tmp / "cut-spool"
     spool.mkdir()
     gw = reaper(start_gateway(_held_config(sim, spool_dir=str(spool)), module_tmp, ready_path="/readyz"))
-    key = _new_key(gw, "quitter")
+    key = new_key(gw, user="quitter")
     parts = _field("purpose", b"batch") + (
         b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n' + _jsonl(2_400, pad=1_160)
     )

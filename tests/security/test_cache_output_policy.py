@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 import pytest
 from load import post_chat
-from procs import Proc, gateway_config, http_post, sim_control, sim_stats, start_gateway, start_sim
+from procs import Proc, gateway_config, new_key, sim_control, sim_stats, start_gateway, start_sim
 
 EMAIL = "alice.jones@example.com"
 REPLY = f"Write to {EMAIL} for the details of the plan."
@@ -68,12 +68,6 @@ def global_gw(sim: Proc, module_tmp: Path, redis_url: str) -> Iterator[Proc]:
     proc.stop()
 
 
-def _key(gw: Proc, user: str, tier: str) -> str:
-    status, raw = http_post(gw.url + "/admin/keys", {"user": user, "tier": tier})
-    assert status == 201, raw
-    return orjson.loads(raw)["key"]
-
-
 def _ask(text: str, **extra: Any) -> dict[str, Any]:
     return {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 64, "temperature": 0, **extra}
 
@@ -93,7 +87,7 @@ def _upstream(sim: Proc) -> int:
 
 def test_a_free_key_never_gets_the_answer_its_users_enterprise_key_cached(tenant_gw: Proc, sim: Proc) -> None:
     user = f"u-{secrets.token_hex(4)}"
-    enterprise, free = _key(tenant_gw, user, "enterprise"), _key(tenant_gw, user, "free")
+    enterprise, free = new_key(tenant_gw, user=user, tier="enterprise"), new_key(tenant_gw, user=user, tier="free")
     payload = _ask(f"who do I write to about plan {secrets.token_hex(4)}")
     before = _upstream(sim)
 
@@ -115,7 +109,7 @@ def test_a_free_key_never_gets_the_answer_its_users_enterprise_key_cached(tenant
 
 def test_the_semantic_cache_keeps_output_policies_apart(tenant_gw: Proc, sim: Proc) -> None:
     user = f"u-{secrets.token_hex(4)}"
-    enterprise, free = _key(tenant_gw, user, "enterprise"), _key(tenant_gw, user, "free")
+    enterprise, free = new_key(tenant_gw, user=user, tier="enterprise"), new_key(tenant_gw, user=user, tier="free")
     topic = secrets.token_hex(3)
     assert (
         post_chat(tenant_gw.url, _ask(f"who is the contact person for {topic} today"), enterprise)[1][
@@ -133,8 +127,11 @@ def test_the_semantic_cache_keeps_output_policies_apart(tenant_gw: Proc, sim: Pr
 
 def test_with_a_global_scope_another_users_free_key_gets_it_redacted(global_gw: Proc, sim: Proc) -> None:
     tag = secrets.token_hex(4)
-    alice = _key(global_gw, f"alice-{tag}", "enterprise")
-    bob_free, carol = _key(global_gw, f"bob-{tag}", "free"), _key(global_gw, f"carol-{tag}", "enterprise")
+    alice = new_key(global_gw, user=f"alice-{tag}", tier="enterprise")
+    bob_free, carol = (
+        new_key(global_gw, user=f"bob-{tag}", tier="free"),
+        new_key(global_gw, user=f"carol-{tag}", tier="enterprise"),
+    )
     payload = _ask(f"who do I write to about plan {tag}")
     before = _upstream(sim)
     assert _text(post_chat(global_gw.url, payload, alice)[2]) == REPLY
@@ -165,9 +162,9 @@ def test_moderation_settings_are_part_of_the_output_policy(
         tag = secrets.token_hex(4)
         payload = _ask(f"who do I write to about plan {tag}")
         before = _upstream(sim)
-        status, headers, answer = post_chat(global_gw.url, payload, _key(global_gw, f"a-{tag}", "free"))
+        status, headers, answer = post_chat(global_gw.url, payload, new_key(global_gw, user=f"a-{tag}", tier="free"))
         assert (status, headers["x-portcullis-cache"], _text(answer)) == (200, "miss", REDACTED)
-        key = _key(other, f"b-{tag}", "free")
+        key = new_key(other, user=f"b-{tag}", tier="free")
         status, headers, answer = post_chat(other.url, payload, key)
         assert status == 200 and headers["x-portcullis-cache"] == "miss", (
             f"{setting}={value} was served the entry judged under the default: {headers['x-portcullis-cache']}"
@@ -181,7 +178,7 @@ def test_moderation_settings_are_part_of_the_output_policy(
 
 def test_a_free_request_is_never_coalesced_onto_an_enterprise_answer(tenant_gw: Proc, sim: Proc) -> None:
     user = f"u-{secrets.token_hex(4)}"
-    enterprise, free = _key(tenant_gw, user, "enterprise"), _key(tenant_gw, user, "free")
+    enterprise, free = new_key(tenant_gw, user=user, tier="enterprise"), new_key(tenant_gw, user=user, tier="free")
     payload = _ask(f"who do I write to about plan {secrets.token_hex(4)}")
 
     async def run() -> tuple[bytes, tuple[int, str, Any]]:
@@ -233,7 +230,7 @@ def test_an_answer_a_moderator_let_through_unjudged_is_never_cached(sim: Proc, m
     )
     gw = start_gateway(cfg, module_tmp, ready_path="/readyz")
     try:
-        key = _key(gw, f"u-{secrets.token_hex(4)}", "free")
+        key = new_key(gw, tier="free")
         payload = _ask(f"an unjudged answer {secrets.token_hex(4)}")
         before = _upstream(sim)
         for _ in range(2):

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from procs import ARTIFACTS, IN_CI, ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(os.environ.get("PORTCULLIS_TEST_ARTIFACTS", ROOT / "test-artifacts"))
-IN_CI = os.environ.get("CI") == "true"
 OFFLINE = os.environ.get("PORTCULLIS_AUDIT_OFFLINE") == "1"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 import pytest
-from procs import ADMIN_KEY, Proc, gateway_config, http_post, sim_control, start_gateway, start_sim, wait_until
+from procs import ADMIN_KEY, Proc, gateway_config, http_post, new_key, sim_control, start_gateway, start_sim, wait_until
 
 CEILING = 16
 MAX_CHARS = 2000
@@ -164,19 +164,6 @@ def test_n_and_n_cmpl_are_forwarded_as_one_count(gw: Proc) -> None:
     assert (body["sim_request"].get("n"), body["sim_request"].get("n_cmpl")) == (1, 1), body["sim_request"]
 
 
-def _key(gw: Proc, tokens_per_minute: int) -> str:
-    status, raw = http_post(
-        gw.url + "/admin/keys",
-        {
-            "user": f"u-{secrets.token_hex(4)}",
-            "tier": "enterprise",
-            "limits": {"tokens": {"minute": tokens_per_minute}},
-        },
-    )
-    assert status == 201, raw
-    return orjson.loads(raw)["key"]
-
-
 def over_limit(status: int, body: dict[str, Any], completion: int) -> None:
     assert status == 400, f"admitted: {status}, usage {body.get('usage')}"
     assert body["error"]["code"] == "tokens_exceed_limit", body
@@ -186,7 +173,7 @@ def over_limit(status: int, body: dict[str, Any], completion: int) -> None:
 def test_n_cmpl_alone_is_reserved_like_n(gw: Proc) -> None:
     # 8 choices of 16 tokens: 128 completion tokens against a key allowed 100 a minute. llama-server obeys
     # n_cmpl as n, so given alone it must be reserved as 8 answers, not as the one a request without n gets.
-    key = _key(gw, 100)
+    key = new_key(gw, limits={"tokens": {"minute": 100}})
     for field in ("n", "n_cmpl"):
         status, body, _ = post(gw, chat(max_tokens=CEILING, **{field: 8}), key=key)
         over_limit(status, body, 8 * CEILING)
@@ -224,7 +211,7 @@ def test_prompts_within_max_choices_pass(gw: Proc) -> None:
 
 def test_the_reservation_counts_every_prompt(gw: Proc) -> None:
     # Eight prompts of up to 16 tokens each: 128 completion tokens against a key allowed 100 a minute.
-    key = _key(gw, 100)
+    key = new_key(gw, limits={"tokens": {"minute": 100}})
     for prompt in (["once upon a time"] * 8, [[1, 2, 3]] * 8):
         status, body, _ = post(gw, _completion(prompt, max_tokens=CEILING), key=key, path="/v1/completions")
         over_limit(status, body, 8 * CEILING)

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
-from procs import ADMIN_KEY, Proc, gateway_config, http_post, sim_stats, start_gateway, start_sim
+from procs import ADMIN_KEY, Proc, gateway_config, http_post, new_key, sim_stats, start_gateway, start_sim
 
 GUARD_SLOTS = 2
 REQUESTS_PER_MINUTE = 3
@@ -77,12 +77,6 @@ def gw(guard: Proc, module_tmp: Path) -> Iterator[Proc]:
     proc.stop()
 
 
-def _key(gw: Proc, tier: str) -> str:
-    status, raw = http_post(gw.url + "/admin/keys", {"user": f"u-{time.monotonic_ns()}", "tier": tier})
-    assert status in (200, 201), raw
-    return str(orjson.loads(raw)["key"])
-
-
 def _moderate(gw: Proc, body: dict[str, Any], key: str = ADMIN_KEY, timeout: float = 30) -> tuple[int, Any, Any]:
     req = urllib.request.Request(
         gw.url + "/v1/moderations",
@@ -106,7 +100,7 @@ def test_a_request_of_too_many_inputs_is_refused_before_any_moderator_runs(gw: P
 
 
 def test_moderations_take_the_callers_request_and_token_limits(gw: Proc) -> None:
-    key = _key(gw, "metered")
+    key = new_key(gw, tier="metered")
     for _ in range(REQUESTS_PER_MINUTE):
         status, headers, body = _moderate(gw, {"input": "hello"}, key)
         assert status == 200, body
@@ -116,7 +110,7 @@ def test_moderations_take_the_callers_request_and_token_limits(gw: Proc) -> None
     assert body["error"]["code"] == "rate_limit_exceeded" and headers["retry-after"]
 
     # Tokens: estimated from the inputs (4 characters a token) and charged when the request is over.
-    key = _key(gw, "metered")
+    key = new_key(gw, tier="metered")
     status, _, body = _moderate(gw, {"input": ["x" * 9_000]}, key)  # 2,250 tokens: more than a whole minute
     assert status == 400 and body["error"]["code"] == "tokens_exceed_limit", body
     status, headers, body = _moderate(gw, {"input": ["x" * 3_000, "y" * 3_000]}, key)  # 1,500 tokens

@@ -16,7 +16,15 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from procs import ADMIN_KEY, Proc, gateway_config, http_get, http_post, start_gateway, wait_until
+from procs import (
+    Proc,
+    gateway_config,
+    http_get,
+    new_key,
+    openai_client,
+    start_gateway,
+    wait_until,
+)
 
 MIB = 1024 * 1024
 
@@ -34,18 +42,8 @@ def _jsonl(n: int, pad: int = 0) -> bytes:
     return b"\n".join(orjson.dumps(x) for x in items) + b"\n"
 
 
-def _client(gw: Proc, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
 def _upload(client: openai.OpenAI, content: bytes) -> Any:
     return client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
-
-
-def _new_key(gw: Proc, user: str) -> str:
-    status, raw = http_post(gw.url + "/admin/keys", {"user": user, "tier": "free"})  # default scopes
-    assert status == 201, raw
-    return orjson.loads(raw)["key"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +57,7 @@ def gw(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
 def test_a_principal_cannot_store_files_without_end(gw: Proc) -> None:
     """A default key stores at most 100 files (the default): the 101st upload is refused, until one is
     deleted; another principal is unaffected."""
-    hoarder = _client(gw, _new_key(gw, "hoarder"))
+    hoarder = openai_client(gw, new_key(gw, user="hoarder", tier="free"))
     small = _jsonl(1)
     stored = []
     for _ in range(101):
@@ -69,7 +67,7 @@ def test_a_principal_cannot_store_files_without_end(gw: Proc) -> None:
             assert exc.body["code"] == "file_quota_exceeded" and exc.body["param"] == "file", exc.body
             break
     assert len(stored) == 100, f"a default key stored {len(stored)} files with no limit"
-    assert _upload(_client(gw, _new_key(gw, "neighbour")), small).id  # quotas are per principal
+    assert _upload(openai_client(gw, new_key(gw, user="neighbour", tier="free")), small).id  # quotas are per principal
     hoarder.files.delete(stored[0])
     assert _upload(hoarder, small).id  # a deleted file frees its place
 
@@ -89,7 +87,7 @@ def test_a_50_mib_upload_is_streamed_not_held(gw: Proc) -> None:
     held the body, a joined copy, the decoded text and the split lines: several times the file), and the
     stored file reads back byte for byte."""
     pid = gw.popen.pid
-    client = _client(gw, ADMIN_KEY)
+    client = openai_client(gw)
     _upload(client, _jsonl(10))  # warm: imports, connections, the first spool file
     content = _jsonl(40_000, pad=1_160)
     assert 49 * MIB < len(content) < 51 * MIB
@@ -128,8 +126,8 @@ def _stalled_upload(gw: Proc, key: str) -> socket.socket:
 def test_parallel_uploads_of_one_principal_are_bounded(gw: Proc) -> None:
     """Uploads in progress hold a spool file and a request each, and the stored-bytes quota only sees
     finished ones: a principal gets 2 at once (the default); the next is refused with 429 while they hang."""
-    key = _new_key(gw, "parallel")
-    client = _client(gw, key)
+    key = new_key(gw, user="parallel", tier="free")
+    client = openai_client(gw, key)
     stalled = [_stalled_upload(gw, key) for _ in range(2)]
     try:
 
@@ -163,7 +161,7 @@ def test_expired_files_are_gone_at_once_and_swept(sim: Proc, module_tmp: Path, r
             gateway_config({"m": [sim.url]}, batch={"poll_s": 0.1, "file_ttl_s": 3}), module_tmp, ready_path="/readyz"
         )
     )
-    client = _client(gw, ADMIN_KEY)
+    client = openai_client(gw)
     file = _upload(client, _jsonl(2))
     assert file.expires_at is not None
     status, _ = http_get(f"{gw.url}/v1/files/{file.id}/content")
@@ -196,7 +194,7 @@ def test_a_principal_cannot_store_bytes_without_end(sim: Proc, module_tmp: Path,
             gateway_config({"m": [sim.url]}, batch={"max_bytes_per_owner": 65536}), module_tmp, ready_path="/readyz"
         )
     )
-    client = _client(gw, _new_key(gw, "bulky"))
+    client = openai_client(gw, new_key(gw, user="bulky", tier="free"))
     content = _jsonl(240)
     assert 30_000 < len(content) < 40_000
     first = _upload(client, content)

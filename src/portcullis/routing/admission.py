@@ -535,7 +535,9 @@ class Admission:
         gate.holding += 1
         gate.background[ex] = None
 
-    async def wait(self, req: Request, ex: Exchange, gate: Gate, priority: int) -> None:
+    async def wait(
+        self, req: Request, ex: Exchange, gate: Gate, priority: int, *, deadline: Any = asyncio.timeout
+    ) -> None:
         key = (ex.principal.key_id or ex.principal.user) if ex.principal is not None else "-"
         waiter = _Waiter(asyncio.get_running_loop().create_future(), priority, key or "-")
         gate.enqueue(waiter)
@@ -546,7 +548,7 @@ class Admission:
         queued_at = time.perf_counter()
         fut = waiter.fut
         try:
-            async with asyncio.timeout(self.settings.max_wait_s):
+            async with deadline(self.settings.max_wait_s):
                 await fut
         except TimeoutError:
             granted = fut.done() and not fut.cancelled() and fut.exception() is None

@@ -33,6 +33,7 @@ Listener = Callable[["Breaker", BreakerState, BreakerState, str], None]
 class Breaker:
     __slots__ = (
         "_buckets",
+        "clock",
         "config",
         "count_requests",
         "counts",
@@ -44,8 +45,16 @@ class Breaker:
         "successes",
     )
 
-    def __init__(self, name: str, config: BreakerConfig, listener: Listener | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig,
+        listener: Listener | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
+        self.clock = clock  # seconds, monotonic (tests step one by hand)
         self.config = config
         self.counts = frozenset(config.count)
         # Successes need counting only for a failure rate; without one, a success costs nothing.
@@ -66,7 +75,7 @@ class Breaker:
         if state is BreakerState.CLOSED:
             return True
         if state is BreakerState.OPEN:
-            return (now if now is not None else time.monotonic()) >= self.open_until
+            return (now if now is not None else self.clock()) >= self.open_until
         return self.probes < self.config.half_open_probes
 
     def capacity(self, slots: int) -> int:
@@ -74,7 +83,7 @@ class Breaker:
         state = self.state
         if state is BreakerState.CLOSED:
             return slots
-        if state is BreakerState.OPEN and time.monotonic() < self.open_until:
+        if state is BreakerState.OPEN and self.clock() < self.open_until:
             return 0
         return min(slots, self.config.half_open_probes)
 
@@ -82,7 +91,7 @@ class Breaker:
         """Seconds until the breaker lets a request through again (0 when it does now)."""
         if self.state is not BreakerState.OPEN:
             return 0.0
-        return max(0.0, self.open_until - (now if now is not None else time.monotonic()))
+        return max(0.0, self.open_until - (now if now is not None else self.clock()))
 
     # -- a request's life -------------------------------------------------------------------------
 
@@ -118,7 +127,7 @@ class Breaker:
             return
         if state is BreakerState.OPEN or ok is None or (ok and not self.count_requests):
             return
-        second = int(time.monotonic())
+        second = int(self.clock())
         buckets = self._buckets
         if buckets and buckets[-1][0] == second:
             bucket = buckets[-1]
@@ -136,7 +145,7 @@ class Breaker:
     def window(self) -> tuple[int, int]:
         """(requests, failures) counted in the rolling window (requests: failures only, unless a
         failure rate is configured)."""
-        horizon = int(time.monotonic()) - self.config.window_s
+        horizon = int(self.clock()) - self.config.window_s
         requests = failures = 0
         for second, n, f in self._buckets:
             if second > horizon:
@@ -155,7 +164,7 @@ class Breaker:
             self._open(f"{failures} of {requests} requests failed in {c.window_s:g} s (last: {kind})")
 
     def _open(self, reason: str) -> None:
-        self.open_until = time.monotonic() + self.config.open_s
+        self.open_until = self.clock() + self.config.open_s
         self.successes = 0
         self._move(BreakerState.OPEN, reason)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from portcullis.config import BackoffConfig, RetryBudgetConfig
@@ -51,10 +52,11 @@ class RetryBudget:
     retry does arithmetic over it.
     """
 
-    __slots__ = ("_marks", "config", "denied", "requests", "retries")
+    __slots__ = ("_marks", "clock", "config", "denied", "requests", "retries")
 
-    def __init__(self, config: RetryBudgetConfig) -> None:
+    def __init__(self, config: RetryBudgetConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock  # seconds, monotonic (tests step one by hand)
         self.requests = 0
         self.retries = 0
         self.denied = 0
@@ -64,7 +66,7 @@ class RetryBudget:
         self.requests += 1
 
     def mark(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         marks = self._marks
         marks.append((now, self.requests, self.retries))
         horizon = now - self.config.window_s
@@ -74,7 +76,7 @@ class RetryBudget:
     def try_retry(self) -> bool:
         base_requests = base_retries = 0
         marks = self._marks
-        if marks and marks[0][0] <= time.monotonic() - self.config.window_s:
+        if marks and marks[0][0] <= self.clock() - self.config.window_s:
             _, base_requests, base_retries = marks[0]
         c = self.config
         if self.retries - base_retries >= c.ratio * (self.requests - base_requests) + c.min_per_s * c.window_s:

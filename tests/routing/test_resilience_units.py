@@ -1,7 +1,7 @@
 """The breaker's state machine, the retry budget, backoff bounds and the admission queue's order.
 
-These run in process with the clock stepped by hand (monkeypatched time.monotonic), so every
-transition is asserted exactly, without sleeping.
+These run in process with the clock stepped by hand (a Clock given to the breaker and the budget), so
+every transition is asserted exactly, without sleeping.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import pytest
 
 from portcullis.config import BackoffConfig, BreakerConfig, RetryBudgetConfig, build_config
 from portcullis.obs.metrics import Metrics
-from portcullis.routing import breaker as breaker_mod
-from portcullis.routing import retry as retry_mod
 from portcullis.routing.admission import Gate, _Waiter
 from portcullis.routing.breaker import Breaker, BreakerState
 from portcullis.routing.catalog import Catalog, Replica, ReplicaState
@@ -30,21 +28,20 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(breaker_mod.time, "monotonic", c)
-    monkeypatch.setattr(retry_mod.time, "monotonic", c)
-    return c
+def clock() -> Clock:
+    return Clock()
 
 
-def _breaker(**settings: object) -> tuple[Breaker, list[tuple[str, str]]]:
+def _breaker(clock: Clock, **settings: object) -> tuple[Breaker, list[tuple[str, str]]]:
     moves: list[tuple[str, str]] = []
-    b = Breaker("m/r", BreakerConfig(**settings), lambda _b, old, new, _why: moves.append((old.value, new.value)))
+    b = Breaker(
+        "m/r", BreakerConfig(**settings), lambda _b, old, new, _why: moves.append((old.value, new.value)), clock=clock
+    )
     return b, moves
 
 
 def test_opens_after_n_failures_in_the_window_and_not_for_old_ones(clock: Clock) -> None:
-    b, moves = _breaker(failures=3, window_s=10, open_s=5)
+    b, moves = _breaker(clock, failures=3, window_s=10, open_s=5)
     b.record(False, "5xx")
     b.record(False, "5xx")
     clock.now += 11  # those two fall out of the window
@@ -59,7 +56,7 @@ def test_opens_after_n_failures_in_the_window_and_not_for_old_ones(clock: Clock)
 
 
 def test_client_errors_and_uncounted_kinds_never_open_it(clock: Clock) -> None:
-    b, _ = _breaker(failures=2, count=["connect"])
+    b, _ = _breaker(clock, failures=2, count=["connect"])
     for _ in range(10):
         b.record(False, None)  # a client 4xx
         b.record(False, "5xx")  # not counted by this configuration
@@ -69,7 +66,7 @@ def test_client_errors_and_uncounted_kinds_never_open_it(clock: Clock) -> None:
 
 
 def test_failure_rate_needs_min_requests(clock: Clock) -> None:
-    b, _ = _breaker(failures=100, failure_rate=0.5, min_requests=10)
+    b, _ = _breaker(clock, failures=100, failure_rate=0.5, min_requests=10)
     for _ in range(4):
         b.record(False, "5xx")  # 4 of 4 failed, but fewer than min_requests
     assert b.state is BreakerState.CLOSED
@@ -80,7 +77,7 @@ def test_failure_rate_needs_min_requests(clock: Clock) -> None:
 
 
 def test_half_open_admits_probes_closes_after_successes_reopens_on_failure(clock: Clock) -> None:
-    b, moves = _breaker(failures=1, open_s=5, half_open_probes=2, close_after=2)
+    b, moves = _breaker(clock, failures=1, open_s=5, half_open_probes=2, close_after=2)
     b.record(False, "5xx")
     clock.now += 5
     assert b.allows() and b.capacity(8) == 2
@@ -107,7 +104,7 @@ def test_half_open_admits_probes_closes_after_successes_reopens_on_failure(clock
 
 
 def test_a_probe_without_verdict_frees_its_place(clock: Clock) -> None:
-    b, _ = _breaker(failures=1, open_s=1, half_open_probes=1)
+    b, _ = _breaker(clock, failures=1, open_s=1, half_open_probes=1)
     b.record(False, "5xx")
     clock.now += 1
     probe = b.acquire()
@@ -117,7 +114,7 @@ def test_a_probe_without_verdict_frees_its_place(clock: Clock) -> None:
 
 
 def test_retry_budget_bounds_retries_to_a_fraction_of_requests(clock: Clock) -> None:
-    budget = RetryBudget(RetryBudgetConfig(ratio=0.2, window_s=10, min_per_s=0))
+    budget = RetryBudget(RetryBudgetConfig(ratio=0.2, window_s=10, min_per_s=0), clock=clock)
     budget.mark()
     granted = 0
     for _ in range(100):
@@ -137,7 +134,7 @@ def test_retry_budget_bounds_retries_to_a_fraction_of_requests(clock: Clock) -> 
 
 
 def test_retry_budget_floor_lets_a_quiet_model_retry(clock: Clock) -> None:
-    budget = RetryBudget(RetryBudgetConfig(ratio=0.0, window_s=10, min_per_s=0.3))
+    budget = RetryBudget(RetryBudgetConfig(ratio=0.0, window_s=10, min_per_s=0.3), clock=clock)
     budget.request()
     assert [budget.try_retry() for _ in range(4)] == [True, True, True, False]
 
@@ -205,14 +202,11 @@ def test_wait_estimate_follows_the_observed_service_time() -> None:
     assert gate.estimate_wait(8) == pytest.approx(8 * 0.5 / 4)
 
 
-def test_a_wait_that_runs_out_as_it_is_granted_keeps_the_slot_and_leaks_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_wait_that_runs_out_as_it_is_granted_keeps_the_slot_and_leaks_nothing() -> None:
     """The queue timeout and the grant can land in the same loop iteration; the slot must be used
-    (or given back), never lost. The timeout is replaced by one that fires right after the grant."""
+    (or given back), never lost. The wait is given a deadline that runs out right after the grant."""
     from types import SimpleNamespace
 
-    from portcullis.routing import admission as admission_mod
     from portcullis.routing.admission import Admission
 
     gate = _gate(slots=1)
@@ -228,7 +222,6 @@ def test_a_wait_that_runs_out_as_it_is_granted_keeps_the_slot_and_leaks_nothing(
         async def __aexit__(self, *exc: object) -> None:
             raise TimeoutError  # ... and the wait runs out in the same instant
 
-    monkeypatch.setattr(admission_mod.asyncio, "timeout", RunsOutAfterGrant)
     config = build_config({"models": {"m": {"deployments": [{"url": "http://127.0.0.1:9"}]}}}, source="test")
     adm = Admission.__new__(Admission)
     adm.settings, adm.metrics = config.admission, gate.metrics
@@ -236,7 +229,7 @@ def test_a_wait_that_runs_out_as_it_is_granted_keeps_the_slot_and_leaks_nothing(
     ex = SimpleNamespace(principal=None, queue_s=0.0, watch_disconnect=lambda _w: None)
 
     async def run() -> None:
-        await adm.wait(req, ex, gate, 0)  # type: ignore[arg-type]
+        await adm.wait(req, ex, gate, 0, deadline=RunsOutAfterGrant)  # type: ignore[arg-type]
 
     asyncio.run(run())
     assert gate.holding == 1 and gate.depth == 0  # ours now; release it and nothing is left over
