@@ -76,7 +76,7 @@ class KeyHasher:
     Written out rather than `hmac.digest(secret, key, "sha256")` because of what that costs inside the
     running gateway (probed per request under wrk, this machine): hmac.digest 10.9 µs, a copied
     `hmac.new` context 3.6-7.6 µs, these pre-keyed states on CPython's own SHA-256 1.9 µs. The result is
-    the standard HMAC (tests/unit/test_keys.py checks it against the hmac module).
+    the standard HMAC (tests/identity/test_key_hashing.py checks it against the hmac module).
     """
 
     def __init__(self, server_secret: bytes) -> None:
