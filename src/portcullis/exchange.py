@@ -10,7 +10,7 @@ Response filters are the response half of the stages (Envoy's encoder chain). A 
 request and has work to do on its answer appends a `ResponseFilter` to `Exchange.filters`; the upstream
 stage runs whole answers and stream events through them in that order (the stage that admitted the
 request first sees the answer first: the quota meter before the output guard before the cache, which
-stores what the client got), and `Gateway.handle` calls every filter's `done` when the request is over,
+stores what the client got), and the dispatcher (app/dispatch.py) calls every filter's `done` when the request is over,
 in the reverse order (like a stack unwinding: the cache stores before the quota settles, the quota
 settles before the usage record is written). Filters are how `upstream/` stays ignorant of quota, cache
 and safety: it only knows this protocol.

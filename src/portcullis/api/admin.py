@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from portcullis.api.common import query_params, read_model
 from portcullis.config import BudgetConfig, LimitsConfig
-from portcullis.errors import InvalidRequest, NotFound, ServiceUnavailable
+from portcullis.errors import InvalidRequest, NotFound
 from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity import scopes
@@ -27,7 +29,31 @@ from portcullis.routing.catalog import Replica
 from portcullis.safety.validation import parse_json_object, validate_chat, validate_completion
 
 if TYPE_CHECKING:
-    from portcullis.app import Gateway
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from portcullis.config import Config
+    from portcullis.routing.admission import Admission
+    from portcullis.routing.catalog import Catalog
+    from portcullis.routing.router import Router
+    from portcullis.store.model_state import ModelState
+
+
+@dataclass(frozen=True, slots=True)
+class AdminDeps:
+    """What the admin handlers use."""
+
+    config: Config
+    catalog: Catalog
+    admission: Admission
+    router: Router
+    engine: AsyncEngine  # usage reports
+    model_state: ModelState
+    publish: Callable[[dict[str, Any]], Awaitable[None]]  # tell every process (a key revoked, a model back on)
+    key_store: Callable[[], KeyStore | None]  # made at preflight (None: API keys are off)
+
+    @property
+    def keys(self) -> KeyStore | None:
+        return self.key_store()
 
 
 # The longest expiry or rotation grace an admin may ask for: 100 years.
@@ -59,16 +85,16 @@ class Rotation(BaseModel):
     grace_s: float | None = Field(default=None, ge=0, le=MAX_SPAN_S, allow_inf_nan=False)  # (as expires_in_s)
 
 
-def _store(gw: Gateway) -> KeyStore:
-    if gw.keys is None:
+def _store(api: AdminDeps) -> KeyStore:
+    if api.keys is None:
         raise NotFound("API keys are not enabled on this gateway.", code="not_found")
-    return gw.keys
+    return api.keys
 
 
-async def create_key(gw: Gateway, req: Request, ex: Exchange) -> None:
-    store = _store(gw)
-    spec: NewKey = await read_model(gw, req, NewKey)
-    if spec.tier not in gw.config.tiers:
+async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
+    store = _store(api)
+    spec: NewKey = await read_model(api.config, req, NewKey)
+    if spec.tier not in api.config.tiers:
         raise InvalidRequest(f"Unknown tier '{spec.tier}'.", param="tier", code="invalid_value")
     key, record = await store.create(
         user=spec.user,
@@ -83,39 +109,39 @@ async def create_key(gw: Gateway, req: Request, ex: Exchange) -> None:
     await req.respond_json(201, {**record.public(), "key": key})
 
 
-async def list_keys(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def list_keys(api: AdminDeps, req: Request, ex: Exchange) -> None:
     user = query_params(req).get("user")
-    records = await _store(gw).list(user=user)
+    records = await _store(api).list(user=user)
     await req.respond_json(200, {"object": "list", "data": [r.public() for r in records]})
 
 
-async def show_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> None:
-    record = await _store(gw).get(key_id)
+async def show_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
+    record = await _store(api).get(key_id)
     if record is None:
         raise NotFound("No such key.", code="key_not_found")
     await req.respond_json(200, record.public())
 
 
-async def revoke_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> None:
-    record = await _store(gw).revoke(key_id)
+async def revoke_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
+    record = await _store(api).revoke(key_id)
     if record is None:
         raise NotFound("No such key.", code="key_not_found")
-    await gw.publish({"type": "key", "id": key_id})
+    await api.publish({"type": "key", "id": key_id})
     await req.respond_json(200, record.public())
 
 
-async def rotate_key(gw: Gateway, req: Request, ex: Exchange, key_id: str) -> None:
-    spec: Rotation = await read_model(gw, req, Rotation)
-    grace = spec.grace_s if spec.grace_s is not None else gw.config.auth.rotation_grace_s
-    rotated = await _store(gw).rotate(key_id, grace_s=grace)
+async def rotate_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
+    spec: Rotation = await read_model(api.config, req, Rotation)
+    grace = spec.grace_s if spec.grace_s is not None else api.config.auth.rotation_grace_s
+    rotated = await _store(api).rotate(key_id, grace_s=grace)
     if rotated is None:
         raise NotFound("No such active key.", code="key_not_found")
     key, successor, old = rotated
-    await gw.publish({"type": "key", "id": key_id})
+    await api.publish({"type": "key", "id": key_id})
     await req.respond_json(201, {**successor.public(), "key": key, "replaces": old.public()})
 
 
-async def usage_report(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def usage_report(api: AdminDeps, req: Request, ex: Exchange) -> None:
     """GET /admin/usage?group_by=day,user,model&since=YYYY-MM-DD&until=...&user=&key_id=&model=&format=json|table"""
     query = query_params(req)
     try:
@@ -127,7 +153,7 @@ async def usage_report(gw: Gateway, req: Request, ex: Exchange) -> None:
         if value is not None and not _DAY.match(value):
             raise InvalidRequest(f"'{name}' must be a UTC day, YYYY-MM-DD.", param=name, code="invalid_value")
     rows = await usage.aggregate(
-        gw.engine,
+        api.engine,
         group_by=group_by,
         since=query.get("since"),
         until=query.get("until"),
@@ -136,35 +162,33 @@ async def usage_report(gw: Gateway, req: Request, ex: Exchange) -> None:
         model=query.get("model"),
     )
     if query.get("format") == "table":
-        table = usage.render_table(rows, group_by, gw.config.quota.currency)
+        table = usage.render_table(rows, group_by, api.config.quota.currency)
         await req.respond(200, table.encode(), [(b"content-type", b"text/plain; charset=utf-8")])
         return
     await req.respond_json(
-        200, {"object": "list", "group_by": group_by, "currency": gw.config.quota.currency, "data": rows}
+        200, {"object": "list", "group_by": group_by, "currency": api.config.quota.currency, "data": rows}
     )
 
 
-async def enable_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
-    if model not in gw.catalog.models:
+async def enable_model(api: AdminDeps, req: Request, ex: Exchange, model: str) -> None:
+    if model not in api.catalog.models:
         raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
-    if gw.model_state is None:  # (before the preflight only; not a key-store matter: JWT-only gateways have it)
-        raise ServiceUnavailable("Models cannot be switched on on this gateway yet.", code="model_state_unavailable")
     require_model(ex.principal, model)  # as DELETE /v1/models: a principal limited to some models switches no other
-    await gw.model_state.set_model_disabled(model, False)
-    await gw.publish({"type": "model", "name": model, "disabled": False})
+    await api.model_state.set_model_disabled(model, False)
+    await api.publish({"type": "model", "name": model, "disabled": False})
     await req.respond_json(200, {"id": model, "object": "model", "enabled": True})
 
 
 _DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")  # ASCII digits (\d takes any script's); \Z: no trailing newline
 
 
-async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def backends(api: AdminDeps, req: Request, ex: Exchange) -> None:
     """GET /admin/backends: every model's slots and queue, every replica's health and breaker."""
     models = []
-    for o in gw.admission.outlooks():
+    for o in api.admission.outlooks():
         name = o.model
         replicas = []
-        for r in gw.catalog.models[name]:
+        for r in api.catalog.models[name]:
             requests, failures = r.breaker.window()
             replicas.append(
                 {
@@ -189,12 +213,12 @@ async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:
             {
                 "model": name,
                 "enabled": o.enabled,
-                "fallbacks": gw.catalog.fallbacks.get(name, []),
+                "fallbacks": api.catalog.fallbacks.get(name, []),
                 "slots": {"capacity": o.capacity, "in_use": o.in_use},
                 "queue": {
                     "depth": o.depth,
                     "service_s": round(o.service_s, 4) if o.service_s is not None else None,
-                    "estimated_wait_s": round(gw.admission.queue_wait(name), 3) if o.depth else 0.0,
+                    "estimated_wait_s": round(api.admission.queue_wait(name), 3) if o.depth else 0.0,
                 },
                 "ttft_p95_s": o.ttft_p95_s,
                 "degraded": o.degraded,
@@ -205,10 +229,10 @@ async def backends(gw: Gateway, req: Request, ex: Exchange) -> None:
     await req.respond_json(200, {"object": "list", "data": models})
 
 
-async def models(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def models(api: AdminDeps, req: Request, ex: Exchange) -> None:
     """GET /admin/models: every model with its deployments' live state, and every router."""
     data: list[dict[str, Any]] = []
-    catalog = gw.catalog
+    catalog = api.catalog
     aliases: dict[str, list[str]] = {}
     for alias, target in catalog.aliases.items():
         aliases.setdefault(target, []).append(alias)
@@ -270,19 +294,19 @@ def _deployment(r: Replica) -> dict[str, Any]:
     }
 
 
-async def explain_route(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def explain_route(api: AdminDeps, req: Request, ex: Exchange) -> None:
     """POST /admin/route: a chat or completion request in, the router's decision for it now out (the
     request is not sent). Headers x-portcullis-max-cost / -latency-budget-ms / -priority apply."""
-    raw = await req.read_body(gw.config.server.max_body_bytes)
-    payload = parse_json_object(raw, gw.config.validation)
+    raw = await req.read_body(api.config.server.max_body_bytes)
+    payload = parse_json_object(raw, api.config.validation)
     if "messages" in payload:
-        validate_chat(payload, gw.config.validation)
+        validate_chat(payload, api.config.validation)
     else:
-        validate_completion(payload, gw.config.validation)
-    name = gw.catalog.resolve(payload["model"])
-    constraints = gw.router.constraints(req, payload)
-    decision = await gw.router.decide(name, payload, constraints, ex.principal, asked=payload["model"])
-    replica = gw.router.explain_replica(decision, payload)
+        validate_completion(payload, api.config.validation)
+    name = api.catalog.resolve(payload["model"])
+    constraints = api.router.constraints(req, payload)
+    decision = await api.router.decide(name, payload, constraints, ex.principal, asked=payload["model"])
+    replica = api.router.explain_replica(decision, payload)
     await req.respond_json(
         200,
         {

@@ -36,7 +36,8 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
@@ -56,7 +57,21 @@ from portcullis.jobs.store import BatchStore, InputChanged, RowView, batch_objec
 from portcullis.safety import validation
 
 if TYPE_CHECKING:
-    from portcullis.app import Gateway
+    from portcullis.config import Config
+    from portcullis.jobs.runner import BatchRunner
+    from portcullis.routing.catalog import Catalog
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDeps:
+    """What the files and batches handlers use."""
+
+    config: Config
+    catalog: Catalog
+    batch_store: BatchStore | None  # None: batches are off
+    batch_runner: BatchRunner | None
+    scope_of: Callable[[str], str]  # the scope a client needs for an endpoint (the route table's)
+    log: Any
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _VALIDATORS = {
@@ -103,10 +118,10 @@ class NewBatch(BaseModel):
         return value
 
 
-def _store(gw: Gateway) -> BatchStore:
-    if gw.batch_store is None:
+def _store(api: BatchDeps) -> BatchStore:
+    if api.batch_store is None:
         raise NotFound("The Batch API is not enabled on this gateway.", code="not_found")
-    return gw.batch_store
+    return api.batch_store
 
 
 def _owner(ex: Exchange) -> str:
@@ -147,9 +162,9 @@ def _one_more(counts: dict[str, int], owner: str, limit: int, what: str, code: s
             counts.pop(owner, None)
 
 
-async def upload_file(gw: Gateway, req: Request, ex: Exchange) -> None:
-    store = _store(gw)
-    config = gw.config.batch
+async def upload_file(api: BatchDeps, req: Request, ex: Exchange) -> None:
+    store = _store(api)
+    config = api.config.batch
     owner = _owner(ex)
     # Uploads in progress per principal: each one holds a spool file and a request; the stored-bytes
     # quota below only sees finished uploads, so this is what bounds a burst of parallel ones.
@@ -158,11 +173,11 @@ async def upload_file(gw: Gateway, req: Request, ex: Exchange) -> None:
         _check_quota(config, count, used, 0)
         room = min(config.max_file_bytes, config.max_bytes_per_owner - used)
         spool: IO[bytes] = await _spool_io(
-            gw, tempfile.TemporaryFile, dir=config.spool_dir, prefix="portcullis-upload-"
+            api, tempfile.TemporaryFile, dir=config.spool_dir, prefix="portcullis-upload-"
         )
         try:
-            check = _JsonlCheck(config.max_lines, gw.config.server.max_body_bytes)
-            form = await _read_form(gw, req, room + _FORM_ROOM, spool=spool, check=check, file_limit=room)
+            check = _JsonlCheck(config.max_lines, api.config.server.max_body_bytes)
+            form = await _read_form(api, req, room + _FORM_ROOM, spool=spool, check=check, file_limit=room)
             _check_purpose(form.get("purpose", b""))
             if check.size < 0:
                 raise InvalidRequest("The form has no 'file' part.", param="file", code="missing_required_parameter")
@@ -170,12 +185,12 @@ async def upload_file(gw: Gateway, req: Request, ex: Exchange) -> None:
                 raise InvalidRequest("The file has no requests.", param="file", code="empty_file")
             ttl = _ttl(config, form)
             size = check.size
-            await _spool_io(gw, spool.seek, 0)
+            await _spool_io(api, spool.seek, 0)
             record = await store.store_upload(
                 file_id="file-" + secrets.token_hex(12),
                 owner=owner,
                 filename=(check.filename or "input.jsonl")[:512],
-                read=lambda n: _spool_io(gw, spool.read, n),
+                read=lambda n: _spool_io(api, spool.read, n),
                 size=size,
                 expires_at=time.time() + ttl if ttl is not None else None,
                 check=lambda files_now, bytes_now: _check_quota(config, files_now, bytes_now, size),
@@ -186,13 +201,13 @@ async def upload_file(gw: Gateway, req: Request, ex: Exchange) -> None:
     await req.respond_json(200, record)
 
 
-async def _spool_io(gw: Gateway, fn: Any, *args: Any, **kwargs: Any) -> Any:
+async def _spool_io(api: BatchDeps, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """`fn` (an operation on an upload's spool) in a thread. Its storage failing is the gateway's trouble,
     not a bad request: logged, and 507 (no room: a full disk or a file-size limit) or 503 to the client."""
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except OSError as exc:
-        gw.log.error("upload_spool_failed", error=str(exc), errno=exc.errno)
+        api.log.error("upload_spool_failed", error=str(exc), errno=exc.errno)
         if exc.errno in _NO_ROOM:
             raise GatewayError(
                 "The gateway has no room to receive this upload now; try again later.",
@@ -353,7 +368,7 @@ class _JsonlCheck:
 
 
 async def _read_form(
-    gw: Gateway, req: Request, limit: int, *, spool: IO[bytes], check: _JsonlCheck, file_limit: int
+    api: BatchDeps, req: Request, limit: int, *, spool: IO[bytes], check: _JsonlCheck, file_limit: int
 ) -> dict[str, bytes]:
     """A multipart/form-data upload, parsed as it arrives and never over `limit` bytes: the 'file' part is
     checked line by line and written to `spool` in pieces of at most _SPOOL_FLUSH bytes (memory stays
@@ -361,7 +376,7 @@ async def _read_form(
     each once, are accepted (any other is refused when its headers arrive), their values and the parts'
     headers within _FIELDS_LIMIT and _HEADERS_LIMIT bytes in all; `purpose` is checked when it ends (before
     the file, in the order the SDKs send them), not after the file was read."""
-    config = gw.config.batch
+    config = api.config.batch
     kind, params = parse_options_header(req.header(b"content-type") or b"")
     boundary = params.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
@@ -486,42 +501,42 @@ async def _read_form(
             data = b"".join(pending)
             pending.clear()
             pending_size = 0
-            await _spool_io(gw, spool.write, data)
+            await _spool_io(api, spool.write, data)
     parse(None)
     if pending:
-        await _spool_io(gw, spool.write, b"".join(pending))
+        await _spool_io(api, spool.write, b"".join(pending))
     return fields
 
 
-async def list_files(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def list_files(api: BatchDeps, req: Request, ex: Exchange) -> None:
     query = query_params(req)
     limit = _limit(query)
-    rows = await _store(gw).list_files(_owner(ex), query.get("purpose"), limit, query.get("after"))
+    rows = await _store(api).list_files(_owner(ex), query.get("purpose"), limit, query.get("after"))
     data = [file_object(r) for r in rows]
     await req.respond_json(200, {"object": "list", "data": data, "has_more": len(data) == limit})
 
 
-async def _file(gw: Gateway, ex: Exchange, file_id: str) -> Any:
-    row = await _store(gw).get_file(file_id)
+async def _file(api: BatchDeps, ex: Exchange, file_id: str) -> Any:
+    row = await _store(api).get_file(file_id)
     if row is None or not _may_read(ex, row.owner):
         raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
     return row
 
 
-async def get_file(gw: Gateway, req: Request, ex: Exchange, file_id: str) -> None:
-    await req.respond_json(200, file_object(await _file(gw, ex, file_id)))
+async def get_file(api: BatchDeps, req: Request, ex: Exchange, file_id: str) -> None:
+    await req.respond_json(200, file_object(await _file(api, ex, file_id)))
 
 
-async def file_content(gw: Gateway, req: Request, ex: Exchange, file_id: str) -> None:
+async def file_content(api: BatchDeps, req: Request, ex: Exchange, file_id: str) -> None:
     """The file's bytes, streamed chunk by chunk as they are read (a download holds one chunk at a time)."""
-    row = await _file(gw, ex, file_id)
+    row = await _file(api, ex, file_id)
     safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", row.filename)
     headers = [
         (b"content-type", b"application/octet-stream"),
         (b"content-length", str(row.bytes).encode()),
         (b"content-disposition", f'attachment; filename="{safe_name}"'.encode()),
     ]
-    pieces = _store(gw).iter_content(file_id)
+    pieces = _store(api).iter_content(file_id)
     first = await anext(pieces, b"")  # (a database error here still gets its error answer)
     req.status = 200
     await req.send({"type": "http.response.start", "status": 200, "headers": req.response_headers + headers})
@@ -531,20 +546,20 @@ async def file_content(gw: Gateway, req: Request, ex: Exchange, file_id: str) ->
     await req.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def delete_file(gw: Gateway, req: Request, ex: Exchange, file_id: str) -> None:
-    row = await _file(gw, ex, file_id)
+async def delete_file(api: BatchDeps, req: Request, ex: Exchange, file_id: str) -> None:
+    row = await _file(api, ex, file_id)
     if row.owner != _owner(ex):
         raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
-    await _store(gw).delete_file(file_id)
+    await _store(api).delete_file(file_id)
     await req.respond_json(200, {"id": file_id, "object": "file", "deleted": True})
 
 
 # -- batches -------------------------------------------------------------------------------------
 
 
-async def create_batch(gw: Gateway, req: Request, ex: Exchange) -> None:
-    store = _store(gw)
-    config = gw.config.batch
+async def create_batch(api: BatchDeps, req: Request, ex: Exchange) -> None:
+    store = _store(api)
+    config = api.config.batch
     principal = ex.principal
     assert principal is not None
     owner = principal.user
@@ -552,23 +567,23 @@ async def create_batch(gw: Gateway, req: Request, ex: Exchange) -> None:
     # reads its input file, up to max_file_bytes, twice and writes its lines.
     limit = config.max_creations_in_progress
     with _one_more(store.creating, owner, limit, "batch creations", "too_many_batch_creations"):
-        row = await _create_batch(gw, store, req, ex, principal)
-    if gw.batch_runner is not None and row["status"] == "in_progress":
-        gw.batch_runner.wake()
-    gw.log.info("batch_created", batch_id=row["id"], user=owner, lines=row["total"], status=row["status"])
+        row = await _create_batch(api, store, req, ex, principal)
+    if api.batch_runner is not None and row["status"] == "in_progress":
+        api.batch_runner.wake()
+    api.log.info("batch_created", batch_id=row["id"], user=owner, lines=row["total"], status=row["status"])
     await req.respond_json(200, batch_object(RowView(row)))
 
 
-async def _create_batch(gw: Gateway, store: BatchStore, req: Request, ex: Exchange, principal: Principal) -> Any:
-    config = gw.config.batch
-    spec = await read_model(gw, req, NewBatch)
+async def _create_batch(api: BatchDeps, store: BatchStore, req: Request, ex: Exchange, principal: Principal) -> Any:
+    config = api.config.batch
+    spec = await read_model(api.config, req, NewBatch)
     if spec.endpoint not in ENDPOINTS:
         raise InvalidRequest(
             f"'endpoint' must be one of {', '.join(ENDPOINTS)}.", param="endpoint", code="invalid_value"
         )
     completion_window = spec.completion_window.strip()  # (stored as checked: the column holds 16 characters)
     window = _window_s(completion_window, config.min_window_s, config.max_window_s)
-    file = await _file(gw, ex, spec.input_file_id)
+    file = await _file(api, ex, spec.input_file_id)
     if file.purpose != "batch":
         raise InvalidRequest("The input file's purpose must be 'batch'.", param="input_file_id", code="invalid_value")
     owner = principal.user
@@ -576,7 +591,7 @@ async def _create_batch(gw: Gateway, store: BatchStore, req: Request, ex: Exchan
     # Refused before the file is read when nothing could be added (checked again, with the batch's size,
     # where it is stored).
     _check_room(config, *await store.batch_usage(owner), *await store.usage(owner, now), 0)
-    total, errors, model = await _check_lines(gw, _file_lines(store, spec.input_file_id), spec.endpoint, principal)
+    total, errors, model = await _check_lines(api, _file_lines(store, spec.input_file_id), spec.endpoint, principal)
     now = time.time()
     row: dict[str, Any] = {
         "id": "batch_" + secrets.token_hex(12),
@@ -711,14 +726,8 @@ async def _accepted_lines(store: BatchStore, file_id: str) -> AsyncIterator[tupl
         yield custom_id, orjson.dumps(body).decode()
 
 
-def route_scope(gw: Gateway, endpoint: str) -> str:
-    """The scope a client needs to call `endpoint` itself: a batch line needs it too (read from the route
-    table, so the two cannot disagree)."""
-    return gw.routes[("POST", endpoint)].scope
-
-
 async def _check_lines(
-    gw: Gateway, numbered: AsyncIterator[tuple[int, bytes]], endpoint: str, principal: Principal
+    api: BatchDeps, numbered: AsyncIterator[tuple[int, bytes]], endpoint: str, principal: Principal
 ) -> tuple[int, list[dict[str, Any]], str | None]:
     """(requests, errors OpenAI-shaped with 1-based line numbers, the model). The first pass over the file:
     it keeps no line, only a 16-byte digest of each custom_id to find duplicates."""
@@ -727,7 +736,7 @@ async def _check_lines(
     seen: set[bytes] = set()
     model: str | None = None
     validate = _VALIDATORS[endpoint]
-    needed = route_scope(gw, endpoint)
+    needed = api.scope_of(endpoint)  # (a line needs the scope a client needs to call the endpoint itself)
 
     def fail(number: int, code: str, message: str, param: str | None = None) -> None:
         if len(errors) < _MAX_ERRORS:
@@ -785,8 +794,8 @@ async def _check_lines(
             fail(number, "invalid_value", "Batch requests cannot stream.", "body.stream")
             continue
         try:
-            validate(body, gw.config.validation)
-            name = gw.catalog.resolve(body["model"])
+            validate(body, api.config.validation)
+            name = api.catalog.resolve(body["model"])
         except GatewayError as exc:
             fail(number, exc.code or "invalid_request", exc.message, f"body.{exc.param}" if exc.param else "body")
             continue
@@ -817,23 +826,23 @@ def _snapshot(principal: Principal) -> dict[str, Any]:
     }
 
 
-async def _batch(gw: Gateway, ex: Exchange, batch_id: str) -> Any:
-    row = await _store(gw).get_batch(batch_id)
+async def _batch(api: BatchDeps, ex: Exchange, batch_id: str) -> Any:
+    row = await _store(api).get_batch(batch_id)
     if row is None or not _may_read(ex, row.owner):
         raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
     return row
 
 
-async def get_batch(gw: Gateway, req: Request, ex: Exchange, batch_id: str) -> None:
-    row = await _batch(gw, ex, batch_id)
-    counts = await _store(gw).counts(batch_id) if row.status in ("in_progress", "cancelling") else None
+async def get_batch(api: BatchDeps, req: Request, ex: Exchange, batch_id: str) -> None:
+    row = await _batch(api, ex, batch_id)
+    counts = await _store(api).counts(batch_id) if row.status in ("in_progress", "cancelling") else None
     await req.respond_json(200, batch_object(row, counts))
 
 
-async def list_batches(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def list_batches(api: BatchDeps, req: Request, ex: Exchange) -> None:
     query = query_params(req)
     limit = _limit(query)
-    store = _store(gw)
+    store = _store(api)
     rows = await store.list_batches(_owner(ex), limit, query.get("after"))
     live = await store.counts_many([r.id for r in rows if r.status in ("in_progress", "cancelling")])
     data = [batch_object(r, live.get(r.id)) for r in rows]
@@ -849,9 +858,9 @@ async def list_batches(gw: Gateway, req: Request, ex: Exchange) -> None:
     )
 
 
-async def cancel_batch(gw: Gateway, req: Request, ex: Exchange, batch_id: str) -> None:
-    store = _store(gw)
-    row = await _batch(gw, ex, batch_id)
+async def cancel_batch(api: BatchDeps, req: Request, ex: Exchange, batch_id: str) -> None:
+    store = _store(api)
+    row = await _batch(api, ex, batch_id)
     if row.owner != _owner(ex) and scopes.KEYS_ADMIN not in (ex.principal.scopes if ex.principal else ()):
         raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
     if not await store.cancel(batch_id, time.time()):
@@ -859,7 +868,7 @@ async def cancel_batch(gw: Gateway, req: Request, ex: Exchange, batch_id: str) -
             raise InvalidRequest(
                 f"Cannot cancel a batch with status '{row.status}'.", param="batch_id", code="invalid_state"
             )
-    if gw.batch_runner is not None:
-        gw.batch_runner.wake()
+    if api.batch_runner is not None:
+        api.batch_runner.wake()
     row = await store.get_batch(batch_id)
     await req.respond_json(200, batch_object(row, await store.counts(batch_id)))

@@ -13,7 +13,7 @@ from portcullis.http import Request
 from portcullis.safety.validation import parse_json_object
 
 if TYPE_CHECKING:
-    from portcullis.app import Gateway
+    from portcullis.config import Config
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -39,10 +39,10 @@ def query_int(query: dict[str, str], name: str, default: int, low: int, high: in
     return int(raw)
 
 
-async def read_model(gw: Gateway, req: Request, model: type[M]) -> M:
+async def read_model(config: Config, req: Request, model: type[M]) -> M:
     """The body (capped, parsed once; empty means {}) as `model`, or 400 `invalid_value` naming the field."""
-    raw = await req.read_body(gw.config.server.max_body_bytes)
-    payload: Any = parse_json_object(raw, gw.config.validation) if raw.strip() else {}
+    raw = await req.read_body(config.server.max_body_bytes)
+    payload: Any = parse_json_object(raw, config.validation) if raw.strip() else {}
     try:
         return model.model_validate(payload)
     except ValidationError as exc:

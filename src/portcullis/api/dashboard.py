@@ -27,6 +27,7 @@ import hmac
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -49,8 +50,17 @@ from portcullis.quota.plan import user_budget_of
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from portcullis.app import Gateway
+    from portcullis.config import Config
+    from portcullis.identity.auth import Identity
+    from portcullis.identity.keys import KeyStore
+    from portcullis.jobs.store import BatchStore
+    from portcullis.obs.timeline import Timeline
+    from portcullis.routing.admission import Admission
+    from portcullis.routing.catalog import Catalog
+    from portcullis.store.bus import EventBus
+    from portcullis.store.health import DatabaseHealth
 
 COOKIE = "portcullis_dashboard"
 CSRF_COOKIE = "portcullis_dashboard_csrf"
@@ -186,6 +196,41 @@ class Sessions:
             self._verified.pop(name, None)
 
 
+@dataclass(frozen=True, slots=True)
+class DashboardDeps:
+    """What the dashboard reads (its sign-in checks an admin key; its data is most of the gateway's state)."""
+
+    config: Config
+    catalog: Catalog
+    admission: Admission
+    timeline: Timeline
+    engine: AsyncEngine
+    db_health: DatabaseHealth
+    batch_store: BatchStore | None
+    dashboard_sessions: Sessions
+    # Made at preflight: the key store (None: API keys are off), authentication, the bus (None: no Redis).
+    key_store: Callable[[], KeyStore | None]
+    authentication: Callable[[], Identity | None]
+    event_bus: Callable[[], EventBus | None]
+    is_draining: Callable[[], bool]
+
+    @property
+    def keys(self) -> KeyStore | None:
+        return self.key_store()
+
+    @property
+    def identity(self) -> Identity | None:
+        return self.authentication()
+
+    @property
+    def bus(self) -> EventBus | None:
+        return self.event_bus()
+
+    @property
+    def draining(self) -> bool:
+        return self.is_draining()
+
+
 def _session(raw: bytes) -> Session | None:
     try:
         fields = orjson.loads(raw)
@@ -205,39 +250,39 @@ async def _redis(call: Any) -> Any:
         ) from exc
 
 
-def _store(gw: Gateway) -> tuple[Sessions, Redis | None]:
-    return gw.dashboard_sessions, gw.bus.redis if gw.bus is not None else None
+def _store(api: DashboardDeps) -> tuple[Sessions, Redis | None]:
+    return api.dashboard_sessions, api.bus.redis if api.bus is not None else None
 
 
-async def _signed_in(gw: Gateway, req: Request) -> tuple[str, Session] | None:
+async def _signed_in(api: DashboardDeps, req: Request) -> tuple[str, Session] | None:
     """The session of the request's cookie, if it is live and its key still holds admin:read."""
     sid = _token(_cookie(req))
     if sid is None:
         return None
-    sessions, redis = _store(gw)
+    sessions, redis = _store(api)
     session = await sessions.get(redis, sid)
     if session is None:
         return None
-    if session.key_id is not None and not await _key_admits(gw, sessions, sid, session.key_id):
+    if session.key_id is not None and not await _key_admits(api, sessions, sid, session.key_id):
         await sessions.delete(redis, sid)
         return None
     return sid, session
 
 
-async def _key_admits(gw: Gateway, sessions: Sessions, sid: str, key_id: str) -> bool:
+async def _key_admits(api: DashboardDeps, sessions: Sessions, sid: str, key_id: str) -> bool:
     """Whether the session's key is still live with admin:read, asked of the database (the dashboard polls
     once a second: one primary-key read). While the database is away, a key this process saw accepted
     within `auth.key_cache_stale_s` stands, as the key cache serves it to the API; else 503."""
-    if gw.keys is None:
+    if api.keys is None:
         return False
-    stale_s = gw.config.auth.key_cache_stale_s
-    if gw.db_health.degraded and sessions.verified_within(sid, stale_s):
+    stale_s = api.config.auth.key_cache_stale_s
+    if api.db_health.degraded and sessions.verified_within(sid, stale_s):
         return True
     try:
-        async with asyncio.timeout(gw.config.auth.key_lookup_timeout_s):
-            record = await gw.keys.get(key_id)
+        async with asyncio.timeout(api.config.auth.key_lookup_timeout_s):
+            record = await api.keys.get(key_id)
     except (OSError, TimeoutError, SQLAlchemyError) as exc:
-        gw.db_health.failed(exc)
+        api.db_health.failed(exc)
         if sessions.verified_within(sid, stale_s):
             return True
         raise ServiceUnavailable(
@@ -272,9 +317,9 @@ async def _form(req: Request) -> dict[str, list[str]]:
     return parse_qs((await req.read_body(16_384)).decode("latin-1"))
 
 
-async def page(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def page(api: DashboardDeps, req: Request, ex: Exchange) -> None:
     """GET /dashboard: the dashboard, or the sign-in form."""
-    signed_in = await _signed_in(gw, req)
+    signed_in = await _signed_in(api, req)
     if signed_in is None:
         await _login_form(req, 200)
         return
@@ -282,7 +327,7 @@ async def page(gw: Gateway, req: Request, ex: Exchange) -> None:
     await req.respond(200, _with_csrf(_page("dashboard.html"), signed_in[1].csrf), _HTML + _SECURITY)
 
 
-async def static(gw: Gateway, req: Request, ex: Exchange, name: str) -> None:
+async def static(api: DashboardDeps, req: Request, ex: Exchange, name: str) -> None:
     """GET /dashboard/static/NAME: the pages' script and styles (public: they hold nothing secret)."""
     body = _FILES.get(name)
     if body is None:
@@ -291,7 +336,7 @@ async def static(gw: Gateway, req: Request, ex: Exchange, name: str) -> None:
     await req.respond(200, body, [(b"content-type", kind), (b"cache-control", b"no-cache")])
 
 
-async def login(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def login(api: DashboardDeps, req: Request, ex: Exchange) -> None:
     """POST /dashboard/login (a form with `key` and `csrf`): a new session, its cookie, and back to the
     dashboard."""
     form = await _form(req)
@@ -301,16 +346,16 @@ async def login(gw: Gateway, req: Request, ex: Exchange) -> None:
             code="csrf_token_invalid",
         )
     key = (form.get("key") or [""])[0].strip()
-    assert gw.identity is not None
+    assert api.identity is not None
     try:
-        principal = await gw.identity.authenticate(req, credential=key) if key else None
+        principal = await api.identity.authenticate(req, credential=key) if key else None
     except GatewayError:
         principal = None
     if principal is None or scopes.ADMIN_READ not in principal.scopes:
         await _login_form(req, 401, error=True)
         return
     ex.principal = principal
-    sessions, redis = _store(gw)
+    sessions, redis = _store(api)
     expires = time.time() + sessions.ttl_s
     if principal.via == "jwt":
         # The token is not kept: the session ends when it does (it was verified a moment ago).
@@ -340,11 +385,11 @@ async def login(gw: Gateway, req: Request, ex: Exchange) -> None:
     )
 
 
-async def logout(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def logout(api: DashboardDeps, req: Request, ex: Exchange) -> None:
     """POST /dashboard/logout (a form with the session's `csrf`): the session is deleted server-side."""
     form = await _form(req)
     sid = _token(_cookie(req))
-    sessions, redis = _store(gw)
+    sessions, redis = _store(api)
     session = await sessions.get(redis, sid) if sid is not None else None
     if session is not None:
         if not _csrf_matches(session.csrf, form):
@@ -357,48 +402,48 @@ async def logout(gw: Gateway, req: Request, ex: Exchange) -> None:
     await req.respond(303, b"", [(b"location", b"/dashboard"), _set_cookie(COOKIE, "", 0), *_SECURITY])
 
 
-async def data(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def data(api: DashboardDeps, req: Request, ex: Exchange) -> None:
     """GET /dashboard/data: everything the page shows, as JSON."""
-    signed_in = await _signed_in(gw, req)
+    signed_in = await _signed_in(api, req)
     if signed_in is None:
         raise Forbidden("Sign in to the dashboard with an admin key.", code="dashboard_sign_in")
     ex.principal = signed_in[1].principal()
-    await req.respond_json(200, await snapshot(gw))
+    await req.respond_json(200, await snapshot(api))
 
 
-async def snapshot(gw: Gateway) -> dict[str, Any]:
+async def snapshot(api: DashboardDeps) -> dict[str, Any]:
     today = datetime.now(UTC).strftime("%Y-%m-%d")
     month = today[:8] + "01"
     out: dict[str, Any] = {
         "now": time.time(),
-        "draining": gw.draining,
-        "models": _models(gw),
-        "series": gw.timeline.series(),
+        "draining": api.draining,
+        "models": _models(api),
+        "series": api.timeline.series(),
         "top_keys": [],
         "budgets": [],
         "batches": [],
         "errors": [],
     }
     try:
-        rows = await usage.aggregate(gw.engine, group_by=["key", "user"], since=today)
+        rows = await usage.aggregate(api.engine, group_by=["key", "user"], since=today)
         rows.sort(key=lambda r: (r["cost"], r["total_tokens"]), reverse=True)
         out["top_keys"] = [
             {k: r[k] for k in ("key", "user", "requests", "total_tokens", "cost", "errors")} for r in rows[:10]
         ]
-        out["budgets"] = await _budgets(gw, today, month)
+        out["budgets"] = await _budgets(api, today, month)
     except Exception as exc:  # the database is away: the live part still shows
         out["errors"].append(f"usage: {type(exc).__name__}")
-    if gw.batch_store is not None:
+    if api.batch_store is not None:
         try:
-            out["batches"] = await _batches(gw)
+            out["batches"] = await _batches(api)
         except Exception as exc:
             out["errors"].append(f"batches: {type(exc).__name__}")
     return out
 
 
-def _models(gw: Gateway) -> list[dict[str, Any]]:
+def _models(api: DashboardDeps) -> list[dict[str, Any]]:
     models = []
-    for o in gw.admission.outlooks():
+    for o in api.admission.outlooks():
         name = o.model
         models.append(
             {
@@ -416,20 +461,20 @@ def _models(gw: Gateway) -> list[dict[str, Any]]:
                         "slots": r.limit,
                         "last_error": r.last_error,
                     }
-                    for r in gw.catalog.models[name]
+                    for r in api.catalog.models[name]
                 ],
             }
         )
     return models
 
 
-async def _budgets(gw: Gateway, today: str, month: str) -> list[dict[str, Any]]:
+async def _budgets(api: DashboardDeps, today: str, month: str) -> list[dict[str, Any]]:
     """Budgets (a key's own, its user's) at half their limit or more, fullest first."""
-    if gw.keys is None:
+    if api.keys is None:
         return []
-    keys = [k for k in await gw.keys.list() if k.revoked_at is None]
+    keys = [k for k in await api.keys.list() if k.revoked_at is None]
     spent = {
-        period: await usage.aggregate(gw.engine, group_by=["key", "user"], since=since)
+        period: await usage.aggregate(api.engine, group_by=["key", "user"], since=since)
         for period, since in (("day", today), ("month", month))
     }
     by_key = {p: {r["key"]: r["cost"] for r in rows} for p, rows in spent.items()}
@@ -439,7 +484,7 @@ async def _budgets(gw: Gateway, today: str, month: str) -> list[dict[str, Any]]:
             by_user[p][r["user"]] = by_user[p].get(r["user"], 0.0) + r["cost"]
     found: dict[tuple[str, str, str], dict[str, Any]] = {}
     for key in keys:
-        user_budget = user_budget_of(gw.config, key.user, gw.config.tiers.get(key.tier))
+        user_budget = user_budget_of(api.config, key.user, api.config.tiers.get(key.tier))
         for period in ("day", "month"):
             limits = [
                 ("key", key.id, (key.budget or {}).get(period), by_key[period].get(key.id, 0.0)),
@@ -458,8 +503,8 @@ async def _budgets(gw: Gateway, today: str, month: str) -> list[dict[str, Any]]:
     return sorted(found.values(), key=lambda b: b["share"], reverse=True)[:20]
 
 
-async def _batches(gw: Gateway) -> list[dict[str, Any]]:
-    store = gw.batch_store
+async def _batches(api: DashboardDeps) -> list[dict[str, Any]]:
+    store = api.batch_store
     assert store is not None
     rows = await store.list_batches(None, 10, None)
     counts = await store.counts_many([r.id for r in rows])

@@ -1,20 +1,22 @@
 """The OpenAI-compatible endpoints. Each handler reads top to bottom like the request path in DESIGN.md:
 
-(authenticated, scope checked: app.py) → read body (capped) → parse once → validate
+(authenticated, scope checked: app/dispatch.py) → read body (capped) → parse once → validate
 → route (the name resolved, allowed for this principal, a router's choice, context fit, prefix
 placement) → admit quotas (priced by the chosen model) → moderate the input (before the rest, or
 beside it in parallel mode; the output guard set for the relay) → cache / coalesce
 → admission (a slot of the model: now, after queueing, degraded, spilled, or 503) → upstream
 attempts (affinity, retries, failover, breakers) → relay (output moderated; settled and recorded
-when the response is over: app.py)
+when the response is over: app/dispatch.py)
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from portcullis.errors import InvalidRequest, ServiceUnavailable
+from portcullis.errors import InvalidRequest
 from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity.auth import may_use, require_model
@@ -24,58 +26,85 @@ from portcullis.safety import validation
 from portcullis.safety.moderation import GuardSlots
 
 if TYPE_CHECKING:
-    from portcullis.app import Gateway
+    from portcullis.cache.batching import EmbeddingBatcher
+    from portcullis.cache.exact import ResponseCache
+    from portcullis.config import Config
+    from portcullis.quota.stage import Quota
+    from portcullis.routing.admission import Admission
+    from portcullis.routing.catalog import Catalog
+    from portcullis.routing.router import Router
+    from portcullis.safety.moderation import Moderation
+    from portcullis.store.model_state import ModelState
+    from portcullis.upstream.proxy import Upstream
 
 
-async def chat_completions(gw: Gateway, req: Request, ex: Exchange) -> None:
-    body = await req.read_body(gw.config.server.max_body_bytes)
-    payload = validation.parse_json_object(body, gw.config.validation)
-    chat = validation.validate_chat(payload, gw.config.validation)
+@dataclass(frozen=True, slots=True)
+class OpenAIDeps:
+    """What the /v1 handlers use: the stages of the request path, in its order, and little else."""
+
+    config: Config
+    router: Router
+    quota: Quota
+    moderation: Moderation
+    cache: ResponseCache
+    batcher: EmbeddingBatcher | None
+    admission: Admission
+    upstream: Upstream
+    catalog: Catalog
+    model_state: ModelState
+    publish: Callable[[dict[str, Any]], Awaitable[None]]  # tell every process (a model switched off)
+    started_at: float
+
+
+async def chat_completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
+    body = await req.read_body(api.config.server.max_body_bytes)
+    payload = validation.parse_json_object(body, api.config.validation)
+    chat = validation.validate_chat(payload, api.config.validation)
     ex.model, ex.stream = chat.model, bool(chat.stream)
-    model = await gw.router.route(req, ex, payload)
-    await gw.quota.admit(req, ex, chat)
-    async with gw.moderation.screen(req, ex, payload, model, chat=True):
-        if await gw.cache.answer(req, ex, payload, route="/v1/chat/completions", chat=True):
+    model = await api.router.route(req, ex, payload)
+    await api.quota.admit(req, ex, chat)
+    async with api.moderation.screen(req, ex, payload, model, chat=True):
+        if await api.cache.answer(req, ex, payload, route="/v1/chat/completions", chat=True):
             return  # from the cache, or shared with an identical request in flight
-        async with gw.admission.slot(req, ex, model, payload) as target:
-            await gw.upstream.forward(req, ex, path="/v1/chat/completions", payload=payload, target=target)
+        async with api.admission.slot(req, ex, model, payload) as target:
+            await api.upstream.forward(req, ex, path="/v1/chat/completions", payload=payload, target=target)
 
 
-async def completions(gw: Gateway, req: Request, ex: Exchange) -> None:
-    body = await req.read_body(gw.config.server.max_body_bytes)
-    payload = validation.parse_json_object(body, gw.config.validation)
-    completion = validation.validate_completion(payload, gw.config.validation)
+async def completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
+    body = await req.read_body(api.config.server.max_body_bytes)
+    payload = validation.parse_json_object(body, api.config.validation)
+    completion = validation.validate_completion(payload, api.config.validation)
     ex.model, ex.stream = completion.model, bool(completion.stream)
-    model = await gw.router.route(req, ex, payload)
-    await gw.quota.admit(req, ex, completion)
-    async with gw.moderation.screen(req, ex, payload, model, chat=False):
-        if await gw.cache.answer(req, ex, payload, route="/v1/completions", chat=False):
+    model = await api.router.route(req, ex, payload)
+    await api.quota.admit(req, ex, completion)
+    async with api.moderation.screen(req, ex, payload, model, chat=False):
+        if await api.cache.answer(req, ex, payload, route="/v1/completions", chat=False):
             return  # from the cache, or shared with an identical request in flight
-        async with gw.admission.slot(req, ex, model, payload) as target:
-            await gw.upstream.forward(req, ex, path="/v1/completions", payload=payload, target=target)
+        async with api.admission.slot(req, ex, model, payload) as target:
+            await api.upstream.forward(req, ex, path="/v1/completions", payload=payload, target=target)
 
 
-async def embeddings(gw: Gateway, req: Request, ex: Exchange) -> None:
-    body = await req.read_body(gw.config.server.max_body_bytes)
-    payload = validation.parse_json_object(body, gw.config.validation)
-    embedding = validation.validate_embedding(payload, gw.config.validation)
+async def embeddings(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
+    body = await req.read_body(api.config.server.max_body_bytes)
+    payload = validation.parse_json_object(body, api.config.validation)
+    embedding = validation.validate_embedding(payload, api.config.validation)
     ex.model = embedding.model
-    model = await gw.router.route(req, ex, payload, generates=False)
-    await gw.quota.admit(req, ex, embedding)
-    if gw.batcher is not None and await gw.batcher.join(req, ex, payload):
+    model = await api.router.route(req, ex, payload, generates=False)
+    await api.quota.admit(req, ex, embedding)
+    if api.batcher is not None and await api.batcher.join(req, ex, payload):
         return  # answered with its part of another request's merged call
-    async with gw.admission.slot(req, ex, model, payload) as target:
-        await gw.upstream.forward(req, ex, path="/v1/embeddings", payload=payload, target=target)
+    async with api.admission.slot(req, ex, model, payload) as target:
+        await api.upstream.forward(req, ex, path="/v1/embeddings", payload=payload, target=target)
 
 
-async def moderations(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def moderations(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     """OpenAI's moderation endpoint, answered by the gateway's own moderator pipeline; metered like a model
     call (the caller's request, token and concurrency limits), at most `moderation.max_inputs` inputs, the
     guard model's calls through its admission (moderation.GuardSlots)."""
-    body = await req.read_body(gw.config.server.max_body_bytes)
-    payload = validation.parse_json_object(body, gw.config.validation)
-    texts = validation.moderation_inputs(payload, gw.config.validation)
-    cap = gw.config.moderation.max_inputs
+    body = await req.read_body(api.config.server.max_body_bytes)
+    payload = validation.parse_json_object(body, api.config.validation)
+    texts = validation.moderation_inputs(payload, api.config.validation)
+    cap = api.config.moderation.max_inputs
     if len(texts) > cap:
         raise InvalidRequest(
             f"'input' has {len(texts)} items; at most {cap} are allowed per moderation request.",
@@ -84,12 +113,12 @@ async def moderations(gw: Gateway, req: Request, ex: Exchange) -> None:
         )
     model = payload.get("model")
     name = model if isinstance(model, str) else None
-    gw.moderation.answering(name)  # 404 before anything is reserved when nothing could answer
+    api.moderation.answering(name)  # 404 before anything is reserved when nothing could answer
     # Sized like an embeddings request: the inputs' tokens, no completion.
     sized = EmbeddingRequest.model_construct(model=name or "", input=texts)
-    await gw.quota.admit(req, ex, sized)
-    results = await gw.moderation.evaluate(texts, name, slots=GuardSlots(gw.admission, ex.principal))
-    ex.prompt_tokens = estimate.reservation(sized, gw.config.quota)[0]  # settled (and recorded) as spent
+    await api.quota.admit(req, ex, sized)
+    results = await api.moderation.evaluate(texts, name, slots=GuardSlots(api.admission, ex.principal))
+    ex.prompt_tokens = estimate.reservation(sized, api.config.quota)[0]  # settled (and recorded) as spent
     await req.respond_json(
         200,
         {
@@ -100,11 +129,11 @@ async def moderations(gw: Gateway, req: Request, ex: Exchange) -> None:
     )
 
 
-def _model_object(gw: Gateway, name: str, kind: str, target: str | None) -> dict[str, Any]:
+def _model_object(api: OpenAIDeps, name: str, kind: str, target: str | None) -> dict[str, Any]:
     """OpenAI's model object, plus what kind of name it is (extra fields the SDK keeps and ignores)."""
-    obj: dict[str, Any] = {"id": name, "object": "model", "created": int(gw.started_at), "owned_by": "portcullis"}
+    obj: dict[str, Any] = {"id": name, "object": "model", "created": int(api.started_at), "owned_by": "portcullis"}
     if kind == "router":
-        obj["portcullis"] = {"kind": "router", "candidates": list(gw.catalog.routers[name].candidates)}
+        obj["portcullis"] = {"kind": "router", "candidates": list(api.catalog.routers[name].candidates)}
     elif kind == "alias":
         obj["portcullis"] = {"kind": "alias", "of": target}
     else:
@@ -112,30 +141,28 @@ def _model_object(gw: Gateway, name: str, kind: str, target: str | None) -> dict
     return obj
 
 
-async def list_models(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def list_models(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     """Models, routers and aliases the caller may use."""
     data = [
-        _model_object(gw, name, kind, target)
-        for name, kind, target in gw.catalog.names()
+        _model_object(api, name, kind, target)
+        for name, kind, target in api.catalog.names()
         if may_use(ex.principal, name, target)
     ]
     await req.respond_json(200, {"object": "list", "data": data})
 
 
-async def get_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
-    resolved = gw.catalog.resolve(model)  # 404 model_not_found when unknown or disabled
+async def get_model(api: OpenAIDeps, req: Request, ex: Exchange, model: str) -> None:
+    resolved = api.catalog.resolve(model)  # 404 model_not_found when unknown or disabled
     require_model(ex.principal, model, resolved)
-    kind = "alias" if resolved != model else ("router" if model in gw.catalog.routers else "model")
-    await req.respond_json(200, _model_object(gw, model, kind, resolved if kind == "alias" else None))
+    kind = "alias" if resolved != model else ("router" if model in api.catalog.routers else "model")
+    await req.respond_json(200, _model_object(api, model, kind, resolved if kind == "alias" else None))
 
 
-async def delete_model(gw: Gateway, req: Request, ex: Exchange, model: str) -> None:
+async def delete_model(api: OpenAIDeps, req: Request, ex: Exchange, model: str) -> None:
     """Switch a model off in the live catalog, on every process, persistently (OpenAI's delete shape)."""
-    gw.catalog.replicas_for(model)
+    api.catalog.replicas_for(model)
     require_model(ex.principal, model)  # a principal limited to some models switches no other off
     # The state lives in the database, not the key store: a gateway taking only JWTs has it too.
-    if gw.model_state is None:
-        raise ServiceUnavailable("Models cannot be switched off on this gateway yet.", code="model_state_unavailable")
-    await gw.model_state.set_model_disabled(model, True)
-    await gw.publish({"type": "model", "name": model, "disabled": True})
+    await api.model_state.set_model_disabled(model, True)
+    await api.publish({"type": "model", "name": model, "disabled": True})
     await req.respond_json(200, {"id": model, "object": "model", "deleted": True})

@@ -10,6 +10,7 @@ answers against it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -22,7 +23,11 @@ from portcullis.protocol import ChatCompletionRequest, CompletionRequest, Embedd
 
 if TYPE_CHECKING:
     from portcullis.api.routes import Route
-    from portcullis.app import Gateway
+
+
+@dataclass(slots=True)
+class OpenAPIDeps:
+    openapi: bytes = b""  # the document, rendered once the route table it describes exists
 
 _OBJECT: dict[str, Any] = {"type": "object"}
 _STRING_OR_NULL: dict[str, Any] = {"type": ["string", "null"]}
@@ -271,5 +276,5 @@ def document(routes: list[Route], version: str, models: list[str] | None = None)
     }
 
 
-async def serve(gw: Gateway, req: Request, ex: Exchange) -> None:
-    await req.respond(200, gw.openapi)
+async def serve(api: OpenAPIDeps, req: Request, ex: Exchange) -> None:
+    await req.respond(200, api.openapi)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -10,27 +12,53 @@ from portcullis.exchange import Exchange
 from portcullis.http import Request
 
 if TYPE_CHECKING:
-    from portcullis.app import Gateway
+    from portcullis.config import Config
+    from portcullis.obs.metrics import Metrics
+    from portcullis.quota.stage import Quota
+    from portcullis.routing.catalog import Catalog
+    from portcullis.store.bus import EventBus
+    from portcullis.store.health import DatabaseHealth
 
 
-async def healthz(gw: Gateway, req: Request, ex: Exchange) -> None:
+@dataclass(frozen=True, slots=True)
+class OpsDeps:
+    """What the probes and the metrics endpoint read."""
+
+    config: Config
+    catalog: Catalog
+    db_health: DatabaseHealth
+    quota: Quota
+    metrics: Metrics
+    event_bus: Callable[[], EventBus | None]  # made at preflight when there is Redis
+    is_draining: Callable[[], bool]
+
+    @property
+    def bus(self) -> EventBus | None:
+        return self.event_bus()
+
+    @property
+    def draining(self) -> bool:
+        return self.is_draining()
+
+
+async def healthz(api: OpsDeps, req: Request, ex: Exchange) -> None:
     """Alive: the process answers. Says nothing about the upstreams."""
     await req.respond_json(200, {"status": "alive"})
 
 
-async def readyz(gw: Gateway, req: Request, ex: Exchange) -> None:
+async def readyz(api: OpsDeps, req: Request, ex: Exchange) -> None:
     """Ready: not draining, and every configured model has at least one ready replica.
 
     The database and Redis are reported, never judged: a gateway whose database hangs still serves every
     key it has verified (and queues usage), so taking it out of its load balancer would turn a degraded
     dependency into an outage."""
-    dependencies = _dependencies(gw)
-    if gw.draining:
+    dependencies = _dependencies(api)
+    if api.draining:
         await req.respond_json(
             503, {"status": "draining", "models_without_ready_replica": [], "dependencies": dependencies}
         )
         return
-    missing = gw.catalog.unready_models()
+    missing = api.catalog.unready_models()
     if missing:
         await req.respond_json(
             503, {"status": "not_ready", "models_without_ready_replica": missing, "dependencies": dependencies}
@@ -39,15 +67,15 @@ async def readyz(gw: Gateway, req: Request, ex: Exchange) -> None:
     await req.respond_json(200, {"status": "ready", "dependencies": dependencies})
 
 
-def _dependencies(gw: Gateway) -> dict[str, Any]:
-    found: dict[str, Any] = {"database": gw.db_health.status()}
-    if gw.config.store.redis_url:
+def _dependencies(api: OpsDeps) -> dict[str, Any]:
+    found: dict[str, Any] = {"database": api.db_health.status()}
+    if api.config.store.redis_url:
         found["redis"] = {
-            "quota": "degraded" if gw.quota.degraded else "ok",
-            "bus": "connected" if gw.bus is not None and gw.bus.connected else "disconnected",
+            "quota": "degraded" if api.quota.degraded else "ok",
+            "bus": "connected" if api.bus is not None and api.bus.connected else "disconnected",
         }
     return found
 
 
-async def metrics(gw: Gateway, req: Request, ex: Exchange) -> None:
-    await req.respond(200, gw.metrics.render(), [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+async def metrics(api: OpsDeps, req: Request, ex: Exchange) -> None:
+    await req.respond(200, api.metrics.render(), [(b"content-type", CONTENT_TYPE_LATEST.encode())])

@@ -1,5 +1,5 @@
 """The route table: every route once, with its method, path, handler, the scope it needs, how it is metered
-and its OpenAPI operation. The dispatcher (app.py) and `/openapi.json` are both made from it, so no route
+and its OpenAPI operation. The dispatcher (app/dispatch.py) and `/openapi.json` are both made from it, so no route
 can be served undocumented or documented unserved.
 
 A path parameter matches what `PARAMS` says (the whole raw path is matched: see docs/operations.md);
@@ -36,6 +36,7 @@ class Route:
     method: str
     path: str  # as OpenAPI writes it: /v1/models/{model}
     handler: Handler
+    deps: Any  # what the handler uses (its module's *Deps), passed as its first argument
     scope: str  # the one scope it needs (scopes.PUBLIC: none)
     op: dict[str, Any]  # its OpenAPI operation
     metered: bool = False  # settled against quotas, leaves a usage record
@@ -49,7 +50,16 @@ class Route:
         return re.compile("^" + _PARAM.sub(lambda m: f"({PARAMS[m.group(1)]})", self.path) + "$")
 
 
-def table(*, metrics_public: bool) -> list[Route]:
+def table(
+    *,
+    openai_deps: openai.OpenAIDeps,
+    admin_deps: admin.AdminDeps,
+    batches_deps: batches.BatchDeps,
+    dashboard_deps: dashboard.DashboardDeps,
+    ops_deps: ops.OpsDeps,
+    openapi_deps: openapi.OpenAPIDeps,
+    metrics_public: bool,
+) -> list[Route]:
     metrics_scope = scopes.PUBLIC if metrics_public else scopes.ADMIN_READ
     key_body = {
         "required": False,
@@ -69,6 +79,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/v1/chat/completions",
             openai.chat_completions,
+            openai_deps,
             scopes.CHAT,
             _op("Create a chat completion", _ok("ChatCompletion", stream=True), body=_body(ChatCompletionRequest)),
             metered=True,
@@ -77,6 +88,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/v1/completions",
             openai.completions,
+            openai_deps,
             scopes.COMPLETIONS,
             _op("Create a completion", _ok("Completion", stream=True), body=_body(CompletionRequest)),
             metered=True,
@@ -85,6 +97,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/v1/embeddings",
             openai.embeddings,
+            openai_deps,
             scopes.EMBEDDINGS,
             _op("Create embeddings", _ok("EmbeddingList"), body=_body(EmbeddingRequest)),
             metered=True,
@@ -93,6 +106,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/v1/moderations",
             openai.moderations,
+            openai_deps,
             scopes.MODERATIONS,
             _op("Classify text", _ok("ModerationResult"), body=_body(ModerationRequest)),
             metered=True,
@@ -101,6 +115,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "GET",
             "/v1/models",
             openai.list_models,
+            openai_deps,
             scopes.MODELS_READ,
             _op("List models, routers and aliases", _ok("ModelList")),
         ),
@@ -108,6 +123,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "GET",
             "/v1/models/{model}",
             openai.get_model,
+            openai_deps,
             scopes.MODELS_READ,
             _op("Retrieve a model", _ok("Model"), params=["model"]),
         ),
@@ -115,17 +131,24 @@ def table(*, metrics_public: bool) -> list[Route]:
             "DELETE",
             "/v1/models/{model}",
             openai.delete_model,
+            openai_deps,
             scopes.MODELS_DELETE,
             _op("Switch a model off", _ok("Object"), params=["model"]),
         ),
         Route(
-            "POST", "/v1/files", batches.upload_file, scopes.BATCHES, _op("Upload a file", _ok("File"), body=_UPLOAD)
+            "POST",
+            "/v1/files",
+            batches.upload_file,
+            batches_deps,
+            scopes.BATCHES,
+            _op("Upload a file", _ok("File"), body=_UPLOAD),
         ),
-        Route("GET", "/v1/files", batches.list_files, scopes.BATCHES, _op("List files", _ok("List"))),
+        Route("GET", "/v1/files", batches.list_files, batches_deps, scopes.BATCHES, _op("List files", _ok("List"))),
         Route(
             "GET",
             "/v1/files/{file_id}",
             batches.get_file,
+            batches_deps,
             scopes.BATCHES,
             _op("Retrieve a file", _ok("File"), params=["file_id"]),
         ),
@@ -133,6 +156,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "DELETE",
             "/v1/files/{file_id}",
             batches.delete_file,
+            batches_deps,
             scopes.BATCHES,
             _op("Delete a file", _ok("Object"), params=["file_id"]),
         ),
@@ -141,6 +165,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "GET",
             "/v1/files/{file_id}/content",
             batches.file_content,
+            batches_deps,
             scopes.BATCHES,
             _op("A file's content", file_content, params=["file_id"]),
         ),
@@ -148,14 +173,18 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/v1/batches",
             batches.create_batch,
+            batches_deps,
             scopes.BATCHES,
             _op("Create a batch", _ok("Batch"), body=_body(batches.NewBatch)),
         ),
-        Route("GET", "/v1/batches", batches.list_batches, scopes.BATCHES, _op("List batches", _ok("List"))),
+        Route(
+            "GET", "/v1/batches", batches.list_batches, batches_deps, scopes.BATCHES, _op("List batches", _ok("List"))
+        ),
         Route(
             "GET",
             "/v1/batches/{batch_id}",
             batches.get_batch,
+            batches_deps,
             scopes.BATCHES,
             _op("Retrieve a batch", _ok("Batch"), params=["batch_id"]),
         ),
@@ -163,6 +192,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/v1/batches/{batch_id}/cancel",
             batches.cancel_batch,
+            batches_deps,
             scopes.BATCHES,
             _op("Cancel a batch", _ok("Batch"), params=["batch_id"]),
         ),
@@ -171,14 +201,18 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/admin/keys",
             admin.create_key,
+            admin_deps,
             scopes.KEYS_ADMIN,
             _op("Create an API key", _ok("Object", status="201"), body=_body(admin.NewKey)),
         ),
-        Route("GET", "/admin/keys", admin.list_keys, scopes.KEYS_ADMIN, _op("List API keys", _ok("Object"))),
+        Route(
+            "GET", "/admin/keys", admin.list_keys, admin_deps, scopes.KEYS_ADMIN, _op("List API keys", _ok("Object"))
+        ),
         Route(
             "GET",
             "/admin/keys/{key_id}",
             admin.show_key,
+            admin_deps,
             scopes.KEYS_ADMIN,
             _op("Show an API key", _ok("Object"), params=["key_id"]),
         ),
@@ -186,6 +220,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "DELETE",
             "/admin/keys/{key_id}",
             admin.revoke_key,
+            admin_deps,
             scopes.KEYS_ADMIN,
             _op("Revoke an API key", _ok("Object"), params=["key_id"]),
         ),
@@ -193,6 +228,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/admin/keys/{key_id}/revoke",
             admin.revoke_key,
+            admin_deps,
             scopes.KEYS_ADMIN,
             _op("Revoke an API key", _ok("Object"), params=["key_id"]),
         ),
@@ -200,14 +236,16 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/admin/keys/{key_id}/rotate",
             admin.rotate_key,
+            admin_deps,
             scopes.KEYS_ADMIN,
             _op("Rotate an API key", _ok("Object", status="201"), params=["key_id"], body=key_body),
         ),
-        Route("GET", "/admin/usage", admin.usage_report, scopes.USAGE, _op("Usage report", _ok("Object"))),
+        Route("GET", "/admin/usage", admin.usage_report, admin_deps, scopes.USAGE, _op("Usage report", _ok("Object"))),
         Route(
             "GET",
             "/admin/backends",
             admin.backends,
+            admin_deps,
             scopes.ADMIN_READ,
             _op("Models, slots, queues and replicas", _ok("Object")),
         ),
@@ -215,6 +253,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "GET",
             "/admin/models",
             admin.models,
+            admin_deps,
             scopes.ADMIN_READ,
             _op("Models and deployments with live state", _ok("Object")),
         ),
@@ -222,6 +261,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/admin/models/{model}/enable",
             admin.enable_model,
+            admin_deps,
             scopes.MODELS_WRITE,
             _op("Switch a model back on", _ok("Object"), params=["model"]),
         ),
@@ -229,6 +269,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/admin/route",
             admin.explain_route,
+            admin_deps,
             scopes.ADMIN_READ,
             _op("Explain a routing decision", _ok("Object"), body=_body(schema="Object")),
         ),
@@ -237,20 +278,35 @@ def table(*, metrics_public: bool) -> list[Route]:
             "GET",
             "/healthz",
             ops.healthz,
+            ops_deps,
             scopes.PUBLIC,
             _op("The process is alive", _ok("Object"), public=True),
             quiet=True,
         ),
         Route(
-            "GET", "/readyz", ops.readyz, scopes.PUBLIC, _op("The gateway can serve", ready, public=True), quiet=True
+            "GET",
+            "/readyz",
+            ops.readyz,
+            ops_deps,
+            scopes.PUBLIC,
+            _op("The gateway can serve", ready, public=True),
+            quiet=True,
         ),
-        Route("GET", "/metrics", ops.metrics, metrics_scope, _op("Prometheus metrics", _TEXT), quiet=True),
-        Route("GET", "/openapi.json", openapi.serve, scopes.PUBLIC, _op("This document", _ok("Object"), public=True)),
+        Route("GET", "/metrics", ops.metrics, ops_deps, metrics_scope, _op("Prometheus metrics", _TEXT), quiet=True),
+        Route(
+            "GET",
+            "/openapi.json",
+            openapi.serve,
+            openapi_deps,
+            scopes.PUBLIC,
+            _op("This document", _ok("Object"), public=True),
+        ),
         # The dashboard signs in with an admin key held in its own cookie (api/dashboard.py checks it).
         Route(
             "GET",
             "/dashboard",
             dashboard.page,
+            dashboard_deps,
             scopes.PUBLIC,
             _op("The operator dashboard, or its sign-in form", _HTML, public=True),
         ),
@@ -258,6 +314,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/dashboard/login",
             dashboard.login,
+            dashboard_deps,
             scopes.PUBLIC,
             _op("Sign in to the dashboard", login, body=_LOGIN_FORM, public=True),
         ),
@@ -265,6 +322,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "POST",
             "/dashboard/logout",
             dashboard.logout,
+            dashboard_deps,
             scopes.PUBLIC,
             _op("Sign out of the dashboard", _REDIRECT, public=True),
         ),
@@ -272,6 +330,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "GET",
             "/dashboard/data",
             dashboard.data,
+            dashboard_deps,
             scopes.PUBLIC,
             _op("What the dashboard shows", _ok("Object"), public=True),
         ),
@@ -280,6 +339,7 @@ def table(*, metrics_public: bool) -> list[Route]:
             "GET",
             "/dashboard/static/{name}",
             dashboard.static,
+            dashboard_deps,
             scopes.PUBLIC,
             _op(
                 "The dashboard's script and styles (its CSP allows nothing inline)",

@@ -83,7 +83,7 @@ class Answer:
 
 
 class InternalCall(Protocol):
-    """One request through the whole request path as `principal`, in the background (app.py's call_internal)."""
+    """One request through the whole request path as `principal`, in the background (app/internal.py)."""
 
     async def __call__(
         self, method: str, path: str, body: bytes, principal: Principal, *, request_id: str

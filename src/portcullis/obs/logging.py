@@ -175,7 +175,7 @@ _REQUEST_ID, _KEY_ID, _MODEL = (
 
 
 def bind_request(request_id: str) -> None:
-    """Start a request's log context (first thing in Gateway.handle): its id, `key_id` and `model` null until
+    """Start a request's log context (first thing in the dispatcher's handle): its id, `key_id` and `model` null until
     known. All three are set, never added to: a request's task may start in a copy of an earlier request's
     context (uvicorn creates a pipelined request's task from inside the previous one's)."""
     _REQUEST_ID.set(request_id)
@@ -200,7 +200,7 @@ def bind(**fields: Any) -> None:
 
 
 async def isolated(awaitable: Awaitable[T]) -> T:
-    """Await a request run inside another task (Gateway.call_internal, from a batch line's task), then give
+    """Await a request run inside another task (app/internal.py, from a batch line's task), then give
     that task back its own log context: the request's bindings must not label the caller's later lines."""
     saved = contextvars.copy_context()
     try:

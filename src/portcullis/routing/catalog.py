@@ -329,7 +329,7 @@ class Catalog:
 
 
 class ReplicaCollector(Collector):
-    """Every replica's live state, read at scrape time (registered by the composition: app.py)."""
+    """Every replica's live state, read at scrape time (registered by the composition: app/gateway.py)."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog

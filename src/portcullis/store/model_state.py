@@ -1,5 +1,5 @@
 """Models switched off at run time (DELETE /v1/models/{id}, POST /admin/models/{id}/enable), kept in the
-database so every process and every restart agrees (the catalog holds the live set; app.py reads it at
+database so every process and every restart agrees (the catalog holds the live set; app/lifecycle.py reads it at
 startup and on bus events or polls). It needs no key secret, so a gateway that takes only JWTs (no key store)
 can switch models off and on too: it is the catalog's state, not the key store's.
 """
