@@ -3,6 +3,8 @@ model with the first problem as an OpenAI-shaped 400 naming the field."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -14,8 +16,26 @@ from portcullis.safety.validation import parse_json_object
 
 if TYPE_CHECKING:
     from portcullis.config import Config
+    from portcullis.store.bus import EventBus
 
 M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """What handlers read that changes after the composition: the bus (made at preflight when there is Redis)
+    and whether the gateway is draining."""
+
+    event_bus: Callable[[], EventBus | None]
+    is_draining: Callable[[], bool]
+
+    @property
+    def bus(self) -> EventBus | None:
+        return self.event_bus()
+
+    @property
+    def draining(self) -> bool:
+        return self.is_draining()
 
 
 def query_params(req: Request) -> dict[str, str]:

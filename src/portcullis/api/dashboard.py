@@ -39,6 +39,7 @@ import orjson
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from portcullis.api.common import Live
 from portcullis.errors import Forbidden, GatewayError, NotFound, ServiceUnavailable
 from portcullis.exchange import Exchange
 from portcullis.http import Request
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
     from portcullis.obs.timeline import Timeline
     from portcullis.routing.admission import Admission
     from portcullis.routing.catalog import Catalog
-    from portcullis.store.bus import EventBus
     from portcullis.store.health import DatabaseHealth
 
 COOKIE = "portcullis_dashboard"
@@ -197,7 +197,7 @@ class Sessions:
 
 
 @dataclass(frozen=True, slots=True)
-class DashboardDeps:
+class DashboardDeps(Live):
     """What the dashboard reads (its sign-in checks an admin key; its data is most of the gateway's state)."""
 
     config: Config
@@ -208,11 +208,9 @@ class DashboardDeps:
     db_health: DatabaseHealth
     batch_store: BatchStore | None
     dashboard_sessions: Sessions
-    # Made at preflight: the key store (None: API keys are off), authentication, the bus (None: no Redis).
+    # Made at preflight: the key store (None: API keys are off), authentication.
     key_store: Callable[[], KeyStore | None]
     authentication: Callable[[], Identity | None]
-    event_bus: Callable[[], EventBus | None]
-    is_draining: Callable[[], bool]
 
     @property
     def keys(self) -> KeyStore | None:
@@ -222,13 +220,7 @@ class DashboardDeps:
     def identity(self) -> Identity | None:
         return self.authentication()
 
-    @property
-    def bus(self) -> EventBus | None:
-        return self.event_bus()
 
-    @property
-    def draining(self) -> bool:
-        return self.is_draining()
 
 
 def _session(raw: bytes) -> Session | None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from portcullis.api.common import Live
 from portcullis.exchange import Exchange
 from portcullis.http import Request
 
@@ -16,12 +16,11 @@ if TYPE_CHECKING:
     from portcullis.obs.metrics import Metrics
     from portcullis.quota.stage import Quota
     from portcullis.routing.catalog import Catalog
-    from portcullis.store.bus import EventBus
     from portcullis.store.health import DatabaseHealth
 
 
 @dataclass(frozen=True, slots=True)
-class OpsDeps:
+class OpsDeps(Live):
     """What the probes and the metrics endpoint read."""
 
     config: Config
@@ -29,16 +28,6 @@ class OpsDeps:
     db_health: DatabaseHealth
     quota: Quota
     metrics: Metrics
-    event_bus: Callable[[], EventBus | None]  # made at preflight when there is Redis
-    is_draining: Callable[[], bool]
-
-    @property
-    def bus(self) -> EventBus | None:
-        return self.event_bus()
-
-    @property
-    def draining(self) -> bool:
-        return self.is_draining()
 
 
 async def healthz(api: OpsDeps, req: Request, ex: Exchange) -> None:
