@@ -6,7 +6,7 @@ batch arrives) it looks at the live batches, nearest deadline first, and for eac
   when     off-peak (`scheduling.off_peak`) always; in peak hours per `batch.in_peak`: `when_needed`
            runs a batch only if the off-peak time left before its deadline is too short for the lines
            left at the pace the model has shown (with a 1.5x margin), so it still finishes in time;
-  how many the model's idle slots (admission.idle_slots: nobody queued, `batch.reserve_slots` kept free)
+  how many the model's idle slots (the admission outlook's idle slots: nobody queued, `batch.reserve_slots` kept free)
            and this process's `batch.max_in_flight`; it leases that many lines (jobs/store.py);
   each     runs through the gateway's own request path as a background request of the batch's owner:
            validation, routing, quotas and budgets, usage records, retries, exactly as if the owner had
@@ -203,7 +203,8 @@ class BatchRunner:
                 continue
             if self._held.get(batch.id, 0.0) > now:
                 continue  # its owner's rate limit said when to come back
-            room = min(self._idle(batch.model), self.config.max_in_flight - len(self.running))
+            # (finite: the runner's own bound is a number even when the model's slots are not)
+            room = int(min(self._idle(batch.model), self.config.max_in_flight - len(self.running)))
             room = min(room, await self._owner_room(batch))
             if room <= 0:
                 continue
@@ -229,7 +230,7 @@ class BatchRunner:
         mine = sum(1 for r in self.running.values() if r.owner == owner)
         return limit - mine
 
-    def _idle(self, model: str) -> int:
+    def _idle(self, model: str) -> float:
         router = self.catalog.routers.get(model)
         models = router.candidates if router is not None else [model]  # (a batch's model is resolved)
         outlooks = [o for m in models if (o := self.admission.outlook(m)) is not None]

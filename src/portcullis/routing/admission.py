@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from portcullis.identity.principal import Principal
     from portcullis.obs.metrics import Metrics
 
-_UNLIMITED = 1 << 30
 _EWMA_ALPHA = 0.1
 _DEGRADE_EVAL_S = 1.0  # how often a model's TTFT p95 is recomputed
 _SHARE_WINDOW_S = 10.0  # the recent grants that say how much of a model higher tiers take
@@ -150,21 +149,22 @@ class Gate:
 
     # -- capacity ---------------------------------------------------------------------------------
 
-    def capacity(self) -> int:
+    def capacity(self) -> float:
+        """Slots of the usable replicas; math.inf when one of them has no slot count (it takes any number)."""
         total = 0
         for r in self.replicas:
             if r.state is not ReplicaState.READY:
                 continue
             limit = r.limit
             if limit is None:
-                return _UNLIMITED
+                return math.inf
             total += r.breaker.capacity(limit)
         return total
 
     def estimate_wait(self, position: int, priority: int | None = None) -> float:
         """Seconds until a request at `position` (1 = next) among the waiters of its priority and above
         gets a slot: position / (the rate slots free up, minus the share recently taken by higher tiers)."""
-        capacity = max(1, min(self.capacity(), _UNLIMITED // 2))
+        capacity = max(1, self.capacity())  # (unbounded: no wait)
         service = self.service_s if self.service_s is not None else 1.0
         wait = position * service / capacity
         if priority is not None and self.grants:
@@ -251,11 +251,11 @@ class Gate:
             self.grants.add(time.monotonic(), waiter.priority)
             waiter.fut.set_result(None)
 
-    def idle(self, reserve: int) -> int:
-        """Slots background work may take now: none while anyone waits, and `reserve` left free."""
+    def idle(self, reserve: int) -> float:
+        """Slots background work may take now: none while anyone waits, and `reserve` left free (math.inf: any)."""
         if self.depth:
             return 0
-        return max(0, min(self.capacity(), _UNLIMITED // 2) - reserve - self.holding)
+        return max(0, self.capacity() - reserve - self.holding)
 
     def preempt(self) -> None:
         """A request waits: if background work holds slots, the newest gives one up (once per waiter)."""
@@ -321,7 +321,7 @@ class Outlook:
     depth: int  # requests waiting for one
     background: int  # slots held by background work (batch lines)
     preempted: int  # background requests that gave their slot up, since start
-    idle: int  # slots background work may take now (nobody waits; batch.reserve_slots kept free)
+    idle: float  # slots background work may take now (nobody waits; batch.reserve_slots kept free); math.inf: any
     service_s: float | None  # how long a slot is held (EWMA); None until measured
     ttft_p95_s: float | None
     degraded: bool  # answering slowly enough that requests are degraded
@@ -397,7 +397,7 @@ class Admission:
         enabled = model not in self.catalog.disabled
         return Outlook(
             model=model,
-            capacity=capacity if capacity < _UNLIMITED else None,
+            capacity=int(capacity) if capacity != math.inf else None,
             in_use=gate.holding,
             depth=gate.depth,
             background=len(gate.background),
@@ -436,13 +436,6 @@ class Admission:
     def collector(self) -> Collector:
         """Queues, slots and background work per model, read at scrape time."""
         return _AdmissionCollector(self)
-
-    def idle_slots(self, model: str) -> int:
-        """Slots of a model that background work may take now (jobs/runner.py asks before leasing lines)."""
-        gate = self.gates.get(model)
-        if gate is None or self.closed or model in self.catalog.disabled:
-            return 0
-        return gate.idle(self.reserve)
 
     def kick_later(self, model: str, delay_s: float) -> None:
         """An open breaker half-opens by the clock alone: look at the queue again then."""
