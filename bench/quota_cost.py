@@ -91,8 +91,8 @@ async def redis_costs(url: str, n: int = 20_000, rounds: int = 5) -> tuple[float
 
         c = time.process_time()
         await asyncio.gather(*(worker(n // 32) for _ in range(32)))
-        if quota._settling:  # the last settlements are still on the wire: their CPU counts too
-            await asyncio.wait(list(quota._settling))
+        if quota.store.settling:  # the last settlements are still on the wire: their CPU counts too
+            await asyncio.wait(list(quota.store.settling))
         cpu.append((time.process_time() - c) / n * 1e6)
     alone = []
     for _ in range(2000):

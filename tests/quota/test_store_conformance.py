@@ -11,18 +11,29 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from portcullis.config import QuotaConfig
+from portcullis.obs.logging import get_logger
+from portcullis.obs.metrics import Metrics
 from portcullis.quota import window
+from portcullis.quota.failover import FailoverStore
 from portcullis.quota.plan import Budget, Plan, Window, user_tag
 from portcullis.quota.redis_store import RedisQuotaStore
 from portcullis.quota.store import BUDGET, CONCURRENCY, OK, TOO_LARGE, WINDOW, Ask, MemoryQuotaStore
+from portcullis.routing.catalog import Catalog
 
 T0 = 1_800_000_000.0 + 12.5  # 12.5 s into a minute bucket
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster", "failover"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[object]:
     if request.param == "memory":
         yield MemoryQuotaStore()
+        return
+    if request.param == "failover":  # what the quota stage talks to: Redis (answering), with its fallback
+        redis = RedisQuotaStore(request.getfixturevalue("redis_url"), timeout_s=2.0, lease_s=60.0)
+        failover = FailoverStore(redis, MemoryQuotaStore(), QuotaConfig(), Metrics(Catalog({})), get_logger("t"))
+        yield failover
+        await failover.stop(timeout_s=2.0)
         return
     if request.param == "redis":
         redis_store = RedisQuotaStore(request.getfixturevalue("redis_url"), timeout_s=2.0, lease_s=60.0)

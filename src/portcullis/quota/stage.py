@@ -30,19 +30,16 @@ from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequest
 from portcullis.exchange import Exchange, Filter
 from portcullis.http import Request
 from portcullis.identity.principal import Principal
-from portcullis.obs.logging import detached
 from portcullis.obs.metrics import Metrics
 from portcullis.quota import estimate
 from portcullis.quota.alerts import BudgetAlerts
+from portcullis.quota.failover import STORE_ERRORS, FailoverStore, StoreDown
 from portcullis.quota.plan import MICRO, Plan, build_plan
 from portcullis.quota.redis_store import RedisQuotaStore
-from portcullis.quota.resp import RedisReplyError, RedisUnavailable
-from portcullis.quota.store import BUDGET, CONCURRENCY, TOO_LARGE, Alert, Ask, MemoryQuotaStore, QuotaStore, Verdict
+from portcullis.quota.store import BUDGET, CONCURRENCY, TOO_LARGE, Alert, Ask, MemoryQuotaStore, Verdict
 from portcullis.routing.catalog import Catalog
 
 _PLAN_CACHE = 50_000
-_PROBE_S = 1.0
-STORE_ERRORS = (RedisUnavailable, RedisReplyError)
 # (the windows of one kind, then the names of its limit, remaining and reset headers)
 _HeaderSpec = tuple[tuple[int, ...], bytes, bytes, bytes]
 
@@ -52,13 +49,10 @@ class Meter(Filter):
     budget asks for more each time it passes what its reservation covers (and is ended when the budget is
     spent); when the request is over, its real tokens and cost replace the reservation."""
 
-    __slots__ = ("ask", "closing", "completion_price", "covered_tokens", "quota", "store", "streams")
+    __slots__ = ("ask", "closing", "completion_price", "covered_tokens", "quota", "streams")
 
-    def __init__(
-        self, quota: Quota, store: QuotaStore, ask: Ask, completion_price: float, covered_tokens: int
-    ) -> None:
+    def __init__(self, quota: Quota, ask: Ask, completion_price: float, covered_tokens: int) -> None:
         self.quota = quota
-        self.store = store  # the store that admitted it (Redis, or the in-process fallback)
         self.ask = ask
         self.completion_price = completion_price  # per 1k, the most expensive deployment's (for top-ups)
         self.covered_tokens = covered_tokens  # completion tokens the budget reservation covers so far
@@ -113,7 +107,7 @@ class Quota:
         backend = self.q.backend
         if backend == "auto":
             backend = "redis" if config.store.redis_url else "memory"
-        self.memory = MemoryQuotaStore()
+        memory = MemoryQuotaStore()
         self.redis: RedisQuotaStore | None = None
         if backend == "redis":
             assert config.store.redis_url is not None
@@ -123,35 +117,31 @@ class Quota:
                 lease_s=self.q.concurrency_lease_s,
                 cluster=self.q.redis_cluster,
             )
-            self.memory = MemoryQuotaStore(share=self.q.fallback_share)
+            memory = MemoryQuotaStore(share=self.q.fallback_share)
+        # Redis, with its fallback (on_store_error) and its recovery: one store (quota/failover.py).
+        self.store = FailoverStore(self.redis, memory, self.q, metrics, log)
         self.alerts = BudgetAlerts(self.q, metrics, log)
         self.thresholds = tuple(self.q.alert_thresholds)
-        self.degraded = False
         # principal -> (its plan, how its x-ratelimit-* headers are made)
         self._plans: dict[tuple[str, str | None, str], tuple[Plan, list[_HeaderSpec]]] = {}
         # Lease ids unique across processes: this process's prefix and a counter.
         self._lease_prefix = f"{os.getpid():x}.{os.urandom(3).hex()}."
         self._lease_count = itertools.count()
-        self._leased: dict[str, Ask] = {}  # Redis concurrency leases held by requests in flight
-        self._settling: set[asyncio.Future[Any]] = set()
-        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.alerts.start()
-        if self.redis is not None:
-            self._tasks.append(asyncio.create_task(self._renew_leases()))
+        self.store.start()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._settling:
-            await asyncio.wait(list(self._settling), timeout=self.q.store_timeout_s * 2)
+        await self.store.stop(timeout_s=self.q.store_timeout_s * 2)
         await self.alerts.stop()
-        if self.redis is not None:
-            await self.redis.close()
+
+    @property
+    def degraded(self) -> bool:
+        """Redis is away and quota.on_store_error applies (/readyz says so)."""
+        return self.store.degraded
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -192,28 +182,16 @@ class Quota:
             periods = period_ends = ()
         lease = f"{self._lease_prefix}{next(self._lease_count):x}"
         ask = Ask(plan, tokens, cost, lease, periods, period_ends)
-        store: Any = self.redis if self.redis is not None and not self.degraded else self.memory
-        if store is self.memory:
-            if self.degraded and self.q.on_store_error == "fail_closed":
-                raise self._store_down()
-            verdict = self.memory.admit_now(ask)
-        else:
-            try:
-                verdict = await store.admit(ask)
-            except STORE_ERRORS as exc:
-                self._store_failed(exc)
-                if self.q.on_store_error == "fail_closed":
-                    raise self._store_down() from exc
-                store = self.memory
-                verdict = self.memory.admit_now(ask)
+        try:
+            verdict = await self.store.admit(ask)
+        except StoreDown:
+            raise self._store_down() from None
         if plan.windows:
             req.response_headers += _headers(plan, verdict, header_spec)
         if not verdict.admitted:
             raise self._refusal(plan, ask, verdict, prompt_tokens, completion_tokens)
         ex.prompt_estimate = prompt_tokens
-        ex.filters.append(Meter(self, store, ask, completion_price, completion_tokens))
-        if store is self.redis and plan.concurrency is not None:
-            self._leased[ask.lease] = ask
+        ex.filters.append(Meter(self, ask, completion_price, completion_tokens))
 
     def _refusal(self, plan: Plan, ask: Ask, verdict: Verdict, prompt: int, completion: int) -> Exception:
         retry = verdict.retry_after_s
@@ -265,14 +243,8 @@ class Quota:
         if per_token <= 0:
             held.covered_tokens += step
             return True
-        try:
-            granted = await held.store.extend(held.ask, math.ceil(step * per_token))
-        except STORE_ERRORS as exc:
-            self._store_failed(exc)
-            if self.q.on_store_error == "fail_closed":
-                return False
-            held.covered_tokens += step
-            return True
+        # (Redis failing now: fail_open grants the whole step uncharged, fail_closed nothing: the stream ends)
+        granted = await self.store.extend(held.ask, math.ceil(step * per_token))
         held.covered_tokens += int(granted // per_token)
         return ex.streamed_tokens <= held.covered_tokens
 
@@ -283,19 +255,13 @@ class Quota:
         cost = math.ceil(ex.cost * MICRO)
         ask = held.ask
         spent = (ex.prompt_tokens or 0) + (ex.completion_tokens or 0)
-        if held.store is self.memory:
-            self._alert(ask, self.memory.settle_now(ask, spent, cost, self.thresholds))
-            return
-        self._leased.pop(ask.lease, None)
-        assert self.redis is not None
-        future = self.redis.settle_soon(ask, spent, cost, self.thresholds)
-        if future is None:  # carried along with this principal's next admission
-            return
-        self._settling.add(future)
-        future.add_done_callback(lambda f: self._settled(f, ask))
+        settled = self.store.settle_soon(ask, spent, cost, self.thresholds)
+        if isinstance(settled, list):  # in process: at once
+            self._alert(ask, settled)
+        elif settled is not None:  # (None: carried along with this principal's next admission)
+            settled.add_done_callback(lambda f: self._settled(f, ask))
 
     def _settled(self, future: asyncio.Future[list[Alert]], ask: Ask) -> None:
-        self._settling.discard(future)
         if future.cancelled():
             return
         exc = future.exception()
@@ -303,7 +269,7 @@ class Quota:
             self._alert(ask, future.result())
             return
         if isinstance(exc, STORE_ERRORS):
-            self._store_failed(exc)
+            self.store.failed(exc)
         # The reservation stays until its window rolls over and the lease expires: conservative.
         self.log.warning("quota_settle_failed", error=str(exc), lease=ask.lease)
 
@@ -325,40 +291,7 @@ class Quota:
                 }
             )
 
-    # -- Redis failure and recovery -------------------------------------------------------------
-
-    def _store_failed(self, exc: BaseException) -> None:
-        self.metrics.quota_store_errors.inc()
-        if self.degraded or self.redis is None:
-            return
-        self.degraded = True
-        self.metrics.quota_store_degraded.set(1)
-        self.log.error(
-            "quota_store_unavailable",
-            error=str(exc),
-            policy=self.q.on_store_error,
-            detail=(
-                f"in-process limits at {self.q.fallback_share:g} of each limit"
-                if self.q.on_store_error == "fail_open"
-                else "requests with quotas get 503 until Redis is back"
-            ),
-        )
-        probe = asyncio.create_task(self._probe_until_back(), context=detached())  # not the request's: it lives on
-        self._tasks.append(probe)
-        probe.add_done_callback(self._tasks.remove)
-
-    async def _probe_until_back(self) -> None:
-        assert self.redis is not None
-        while True:
-            await asyncio.sleep(_PROBE_S)
-            try:
-                await self.redis.ping()
-            except STORE_ERRORS:
-                continue
-            self.degraded = False
-            self.metrics.quota_store_degraded.set(0)
-            self.log.info("quota_store_recovered")
-            return
+    # -- refusals the store causes -------------------------------------------------------------
 
     def _store_down(self) -> ServiceUnavailable:
         self.metrics.quota_refusals.labels("store_unavailable").inc()
@@ -368,15 +301,6 @@ class Quota:
             headers={"Retry-After": "1"},
         )
 
-    async def _renew_leases(self) -> None:
-        assert self.redis is not None
-        while True:
-            await asyncio.sleep(self.q.concurrency_lease_s / 3)
-            if self._leased and not self.degraded:
-                try:
-                    await self.redis.renew(list(self._leased.values()))
-                except STORE_ERRORS as exc:
-                    self._store_failed(exc)
 
 
 def _header_spec(plan: Plan) -> list[_HeaderSpec]:
