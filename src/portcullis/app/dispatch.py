@@ -231,7 +231,10 @@ class Dispatcher:
             if metered:
                 ex.account(status)  # what it spent, before anyone settles or records it
             for f in reversed(ex.filters):  # the response halves, unwinding (exchange.py)
-                f.done(ex, status)
+                try:
+                    f.done(ex, status)
+                except Exception:  # one stage's failure must not skip the others' (a settle, a lease, a record)
+                    self.log.exception("response_filter_failed", filter=type(f).__name__)
             if not quiet:
                 self._record(req, ex)
             if ex.trace is not None:

@@ -59,6 +59,8 @@ class Batch(Filter):
         try:
             return self.split(ex, answer)
         except Exception as exc:
+            # The members go alone and pay for their own calls: the leader is charged nothing for the merged one.
+            ex.prompt_tokens = ex.completion_tokens = None
             model = ex.replica.model if ex.replica is not None else ex.model
             raise GatewayError(
                 f"The upstream for model '{model}' answered a merged embeddings call wrongly: {exc}.",
@@ -136,6 +138,9 @@ class EmbeddingBatcher:
                 await batch.full.wait()
         except TimeoutError:
             pass
+        except asyncio.CancelledError:
+            batch.fail()  # the leader's client left while it gathered: whoever joined goes alone
+            raise
         finally:
             batch.closed = True
             if self._open.get(group) is batch:

@@ -58,6 +58,14 @@ class FailoverStore:
 
     # -- the store protocol -----------------------------------------------------------------------
 
+    @property
+    def local(self) -> bool:
+        """Counters in this process only (no Redis configured): `admit_local` decides at once, no await."""
+        return self.redis is None
+
+    def admit_local(self, ask: Ask) -> Verdict:
+        return self.memory.admit_now(ask)
+
     async def admit(self, ask: Ask) -> Verdict:
         redis = self.redis
         if redis is None:

@@ -182,10 +182,14 @@ class Quota:
             periods = period_ends = ()
         lease = f"{self._lease_prefix}{next(self._lease_count):x}"
         ask = Ask(plan, tokens, cost, lease, periods, period_ends)
-        try:
-            verdict = await self.store.admit(ask)
-        except StoreDown:
-            raise self._store_down() from None
+        store = self.store
+        if store.local:  # (every request: no coroutine when nothing can wait)
+            verdict = store.admit_local(ask)
+        else:
+            try:
+                verdict = await store.admit(ask)
+            except StoreDown:
+                raise self._store_down() from None
         if plan.windows:
             req.response_headers += _headers(plan, verdict, header_spec)
         if not verdict.admitted:

@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 from portcullis.config import Config, DegradeConfig, UpstreamTimeouts
 from portcullis.errors import ServiceUnavailable, retry_after_headers
 from portcullis.exchange import Abort
+from portcullis.obs.logging import bind_model
 from portcullis.routing.balancer import unavailable
 from portcullis.routing.catalog import Catalog, Replica, ReplicaState
 from portcullis.routing.retry import RetryBudget
@@ -312,8 +313,8 @@ class Gate:
 
 @dataclass(frozen=True, slots=True)
 class Outlook:
-    """A model's slots and queue as they stand: what the router, the admin API, the dashboard, the metrics
-    and the batch runner read of admission (none of them touches a gate)."""
+    """A model's slots and queue as they stand: what the admin API, the dashboard, the metrics and the batch
+    runner read of admission (none of them touches a gate; the router asks `free_slot` and `expected_wait`)."""
 
     model: str
     capacity: int | None  # slots of its usable replicas; None: unbounded (a backend without a slot count)
@@ -327,11 +328,6 @@ class Outlook:
     degraded: bool  # answering slowly enough that requests are degraded
     enabled: bool
     retries_denied: int  # retries its retry budget refused, since start
-
-    @property
-    def free_slot(self) -> bool:
-        """Would a request get a slot now, without queueing?"""
-        return self.depth == 0 and (self.capacity is None or self.in_use < self.capacity)
 
 
 class Admission:
@@ -606,7 +602,9 @@ class Slot:
             await admission.wait(self._req, ex, gate, priority)
         # The one place that says which model the request ends up on: degraded to a cheaper one, spilled to a
         # fallback, or the one routed to (the upstream stage may still fail over to a fallback: ex.replica).
-        ex.model = gate.model
+        if ex.model != gate.model:
+            ex.model = gate.model
+            bind_model(gate.model)  # the lines logged from here on name it too
         self._gate = gate
         self._since = time.perf_counter()
         return gate.target

@@ -274,12 +274,16 @@ class Upstream:
         self, replica: Replica, path: str, obj: Any, *, model: str, timeout_s: float | None = None
     ) -> tuple[int, Any]:
         """A side call (routing/catalog.py SideCall): (status, the answer's JSON or None). Raises our error
-        tree (BadGateway, GatewayTimeout, PoolExhausted) when there is no answer. Its outcome goes to the
-        replica's breaker like a request's: no answer or a 5xx against it, anything else for it; a call cut
-        from outside (its caller's own deadline, a client gone) says nothing."""
+        tree (BadGateway, GatewayTimeout, PoolExhausted) when there is no answer.
+
+        It counts in the replica's in-flight requests, and what it shows against the replica goes to its
+        breaker: a refused or broken connection, a 5xx. Nothing else does: a side call's limit is its caller's
+        own (a semantic-cache lookup gives up after a couple of seconds), not evidence of a hung replica; it
+        never takes a half-open breaker's probe (a replica that answers /tokenize may still fail generation);
+        and its answers do not count as the replica answering traffic (`answered_at`, which tells a swamped
+        replica from a hung one)."""
         assert replica.client is not None
         breaker = replica.breaker
-        probe = breaker.acquire()
         replica.begin(time.perf_counter())
         ok: bool | None = None
         kind: str | None = None
@@ -290,7 +294,6 @@ class Upstream:
                     async with resp:
                         raw = await resp.read()
             except TimeoutError:
-                ok, kind = False, "timeout"
                 raise GatewayTimeout(f"The upstream for model '{model}' did not answer {path} in time.") from None
             except (aiohttp.ClientError, OSError) as exc:
                 ok, kind = False, "connect"
@@ -300,7 +303,6 @@ class Upstream:
                     ok, kind = False, "connect"
                 raise
             status = resp.status
-            replica.answered_at = time.monotonic()
             ok, kind = (False, "5xx") if status >= 500 else (True, None)
             try:
                 return status, orjson.loads(raw) if raw else None
@@ -308,9 +310,7 @@ class Upstream:
                 return status, None
         finally:
             replica.end(time.perf_counter())
-            if kind == "timeout" and LAG.busy():
-                ok = None
-            breaker.record(ok, kind, probe=probe)
+            breaker.record(ok, kind)
 
     def _next_replica(self, target: Target, tried: list[Replica], ex: Exchange) -> tuple[Replica, str] | None:
         """An untried replica of the model (where its prefix is, first), else of its fallbacks in order,
@@ -389,15 +389,17 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
     if isinstance(answer, dict):
         if "model" in answer:
             answer["model"] = model
-        ex.usage(answer.get("usage"))  # the upstream's own count, charged even when a filter refuses the answer
-        for f in ex.filters:  # the stages' response halves (exchange.py): split, judged, kept for the cache
-            if f.answers:
-                answer = await f.answer(ex, answer)
-        ex.usage(answer.get("usage"))  # as a filter left it (an embeddings batch's leader: its own share)
+        # What the upstream reported, before any filter can refuse the answer: its tokens are charged, its
+        # timings teach the replica's speeds, either way.
+        ex.usage(answer.get("usage"))
         timings = answer.get("timings")
         if isinstance(timings, dict):
             ex.timings = timings
             if isinstance(timings.get("prompt_ms"), int | float):
                 ex.prompt_s = timings["prompt_ms"] / 1000
+        for f in ex.filters:  # the stages' response halves (exchange.py): split, judged, kept for the cache
+            if f.answers:
+                answer = await f.answer(ex, answer)
+        ex.usage(answer.get("usage"))  # as a filter left it (an embeddings batch's leader: its own share)
     ex.finished = True
     await req.respond(200, orjson.dumps(answer))

@@ -55,6 +55,7 @@ async def relay_sse(
     """
     content = resp.content
     chain = _Chain([f for f in ex.filters if f.streams], ex)
+    filtered = bool(chain.filters)  # (most streams have no filter watching: no await per event then)
     data_lines: list[bytes] = []
     finished = False  # [DONE] or an error event was relayed, or a filter ended the stream
     fault: str | None = None  # what the upstream's final error event says about the replica
@@ -91,7 +92,10 @@ async def relay_sse(
         if not started:
             started = True
             await req.start_stream()
-        out = await chain.pass_on(chunk, out, finished)
+        if filtered:
+            out = await chain.pass_on(chunk, out, finished)
+        elif chunk is not None:
+            out = _sse(chunk)
         if chain.closing is not None:  # a filter ended it: what passed was sent, then its error event
             await req.stream_chunk(out + chain.closing)
             finished = True
