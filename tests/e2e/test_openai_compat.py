@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import openai
 import orjson
 import pytest
-from procs import ADMIN_KEY, Proc, http_post, sim_control, sim_stats
+from procs import ADMIN_KEY, Proc, http_get, http_post, sim_control, sim_stats, wait_until
 
 
 @pytest.fixture
@@ -152,3 +152,27 @@ def test_request_id_is_echoed_or_generated(gateway: Proc) -> None:
 
 def test_slots_are_released(sim: Proc) -> None:
     assert sim_stats(sim)["active"] == 0
+
+
+def test_the_openai_routes_answer_without_v1(gateway: Proc) -> None:
+    # A client configured with the bare base URL (as llama-server and other gateways accept) calls
+    # /chat/completions, /models, ...: the same routes, so the same record and metrics as under /v1.
+    bare = openai.OpenAI(base_url=gateway.url, api_key=ADMIN_KEY, max_retries=0)
+    hi = [{"role": "user", "content": "hi"}]
+    tagged = {"x-request-id": "bare-1"}
+    answer = bare.chat.completions.create(model="tiny", messages=hi, max_tokens=4, extra_headers=tagged)
+    assert answer.model == "tiny" and answer.choices[0].message.content
+    chunks = list(bare.chat.completions.create(model="tiny", messages=hi, stream=True))
+    assert chunks and chunks[-1].choices[0].finish_reason is not None
+    assert "tiny" in {m.id for m in bare.models.list()}
+    assert bare.models.retrieve("tiny").id == "tiny"
+    wait_until(lambda: '"request_id":"bare-1"' in gateway.log().replace(" ", ""), what="the access line")
+    line = next(orjson.loads(x) for x in gateway.log().splitlines() if '"bare-1"' in x and "duration_ms" in x)
+    assert line["path"] == "/v1/chat/completions" and line["status"] == 200
+    # Only the OpenAI routes' own first segments are prefixed, as sent: an encoded one is no route, and the
+    # gateway's own paths keep theirs.
+    status, raw = http_post(gateway.url + "/%63hat/completions", {"model": "tiny", "messages": []})
+    assert status == 404 and orjson.loads(raw)["error"]["code"] == "unknown_url"
+    status, raw = http_post(gateway.url + "/v1/v1/chat/completions", {"model": "tiny", "messages": []})
+    assert status == 404
+    assert http_get(gateway.url + "/healthz")[0] == 200

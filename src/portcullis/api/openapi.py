@@ -265,7 +265,10 @@ def document(routes: list[Route], version: str, models: list[str] | None = None)
         "info": {
             "title": "Portcullis",
             "version": version,
-            "description": "An OpenAI-compatible gateway for self-hosted LLM inference.",
+            "description": (
+                "An OpenAI-compatible gateway for self-hosted LLM inference. The /v1 routes are also served "
+                "without their /v1 prefix (for clients configured with a bare base URL)."
+            ),
         },
         "paths": paths,
         "components": {

@@ -147,6 +147,9 @@ class Dispatcher:
         self.quiet = {r.path for r in table if r.quiet}
         self._metered = {r.path for r in table if r.metered}
         self._metering = _Metering(self)
+        # The OpenAI routes are served without their /v1 too (as llama-server and other gateways do: a client
+        # configured with a bare base URL calls /chat/completions): their first segments, to prefix.
+        self._bare = {"/" + r.path.split("/")[2] for r in table if r.path.startswith("/v1/")}
 
     @property
     def identity(self) -> Identity | None:
@@ -160,6 +163,11 @@ class Dispatcher:
             # Route on the path as sent: uvicorn's decoded one would let /%61dmin/keys reach /admin/keys (a
             # proxy's path rules see the raw form). _route decodes what a pattern route captures.
             req.path = raw_path.decode("latin-1")
+        if req.path[:4] != "/v1/":
+            path = req.path
+            cut = path.find("/", 1)
+            if (path if cut < 0 else path[:cut]) in self._bare:  # (as sent: /%63hat/... is no OpenAI route)
+                req.path = "/v1" + path
         if self.hsts is not None:
             req.response_headers.append((b"strict-transport-security", self.hsts))
         ex = Exchange(route=req.path, task=asyncio.current_task(), started_at=req.started, request_id=req.request_id)
