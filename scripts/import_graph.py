@@ -13,6 +13,7 @@ then). tests/architecture/test_import_graph.py keeps both the rules and the pict
 from __future__ import annotations
 
 import ast
+import itertools
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -91,7 +92,7 @@ def violations(found: dict[tuple[str, str], list[str]] | None = None) -> list[st
     for a, b in found:
         graph[a].add(b)
     for cycle in _cycles(graph, LAYERED):
-        steps = "; ".join(f"{a} -> {b} ({found[(a, b)][0]})" for a, b in zip(cycle, cycle[1:], strict=False))
+        steps = "; ".join(f"{a} -> {b} ({found[(a, b)][0]})" for a, b in itertools.pairwise(cycle))
         out.append(f"cycle {' -> '.join(cycle)}: {steps}")
     return out
 
