@@ -85,9 +85,7 @@ def _cycles(graph: dict[str, set[str]], nodes: tuple[str, ...]) -> list[list[str
 
 def violations(found: dict[tuple[str, str], list[str]] | None = None) -> list[str]:
     found = edges() if found is None else found
-    out = [
-        f"{a} imports {b}: {', '.join(found[(a, b)])}" for a, b in FORBIDDEN if (a, b) in found
-    ]
+    out = [f"{a} imports {b}: {', '.join(found[(a, b)])}" for a, b in FORBIDDEN if (a, b) in found]
     graph: dict[str, set[str]] = defaultdict(set)
     for a, b in found:
         graph[a].add(b)

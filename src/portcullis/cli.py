@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--max-requests-per-connection", type=int, default=100, help="answer the last with 'Connection: close'"
     )
+    sim.add_argument(
+        "--no-native",
+        action="store_true",
+        help="answer llama-server's own APIs (/v1/messages, /v1/responses, token counts) 404, as an older server",
+    )
+    sim.add_argument("--reasoning-words", type=int, default=0, help="think this many words (reasoning_content) first")
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -160,6 +166,8 @@ def _run_sim(args: argparse.Namespace) -> int:
         moderation_delay_ms=args.moderation_delay_ms,
         keep_alive_s=args.keep_alive_s,
         max_requests_per_connection=args.max_requests_per_connection,
+        native=not args.no_native,
+        reasoning_words=args.reasoning_words,
     )
     for option, field in (("moderation_trigger", "moderation_triggers"), ("guard_trigger", "guard_triggers")):
         pairs = getattr(args, option)

@@ -324,6 +324,11 @@ class QuotaConfig(_Section):
     concurrency_lease_s: PositiveFloat = 60.0
     # The reservation for a request without max_tokens (completion tokens), and the prompt estimate.
     default_max_tokens: int = Field(default=1024, ge=1)
+    # The most completion tokens one request reserves, whatever its max_tokens (None: all of them). Agents ask for
+    # far more than they use (Claude Code sends max_tokens 32000 each turn): reserving it all refuses a key with
+    # budget left. A stream past its reservation takes more as it goes and is ended when a budget is spent; a
+    # whole answer is charged what it spent.
+    max_reserved_tokens: int | None = Field(default=None, ge=1)
     # For prompt estimates before the upstream's count is known.
     chars_per_token: PositiveFloat = 4.0
     # The currency of prices and budgets.
@@ -703,6 +708,18 @@ class _KeySource(_Section):
         return None
 
 
+# The endpoints a deployment may answer natively (DeploymentConfig.native): the APIs the gateway can also translate.
+NATIVE_PATHS = frozenset(
+    {
+        "/v1/responses",
+        "/v1/responses/input_tokens",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/chat/completions/input_tokens",
+    }
+)
+
+
 class DeploymentConfig(_KeySource):
     # http(s)://host:port of the backend (no path).
     url: str
@@ -734,6 +751,19 @@ class DeploymentConfig(_KeySource):
     quality: float | None = Field(default=None, ge=0, le=1)
     # Free labels, shown by /admin/models.
     tags: list[str] = []
+    # The API endpoints this backend answers itself, which get their requests as sent (others are translated to
+    # chat completions and back): "/v1/responses", "/v1/messages" and the token counting and llama.cpp ones.
+    # None: every one of them for llama_cpp (a path it answers 404 or 501 is then learned and translated), none
+    # for openai.
+    native: list[str] | None = None
+
+    @field_validator("native")
+    @classmethod
+    def _native_paths(cls, value: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(value or ()) - NATIVE_PATHS)
+        if unknown:
+            raise ValueError(f"unknown endpoint(s) {', '.join(unknown)}; known: {', '.join(sorted(NATIVE_PATHS))}")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -917,6 +947,15 @@ class SchedulingConfig(_Section):
     off_peak: list[OffPeakWindow] = []
     # What x-portcullis-priority: low requests get.
     low_priority: LowPriorityConfig = LowPriorityConfig()
+
+
+class ResponsesConfig(_Section):
+    """The Responses API's stored responses (surfaces/store.py)."""
+
+    # How long a stored response (`store: true`, the default) can be read and continued (previous_response_id).
+    retention_s: PositiveFloat = 30 * 86400.0
+    # The most items a conversation continued by previous_response_id may hold (older turns are kept whole).
+    max_items: int = Field(default=2000, ge=1)
 
 
 class BatchConfig(_Section):
@@ -1153,6 +1192,7 @@ class Config(_Section):
     routing: RoutingConfig = RoutingConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
     batch: BatchConfig = BatchConfig()
+    responses: ResponsesConfig = ResponsesConfig()
     moderation: ModerationConfig = ModerationConfig()
     tracing: TracingConfig = TracingConfig()
     dashboard: DashboardConfig = DashboardConfig()

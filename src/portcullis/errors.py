@@ -56,6 +56,10 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, type=self.type, code=self.code, param=self.param)
 
+    def anthropic_body(self) -> bytes:
+        """The same error in Anthropic's shape, for the Messages API's clients (their SDK reads the status)."""
+        return orjson.dumps({"type": "error", "error": {"type": anthropic_type(self.status), "message": self.message}})
+
 
 class InvalidRequest(GatewayError):
     status = 400
@@ -135,3 +139,29 @@ def retry_after_headers(seconds: float) -> dict[str, str]:
     """`Retry-After` in whole seconds (rounded up: never earlier than the real wait) and `retry-after-ms`
     with the precision (the openai SDK prefers it)."""
     return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, math.ceil(seconds * 1000)))}
+
+
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); its SDK maps the status to an
+# exception, the type is for people and logs.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def anthropic_sse_error(message: str, *, status: int) -> bytes:
+    """An Anthropic stream's error event (its SDK raises it as an APIStatusError)."""
+    data = orjson.dumps({"type": "error", "error": {"type": anthropic_type(status), "message": message}})
+    return b"event: error\ndata: " + data + b"\n\n"

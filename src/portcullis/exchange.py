@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from portcullis.errors import sse_error
+
 if TYPE_CHECKING:
     from portcullis.identity.principal import Principal
     from portcullis.obs.tracing import Trace
@@ -96,6 +98,37 @@ class Filter:
         return None
 
 
+class Surface(Protocol):
+    """The API the client speaks when it is not chat completions (OpenAI's Responses, Anthropic's Messages:
+    surfaces/). Its request went upstream as chat completions, or natively and its answer was read back as chat
+    (`decode_*`); the stages' response filters see chat answers and chunks either way, and the surface turns
+    what they pass into the client's API at the last step, before the bytes go out.
+
+    - `native`: the upstream path of the API's own endpoint, when a replica may answer it natively (else None);
+    - `decode_answer` / `decode_event`: a native answer / stream event's JSON → the chat answer / chunk (or
+      None) and whether it is the stream's last event;
+    - `answer`: a whole chat answer (as the filters left it) → the API's answer;
+    - `events`: stream chunks → the API's events (SSE bytes; the first call opens the API's stream);
+    - `end`: the stream is over and whole → the API's closing events;
+    (`answer` and `end` may wait: a stored response is written before the client can ask for it)
+    - `error`: the stream ends in error → the API's error event (after closing what it can)."""
+
+    @property
+    def native(self) -> str | None: ...
+
+    def decode_answer(self, answer: dict[str, Any]) -> dict[str, Any]: ...
+
+    def decode_event(self, event: dict[str, Any]) -> tuple[Chunk | None, bool]: ...
+
+    async def answer(self, answer: dict[str, Any]) -> dict[str, Any]: ...
+
+    def events(self, chunks: list[Chunk]) -> bytes: ...
+
+    async def end(self) -> bytes: ...
+
+    def error(self, message: str, *, type: str, code: str | None) -> bytes: ...
+
+
 @dataclass(slots=True, eq=False)
 class Exchange:
     route: str
@@ -149,6 +182,10 @@ class Exchange:
     moderation: str | None = None
     output_policy: str | None = None
     trace: Trace | None = None  # the request's spans when tracing is on
+    # The client's API when it is not chat completions (see Surface); `native`: the current attempt went to the
+    # API's own endpoint, so its answer is decoded back to chat before the filters see it.
+    surface: Surface | None = None
+    native: bool = False
     # Set just before the last byte is handed to the server: from then on nothing may cancel us.
     finished: bool = False
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -191,6 +228,12 @@ class Exchange:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+
+    def error_event(self, message: str, *, type: str = "server_error", code: str | None = None) -> bytes:
+        """The event that ends a started stream in error, in the client's API (every such event is made here)."""
+        if self.surface is not None:
+            return self.surface.error(message, type=type, code=code)
+        return sse_error(message, type=type, code=code)
 
     def usage(self, usage: object) -> None:
         if isinstance(usage, dict):

@@ -36,7 +36,9 @@ class Request:
 
     __slots__ = (
         "_headers",
+        "anthropic",
         "disconnected",
+        "ended",
         "hold",
         "method",
         "path",
@@ -52,6 +54,8 @@ class Request:
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.started = time.perf_counter()
         self.scope = scope
+        self.anthropic = False  # errors in Anthropic's shape (the Messages API's routes)
+        self.ended = False  # a stream's last byte was sent
         self.receive = receive
         self.send = send
         self.method: str = scope["method"]
@@ -136,7 +140,8 @@ class Request:
     async def respond_error(self, error: GatewayError) -> None:
         self.hold = None  # an error tells nothing that needs a verdict
         extra = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-        await self.respond(error.status, error.body(), JSON_HEADERS + extra)
+        body = error.anthropic_body() if self.anthropic else error.body()
+        await self.respond(error.status, body, JSON_HEADERS + extra)
 
     async def start_stream(self, status: int = 200) -> None:
         if self.hold is not None:
@@ -150,6 +155,7 @@ class Request:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end_stream(self) -> None:
+        self.ended = True
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

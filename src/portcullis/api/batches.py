@@ -73,6 +73,7 @@ class BatchDeps:
     scope_of: Callable[[str], str]  # the scope a client needs for an endpoint (the route table's)
     log: Any
 
+
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _VALIDATORS = {
     "/v1/chat/completions": validation.validate_chat,

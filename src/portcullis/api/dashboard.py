@@ -221,8 +221,6 @@ class DashboardDeps(Live):
         return self.authentication()
 
 
-
-
 def _session(raw: bytes) -> Session | None:
     try:
         fields = orjson.loads(raw)

@@ -20,7 +20,7 @@ from portcullis.errors import InvalidRequest
 from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity.auth import may_use, require_model
-from portcullis.protocol import EmbeddingRequest
+from portcullis.protocol import ChatCompletionRequest, EmbeddingRequest
 from portcullis.quota import estimate
 from portcullis.safety import validation
 from portcullis.safety.moderation import GuardSlots
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from portcullis.routing.router import Router
     from portcullis.safety.moderation import Moderation
     from portcullis.store.model_state import ModelState
+    from portcullis.surfaces.store import ResponseStore
     from portcullis.upstream.proxy import Upstream
 
 
@@ -54,20 +55,41 @@ class OpenAIDeps:
     model_state: ModelState
     publish: Callable[[dict[str, Any]], Awaitable[None]]  # tell every process (a model switched off)
     started_at: float
+    responses: ResponseStore  # the Responses API's stored responses
 
 
 async def chat_completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     body = await req.read_body(api.config.server.max_body_bytes)
     payload = validation.parse_json_object(body, api.config.validation)
     chat = validation.validate_chat(payload, api.config.validation)
+    await generate(api, req, ex, payload, chat, route="/v1/chat/completions")
+
+
+async def generate(
+    api: OpenAIDeps,
+    req: Request,
+    ex: Exchange,
+    payload: dict[str, Any],
+    chat: ChatCompletionRequest,
+    *,
+    route: str,
+    native: dict[str, Any] | None = None,
+) -> None:
+    """A validated chat request through the rest of the path. The other APIs' requests come here as the chat
+    request they mean (api/surfaces.py), their answers made by the exchange's surface; `native`: the request as
+    the client sent it, for a replica that answers its API itself."""
     ex.model, ex.stream = chat.model, bool(chat.stream)
     model = await api.router.route(req, ex, payload)
     await api.quota.admit(req, ex, chat)
     async with api.moderation.screen(req, ex, payload, model, chat=True):
-        if await api.cache.answer(req, ex, payload, route="/v1/chat/completions", chat=True):
+        if await api.cache.answer(req, ex, payload, route=route, chat=True):
             return  # from the cache, or shared with an identical request in flight
+        if ex.moderation is not None and "redact" in ex.moderation:
+            native = None  # the input was redacted in the chat request: only it may go upstream
         async with api.admission.slot(req, ex, model, payload) as target:
-            await api.upstream.forward(req, ex, path="/v1/chat/completions", payload=payload, target=target)
+            await api.upstream.forward(
+                req, ex, path="/v1/chat/completions", payload=payload, target=target, native=native
+            )
 
 
 async def completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 class OpenAPIDeps:
     openapi: bytes = b""  # the document, rendered once the route table it describes exists
 
+
 _OBJECT: dict[str, Any] = {"type": "object"}
 _STRING_OR_NULL: dict[str, Any] = {"type": ["string", "null"]}
 SCHEMAS: dict[str, Any] = {
@@ -46,6 +47,18 @@ SCHEMAS: dict[str, Any] = {
                     "code": _STRING_OR_NULL,
                 },
             }
+        },
+    },
+    "AnthropicError": {
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+            },
         },
     },
     "ChatCompletion": {
@@ -135,6 +148,54 @@ SCHEMAS: dict[str, Any] = {
     },
     "List": {"type": "object", "required": ["object", "data"], "properties": {"object": {"const": "list"}}},
     "Object": _OBJECT,
+    # The Responses API (OpenAI's document has the whole shapes; these are what the gateway checks)
+    "ResponseRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string"},
+            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+            "instructions": {"type": "string"},
+            "stream": {"type": "boolean"},
+            "store": {"type": "boolean"},
+            "previous_response_id": {"type": "string"},
+            "max_output_tokens": {"type": "integer"},
+            "tools": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Response": {
+        "type": "object",
+        "required": ["id", "object", "created_at", "status", "model", "output"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "status": {"type": "string"},
+            "output": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    # Anthropic's Messages API
+    "MessageRequest": {
+        "type": "object",
+        "required": ["model", "max_tokens", "messages"],
+        "properties": {
+            "model": {"type": "string"},
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "messages": {"type": "array", "items": {"type": "object"}},
+            "system": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+            "stream": {"type": "boolean"},
+            "tools": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Message": {
+        "type": "object",
+        "required": ["id", "type", "role", "content", "model", "stop_reason", "usage"],
+        "properties": {"id": {"type": "string"}, "type": {"const": "message"}, "content": {"type": "array"}},
+    },
+    "InputTokens": {
+        "type": "object",
+        "required": ["input_tokens"],
+        "properties": {"input_tokens": {"type": "integer"}},
+    },
 }
 
 _JSON = "application/json"
@@ -166,14 +227,16 @@ def _op(
     body: dict[str, Any] | None = None,
     params: list[str] = (),  # type: ignore[assignment]
     public: bool = False,
+    anthropic: bool = False,
 ) -> dict[str, Any]:
+    error = "AnthropicError" if anthropic else "Error"
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {
             **responses,
             "default": {
-                "description": "An error, in OpenAI's shape",
-                "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+                "description": "An error, in Anthropic's shape" if anthropic else "An error, in OpenAI's shape",
+                "content": {_JSON: {"schema": {"$ref": f"#/components/schemas/{error}"}}},
             },
         },
     }
@@ -223,6 +286,7 @@ _UPLOAD = {
         }
     },
 }
+
 
 def _examples(model: str, embed_model: str) -> dict[str, dict[str, Any]]:
     """A valid request per generating route, naming a model this gateway serves (clients and fuzzers start there)."""

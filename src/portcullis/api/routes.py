@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from portcullis.api import admin, batches, dashboard, openai, openapi, ops
+from portcullis.api import admin, batches, dashboard, openai, openapi, ops, surfaces
 from portcullis.api.openapi import _HTML, _LOGIN_FORM, _REDIRECT, _STATIC, _TEXT, _UPLOAD, _body, _ok, _op
 from portcullis.identity import scopes
 from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModerationRequest
@@ -25,6 +25,7 @@ PARAMS = {
     "model": r".+",
     "file_id": r"[A-Za-z0-9_-]+",
     "batch_id": r"[A-Za-z0-9_-]+",
+    "response_id": r"[A-Za-z0-9_-]+",
     "key_id": r"[0-9a-f]+",
     "name": r"[a-z]+\.(?:js|css)",
 }
@@ -41,6 +42,7 @@ class Route:
     op: dict[str, Any]  # its OpenAPI operation
     metered: bool = False  # settled against quotas, leaves a usage record
     quiet: bool = False  # no access-log line, request metrics or span (probes would drown the rest)
+    anthropic: bool = False  # errors in Anthropic's shape (the Messages API)
 
     @property
     def pattern(self) -> re.Pattern[str] | None:
@@ -110,6 +112,89 @@ def table(
             scopes.MODERATIONS,
             _op("Classify text", _ok("ModerationResult"), body=_body(ModerationRequest)),
             metered=True,
+        ),
+        # The Responses API (surfaces/responses.py)
+        Route(
+            "POST",
+            "/v1/responses",
+            surfaces.create_response,
+            openai_deps,
+            scopes.RESPONSES,
+            _op("Create a response", _ok("Response", stream=True), body=_body(schema="ResponseRequest")),
+            metered=True,
+        ),
+        Route(
+            "POST",
+            "/v1/responses/input_tokens",
+            surfaces.count_response_tokens,
+            openai_deps,
+            scopes.TOKENS,
+            _op("Count a response request's input tokens", _ok("InputTokens"), body=_body(schema="ResponseRequest")),
+            metered=True,
+        ),
+        Route(
+            "GET",
+            "/v1/responses/{response_id}",
+            surfaces.get_response,
+            openai_deps,
+            scopes.RESPONSES,
+            _op("Retrieve a stored response", _ok("Response"), params=["response_id"]),
+        ),
+        Route(
+            "DELETE",
+            "/v1/responses/{response_id}",
+            surfaces.delete_response,
+            openai_deps,
+            scopes.RESPONSES,
+            _op("Delete a stored response", _ok("Object"), params=["response_id"]),
+        ),
+        Route(
+            "GET",
+            "/v1/responses/{response_id}/input_items",
+            surfaces.list_input_items,
+            openai_deps,
+            scopes.RESPONSES,
+            _op("A stored response's input items", _ok("List"), params=["response_id"]),
+        ),
+        Route(
+            "POST",
+            "/v1/chat/completions/input_tokens",
+            surfaces.count_chat_tokens,
+            openai_deps,
+            scopes.TOKENS,
+            _op("Count a chat request's input tokens", _ok("InputTokens"), body=_body(ChatCompletionRequest)),
+            metered=True,
+        ),
+        # Anthropic's Messages API (surfaces/messages.py); its errors in Anthropic's shape
+        Route(
+            "POST",
+            "/v1/messages",
+            surfaces.create_message,
+            openai_deps,
+            scopes.MESSAGES,
+            _op(
+                "Create a message (Anthropic)",
+                _ok("Message", stream=True),
+                body=_body(schema="MessageRequest"),
+                anthropic=True,
+            ),
+            metered=True,
+            anthropic=True,
+        ),
+        Route(
+            "POST",
+            "/v1/messages/count_tokens",
+            surfaces.count_message_tokens,
+            openai_deps,
+            scopes.TOKENS,
+            _op(
+                "Count a message request's input tokens (Anthropic)",
+                _ok("InputTokens"),
+                body=_body(schema="MessageRequest"),
+                anthropic=True,
+            ),
+            metered=True,
+            anthropic=True,
         ),
         Route(
             "GET",

@@ -27,7 +27,6 @@ from portcullis.errors import (
     MethodNotAllowed,
     NotFound,
     ServiceUnavailable,
-    sse_error,
 )
 from portcullis.exchange import Abort, Exchange, Filter
 from portcullis.http import JSON_HEADERS, NOSNIFF, ClientDisconnected, Receive, Request, Scope, Send
@@ -184,6 +183,7 @@ class Dispatcher:
                 if await self._cors(req):
                     return
             route, args = self._route(req)
+            req.anthropic = route.anthropic
             if internal is not None:  # the gateway's own background request (a batch line)
                 ex.principal, ex.background = internal.principal, True
             elif route.scope is not scopes.PUBLIC:
@@ -251,8 +251,15 @@ class Dispatcher:
     async def _unhandled(self, req: Request, ex: Exchange) -> None:
         self.log.exception("unhandled_error", path=req.path)
         ex.error_code = "internal_error"
+        message = "The gateway failed to handle the request."
         if req.status == 0:
-            await req.respond_error(GatewayError("The gateway failed to handle the request."))
+            await req.respond_error(GatewayError(message))
+        elif ex.stream and not req.ended:  # a stream under way ends with an error event, never silently
+            try:
+                await req.stream_chunk(ex.error_event(message + " The stream was ended.", code=ex.error_code))
+                await req.end_stream()
+            except Exception:  # the error event itself failed (a surface's own bug): nothing more can be said
+                self.log.warning("stream_not_ended", path=req.path)
 
     def _route(self, req: Request) -> tuple[Route, tuple[str, ...]]:
         found = self.routes.get((req.method, req.path))
@@ -317,7 +324,7 @@ class Dispatcher:
             if req.status == 0:
                 await req.respond_error(ServiceUnavailable(message, code=ex.error_code, headers={"Retry-After": "1"}))
             else:  # a stream already started: end it with an error event, never silently
-                await req.stream_chunk(sse_error(message, code=ex.error_code))
+                await req.stream_chunk(ex.error_event(message, code=ex.error_code))
                 await req.end_stream()
 
     def _record(self, req: Request, ex: Exchange) -> None:

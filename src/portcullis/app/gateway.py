@@ -45,6 +45,7 @@ from portcullis.store.bus import EventBus
 from portcullis.store.db import make_engine
 from portcullis.store.health import DatabaseHealth
 from portcullis.store.model_state import ModelState
+from portcullis.surfaces.store import ResponseStore
 from portcullis.upstream.deadline import Deadlines
 from portcullis.upstream.probe import Prober
 from portcullis.upstream.proxy import Upstream
@@ -139,6 +140,7 @@ class Gateway:
                 model_state=self.model_state,
                 publish=self.publish,
                 started_at=self.started_at,
+                responses=ResponseStore(self.engine, config.responses.retention_s),
             ),
             admin_deps=admin.AdminDeps(
                 config=config,

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from portcullis.cache.replay import Assembler, as_stream
+from portcullis.cache.replay import Assembler, as_chunks, as_stream
 from portcullis.cache.semantic import SemanticIndex, conversation_text
 from portcullis.cache.store import CacheStore, MemoryStore, RedisStore
 from portcullis.config import CacheConfig
@@ -227,13 +227,18 @@ class ResponseCache:
     ) -> None:
         ex.cache_hit = True
         req.response_headers.append((_HEADER, how))
+        surface = ex.surface
         if not ex.stream:
             ex.finished = True
-            await req.respond(200, raw)
+            await req.respond(200, raw if surface is None else orjson.dumps(await surface.answer(orjson.loads(raw))))
             return
         options = payload.get("stream_options")
         include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-        events = as_stream(orjson.loads(raw), chat=chat, include_usage=include_usage)
+        if surface is not None:  # the client's API: its events, made from the chunks a stream would have had
+            chunks = as_chunks(orjson.loads(raw), chat=chat, include_usage=include_usage)
+            events = [surface.events(chunks), await surface.end()]
+        else:
+            events = as_stream(orjson.loads(raw), chat=chat, include_usage=include_usage)
         await req.start_stream()
         for event in events:
             await req.stream_chunk(event)

@@ -17,9 +17,14 @@ DONE = b"data: [DONE]\n\n"
 
 def as_stream(answer: dict[str, Any], *, chat: bool, include_usage: bool) -> list[bytes]:
     """The SSE events (each `data: ...\\n\\n`) that replay `answer`."""
+    return [*map(_event, as_chunks(answer, chat=chat, include_usage=include_usage)), DONE]
+
+
+def as_chunks(answer: dict[str, Any], *, chat: bool, include_usage: bool) -> list[dict[str, Any]]:
+    """The stream chunks that replay `answer` (without the closing `[DONE]`)."""
     base: dict[str, Any] = {k: answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in answer}
     kind = "chat.completion.chunk" if chat else "text_completion"
-    events: list[bytes] = []
+    events: list[dict[str, Any]] = []
     for choice in answer.get("choices") or []:
         index = choice.get("index", 0)
         if chat:
@@ -34,11 +39,10 @@ def as_stream(answer: dict[str, Any], *, chat: bool, include_usage: bool) -> lis
         else:
             first = {"index": index, "text": choice.get("text", ""), "logprobs": None, "finish_reason": None}
             last = {"index": index, "text": "", "logprobs": None, "finish_reason": choice.get("finish_reason")}
-        events.append(_event({**base, "object": kind, "choices": [first]}))
-        events.append(_event({**base, "object": kind, "choices": [last]}))
+        events.append({**base, "object": kind, "choices": [first]})
+        events.append({**base, "object": kind, "choices": [last]})
     if include_usage and answer.get("usage") is not None:
-        events.append(_event({**base, "object": kind, "choices": [], "usage": answer["usage"]}))
-    events.append(DONE)
+        events.append({**base, "object": kind, "choices": [], "usage": answer["usage"]})
     return events
 
 

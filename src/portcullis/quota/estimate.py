@@ -77,16 +77,13 @@ def reservation(
     client used (max_completion_tokens, n_predict, ...), or the ceiling when it gave none; and `n` the
     choices whether the client said n or n_cmpl. A completion's answers are those times its prompts."""
     cpt = config.chars_per_token
+    cap = config.max_reserved_tokens
     if isinstance(request, ChatCompletionRequest):
-        return (
-            chat_prompt(request, cpt),
-            completion_allowance(request.max_tokens, _answers(request), config.default_max_tokens),
-        )
+        completion = completion_allowance(request.max_tokens, _answers(request), config.default_max_tokens)
+        return chat_prompt(request, cpt), completion if cap is None else min(completion, cap)
     if isinstance(request, CompletionRequest):
-        return (
-            completion_prompt(request, cpt),
-            completion_allowance(
-                request.max_tokens, _answers(request) * prompt_count(request.prompt), config.default_max_tokens
-            ),
+        completion = completion_allowance(
+            request.max_tokens, _answers(request) * prompt_count(request.prompt), config.default_max_tokens
         )
+        return completion_prompt(request, cpt), completion if cap is None else min(completion, cap)
     return embedding_input(request, cpt), 0

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from portcullis.config import Config
-from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequests, retry_after_headers, sse_error
+from portcullis.errors import InvalidRequest, ServiceUnavailable, TooManyRequests, retry_after_headers
 from portcullis.exchange import Exchange, Filter
 from portcullis.http import Request
 from portcullis.identity.principal import Principal
@@ -63,7 +63,7 @@ class Meter(Filter):
         if ex.streamed_tokens > self.covered_tokens and not await self.quota.top_up(ex, self):
             ex.streamed_tokens -= 1  # this token is not delivered, so not charged
             ex.error_code = "budget_exceeded"
-            self.closing = sse_error(
+            self.closing = ex.error_event(
                 "The budget was spent during this response; it was ended after the tokens already paid for.",
                 type="rate_limit_error",
                 code=ex.error_code,
@@ -304,7 +304,6 @@ class Quota:
             code="quota_store_unavailable",
             headers={"Retry-After": "1"},
         )
-
 
 
 def _header_spec(plan: Plan) -> list[_HeaderSpec]:

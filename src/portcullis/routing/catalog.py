@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from portcullis.config import BreakerConfig, Config, DeploymentConfig, RouterConfig
+from portcullis.config import NATIVE_PATHS, BreakerConfig, Config, DeploymentConfig, RouterConfig
 from portcullis.errors import NotFound
 from portcullis.routing.breaker import Breaker, BreakerState
 
@@ -97,6 +97,8 @@ class Replica:
     quality: float | None = None
     tags: tuple[str, ...] = ()
     n_ctx_configured: int | None = None
+    # The API endpoints it answers itself (DeploymentConfig.native); one it answers 404 or 501 is taken out.
+    native: set[str] = field(default_factory=set)
     # Priced by the hour: the machine's price, the throughput assumed until measured, prompt/completion.
     gpu_hour: float | None = None
     assumed_tps: float | None = None
@@ -213,6 +215,7 @@ class Replica:
             gpu_hour=dep.cost.gpu_hour,
             assumed_tps=dep.cost.tokens_per_s,
             prompt_ratio=dep.cost.prompt_ratio,
+            native=set(dep.native if dep.native is not None else (NATIVE_PATHS if dep.kind == "llama_cpp" else ())),
         )
         if replica.gpu_hour is not None:
             replica.price_from_throughput()

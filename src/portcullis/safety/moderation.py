@@ -102,7 +102,6 @@ class Pipeline:
         self.moderation = moderation
         self.fingerprint = _fingerprint(self)
 
-
     def scan(self, text: str) -> list[Match]:
         """The rules' matches in `text`, without overlaps (an earlier moderator's match wins)."""
         if len(self.rules) == 1:
@@ -177,7 +176,6 @@ def _fingerprint(pipeline: Pipeline) -> str:
     described: list[Any] = [[name, specs[name].model_dump(mode="json") if name in specs else None] for name in names]
     described.append([config.max_chars, config.stream_window_chars, config.stream_context_chars])
     return hashlib.blake2b(orjson.dumps(described, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
-
 
 
 def _newest(turns: Turns, max_chars: int) -> Turns:

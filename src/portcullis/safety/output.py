@@ -21,7 +21,6 @@ import copy
 import time
 from typing import TYPE_CHECKING, Any
 
-from portcullis.errors import sse_error
 from portcullis.exchange import Exchange, Filter
 from portcullis.http import Request
 from portcullis.safety.moderation import Finding, Pipeline, findings_of, last_user_text, refusal, unavailable
@@ -207,7 +206,7 @@ class OutputGuard(Filter):
         self.ex.error_code = code
         if self.ex.stream:
             kind = "invalid_request_error" if code == "content_policy_violation" else "server_error"
-            self.closing = sse_error(message, type=kind, code=code)
+            self.closing = self.ex.error_event(message, type=kind, code=code)
 
     def _filtered(self, template: dict[str, Any], index: int) -> dict[str, Any]:
         chunk = {k: v for k, v in template.items() if k not in ("choices", "usage", "timings")}

@@ -110,10 +110,70 @@ class SimSettings:
     max_requests_per_connection: int = 100
     # The next N requests that arrive on a connection used before find it closed, however long it was idle.
     drop_reused_next: int = 0
+    # llama-server's own APIs: /v1/messages, /v1/responses and their token counts, /apply-template, /detokenize
+    # (False: a server that answers them 404, so that the gateway's translation is what serves them).
+    native: bool = True
+    # A thinking model: this many words of reasoning (`reasoning_content`) before the answer.
+    reasoning_words: int = 0
+
+
+_VOCAB: dict[int, str] = {}  # the pieces seen, by id (/detokenize)
 
 
 def tokenize(text: str) -> list[int]:
-    return [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=2).digest(), "big") for t in _TOKEN_RE.findall(text)]
+    ids = []
+    for piece in _TOKEN_RE.findall(text):
+        token = int.from_bytes(hashlib.blake2b(piece.encode(), digest_size=2).digest(), "big")
+        if len(_VOCAB) < 100_000:
+            _VOCAB.setdefault(token, piece)
+        ids.append(token)
+    return ids
+
+
+def detokenize(ids: list[Any]) -> str:
+    return " ".join(_VOCAB.get(t, "") for t in ids if isinstance(t, int))
+
+
+def chat_template(messages: list[Any]) -> str:
+    """The prompt a chat template would make (a ChatML-like one)."""
+    parts = [
+        f"<|im_start|>{m.get('role')}\n{_text_of(m.get('content'))}<|im_end|>\n"
+        for m in messages
+        if isinstance(m, dict)
+    ]
+    return "".join(parts) + "<|im_start|>assistant\n"
+
+
+def _tool_call(req: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+    """The call a tool-using model makes: the chosen (or first) function, each required argument a word. None when
+    the last message is a tool's result (the model answers from it) or no tool may be called."""
+    tools: list[dict[str, Any]] = [
+        t["function"] for t in req.get("tools") or () if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    ]
+    messages = req.get("messages") or []
+    choice = req.get("tool_choice")
+    if (
+        not tools
+        or choice == "none"
+        or (messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool")
+    ):
+        return None
+    tool = tools[0]
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        tool = next((t for t in tools if t.get("name") == name), tool)
+    params: dict[str, Any] = tool["parameters"] if isinstance(tool.get("parameters"), dict) else {}
+    props: dict[str, Any] = params["properties"] if isinstance(params.get("properties"), dict) else {}
+    required: list[Any] = params["required"] if isinstance(params.get("required"), list) else list(props)
+    args: dict[str, Any] = {}
+    for key in required:
+        kind = (props.get(key) or {}).get("type") if isinstance(props.get(key), dict) else None
+        args[key] = rng.randint(1, 9) if kind in ("integer", "number") else rng.choice(_WORDS)
+    return {
+        "id": "call_" + rng.randbytes(8).hex(),
+        "type": "function",
+        "function": {"name": tool.get("name", ""), "arguments": orjson.dumps(args).decode()},
+    }
 
 
 _ROLE_IDS = {"system": 11, "developer": 12, "user": 13, "assistant": 14, "tool": 15}
@@ -188,6 +248,7 @@ class Simulator:
             "moderation_calls": 0,
             "guard_calls": 0,
             "dropped_reused": 0,
+            "native": 0,  # requests to llama-server's own APIs (/v1/messages, /v1/responses, counts, templates)
         }
         self.last_guard_prompt: str | None = None
         # Per client connection (uvicorn's protocol object of it; it goes when the connection does):
@@ -240,6 +301,8 @@ class Simulator:
             elif path == "/tokenize" and method == "POST":
                 req = orjson.loads(body or b"{}")
                 await _json(send, 200, {"tokens": tokenize(str(req.get("content", "")))})
+            elif self.settings.native and method == "POST" and path in _NATIVE:
+                await self._native(path, orjson.loads(body), receive, send)
             elif path in ("/v1/chat/completions", "/chat/completions") and method == "POST":
                 await self._completion(orjson.loads(body), receive, send, chat=True)
             elif path in ("/v1/completions", "/completions") and method == "POST":
@@ -511,6 +574,15 @@ class Simulator:
             words = script[: max(0, limit)]
             finish = "stop" if len(words) == len(script) else "length"
 
+        call = _tool_call(req, rng) if chat else None
+        if call is not None:
+            words, finish = [], "tool_calls"
+        elif chat and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool":
+            script = re.findall(r"\s*\S+", "The tool answered: " + _text_of(messages[-1].get("content")))
+            words = script[: max(0, limit)]
+            finish = "stop" if len(words) == len(script) else "length"
+        thoughts = [(" " if i else "") + rng.choice(_WORDS) for i in range(s.reasoning_words)] if chat else []
+
         stream = bool(req.get("stream"))
         disconnected = asyncio.Event()
         watcher = asyncio.ensure_future(_wait_disconnect(receive, disconnected))
@@ -536,6 +608,8 @@ class Simulator:
                         cached=cached,
                         finish=finish,
                         fault=stream_fault,
+                        call=call,
+                        thoughts=thoughts,
                     )
                     # The slot's cache now holds this prompt and its answer (llama-server keeps them).
                     self._slot_cache[slot] = prompt_ids + [t for w in words for t in tokenize(w)]
@@ -580,6 +654,8 @@ class Simulator:
         cached: int,
         finish: str,
         fault: str | None,
+        call: dict[str, Any] | None = None,
+        thoughts: list[str] = (),  # type: ignore[assignment]
     ) -> bool:
         s = self.settings
         cid = ("chatcmpl-" if chat else "cmpl-") + random.randbytes(12).hex()
@@ -625,13 +701,19 @@ class Simulator:
             self.stats["predicted_tokens"] += len(words)
             text = "".join(words)
             if chat:
-                choice = {"finish_reason": finish, "index": 0, "message": {"role": "assistant", "content": text}}
+                message: dict[str, Any] = {"role": "assistant", "content": text if call is None else None}
+                if call is not None:
+                    message["tool_calls"] = [call]
+                if thoughts:
+                    message["reasoning_content"] = "".join(thoughts)
+                choice = {"finish_reason": finish, "index": 0, "message": message}
                 obj = {**base, "object": "chat.completion", "choices": [choice]}
             else:
                 choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
                 obj = {**base, "object": "text_completion", "choices": [choice]}
-            obj["usage"] = usage(len(words))
-            obj["timings"] = timings(len(words))
+            spent = len(words) + len(thoughts) + (len(tokenize(call["function"]["arguments"])) if call else 0)
+            obj["usage"] = usage(spent)
+            obj["timings"] = timings(spent)
             if s.echo_request:
                 obj["sim_request"] = req
             await _json(send, 200, obj)
@@ -662,6 +744,30 @@ class Simulator:
                 }
             )
         last_ping = time.monotonic()
+        for thought in thoughts:
+            if delay and await _sleep_or_gone(delay, disconnected):
+                return False
+            thinking = {"finish_reason": None, "index": 0, "delta": {"reasoning_content": thought}}
+            await event({**base, "object": chunk_kind, "choices": [thinking]})
+        if call is not None:  # the call's name first, then its arguments in two pieces (as llama-server streams them)
+            head = {
+                "index": 0,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
+            arguments = call["function"]["arguments"]
+            half = len(arguments) // 2
+            for part in (
+                {"tool_calls": [head]},
+                *(
+                    {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}
+                    for a in (arguments[:half], arguments[half:])
+                ),
+            ):
+                await event(
+                    {**base, "object": chunk_kind, "choices": [{"finish_reason": None, "index": 0, "delta": part}]}
+                )
         for i, word in enumerate(words):
             if fault and i == s.fault_after_tokens:
                 if fault == "drop":
@@ -701,11 +807,49 @@ class Simulator:
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
         if include_usage:
             await event(last)
-            last = {**base, "object": chunk_kind, "choices": [], "usage": usage(len(words))}
+            spent = len(words) + len(thoughts) + (len(tokenize(call["function"]["arguments"])) if call else 0)
+            last = {**base, "object": chunk_kind, "choices": [], "usage": usage(spent)}
         last["timings"] = timings(len(words))
         await event(last)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         return True
+
+    # -- llama-server's own APIs ----------------------------------------------------------------
+
+    async def _native(self, path: str, req: dict[str, Any], receive: Any, send: Any) -> None:
+        """What llama-server answers besides the OpenAI routes. Like llama-server (which converts these APIs to
+        its chat handling internally), the Messages and Responses APIs are answered by the chat completion they
+        mean, encoded in the API's shape."""
+        from portcullis.errors import GatewayError
+        from portcullis.surfaces import messages, responses
+
+        if path.startswith("/v1/"):
+            self.stats["native"] += 1
+        try:
+            if path == "/detokenize":
+                await _json(send, 200, {"content": detokenize(req.get("tokens") or [])})
+                return
+            if path == "/apply-template":
+                await _json(send, 200, {"prompt": chat_template(req.get("messages") or [])})
+                return
+            if path == "/v1/messages/count_tokens":
+                chat = messages.count_tokens_chat(req)
+                await _json(send, 200, {"input_tokens": len(chat_ids(chat["messages"]))})
+                return
+            if path in ("/v1/responses/input_tokens", "/v1/chat/completions/input_tokens"):
+                chat = responses.to_chat(req, []) if path.startswith("/v1/responses") else req
+                kind = "response.input_tokens" if path.startswith("/v1/responses") else "chat.completion.input_tokens"
+                await _json(send, 200, {"object": kind, "input_tokens": len(chat_ids(chat.get("messages") or []))})
+                return
+            if path == "/v1/messages":
+                chat, surface = messages.to_chat(req), messages.Messages(str(req.get("model")))
+            else:
+                chat, surface = responses.to_chat(req, []), responses.Responses(req)  # type: ignore[assignment]
+        except GatewayError as exc:
+            await _json(send, exc.status, {"error": {"code": exc.status, "message": exc.message, "type": exc.type}})
+            return
+        chat["stream_options"] = {"include_usage": True}
+        await self._completion(chat, receive, _Encoding(send, surface), chat=True)
 
     # -- fixed mode -----------------------------------------------------------------------------
 
@@ -751,6 +895,64 @@ class Simulator:
             more = (await receive()).get("more_body", False)
         body = self._fixed_chat if path == "/v1/chat/completions" else self._fixed_completion
         await _send(send, 200, body, b"application/json")
+
+
+_NATIVE = frozenset(
+    {
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/v1/responses/input_tokens",
+        "/v1/chat/completions/input_tokens",
+        "/apply-template",
+        "/detokenize",
+    }
+)
+
+
+class _Encoding:
+    """An ASGI `send` that turns the chat answer (whole or streamed) into another API's (a surface's)."""
+
+    def __init__(self, send: Any, surface: Any) -> None:
+        self.send = send
+        self.surface = surface
+        self.status = 200
+        self.sse = False
+        self.body = b""
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = dict(message.get("headers") or [])
+            self.sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            await self.send(message)
+            return
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.status != 200:
+            await self.send(message)
+            return
+        if not self.sse:
+            self.body += body
+            if not more:
+                answer = await self.surface.answer(orjson.loads(self.body))
+                await self.send({"type": "http.response.body", "body": orjson.dumps(answer)})
+            return
+        out = b""
+        for line in body.split(b"\n"):
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                out += await self.surface.end()
+                continue
+            chunk = orjson.loads(data)
+            if "error" in chunk:
+                err = chunk["error"]
+                out += self.surface.error(err.get("message", ""), type=err.get("type", "server_error"), code=None)
+                continue
+            out += self.surface.events([chunk])
+        await self.send({"type": "http.response.body", "body": out, "more_body": more})
 
 
 def _context_error(n_prompt: int, n_ctx: int) -> dict[str, Any]:

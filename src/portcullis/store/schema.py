@@ -156,3 +156,17 @@ batch_lines = Table(
     UniqueConstraint("batch_id", "line_no", name="uq_batch_lines_batch_line"),
     Index("ix_batch_lines_batch_state", "batch_id", "state"),
 )
+
+# The Responses API's stored responses (surfaces/store.py): what GET /v1/responses/{id} shows and what
+# previous_response_id continues. `context`: the items of the conversation before this response's own input.
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("owner", String(256), nullable=False, index=True),  # the user who created it
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False, index=True),
+    Column("context", JSON, nullable=False),
+    Column("input", JSON, nullable=False),
+    Column("response", JSON, nullable=False),
+)

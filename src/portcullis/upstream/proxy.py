@@ -61,7 +61,10 @@ class Upstream:
         path: str,
         payload: dict[str, Any],
         target: Target,
+        native: dict[str, Any] | None = None,
     ) -> None:
+        """`payload` goes to `path`; with `native` (the request as the client sent it, in the API of the exchange's
+        surface), a replica that answers that API's endpoint itself gets `native` there instead."""
         if ex.trace is not None:
             ex.trace.stage("upstream")
         client_wants_usage = True
@@ -70,7 +73,9 @@ class Upstream:
             client_wants_usage = bool(isinstance(options, dict) and options.get("include_usage"))
             if not client_wants_usage:
                 payload["stream_options"] = {**(options or {}), "include_usage": True}
-        bodies: dict[Any, bytes] = {}
+        bodies: dict[tuple[str, bool], bytes] = {}
+        surface = ex.surface
+        native_path = surface.native if surface is not None and native is not None else None
         ex.watch_disconnect(req.wait_disconnect)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + target.timeouts.total_s
@@ -90,16 +95,18 @@ class Upstream:
             ex.attempts += 1
             headers[attempts_at] = (_ATTEMPTS, _ATTEMPT_VALUES[min(ex.attempts, 15)])
             upstream_name = replica.upstream_model or model
-            body = bodies.get(upstream_name)
+            ex.native = native_path is not None and native_path in replica.native
+            body = bodies.get((upstream_name, ex.native))
             if body is None:
-                payload["model"] = upstream_name
-                body = bodies[upstream_name] = orjson.dumps(payload)
+                source = native if ex.native and native is not None else payload
+                source["model"] = upstream_name
+                body = bodies[upstream_name, ex.native] = orjson.dumps(source)
             try:
                 await self._attempt(
                     req,
                     ex,
                     replica,
-                    path=path,
+                    path=native_path if ex.native and native_path is not None else path,
                     body=body,
                     model=model,
                     target=target,
@@ -108,6 +115,13 @@ class Upstream:
                 )
                 return
             except AttemptFailed as failure:
+                if ex.native and native_path is not None and failure.error.status in (404, 405, 501):
+                    # It does not answer the API's endpoint after all: learned, and translated on the same replica
+                    # at once (no retry spent: nothing was wrong with the request or the replica).
+                    replica.native.discard(native_path)
+                    tried.pop()
+                    ex.attempts -= 1
+                    continue
                 error = last_error = failure.error
                 if not failure.retryable or ex.attempts > retries:
                     raise error from None
@@ -386,6 +400,9 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
         raise GatewayError(
             f"The upstream for model '{model}' sent an answer that is not JSON.", status=502, code="bad_upstream_answer"
         ) from exc
+    surface = ex.surface
+    if surface is not None and ex.native and isinstance(answer, dict):
+        answer = surface.decode_answer(answer)  # the API's own answer, read as chat for the filters
     if isinstance(answer, dict):
         if "model" in answer:
             answer["model"] = model
@@ -401,5 +418,7 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
             if f.answers:
                 answer = await f.answer(ex, answer)
         ex.usage(answer.get("usage"))  # as a filter left it (an embeddings batch's leader: its own share)
+        if surface is not None:
+            answer = await surface.answer(answer)
     ex.finished = True
     await req.respond(200, orjson.dumps(answer))

@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from portcullis.errors import BadGateway, sse_error
-from portcullis.exchange import Exchange, ResponseFilter
+from portcullis.errors import BadGateway
+from portcullis.exchange import Exchange, ResponseFilter, Surface
 from portcullis.http import Request
 from portcullis.routing.retry import AttemptFailed
 from portcullis.upstream.client import upstream_error
@@ -55,7 +55,8 @@ async def relay_sse(
     """
     content = resp.content
     chain = _Chain([f for f in ex.filters if f.streams], ex)
-    filtered = bool(chain.filters)  # (most streams have no filter watching: no await per event then)
+    # (most streams have no filter watching, nor another API to speak: no await per event then)
+    filtered = bool(chain.filters) or ex.surface is not None
     data_lines: list[bytes] = []
     finished = False  # [DONE] or an error event was relayed, or a filter ended the stream
     fault: str | None = None  # what the upstream's final error event says about the replica
@@ -139,7 +140,7 @@ async def relay_sse(
             await req.stream_chunk(held)
         ex.error_code = "upstream_stream_truncated"
         await req.stream_chunk(
-            sse_error(f"The stream for model '{model}' was cut short: {reason}.", code=ex.error_code)
+            ex.error_event(f"The stream for model '{model}' was cut short: {reason}.", code=ex.error_code)
         )
     ex.finished = True
     await req.end_stream()
@@ -160,8 +161,14 @@ class _Chain:
         """One translated upstream event → the bytes to send. A chunk goes through every filter; at the end
         of the stream (`finished`) each filter's held events go through the filters after it, and first
         (the raw `out`, [DONE] or an error event, is dropped when a filter ends the stream instead)."""
+        if chunk is not None and finished:  # a native stream's last event: its chunk, then the end
+            sent = await self.pass_on(chunk, b"", False)
+            return sent if self.closing is not None else sent + await self.pass_on(None, out, True)
         filters = self.filters
+        surface = self.ex.surface
         if not filters:
+            if surface is not None:
+                return surface.events([chunk]) if chunk is not None else await _end(surface, out)
             return out if chunk is None else _sse(chunk)
         ex = self.ex
         chunks: list[dict[str, Any]] = [] if chunk is None else [chunk]
@@ -179,15 +186,28 @@ class _Chain:
                 self.closing = f.closing
                 for later in filters[i + 1 :]:  # what passed this filter still goes through the rest
                     chunks = [d for c in chunks for d in await later.event(ex, c)]
-                return b"".join(map(_sse, chunks))
-        sent = b"".join(map(_sse, chunks))
-        return sent if chunk is not None else sent + out
+                return self.encode(chunks)
+        sent = self.encode(chunks)
+        if chunk is not None:
+            return sent
+        return sent + (out if surface is None else await _end(surface, out))
+
+    def encode(self, chunks: list[dict[str, Any]]) -> bytes:
+        surface = self.ex.surface
+        if surface is not None:
+            return surface.events(chunks) if chunks else b""
+        return b"".join(map(_sse, chunks))
+
+
+async def _end(surface: Surface, out: bytes) -> bytes:
+    """The raw end of a stream (`[DONE]`, or an error event the surface made already) in the client's API."""
+    return await surface.end() if out == _DONE else out
 
 
 async def end_stream_with_error(req: Request, ex: Exchange, message: str, code: str) -> None:
     """End a stream that has started with an error event (a timeout, the shutdown deadline)."""
     ex.error_code = code
-    await req.stream_chunk(sse_error(message, code=code))
+    await req.stream_chunk(ex.error_event(message, code=code))
     ex.finished = True
     await req.end_stream()
 
@@ -203,13 +223,17 @@ def _translate(
     except orjson.JSONDecodeError:
         ex.error_code = "bad_upstream_answer"
         message = f"The upstream for model '{model}' sent an event that is not JSON."
-        return None, sse_error(message, code=ex.error_code), True
+        return None, ex.error_event(message, code=ex.error_code), True
     if not isinstance(chunk, dict):
-        return None, b"data: " + data + b"\n\n", False
+        return None, (b"data: " + data + b"\n\n") if ex.surface is None else b"", False
     if "error" in chunk:
         err = upstream_error(500, data, model=model)
         ex.error_code = err.code or err.type
+        if ex.surface is not None:
+            return None, ex.surface.error(err.message, type=err.type, code=err.code), True
         return None, b"data: " + err.body() + b"\n\n", True
+    if ex.native:  # the API's own event (surfaces/): read back as chat chunks for the filters
+        return _native(chunk, ex, model=model)
     usage = chunk.get("usage")
     if usage:
         ex.usage(usage)
@@ -269,3 +293,28 @@ def _has_token(choice: Any) -> bool:
     if isinstance(delta, dict):
         return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
     return bool(choice.get("text"))
+
+
+def _native(event: dict[str, Any], ex: Exchange, *, model: str) -> tuple[dict[str, Any] | None, bytes, bool]:
+    """A native stream event (the Responses or Messages API's own) → the chat chunk it means, for the filters
+    (the surface encodes what they pass back into the API's events)."""
+    assert ex.surface is not None
+    chunk, last = ex.surface.decode_event(event)
+    timings = event.get("timings")  # (llama-server adds its timings to the last event)
+    if isinstance(timings, dict):
+        ex.timings = timings
+    if chunk is not None and "error" in chunk:  # the API's own error event
+        err = chunk["error"]
+        ex.error_code = err.get("code") or "upstream_error"
+        return None, ex.error_event(err.get("message") or "The upstream failed.", code=ex.error_code), True
+    if chunk is not None:
+        usage = chunk.get("usage")
+        if usage:
+            ex.usage(usage)
+        choices = chunk.get("choices")
+        if choices and _has_token(choices[0]):
+            ex.streamed_tokens += 1
+            if ex.ttft_s is None:
+                ex.ttft_s = time.perf_counter() - ex.started_at
+        chunk["model"] = model
+    return chunk, _DONE if last else b"", last

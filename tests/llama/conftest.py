@@ -1,0 +1,68 @@
+"""The real llama-server the suites of this folder run against (LLAMA_SERVER_BIN), with the tiny random-weight
+model of tiny_gguf.py; one per module."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from procs import http_get, wait_until
+from tiny_gguf import write_tiny_llama
+
+LLAMA_BIN = os.environ.get("LLAMA_SERVER_BIN")
+SLOTS, CTX = 2, 1024  # 512 tokens per slot
+
+
+def _free_port() -> int:
+    # llama-server cannot take an inherited socket: pick a free port and hand its number over.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama(module_tmp: Path) -> Iterator[str]:
+    model = write_tiny_llama(module_tmp / "tiny.gguf")
+    port = _free_port()
+    log = open(module_tmp / "llama-server.log", "wb")
+    proc = subprocess.Popen(
+        [
+            LLAMA_BIN,
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-np",
+            str(SLOTS),
+            "-c",
+            str(CTX),
+            "-a",
+            "tiny-alias",
+            "-t",
+            "1",
+            "--no-warmup",
+            "--metrics",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: proc.poll() is None and http_get(url + "/health", timeout=1)[0] == 200,
+            timeout=60,
+            what="llama-server ready",
+        )
+    except (TimeoutError, OSError):
+        proc.kill()
+        raise RuntimeError((module_tmp / "llama-server.log").read_text()) from None
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()
