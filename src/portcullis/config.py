@@ -716,6 +716,8 @@ NATIVE_PATHS = frozenset(
         "/v1/messages",
         "/v1/messages/count_tokens",
         "/v1/chat/completions/input_tokens",
+        "/completion",
+        "/infill",
     }
 )
 

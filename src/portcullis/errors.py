@@ -23,6 +23,7 @@ Third-party errors (aiohttp, pydantic) are translated into this tree at the boun
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import orjson
 
@@ -52,13 +53,18 @@ class GatewayError(Exception):
         if type is not None:
             self.type = type
         self.headers = headers or {}
+        self.extra: dict[str, Any] = {}  # fields beside OpenAI's four (a backend's own numbers: n_prompt_tokens, n_ctx)
 
     def body(self) -> bytes:
+        if self.extra:
+            fields = {**self.extra, "message": self.message, "type": self.type, "param": self.param, "code": self.code}
+            return orjson.dumps({"error": fields})
         return error_body(self.message, type=self.type, code=self.code, param=self.param)
 
-    def anthropic_body(self) -> bytes:
+    def anthropic_body(self, request_id: str | None = None) -> bytes:
         """The same error in Anthropic's shape, for the Messages API's clients (their SDK reads the status)."""
-        return orjson.dumps({"type": "error", "error": {"type": anthropic_type(self.status), "message": self.message}})
+        error = {"type": anthropic_type(self.status), "message": self.message}
+        return orjson.dumps({"type": "error", "error": error, "request_id": request_id})
 
 
 class InvalidRequest(GatewayError):

@@ -140,7 +140,7 @@ class Request:
     async def respond_error(self, error: GatewayError) -> None:
         self.hold = None  # an error tells nothing that needs a verdict
         extra = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-        body = error.anthropic_body() if self.anthropic else error.body()
+        body = error.anthropic_body(self.request_id) if self.anthropic else error.body()
         await self.respond(error.status, body, JSON_HEADERS + extra)
 
     async def start_stream(self, status: int = 200) -> None:

@@ -132,7 +132,7 @@ async def _batch(args: argparse.Namespace) -> int:
             _show(await gw.call("POST", f"/v1/batches/{args.id}/cancel"), args.json)
             return 0
         batch = await gw.call("GET", f"/v1/batches/{args.id}")
-        file_id = batch["error_file_id" if args.errors else "output_file_id"]
+        file_id = batch.get("error_file_id" if args.errors else "output_file_id")
         if file_id is None:
             raise RemoteError(f"batch {args.id} ({batch['status']}) has no {'error' if args.errors else 'output'} file")
         _write(await gw.content(file_id), args.output)

@@ -19,7 +19,17 @@ import anthropic
 import orjson
 import pytest
 from events import MESSAGE_EVENT, RESPONSE_EVENT, sse_events
-from procs import ADMIN_KEY, Proc, create_key, gateway_config, http_get, openai_client, start_gateway, wait_until
+from procs import (
+    ADMIN_KEY,
+    Proc,
+    create_key,
+    gateway_config,
+    http_get,
+    http_post,
+    openai_client,
+    start_gateway,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.llama,
@@ -116,3 +126,25 @@ def test_tokens_charged_are_llama_servers_counts(gw: Proc, model: str) -> None:
     wait_until(written, what="two usage records")
     assert done["completion_tokens"] == seen_out + 3
     assert done["prompt_tokens"] > seen_in  # and the Responses request's prompt
+
+
+@pytest.mark.parametrize("model", MODES)
+def test_llama_cpps_own_endpoints(gw: Proc, model: str) -> None:
+    def post(path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        status, raw = http_post(gw.url + path, {"model": model, **body})
+        return status, orjson.loads(raw)
+
+    status, answer = post("/completion", {"prompt": "Hello", "n_predict": 3, **EXACT})
+    assert status == 200 and answer["tokens_predicted"] == 3 and answer["model"] == model
+    status, tokens = post("/tokenize", {"content": "hello world"})
+    assert status == 200 and tokens["tokens"]
+    status, text = post("/detokenize", {"tokens": tokens["tokens"]})
+    assert status == 200 and isinstance(text["content"], str)
+    status, templated = post("/apply-template", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and "hi" in templated["prompt"]
+    status, props = http_get(gw.url + f"/props?model={model}")
+    assert status == 200 and orjson.loads(props)["total_slots"] == 2
+    # The tiny model has no fill-in-the-middle tokens: llama-server's 501 reaches the client, in OpenAI's shape.
+    status, refused = post("/infill", {"input_prefix": "def f(", "input_suffix": "):", "n_predict": 2})
+    if model == "native":
+        assert status == 501 and "infill" in refused["error"]["message"].lower()

@@ -512,9 +512,8 @@ async def _read_form(
 async def list_files(api: BatchDeps, req: Request, ex: Exchange) -> None:
     query = query_params(req)
     limit = _limit(query)
-    rows = await _store(api).list_files(_owner(ex), query.get("purpose"), limit, query.get("after"))
-    data = [file_object(r) for r in rows]
-    await req.respond_json(200, {"object": "list", "data": data, "has_more": len(data) == limit})
+    rows = await _store(api).list_files(_owner(ex), query.get("purpose"), limit + 1, query.get("after"))
+    await req.respond_json(200, page([file_object(r) for r in rows[:limit]], more=len(rows) > limit))
 
 
 async def _file(api: BatchDeps, ex: Exchange, file_id: str) -> Any:
@@ -844,19 +843,19 @@ async def list_batches(api: BatchDeps, req: Request, ex: Exchange) -> None:
     query = query_params(req)
     limit = _limit(query)
     store = _store(api)
-    rows = await store.list_batches(_owner(ex), limit, query.get("after"))
+    rows = await store.list_batches(_owner(ex), limit + 1, query.get("after"))
+    more, rows = len(rows) > limit, rows[:limit]
     live = await store.counts_many([r.id for r in rows if r.status in ("in_progress", "cancelling")])
-    data = [batch_object(r, live.get(r.id)) for r in rows]
-    await req.respond_json(
-        200,
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": len(data) == limit,
-        },
-    )
+    await req.respond_json(200, page([batch_object(r, live.get(r.id)) for r in rows], more=more))
+
+
+def page(data: list[dict[str, Any]], *, more: bool) -> dict[str, Any]:
+    """OpenAI's cursor page: the objects, the first and last ids (the next page is `after=last_id`), and whether
+    more follow (the store was asked for one more than the page holds: the last page says false)."""
+    out: dict[str, Any] = {"object": "list", "data": data, "has_more": more}
+    if data:  # (strings in OpenAI's document: an empty page has none)
+        out["first_id"], out["last_id"] = data[0]["id"], data[-1]["id"]
+    return out
 
 
 async def cancel_batch(api: BatchDeps, req: Request, ex: Exchange, batch_id: str) -> None:

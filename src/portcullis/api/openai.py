@@ -20,7 +20,7 @@ from portcullis.errors import InvalidRequest
 from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity.auth import may_use, require_model
-from portcullis.protocol import ChatCompletionRequest, EmbeddingRequest
+from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from portcullis.quota import estimate
 from portcullis.safety import validation
 from portcullis.safety.moderation import GuardSlots
@@ -65,45 +65,38 @@ async def chat_completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     await generate(api, req, ex, payload, chat, route="/v1/chat/completions")
 
 
+async def completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
+    body = await req.read_body(api.config.server.max_body_bytes)
+    payload = validation.parse_json_object(body, api.config.validation)
+    completion = validation.validate_completion(payload, api.config.validation)
+    await generate(api, req, ex, payload, completion, route="/v1/completions")
+
+
 async def generate(
     api: OpenAIDeps,
     req: Request,
     ex: Exchange,
     payload: dict[str, Any],
-    chat: ChatCompletionRequest,
+    request: ChatCompletionRequest | CompletionRequest,
     *,
     route: str,
     native: dict[str, Any] | None = None,
 ) -> None:
-    """A validated chat request through the rest of the path. The other APIs' requests come here as the chat
-    request they mean (api/surfaces.py), their answers made by the exchange's surface; `native`: the request as
-    the client sent it, for a replica that answers its API itself."""
-    ex.model, ex.stream = chat.model, bool(chat.stream)
+    """A validated chat (or completion) request through the rest of the path. The other APIs' requests come here
+    as the chat or completion request they mean (api/surfaces.py, api/llama.py), their answers made by the
+    exchange's surface; `native`: the request as the client sent it, for a replica that answers its API itself."""
+    chat = isinstance(request, ChatCompletionRequest)
+    ex.model, ex.stream = request.model, bool(request.stream)
     model = await api.router.route(req, ex, payload)
-    await api.quota.admit(req, ex, chat)
-    async with api.moderation.screen(req, ex, payload, model, chat=True):
-        if await api.cache.answer(req, ex, payload, route=route, chat=True):
+    await api.quota.admit(req, ex, request)
+    async with api.moderation.screen(req, ex, payload, model, chat=chat):
+        if await api.cache.answer(req, ex, payload, route=route, chat=chat):
             return  # from the cache, or shared with an identical request in flight
         if ex.moderation is not None and "redact" in ex.moderation:
-            native = None  # the input was redacted in the chat request: only it may go upstream
+            native = None  # the input was redacted in the request read from it: only that may go upstream
+        path = "/v1/chat/completions" if chat else "/v1/completions"
         async with api.admission.slot(req, ex, model, payload) as target:
-            await api.upstream.forward(
-                req, ex, path="/v1/chat/completions", payload=payload, target=target, native=native
-            )
-
-
-async def completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
-    body = await req.read_body(api.config.server.max_body_bytes)
-    payload = validation.parse_json_object(body, api.config.validation)
-    completion = validation.validate_completion(payload, api.config.validation)
-    ex.model, ex.stream = completion.model, bool(completion.stream)
-    model = await api.router.route(req, ex, payload)
-    await api.quota.admit(req, ex, completion)
-    async with api.moderation.screen(req, ex, payload, model, chat=False):
-        if await api.cache.answer(req, ex, payload, route="/v1/completions", chat=False):
-            return  # from the cache, or shared with an identical request in flight
-        async with api.admission.slot(req, ex, model, payload) as target:
-            await api.upstream.forward(req, ex, path="/v1/completions", payload=payload, target=target)
+            await api.upstream.forward(req, ex, path=path, payload=payload, target=target, native=native)
 
 
 async def embeddings(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
@@ -160,6 +153,12 @@ def _model_object(api: OpenAIDeps, name: str, kind: str, target: str | None) -> 
         obj["portcullis"] = {"kind": "alias", "of": target}
     else:
         obj["portcullis"] = {"kind": "model"}
+        # The backend's own description of the model, as llama-server gives it (a client sizes prompts by n_ctx_train).
+        for replica in api.catalog.models.get(name, ()):
+            if replica.meta is not None and "meta" not in obj:
+                obj["meta"] = replica.meta
+            if replica.modalities is not None and "modalities" not in obj:
+                obj["modalities"] = replica.modalities
     return obj
 
 

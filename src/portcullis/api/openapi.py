@@ -191,6 +191,48 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "type", "role", "content", "model", "stop_reason", "usage"],
         "properties": {"id": {"type": "string"}, "type": {"const": "message"}, "content": {"type": "array"}},
     },
+    "RerankRequest": {
+        "type": "object",
+        "required": ["model", "query", "documents"],
+        "properties": {
+            "model": {"type": "string"},
+            "query": {"type": "string"},
+            "documents": {"type": "array", "items": {"type": "string"}},
+            "top_n": {"type": "integer", "minimum": 1},
+        },
+    },
+    "LlamaCompletion": {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "properties": {
+            "model": {"type": "string"},
+            "prompt": {"type": "string"},
+            "n_predict": {"type": "integer"},
+            "stream": {"type": "boolean"},
+            "n_probs": {"type": "integer"},
+        },
+    },
+    "LlamaInfill": {
+        "type": "object",
+        "required": ["model", "input_prefix", "input_suffix"],
+        "properties": {
+            "model": {"type": "string"},
+            "input_prefix": {"type": "string"},
+            "input_suffix": {"type": "string"},
+            "n_predict": {"type": "integer"},
+            "stream": {"type": "boolean"},
+        },
+    },
+    "LlamaTokenize": {
+        "type": "object",
+        "required": ["model", "content"],
+        "properties": {"model": {"type": "string"}, "content": {"type": "string"}, "with_pieces": {"type": "boolean"}},
+    },
+    "LlamaDetokenize": {
+        "type": "object",
+        "required": ["model", "tokens"],
+        "properties": {"model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer"}}},
+    },
     "InputTokens": {
         "type": "object",
         "required": ["input_tokens"],

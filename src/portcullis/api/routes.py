@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from portcullis.api import admin, batches, dashboard, openai, openapi, ops, surfaces
+from portcullis.api import admin, batches, dashboard, llama, openai, openapi, ops, surfaces
 from portcullis.api.openapi import _HTML, _LOGIN_FORM, _REDIRECT, _STATIC, _TEXT, _UPLOAD, _body, _ok, _op
 from portcullis.identity import scopes
 from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModerationRequest
@@ -26,6 +26,7 @@ PARAMS = {
     "file_id": r"[A-Za-z0-9_-]+",
     "batch_id": r"[A-Za-z0-9_-]+",
     "response_id": r"[A-Za-z0-9_-]+",
+    "slot": r"[0-9]+",
     "key_id": r"[0-9a-f]+",
     "name": r"[a-z]+\.(?:js|css)",
 }
@@ -196,6 +197,82 @@ def table(
             metered=True,
             anthropic=True,
         ),
+        Route(
+            "POST",
+            "/v1/rerank",
+            llama.rerank,
+            openai_deps,
+            scopes.RERANK,
+            _op("Rerank documents by relevance to a query", _ok("Object"), body=_body(schema="RerankRequest")),
+            metered=True,
+        ),
+        # llama.cpp's own endpoints (api/llama.py)
+        Route(
+            "POST",
+            "/completion",
+            llama.completion,
+            openai_deps,
+            scopes.COMPLETIONS,
+            _op("A completion in llama.cpp's shape", _ok("Object", stream=True), body=_body(schema="LlamaCompletion")),
+            metered=True,
+        ),
+        Route(
+            "POST",
+            "/infill",
+            llama.infill,
+            openai_deps,
+            scopes.COMPLETIONS,
+            _op("Fill in the middle (code)", _ok("Object", stream=True), body=_body(schema="LlamaInfill")),
+            metered=True,
+        ),
+        Route(
+            "POST",
+            "/tokenize",
+            llama.tokenize,
+            openai_deps,
+            scopes.TOKENS,
+            _op("Tokenize with the model's tokenizer", _ok("Object"), body=_body(schema="LlamaTokenize")),
+            metered=True,
+        ),
+        Route(
+            "POST",
+            "/detokenize",
+            llama.detokenize,
+            openai_deps,
+            scopes.TOKENS,
+            _op("Token ids back to text", _ok("Object"), body=_body(schema="LlamaDetokenize")),
+            metered=True,
+        ),
+        Route(
+            "POST",
+            "/apply-template",
+            llama.apply_template,
+            openai_deps,
+            scopes.TOKENS,
+            _op("The prompt the model's chat template makes", _ok("Object"), body=_body(ChatCompletionRequest)),
+            metered=True,
+        ),
+        Route(
+            "GET",
+            "/props",
+            llama.props,
+            openai_deps,
+            scopes.TOKENS,
+            _op("A model's llama-server properties, as last probed (?model=)", _ok("Object")),
+            metered=True,
+        ),
+        Route("POST", "/props", llama.blocked, openai_deps, scopes.ADMIN_READ, _op("Blocked", _ok("Object"))),
+        Route("GET", "/slots", llama.blocked, openai_deps, scopes.ADMIN_READ, _op("Blocked", _ok("Object"))),
+        Route(
+            "POST",
+            "/slots/{slot}",
+            llama.blocked,
+            openai_deps,
+            scopes.ADMIN_READ,
+            _op("Blocked", _ok("Object"), params=["slot"]),
+        ),
+        Route("GET", "/lora-adapters", llama.blocked, openai_deps, scopes.ADMIN_READ, _op("Blocked", _ok("Object"))),
+        Route("POST", "/lora-adapters", llama.blocked, openai_deps, scopes.ADMIN_READ, _op("Blocked", _ok("Object"))),
         Route(
             "GET",
             "/v1/models",

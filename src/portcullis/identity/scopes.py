@@ -9,6 +9,7 @@ MODERATIONS = "moderations:write"
 RESPONSES = "responses:write"  # the Responses API (create, read and delete one's stored responses)
 MESSAGES = "messages:write"  # Anthropic's Messages API
 TOKENS = "tokens:read"  # counting, tokenizing and templating (no generation)
+RERANK = "rerank:write"
 MODELS_READ = "models:read"
 MODELS_WRITE = "models:write"
 MODELS_DELETE = "models:delete"
@@ -26,6 +27,7 @@ ALL = frozenset(
         RESPONSES,
         MESSAGES,
         TOKENS,
+        RERANK,
         MODELS_READ,
         MODELS_WRITE,
         MODELS_DELETE,
@@ -36,7 +38,7 @@ ALL = frozenset(
     }
 )
 # What a new key gets when its creator names no scopes: inference (batch jobs included), nothing administrative.
-DEFAULT = (CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES, MESSAGES, TOKENS, MODELS_READ, BATCHES)
+DEFAULT = (CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES, MESSAGES, TOKENS, RERANK, MODELS_READ, BATCHES)
 
 PUBLIC = ""  # routes anyone may call: /healthz, /readyz
 

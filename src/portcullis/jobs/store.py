@@ -54,17 +54,19 @@ class Line:
 
 
 def file_object(row: Any) -> dict[str, Any]:
-    return {
+    """OpenAI's File object (what OpenAI's document makes optional is left out when there is none: never a null)."""
+    obj = {
         "id": row.id,
         "object": "file",
         "bytes": row.bytes,
         "created_at": int(row.created_at),
-        "expires_at": int(row.expires_at) if row.expires_at is not None else None,
         "filename": row.filename,
         "purpose": row.purpose,
         "status": "processed",
-        "status_details": None,
     }
+    if row.expires_at is not None:
+        obj["expires_at"] = int(row.expires_at)
+    return obj
 
 
 def batch_object(row: Any, counts: dict[str, int] | None = None) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def batch_object(row: Any, counts: dict[str, int] | None = None) -> dict[str, An
     def t(value: float | None) -> int | None:
         return int(value) if value is not None else None
 
-    return {
+    obj = {
         "id": row.id,
         "object": "batch",
         "endpoint": row.endpoint,
@@ -100,6 +102,8 @@ def batch_object(row: Any, counts: dict[str, int] | None = None) -> dict[str, An
         "metadata": row.metadata,
         "model": row.model,
     }
+    # What OpenAI's document makes optional is left out when there is none (never a null); metadata may be null.
+    return {k: v for k, v in obj.items() if v is not None or k == "metadata"}
 
 
 def not_run(batch_id: str, line_no: int, custom_id: str, code: str, message: str) -> str:

@@ -99,6 +99,10 @@ class Replica:
     n_ctx_configured: int | None = None
     # The API endpoints it answers itself (DeploymentConfig.native); one it answers 404 or 501 is taken out.
     native: set[str] = field(default_factory=set)
+    # What the backend tells of its model (llama-server's /v1/models `meta`, /props `modalities`): shown as it came.
+    meta: dict[str, Any] | None = None
+    modalities: dict[str, Any] | None = None
+    props: dict[str, Any] | None = None  # llama-server's /props as last probed (GET /props shows it)
     # Priced by the hour: the machine's price, the throughput assumed until measured, prompt/completion.
     gpu_hour: float | None = None
     assumed_tps: float | None = None

@@ -306,12 +306,14 @@ class Router:
             prompt = low  # without an exact count, exclude only what cannot fit even at the low bound
         need = prompt + completion
         if need > largest:
-            raise ContextLengthExceeded(
+            error = ContextLengthExceeded(
                 f"This model's maximum context length is {largest} tokens per request; the request needs about "
                 f"{need} ({prompt} in the prompt, {completion} for the completion). Shorten the prompt or lower "
                 "max_tokens.",
                 param="messages" if "messages" in payload else "prompt",
             )
+            error.extra = {"n_prompt_tokens": prompt, "n_ctx": largest}  # as llama-server tells its own overflow
+            raise error
         return need, prompt
 
     async def _cost_aware(

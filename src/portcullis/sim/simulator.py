@@ -821,9 +821,9 @@ class Simulator:
         its chat handling internally), the Messages and Responses APIs are answered by the chat completion they
         mean, encoded in the API's shape."""
         from portcullis.errors import GatewayError
-        from portcullis.surfaces import messages, responses
+        from portcullis.surfaces import llama, messages, responses
 
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") or path in ("/completion", "/infill"):  # (not the tokenizer's and template's)
             self.stats["native"] += 1
         try:
             if path == "/detokenize":
@@ -831,6 +831,19 @@ class Simulator:
                 return
             if path == "/apply-template":
                 await _json(send, 200, {"prompt": chat_template(req.get("messages") or [])})
+                return
+            if path in ("/v1/rerank", "/rerank"):
+                await _json(send, 200, _rerank(req))
+                return
+            if path in ("/completion", "/infill"):
+                infill = path == "/infill"
+                completion = llama.to_completion(req, infill=infill)
+                await self._completion(
+                    completion,
+                    receive,
+                    _Encoding(send, llama.Completion(str(req.get("model")), infill=infill)),
+                    chat=False,
+                )
                 return
             if path == "/v1/messages/count_tokens":
                 chat = messages.count_tokens_chat(req)
@@ -906,8 +919,33 @@ _NATIVE = frozenset(
         "/v1/chat/completions/input_tokens",
         "/apply-template",
         "/detokenize",
+        "/completion",
+        "/infill",
+        "/v1/rerank",
+        "/rerank",
     }
 )
+
+
+def _rerank(req: dict[str, Any]) -> dict[str, Any]:
+    """llama-server's rerank (--reranking): a document's score is the share of the query's words it holds."""
+    query = {w.lower() for w in _TOKEN_RE.findall(str(req.get("query", "")))}
+    documents = [str(d) for d in req.get("documents") or []]
+    scored = []
+    for i, doc in enumerate(documents):
+        words = {w.lower() for w in _TOKEN_RE.findall(doc)}
+        scored.append({"index": i, "relevance_score": len(query & words) / max(1, len(query))})
+    scored.sort(key=lambda r: -r["relevance_score"])
+    top_n = req.get("top_n")
+    if isinstance(top_n, int) and top_n > 0:
+        scored = scored[:top_n]
+    tokens = len(tokenize(str(req.get("query", "")))) + sum(len(tokenize(d)) for d in documents)
+    return {
+        "model": req.get("model"),
+        "object": "list",
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "results": scored,
+    }
 
 
 class _Encoding:

@@ -240,7 +240,7 @@ def count_tokens_chat(payload: dict[str, Any]) -> dict[str, Any]:
     return to_chat({**payload, "max_tokens": 1, "stream": False})
 
 
-def _usage(usage: Any) -> dict[str, int]:
+def _usage(usage: Any) -> dict[str, Any]:
     usage = usage if isinstance(usage, dict) else {}
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     details = usage.get("prompt_tokens_details")
@@ -251,7 +251,25 @@ def _usage(usage: Any) -> dict[str, int]:
         "input_tokens": prompt - cached if isinstance(prompt, int) else 0,
         "output_tokens": completion if isinstance(completion, int) else 0,
         "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
+        # (required by Anthropic's document, nullable: nothing here knows them)
+        "cache_creation": None,
+        "inference_geo": None,
+        "output_tokens_details": None,
+        "server_tool_use": None,
+        "service_tier": None,
     }
+
+
+# The usage a message_delta event carries (Anthropic's MessageDeltaUsage).
+_DELTA_USAGE = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "output_tokens_details",
+    "server_tool_use",
+)
 
 
 def _chat_usage(prompt: int, completion: int, cached: Any) -> dict[str, Any]:
@@ -302,7 +320,7 @@ class Messages:
         self.block: str | None = None  # "text", "thinking", "tool_use"
         self.tools: dict[int, int] = {}  # a chat tool call's index → its block's index
         self.stop_reason: str | None = None
-        self.usage: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
+        self.usage: dict[str, Any] = _usage(None)
         self.ended = False
         # native streams: the chat chunks' shared fields, and the blocks' kinds by index
         self.native_blocks: dict[int, str] = {}
@@ -319,7 +337,7 @@ class Messages:
         if message.get("reasoning_content"):
             content.append({"type": "thinking", "thinking": message["reasoning_content"], "signature": ""})
         if message.get("content"):
-            content.append({"type": "text", "text": message["content"]})
+            content.append({"type": "text", "text": message["content"], "citations": None})
         for call in message.get("tool_calls") or []:
             function = call.get("function") or {}
             content.append(
@@ -328,6 +346,7 @@ class Messages:
                     "id": call.get("id") or "toolu_" + os.urandom(12).hex(),
                     "name": function.get("name", ""),
                     "input": _arguments(function.get("arguments")),
+                    "caller": {"type": "direct"},
                 }
             )
         return {
@@ -338,6 +357,8 @@ class Messages:
             "content": content,
             "stop_reason": _STOP.get(choice.get("finish_reason") or "stop", "end_turn"),
             "stop_sequence": None,
+            "stop_details": None,
+            "container": None,
             "usage": _usage(answer.get("usage")),
         }
 
@@ -365,7 +386,9 @@ class Messages:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "stop_details": None,
+            "container": None,
+            "usage": _usage(None),  # (the prompt's count comes with message_delta: a chat stream tells it last)
         }
         return _event("message_start", {"message": message})
 
@@ -391,7 +414,7 @@ class Messages:
                 text = delta.get("content")
                 if text:
                     if self.block != "text":
-                        out += self._open("text", {"type": "text", "text": ""})
+                        out += self._open("text", {"type": "text", "text": "", "citations": None})
                     out += _event(
                         "content_block_delta", {"index": self.index, "delta": {"type": "text_delta", "text": text}}
                     )
@@ -406,6 +429,7 @@ class Messages:
                                 "id": call.get("id") or "toolu_" + os.urandom(12).hex(),
                                 "name": function.get("name") or "",
                                 "input": {},
+                                "caller": {"type": "direct"},
                             },
                         )
                         self.tools[n] = self.index
@@ -431,7 +455,10 @@ class Messages:
         out += self._close()
         out += _event(
             "message_delta",
-            {"delta": {"stop_reason": self.stop_reason or "end_turn", "stop_sequence": None}, "usage": self.usage},
+            {
+                "delta": {"stop_reason": self.stop_reason or "end_turn", "stop_sequence": None, "stop_details": None},
+                "usage": {k: self.usage[k] for k in _DELTA_USAGE},
+            },
         )
         return out + _event("message_stop", {})
 

@@ -40,7 +40,6 @@ _ECHO: dict[str, Any] = {
     "tools": [],
     "top_p": None,
     "truncation": "disabled",
-    "user": None,
 }
 
 
@@ -49,6 +48,7 @@ _ECHO: dict[str, Any] = {
 _KNOWN = frozenset(
     {
         *_ECHO,
+        "user",
         "model",
         "input",
         "stream",
@@ -260,9 +260,11 @@ class Responses:
         self.keep = keep  # stores the final response (store: true) before the client gets it
         self.created_at = int(time.time())
         self.model = payload.get("model", "")
-        self.echo = {
+        self.echo: dict[str, Any] = {
             k: payload.get(k, default) if payload.get(k) is not None else default for k, default in _ECHO.items()
         }
+        if isinstance(payload.get("user"), str):  # (a string in OpenAI's document, never a null: absent when none)
+            self.echo["user"] = payload["user"]
         self.final: dict[str, Any] | None = None
         # streams
         self.seq = 0

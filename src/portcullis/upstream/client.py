@@ -213,9 +213,12 @@ def upstream_error(status: int, raw: bytes, *, model: str) -> GatewayError:
         detail = ""
         if "n_prompt_tokens" in extra and "n_ctx" in extra:
             detail = f" (the prompt has {extra['n_prompt_tokens']} tokens; the context holds {extra['n_ctx']})"
-        return ContextLengthExceeded(
+        error = ContextLengthExceeded(
             f"This model's maximum context length was exceeded{detail}: {message}", param="messages"
         )
+        # The backend's numbers stay beside OpenAI's fields: a client can shorten its prompt by what they tell.
+        error.extra = {k: extra[k] for k in ("n_prompt_tokens", "n_ctx") if isinstance(extra.get(k), int)}
+        return error
     if status == 503:
         loading = "loading" in message.lower()
         return ServiceUnavailable(

@@ -118,6 +118,18 @@ async def learn_capacity(client: ProbeClient, replica: Replica, timeout_s: float
     settings = props.get("default_generation_settings")
     if isinstance(settings, dict) and isinstance(settings.get("n_ctx"), int):
         replica.n_ctx = settings["n_ctx"]
+    # (its file system paths are the operator's business, not the clients')
+    replica.props = {k: v for k, v in props.items() if k not in ("model_path", "chat_template_path")}
+    if isinstance(props.get("modalities"), dict):
+        replica.modalities = props["modalities"]  # {"vision": ..., "audio": ...}: shown by /v1/models
+    # What the backend says of its model (/v1/models `meta`: parameters, context trained, vocabulary, size).
+    try:
+        status, models = await client.get(*_target(replica, "/v1/models"), timeout_s)
+    except Exception:
+        return
+    data = models.get("data") if status == 200 and isinstance(models, dict) else None
+    if isinstance(data, list) and data and isinstance(data[0], dict) and isinstance(data[0].get("meta"), dict):
+        replica.meta = data[0]["meta"]
 
 
 async def update(client: ProbeClient, replica: Replica, config: HealthConfig) -> bool:

@@ -115,7 +115,7 @@ class Upstream:
                 )
                 return
             except AttemptFailed as failure:
-                if ex.native and native_path is not None and failure.error.status in (404, 405, 501):
+                if ex.native and native_path is not None and failure.error.status in (404, 405):
                     # It does not answer the API's endpoint after all: learned, and translated on the same replica
                     # at once (no retry spent: nothing was wrong with the request or the replica).
                     replica.native.discard(native_path)
@@ -386,6 +386,8 @@ def _failure(status: int, raw: bytes, retry_after: str | None, model: str) -> At
         error.headers = {**error.headers, "Retry-After": retry_after or "1"}
     if status == 429:
         return AttemptFailed(error, kind="429", retryable=True, retry_after=wait)
+    if status == 501:  # a feature this model or server lacks (llama-server: infill without FIM tokens): not a fault
+        return AttemptFailed(error, kind=None, retryable=False)
     if status in RETRYABLE_STATUS:
         return AttemptFailed(error, kind="5xx", retryable=True, retry_after=wait if status == 503 else None)
     if status >= 500 or isinstance(error, (BadGateway, ServiceUnavailable)):
@@ -409,6 +411,8 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
         # What the upstream reported, before any filter can refuse the answer: its tokens are charged, its
         # timings teach the replica's speeds, either way.
         ex.usage(answer.get("usage"))
+        if answer.get("object") == "chat.completion":
+            _conform(answer)
         timings = answer.get("timings")
         if isinstance(timings, dict):
             ex.timings = timings
@@ -422,3 +426,14 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
             answer = await surface.answer(answer)
     ex.finished = True
     await req.respond(200, orjson.dumps(answer))
+
+
+def _conform(answer: dict[str, Any]) -> None:
+    """What OpenAI's document requires of a chat answer and some backends leave out: each choice's `logprobs`
+    and its message's `refusal` (null when there is none)."""
+    for choice in answer.get("choices") or ():
+        if isinstance(choice, dict):
+            choice.setdefault("logprobs", None)
+            message = choice.get("message")
+            if isinstance(message, dict):
+                message.setdefault("refusal", None)

@@ -62,6 +62,11 @@ async def relay_sse(
     fault: str | None = None  # what the upstream's final error event says about the replica
     started = False
     broken: str | None = None
+    # The client did not ask for the usage chunk (the gateway did): llama-server then puts its timings on that
+    # chunk, which is dropped. The finish chunk before it waits for it and takes its timings (where llama-server
+    # puts them when nobody asks for usage), so a streaming client gets the timings either way.
+    hold_finish = not client_wants_usage and ex.surface is None
+    waiting: dict[str, Any] | None = None  # that finish chunk
     perf = time.perf_counter
     clock = asyncio.get_running_loop().time
     while True:
@@ -93,6 +98,25 @@ async def relay_sse(
         if not started:
             started = True
             await req.start_stream()
+        if hold_finish:
+            if waiting is not None:
+                if chunk is None and not out and not finished:  # the dropped usage chunk: its timings
+                    timings = ex.timings
+                    if timings is not None and "timings" not in waiting:
+                        waiting["timings"] = timings
+                    chunk, waiting = waiting, None
+                else:  # anything else: the finish chunk goes first
+                    sent = await chain.pass_on(waiting, b"", False) if filtered else _sse(waiting)
+                    waiting = None
+                    if chain.closing is not None:
+                        await req.stream_chunk(sent + chain.closing)
+                        finished = True
+                        break
+                    if sent:
+                        await req.stream_chunk(sent)
+            elif chunk is not None and _finishes(chunk):
+                waiting = chunk
+                continue
         if filtered:
             out = await chain.pass_on(chunk, out, finished)
         elif chunk is not None:
@@ -107,6 +131,15 @@ async def relay_sse(
             break
         if deadline:
             ex.deadline = min(deadline, clock() + idle_s)
+    if waiting is not None and not finished:  # the stream ended (or broke) after its finish chunk
+        sent = await chain.pass_on(waiting, b"", False) if filtered else _sse(waiting)
+        if chain.closing is not None:
+            await req.stream_chunk(sent + chain.closing)
+            ex.finished = True
+            await req.end_stream()
+            return "connect" if broken else None
+        if sent:
+            await req.stream_chunk(sent)
     if not finished and data_lines:  # last event without its blank line
         data = b"\n".join(data_lines)
         chunk, out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
@@ -280,6 +313,14 @@ def replica_fault(data: bytes) -> str | None:
     if isinstance(status, int) and 400 <= status < 500 and status != 429:
         return None
     return "5xx"
+
+
+def _finishes(chunk: dict[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    if not choices or not isinstance(choices, list):
+        return False
+    last = choices[-1]
+    return isinstance(last, dict) and last.get("finish_reason") is not None
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
