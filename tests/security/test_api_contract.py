@@ -31,7 +31,7 @@ def fuzzed(sim: Proc, module_tmp: Path) -> Iterator[Proc]:
 
 
 def _template(path: str) -> str:
-    for name in ("model", "file_id", "batch_id", "key_id", "name", "response_id"):
+    for name in ("model", "file_id", "batch_id", "key_id", "name", "response_id", "slot"):
         path = path.replace(f"{{{name}}}", "X")
     return path
 
@@ -54,6 +54,7 @@ def test_the_document_covers_every_route(fuzzed: Proc) -> None:
             .replace("(.+)", "X")
             .replace("([A-Za-z0-9_-]+)", "X")
             .replace("([0-9a-f]+)", "X")
+            .replace("([0-9]+)", "X")
             .replace(r"([a-z]+\.(?:js|css))", "X")
         )
         routes.add((method, path))

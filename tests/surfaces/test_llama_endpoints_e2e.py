@@ -147,3 +147,17 @@ def test_what_changes_a_server_is_refused(gw: Proc) -> None:
     plain = create_key(gw, scopes=["chat:write"])
     status, refused = _post(gw, "/tokenize", {"model": "nat", "content": "x"}, plain["key"])
     assert status == 403
+
+
+def test_native_streams_are_not_held_against_the_replica(gw: Proc) -> None:
+    """A native stream ends with its API's own last event, not [DONE]: that is a whole answer, never a failure for
+    the replica's breaker (it opened after five native Messages streams once)."""
+    for _ in range(3):
+        _stream(gw, "/completion", {"model": "nat", "prompt": "x", "n_predict": 2})
+        _stream(gw, "/v1/messages", {"model": "nat", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+        _stream(gw, "/v1/responses", {"model": "nat", "input": "x", "max_output_tokens": 2})
+    status, raw = http_get(gw.url + "/admin/backends", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert status == 200
+    nat = next(m for m in orjson.loads(raw)["data"] if m["model"] == "nat")
+    breaker = nat["replicas"][0]["breaker"]
+    assert breaker["state"] == "closed" and breaker["failures_in_window"] == 0, breaker

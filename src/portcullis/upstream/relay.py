@@ -93,7 +93,7 @@ async def relay_sse(
         data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
         data_lines.clear()
         chunk, out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
-        if finished and chunk is None and data != b"[DONE]":
+        if finished and chunk is None and out != _DONE:  # an error event ended it (not [DONE], nor a native end)
             fault = replica_fault(data)
         if not started:
             started = True
@@ -143,7 +143,7 @@ async def relay_sse(
     if not finished and data_lines:  # last event without its blank line
         data = b"\n".join(data_lines)
         chunk, out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
-        if finished and chunk is None and data != b"[DONE]":
+        if finished and chunk is None and out != _DONE:  # an error event ended it (not [DONE], nor a native end)
             fault = replica_fault(data)
         out = await chain.pass_on(chunk, out, finished)
         if chain.closing is not None:
