@@ -93,7 +93,9 @@ async def stream_rate(url: str, mode: str, streams: int, tokens: int, extra: dic
     return statistics.median(rates)
 
 
-def start_gateway(work: Path, procs: list[subprocess.Popen[bytes]], upstream: str) -> tuple[str, int]:
+def start_gateway(
+    work: Path, procs: list[subprocess.Popen[bytes]], upstream: str, src: str | None = None
+) -> tuple[str, int]:
     port = free_port()
     cfg = {
         "server": {"port": port, "access_log": bool(os.environ.get("BENCH_ACCESS_LOG"))},
@@ -101,17 +103,16 @@ def start_gateway(work: Path, procs: list[subprocess.Popen[bytes]], upstream: st
         "auth": {"api_keys": False, "allow_anonymous": True},
         "tiers": {"free": {"priority": 0}},
         "cache": {"enabled": False},
-        "models": {
-            "native": {"deployments": [{"url": upstream}]},
-            "translated": {"deployments": [{"url": upstream, "native": []}]},
-        },
+        "models": {"native": {"deployments": [{"url": upstream}]}},
     }
+    if src is None:  # (an earlier build knows no `native` key: the A/B has chat completions only)
+        cfg["models"]["translated"] = {"deployments": [{"url": upstream, "native": []}]}
     (work / f"{port}.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(
         [PY, "-m", "portcullis", "serve", "--config", str(work / f"{port}.yaml")],
         stdout=(work / f"{port}.log").open("wb"),
         stderr=subprocess.STDOUT,
-        env=os.environ.copy(),
+        env={**os.environ, "PYTHONPATH": src} if src else os.environ.copy(),
     )
     procs.append(proc)
     url = f"http://127.0.0.1:{port}"
@@ -177,6 +178,35 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def ab(args: argparse.Namespace, work: Path, procs: list[subprocess.Popen[bytes]], upstream: str) -> int:
+    """Chat completions through this build and `--baseline`'s, interleaved: what the change costs the common path."""
+    builds = {
+        "this build": start_gateway(work, procs, upstream),
+        "baseline": start_gateway(work, procs, upstream, src=str(Path(args.baseline).resolve() / "src")),
+    }
+    mode = "chat completions (reference)"
+    rows: dict[str, dict[str, list[float]]] = {b: {"lat": [], "cpu": [], "rate": []} for b in builds}
+    for url, _ in builds.values():
+        asyncio.run(latency(url, mode, 50, {}))
+    for r in range(args.rounds):
+        for name in list(builds)[:: 1 if r % 2 == 0 else -1]:
+            url, pid = builds[name]
+            c0 = cpu_seconds([pid])
+            rows[name]["lat"].append(statistics.median(asyncio.run(latency(url, mode, args.requests, {}))))
+            rows[name]["cpu"].append((cpu_seconds([pid]) - c0) / args.requests)
+            rows[name]["rate"].append(asyncio.run(stream_rate(url, mode, args.streams, args.stream_tokens, {})))
+        log(f"A/B: round {r + 1}/{args.rounds} done")
+    print(f"\nChat completions, this build vs {args.baseline} ({args.rounds} interleaved rounds, medians):\n")
+    print("| build | median latency (ms) | gateway CPU per request (ms) | stream events/s |")
+    print("|---|---:|---:|---:|")
+    for name, v in rows.items():
+        print(
+            f"| {name} | {statistics.median(v['lat']) * 1000:.3f} | {statistics.fmean(v['cpu']) * 1000:.2f} | "
+            f"{statistics.median(v['rate']):.0f} |"
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -185,6 +215,10 @@ def main() -> int:
     parser.add_argument("--stream-tokens", type=int, default=512)
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN"))
     parser.add_argument("--out", default=str(HERE / "RESULTS-apis.md"))
+    parser.add_argument(
+        "--baseline",
+        help="another build's source tree: only chat completions, this build vs that one (latency, stream events/s)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pc-apis-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -201,6 +235,8 @@ def main() -> int:
             )
         )  # fmt: skip
         wait_http(sim_url + "/health")
+        if args.baseline:
+            return ab(args, work, procs, sim_url)
         url, pid = start_gateway(work, procs, sim_url)
         all_results["simulator"] = measure(url, pid, args, {}, "simulator")
         if args.llama_server:

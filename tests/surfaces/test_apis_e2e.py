@@ -424,3 +424,30 @@ def test_a_budget_cuts_a_messages_stream_with_anthropics_error_event(gw: Proc, s
     assert name == "error" and data["error"]["type"] == "rate_limit_error"
     assert "budget" in data["error"]["message"]
     assert 0 < sum(1 for _, d in events if d["type"] == "content_block_delta") < 300
+
+
+def test_malformed_items_are_refused_in_the_apis_shape(gw: Proc) -> None:
+    for body in (
+        {"model": "tr", "input": [{"type": "reasoning", "content": 5}]},
+        {"model": "tr", "input": [{"type": "reasoning", "content": [{"text": 5}]}]},
+        {"model": "tr", "input": [{"type": "function_call", "name": 3}]},
+        {"model": "tr", "input": [{"type": "web_search_call"}]},
+        {"model": "tr", "input": "x", "tools": [{"type": "web_search"}]},
+    ):
+        status, raw = http_post(gw.url + "/v1/responses", body)
+        assert status == 400, (body, raw)
+        assert orjson.loads(raw)["error"]["type"] == "invalid_request_error"
+    for body in (
+        {"model": "tr", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]},
+        {"model": "tr", "max_tokens": 5, "messages": [{"role": "user", "content": [5]}]},
+        {"model": "tr", "max_tokens": 5, "messages": "hi"},
+        {
+            "model": "tr",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "bash_20250124", "name": "bash"}],
+        },
+    ):
+        status, raw = http_post(gw.url + "/v1/messages", body, headers={"x-api-key": ADMIN_KEY})
+        assert status == 400, (body, raw)
+        assert orjson.loads(raw)["error"]["type"] == "invalid_request_error"

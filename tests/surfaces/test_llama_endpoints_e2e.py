@@ -32,9 +32,10 @@ MODES = ["nat", "tr"]
 def sims(module_tmp: Path) -> Iterator[dict[str, Proc]]:
     native = start_sim("--model-alias", "native.gguf", log_dir=module_tmp)
     off = start_sim("--model-alias", "old.gguf", "--no-native", log_dir=module_tmp)
-    yield {"native": native, "off": off}
-    native.stop()
-    off.stop()
+    mail = start_sim("--model-alias", "mail.gguf", "--reply", "write to bob@example.com today", log_dir=module_tmp)
+    yield {"native": native, "off": off, "mail": mail}
+    for proc in (native, off, mail):
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,13 @@ def gw(sims: dict[str, Proc], module_tmp: Path) -> Iterator[Proc]:
             "nat": [{"url": sims["native"].url, "cost": price}],
             "tr": [{"url": sims["off"].url, "cost": price}],
             "remote": [{"url": sims["native"].url, "kind": "openai"}],
+            "guarded": [sims["mail"].url],
         },
         cache={"enabled": False},
         quota={"usage": {"flush_interval_s": 0.1}},
+        moderation={"moderators": {"pii": {"kind": "rules", "pii": {"email": "redact"}}}},
     )
+    cfg["models"]["guarded"]["moderation"] = {"input": [], "output": ["pii"]}
     proc = start_gateway(cfg, module_tmp, ready_path="/readyz")
     yield proc
     proc.stop()
@@ -161,3 +165,36 @@ def test_native_streams_are_not_held_against_the_replica(gw: Proc) -> None:
     nat = next(m for m in orjson.loads(raw)["data"] if m["model"] == "nat")
     breaker = nat["replicas"][0]["breaker"]
     assert breaker["state"] == "closed" and breaker["failures_in_window"] == 0, breaker
+
+
+def test_one_prompt_and_one_completion_per_request(gw: Proc) -> None:
+    """llama-server answers several prompts (or n > 1) with an array that nothing here could meter or moderate:
+    refused, with the endpoint that takes several named."""
+    status, refused = _post(gw, "/completion", {"model": "nat", "prompt": ["a", "b"], "n_predict": 4})
+    assert status == 400 and refused["error"]["param"] == "prompt" and "/v1/completions" in refused["error"]["message"]
+    status, refused = _post(gw, "/completion", {"model": "nat", "prompt": "a", "n": 2})
+    assert status == 400 and refused["error"]["param"] == "n"
+    status, ids = _post(gw, "/completion", {"model": "nat", "prompt": [1, 2, 3], "n_predict": 2})
+    assert status == 200 and ids["tokens_predicted"] == 2  # token ids are one prompt
+
+
+def test_redacted_text_takes_its_token_details_along(gw: Proc) -> None:
+    """What the guard changed is not told by the token probabilities llama-server sends beside it."""
+    status, answer = _post(gw, "/completion", {"model": "guarded", "prompt": "mail?", "n_predict": 20, "n_probs": 2})
+    assert status == 200
+    assert "bob@example.com" not in orjson.dumps(answer).decode()
+    assert "completion_probabilities" not in answer
+    status, plain = _post(gw, "/completion", {"model": "nat", "prompt": "hi", "n_predict": 3, "n_probs": 2})
+    assert status == 200 and len(plain["completion_probabilities"]) == 3  # unchanged text keeps them
+
+
+def test_what_reaches_the_tokenizer_is_held_to_the_request_limits(gw: Proc) -> None:
+    internal = {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}}
+    status, refused = _post(
+        gw, "/apply-template", {"model": "nat", "messages": [{"role": "user", "content": [internal]}]}
+    )
+    assert status == 400 and refused["error"]["code"] == "url_not_allowed", refused
+    status, refused = _post(gw, "/detokenize", {"model": "nat", "tokens": [1, 70000]})
+    assert status == 400 and refused["error"]["param"] == "tokens"  # past the model's vocabulary (n_vocab)
+    status, refused = _post(gw, "/tokenize", {"model": "nat", "content": 5})
+    assert status == 400 and refused["error"]["param"] == "content"

@@ -43,8 +43,6 @@ async def _complete(api: OpenAIDeps, req: Request, ex: Exchange, *, infill: bool
     payload = await _payload(api, req)
     openai_payload = to_completion(payload, infill=infill)
     completion = validation.validate_completion(openai_payload, api.config.validation)
-    if "max_tokens" in openai_payload:  # as validation capped it
-        payload["n_predict"] = openai_payload["max_tokens"]
     ex.surface = Completion(completion.model, infill=infill)
     await generate(api, req, ex, openai_payload, completion, route=req.path, native=payload)
 
@@ -110,9 +108,41 @@ async def _llama_replica(api: OpenAIDeps, req: Request, ex: Exchange, asked: Any
     return name, replica
 
 
+def _checked(api: OpenAIDeps, path: str, payload: dict[str, Any], replica: Replica) -> None:
+    """What each one sends the server is held to the limits a generating request is: a template's messages to the
+    chat limits and the image URL policy (a server fetches an image it is given by URL), a text to the characters
+    a prompt may hold, token ids to ints the model's vocabulary has."""
+    limits = api.config.validation
+    if path == "/apply-template":
+        validation.validate_chat({**payload, "max_tokens": 1}, limits)
+    elif path == "/tokenize":
+        content = payload.get("content")
+        if not isinstance(content, str) or len(content) > limits.max_total_chars:
+            raise InvalidRequest(
+                f"'content' must be a string of at most {limits.max_total_chars} characters.",
+                param="content",
+                code="invalid_value",
+            )
+    else:
+        tokens = payload.get("tokens")
+        vocabulary = (replica.meta or {}).get("n_vocab")
+        top = vocabulary if isinstance(vocabulary, int) and vocabulary > 0 else 1 << 31
+        if (
+            not isinstance(tokens, list)
+            or len(tokens) > limits.max_total_chars
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < top for t in tokens)
+        ):
+            raise InvalidRequest(
+                f"'tokens' must be a list of token ids (integers from 0 to {top - 1}).",
+                param="tokens",
+                code="invalid_value",
+            )
+
+
 async def _side(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     payload = await _payload(api, req)
     name, replica = await _llama_replica(api, req, ex, payload.get("model"))
+    _checked(api, req.path, payload, replica)
     payload["model"] = replica.upstream_model or name
     status, answer = await api.upstream.call(replica, req.path, payload, model=name, timeout_s=30)
     if status >= 400 or answer is None:

@@ -41,7 +41,6 @@ async def create_message(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     payload = await _payload(api, req)
     chat_payload = messages.to_chat(payload)
     chat = validation.validate_chat(chat_payload, api.config.validation)
-    payload["max_tokens"] = chat_payload.get("max_tokens", payload["max_tokens"])  # as validation capped it
     ex.surface = Messages(chat.model)
     await generate(api, req, ex, chat_payload, chat, route="/v1/messages", native=payload)
 
@@ -97,11 +96,9 @@ async def create_response(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
             await api.responses.put(owner, context, own, response)
 
     ex.surface = Responses(payload, keep if store else None)
-    # Natively: the whole conversation as input (the backend stores nothing of ours), capped as validated.
+    # Natively: the whole conversation as input (the backend stores nothing of ours).
     native = {k: v for k, v in payload.items() if k not in ("previous_response_id", "store")}
     native["input"] = context + own
-    if chat_payload.get("max_tokens") is not None:
-        native["max_output_tokens"] = chat_payload["max_tokens"]
     await generate(api, req, ex, chat_payload, chat, route="/v1/responses", native=native)
 
 

@@ -223,11 +223,13 @@ class Dispatcher:
                 store=store,
             )
             ex.error_code = "database_unavailable" if store else "temporarily_unavailable"
+            what = "The database did not answer" if store else "A resource the gateway needs was unavailable"
             if req.status == 0:
-                what = "The database did not answer" if store else "A resource the gateway needs was unavailable"
                 await req.respond_error(
                     ServiceUnavailable(f"{what}; try again shortly.", code=ex.error_code, headers={"Retry-After": "2"})
                 )
+            else:
+                await self._end_in_error(req, ex, f"{what}; the stream was ended.")
         except Exception:
             await self._unhandled(req, ex)
         finally:
@@ -254,12 +256,18 @@ class Dispatcher:
         message = "The gateway failed to handle the request."
         if req.status == 0:
             await req.respond_error(GatewayError(message))
-        elif ex.stream and not req.ended:  # a stream under way ends with an error event, never silently
-            try:
-                await req.stream_chunk(ex.error_event(message + " The stream was ended.", code=ex.error_code))
-                await req.end_stream()
-            except Exception:  # the error event itself failed (a surface's own bug): nothing more can be said
-                self.log.warning("stream_not_ended", path=req.path)
+        else:
+            await self._end_in_error(req, ex, message + " The stream was ended.")
+
+    async def _end_in_error(self, req: Request, ex: Exchange, message: str) -> None:
+        """A stream under way ends with an error event, never silently."""
+        if not ex.stream or req.ended:
+            return
+        try:
+            await req.stream_chunk(ex.error_event(message, code=ex.error_code))
+            await req.end_stream()
+        except Exception:  # the client is gone, or the error event itself failed: nothing more can be said
+            self.log.warning("stream_not_ended", path=req.path)
 
     def _route(self, req: Request) -> tuple[Route, tuple[str, ...]]:
         found = self.routes.get((req.method, req.path))

@@ -445,6 +445,9 @@ def input_texts(payload: dict[str, Any], chat: bool) -> list[tuple[Any, Any, str
         found.append((payload, "prompt", prompt))
     elif isinstance(prompt, list):
         found += [(prompt, i, p) for i, p in enumerate(prompt) if isinstance(p, str)]
+    suffix = payload.get("suffix")  # (the other half of a fill-in-the-middle request: /infill, `suffix`)
+    if isinstance(suffix, str):
+        found.append((payload, "suffix", suffix))
     return found
 
 

@@ -402,7 +402,7 @@ class Simulator:
                     "object": "model",
                     "created": int(time.time()),
                     "owned_by": "llamacpp",
-                    "meta": {"n_ctx_train": self.settings.n_ctx},
+                    "meta": {"n_ctx_train": self.settings.n_ctx, "n_vocab": 1 << 16},
                 }
             ],
         }
@@ -838,12 +838,10 @@ class Simulator:
             if path in ("/completion", "/infill"):
                 infill = path == "/infill"
                 completion = llama.to_completion(req, infill=infill)
-                await self._completion(
-                    completion,
-                    receive,
-                    _Encoding(send, llama.Completion(str(req.get("model")), infill=infill)),
-                    chat=False,
-                )
+                encoding = _Encoding(send, llama.Completion(str(req.get("model")), infill=infill))
+                if isinstance(req.get("n_probs"), int) and req["n_probs"] > 0:
+                    encoding.probabilities = True  # llama-server's completion_probabilities, a token at a time
+                await self._completion(completion, receive, encoding, chat=False)
                 return
             if path == "/v1/messages/count_tokens":
                 chat = messages.count_tokens_chat(req)
@@ -957,6 +955,7 @@ class _Encoding:
         self.status = 200
         self.sse = False
         self.body = b""
+        self.probabilities = False
 
     async def __call__(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -974,6 +973,11 @@ class _Encoding:
             self.body += body
             if not more:
                 answer = await self.surface.answer(orjson.loads(self.body))
+                if self.probabilities:
+                    answer["completion_probabilities"] = [
+                        {"token": piece, "logprob": -0.5, "top_logprobs": [{"token": piece, "logprob": -0.5}]}
+                        for piece in re.findall(r"\s*\S+", answer.get("content", ""))
+                    ]
                 await self.send({"type": "http.response.body", "body": orjson.dumps(answer)})
             return
         out = b""

@@ -44,9 +44,22 @@ def to_completion(payload: dict[str, Any], *, infill: bool) -> dict[str, Any]:
             out["suffix"] = suffix
     else:
         prompt = payload.get("prompt")
-        if not isinstance(prompt, str | list):
-            raise InvalidRequest("'prompt' must be a string or token ids.", param="prompt", code="invalid_value")
+        # One prompt: a string or token ids. (A list of prompts gets llama-server's array of answers, which this
+        # endpoint does not meter or moderate: the OpenAI completions endpoint takes several.)
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))):
+            raise InvalidRequest(
+                "'prompt' must be one prompt: a string or a list of token ids (send several to /v1/completions).",
+                param="prompt",
+                code="invalid_value",
+            )
         out["prompt"] = prompt
+    for many in ("n", "n_cmpl"):
+        if isinstance(payload.get(many), int) and payload[many] > 1:
+            raise InvalidRequest(
+                f"'{many}': one completion per request here (use /v1/completions for several).",
+                param=many,
+                code="invalid_value",
+            )
     if out.get("max_tokens") == 0 or payload.get("n_predict") == -1:
         out.pop("max_tokens", None)  # llama.cpp's -1: as long as the context allows
     if out.get("stream"):
@@ -61,6 +74,8 @@ def _stop_type(finish: Any) -> str:
 class Completion:
     """The exchange's surface (exchange.py) for one /completion or /infill request."""
 
+    native_length = "n_predict"  # (the length the request path settled is written into the native request)
+
     def __init__(self, model: str, *, infill: bool) -> None:
         self.model = model
         self.native = "/infill" if infill else "/completion"
@@ -74,7 +89,7 @@ class Completion:
         choice = (answer.get("choices") or [{}])[0]
         text = choice.get("text") or ""
         if self.original is not None:  # native: as it came, with the text the filters let through
-            return {**self.original, "content": text, "model": self.model}
+            return {**_as_filtered(self.original, text), "model": self.model}
         usage = answer.get("usage") or {}
         return {
             "content": text,
@@ -101,7 +116,7 @@ class Completion:
             if raw is not None:
                 if raw.get("stop"):
                     continue  # the last event goes out at the end, with what the filters let through before it
-                out += b"data: " + orjson.dumps({**raw, "content": text}) + b"\n\n"
+                out += b"data: " + orjson.dumps(_as_filtered(raw, text)) + b"\n\n"
             elif text:
                 out += b"data: " + orjson.dumps({"content": text, "stop": False}) + b"\n\n"
         return out
@@ -136,7 +151,7 @@ class Completion:
                     "finish_reason": "length" if answer.get("stop_type") == "limit" else "stop",
                 }
             ],
-            "usage": _usage(answer),
+            **({"usage": usage} if (usage := _usage(answer)) else {}),
         }
 
     def decode_event(self, event: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
@@ -146,12 +161,29 @@ class Completion:
         if last:
             self.last = event
             choice["finish_reason"] = "length" if event.get("stop_type") == "limit" else "stop"
-            chunk["usage"] = _usage(event)
+            usage = _usage(event)
+            if usage:
+                chunk["usage"] = usage
         return chunk, last
 
 
-def _usage(answer: dict[str, Any]) -> dict[str, int]:
+# What would tell the generated text token by token: kept only while the text goes out as generated.
+_TOKEN_DETAIL = ("completion_probabilities", "tokens", "stopping_word", "probs")
+
+
+def _as_filtered(raw: dict[str, Any], text: str) -> dict[str, Any]:
+    """A native answer or event with the text the filters let through. When they changed it (redacted, refused),
+    the token ids and probabilities of what was generated go too: they would tell the text that was withheld."""
+    if raw.get("content") == text:
+        return raw
+    return {k: v for k, v in raw.items() if k not in _TOKEN_DETAIL} | {"content": text}
+
+
+def _usage(answer: dict[str, Any]) -> dict[str, int] | None:
+    """llama.cpp's counts as OpenAI's usage; None when it gave none (the gateway then charges what it can show)."""
     prompt, completion = answer.get("tokens_evaluated"), answer.get("tokens_predicted")
+    if not isinstance(prompt, int) and not isinstance(completion, int):
+        return None
     prompt = prompt if isinstance(prompt, int) else 0
     completion = completion if isinstance(completion, int) else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

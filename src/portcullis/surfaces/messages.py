@@ -310,6 +310,7 @@ def _arguments(raw: Any) -> Any:
 class Messages:
     """The exchange's surface (exchange.py) for one Messages request: a chat answer or stream → Anthropic's."""
 
+    native_length = "max_tokens"  # (the length the request path settled is written into the native request)
     native = "/v1/messages"
 
     def __init__(self, model: str) -> None:
@@ -495,8 +496,12 @@ class Messages:
             message["reasoning_content"] = "".join(thinking)
         if calls:
             message["tool_calls"] = calls
-        usage = answer.get("usage") or {}
-        prompt, completion = _prompt_of(usage), usage.get("output_tokens", 0)
+        usage = answer.get("usage")
+        counted = (
+            _chat_usage(_prompt_of(usage), usage.get("output_tokens", 0), usage.get("cache_read_input_tokens"))
+            if isinstance(usage, dict)
+            else None  # none told: the gateway charges what it can show was spent
+        )
         return {
             "id": answer.get("id", self.id),
             "object": "chat.completion",
@@ -504,7 +509,7 @@ class Messages:
             "choices": [
                 {"index": 0, "message": message, "finish_reason": _FINISH.get(answer.get("stop_reason") or "", "stop")}
             ],
-            "usage": _chat_usage(prompt, completion, usage.get("cache_read_input_tokens")),
+            **({"usage": counted} if counted else {}),
         }
 
     def decode_event(self, event: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:

@@ -153,8 +153,12 @@ def to_messages(items: list[dict[str, Any]], param: str = "input") -> list[dict[
             text = output if isinstance(output, str) else orjson.dumps(output).decode()
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
         elif kind == "reasoning":
-            texts = [c.get("text", "") for c in item.get("content") or () if isinstance(c, dict)]
-            reasoning = "".join(texts) or None
+            content = item.get("content") or []
+            if not isinstance(content, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("text", ""), str) for c in content
+            ):
+                raise _bad(f"'{where}.content' must be a list of reasoning_text parts.", f"{where}.content")
+            reasoning = "".join(c.get("text", "") for c in content) or None
         else:
             raise _bad(f"'{where}': items of type {kind!r} are not supported here.", f"{where}.type")
     return out
@@ -240,10 +244,13 @@ def _usage(usage: Any) -> dict[str, Any]:
     }
 
 
-def _from_usage(usage: Any) -> dict[str, int]:
-    usage = usage if isinstance(usage, dict) else {}
-    prompt = usage.get("input_tokens") if isinstance(usage.get("input_tokens"), int) else 0
-    completion = usage.get("output_tokens") if isinstance(usage.get("output_tokens"), int) else 0
+def _from_usage(usage: Any) -> dict[str, int] | None:
+    """A Responses usage → chat's; None when there is none (the gateway then charges what it can show was spent)."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
+    prompt = prompt if isinstance(prompt, int) else 0
+    completion = completion if isinstance(completion, int) else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -251,6 +258,7 @@ class Responses:
     """The exchange's surface (exchange.py) for one Responses request: a chat answer or stream → the Responses
     API's. `final` is the whole response object once the answer is over (what a stored response keeps)."""
 
+    native_length = "max_output_tokens"  # (the length the request path settled is written into the native request)
     native = "/v1/responses"
 
     def __init__(
@@ -279,8 +287,10 @@ class Responses:
         # native streams: the function call items (by id; llama-server sends no output_index) → chat tool call indexes
         self.native_calls: dict[Any, int] = {}
 
-    def response(self, status: str, output: list[dict[str, Any]], usage: Any) -> dict[str, Any]:
-        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    def response(
+        self, status: str, output: list[dict[str, Any]], usage: Any, reason: str = "max_output_tokens"
+    ) -> dict[str, Any]:
+        incomplete = {"reason": reason} if status == "incomplete" else None
         return {
             "id": self.id,
             "object": "response",
@@ -318,9 +328,9 @@ class Responses:
                 )
             )
         finish = choice.get("finish_reason")
-        self.final = self.response(
-            "incomplete" if finish == "length" else "completed", output, answer.get("usage") or {}
-        )
+        status = "incomplete" if finish in ("length", "content_filter") else "completed"
+        reason = "content_filter" if finish == "content_filter" else "max_output_tokens"
+        self.final = self.response(status, output, answer.get("usage") or {}, reason)
         if self.keep is not None:
             await self.keep(self.final)
         return self.final
@@ -546,7 +556,8 @@ class Responses:
         if kind in ("response.completed", "response.incomplete"):
             response = event.get("response") or {}
             finish = "tool_calls" if self.native_calls else ("length" if self._cut(response, kind) else "stop")
-            return {**chunk({}, finish), "usage": _from_usage(response.get("usage"))}, True
+            counted = _from_usage(response.get("usage"))
+            return {**chunk({}, finish), **({"usage": counted} if counted else {})}, True
         if kind in ("response.failed", "error"):
             error = event.get("error") or (event.get("response") or {}).get("error") or event
             return {"error": {"message": error.get("message", "The upstream failed."), "code": error.get("code")}}, True

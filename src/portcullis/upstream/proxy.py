@@ -19,6 +19,7 @@ again when the client did not ask for it.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,9 @@ class Upstream:
         bodies: dict[tuple[str, bool], bytes] = {}
         surface = ex.surface
         native_path = surface.native if surface is not None and native is not None else None
+        if surface is not None and native is not None and isinstance(payload.get("max_tokens"), int):
+            # The length as validation capped it and admission may have degraded it: the native request obeys it too.
+            native[surface.native_length] = payload["max_tokens"]
         ex.watch_disconnect(req.wait_disconnect)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + target.timeouts.total_s
@@ -115,7 +119,7 @@ class Upstream:
                 )
                 return
             except AttemptFailed as failure:
-                if ex.native and native_path is not None and failure.error.status in (404, 405):
+                if ex.native and native_path is not None and _lacks(failure.error):
                     # It does not answer the API's endpoint after all: learned, and translated on the same replica
                     # at once (no retry spent: nothing was wrong with the request or the replica).
                     replica.native.discard(native_path)
@@ -403,7 +407,14 @@ async def respond_as_requested_model(req: Request, ex: Exchange, raw: bytes, mod
             f"The upstream for model '{model}' sent an answer that is not JSON.", status=502, code="bad_upstream_answer"
         ) from exc
     surface = ex.surface
-    if surface is not None and ex.native and isinstance(answer, dict):
+    if surface is not None and not isinstance(answer, dict):
+        # (an answer the filters cannot read is never passed on: it would go out unjudged and uncounted)
+        raise GatewayError(
+            f"The upstream for model '{model}' sent an answer of an unexpected shape.",
+            status=502,
+            code="bad_upstream_answer",
+        )
+    if surface is not None and ex.native:
         answer = surface.decode_answer(answer)  # the API's own answer, read as chat for the filters
     if isinstance(answer, dict):
         if "model" in answer:
@@ -437,3 +448,15 @@ def _conform(answer: dict[str, Any]) -> None:
             message = choice.get("message")
             if isinstance(message, dict):
                 message.setdefault("refusal", None)
+
+
+# A 404 that names a model (llama-server's router mode, a proxy in front of several servers) is about the model,
+# not the endpoint: it is passed on, and the replica keeps answering the API natively.
+_MODEL_NOT_FOUND = re.compile(r"model[^.]*\bnot (?:be )?found|no such model|unknown model|model_not_found", re.I)
+
+
+def _lacks(error: GatewayError) -> bool:
+    """Does this answer to a native request say the server has no such endpoint?"""
+    if error.status == 405:
+        return True
+    return error.status == 404 and not _MODEL_NOT_FOUND.search(f"{error.message} {error.code or ''}")

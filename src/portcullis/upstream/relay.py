@@ -114,7 +114,7 @@ async def relay_sse(
                         break
                     if sent:
                         await req.stream_chunk(sent)
-            elif chunk is not None and _finishes(chunk):
+            elif chunk is not None and (choices := chunk.get("choices")) and _finishes(choices):
                 waiting = chunk
                 continue
         if filtered:
@@ -233,8 +233,27 @@ class _Chain:
 
 
 async def _end(surface: Surface, out: bytes) -> bytes:
-    """The raw end of a stream (`[DONE]`, or an error event the surface made already) in the client's API."""
+    """The raw end of a stream (`[DONE]`, or an upstream error) in the client's API."""
+    if isinstance(out, _LateError):
+        return surface.error(out.message, type=out.kind, code=out.code)
     return await surface.end() if out == _DONE else out
+
+
+class _LateError(bytes):
+    """An upstream's error event, for a surface to make when its place in the stream comes: after the events the
+    filters still held (its events are numbered after theirs, and open what nothing opened yet)."""
+
+    message: str
+    kind: str
+    code: str | None
+
+
+def _stream_error(ex: Exchange, message: str, kind: str, code: str | None) -> bytes:
+    if ex.surface is None:
+        return ex.error_event(message, type=kind, code=code)
+    late = _LateError()
+    late.message, late.kind, late.code = message, kind, code
+    return late
 
 
 async def end_stream_with_error(req: Request, ex: Exchange, message: str, code: str) -> None:
@@ -256,14 +275,14 @@ def _translate(
     except orjson.JSONDecodeError:
         ex.error_code = "bad_upstream_answer"
         message = f"The upstream for model '{model}' sent an event that is not JSON."
-        return None, ex.error_event(message, code=ex.error_code), True
+        return None, _stream_error(ex, message, "server_error", ex.error_code), True
     if not isinstance(chunk, dict):
         return None, (b"data: " + data + b"\n\n") if ex.surface is None else b"", False
     if "error" in chunk:
         err = upstream_error(500, data, model=model)
         ex.error_code = err.code or err.type
         if ex.surface is not None:
-            return None, ex.surface.error(err.message, type=err.type, code=err.code), True
+            return None, _stream_error(ex, err.message, err.type, err.code), True
         return None, b"data: " + err.body() + b"\n\n", True
     if ex.native:  # the API's own event (surfaces/): read back as chat chunks for the filters
         return _native(chunk, ex, model=model)
@@ -315,11 +334,8 @@ def replica_fault(data: bytes) -> str | None:
     return "5xx"
 
 
-def _finishes(chunk: dict[str, Any]) -> bool:
-    choices = chunk.get("choices")
-    if not choices or not isinstance(choices, list):
-        return False
-    last = choices[-1]
+def _finishes(choices: Any) -> bool:
+    last = choices[-1] if isinstance(choices, list) else None
     return isinstance(last, dict) and last.get("finish_reason") is not None
 
 
@@ -347,7 +363,11 @@ def _native(event: dict[str, Any], ex: Exchange, *, model: str) -> tuple[dict[st
     if chunk is not None and "error" in chunk:  # the API's own error event
         err = chunk["error"]
         ex.error_code = err.get("code") or "upstream_error"
-        return None, ex.error_event(err.get("message") or "The upstream failed.", code=ex.error_code), True
+        return (
+            None,
+            _stream_error(ex, err.get("message") or "The upstream failed.", "server_error", ex.error_code),
+            True,
+        )
     if chunk is not None:
         usage = chunk.get("usage")
         if usage:
