@@ -19,6 +19,7 @@ import anthropic
 import orjson
 import pytest
 from events import MESSAGE_EVENT, RESPONSE_EVENT, sse_events
+from llama_proc import serve_llama
 from procs import (
     ADMIN_KEY,
     Proc,
@@ -36,6 +37,11 @@ pytestmark = [
     pytest.mark.skipif(not os.environ.get("LLAMA_SERVER_BIN"), reason="LLAMA_SERVER_BIN is not set"),
 ]
 EXACT = {"ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def llama(module_tmp: Path) -> Iterator[str]:
+    yield from serve_llama(module_tmp)
 
 
 @pytest.fixture(scope="module")

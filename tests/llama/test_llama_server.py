@@ -13,6 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from llama_proc import serve_llama
 from procs import ADMIN_KEY, Proc, gateway_config, http_get, start_gateway
 
 LLAMA_BIN = os.environ.get("LLAMA_SERVER_BIN")
@@ -20,7 +21,12 @@ pytestmark = [
     pytest.mark.llama,
     pytest.mark.skipif(not LLAMA_BIN, reason="LLAMA_SERVER_BIN is not set (a real llama-server is optional)"),
 ]
-SLOTS = 2  # as the llama fixture (tests/llama/conftest.py) starts it
+SLOTS = 2  # as llama_proc.serve_llama starts it
+
+
+@pytest.fixture(scope="module")
+def llama(module_tmp: Path) -> Iterator[str]:
+    yield from serve_llama(module_tmp)
 
 
 @pytest.fixture(scope="module")

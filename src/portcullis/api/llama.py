@@ -19,28 +19,20 @@ import time
 from typing import Any
 
 from portcullis.api.common import query_params
-from portcullis.api.openai import OpenAIDeps, generate
+from portcullis.api.openai import OpenAIDeps, admit_as_request, generate, read_object
 from portcullis.errors import Forbidden, GatewayError, InvalidRequest, NotFound
 from portcullis.exchange import Exchange
 from portcullis.http import Request
-from portcullis.identity.auth import require_model
-from portcullis.protocol import EmbeddingRequest
 from portcullis.routing.balancer import choose
 from portcullis.routing.catalog import Replica
 from portcullis.safety import validation
 from portcullis.surfaces.llama import Completion, to_completion
 
-
-async def _payload(api: OpenAIDeps, req: Request) -> dict[str, Any]:
-    body = await req.read_body(api.config.server.max_body_bytes)
-    return validation.parse_json_object(body, api.config.validation)
-
-
 # -- generation ------------------------------------------------------------------------------------------
 
 
 async def _complete(api: OpenAIDeps, req: Request, ex: Exchange, *, infill: bool) -> None:
-    payload = await _payload(api, req)
+    payload = await read_object(api, req)
     openai_payload = to_completion(payload, infill=infill)
     completion = validation.validate_completion(openai_payload, api.config.validation)
     ex.surface = Completion(completion.model, infill=infill)
@@ -59,7 +51,7 @@ async def infill(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
 
 
 async def rerank(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
-    payload = await _payload(api, req)
+    payload = await read_object(api, req)
     query, documents = payload.get("query"), payload.get("documents")
     if not isinstance(query, str) or not query:
         raise InvalidRequest("'query' must be a non-empty string.", param="query", code="invalid_value")
@@ -86,15 +78,7 @@ async def rerank(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
 
 async def _llama_replica(api: OpenAIDeps, req: Request, ex: Exchange, asked: Any) -> tuple[str, Replica]:
     """The model's llama-server replica to ask (after the request was admitted as a request of no tokens)."""
-    if not isinstance(asked, str):
-        raise InvalidRequest("'model' is required (the gateway serves several).", param="model", code="invalid_value")
-    name = api.catalog.resolve(asked)
-    require_model(ex.principal, asked, name)
-    if name in api.catalog.routers:
-        raise InvalidRequest(f"'{asked}' is a router: name one of its models.", param="model", code="model_is_router")
-    ex.model = name
-    await api.quota.admit(req, ex, EmbeddingRequest.model_construct(model=name, input=""))
-    ex.prompt_tokens = ex.completion_tokens = 0  # nothing generated, nothing charged
+    name = await admit_as_request(api, req, ex, asked)
     replicas = [r for r in api.catalog.replicas_for(name) if r.kind == "llama_cpp"]
     if not replicas:
         raise NotFound(
@@ -140,7 +124,7 @@ def _checked(api: OpenAIDeps, path: str, payload: dict[str, Any], replica: Repli
 
 
 async def _side(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
-    payload = await _payload(api, req)
+    payload = await read_object(api, req)
     name, replica = await _llama_replica(api, req, ex, payload.get("model"))
     _checked(api, req.path, payload, replica)
     payload["model"] = replica.upstream_model or name

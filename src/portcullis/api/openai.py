@@ -58,6 +58,28 @@ class OpenAIDeps:
     responses: ResponseStore  # the Responses API's stored responses
 
 
+async def read_object(api: OpenAIDeps, req: Request) -> dict[str, Any]:
+    """The body (capped while read), parsed once into a JSON object."""
+    body = await req.read_body(api.config.server.max_body_bytes)
+    return validation.parse_json_object(body, api.config.validation)
+
+
+async def admit_as_request(api: OpenAIDeps, req: Request, ex: Exchange, asked: Any) -> str:
+    """A call that generates nothing (counting tokens, tokenizing, templating): the model it names, allowed for
+    the principal and not a router, and the request admitted against request and concurrency limits with no
+    tokens reserved or charged."""
+    if not isinstance(asked, str):
+        raise InvalidRequest("'model' is required (the gateway serves several).", param="model", code="invalid_value")
+    name = api.catalog.resolve(asked)
+    require_model(ex.principal, asked, name)
+    if name in api.catalog.routers:
+        raise InvalidRequest(f"'{asked}' is a router: name one of its models.", param="model", code="model_is_router")
+    ex.model = name
+    await api.quota.admit(req, ex, EmbeddingRequest.model_construct(model=name, input=""))
+    ex.prompt_tokens = ex.completion_tokens = 0  # nothing generated, nothing charged
+    return name
+
+
 async def chat_completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     body = await req.read_body(api.config.server.max_body_bytes)
     payload = validation.parse_json_object(body, api.config.validation)

@@ -15,12 +15,10 @@ import time
 from typing import Any
 
 from portcullis.api.common import query_params
-from portcullis.api.openai import OpenAIDeps, generate
+from portcullis.api.openai import OpenAIDeps, admit_as_request, generate, read_object
 from portcullis.errors import GatewayError, InvalidRequest
 from portcullis.exchange import Exchange
 from portcullis.http import Request
-from portcullis.identity.auth import require_model
-from portcullis.protocol import EmbeddingRequest
 from portcullis.quota import estimate
 from portcullis.routing.balancer import choose
 from portcullis.safety import validation
@@ -28,17 +26,11 @@ from portcullis.surfaces import messages, responses
 from portcullis.surfaces.messages import Messages
 from portcullis.surfaces.responses import Responses
 
-
-async def _payload(api: OpenAIDeps, req: Request) -> dict[str, Any]:
-    body = await req.read_body(api.config.server.max_body_bytes)
-    return validation.parse_json_object(body, api.config.validation)
-
-
 # -- Anthropic's Messages API ------------------------------------------------------------------------
 
 
 async def create_message(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
-    payload = await _payload(api, req)
+    payload = await read_object(api, req)
     chat_payload = messages.to_chat(payload)
     chat = validation.validate_chat(chat_payload, api.config.validation)
     ex.surface = Messages(chat.model)
@@ -46,7 +38,7 @@ async def create_message(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
 
 
 async def count_message_tokens(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
-    payload = await _payload(api, req)
+    payload = await read_object(api, req)
     chat_payload = messages.count_tokens_chat(payload)
     count = await _count(api, req, ex, payload, chat_payload, native="/v1/messages/count_tokens")
     await req.respond_json(200, {"input_tokens": count})
@@ -80,7 +72,7 @@ async def _context(api: OpenAIDeps, ex: Exchange, payload: dict[str, Any]) -> li
 
 
 async def create_response(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
-    payload = await _payload(api, req)
+    payload = await read_object(api, req)
     store = payload.get("store", True)
     if not isinstance(store, bool):
         raise InvalidRequest("'store' must be a boolean.", param="store", code="invalid_value")
@@ -138,7 +130,7 @@ async def list_input_items(api: OpenAIDeps, req: Request, ex: Exchange, response
 
 
 async def count_response_tokens(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
-    payload = await _payload(api, req)
+    payload = await read_object(api, req)
     context = await _context(api, ex, payload)
     chat_payload = responses.to_chat({**payload, "stream": False}, context)
     native = {k: v for k, v in payload.items() if k not in ("previous_response_id", "store", "stream")}
@@ -148,7 +140,7 @@ async def count_response_tokens(api: OpenAIDeps, req: Request, ex: Exchange) -> 
 
 
 async def count_chat_tokens(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
-    payload = await _payload(api, req)
+    payload = await read_object(api, req)
     chat_payload = {**payload, "stream": False}
     count = await _count(api, req, ex, payload, chat_payload, native="/v1/chat/completions/input_tokens")
     await req.respond_json(200, {"object": "chat.completion.input_tokens", "input_tokens": count})
@@ -170,16 +162,7 @@ async def _count(
     estimated. Limited like a request of no tokens (request limits, concurrency), never as generation."""
     chat_payload.pop("max_tokens", None)
     chat = validation.validate_chat(chat_payload, api.config.validation)
-    asked = chat.model
-    name = api.catalog.resolve(asked)
-    require_model(ex.principal, asked, name)
-    if name in api.catalog.routers:
-        raise InvalidRequest(
-            f"'{asked}' is a router: count tokens with one of its models.", param="model", code="model_is_router"
-        )
-    ex.model = name
-    await api.quota.admit(req, ex, EmbeddingRequest.model_construct(model=name, input=""))
-    ex.prompt_tokens = ex.completion_tokens = 0  # a count spends nothing
+    name = await admit_as_request(api, req, ex, chat.model)
     replica = choose(api.catalog.replicas_for(name), (), time.monotonic())
     if replica is not None:
         upstream_name = replica.upstream_model or name

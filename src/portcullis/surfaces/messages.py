@@ -20,7 +20,8 @@ from typing import Any
 
 import orjson
 
-from portcullis.errors import InvalidRequest, anthropic_sse_error
+from portcullis.errors import anthropic_sse_error
+from portcullis.surfaces import invalid
 
 # chat finish_reason → Anthropic stop_reason
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
@@ -56,10 +57,6 @@ _KNOWN = frozenset(
 )
 
 
-def _bad(message: str, param: str) -> InvalidRequest:
-    return InvalidRequest(message, param=param, code="invalid_value")
-
-
 def _text_blocks(value: Any, param: str) -> str:
     """A system prompt: a string, or text blocks joined."""
     if isinstance(value, str):
@@ -68,10 +65,10 @@ def _text_blocks(value: Any, param: str) -> str:
         out = []
         for i, block in enumerate(value):
             if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-                raise _bad(f"'{param}[{i}]' must be a text block.", f"{param}[{i}]")
+                raise invalid(f"'{param}[{i}]' must be a text block.", f"{param}[{i}]")
             out.append(block["text"])
         return "\n\n".join(out)
-    raise _bad(f"'{param}' must be a string or a list of text blocks.", param)
+    raise invalid(f"'{param}' must be a string or a list of text blocks.", param)
 
 
 def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
@@ -82,7 +79,7 @@ def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
             return {"type": "image_url", "image_url": {"url": url}}
         if source.get("type") == "url" and isinstance(source.get("url"), str):
             return {"type": "image_url", "image_url": {"url": source["url"]}}
-    raise _bad(f"'{param}.source' must be a base64 or url image source.", f"{param}.source")
+    raise invalid(f"'{param}.source' must be a base64 or url image source.", f"{param}.source")
 
 
 def _tool_result_text(content: Any, param: str) -> str:
@@ -96,28 +93,28 @@ def _tool_result_text(content: Any, param: str) -> str:
             if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
                 parts.append(block["text"])
             else:
-                raise _bad(f"'{param}[{i}]': only text blocks can be sent in a tool result here.", f"{param}[{i}]")
+                raise invalid(f"'{param}[{i}]': only text blocks can be sent in a tool result here.", f"{param}[{i}]")
         return "\n".join(parts)
-    raise _bad(f"'{param}' must be a string or a list of text blocks.", param)
+    raise invalid(f"'{param}' must be a string or a list of text blocks.", param)
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
-        raise _bad("'messages' must be a non-empty list.", "messages")
+        raise invalid("'messages' must be a non-empty list.", "messages")
     out: list[dict[str, Any]] = []
     for i, message in enumerate(value):
         param = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad(f"'{param}' must be an object.", param)
+            raise invalid(f"'{param}' must be an object.", param)
         role = message.get("role")
         if role not in ("user", "assistant"):
-            raise _bad(f"'{param}.role' must be 'user' or 'assistant'.", f"{param}.role")
+            raise invalid(f"'{param}.role' must be 'user' or 'assistant'.", f"{param}.role")
         content = message.get("content")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
         if not isinstance(content, list):
-            raise _bad(f"'{param}.content' must be a string or a list of content blocks.", f"{param}.content")
+            raise invalid(f"'{param}.content' must be a string or a list of content blocks.", f"{param}.content")
         parts: list[dict[str, Any]] = []
         calls: list[dict[str, Any]] = []
         results: list[dict[str, Any]] = []
@@ -131,14 +128,14 @@ def _messages(value: Any) -> list[dict[str, Any]]:
                 parts.append(_image(block, where))
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
-                    raise _bad(f"'{where}' needs an 'id' and a 'name'.", where)
+                    raise invalid(f"'{where}' needs an 'id' and a 'name'.", where)
                 arguments = orjson.dumps(block.get("input") or {}).decode()
                 calls.append(
                     {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}}
                 )
             elif kind == "tool_result" and role == "user":
                 if not isinstance(block.get("tool_use_id"), str):
-                    raise _bad(f"'{where}.tool_use_id' must be a string.", f"{where}.tool_use_id")
+                    raise invalid(f"'{where}.tool_use_id' must be a string.", f"{where}.tool_use_id")
                 text = _tool_result_text(block.get("content"), f"{where}.content")
                 if block.get("is_error"):
                     text = f"Error: {text}"
@@ -147,7 +144,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
                 if isinstance(block.get("thinking"), str):
                     thinking.append(block["thinking"])
             else:
-                raise _bad(f"'{where}': a {kind!r} block is not supported in a {role} message.", where)
+                raise invalid(f"'{where}': a {kind!r} block is not supported in a {role} message.", where)
         out += results  # a user turn's tool results answer the previous turn's calls: they come first
         if role == "assistant":
             text = "".join(p["text"] for p in parts)
@@ -166,13 +163,13 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 
 def _tools(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
-        raise _bad("'tools' must be a list.", "tools")
+        raise invalid("'tools' must be a list.", "tools")
     out = []
     for i, tool in enumerate(value):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-            raise _bad(f"'tools[{i}]' must be an object with a 'name'.", f"tools[{i}]")
+            raise invalid(f"'tools[{i}]' must be an object with a 'name'.", f"tools[{i}]")
         if tool.get("type") not in (None, "custom"):
-            raise _bad(
+            raise invalid(
                 f"'tools[{i}]': Anthropic's server tools ({tool['type']}) are not available here; declare a "
                 "custom tool with an 'input_schema'.",
                 f"tools[{i}].type",
@@ -186,7 +183,7 @@ def _tools(value: Any) -> list[dict[str, Any]]:
 
 def _tool_choice(value: Any, chat: dict[str, Any]) -> None:
     if not isinstance(value, dict):
-        raise _bad("'tool_choice' must be an object.", "tool_choice")
+        raise invalid("'tool_choice' must be an object.", "tool_choice")
     kind = value.get("type")
     if kind == "auto":
         chat["tool_choice"] = "auto"
@@ -197,7 +194,7 @@ def _tool_choice(value: Any, chat: dict[str, Any]) -> None:
     elif kind == "tool" and isinstance(value.get("name"), str):
         chat["tool_choice"] = {"type": "function", "function": {"name": value["name"]}}
     else:
-        raise _bad("'tool_choice.type' must be auto, any, none or tool (with a name).", "tool_choice.type")
+        raise invalid("'tool_choice.type' must be auto, any, none or tool (with a name).", "tool_choice.type")
     if value.get("disable_parallel_tool_use") is True:
         chat["parallel_tool_calls"] = False
 
@@ -205,10 +202,10 @@ def _tool_choice(value: Any, chat: dict[str, Any]) -> None:
 def to_chat(payload: dict[str, Any]) -> dict[str, Any]:
     """A Messages request → the chat completions request it means (400 naming the Messages field)."""
     if not isinstance(payload.get("model"), str):
-        raise _bad("'model' is required.", "model")
+        raise invalid("'model' is required.", "model")
     max_tokens = payload.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise _bad("'max_tokens' is required: a positive integer.", "max_tokens")
+        raise invalid("'max_tokens' is required: a positive integer.", "max_tokens")
     chat: dict[str, Any] = {k: v for k, v in payload.items() if k in _SAME or k not in _KNOWN}
     messages = _messages(payload.get("messages"))
     system = payload.get("system")
@@ -218,7 +215,7 @@ def to_chat(payload: dict[str, Any]) -> dict[str, Any]:
     stops = payload.get("stop_sequences")
     if stops is not None:
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise _bad("'stop_sequences' must be a list of strings.", "stop_sequences")
+            raise invalid("'stop_sequences' must be a list of strings.", "stop_sequences")
         chat["stop"] = stops
     if payload.get("tools") is not None:
         chat["tools"] = _tools(payload["tools"])

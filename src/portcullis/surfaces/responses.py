@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from portcullis.errors import InvalidRequest
+from portcullis.surfaces import invalid
 
 # Request fields echoed in the response object (with their defaults when the request has none).
 _ECHO: dict[str, Any] = {
@@ -66,10 +66,6 @@ _KNOWN = frozenset(
 )
 
 
-def _bad(message: str, param: str) -> InvalidRequest:
-    return InvalidRequest(message, param=param, code="invalid_value")
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}_{os.urandom(16).hex()}"
 
@@ -80,11 +76,11 @@ def input_items(payload: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
     if not isinstance(value, list):
-        raise _bad("'input' must be a string or a list of items.", "input")
+        raise invalid("'input' must be a string or a list of items.", "input")
     items = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            raise _bad(f"'input[{i}]' must be an object.", f"input[{i}]")
+            raise invalid(f"'input[{i}]' must be an object.", f"input[{i}]")
         items.append(item)
     return items
 
@@ -93,7 +89,7 @@ def _content(value: Any, param: str, role: str) -> str | list[dict[str, Any]]:
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise _bad(f"'{param}' must be a string or a list of content parts.", param)
+        raise invalid(f"'{param}' must be a string or a list of content parts.", param)
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -104,10 +100,12 @@ def _content(value: Any, param: str, role: str) -> str | list[dict[str, Any]]:
         elif kind == "input_image" and role == "user":
             url = part.get("image_url")
             if not isinstance(url, str):
-                raise _bad(f"'{param}[{j}].image_url' must be a URL (file ids are not stored here).", f"{param}[{j}]")
+                raise invalid(
+                    f"'{param}[{j}].image_url' must be a URL (file ids are not stored here).", f"{param}[{j}]"
+                )
             parts.append({"type": "image_url", "image_url": {"url": url, "detail": part.get("detail", "auto")}})
         else:
-            raise _bad(f"'{param}[{j}]': a {kind!r} part is not supported here.", f"{param}[{j}]")
+            raise invalid(f"'{param}[{j}]': a {kind!r} part is not supported here.", f"{param}[{j}]")
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts
@@ -123,7 +121,7 @@ def to_messages(items: list[dict[str, Any]], param: str = "input") -> list[dict[
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
-                raise _bad(f"'{where}.role' must be user, assistant, system or developer.", f"{where}.role")
+                raise invalid(f"'{where}.role' must be user, assistant, system or developer.", f"{where}.role")
             content = _content(item.get("content"), f"{where}.content", role)
             message: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
             if role == "assistant" and reasoning:
@@ -131,7 +129,7 @@ def to_messages(items: list[dict[str, Any]], param: str = "input") -> list[dict[
             out.append(message)
         elif kind == "function_call":
             if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str):
-                raise _bad(f"'{where}' needs a 'call_id' and a 'name'.", where)
+                raise invalid(f"'{where}' needs a 'call_id' and a 'name'.", where)
             call = {
                 "id": item["call_id"],
                 "type": "function",
@@ -148,7 +146,7 @@ def to_messages(items: list[dict[str, Any]], param: str = "input") -> list[dict[
                     out[-1]["reasoning_content"], reasoning = reasoning, None
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
-                raise _bad(f"'{where}.call_id' must be a string.", f"{where}.call_id")
+                raise invalid(f"'{where}.call_id' must be a string.", f"{where}.call_id")
             output = item.get("output")
             text = output if isinstance(output, str) else orjson.dumps(output).decode()
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
@@ -157,21 +155,21 @@ def to_messages(items: list[dict[str, Any]], param: str = "input") -> list[dict[
             if not isinstance(content, list) or not all(
                 isinstance(c, dict) and isinstance(c.get("text", ""), str) for c in content
             ):
-                raise _bad(f"'{where}.content' must be a list of reasoning_text parts.", f"{where}.content")
+                raise invalid(f"'{where}.content' must be a list of reasoning_text parts.", f"{where}.content")
             reasoning = "".join(c.get("text", "") for c in content) or None
         else:
-            raise _bad(f"'{where}': items of type {kind!r} are not supported here.", f"{where}.type")
+            raise invalid(f"'{where}': items of type {kind!r} are not supported here.", f"{where}.type")
     return out
 
 
 def _tools(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
-        raise _bad("'tools' must be a list.", "tools")
+        raise invalid("'tools' must be a list.", "tools")
     out = []
     for i, tool in enumerate(value):
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("name"), str):
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise _bad(
+            raise invalid(
                 f"'tools[{i}]': only function tools are available here (not {kind!r}).",
                 f"tools[{i}].type",
             )
@@ -187,14 +185,14 @@ def _tools(value: Any) -> list[dict[str, Any]]:
 def to_chat(payload: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
     """A Responses request (after `history`, the items of the conversation it continues) → its chat request."""
     if not isinstance(payload.get("model"), str):
-        raise _bad("'model' is required.", "model")
+        raise invalid("'model' is required.", "model")
     chat: dict[str, Any] = {k: v for k, v in payload.items() if k not in _KNOWN}
     chat["model"] = payload["model"]
     messages = to_messages(history, "previous_response_id") + to_messages(input_items(payload))
     instructions = payload.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
-            raise _bad("'instructions' must be a string.", "instructions")
+            raise invalid("'instructions' must be a string.", "instructions")
         messages.insert(0, {"role": "system", "content": instructions})
     chat["messages"] = messages
     for name in ("temperature", "top_p", "stream", "parallel_tool_calls", "user", "top_logprobs"):
@@ -210,7 +208,7 @@ def to_chat(payload: dict[str, Any], history: list[dict[str, Any]]) -> dict[str,
     elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     elif choice is not None:
-        raise _bad("'tool_choice' must be none, auto, required or a function.", "tool_choice")
+        raise invalid("'tool_choice' must be none, auto, required or a function.", "tool_choice")
     text = payload.get("text")
     form = text.get("format") if isinstance(text, dict) else None
     if isinstance(form, dict):

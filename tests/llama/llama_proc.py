@@ -1,5 +1,6 @@
 """The real llama-server the suites of this folder run against (LLAMA_SERVER_BIN), with the tiny random-weight
-model of tiny_gguf.py; one per module."""
+model of tiny_gguf.py; one per module. A module's `llama` fixture yields from `serve_llama` (not a conftest.py: the
+suite's modules import the shared helpers as `conftest`, which a second conftest.py on the path would shadow)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from procs import http_get, wait_until
 from tiny_gguf import write_tiny_llama
 
@@ -24,8 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def llama(module_tmp: Path) -> Iterator[str]:
+def serve_llama(module_tmp: Path) -> Iterator[str]:
+    """A llama-server on a free port (its URL) for as long as the generator runs: a module's `llama` fixture."""
     model = write_tiny_llama(module_tmp / "tiny.gguf")
     port = _free_port()
     log = open(module_tmp / "llama-server.log", "wb")
