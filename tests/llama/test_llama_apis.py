@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import openai
 import orjson
 import pytest
 from events import MESSAGE_EVENT, RESPONSE_EVENT, sse_events
@@ -154,3 +155,18 @@ def test_llama_cpps_own_endpoints(gw: Proc, model: str) -> None:
     status, refused = post("/infill", {"input_prefix": "def f(", "input_suffix": "):", "n_predict": 2})
     if model == "native":
         assert status == 501 and "infill" in refused["error"]["message"].lower()
+
+
+@pytest.mark.parametrize("model", MODES)
+def test_stored_responses_continue_and_store_false_leaves_nothing(gw: Proc, model: str) -> None:
+    oai = openai_client(gw)
+    first = oai.responses.create(model=model, input="Hello", max_output_tokens=3, extra_body=EXACT)
+    second = oai.responses.create(
+        model=model, input="Again", previous_response_id=first.id, max_output_tokens=3, extra_body=EXACT
+    )
+    alone = oai.responses.create(model=model, input="Again", max_output_tokens=3, store=False, extra_body=EXACT)
+    # llama-server counted the first turn in the continuation's prompt: it was sent the whole conversation.
+    assert second.usage and alone.usage and second.usage.input_tokens > alone.usage.input_tokens
+    assert oai.responses.retrieve(second.id).id == second.id
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(alone.id)
