@@ -167,12 +167,11 @@ def _tools(value: Any) -> list[dict[str, Any]]:
         raise invalid("'tools' must be a list.", "tools")
     out = []
     for i, tool in enumerate(value):
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("name"), str):
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise invalid(
-                f"'tools[{i}]': only function tools are available here (not {kind!r}).",
-                f"tools[{i}].type",
-            )
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise invalid(f"'tools[{i}]': only function tools are available here (not {kind!r}).", f"tools[{i}].type")
+        if not isinstance(tool.get("name"), str):
+            raise invalid(f"'tools[{i}].name' is required: the function's name.", f"tools[{i}].name")
         function: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("parameters") or {"type": "object"}}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
