@@ -22,3 +22,18 @@ def test_a_model_the_server_does_not_have_is_not_an_endpoint_it_lacks() -> None:
     assert not _lacks(upstream_error(404, b'{"error":{"message":"model qwen not found"}}', model="m"))
     assert not _lacks(NotFound("No such model", code="model_not_found"))
     assert not _lacks(upstream_error(501, b'{"error":{"message":"Infill is not supported by this model"}}', model="m"))
+
+
+def test_a_lacking_endpoint_is_tried_again_after_a_while() -> None:
+    """A server upgraded in place (or a proxy that was rolling out) gets its native requests back."""
+    from portcullis.routing.catalog import NATIVE_RETRY_S, Replica
+
+    replica = Replica(model="m", name="r", url="http://x", kind="llama_cpp", upstream_model=None, weight=1)
+    replica.native = {"/v1/messages"}
+    assert replica.speaks("/v1/messages", 100.0)
+    replica.lacks("/v1/messages", 100.0)
+    assert not replica.speaks("/v1/messages", 100.0 + NATIVE_RETRY_S - 1)
+    assert replica.speaks("/v1/messages", 100.0 + NATIVE_RETRY_S)
+    assert replica.speaks("/v1/messages", 100.0 + NATIVE_RETRY_S + 1)
+    replica.lacks("/v1/responses", 100.0)  # never configured native: nothing to take back
+    assert not replica.speaks("/v1/responses", 100.0 + 2 * NATIVE_RETRY_S)

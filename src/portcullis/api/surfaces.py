@@ -167,14 +167,14 @@ async def _count(
     if replica is not None:
         upstream_name = replica.upstream_model or name
         try:
-            if native in replica.native:
+            if replica.speaks(native, time.monotonic()):
                 status, answer = await api.upstream.call(
                     replica, native, {**payload, "model": upstream_name}, model=name, timeout_s=10
                 )
                 if status < 300 and isinstance(answer, dict) and isinstance(answer.get("input_tokens"), int):
                     return int(answer["input_tokens"])
-                if status in (404, 405, 501):
-                    replica.native.discard(native)
+                if status in (404, 405):
+                    replica.lacks(native, time.monotonic())
             if replica.kind == "llama_cpp":
                 count = await _template_count(api, replica, {**chat_payload, "model": upstream_name}, name)
                 if count is not None:

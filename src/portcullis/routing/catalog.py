@@ -97,8 +97,10 @@ class Replica:
     quality: float | None = None
     tags: tuple[str, ...] = ()
     n_ctx_configured: int | None = None
-    # The API endpoints it answers itself (DeploymentConfig.native); one it answers 404 or 501 is taken out.
+    # The API endpoints it answers itself (DeploymentConfig.native); one it answered 404 or 405 is taken out for
+    # NATIVE_RETRY_S (`lacks`), then tried again: a server upgraded in place gets its native requests back.
     native: set[str] = field(default_factory=set)
+    native_lost: dict[str, float] = field(default_factory=dict)
     # What the backend tells of its model (llama-server's /v1/models `meta`, /props `modalities`): shown as it came.
     meta: dict[str, Any] | None = None
     modalities: dict[str, Any] | None = None
@@ -118,6 +120,23 @@ class Replica:
     busy_s: float = 0.0
     tokens_out: int = 0
     _marks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_THROUGHPUT_MARKS), repr=False)
+
+    def speaks(self, path: str, now: float) -> bool:
+        """Does it answer this API endpoint itself (as configured, and not found lacking it lately)?"""
+        if path in self.native:
+            return True
+        lost = self.native_lost.get(path)
+        if lost is not None and now - lost >= NATIVE_RETRY_S:
+            del self.native_lost[path]
+            self.native.add(path)
+            return True
+        return False
+
+    def lacks(self, path: str, now: float) -> None:
+        """It answered that endpoint 404 or 405: its requests go translated for a while."""
+        if path in self.native:
+            self.native.discard(path)
+            self.native_lost[path] = now
 
     def mark_down(self, reason: str) -> None:
         """Passive health: a refused connection takes the replica out at once; probes bring it back."""
@@ -225,6 +244,8 @@ class Replica:
             replica.price_from_throughput()
         return replica
 
+
+NATIVE_RETRY_S = 600.0  # how long a replica found lacking an API endpoint is asked in chat completions instead
 
 _EWMA = 0.2
 

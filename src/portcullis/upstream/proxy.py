@@ -99,7 +99,7 @@ class Upstream:
             ex.attempts += 1
             headers[attempts_at] = (_ATTEMPTS, _ATTEMPT_VALUES[min(ex.attempts, 15)])
             upstream_name = replica.upstream_model or model
-            ex.native = native_path is not None and native_path in replica.native
+            ex.native = native_path is not None and replica.speaks(native_path, time.monotonic())
             body = bodies.get((upstream_name, ex.native))
             if body is None:
                 source = native if ex.native and native is not None else payload
@@ -122,7 +122,7 @@ class Upstream:
                 if ex.native and native_path is not None and _lacks(failure.error):
                     # It does not answer the API's endpoint after all: learned, and translated on the same replica
                     # at once (no retry spent: nothing was wrong with the request or the replica).
-                    replica.native.discard(native_path)
+                    replica.lacks(native_path, time.monotonic())
                     tried.pop()
                     ex.attempts -= 1
                     continue
