@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import agents
 import anthropic
 import openai
 import orjson
@@ -201,7 +202,6 @@ def test_input_token_counts(oai: openai.OpenAI, gw: Proc, model: str) -> None:
 
 
 def test_openai_agents_sdk_runs_a_turn_with_a_tool(gw: Proc) -> None:
-    agents = pytest.importorskip("agents")
     seen: list[str] = []
 
     @agents.function_tool

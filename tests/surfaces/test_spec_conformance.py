@@ -7,12 +7,10 @@ that the document leaves room for: a context overflow's numbers, llama-server's 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import openai
 import orjson
-import pytest
 from events import conforms, document
 from procs import ADMIN_KEY, Proc, http_get, http_post
 
@@ -114,7 +112,6 @@ def test_the_responses_and_messages_objects(gw: Proc) -> None:
     conforms(orjson.loads(body), "CountMessageTokensResponse", vendor="anthropic")
 
 
-@pytest.mark.skipif(not os.environ.get("CI"), reason="the documents' own sanity: once is enough")
 def test_the_documents_are_the_official_ones() -> None:
     assert document("openai")["info"]["title"] == "OpenAI API"
     assert "/responses" in document("openai")["paths"] and "/v1/messages" in document("anthropic")["paths"]

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from portcullis.errors import anthropic_sse_error
-from portcullis.surfaces import invalid
+from portcullis.surfaces import chat_tool, invalid
 
 # chat finish_reason → Anthropic stop_reason
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
@@ -174,10 +174,7 @@ def _tools(value: Any) -> list[dict[str, Any]]:
                 "custom tool with an 'input_schema'.",
                 f"tools[{i}].type",
             )
-        function: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
-        if isinstance(tool.get("description"), str):
-            function["description"] = tool["description"]
-        out.append({"type": "function", "function": function})
+        out.append(chat_tool(tool, tool.get("input_schema")))
     return out
 
 

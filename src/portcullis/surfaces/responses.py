@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from portcullis.surfaces import invalid
+from portcullis.surfaces import chat_tool, invalid
 
 # Request fields echoed in the response object (with their defaults when the request has none).
 _ECHO: dict[str, Any] = {
@@ -172,12 +172,7 @@ def _tools(value: Any) -> list[dict[str, Any]]:
             raise invalid(f"'tools[{i}]': only function tools are available here (not {kind!r}).", f"tools[{i}].type")
         if not isinstance(tool.get("name"), str):
             raise invalid(f"'tools[{i}].name' is required: the function's name.", f"tools[{i}].name")
-        function: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("parameters") or {"type": "object"}}
-        if isinstance(tool.get("description"), str):
-            function["description"] = tool["description"]
-        if tool.get("strict") is not None:
-            function["strict"] = bool(tool["strict"])
-        out.append({"type": "function", "function": function})
+        out.append(chat_tool(tool, tool.get("parameters")))
     return out
 
 

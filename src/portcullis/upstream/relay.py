@@ -284,8 +284,21 @@ def _translate(
         if ex.surface is not None:
             return None, _stream_error(ex, err.message, err.type, err.code), True
         return None, b"data: " + err.body() + b"\n\n", True
-    if ex.native:  # the API's own event (surfaces/): read back as chat chunks for the filters
-        return _native(chunk, ex, model=model)
+    end = b""  # (a native stream's last event ends it: there is no [DONE])
+    if ex.native:  # the API's own event (surfaces/): read as the chat chunk it means, then counted like one
+        assert ex.surface is not None
+        event = chunk
+        chunk, last = ex.surface.decode_event(event)
+        if isinstance(event.get("timings"), dict):  # (llama-server adds its timings to the last event)
+            ex.timings = event["timings"]
+        if chunk is None:
+            return None, _DONE if last else b"", last
+        if "error" in chunk:  # the API's own error event
+            ex.error_code = chunk["error"].get("code") or "upstream_error"
+            message = chunk["error"].get("message") or "The upstream failed."
+            return None, _stream_error(ex, message, "server_error", ex.error_code), True
+        if last:
+            end = _DONE
     usage = chunk.get("usage")
     if usage:
         ex.usage(usage)
@@ -294,14 +307,14 @@ def _translate(
         ex.timings = timings
     choices = chunk.get("choices")
     if choices == [] and usage is not None and not client_wants_usage:
-        return None, b"", False
+        return None, end, end is _DONE
     if choices and _has_token(choices[0]):
         ex.streamed_tokens += 1
         if ex.ttft_s is None:
             ex.ttft_s = time.perf_counter() - ex.started_at
     if "model" in chunk:
         chunk["model"] = model
-    return chunk, b"", False
+    return chunk, end, end is _DONE
 
 
 # Error types (llama-server's and OpenAI's) that are about the request, not the server that answered it.
@@ -350,32 +363,3 @@ def _has_token(choice: Any) -> bool:
     if isinstance(delta, dict):
         return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
     return bool(choice.get("text"))
-
-
-def _native(event: dict[str, Any], ex: Exchange, *, model: str) -> tuple[dict[str, Any] | None, bytes, bool]:
-    """A native stream event (the Responses or Messages API's own) → the chat chunk it means, for the filters
-    (the surface encodes what they pass back into the API's events)."""
-    assert ex.surface is not None
-    chunk, last = ex.surface.decode_event(event)
-    timings = event.get("timings")  # (llama-server adds its timings to the last event)
-    if isinstance(timings, dict):
-        ex.timings = timings
-    if chunk is not None and "error" in chunk:  # the API's own error event
-        err = chunk["error"]
-        ex.error_code = err.get("code") or "upstream_error"
-        return (
-            None,
-            _stream_error(ex, err.get("message") or "The upstream failed.", "server_error", ex.error_code),
-            True,
-        )
-    if chunk is not None:
-        usage = chunk.get("usage")
-        if usage:
-            ex.usage(usage)
-        choices = chunk.get("choices")
-        if choices and _has_token(choices[0]):
-            ex.streamed_tokens += 1
-            if ex.ttft_s is None:
-                ex.ttft_s = time.perf_counter() - ex.started_at
-        chunk["model"] = model
-    return chunk, _DONE if last else b"", last
