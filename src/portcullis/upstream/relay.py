@@ -92,6 +92,7 @@ async def relay_sse(
             continue
         data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
         data_lines.clear()
+        tokens = ex.streamed_tokens
         chunk, out, finished = _translate(data, ex, model=model, client_wants_usage=client_wants_usage)
         if finished and chunk is None and out != _DONE:  # an error event ended it (not [DONE], nor a native end)
             fault = replica_fault(data)
@@ -114,9 +115,12 @@ async def relay_sse(
                         break
                     if sent:
                         await req.stream_chunk(sent)
-            elif chunk is not None and (choices := chunk.get("choices")) and _finishes(choices):
-                waiting = chunk
-                continue
+            elif ex.streamed_tokens == tokens and chunk is not None and (choices := chunk.get("choices")):
+                # (only a chunk that carried no token is looked at: most carry one, and a finish chunk none)
+                last = choices[-1]
+                if type(last) is dict and last.get("finish_reason") is not None:
+                    waiting = chunk
+                    continue
         if filtered:
             out = await chain.pass_on(chunk, out, finished)
         elif chunk is not None:
@@ -345,11 +349,6 @@ def replica_fault(data: bytes) -> str | None:
     if isinstance(status, int) and 400 <= status < 500 and status != 429:
         return None
     return "5xx"
-
-
-def _finishes(choices: Any) -> bool:
-    last = choices[-1] if isinstance(choices, list) else None
-    return isinstance(last, dict) and last.get("finish_reason") is not None
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
