@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from procs import http_get, wait_until
@@ -24,11 +24,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_llama(module_tmp: Path) -> Iterator[str]:
-    """A llama-server on a free port (its URL) for as long as the generator runs: a module's `llama` fixture."""
-    model = write_tiny_llama(module_tmp / "tiny.gguf")
+def serve_llama(
+    module_tmp: Path,
+    write: Callable[[Path], Path] = write_tiny_llama,
+    args: Sequence[str] = (),
+    name: str = "tiny",
+    ctx: int = CTX,
+) -> Iterator[str]:
+    """A llama-server on a free port (its URL) for as long as the generator runs: a module's `llama` fixture.
+    `write` makes its model (tiny_gguf's random one by default), `args` adds to its command line, `name` tells its
+    files apart from another server's in the same module; `ctx` is the context of all its slots together."""
+    model = write(module_tmp / f"{name}.gguf")
     port = _free_port()
-    log = open(module_tmp / "llama-server.log", "wb")
+    log_path = module_tmp / f"llama-server-{name}.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [
             LLAMA_BIN,
@@ -41,13 +50,14 @@ def serve_llama(module_tmp: Path) -> Iterator[str]:
             "-np",
             str(SLOTS),
             "-c",
-            str(CTX),
+            str(ctx),
             "-a",
             "tiny-alias",
             "-t",
             "1",
             "--no-warmup",
             "--metrics",
+            *args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -61,7 +71,7 @@ def serve_llama(module_tmp: Path) -> Iterator[str]:
         )
     except (TimeoutError, OSError):
         proc.kill()
-        raise RuntimeError((module_tmp / "llama-server.log").read_text()) from None
+        raise RuntimeError(log_path.read_text()) from None
     yield url
     proc.terminate()
     proc.wait(timeout=20)

@@ -158,6 +158,17 @@ def test_responses_function_tool_round_trip(oai: openai.OpenAI, model: str) -> N
     assert done.output[0].type == "function_call"
 
 
+def test_admin_backends_shows_which_apis_each_replica_answers_natively(oai: openai.OpenAI, gw: Proc) -> None:
+    oai.responses.create(model="tr", input="Hello", max_output_tokens=2)  # its simulator answers 404: learned
+    status, body = http_get(gw.url + "/admin/backends")
+    assert status == 200
+    replica = {m["model"]: m["replicas"][0] for m in orjson.loads(body)["data"]}
+    assert "/v1/responses" in replica["nat"]["native_apis"] and replica["nat"]["lacking_apis"] == {}
+    assert "/v1/responses" not in replica["tr"]["native_apis"]
+    assert 0 < replica["tr"]["lacking_apis"]["/v1/responses"]["retry_native_in_s"] <= 600
+    assert replica["tr-declared"]["native_apis"] == [] and replica["tr-declared"]["lacking_apis"] == {}
+
+
 def test_previous_response_id_continues_a_stored_response(oai: openai.OpenAI, gw: Proc) -> None:
     first = oai.responses.create(model="nat", input="My name is Ada.", max_output_tokens=4)
     second = oai.responses.create(model="nat", input="What is my name?", previous_response_id=first.id)
@@ -300,6 +311,32 @@ def test_messages_thinking_blocks_from_reasoning_content(gw: Proc, sims: dict[st
     finally:
         for sim in sims.values():
             sim_control(sim, reasoning_words=0)
+
+
+def test_messages_stop_sequence_reported(claude: anthropic.Anthropic, gw: Proc, sims: dict[str, Proc]) -> None:
+    # The native answer names the stop sequence (as llama-server's /v1/messages does); a chat completion names it
+    # as vLLM does (`stop_reason`), which the translation reads. A stop that is not one of the request's is none.
+    for sim in sims.values():
+        sim_control(sim, reply="Forty two. END and more words")
+    try:
+        for model in MODELS:
+            ask: list[Any] = [{"role": "user", "content": "The answer?"}]
+            m = claude.messages.create(model=model, max_tokens=50, stop_sequences=["STOP", "END"], messages=ask)
+            assert (m.stop_reason, m.stop_sequence) == ("stop_sequence", "END"), model
+            assert m.content[0].text == "Forty two. "  # type: ignore[union-attr]
+            events = sse_events(
+                gw.url + "/v1/messages",
+                {"model": model, "max_tokens": 50, "stream": True, "stop_sequences": ["END"], "messages": ask},
+                {"x-api-key": ADMIN_KEY},
+            )
+            _check_message_events(events)
+            delta = events[-2][1]["delta"]
+            assert (delta["stop_reason"], delta["stop_sequence"]) == ("stop_sequence", "END"), model
+            plain = claude.messages.create(model=model, max_tokens=50, messages=ask)
+            assert (plain.stop_reason, plain.stop_sequence) == ("end_turn", None)
+    finally:
+        for sim in sims.values():
+            sim_control(sim, reply=None)
 
 
 # -- refusals in each API's shape -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ from portcullis.identity import scopes
 from portcullis.identity.auth import require_model
 from portcullis.identity.keys import KeyStore, now
 from portcullis.quota import usage
-from portcullis.routing.catalog import Replica
+from portcullis.routing.catalog import NATIVE_RETRY_S, Replica
 from portcullis.safety.validation import parse_json_object, validate_chat, validate_completion
 
 if TYPE_CHECKING:
@@ -185,6 +185,7 @@ _DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")  # ASCII digits (\d takes an
 async def backends(api: AdminDeps, req: Request, ex: Exchange) -> None:
     """GET /admin/backends: every model's slots and queue, every replica's health and breaker."""
     models = []
+    moment = time.monotonic()
     for o in api.admission.outlooks():
         name = o.model
         replicas = []
@@ -200,6 +201,13 @@ async def backends(api: AdminDeps, req: Request, ex: Exchange) -> None:
                     "in_flight": r.in_flight,
                     "slots": r.limit,
                     "n_ctx": r.n_ctx,
+                    # The APIs it is sent as the client spoke them, and those it answered 404/405 lately (sent
+                    # translated to chat completions until native is tried again).
+                    "native_apis": sorted(r.native),
+                    "lacking_apis": {
+                        path: {"retry_native_in_s": round(max(0.0, NATIVE_RETRY_S - (moment - since)), 1)}
+                        for path, since in sorted(r.native_lost.items())
+                    },
                     "breaker": {
                         "state": r.breaker.state.value,
                         "requests_in_window": requests if r.breaker.count_requests else None,

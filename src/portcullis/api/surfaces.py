@@ -33,7 +33,7 @@ async def create_message(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     payload = await read_object(api, req)
     chat_payload = messages.to_chat(payload)
     chat = validation.validate_chat(chat_payload, api.config.validation)
-    ex.surface = Messages(chat.model)
+    ex.surface = Messages(chat.model, chat_payload.get("stop"))
     await generate(api, req, ex, chat_payload, chat, route="/v1/messages", native=payload)
 
 

@@ -582,6 +582,10 @@ class Simulator:
             words = script[: max(0, limit)]
             finish = "stop" if len(words) == len(script) else "length"
         thoughts = [(" " if i else "") + rng.choice(_WORDS) for i in range(s.reasoning_words)] if chat else []
+        stopped_by = None
+        if call is None:
+            words, stopped_by = _cut_at_stop(words, req.get("stop"))
+            finish = "stop" if stopped_by else finish
 
         stream = bool(req.get("stream"))
         disconnected = asyncio.Event()
@@ -610,6 +614,7 @@ class Simulator:
                         fault=stream_fault,
                         call=call,
                         thoughts=thoughts,
+                        stopped_by=stopped_by,
                     )
                     # The slot's cache now holds this prompt and its answer (llama-server keeps them).
                     self._slot_cache[slot] = prompt_ids + [t for w in words for t in tokenize(w)]
@@ -656,6 +661,7 @@ class Simulator:
         fault: str | None,
         call: dict[str, Any] | None = None,
         thoughts: list[str] = (),  # type: ignore[assignment]
+        stopped_by: str | None = None,
     ) -> bool:
         s = self.settings
         cid = ("chatcmpl-" if chat else "cmpl-") + random.randbytes(12).hex()
@@ -711,6 +717,8 @@ class Simulator:
             else:
                 choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
                 obj = {**base, "object": "text_completion", "choices": [choice]}
+            if stopped_by:
+                choice["stop_reason"] = stopped_by
             spent = len(words) + len(thoughts) + (len(tokenize(call["function"]["arguments"])) if call else 0)
             obj["usage"] = usage(spent)
             obj["timings"] = timings(spent)
@@ -803,6 +811,8 @@ class Simulator:
             if chat
             else {"text": "", "index": 0, "logprobs": None, "finish_reason": finish}
         )
+        if stopped_by:
+            final_choice["stop_reason"] = stopped_by
         last: dict[str, Any] = {**base, "object": chunk_kind, "choices": [final_choice]}
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
         if include_usage:
@@ -853,7 +863,8 @@ class Simulator:
                 await _json(send, 200, {"object": kind, "input_tokens": len(chat_ids(chat.get("messages") or []))})
                 return
             if path == "/v1/messages":
-                chat, surface = messages.to_chat(req), messages.Messages(str(req.get("model")))
+                surface = messages.Messages(str(req.get("model")), req.get("stop_sequences"))
+                chat = messages.to_chat(req)
             else:
                 chat, surface = responses.to_chat(req, []), responses.Responses(req)  # type: ignore[assignment]
         except GatewayError as exc:
@@ -923,6 +934,27 @@ _NATIVE = frozenset(
         "/rerank",
     }
 )
+
+
+def _cut_at_stop(words: list[str], stop: Any) -> tuple[list[str], str | None]:
+    """The words up to the first stop string (which is not sent, as llama-server does), and that string. The
+    answer names it as vLLM does, in the choice's `stop_reason` (llama-server's chat completion does not say; its
+    own Messages answer does, as `stop_sequence`): so the Messages API's stop_sequence is tested both ways."""
+    stops = [stop] if isinstance(stop, str) else [s for s in stop or () if isinstance(s, str)]
+    text = "".join(words)
+    found = min(((text.find(s), s) for s in stops if s and s in text), default=None)
+    if found is None:
+        return words, None
+    at, matched = found
+    kept, length = [], 0
+    for word in words:
+        if length + len(word) > at:
+            if at > length:
+                kept.append(word[: at - length])
+            break
+        kept.append(word)
+        length += len(word)
+    return kept, matched
 
 
 def _rerank(req: dict[str, Any]) -> dict[str, Any]:

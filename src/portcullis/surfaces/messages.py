@@ -307,8 +307,10 @@ class Messages:
     native_length = "max_tokens"  # (the length the request path settled is written into the native request)
     native = "/v1/messages"
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, stop_sequences: list[str] | None = None) -> None:
         self.model = model
+        self.stops = frozenset(stop_sequences or ())
+        self.stop_sequence: str | None = None  # the one of them that ended the stream
         self.id = "msg_" + os.urandom(12).hex()
         self.started = False
         self.index = -1  # the open block's index (-1: none)
@@ -350,12 +352,21 @@ class Messages:
             "role": "assistant",
             "model": answer.get("model", self.model),
             "content": content,
-            "stop_reason": _STOP.get(choice.get("finish_reason") or "stop", "end_turn"),
-            "stop_sequence": None,
+            **self._stopped(choice),
             "stop_details": None,
             "container": None,
             "usage": _usage(answer.get("usage")),
         }
+
+    def _stopped(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """The stop reason, and the stop sequence that ended the answer when the backend told which: a chat choice
+        carries it as vLLM's `stop_reason` (and as this surface's decoding of a native answer does); a chat
+        completion from llama-server does not say, so there it reads as end_turn."""
+        finish = choice.get("finish_reason") or "stop"
+        matched = choice.get("stop_reason")
+        if finish == "stop" and isinstance(matched, str) and matched in self.stops:
+            return {"stop_reason": "stop_sequence", "stop_sequence": matched}
+        return {"stop_reason": _STOP.get(finish, "end_turn"), "stop_sequence": None}
 
     # -- streams --------------------------------------------------------------------------------------
 
@@ -437,9 +448,9 @@ class Messages:
                                 "delta": {"type": "input_json_delta", "partial_json": arguments},
                             },
                         )
-                finish = choice.get("finish_reason")
-                if finish:
-                    self.stop_reason = _STOP.get(finish, "end_turn")
+                if choice.get("finish_reason"):
+                    stopped = self._stopped(choice)
+                    self.stop_reason, self.stop_sequence = stopped["stop_reason"], stopped["stop_sequence"]
         return out
 
     async def end(self) -> bytes:
@@ -453,7 +464,7 @@ class Messages:
             {
                 "delta": {
                     "stop_reason": self.stop_reason or "end_turn",
-                    "stop_sequence": None,
+                    "stop_sequence": self.stop_sequence,
                     "stop_details": None,
                     "container": None,
                 },
@@ -505,9 +516,7 @@ class Messages:
             "id": answer.get("id", self.id),
             "object": "chat.completion",
             "model": answer.get("model", self.model),
-            "choices": [
-                {"index": 0, "message": message, "finish_reason": _FINISH.get(answer.get("stop_reason") or "", "stop")}
-            ],
+            "choices": [_finished(answer.get("stop_reason"), answer.get("stop_sequence"), message=message)],
             **({"usage": counted} if counted else {}),
         }
 
@@ -555,13 +564,22 @@ class Messages:
             # (llama-server's message_delta has the output tokens only: the prompt's came with message_start)
             prompt = _prompt_of(usage) or self.native_prompt
             completion = usage.get("output_tokens", 0)
-            stop = (event.get("delta") or {}).get("stop_reason") or ""
+            delta = event.get("delta") or {}
             # The finish and the usage in one chunk (a chat stream may carry both at once).
             return {
                 **base,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": _FINISH.get(stop, "stop")}],
+                "choices": [_finished(delta.get("stop_reason"), delta.get("stop_sequence"), delta={})],
                 "usage": _chat_usage(prompt, completion, usage.get("cache_read_input_tokens") or self.native_cached),
             }, False
         if kind == "message_stop":
             return None, True
         return None, False  # ping, content_block_stop: the encoder makes its own
+
+
+def _finished(stop_reason: Any, stop_sequence: Any, **body: Any) -> dict[str, Any]:
+    """A native answer's end as a chat choice: the finish reason, and the stop sequence that ended it (llama-server
+    tells it, with stop_reason end_turn) as vLLM's chat `stop_reason`, which `Messages._stopped` reads back."""
+    choice = {"index": 0, **body, "finish_reason": _FINISH.get(stop_reason or "", "stop")}
+    if isinstance(stop_sequence, str) and stop_sequence:
+        choice["stop_reason"] = stop_sequence
+    return choice
