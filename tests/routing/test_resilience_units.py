@@ -283,3 +283,12 @@ def test_what_a_streams_error_event_says_about_the_replica() -> None:
     assert replica_fault(b'{"error": {"code": 400, "type": "exceed_context_size_error", "message": "x"}}') is None
     assert replica_fault(b'{"error": {"code": 400, "type": "invalid_request_error", "message": "x"}}') is None
     assert replica_fault(b'{"error": {"code": "context_length_exceeded", "message": "x"}}') is None
+    # A native stream's own error events: the Responses API's (code beside the type, or in the failed response)
+    # and the Messages API's.
+    assert replica_fault(b'{"type": "error", "code": "context_length_exceeded", "message": "x"}') is None
+    assert replica_fault(b'{"type": "error", "code": "server_error", "message": "x"}') == "5xx"
+    failed = b'{"type": "response.failed", "response": {"error": {"code": "%s", "message": "x"}}}'
+    assert replica_fault(failed % b"invalid_request_error") is None
+    assert replica_fault(failed % b"server_error") == "5xx"
+    assert replica_fault(b'{"type": "error", "error": {"type": "invalid_request_error", "message": "x"}}') is None
+    assert replica_fault(b'{"type": "error", "error": {"type": "overloaded_error", "message": "x"}}') == "5xx"

@@ -335,12 +335,19 @@ _REQUEST_ERRORS = frozenset(
 
 
 def replica_fault(data: bytes) -> str | None:
-    """A stream's final error event: "5xx" when the replica failed (decode error, out of memory, an
-    answer that is not JSON), None when the error is about the request (like a 4xx)."""
+    """A stream's final error event (chat's, or a native API's own): "5xx" when the replica failed (decode error,
+    out of memory, an answer that is not JSON), None when the error is about the request (like a 4xx)."""
     try:
-        err = orjson.loads(data).get("error")
+        event = orjson.loads(data)
+        err = event.get("error")
     except (orjson.JSONDecodeError, AttributeError):
         return "5xx"
+    if err is None:  # a native Responses stream's: the code beside the event's type, or in the failed response
+        kind = event.get("type")
+        if kind == "error":
+            err = event
+        elif kind == "response.failed":
+            err = (event.get("response") or {}).get("error")
     if not isinstance(err, dict):
         return "5xx"
     status = err.get("code")
