@@ -10,7 +10,7 @@ import argparse
 import os
 import re
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -20,6 +20,8 @@ from portcullis.config import BudgetConfig, Config, ConfigError, LimitsConfig, l
 from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes
 from portcullis.identity.keys import KeyHasher, KeyRecord, KeySecretMissing, KeyStore, key_secret, now
+from portcullis.obs.logging import configure_command_logging
+from portcullis.store import audit
 from portcullis.store.bus import EventBus
 from portcullis.store.db import current_revision, head_revision, make_engine, pending, upgrade
 
@@ -77,6 +79,15 @@ def add_parsers(sub: Any) -> None:
     report.add_argument("--model", default=None)
     report.add_argument("--json", action="store_true")
 
+    trail = with_config(sub.add_parser("audit", help="the audit log of administrative changes, newest first"))
+    trail.add_argument("--since", default=None, help="ISO 8601 date or time (UTC unless it says), or POSIX seconds")
+    trail.add_argument("--until", default=None, help="(as --since)")
+    trail.add_argument("--action", default=None, help="an action (key.revoke) or an object (key)")
+    trail.add_argument("--target", default=None, help="a key id, a model name, ...")
+    trail.add_argument("--actor", default=None, help="who made the change (a user; cli:<login> at the command line)")
+    trail.add_argument("--limit", type=int, default=50)
+    trail.add_argument("--json", action="store_true")
+
     token = sub.add_parser("token", help="JWT helpers")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     mint = with_config(token_sub.add_parser("mint", help="mint an HS256 token for testing"))
@@ -92,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         print(f"portcullis {args.command}: give --config FILE (or set PORTCULLIS_CONFIG)", file=sys.stderr)
         return 2
+    configure_command_logging()
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -122,6 +134,8 @@ async def _db_or_keys(config: Config, args: argparse.Namespace) -> int:
             raise OperatorError("the database schema is not up to date: run `portcullis db upgrade` first")
         if args.command == "usage":
             return await _usage(config, engine, args)
+        if args.command == "audit":
+            return await _audit(engine, args)
         try:
             store = KeyStore(engine, KeyHasher(key_secret(config)))
         except KeySecretMissing as exc:
@@ -152,6 +166,7 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
                 label=args.label,
                 limits=limits,
                 budget=budget,
+                actor=audit.cli_actor(),
             )
         except InvalidRequest as exc:  # a user or label the store refuses: the operator's message, not a trace
             raise OperatorError(exc.message) from exc
@@ -181,7 +196,7 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
         _print(record.public(), args.json)
         return 0
     if cmd == "revoke":
-        record = await store.revoke(args.id)
+        record = await store.revoke(args.id, actor=audit.cli_actor())
         if record is None:
             raise OperatorError(f"no key {args.id}")
         await _announce(config, {"type": "key", "id": args.id})
@@ -189,7 +204,7 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
         return 0
     if cmd == "rotate":
         grace = args.grace.total_seconds() if args.grace is not None else config.auth.rotation_grace_s
-        rotated = await store.rotate(args.id, grace_s=grace)
+        rotated = await store.rotate(args.id, grace_s=grace, actor=audit.cli_actor())
         if rotated is None:
             raise OperatorError(f"no active key {args.id}")
         key, successor, old = rotated
@@ -237,6 +252,30 @@ async def _usage(config: Config, engine: Any, args: argparse.Namespace) -> int:
         print(orjson.dumps({"group_by": group_by, "currency": config.quota.currency, "data": rows}).decode())
     else:
         print(usage.render_table(rows, group_by, config.quota.currency), end="")
+    return 0
+
+
+async def _audit(engine: Any, args: argparse.Namespace) -> int:
+    try:
+        since = audit.parse_instant(args.since) if args.since else None
+        until = audit.parse_instant(args.until) if args.until else None
+    except ValueError as exc:
+        raise OperatorError("--since and --until: an ISO 8601 date or time, or POSIX seconds") from exc
+    if not 1 <= args.limit <= audit.MAX_PAGE:
+        raise OperatorError(f"--limit must be from 1 to {audit.MAX_PAGE}")
+    entries, more = await audit.read(
+        engine, limit=args.limit, since=since, until=until, action=args.action, target=args.target, actor=args.actor
+    )
+    if args.json:
+        print(orjson.dumps({"data": entries, "has_more": more}).decode())
+        return 0
+    for e in entries:
+        when = datetime.fromtimestamp(e["at"], UTC).isoformat(timespec="seconds")
+        who = e["actor"]
+        by = f"by {who['user']} ({who['via']}) from {who['source'] or '-'}"
+        print(f"{e['id']:>6}  {when}  {e['action']:<16} {e['target']:<20} {by}")
+    if more:
+        print(f"(more: --limit {min(args.limit * 2, audit.MAX_PAGE)}, or narrow with --since/--action/--target)")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from portcullis.api.common import query_params, read_model
+from portcullis.api.common import actor, query_int, query_params, read_model
 from portcullis.config import BudgetConfig, LimitsConfig
 from portcullis.errors import InvalidRequest, NotFound
 from portcullis.exchange import Exchange
@@ -27,6 +27,7 @@ from portcullis.identity.keys import KeyStore, now
 from portcullis.quota import usage
 from portcullis.routing.catalog import NATIVE_RETRY_S, Replica
 from portcullis.safety.validation import parse_json_object, validate_chat, validate_completion
+from portcullis.store import audit
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -105,6 +106,7 @@ async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
         label=spec.label,
         limits=spec.limits.model_dump(exclude_unset=True) if spec.limits is not None else None,
         budget=spec.budget.model_dump(exclude_none=True) if spec.budget is not None else None,
+        actor=actor(api.config, req, ex),
     )
     await req.respond_json(201, {**record.public(), "key": key})
 
@@ -123,7 +125,7 @@ async def show_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> N
 
 
 async def revoke_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
-    record = await _store(api).revoke(key_id)
+    record = await _store(api).revoke(key_id, actor=actor(api.config, req, ex))
     if record is None:
         raise NotFound("No such key.", code="key_not_found")
     await api.publish({"type": "key", "id": key_id})
@@ -133,7 +135,7 @@ async def revoke_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) ->
 async def rotate_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
     spec: Rotation = await read_model(api.config, req, Rotation)
     grace = spec.grace_s if spec.grace_s is not None else api.config.auth.rotation_grace_s
-    rotated = await _store(api).rotate(key_id, grace_s=grace)
+    rotated = await _store(api).rotate(key_id, grace_s=grace, actor=actor(api.config, req, ex))
     if rotated is None:
         raise NotFound("No such active key.", code="key_not_found")
     key, successor, old = rotated
@@ -174,9 +176,48 @@ async def enable_model(api: AdminDeps, req: Request, ex: Exchange, model: str) -
     if model not in api.catalog.models:
         raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
     require_model(ex.principal, model)  # as DELETE /v1/models: a principal limited to some models switches no other
-    await api.model_state.set_model_disabled(model, False)
+    await api.model_state.set_model_disabled(model, False, actor=actor(api.config, req, ex))
     await api.publish({"type": "model", "name": model, "disabled": False})
     await req.respond_json(200, {"id": model, "object": "model", "enabled": True})
+
+
+async def audit_log(api: AdminDeps, req: Request, ex: Exchange) -> None:
+    """GET /admin/audit?limit=&after=&since=&until=&action=&target=&actor=: the audit log, newest first."""
+    query = query_params(req)
+    times: dict[str, float | None] = {}
+    for name in ("since", "until"):
+        value = query.get(name)
+        times[name] = _instant(value, name) if value is not None else None
+    action = query.get("action")
+    if action is not None and not _ACTION.match(action):
+        raise InvalidRequest("'action' must be an action (key.revoke) or an object (key).", param="action")
+    after = query.get("after")
+    entries, more = await audit.read(
+        api.engine,
+        limit=query_int(query, "limit", 100, 1, audit.MAX_PAGE),
+        after=query_int(query, "after", 0, 1, 2**62) if after is not None else None,
+        since=times["since"],
+        until=times["until"],
+        action=action,
+        target=query.get("target"),
+        actor=query.get("actor"),
+    )
+    page: dict[str, Any] = {"object": "list", "data": entries, "has_more": more}
+    if entries:
+        page |= {"first_id": entries[0]["id"], "last_id": entries[-1]["id"]}
+    await req.respond_json(200, page)
+
+
+_ACTION = re.compile(r"^[a-z_]+(?:\.[a-z_]+)?\Z")
+
+
+def _instant(value: str, name: str) -> float:
+    try:
+        return audit.parse_instant(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"'{name}' must be POSIX seconds or an ISO 8601 date or time.", param=name, code="invalid_value"
+        ) from None
 
 
 _DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")  # ASCII digits (\d takes any script's); \Z: no trailing newline

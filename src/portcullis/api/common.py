@@ -11,8 +11,11 @@ from urllib.parse import parse_qsl
 from pydantic import BaseModel, ValidationError
 
 from portcullis.errors import InvalidRequest
+from portcullis.exchange import Exchange
 from portcullis.http import Request
+from portcullis.identity.throttle import peer_address, trusted_networks
 from portcullis.safety.validation import parse_json_object
+from portcullis.store.audit import Actor
 
 if TYPE_CHECKING:
     from portcullis.config import Config
@@ -36,6 +39,16 @@ class Live:
     @property
     def draining(self) -> bool:
         return self.is_draining()
+
+
+def actor(config: Config, req: Request, ex: Exchange) -> Actor:
+    """Who is making an administrative change, for the audit log: the request's principal, from its address."""
+    principal = ex.principal
+    server = config.server
+    source = peer_address(req.scope, trusted_networks(server.trusted_proxies), server.trusted_proxy_hops)
+    if principal is None:  # (an admin route always has one; anonymous access names itself)
+        return Actor(user="anonymous", via="anonymous", source=source, request_id=req.request_id)
+    return Actor(principal.user, principal.via, principal.key_id, source, req.request_id)
 
 
 def query_params(req: Request) -> dict[str, str]:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from portcullis.api.common import actor
 from portcullis.errors import InvalidRequest
 from portcullis.exchange import Exchange
 from portcullis.http import Request
@@ -206,6 +207,6 @@ async def delete_model(api: OpenAIDeps, req: Request, ex: Exchange, model: str) 
     api.catalog.replicas_for(model)
     require_model(ex.principal, model)  # a principal limited to some models switches no other off
     # The state lives in the database, not the key store: a gateway taking only JWTs has it too.
-    await api.model_state.set_model_disabled(model, True)
+    await api.model_state.set_model_disabled(model, True, actor=actor(api.config, req, ex))
     await api.publish({"type": "model", "name": model, "disabled": True})
     await req.respond_json(200, {"id": model, "object": "model", "deleted": True})

@@ -428,6 +428,14 @@ def table(
             _op("Switch a model back on", _ok("Object"), params=["model"]),
         ),
         Route(
+            "GET",
+            "/admin/audit",
+            admin.audit_log,
+            admin_deps,
+            scopes.ADMIN_READ,
+            _op("The audit log of administrative changes, newest first", _ok("Object")),
+        ),
+        Route(
             "POST",
             "/admin/route",
             admin.explain_route,

@@ -18,6 +18,7 @@ from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, key_
 from portcullis.obs.lag import LAG
 from portcullis.obs.logging import flush_logs
 from portcullis.obs.tracing import Tracing, TracingUnavailable
+from portcullis.store import audit
 from portcullis.store.bus import EventBus
 from portcullis.store.db import make_engine, pending, upgrade
 from portcullis.upstream.client import UpstreamClient
@@ -126,7 +127,12 @@ async def _bootstrap_admin_key(gw: Gateway) -> None:
     if await gw.keys.count() == 0:  # only on a first start: never resurrect a revoked key
         tier = max(gw.config.tiers, key=lambda t: gw.config.tiers[t].priority)
         await gw.keys.create(
-            user="admin", tier=tier, scopes=tuple(sorted(scopes.ALL)), key=bootstrap, label="bootstrap admin key"
+            user="admin",
+            tier=tier,
+            scopes=tuple(sorted(scopes.ALL)),
+            key=bootstrap,
+            label="bootstrap admin key",
+            actor=audit.SYSTEM,
         )
         gw.log.info("bootstrap_admin_key_created", key_id=key_id)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -36,7 +35,7 @@ from portcullis.identity import scopes as scope_names
 from portcullis.identity.jwt import InvalidToken, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, key_id_of
 from portcullis.identity.principal import Principal
-from portcullis.identity.throttle import FailedAuthThrottle, client_address
+from portcullis.identity.throttle import FailedAuthThrottle, client_address, trusted_networks
 from portcullis.obs.lag import LAG
 from portcullis.obs.logging import get_logger
 
@@ -80,7 +79,7 @@ class Identity:
         # Whether revocations reach this process as they happen (the bus is connected); set by the gateway.
         self.pushed = pushed_invalidation
         self.throttle = FailedAuthThrottle(self.config.failed_auth_per_minute)
-        self.trusted = [ipaddress.ip_network(c, strict=False) for c in config.server.trusted_proxies]
+        self.trusted = trusted_networks(config.server.trusted_proxies)
         self.proxy_hops = config.server.trusted_proxy_hops
         # key id → (record, its principal, usable until (POSIX time), fresh until (monotonic), loaded at
         # (monotonic))

@@ -26,6 +26,7 @@ from portcullis.config import Config
 from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes as scope_names
 from portcullis.identity.principal import JWT_USER_PREFIX, Principal, unstorable
+from portcullis.store import audit
 from portcullis.store.schema import api_keys
 
 PREFIX = "pc-"
@@ -258,8 +259,10 @@ class KeyStore:
         limits: dict[str, Any] | None = None,
         budget: dict[str, Any] | None = None,
         key: str | None = None,
+        actor: audit.Actor | None = None,
     ) -> tuple[str, KeyRecord]:
-        """A new key; returns the key itself (shown once) and its record. `key` imports a given one."""
+        """A new key; returns the key itself (shown once) and its record. `key` imports a given one. With an
+        `actor`, the audit log's entry is written in the same transaction."""
         if user.startswith(JWT_USER_PREFIX):
             # The namespace of token subjects (identity/principal.py): a key user there would share their data.
             raise InvalidRequest(
@@ -297,6 +300,8 @@ class KeyStore:
         )
         async with self.engine.begin() as conn:
             await conn.execute(insert(api_keys).values(**_row(record)))
+            if actor is not None:
+                await audit.record(conn, audit.Change(actor, "key.create", key_id, None, record.public()))
         return key, record
 
     async def get(self, key_id: str) -> KeyRecord | None:
@@ -315,21 +320,25 @@ class KeyStore:
         async with self.engine.connect() as conn:
             return len((await conn.execute(select(api_keys.c.id))).all())
 
-    async def revoke(self, key_id: str) -> KeyRecord | None:
+    async def revoke(self, key_id: str, *, actor: audit.Actor | None = None) -> KeyRecord | None:
+        """Revoked now (None: no such key). Revoking a revoked key changes nothing and writes no audit entry."""
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(api_keys)
-                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=now())
-            )
-            if (
-                result.rowcount == 0
-                and (await conn.execute(select(api_keys.c.id).where(api_keys.c.id == key_id))).first() is None
-            ):
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+            if row is None:
                 return None
+            before = KeyRecord.from_row(row)
+            at = now()
+            result = await conn.execute(
+                update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=at)
+            )
+            if result.rowcount == 1 and actor is not None:  # (0: it was revoked already, or just now by another)
+                after = replace(before, revoked_at=at)
+                await audit.record(conn, audit.Change(actor, "key.revoke", key_id, before.public(), after.public()))
         return await self.get(key_id)
 
-    async def rotate(self, key_id: str, *, grace_s: float) -> tuple[str, KeyRecord, KeyRecord] | None:
+    async def rotate(
+        self, key_id: str, *, grace_s: float, actor: audit.Actor | None = None
+    ) -> tuple[str, KeyRecord, KeyRecord] | None:
         """A successor with the same attributes; the old key works `grace_s` longer, then stops."""
         old = await self.get(key_id)
         if old is None or not old.usable_at(now()) or old.rotated_to is not None:
@@ -346,10 +355,19 @@ class KeyStore:
         )
         grace_until = now() + timedelta(seconds=grace_s)
         async with self.engine.begin() as conn:
-            await conn.execute(insert(api_keys).values(**_row(successor)))
-            await conn.execute(
-                update(api_keys).where(api_keys.c.id == key_id).values(rotated_to=new_id, grace_until=grace_until)
+            # Only one rotation of a key wins: two at once (two admins, a retried request) made two successors.
+            result = await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.rotated_to.is_(None), api_keys.c.revoked_at.is_(None))
+                .values(rotated_to=new_id, grace_until=grace_until)
             )
+            if result.rowcount != 1:
+                return None
+            await conn.execute(insert(api_keys).values(**_row(successor)))
+            if actor is not None:
+                after = replace(old, rotated_to=new_id, grace_until=grace_until).public()
+                await audit.record(conn, audit.Change(actor, "key.rotate", key_id, old.public(), after))
+                await audit.record(conn, audit.Change(actor, "key.create", new_id, None, successor.public()))
         retired = await self.get(key_id)
         assert retired is not None
         return key, successor, retired

@@ -40,8 +40,24 @@ _KEY_PREFIX = "pc:authfail:"
 log = get_logger("portcullis.identity")
 
 
+def trusted_networks(cidrs: list[str]) -> list[_Network]:
+    """`server.trusted_proxies` as networks (validated at startup: config.py)."""
+    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+
 def client_address(scope: dict[str, Any], trusted: list[_Network], hops: int = 1) -> str:
-    """The identity failed authentications are counted under (see the module docstring)."""
+    """The identity failed authentications are counted under (see the module docstring): the client's address,
+    an IPv6 client's /64 (one host has them all)."""
+    address = _client(scope, trusted, hops)
+    return address if isinstance(address, str) else _identity(address)
+
+
+def peer_address(scope: dict[str, Any], trusted: list[_Network], hops: int = 1) -> str:
+    """The client's address itself, read the same way (the audit log's `source`)."""
+    return str(_client(scope, trusted, hops))
+
+
+def _client(scope: dict[str, Any], trusted: list[_Network], hops: int) -> _Address | str:
     peer = (scope.get("client") or ("unknown", 0))[0]
     address = _parse(peer) if isinstance(peer, str) else None
     if address is None:
@@ -60,7 +76,7 @@ def client_address(scope: dict[str, Any], trusted: list[_Network], hops: int = 1
             if hop is None:
                 break
             address = hop
-    return _identity(address)
+    return address
 
 
 def _parse(text: str) -> _Address | None:

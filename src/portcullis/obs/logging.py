@@ -113,6 +113,18 @@ def configure_logging(level: str = "info", stream: BinaryIO | None = None) -> Bu
     return writer
 
 
+def configure_command_logging() -> None:
+    """For `portcullis keys ...` and the other operator commands: their output is stdout (often --json, read by
+    a script), so the library's events go to stderr, and only warnings and errors (the audit event of a change the
+    command made is in the audit log already; the gateway's own log carries them)."""
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
 class _StdlibJsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {

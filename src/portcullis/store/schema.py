@@ -170,3 +170,21 @@ responses = Table(
     Column("input", JSON, nullable=False),
     Column("response", JSON, nullable=False),
 )
+
+# The audit log (store/audit.py): one row per administrative change. Append-only: migration 0008 adds a trigger
+# that refuses UPDATE and DELETE on both dialects. `before`/`after`: the object's public form (never a key's hash).
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),  # POSIX seconds
+    Column("actor", String(256), nullable=False, index=True),  # the user who made the change ("system" at startup)
+    Column("actor_key", String(32), nullable=True),  # the API key it was made with
+    Column("via", String(16), nullable=False),  # api_key, jwt, cli, system
+    Column("action", String(64), nullable=False, index=True),  # e.g. key.create, model.disable
+    Column("target", String(256), nullable=False, index=True),  # what changed: a key id, a model name, ...
+    Column("before", JSON, nullable=True),
+    Column("after", JSON, nullable=True),
+    Column("source", String(64), nullable=True),  # the client's address (server.trusted_proxies applied), or "cli"
+    Column("request_id", String(128), nullable=True),
+)
