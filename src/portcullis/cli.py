@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_check(args.file)
     if args.command == "sim":
         return _run_sim(args)
-    if args.command in ("db", "keys", "token", "usage", "audit"):
+    if args.command in ("db", "keys", "token", "usage", "audit", "orgs", "teams"):
         return commands.run(args)
     if args.command in ("batch", "route"):
         return remote.run(args)

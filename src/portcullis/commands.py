@@ -17,9 +17,10 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from portcullis.config import BudgetConfig, Config, ConfigError, LimitsConfig, load_config
-from portcullis.errors import InvalidRequest
+from portcullis.errors import GatewayError, InvalidRequest
 from portcullis.identity import scopes
-from portcullis.identity.keys import KeyHasher, KeyRecord, KeySecretMissing, KeyStore, key_secret, now
+from portcullis.identity.keys import DEFAULT_TEAM, KeyHasher, KeyRecord, KeySecretMissing, KeyStore, key_secret, now
+from portcullis.identity.tenancy import TenancyStore
 from portcullis.obs.logging import configure_command_logging
 from portcullis.store import audit
 from portcullis.store.bus import EventBus
@@ -50,7 +51,8 @@ def add_parsers(sub: Any) -> None:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = with_config(keys_sub.add_parser("create", help="create a key (printed once)"))
     create.add_argument("--user", required=True)
-    create.add_argument("--tier", required=True)
+    create.add_argument("--tier", default=None, help="default: its team's default tier, else its organisation's")
+    create.add_argument("--team", default=None, help="team id (default: the default organisation's default team)")
     create.add_argument("--scopes", default=None, help=f"comma-separated (default: {','.join(scopes.DEFAULT)})")
     create.add_argument("--models", default=None, help="comma-separated allow-list (default: every model)")
     create.add_argument("--expires", type=duration, default=None, help="e.g. 30d")
@@ -60,6 +62,7 @@ def add_parsers(sub: Any) -> None:
     create.add_argument("--json", action="store_true")
     listing = with_config(keys_sub.add_parser("list", help="list keys"))
     listing.add_argument("--user", default=None)
+    listing.add_argument("--team", default=None, help="team id")
     listing.add_argument("--json", action="store_true")
     for name, text in (("show", "show a key"), ("revoke", "revoke a key now")):
         p = with_config(keys_sub.add_parser(name, help=text))
@@ -78,6 +81,32 @@ def add_parsers(sub: Any) -> None:
     report.add_argument("--key", default=None, help="key id")
     report.add_argument("--model", default=None)
     report.add_argument("--json", action="store_true")
+
+    for level in ("orgs", "teams"):
+        what = "organisations" if level == "orgs" else "teams"
+        p = sub.add_parser(level, help=f"manage {what}")
+        level_sub = p.add_subparsers(dest="level_command", required=True)
+        made = with_config(level_sub.add_parser("create", help=f"create one of the {what}"))
+        made.add_argument("name")
+        if level == "teams":
+            made.add_argument("--org", required=True, help="the organisation's id")
+        made.add_argument("--models", default=None, help="comma-separated grant (default: every model)")
+        made.add_argument("--default-tier", default=None)
+        made.add_argument("--json", action="store_true")
+        shown = with_config(level_sub.add_parser("list", help=f"list the {what}"))
+        if level == "teams":
+            shown.add_argument("--org", default=None)
+        shown.add_argument("--json", action="store_true")
+        role = with_config(level_sub.add_parser("member", help="give a user a role (replaces the one it had)"))
+        role.add_argument("id")
+        role.add_argument("user")
+        role.add_argument(
+            "--role", required=True, help="org_admin" if level == "orgs" else "team_admin, member, viewer"
+        )
+        role.add_argument("--json", action="store_true")
+        gone = with_config(level_sub.add_parser("remove-member", help="take a user's role away"))
+        gone.add_argument("id")
+        gone.add_argument("user")
 
     trail = with_config(sub.add_parser("audit", help="the audit log of administrative changes, newest first"))
     trail.add_argument("--since", default=None, help="ISO 8601 date or time (UTC unless it says), or POSIX seconds")
@@ -136,6 +165,8 @@ async def _db_or_keys(config: Config, args: argparse.Namespace) -> int:
             return await _usage(config, engine, args)
         if args.command == "audit":
             return await _audit(engine, args)
+        if args.command in ("orgs", "teams"):
+            return await _levels(config, engine, args)
         try:
             store = KeyStore(engine, KeyHasher(key_secret(config)))
         except KeySecretMissing as exc:
@@ -148,18 +179,28 @@ async def _db_or_keys(config: Config, args: argparse.Namespace) -> int:
 async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> int:
     cmd = args.keys_command
     if cmd == "create":
-        if args.tier not in config.tiers:
-            raise OperatorError(f"unknown tier {args.tier!r}; configured: {', '.join(config.tiers)}")
         try:
             granted = scopes.parse(args.scopes)
         except ValueError as exc:
             raise OperatorError(str(exc)) from exc
+        team = args.team or DEFAULT_TEAM
+        tenancy = TenancyStore(store.engine)
+        found = await tenancy.team(team)
+        if found is None:
+            raise OperatorError(f"no team {team}")
+        org = await tenancy.org(found.org_id or "")
+        tier = args.tier or found.default_tier or (org.default_tier if org is not None else None)
+        if tier is None:
+            raise OperatorError("give --tier: the key's team and organisation have no default tier")
         limits = _json_spec("--limits", args.limits, LimitsConfig, exclude_unset=True)
         budget = _json_spec("--budget", args.budget, BudgetConfig, exclude_none=True)
         try:
+            if tier not in config.tiers:
+                raise OperatorError(f"unknown tier {tier!r}; configured: {', '.join(config.tiers)}")
             key, created = await store.create(
                 user=args.user,
-                tier=args.tier,
+                tier=tier,
+                team=team,
                 scopes=granted,
                 models=tuple(m for m in args.models.split(",") if m) if args.models else None,
                 expires_at=now() + args.expires if args.expires else None,
@@ -177,7 +218,7 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
         )
         return 0
     if cmd == "list":
-        records = await store.list(user=args.user)
+        records = await store.list(user=args.user, team=args.team)
         if args.json:
             print(orjson.dumps([r.public() for r in records]).decode())
         else:
@@ -185,7 +226,8 @@ async def _keys(config: Config, store: KeyStore, args: argparse.Namespace) -> in
                 p = r.public()
                 scope_list = ",".join(r.scopes)
                 print(
-                    f"{r.id}  {p['status']:8s}  user={r.user} tier={r.tier} scopes={scope_list} label={r.label or ''}"
+                    f"{r.id}  {p['status']:8s}  user={r.user} team={r.team_id} tier={r.tier} scopes={scope_list} "
+                    f"label={r.label or ''}"
                 )
         return 0
     record: KeyRecord | None
@@ -253,6 +295,48 @@ async def _usage(config: Config, engine: Any, args: argparse.Namespace) -> int:
     else:
         print(usage.render_table(rows, group_by, config.quota.currency), end="")
     return 0
+
+
+async def _levels(config: Config, engine: Any, args: argparse.Namespace) -> int:
+    """`portcullis orgs ...` and `portcullis teams ...` (identity/tenancy.py)."""
+    store, kind, cmd = TenancyStore(engine), args.command, args.level_command
+    actor = audit.cli_actor()
+    try:
+        if cmd == "create":
+            tier = args.default_tier
+            if tier is not None and tier not in config.tiers:
+                raise OperatorError(f"unknown tier {tier!r}; configured: {', '.join(config.tiers)}")
+            models = [m for m in args.models.split(",") if m] if args.models is not None else None
+            if kind == "orgs":
+                level = await store.create_org(args.name, models=models, default_tier=tier, actor=actor)
+            else:
+                level = await store.create_team(args.org, args.name, models=models, default_tier=tier, actor=actor)
+            _print(level.public(), args.json, headline=f"Created {level.kind} {level.id} ({level.name}).")
+            return 0
+        if cmd == "list":
+            levels = await (store.orgs() if kind == "orgs" else store.teams(args.org))
+            if args.json:
+                print(orjson.dumps([level.public() for level in levels]).decode())
+            for level in levels if not args.json else ():
+                grant = ",".join(level.models) if level.models is not None else "*"
+                where = f" org={level.org_id}" if level.org_id else ""
+                print(f"{level.id}  {level.name}{where} models={grant} default_tier={level.default_tier or '-'}")
+            return 0
+        team = await store.team(args.id) if kind == "teams" else None
+        org = await store.org(args.id) if kind == "orgs" else None
+        if team is None and org is None:
+            raise OperatorError(f"no {'organisation' if kind == 'orgs' else 'team'} {args.id}")
+        org_id = team.org_id if team is not None and team.org_id else args.id
+        if cmd == "member":
+            member = await store.set_member(team, org_id, args.user, args.role, actor=actor)
+            _print(member, args.json, headline=f"{args.user} is {args.role} of {args.id}.")
+            return 0
+        if not await store.remove_member(org_id, team.id if team is not None else "", args.user, actor=actor):
+            raise OperatorError(f"{args.user} has no role in {args.id}")
+        print(f"{args.user} has no role in {args.id} now.")
+        return 0
+    except GatewayError as exc:  # a name taken, a bad role: the operator's message, not a trace
+        raise OperatorError(exc.message) from exc
 
 
 async def _audit(engine: Any, args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@
      ├── Forbidden                    403     permission_error         missing_scope / model_not_allowed
      ├── NotFound                     404     invalid_request_error    model_not_found / not_found
      ├── MethodNotAllowed             405     invalid_request_error    method_not_allowed
+     ├── Conflict                     409     invalid_request_error    name_taken / ...
      ├── PayloadTooLarge              413     invalid_request_error    request_too_large
      ├── TooManyRequests              429     rate_limit_error         too_many_failed_auth / ...
      ├── UpstreamError                (the upstream's status, normalised)
@@ -104,6 +105,12 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class PayloadTooLarge(GatewayError):

@@ -23,7 +23,8 @@ from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.auth import require_model
-from portcullis.identity.keys import KeyStore, now
+from portcullis.identity.keys import DEFAULT_TEAM, KeyStore, now
+from portcullis.identity.tenancy import TenancyStore
 from portcullis.quota import usage
 from portcullis.routing.catalog import NATIVE_RETRY_S, Replica
 from portcullis.safety.validation import parse_json_object, validate_chat, validate_completion
@@ -64,7 +65,8 @@ MAX_SPAN_S = 100 * 365.25 * 86400
 class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: str = Field(min_length=1, max_length=256)
-    tier: str
+    tier: str | None = None  # (default: its team's default tier, else its organisation's)
+    team_id: str | None = Field(default=None, max_length=32)  # (default: the default organisation's default team)
     scopes: list[str] | None = None
     models: list[str] | None = None
     # Bounded (and finite) so that now + expires_in_s is a date the key store can hold: 1e308 overflowed
@@ -95,11 +97,11 @@ def _store(api: AdminDeps) -> KeyStore:
 async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
     store = _store(api)
     spec: NewKey = await read_model(api.config, req, NewKey)
-    if spec.tier not in api.config.tiers:
-        raise InvalidRequest(f"Unknown tier '{spec.tier}'.", param="tier", code="invalid_value")
+    team, tier = await _placed(api, spec.team_id, spec.tier)
     key, record = await store.create(
         user=spec.user,
-        tier=spec.tier,
+        tier=tier,
+        team=team,
         scopes=tuple(spec.scopes) if spec.scopes is not None else scopes.DEFAULT,
         models=tuple(spec.models) if spec.models is not None else None,
         expires_at=now() + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None,
@@ -111,9 +113,30 @@ async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
     await req.respond_json(201, {**record.public(), "key": key})
 
 
+async def _placed(api: AdminDeps, team_id: str | None, tier: str | None) -> tuple[str, str]:
+    """A new key's team (it must exist) and tier: the one asked for, else its team's default, else its
+    organisation's."""
+    tenancy = TenancyStore(api.engine)
+    team = await tenancy.team(team_id or DEFAULT_TEAM)
+    if team is None:
+        raise InvalidRequest(f"No team '{team_id}'.", param="team_id", code="invalid_value")
+    if tier is None:
+        org = await tenancy.org(team.org_id or "")
+        tier = team.default_tier or (org.default_tier if org is not None else None)
+        if tier is None:
+            raise InvalidRequest(
+                "'tier' is required: the key's team and organisation have no default tier.",
+                param="tier",
+                code="invalid_value",
+            )
+    if tier not in api.config.tiers:
+        raise InvalidRequest(f"Unknown tier '{tier}'.", param="tier", code="invalid_value")
+    return team.id, tier
+
+
 async def list_keys(api: AdminDeps, req: Request, ex: Exchange) -> None:
-    user = query_params(req).get("user")
-    records = await _store(api).list(user=user)
+    query = query_params(req)
+    records = await _store(api).list(user=query.get("user"), team=query.get("team_id"))
     await req.respond_json(200, {"object": "list", "data": [r.public() for r in records]})
 
 

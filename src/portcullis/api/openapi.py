@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from portcullis.api.admin import NewKey, Rotation
 from portcullis.api.batches import NewBatch
+from portcullis.api.tenancy import Membership, NewOrganization, NewTeam, OrganizationChange
 from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModerationRequest
@@ -352,6 +353,10 @@ def document(routes: list[Route], version: str, models: list[str] | None = None)
         NewKey,
         Rotation,
         NewBatch,
+        NewOrganization,
+        OrganizationChange,
+        NewTeam,
+        Membership,
     ):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from portcullis.api import admin, batches, dashboard, llama, openai, openapi, ops, surfaces
+from portcullis.api import admin, batches, dashboard, llama, openai, openapi, ops, surfaces, tenancy
 from portcullis.api.openapi import _HTML, _LOGIN_FORM, _REDIRECT, _STATIC, _TEXT, _UPLOAD, _body, _ok, _op
 from portcullis.identity import scopes
 from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModerationRequest
@@ -28,6 +28,9 @@ PARAMS = {
     "response_id": r"[A-Za-z0-9_-]+",
     "slot": r"[0-9]+",
     "key_id": r"[0-9a-f]+",
+    "org_id": r"org_[a-z0-9]+",
+    "team_id": r"team_[a-z0-9]+",
+    "user": r"[^/]+",  # (percent-encoded as needed: a user may be an e-mail address)
     "name": r"[a-z]+\.(?:js|css)",
 }
 _PARAM = re.compile(r"\{([a-z_]+)\}")
@@ -426,6 +429,124 @@ def table(
             admin_deps,
             scopes.MODELS_WRITE,
             _op("Switch a model back on", _ok("Object"), params=["model"]),
+        ),
+        # Organisations, teams, members (api/tenancy.py)
+        Route(
+            "POST",
+            "/admin/organizations",
+            tenancy.create_org,
+            admin_deps,
+            scopes.ORGS_ADMIN,
+            _op("Create an organisation", _ok("Object", status="201"), body=_body(tenancy.NewOrganization)),
+        ),
+        Route(
+            "GET",
+            "/admin/organizations",
+            tenancy.list_orgs,
+            admin_deps,
+            scopes.ADMIN_READ,
+            _op("List organisations", _ok("Object")),
+        ),
+        Route(
+            "GET",
+            "/admin/organizations/{org_id}",
+            tenancy.show_org,
+            admin_deps,
+            scopes.ADMIN_READ,
+            _op("An organisation and its teams", _ok("Object"), params=["org_id"]),
+        ),
+        Route(
+            "POST",
+            "/admin/organizations/{org_id}",
+            tenancy.change_org,
+            admin_deps,
+            scopes.ORGS_ADMIN,
+            _op(
+                "Change an organisation",
+                _ok("Object"),
+                params=["org_id"],
+                body=_body(tenancy.OrganizationChange),
+            ),
+        ),
+        Route(
+            "GET",
+            "/admin/organizations/{org_id}/members",
+            tenancy.org_members,
+            admin_deps,
+            scopes.ADMIN_READ,
+            _op("Everyone with a role in an organisation or its teams", _ok("Object"), params=["org_id"]),
+        ),
+        Route(
+            "POST",
+            "/admin/organizations/{org_id}/members",
+            tenancy.set_org_member,
+            admin_deps,
+            scopes.ORGS_ADMIN,
+            _op(
+                "Give a user a role in an organisation",
+                _ok("Object"),
+                params=["org_id"],
+                body=_body(tenancy.Membership),
+            ),
+        ),
+        Route(
+            "DELETE",
+            "/admin/organizations/{org_id}/members/{user}",
+            tenancy.remove_org_member,
+            admin_deps,
+            scopes.ORGS_ADMIN,
+            _op("Take a user's role in an organisation away", _ok("Object"), params=["org_id", "user"]),
+        ),
+        Route(
+            "POST",
+            "/admin/teams",
+            tenancy.create_team,
+            admin_deps,
+            scopes.ORGS_ADMIN,
+            _op("Create a team", _ok("Object", status="201"), body=_body(tenancy.NewTeam)),
+        ),
+        Route(
+            "GET", "/admin/teams", tenancy.list_teams, admin_deps, scopes.ADMIN_READ, _op("List teams", _ok("Object"))
+        ),
+        Route(
+            "GET",
+            "/admin/teams/{team_id}",
+            tenancy.show_team,
+            admin_deps,
+            scopes.ADMIN_READ,
+            _op("A team", _ok("Object"), params=["team_id"]),
+        ),
+        Route(
+            "POST",
+            "/admin/teams/{team_id}",
+            tenancy.change_team,
+            admin_deps,
+            scopes.ORGS_ADMIN,
+            _op("Change a team", _ok("Object"), params=["team_id"], body=_body(tenancy.OrganizationChange)),
+        ),
+        Route(
+            "GET",
+            "/admin/teams/{team_id}/members",
+            tenancy.team_members,
+            admin_deps,
+            scopes.ADMIN_READ,
+            _op("A team's members", _ok("Object"), params=["team_id"]),
+        ),
+        Route(
+            "POST",
+            "/admin/teams/{team_id}/members",
+            tenancy.set_team_member,
+            admin_deps,
+            scopes.ORGS_ADMIN,
+            _op("Give a user a role in a team", _ok("Object"), params=["team_id"], body=_body(tenancy.Membership)),
+        ),
+        Route(
+            "DELETE",
+            "/admin/teams/{team_id}/members/{user}",
+            tenancy.remove_team_member,
+            admin_deps,
+            scopes.ORGS_ADMIN,
+            _op("Take a user out of a team", _ok("Object"), params=["team_id", "user"]),
         ),
         Route(
             "GET",

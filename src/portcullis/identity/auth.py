@@ -293,6 +293,10 @@ class Identity:
     def invalidate(self, key_id: str) -> None:
         self._cache.pop(key_id, None)
 
+    def invalidate_all(self) -> None:
+        self._cache.clear()
+        self._unknown.clear()
+
     def start(self) -> None:
         if self.store is not None:
             self._toucher = asyncio.create_task(self._touch_loop())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, overload
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from portcullis.config import Config
@@ -27,9 +27,12 @@ from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes as scope_names
 from portcullis.identity.principal import JWT_USER_PREFIX, Principal, unstorable
 from portcullis.store import audit
-from portcullis.store.schema import api_keys
+from portcullis.store.schema import api_keys, organizations, teams
 
 PREFIX = "pc-"
+# The default organisation and its default team (migration 0009; identity/tenancy.py): where a key made without a
+# team goes, and every key made before there were teams.
+DEFAULT_ORG, DEFAULT_TEAM = "org_default", "team_default"
 _ID_LEN = 16
 
 
@@ -134,10 +137,10 @@ def now() -> datetime:
 
 
 @overload
-def _aware(value: datetime) -> datetime: ...
+def aware(value: datetime) -> datetime: ...
 @overload
-def _aware(value: None) -> None: ...
-def _aware(value: datetime | None) -> datetime | None:
+def aware(value: None) -> None: ...
+def aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything we store is UTC.
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -161,10 +164,16 @@ class KeyRecord:
     revoked_at: datetime | None = None
     rotated_to: str | None = None
     grace_until: datetime | None = None
+    team_id: str = DEFAULT_TEAM
+    # Read with the key (KeyStore's queries join them): its team's organisation and what the two levels grant.
+    org_id: str = DEFAULT_ORG
+    team_models: tuple[str, ...] | None = None
+    org_models: tuple[str, ...] | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> KeyRecord:
         m = row._mapping
+        team_models, org_models = m.get("team_models"), m.get("org_models")
         return cls(
             id=m["id"],
             key_hash=m["key_hash"],
@@ -175,12 +184,16 @@ class KeyRecord:
             label=m["label"],
             limits=m["limits"],
             budget=m["budget"],
-            created_at=_aware(m["created_at"]),
-            expires_at=_aware(m["expires_at"]),
-            last_used_at=_aware(m["last_used_at"]),
-            revoked_at=_aware(m["revoked_at"]),
+            created_at=aware(m["created_at"]),
+            expires_at=aware(m["expires_at"]),
+            last_used_at=aware(m["last_used_at"]),
+            revoked_at=aware(m["revoked_at"]),
             rotated_to=m["rotated_to"],
-            grace_until=_aware(m["grace_until"]),
+            grace_until=aware(m["grace_until"]),
+            team_id=m.get("team_id") or DEFAULT_TEAM,
+            org_id=m.get("org_id") or DEFAULT_ORG,
+            team_models=tuple(team_models) if team_models is not None else None,
+            org_models=tuple(org_models) if org_models is not None else None,
         )
 
     def usable_at(self, when: datetime) -> bool:
@@ -198,15 +211,19 @@ class KeyRecord:
         return min(ends) if ends else float("inf")
 
     def principal(self) -> Principal:
+        # A model is the key's to use only if its organisation, its team and the key itself all allow it.
+        models = _narrow(self.org_models, self.team_models, self.models)
         return Principal(
             user=self.user,
             tier=self.tier,
             scopes=frozenset(self.scopes),
-            models=frozenset(self.models) if self.models is not None else None,
+            models=frozenset(models) if models is not None else None,
             key_id=self.id,
             via="api_key",
             limits=self.limits,
             budget=self.budget,
+            org=self.org_id,
+            team=self.team_id,
         )
 
     def public(self) -> dict[str, Any]:
@@ -226,6 +243,8 @@ class KeyRecord:
         return {
             "id": self.id,
             "user": self.user,
+            "team_id": self.team_id,
+            "org_id": self.org_id,
             "tier": self.tier,
             "scopes": list(self.scopes),
             "models": list(self.models) if self.models is not None else None,
@@ -260,6 +279,7 @@ class KeyStore:
         budget: dict[str, Any] | None = None,
         key: str | None = None,
         actor: audit.Actor | None = None,
+        team: str = DEFAULT_TEAM,
     ) -> tuple[str, KeyRecord]:
         """A new key; returns the key itself (shown once) and its record. `key` imports a given one. With an
         `actor`, the audit log's entry is written in the same transaction."""
@@ -297,22 +317,27 @@ class KeyStore:
             budget=budget,
             created_at=now(),
             expires_at=expires_at,
+            team_id=team,
         )
         async with self.engine.begin() as conn:
             await conn.execute(insert(api_keys).values(**_row(record)))
+            # Read back with its levels (its organisation, what they grant).
+            record = KeyRecord.from_row((await conn.execute(_joined().where(api_keys.c.id == key_id))).one())
             if actor is not None:
                 await audit.record(conn, audit.Change(actor, "key.create", key_id, None, record.public()))
         return key, record
 
     async def get(self, key_id: str) -> KeyRecord | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+            row = (await conn.execute(_joined().where(api_keys.c.id == key_id))).first()
         return KeyRecord.from_row(row) if row is not None else None
 
-    async def list(self, *, user: str | None = None) -> list[KeyRecord]:
-        query = select(api_keys).order_by(api_keys.c.created_at)
+    async def list(self, *, user: str | None = None, team: str | None = None) -> list[KeyRecord]:
+        query = _joined().order_by(api_keys.c.created_at)
         if user is not None:
             query = query.where(api_keys.c.user == user)
+        if team is not None:
+            query = query.where(func.coalesce(api_keys.c.team_id, DEFAULT_TEAM) == team)
         async with self.engine.connect() as conn:
             return [KeyRecord.from_row(r) for r in (await conn.execute(query)).all()]
 
@@ -380,6 +405,28 @@ class KeyStore:
                 await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=when))
 
 
+def _joined() -> Select[Any]:
+    """Keys with what their levels say: the team's organisation and both levels' model grants."""
+    team = func.coalesce(api_keys.c.team_id, DEFAULT_TEAM)
+    return select(
+        api_keys,
+        teams.c.org_id.label("org_id"),
+        teams.c.models.label("team_models"),
+        organizations.c.models.label("org_models"),
+    ).select_from(
+        api_keys.outerjoin(teams, teams.c.id == team).outerjoin(organizations, organizations.c.id == teams.c.org_id)
+    )
+
+
+def _narrow(*grants: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The models every level allows (None: a level that allows every model)."""
+    allowed: tuple[str, ...] | None = None
+    for grant in grants:
+        if grant is not None:
+            allowed = grant if allowed is None else tuple(m for m in allowed if m in grant)
+    return allowed
+
+
 def _row(record: KeyRecord) -> dict[str, Any]:
     return {
         "id": record.id,
@@ -397,4 +444,5 @@ def _row(record: KeyRecord) -> dict[str, Any]:
         "revoked_at": record.revoked_at,
         "rotated_to": record.rotated_to,
         "grace_until": record.grace_until,
+        "team_id": record.team_id,
     }

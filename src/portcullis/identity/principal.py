@@ -40,3 +40,5 @@ class Principal:
     via: str = "api_key"  # "api_key" | "jwt" | "anonymous"
     limits: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
+    org: str | None = None  # its key's organisation and team (identity/tenancy.py); None for JWT and anonymous
+    team: str | None = None

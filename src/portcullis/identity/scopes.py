@@ -16,6 +16,7 @@ MODELS_DELETE = "models:delete"
 BATCHES = "batches:write"
 USAGE = "usage:read"
 KEYS_ADMIN = "keys:admin"
+ORGS_ADMIN = "orgs:admin"  # organisations, teams and their members (reading them: admin:read)
 ADMIN_READ = "admin:read"
 
 ALL = frozenset(
@@ -34,6 +35,7 @@ ALL = frozenset(
         BATCHES,
         USAGE,
         KEYS_ADMIN,
+        ORGS_ADMIN,
         ADMIN_READ,
     }
 )

@@ -40,6 +40,47 @@ api_keys = Table(
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     Column("rotated_to", String(32), nullable=True),  # successor id, once rotated
     Column("grace_until", DateTime(timezone=True), nullable=True),  # a rotated key works until then
+    # Its team (identity/tenancy.py); null only in a row written by a gateway older than migration 0009: the default
+    # team's.
+    Column("team_id", String(32), nullable=True),
+)
+
+# Organisation → team → user → key (identity/tenancy.py). A level's `models` (null: every model) narrows what the
+# levels below it may use; `default_tier` is the tier of a key made in it without one.
+organizations = Table(
+    "organizations",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("models", JSON, nullable=True),
+    Column("default_tier", String(64), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+teams = Table(
+    "teams",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("org_id", String(32), nullable=False, index=True),
+    Column("name", String(128), nullable=False),
+    Column("models", JSON, nullable=True),
+    Column("default_tier", String(64), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("org_id", "name", name="uq_teams_org_name"),
+)
+
+# Who has which role where: team_id "" is a role in the organisation itself.
+memberships = Table(
+    "memberships",
+    metadata,
+    Column("org_id", String(32), primary_key=True),
+    Column("team_id", String(32), primary_key=True),
+    Column("user", String(256), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_memberships_user", "user"),
 )
 
 model_state = Table(

@@ -1,0 +1,192 @@
+"""The admin API of organisations, teams and their members (identity/tenancy.py).
+
+    POST /admin/organizations                      create            orgs:admin
+    GET  /admin/organizations[/{org_id}]           list / show       admin:read
+    POST /admin/organizations/{org_id}             change (name, models, default_tier)   orgs:admin
+    POST /admin/organizations/{org_id}/members     {user, role: org_admin}               orgs:admin
+    DELETE /admin/organizations/{org_id}/members/{user}                                  orgs:admin
+    POST /admin/teams                              create ({org_id, name, ...})          orgs:admin
+    GET  /admin/teams[?org_id=] , /admin/teams/{team_id}                                 admin:read
+    POST /admin/teams/{team_id}                    change                                orgs:admin
+    GET  /admin/teams/{team_id}/members , POST (set a role) , DELETE .../members/{user}  orgs:admin / admin:read
+
+Changes are made with OpenAI's convention for modifying an object (POST to it), as the key routes do. A change to
+what a level grants is announced to every process, which forget their cached keys (the bus event "tenancy").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from portcullis.api.admin import AdminDeps
+from portcullis.api.common import actor, query_params, read_model
+from portcullis.errors import InvalidRequest, NotFound
+from portcullis.exchange import Exchange
+from portcullis.http import Request
+from portcullis.identity.tenancy import Level, TenancyStore
+
+
+class NewOrganization(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    models: list[str] | None = None  # None: every model
+    default_tier: str | None = None
+
+
+class OrganizationChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    models: list[str] | None = None  # (sent as null: every model again)
+    default_tier: str | None = None
+
+
+class NewTeam(NewOrganization):
+    org_id: str = Field(min_length=1, max_length=32)
+
+
+class Membership(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: str = Field(min_length=1, max_length=256)
+    role: str
+
+
+def _store(api: AdminDeps) -> TenancyStore:
+    return TenancyStore(api.engine)
+
+
+def _tier(api: AdminDeps, tier: str | None) -> str | None:
+    if tier is not None and tier not in api.config.tiers:
+        raise InvalidRequest(f"Unknown tier '{tier}'.", param="default_tier", code="invalid_value")
+    return tier
+
+
+def _changes(api: AdminDeps, spec: OrganizationChange) -> dict[str, Any]:
+    changes = spec.model_dump(exclude_unset=True)
+    if "name" in changes and changes["name"] is None:
+        raise InvalidRequest("'name' cannot be null.", param="name", code="invalid_value")
+    _tier(api, changes.get("default_tier"))
+    if not changes:
+        raise InvalidRequest("Nothing to change: give name, models or default_tier.", code="invalid_value")
+    return changes
+
+
+async def _announce(api: AdminDeps, changes: dict[str, Any]) -> None:
+    if "models" in changes:  # what its keys may use changed: every process reads their levels again
+        await api.publish({"type": "tenancy"})
+
+
+async def _org(api: AdminDeps, org_id: str) -> Level:
+    org = await _store(api).org(org_id)
+    if org is None:
+        raise NotFound(f"No organisation '{org_id}'.", code="organization_not_found")
+    return org
+
+
+async def _team(api: AdminDeps, team_id: str) -> Level:
+    team = await _store(api).team(team_id)
+    if team is None:
+        raise NotFound(f"No team '{team_id}'.", code="team_not_found")
+    return team
+
+
+def _list(levels: list[Level]) -> dict[str, Any]:
+    return {"object": "list", "data": [level.public() for level in levels]}
+
+
+# -- organisations ---------------------------------------------------------------------------------------
+
+
+async def create_org(api: AdminDeps, req: Request, ex: Exchange) -> None:
+    spec: NewOrganization = await read_model(api.config, req, NewOrganization)
+    org = await _store(api).create_org(
+        spec.name, models=spec.models, default_tier=_tier(api, spec.default_tier), actor=actor(api.config, req, ex)
+    )
+    await req.respond_json(201, org.public())
+
+
+async def list_orgs(api: AdminDeps, req: Request, ex: Exchange) -> None:
+    await req.respond_json(200, _list(await _store(api).orgs()))
+
+
+async def show_org(api: AdminDeps, req: Request, ex: Exchange, org_id: str) -> None:
+    org = await _org(api, org_id)
+    await req.respond_json(200, {**org.public(), "teams": _list(await _store(api).teams(org_id))["data"]})
+
+
+async def change_org(api: AdminDeps, req: Request, ex: Exchange, org_id: str) -> None:
+    changes = _changes(api, await read_model(api.config, req, OrganizationChange))
+    org = await _store(api).update_org(org_id, changes, actor=actor(api.config, req, ex))
+    await _announce(api, changes)
+    await req.respond_json(200, org.public())
+
+
+async def org_members(api: AdminDeps, req: Request, ex: Exchange, org_id: str) -> None:
+    await _org(api, org_id)
+    await req.respond_json(200, {"object": "list", "data": await _store(api).members(org_id)})
+
+
+async def set_org_member(api: AdminDeps, req: Request, ex: Exchange, org_id: str) -> None:
+    spec: Membership = await read_model(api.config, req, Membership)
+    await _org(api, org_id)
+    member = await _store(api).set_member(None, org_id, spec.user, spec.role, actor=actor(api.config, req, ex))
+    await req.respond_json(200, member)
+
+
+async def remove_org_member(api: AdminDeps, req: Request, ex: Exchange, org_id: str, user: str) -> None:
+    if not await _store(api).remove_member(org_id, "", user, actor=actor(api.config, req, ex)):
+        raise NotFound(f"'{user}' has no role in the organisation.", code="member_not_found")
+    await req.respond_json(200, {"object": "member", "org_id": org_id, "user": user, "deleted": True})
+
+
+# -- teams -------------------------------------------------------------------------------------------------
+
+
+async def create_team(api: AdminDeps, req: Request, ex: Exchange) -> None:
+    spec: NewTeam = await read_model(api.config, req, NewTeam)
+    team = await _store(api).create_team(
+        spec.org_id,
+        spec.name,
+        models=spec.models,
+        default_tier=_tier(api, spec.default_tier),
+        actor=actor(api.config, req, ex),
+    )
+    await req.respond_json(201, team.public())
+
+
+async def list_teams(api: AdminDeps, req: Request, ex: Exchange) -> None:
+    await req.respond_json(200, _list(await _store(api).teams(query_params(req).get("org_id"))))
+
+
+async def show_team(api: AdminDeps, req: Request, ex: Exchange, team_id: str) -> None:
+    await req.respond_json(200, (await _team(api, team_id)).public())
+
+
+async def change_team(api: AdminDeps, req: Request, ex: Exchange, team_id: str) -> None:
+    changes = _changes(api, await read_model(api.config, req, OrganizationChange))
+    team = await _store(api).update_team(team_id, changes, actor=actor(api.config, req, ex))
+    await _announce(api, changes)
+    await req.respond_json(200, team.public())
+
+
+async def team_members(api: AdminDeps, req: Request, ex: Exchange, team_id: str) -> None:
+    team = await _team(api, team_id)
+    assert team.org_id is not None
+    await req.respond_json(200, {"object": "list", "data": await _store(api).members(team.org_id, team_id)})
+
+
+async def set_team_member(api: AdminDeps, req: Request, ex: Exchange, team_id: str) -> None:
+    spec: Membership = await read_model(api.config, req, Membership)
+    team = await _team(api, team_id)
+    assert team.org_id is not None
+    member = await _store(api).set_member(team, team.org_id, spec.user, spec.role, actor=actor(api.config, req, ex))
+    await req.respond_json(200, member)
+
+
+async def remove_team_member(api: AdminDeps, req: Request, ex: Exchange, team_id: str, user: str) -> None:
+    team = await _team(api, team_id)
+    assert team.org_id is not None
+    if not await _store(api).remove_member(team.org_id, team_id, user, actor=actor(api.config, req, ex)):
+        raise NotFound(f"'{user}' is not a member of the team.", code="member_not_found")
+    await req.respond_json(200, {"object": "member", "team_id": team_id, "user": user, "deleted": True})
