@@ -19,7 +19,8 @@ from pydantic import BaseModel, ValidationError
 from portcullis.config import BudgetConfig, Config, ConfigError, LimitsConfig, load_config
 from portcullis.errors import GatewayError, InvalidRequest
 from portcullis.identity import scopes
-from portcullis.identity.keys import DEFAULT_TEAM, KeyHasher, KeyRecord, KeySecretMissing, KeyStore, key_secret, now
+from portcullis.identity.keys import KeyHasher, KeyRecord, KeySecretMissing, KeyStore, key_secret, now
+from portcullis.identity.principal import DEFAULT_TEAM
 from portcullis.identity.tenancy import TenancyStore
 from portcullis.obs.logging import configure_command_logging
 from portcullis.store import audit

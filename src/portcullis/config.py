@@ -253,10 +253,12 @@ class LimitsConfig(_Section):
 
 
 class BudgetConfig(_Section):
-    """Spend limits in `quota.currency` per UTC calendar day and month; None: no limit."""
+    """Spend limits in `quota.currency` per UTC calendar day, week and month; None: no limit."""
 
     # Spend allowed per UTC day, in quota.currency.
     day: float | None = Field(default=None, gt=0)
+    # Spend allowed per UTC week (Monday to Sunday, ISO 8601).
+    week: float | None = Field(default=None, gt=0)
     # Spend allowed per UTC month.
     month: float | None = Field(default=None, gt=0)
 

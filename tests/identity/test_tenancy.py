@@ -106,7 +106,10 @@ def test_refusals(gw: Proc) -> None:
         ("/admin/organizations", {"name": "globex"}, 409, "name_taken"),
         ("/admin/organizations", {"name": "bad/name"}, 400, "invalid_value"),
         ("/admin/organizations", {"name": "x", "default_tier": "gold-plated"}, 400, "invalid_value"),
-        ("/admin/organizations", {"name": "x", "limits": {}}, 400, None),
+        ("/admin/organizations", {"name": "x", "limits": {"requests": {"fortnight": 3}}}, 400, None),
+        ("/admin/teams/team_default", {"budget": {"day": 1}}, 400, None),  # the default levels carry no limits
+        ("/admin/organizations/org_default", {"limits": {"concurrency": 2}}, 400, None),
+        ("/admin/teams", {"org_id": "org_default", "name": "capped", "limits": {"concurrency": 2}}, 400, None),
         ("/admin/teams", {"org_id": "org_nope", "name": "t"}, 404, "organization_not_found"),
         ("/admin/organizations/org_nope", {"name": "y"}, 404, "organization_not_found"),
         (f"/admin/organizations/{org['id']}", {}, 400, "invalid_value"),

@@ -16,7 +16,7 @@ from portcullis.obs.logging import get_logger
 from portcullis.obs.metrics import Metrics
 from portcullis.quota import window
 from portcullis.quota.failover import FailoverStore
-from portcullis.quota.plan import Budget, Plan, Window, user_tag
+from portcullis.quota.plan import Budget, Level, Plan, Window, org_tag, user_tag
 from portcullis.quota.redis_store import RedisQuotaStore
 from portcullis.quota.store import BUDGET, CONCURRENCY, OK, TOO_LARGE, WINDOW, Ask, MemoryQuotaStore
 from portcullis.routing.catalog import Catalog
@@ -160,6 +160,70 @@ async def test_budget_reserve_settle_and_alerts_once(store) -> None:
     assert [(x.budget, x.threshold) for x in alerts] == [(0, 1.0)]
     assert await store.settle(ask(p, T0, periods=periods), 0, 0, (0.5, 0.8, 1.0)) == []
     assert (await store.admit(ask(p, T0, cost=1, periods=periods))).failed == BUDGET
+
+
+# -- levels: a team and an organisation whose counters the keys of the organisation share ---------------------
+
+
+def member(org: str, key: str, *, team: Level, org_level: Level | None = None, **spec: object) -> Plan:
+    """The plan of one key of `org`'s team: its own windows (none here) and the levels' (`spec`)."""
+    levels = (team,) if org_level is None else (team, org_level)
+    return Plan(tag=org_tag(org), subject=f"k:{key}", key_id=key, concurrency=None, **spec, levels=levels)  # type: ignore[arg-type]
+
+
+async def test_a_teams_window_is_shared_by_its_keys(store) -> None:
+    org, team = f"org_{secrets.token_hex(4)}", Level("team", "t:search", "search")
+    rpm3 = Window("requests", "minute", 60, 3, "r60", level=1)
+    a = member(org, "a", team=team, windows=(rpm3,), budgets=())
+    b = member(org, "b", team=team, windows=(rpm3,), budgets=())
+    assert [(await store.admit(ask(x, T0))).failed for x in (a, b, a)] == [OK, OK, OK]
+    refused = await store.admit(ask(b, T0 + 1))
+    assert refused.failed == WINDOW and refused.index == 0 and refused.retry_after_s > 0
+    # Another organisation's team of the same name counts apart.
+    other = member(f"org_{secrets.token_hex(4)}", "a", team=team, windows=(rpm3,), budgets=())
+    assert (await store.admit(ask(other, T0 + 1))).admitted
+
+
+async def test_levels_count_tokens_and_give_the_unused_part_back(store) -> None:
+    org = f"org_{secrets.token_hex(4)}"
+    team, whole = Level("team", "t:x", "x"), Level("organization", "o", "acme")
+    own = Window("tokens", "minute", 60, 10_000, "t60")
+    team_tpm, org_tpm = (
+        Window("tokens", "minute", 60, 1000, "t60", level=1),
+        Window("tokens", "minute", 60, 1500, "t60", level=2),
+    )
+    a = member(org, "a", team=team, org_level=whole, windows=(own, team_tpm, org_tpm), budgets=())
+    b = member(org, "b", team=team, org_level=whole, windows=(own, team_tpm, org_tpm), budgets=())
+    first = ask(a, T0, tokens=600)
+    assert (await store.admit(first)).admitted
+    refused = await store.admit(ask(b, T0 + 1, tokens=600))
+    assert refused.failed == WINDOW and refused.index == 1  # the team's window (the org's has room for 1200)
+    await store.settle(first, 100, 0, ())  # used 100 of its 600: given back at every level
+    if isinstance(store, FailoverStore) and store.redis is not None:
+        # What the quota stage talks to carries a settlement along with the same key's next admission (within
+        # RedisQuotaStore.CARRY_S): until then another key sees the reservation whole, which only refuses more.
+        await store.redis.flush()
+    verdict = await store.admit(ask(b, T0 + 2, tokens=600))
+    assert verdict.admitted and verdict.remaining == [9400, 300, 800]
+
+
+async def test_a_levels_concurrency_and_budget(store) -> None:
+    org = f"org_{secrets.token_hex(4)}"
+    team = Level("team", "t:y", "y", concurrency=2)
+    budget = (Budget("team", "day", 1_000_000, 1.0, "t:y", "y"),)
+    periods = ("d20270115",)
+    a = member(org, "a", team=team, windows=(), budgets=budget)
+    b = member(org, "b", team=team, windows=(), budgets=budget)
+    first, second = ask(a, T0, cost=400_000, periods=periods), ask(b, T0, cost=400_000, periods=periods)
+    assert (await store.admit(first)).admitted and (await store.admit(second)).admitted
+    refused = await store.admit(ask(a, T0, cost=1, periods=periods))
+    assert refused.failed == CONCURRENCY and refused.index == 1  # the team's (level 1)
+    await store.settle(first, 0, 100_000, ())  # its slot freed everywhere, 100k of the team's budget spent
+    third = ask(a, T0, cost=500_000, periods=periods)
+    assert (await store.admit(third)).admitted  # 100k spent + 400k + 500k reserved: the whole budget
+    await store.settle(second, 0, 400_000, ())  # 500k spent, 500k reserved (third): not one more unit
+    refused = await store.admit(ask(b, T0, cost=1, periods=periods))
+    assert refused.failed == BUDGET and refused.index == 0
 
 
 def test_wait_matches_the_estimate() -> None:

@@ -23,7 +23,8 @@ from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity import scopes
 from portcullis.identity.auth import require_model
-from portcullis.identity.keys import DEFAULT_TEAM, KeyStore, now
+from portcullis.identity.keys import KeyStore, now
+from portcullis.identity.principal import DEFAULT_TEAM
 from portcullis.identity.tenancy import TenancyStore
 from portcullis.quota import usage
 from portcullis.routing.catalog import NATIVE_RETRY_S, Replica

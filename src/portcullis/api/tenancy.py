@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from portcullis.api.admin import AdminDeps
 from portcullis.api.common import actor, query_params, read_model
+from portcullis.config import BudgetConfig, LimitsConfig
 from portcullis.errors import InvalidRequest, NotFound
 from portcullis.exchange import Exchange
 from portcullis.http import Request
@@ -33,6 +34,9 @@ class NewOrganization(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     models: list[str] | None = None  # None: every model
     default_tier: str | None = None
+    # The whole level's windows and concurrency, and its budget: shared by every key under it.
+    limits: LimitsConfig | None = None
+    budget: BudgetConfig | None = None
 
 
 class OrganizationChange(BaseModel):
@@ -40,6 +44,8 @@ class OrganizationChange(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=128)
     models: list[str] | None = None  # (sent as null: every model again)
     default_tier: str | None = None
+    limits: LimitsConfig | None = None  # (sent as null: no limit of its own)
+    budget: BudgetConfig | None = None
 
 
 class NewTeam(NewOrganization):
@@ -62,18 +68,30 @@ def _tier(api: AdminDeps, tier: str | None) -> str | None:
     return tier
 
 
+def _quota(spec: NewOrganization | OrganizationChange) -> dict[str, Any]:
+    """The limits and budget as stored: only what was given (as a key's own), None for none."""
+    out: dict[str, Any] = {}
+    if "limits" in spec.model_fields_set:
+        out["limits"] = spec.limits.model_dump(exclude_unset=True) if spec.limits is not None else None
+    if "budget" in spec.model_fields_set:
+        out["budget"] = spec.budget.model_dump(exclude_none=True) if spec.budget is not None else None
+    return out
+
+
 def _changes(api: AdminDeps, spec: OrganizationChange) -> dict[str, Any]:
-    changes = spec.model_dump(exclude_unset=True)
+    changes = spec.model_dump(exclude_unset=True) | _quota(spec)
     if "name" in changes and changes["name"] is None:
         raise InvalidRequest("'name' cannot be null.", param="name", code="invalid_value")
     _tier(api, changes.get("default_tier"))
     if not changes:
-        raise InvalidRequest("Nothing to change: give name, models or default_tier.", code="invalid_value")
+        raise InvalidRequest(
+            "Nothing to change: give name, models, default_tier, limits or budget.", code="invalid_value"
+        )
     return changes
 
 
 async def _announce(api: AdminDeps, changes: dict[str, Any]) -> None:
-    if "models" in changes:  # what its keys may use changed: every process reads their levels again
+    if {"models", "limits", "budget"} & changes.keys():  # what its keys may use changed: every process reads again
         await api.publish({"type": "tenancy"})
 
 
@@ -101,7 +119,11 @@ def _list(levels: list[Level]) -> dict[str, Any]:
 async def create_org(api: AdminDeps, req: Request, ex: Exchange) -> None:
     spec: NewOrganization = await read_model(api.config, req, NewOrganization)
     org = await _store(api).create_org(
-        spec.name, models=spec.models, default_tier=_tier(api, spec.default_tier), actor=actor(api.config, req, ex)
+        spec.name,
+        models=spec.models,
+        default_tier=_tier(api, spec.default_tier),
+        actor=actor(api.config, req, ex),
+        **_quota(spec),
     )
     await req.respond_json(201, org.public())
 
@@ -151,6 +173,7 @@ async def create_team(api: AdminDeps, req: Request, ex: Exchange) -> None:
         models=spec.models,
         default_tier=_tier(api, spec.default_tier),
         actor=actor(api.config, req, ex),
+        **_quota(spec),
     )
     await req.respond_json(201, team.public())
 

@@ -261,8 +261,11 @@ class Gateway:
     def on_event(self, event: dict[str, Any]) -> None:
         if event.get("type") == "key" and self.identity is not None:
             self.identity.invalidate(str(event.get("id")))
-        elif event.get("type") == "tenancy" and self.identity is not None:
-            self.identity.invalidate_all()  # what a team or an organisation grants changed: read every key again
+        elif event.get("type") == "tenancy":
+            # What a team or an organisation grants or limits changed: read every key and make every plan again.
+            if self.identity is not None:
+                self.identity.invalidate_all()
+            self.quota.forget_plans()
         elif event.get("type") == "model":
             name = str(event.get("name"))
             if event.get("disabled"):

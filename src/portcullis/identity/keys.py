@@ -25,14 +25,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from portcullis.config import Config
 from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes as scope_names
-from portcullis.identity.principal import JWT_USER_PREFIX, Principal, unstorable
+from portcullis.identity.principal import DEFAULT_ORG, DEFAULT_TEAM, JWT_USER_PREFIX, Principal, unstorable
 from portcullis.store import audit
 from portcullis.store.schema import api_keys, organizations, teams
 
 PREFIX = "pc-"
-# The default organisation and its default team (migration 0009; identity/tenancy.py): where a key made without a
-# team goes, and every key made before there were teams.
-DEFAULT_ORG, DEFAULT_TEAM = "org_default", "team_default"
 _ID_LEN = 16
 
 
@@ -169,6 +166,12 @@ class KeyRecord:
     org_id: str = DEFAULT_ORG
     team_models: tuple[str, ...] | None = None
     org_models: tuple[str, ...] | None = None
+    team_limits: dict[str, Any] | None = None
+    team_budget: dict[str, Any] | None = None
+    org_limits: dict[str, Any] | None = None
+    org_budget: dict[str, Any] | None = None
+    team_name: str = ""
+    org_name: str = ""
 
     @classmethod
     def from_row(cls, row: Any) -> KeyRecord:
@@ -194,6 +197,12 @@ class KeyRecord:
             org_id=m.get("org_id") or DEFAULT_ORG,
             team_models=tuple(team_models) if team_models is not None else None,
             org_models=tuple(org_models) if org_models is not None else None,
+            team_limits=m.get("team_limits"),
+            team_budget=m.get("team_budget"),
+            org_limits=m.get("org_limits"),
+            org_budget=m.get("org_budget"),
+            team_name=m.get("team_name") or "",
+            org_name=m.get("org_name") or "",
         )
 
     def usable_at(self, when: datetime) -> bool:
@@ -224,6 +233,12 @@ class KeyRecord:
             budget=self.budget,
             org=self.org_id,
             team=self.team_id,
+            team_limits=self.team_limits,
+            team_budget=self.team_budget,
+            org_limits=self.org_limits,
+            org_budget=self.org_budget,
+            team_name=self.team_name,
+            org_name=self.org_name,
         )
 
     def public(self) -> dict[str, Any]:
@@ -413,6 +428,12 @@ def _joined() -> Select[Any]:
         teams.c.org_id.label("org_id"),
         teams.c.models.label("team_models"),
         organizations.c.models.label("org_models"),
+        teams.c.limits.label("team_limits"),
+        teams.c.budget.label("team_budget"),
+        organizations.c.limits.label("org_limits"),
+        organizations.c.budget.label("org_budget"),
+        teams.c.name.label("team_name"),
+        organizations.c.name.label("org_name"),
     ).select_from(
         api_keys.outerjoin(teams, teams.c.id == team).outerjoin(organizations, organizations.c.id == teams.c.org_id)
     )

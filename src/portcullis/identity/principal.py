@@ -9,6 +9,9 @@ from typing import Any
 # One namespace per identity source: the user of a JWT is "jwt:<sub>" (unless auth.jwt.users maps the subject),
 # and an API key's user may not start with this, so a token's subject never names a key user's data.
 JWT_USER_PREFIX = "jwt:"
+# The default organisation and its default team (migration 0009; identity/tenancy.py): where a key made without a
+# team goes, and every key made before there were teams. They carry no limits.
+DEFAULT_ORG, DEFAULT_TEAM = "org_default", "team_default"
 
 # A user is stored as it is: usage.user, files.owner, batches.owner, api_keys.user are String(256)
 # (store/schema.py). One that does not fit, or holds a character PostgreSQL refuses in text (NUL) or cannot
@@ -42,3 +45,10 @@ class Principal:
     budget: dict[str, Any] | None = None
     org: str | None = None  # its key's organisation and team (identity/tenancy.py); None for JWT and anonymous
     team: str | None = None
+    # The limits and budgets of its team and organisation (quota/plan.py), and their names for messages.
+    team_limits: dict[str, Any] | None = None
+    team_budget: dict[str, Any] | None = None
+    org_limits: dict[str, Any] | None = None
+    org_budget: dict[str, Any] | None = None
+    team_name: str = ""
+    org_name: str = ""

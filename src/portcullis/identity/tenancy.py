@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from portcullis.errors import Conflict, InvalidRequest, NotFound
 from portcullis.identity.keys import aware, now
-from portcullis.identity.principal import unstorable
+from portcullis.identity.principal import DEFAULT_ORG, unstorable
 from portcullis.store import audit
 from portcullis.store.schema import memberships, organizations, teams
 
@@ -48,6 +48,8 @@ class Level:
     created_at: datetime
     updated_at: datetime
     org_id: str | None = None  # a team's organisation
+    limits: dict[str, Any] | None = None  # LimitsConfig's shape: the whole level's windows and concurrency
+    budget: dict[str, Any] | None = None  # BudgetConfig's shape
 
     @classmethod
     def from_row(cls, kind: str, row: Any) -> Level:
@@ -61,6 +63,8 @@ class Level:
             created_at=aware(m["created_at"]),
             updated_at=aware(m["updated_at"]),
             org_id=m.get("org_id"),
+            limits=m.get("limits"),
+            budget=m.get("budget"),
         )
 
     def public(self) -> dict[str, Any]:
@@ -70,6 +74,8 @@ class Level:
             "name": self.name,
             "models": list(self.models) if self.models is not None else None,
             "default_tier": self.default_tier,
+            "limits": self.limits,
+            "budget": self.budget,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
@@ -95,7 +101,14 @@ class TenancyStore:
     # -- organisations --------------------------------------------------------------------------------
 
     async def create_org(
-        self, name: str, *, models: list[str] | None, default_tier: str | None, actor: audit.Actor
+        self,
+        name: str,
+        *,
+        models: list[str] | None,
+        default_tier: str | None,
+        actor: audit.Actor,
+        limits: dict[str, Any] | None = None,
+        budget: dict[str, Any] | None = None,
     ) -> Level:
         at = now()
         org = Level(
@@ -106,6 +119,8 @@ class TenancyStore:
             default_tier,
             at,
             at,
+            limits=limits,
+            budget=budget,
         )
         try:
             async with self.engine.begin() as conn:
@@ -131,8 +146,18 @@ class TenancyStore:
     # -- teams --------------------------------------------------------------------------------------
 
     async def create_team(
-        self, org_id: str, name: str, *, models: list[str] | None, default_tier: str | None, actor: audit.Actor
+        self,
+        org_id: str,
+        name: str,
+        *,
+        models: list[str] | None,
+        default_tier: str | None,
+        actor: audit.Actor,
+        limits: dict[str, Any] | None = None,
+        budget: dict[str, Any] | None = None,
     ) -> Level:
+        if (limits or budget) and org_id == DEFAULT_ORG:
+            raise InvalidRequest(_DEFAULT_FREE, param="limits" if limits else "budget", code="invalid_value")
         at = now()
         team = Level(
             "team",
@@ -143,6 +168,8 @@ class TenancyStore:
             at,
             at,
             org_id,
+            limits,
+            budget,
         )
         try:
             async with self.engine.begin() as conn:
@@ -175,6 +202,10 @@ class TenancyStore:
         values = dict(changes)
         if "name" in values:
             _checked_name(values["name"])
+        if values.get("limits") or values.get("budget"):
+            org_id = level_id if kind == "organization" else await self._org_of(level_id)
+            if org_id == DEFAULT_ORG:
+                raise InvalidRequest(_DEFAULT_FREE, param="limits" if values.get("limits") else "budget")
         values["updated_at"] = now()
         try:
             async with self.engine.begin() as conn:
@@ -191,6 +222,10 @@ class TenancyStore:
         except IntegrityError:
             raise Conflict(f"The name '{values.get('name')}' is taken.", param="name", code="name_taken") from None
         return after
+
+    async def _org_of(self, team_id: str) -> str | None:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(select(teams.c.org_id).where(teams.c.id == team_id))).scalar()
 
     # -- members ------------------------------------------------------------------------------------
 
@@ -251,8 +286,16 @@ def _member(org_id: str, team_id: str, user: str, role: str) -> dict[str, Any]:
     return {"object": "member", "org_id": org_id, "team_id": team_id or None, "user": user, "role": role}
 
 
+_DEFAULT_FREE = (
+    "The default organisation and its teams carry no limits or budgets (they hold the keys made before there were "
+    "organisations): create an organisation for the keys to limit."
+)
+
+
 def _level_row(level: Level) -> dict[str, Any]:
     return {
+        "limits": level.limits,
+        "budget": level.budget,
         "id": level.id,
         "name": level.name,
         "models": list(level.models) if level.models is not None else None,

@@ -76,7 +76,7 @@ class FailoverStore:
             except STORE_ERRORS as exc:
                 self.failed(exc)
             else:
-                if verdict.admitted and ask.plan.concurrency is not None:
+                if verdict.admitted and ask.plan.holds_leases:
                     self._leased[ask.lease] = ask
                 return verdict
         if not self.fail_open:

@@ -1,12 +1,17 @@
-"""What a principal may use: its windows, its concurrency, its budgets, resolved once and cached.
+"""What a principal may use: its windows, its concurrency, its budgets, at every level, resolved once and cached.
 
-Limits come from the principal's tier (`tiers.<name>.limits`), overridden field by field by an API
-key's own `limits`. Budgets are per key (the key's `budget`) and per user (`quota.users.<user>.budget`,
-else the tier's `user_budget`).
+The levels, from the bottom: the principal itself (an API key, or the user of a JWT), then its team and its
+organisation (identity/tenancy.py), each with windows of requests and tokens, a concurrency limit and budgets.
+The principal's limits come from its tier (`tiers.<name>.limits`), overridden field by field by an API key's own
+`limits`; its budgets are the key's (`budget`) and its user's (`quota.users.<user>.budget`, else the tier's
+`user_budget`). A team's and an organisation's limits and budget are their own (set with the admin API). A
+request is admitted only if every level admits it, all in one atomic step.
 
-Every Redis key of one user shares one hash tag, `{pc:<hash of the user>}`: a key's windows, its
-leases, its budget and the user's budget all live in one hash slot, so a single script can check and
-take them together even on Redis Cluster.
+Every Redis key a principal's admission touches shares one hash tag, so a single script can check and take
+them together even on Redis Cluster: the organisation's, `{pc:o:<org id>}`, for the keys of an organisation
+that was created (its team's and its own counters are shared by all its keys); the user's,
+`{pc:<hash of the user>}`, for everyone else (JWT principals, the keys of the default organisation, whose
+levels carry no limits), so those spread over a cluster by user as before organisations existed.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from portcullis.config import BudgetConfig, Config, LimitsConfig, TierConfig
-from portcullis.identity.principal import Principal
+from portcullis.identity.principal import DEFAULT_ORG, Principal
 
 MICRO = 1_000_000  # budgets and costs are kept as integer millionths of the currency unit
 
 _SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+PERIODS: tuple[Literal["day", "week", "month"], ...] = ("day", "week", "month")
+Scope = Literal["key", "user", "team", "organization"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +36,8 @@ class Window:
     period: str  # "minute" | "hour" | "day"
     seconds: int
     limit: int
-    field: str  # its name inside the principal's Redis hash, e.g. "r60"
+    field: str  # its name inside its level's Redis hash, e.g. "r60"
+    level: int = 0  # whose: an index into Plan.levels (0: the principal)
 
     @property
     def label(self) -> str:
@@ -37,33 +45,92 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
+class Level:
+    """One level above the principal whose counters the principal's requests also take."""
+
+    scope: Scope  # "team" or "organization"
+    subject: str  # its counters' name under the plan's tag: "t:<team id>", "o"
+    name: str  # for people: the team's or the organisation's name
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Budget:
-    subject: Literal["key", "user"]
-    period: Literal["day", "month"]
+    subject: Scope
+    period: Literal["day", "week", "month"]
     limit: int  # micro-units
     limit_display: float
+    who: str = ""  # its counters' name under the plan's tag ("k:<id>", "u", "t:<team id>", "o")
+    name: str = ""  # for people: the team's or the organisation's name
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    tag: str  # the Redis hash tag, "{pc:<hex>}"
+    tag: str  # the Redis hash tag: "{pc:<hex>}" (a user) or "{pc:o:<org id>}" (an organisation)
     subject: str  # whose windows: "k:<key id>" or "u" (the user, for JWT and anonymous principals)
     key_id: str | None
     windows: tuple[Window, ...]
-    concurrency: int | None
+    concurrency: int | None  # the principal's own
     budgets: tuple[Budget, ...]
+    # The levels above the principal with limits of their own (team, organisation); window.level 1 is levels[0].
+    levels: tuple[Level, ...] = ()
     owner: str = ""  # "<tag>:<subject>": whose counters, as one string
+    # Every level's "<tag>:<subject>", the principal's first (the counters' owners, in window.level order).
+    owners: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "owner", f"{self.tag}:{self.subject}")
+        object.__setattr__(self, "owners", (self.owner, *(f"{self.tag}:{level.subject}" for level in self.levels)))
 
     @property
     def empty(self) -> bool:
-        return not self.windows and self.concurrency is None and not self.budgets
+        return not self.windows and self.concurrency is None and not self.budgets and not self.levels
+
+    @property
+    def holds_leases(self) -> bool:
+        """Does an admitted request hold a concurrency slot at some level?"""
+        return self.concurrency is not None or any(level.concurrency is not None for level in self.levels)
+
+    def concurrencies(self) -> tuple[int | None, ...]:
+        """Each level's concurrency limit, the principal's first (in window.level order)."""
+        return (self.concurrency, *(level.concurrency for level in self.levels))
+
+    def scope_of(self, level: int) -> tuple[Scope, str]:
+        """Whose a level is, for a refusal: ("key", id), ("user", name), ("team", name), ("organization", name)."""
+        if level == 0:
+            return ("key", self.key_id) if self.key_id else ("user", "")
+        found = self.levels[level - 1]
+        return found.scope, found.name
 
 
 def user_tag(user: str) -> str:
     return "{pc:" + hashlib.blake2b(user.encode(), digest_size=8).hexdigest() + "}"
+
+
+def org_tag(org_id: str) -> str:
+    return "{pc:o:" + org_id + "}"
+
+
+def _windows(limits: LimitsConfig, level: int) -> list[Window]:
+    windows: list[Window] = []
+    kind: Literal["requests", "tokens"]  # (declared so that the loop's strings are read as these literals)
+    for kind, spec, prefix in (("requests", limits.requests, "r"), ("tokens", limits.tokens, "t")):
+        for period, limit in spec.model_dump().items():
+            if limit is not None:
+                seconds = _SECONDS[period]
+                windows.append(Window(kind, period, seconds, limit, f"{prefix}{seconds}", level))
+    return windows
+
+
+def _budgets(budget: BudgetConfig | None, subject: Scope, who: str, name: str = "") -> list[Budget]:
+    if budget is None:
+        return []
+    out = []
+    for period in PERIODS:
+        amount = getattr(budget, period)
+        if amount is not None:
+            out.append(Budget(subject, period, round(amount * MICRO), amount, who, name))
+    return out
 
 
 def _merged(tier: LimitsConfig, key: LimitsConfig | None) -> LimitsConfig:
@@ -82,34 +149,40 @@ def build_plan(config: Config, principal: Principal) -> Plan:
     # A key's limits and budget were validated against these models when it was created.
     key_limits = LimitsConfig.model_validate(principal.limits) if principal.limits is not None else None
     limits = _merged(tier_limits, key_limits)
-    windows: list[Window] = []
-    kind: Literal["requests", "tokens"]  # (declared so that the loop's strings are read as these literals)
-    for kind, spec, prefix in (("requests", limits.requests, "r"), ("tokens", limits.tokens, "t")):
-        for period, limit in spec.model_dump().items():
-            if limit is not None:
-                seconds = _SECONDS[period]
-                windows.append(Window(kind, period, seconds, limit, f"{prefix}{seconds}"))
-    budgets: list[Budget] = []
+    windows = _windows(limits, 0)
     key_budget = (
         BudgetConfig.model_validate(principal.budget) if principal.key_id and principal.budget is not None else None
     )
-    user_budget = user_budget_of(config, principal.user, tier)
-    subject: Literal["key", "user"]
-    budget_period: Literal["day", "month"]
-    for subject, budget in (("key", key_budget), ("user", user_budget)):
-        if budget is None:
-            continue
-        for budget_period in ("day", "month"):
-            amount = getattr(budget, budget_period)
-            if amount is not None:
-                budgets.append(Budget(subject, budget_period, round(amount * MICRO), amount))
+    subject = f"k:{principal.key_id}" if principal.key_id else "u"
+    # The levels above: only an organisation that was created has them (the default one carries no limits).
+    shared = principal.org is not None and principal.org != DEFAULT_ORG
+    tag = org_tag(principal.org) if shared and principal.org else user_tag(principal.user)
+    # The user's counters under an organisation's tag need the user in their name (many users share the tag).
+    user_who = "u:" + hashlib.blake2b(principal.user.encode(), digest_size=8).hexdigest() if shared else "u"
+    budgets = _budgets(key_budget, "key", subject) + _budgets(
+        user_budget_of(config, principal.user, tier), "user", user_who
+    )
+    levels: list[Level] = []
+    if shared:
+        for scope, who, name, level_limits, level_budget in (
+            ("team", f"t:{principal.team}", principal.team_name, principal.team_limits, principal.team_budget),
+            ("organization", "o", principal.org_name, principal.org_limits, principal.org_budget),
+        ):
+            parsed = LimitsConfig.model_validate(level_limits) if level_limits else LimitsConfig()
+            found = _windows(parsed, len(levels) + 1)
+            if found or parsed.concurrency is not None:
+                levels.append(Level(scope, who, name, parsed.concurrency))  # type: ignore[arg-type]
+                windows += found
+            if level_budget:
+                budgets += _budgets(BudgetConfig.model_validate(level_budget), scope, who, name)  # type: ignore[arg-type]
     return Plan(
-        tag=user_tag(principal.user),
-        subject=f"k:{principal.key_id}" if principal.key_id else "u",
+        tag=tag,
+        subject=subject,
         key_id=principal.key_id,
         windows=tuple(windows),
         concurrency=limits.concurrency,
         budgets=tuple(budgets),
+        levels=tuple(levels),
     )
 
 

@@ -38,12 +38,18 @@ _HEAD_CACHE = 50_000
 _RETRY_FLUSH_S = 1.0
 
 
-def _windows_key(plan: Plan) -> str:
-    return f"{plan.tag}:w:{plan.subject}"
+def _windows_keys(plan: Plan) -> list[str]:
+    """Each level's windows hash: the principal's, then its team's and its organisation's (when they have limits)."""
+    return [f"{plan.tag}:w:{plan.subject}", *(f"{plan.tag}:w:{level.subject}" for level in plan.levels)]
 
 
-def _leases_key(plan: Plan) -> str:
-    return f"{plan.tag}:c:{plan.subject}"
+def _leases_keys(plan: Plan) -> list[str]:
+    return [f"{plan.tag}:c:{plan.subject}", *(f"{plan.tag}:c:{level.subject}" for level in plan.levels)]
+
+
+def _held(plan: Plan) -> list[str]:
+    """The leases sets an admitted request of this plan is in (the levels with a concurrency limit)."""
+    return [key for key, limit in zip(_leases_keys(plan), plan.concurrencies(), strict=True) if limit is not None]
 
 
 def _budget_keys(ask: Ask) -> list[str]:
@@ -56,11 +62,12 @@ def _budget_keys(ask: Ask) -> list[str]:
 
 def admit_head(ask: Ask, lease_s: float) -> list[Any]:
     plan = ask.plan
-    head: list[Any] = [_windows_key(plan), _leases_key(plan), *_budget_keys(ask)]
-    head += [2 * max((w.seconds for w in plan.windows), default=60), len(plan.windows)]
+    head: list[Any] = [*_windows_keys(plan), *_leases_keys(plan), *_budget_keys(ask)]
+    head += [2 * max((w.seconds for w in plan.windows), default=60), 1 + len(plan.levels), len(plan.windows)]
     for w in plan.windows:
-        head += [w.field, w.seconds, w.limit]
-    head += [plan.concurrency or 0, lease_s, len(plan.budgets), *(b.limit for b in plan.budgets)]
+        head += [w.level + 1, w.field, w.seconds, w.limit]
+    head += [*(limit or 0 for limit in plan.concurrencies()), lease_s, len(plan.budgets)]
+    head += [b.limit for b in plan.budgets]
     return head
 
 
@@ -75,7 +82,7 @@ def carry(ask: Ask, tokens: int) -> list[Any]:
     """A settlement to ride along with the principal's next admission: {delta, token buckets, lease}."""
     plan = ask.plan
     buckets = [b for w, b in zip(plan.windows, ask.buckets, strict=True) if w.kind == "tokens"]
-    return [tokens - ask.tokens, *buckets, ask.lease if plan.concurrency is not None else ""]
+    return [tokens - ask.tokens, *buckets, ask.lease if plan.holds_leases else ""]
 
 
 def _count(plan: Plan, carried: list[Any]) -> int:
@@ -92,13 +99,18 @@ def settle_head(ask: Ask, thresholds: tuple[float, ...]) -> list[Any]:
     plan = ask.plan
     budgets = _budget_keys(ask)
     alerts = [k.replace(":b:", ":a:", 1) for k in budgets]
-    fields = [w.field for w in plan.windows if w.kind == "tokens"]
+    fields: list[Any] = []
+    for w in plan.windows:
+        if w.kind == "tokens":
+            fields += [w.level + 1, w.field]
     return [
-        _windows_key(plan),
-        _leases_key(plan),
+        *_windows_keys(plan),
+        *_leases_keys(plan),
         *budgets,
         *alerts,
-        len(fields),
+        1 + len(plan.levels),
+        *(1 if limit is not None else 0 for limit in plan.concurrencies()),
+        len(fields) // 2,
         *fields,
         len(plan.budgets),
         *(b.limit for b in plan.budgets),
@@ -110,7 +122,7 @@ def settle_head(ask: Ask, thresholds: tuple[float, ...]) -> list[Any]:
 def settle_tail(ask: Ask, tokens: int, cost: int) -> list[Any]:
     plan = ask.plan
     buckets = [b for w, b in zip(plan.windows, ask.buckets, strict=True) if w.kind == "tokens"]
-    lease = ask.lease if plan.concurrency is not None else ""
+    lease = ask.lease if plan.holds_leases else ""
     return [tokens - ask.tokens, *buckets, lease, ask.cost + ask.extra_cost, cost]
 
 
@@ -120,7 +132,8 @@ def alerts_from(reply: list[Any]) -> list[Alert]:
 
 def _nkeys(plan: Plan) -> tuple[int, int]:
     """How many of the leading arguments are keys: (admit, settle)."""
-    return 2 + len(plan.budgets), 2 + 2 * len(plan.budgets)
+    levels = 1 + len(plan.levels)
+    return 2 * levels + len(plan.budgets), 2 * levels + 2 * len(plan.budgets)
 
 
 class RedisQuotaStore:
@@ -279,18 +292,20 @@ class RedisQuotaStore:
         until = time.time() + self.lease_s
         ttl = math.ceil(self.lease_s * 2)
         futures: list[Awaitable[Any]] = []  # the RESP client's futures, or redis-py cluster coroutines
-        for key in {_leases_key(ask.plan) for ask in asks}:
+        held = [(ask, _held(ask.plan)) for ask in asks]
+        for key in {key for _, keys in held for key in keys}:
             if self.client is not None:
                 futures.append(self.client.call("EXPIRE", key, ttl))
             else:
                 assert self.cluster is not None
                 futures.append(self.cluster.expire(key, ttl))
-        for ask in asks:
-            if self.client is not None:
-                futures.append(self.client.call("ZADD", _leases_key(ask.plan), "XX", until, ask.lease))
-            else:
-                assert self.cluster is not None
-                futures.append(self.cluster.zadd(_leases_key(ask.plan), {ask.lease: until}, xx=True))
+        for ask, keys in held:
+            for key in keys:
+                if self.client is not None:
+                    futures.append(self.client.call("ZADD", key, "XX", until, ask.lease))
+                else:
+                    assert self.cluster is not None
+                    futures.append(self.cluster.zadd(key, {ask.lease: until}, xx=True))
         if futures:
             await asyncio.gather(*futures)
 

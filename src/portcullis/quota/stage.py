@@ -91,9 +91,15 @@ def duration(seconds: float) -> str:
 
 def _periods(now: datetime) -> tuple[dict[str, str], dict[str, float]]:
     day_end = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+    week_end = day_end + timedelta(days=6 - now.weekday())  # the next Monday, 00:00
     month_end = datetime(now.year, now.month, monthrange(now.year, now.month)[1], tzinfo=UTC) + timedelta(days=1)
-    ids = {"day": now.strftime("d%Y%m%d"), "month": now.strftime("m%Y%m")}
-    ends = {"day": (day_end - now).total_seconds(), "month": (month_end - now).total_seconds()}
+    iso = now.isocalendar()
+    ids = {"day": now.strftime("d%Y%m%d"), "week": f"w{iso.year}{iso.week:02d}", "month": now.strftime("m%Y%m")}
+    ends = {
+        "day": (day_end - now).total_seconds(),
+        "week": (week_end - now).total_seconds(),
+        "month": (month_end - now).total_seconds(),
+    }
     return ids, ends
 
 
@@ -198,45 +204,58 @@ class Quota:
         ex.filters.append(Meter(self, ask, completion_price, completion_tokens))
 
     def _refusal(self, plan: Plan, ask: Ask, verdict: Verdict, prompt: int, completion: int) -> Exception:
+        """The refusal names the level that refused (the key's own limit, its user's, its team's, its organisation's),
+        in the message and in `x-portcullis-limit-scope`; Retry-After is the wait at that level."""
         retry = verdict.retry_after_s
         if verdict.failed == TOO_LARGE:
             w = plan.windows[verdict.index]
+            scope, name = plan.scope_of(w.level)
+            whose = "your" if w.level == 0 else _level(scope, name) + "'s"
             self.metrics.quota_refusals.labels("too_large").inc()
             return InvalidRequest(
                 f"This request reserves {ask.tokens} tokens (about {prompt} for the prompt and {completion} "
-                f"for the completion), more than your limit of {w.limit} {w.label}. Lower max_tokens or "
-                "shorten the prompt.",
+                f"for the completion), more than {whose} limit of {w.limit} {w.label}. "
+                "Lower max_tokens or shorten the prompt.",
                 param="max_tokens",
                 code="tokens_exceed_limit",
+                headers={"x-portcullis-limit-scope": scope},
             )
         headers = retry_after_headers(retry)
         if verdict.failed == BUDGET:
             budget = plan.budgets[verdict.index]
             self.metrics.quota_refusals.labels("budget").inc()
-            whose = "this key" if budget.subject == "key" else "your user"
+            whose = {"key": "this key", "user": "your user"}.get(budget.subject) or _level(budget.subject, budget.name)
             return TooManyRequests(
-                f"The {'daily' if budget.period == 'day' else 'monthly'} budget of {whose} "
+                f"The {_PERIOD_WORD[budget.period]} budget of {whose} "
                 f"({budget.limit_display:g} {self.q.currency}) is spent; it renews in {duration(retry)}.",
                 code="budget_exceeded",
-                headers=headers,
+                headers={**headers, "x-portcullis-limit-scope": budget.subject},
             )
         if verdict.failed == CONCURRENCY:
+            scope, name = plan.scope_of(verdict.index)
             self.metrics.quota_refusals.labels("concurrency").inc()
+            at = "" if verdict.index == 0 else f" of {_level(scope, name)}"
             return TooManyRequests(
-                f"Rate limit reached for concurrent requests: limit {plan.concurrency} in flight. "
-                f"Please try again in {duration(retry)}.",
+                f"Rate limit reached for concurrent requests{at}: limit {plan.concurrencies()[verdict.index]} in "
+                f"flight. Please try again in {duration(retry)}.",
                 code="rate_limit_exceeded",
-                headers=headers,
+                headers={**headers, "x-portcullis-limit-scope": scope},
             )
         w = plan.windows[verdict.index]
+        scope, name = plan.scope_of(w.level)
         self.metrics.quota_refusals.labels(w.kind).inc()
         cost = ask.tokens if w.kind == "tokens" else 1
+        at = "" if w.level == 0 else f" of {_level(scope, name)}"
         return TooManyRequests(
-            f"Rate limit reached for {w.label}: limit {w.limit}, remaining {verdict.remaining[verdict.index]}, "
+            f"Rate limit reached for {w.label}{at}: limit {w.limit}, remaining {verdict.remaining[verdict.index]}, "
             f"requested {cost}. Please try again in {retry:.3f}s.",
             code="rate_limit_exceeded",
-            headers=headers,
+            headers={**headers, "x-portcullis-limit-scope": scope},
         )
+
+    def forget_plans(self) -> None:
+        """A team's or an organisation's limits changed: every principal's plan is made again when next used."""
+        self._plans.clear()
 
     # -- streams that outgrow their reservation -------------------------------------------------
 
@@ -285,6 +304,7 @@ class Quota:
                 {
                     "subject": budget.subject,
                     "key_id": plan.key_id if budget.subject == "key" else None,
+                    "level": budget.name or None,  # a team's or an organisation's name
                     "user_tag": plan.tag,
                     "period": budget.period,
                     "period_id": ask.periods[alert.budget],
@@ -304,6 +324,14 @@ class Quota:
             code="quota_store_unavailable",
             headers={"Retry-After": "1"},
         )
+
+
+_PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly"}
+
+
+def _level(scope: str, name: str) -> str:
+    """ "your team 'search'", "your organisation 'acme'"."""
+    return f"your {'organisation' if scope == 'organization' else scope} '{name}'"
 
 
 def _header_spec(plan: Plan) -> list[_HeaderSpec]:

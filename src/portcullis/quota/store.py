@@ -48,7 +48,7 @@ class Ask:
 @dataclass(slots=True)
 class Verdict:
     failed: int  # OK or the kind of limit that refused
-    index: int  # which window / budget refused (0-based)
+    index: int  # which window / budget refused (0-based); for CONCURRENCY, which level (0: the principal)
     retry_after_s: float  # until the ask would be admitted (0 when admitted)
     remaining: list[int]  # per window, after this ask
     reset_s: list[float]  # per window
@@ -75,7 +75,7 @@ class QuotaStore(Protocol):
 
 def budget_key(plan: Plan, index: int, period: str) -> str:
     budget = plan.budgets[index]
-    who = plan.subject if budget.subject == "key" else "u"
+    who = budget.who or (plan.subject if budget.subject == "key" else "u")
     return f"{plan.tag}:b:{who}:{period}"
 
 
@@ -84,7 +84,7 @@ class MemoryQuotaStore:
 
     def __init__(self, *, share: float = 1.0) -> None:
         self.share = share
-        # "<tag>:<subject>" -> window field -> [b, c, p]
+        # "<tag>:<subject>" (a principal, a team, an organisation) -> window field -> [b, c, p]
         self._windows: dict[str, dict[str, list[int]]] = {}
         self._in_flight: dict[str, set[str]] = {}  # "<tag>:<subject>" -> leases
         self._budgets: dict[str, list[int]] = {}  # budget key -> [spent, reserved]
@@ -103,16 +103,20 @@ class MemoryQuotaStore:
         plan = ask.plan
         if now - self._swept_at > 60:
             self._sweep(now)
-        owner = plan.owner
-        windows = self._windows.get(owner)
-        if windows is None:
-            windows = self._windows[owner] = {}
+        owners = plan.owners
+        tables = []
+        for owner in owners:
+            windows = self._windows.get(owner)
+            if windows is None:
+                windows = self._windows[owner] = {}
+            tables.append(windows)
         scaled = self.share < 1.0
         failed, index, retry = OK, 0, 0.0
         states = []
         for i, w in enumerate(plan.windows):
             seconds = w.seconds
             idx = int(now // seconds)
+            windows = tables[w.level]
             stored = windows.get(w.field)
             if stored is None:
                 stored = windows[w.field] = [idx, 0, 0]
@@ -131,10 +135,17 @@ class MemoryQuotaStore:
                 wait = window.wait(c, p, frac, cost, limit, seconds)
                 if failed == OK or wait > retry:
                     failed, index, retry = (TOO_LARGE if wait == window.NEVER else WINDOW), i, wait
-        leases = self._in_flight.get(owner)
-        if plan.concurrency is not None and leases is not None and len(leases) >= self._limit(plan.concurrency):
-            if failed == OK or CONCURRENCY_RETRY_S > retry:
-                failed, index, retry = CONCURRENCY, 0, max(retry, CONCURRENCY_RETRY_S)
+        limits = plan.concurrencies()
+        for level, most in enumerate(limits):
+            if most is None:
+                continue
+            leases = self._in_flight.get(owners[level])
+            if (
+                leases is not None
+                and len(leases) >= self._limit(most)
+                and (failed == OK or CONCURRENCY_RETRY_S > retry)
+            ):
+                failed, index, retry = CONCURRENCY, level, max(retry, CONCURRENCY_RETRY_S)
         for i, (budget, period) in enumerate(zip(plan.budgets, ask.periods, strict=True)):
             spent, reserved = self._budgets.get(budget_key(plan, i, period), (0, 0))
             if spent + reserved + ask.cost > budget.limit:
@@ -157,10 +168,9 @@ class MemoryQuotaStore:
             resets.append((2.0 - frac) * w.seconds if c else (1.0 - frac) * w.seconds if p else 0.0)
         ask.buckets = buckets
         if admitted:
-            if plan.concurrency is not None:
-                if leases is None:
-                    leases = self._in_flight[owner] = set()
-                leases.add(ask.lease)
+            for level, most in enumerate(limits):
+                if most is not None:
+                    self._in_flight.setdefault(owners[level], set()).add(ask.lease)
             for i, period in enumerate(ask.periods):
                 self._budgets.setdefault(budget_key(plan, i, period), [0, 0])[1] += ask.cost
         return Verdict(failed, index, retry, remaining, resets)
@@ -171,22 +181,22 @@ class MemoryQuotaStore:
     def settle_now(self, ask: Ask, tokens: int, cost: int, thresholds: tuple[float, ...]) -> list[Alert]:
         plan = ask.plan
         delta = tokens - ask.tokens
-        windows = self._windows.get(plan.owner)
-        if delta and windows is not None:
+        if delta:
             for w, bucket in zip(plan.windows, ask.buckets, strict=True):
-                stored = windows.get(w.field) if w.kind == "tokens" else None
+                windows = self._windows.get(plan.owners[w.level]) if w.kind == "tokens" else None
+                stored = windows.get(w.field) if windows is not None else None
                 if stored is None:
                     continue
                 if stored[0] == bucket:
                     stored[1] = max(0, stored[1] + delta)
                 elif stored[0] == bucket + 1:
                     stored[2] = max(0, stored[2] + delta)
-        if plan.concurrency is not None:
-            leases = self._in_flight.get(plan.owner)
+        for owner, most in zip(plan.owners, plan.concurrencies(), strict=True):
+            leases = self._in_flight.get(owner) if most is not None else None
             if leases is not None:
                 leases.discard(ask.lease)
                 if not leases:
-                    del self._in_flight[plan.owner]
+                    del self._in_flight[owner]
         if not plan.budgets:
             return []
         alerts: list[Alert] = []

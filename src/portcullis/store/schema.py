@@ -54,6 +54,8 @@ organizations = Table(
     Column("name", String(128), nullable=False, unique=True),
     Column("models", JSON, nullable=True),
     Column("default_tier", String(64), nullable=True),
+    Column("limits", JSON, nullable=True),  # LimitsConfig's shape: windows and concurrency of the whole level
+    Column("budget", JSON, nullable=True),  # BudgetConfig's shape
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
@@ -66,6 +68,8 @@ teams = Table(
     Column("name", String(128), nullable=False),
     Column("models", JSON, nullable=True),
     Column("default_tier", String(64), nullable=True),
+    Column("limits", JSON, nullable=True),  # LimitsConfig's shape: windows and concurrency of the whole level
+    Column("budget", JSON, nullable=True),  # BudgetConfig's shape
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("org_id", "name", name="uq_teams_org_name"),

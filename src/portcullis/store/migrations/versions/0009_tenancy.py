@@ -31,6 +31,8 @@ def upgrade() -> None:
             sa.Column("name", sa.String(128), nullable=False, unique=True),
             sa.Column("models", sa.JSON, nullable=True),
             sa.Column("default_tier", sa.String(64), nullable=True),
+            sa.Column("limits", sa.JSON, nullable=True),
+            sa.Column("budget", sa.JSON, nullable=True),
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
             sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         )
@@ -43,6 +45,8 @@ def upgrade() -> None:
             sa.Column("name", sa.String(128), nullable=False),
             sa.Column("models", sa.JSON, nullable=True),
             sa.Column("default_tier", sa.String(64), nullable=True),
+            sa.Column("limits", sa.JSON, nullable=True),
+            sa.Column("budget", sa.JSON, nullable=True),
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
             sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
             sa.UniqueConstraint("org_id", "name", name="uq_teams_org_name"),
