@@ -5,6 +5,8 @@ minute and per day, tokens per minute, concurrency), none ever reached, then tim
   - memory: one request at a time (the in-process limiter is synchronous);
   - redis: the CPU this process spends per request with 32 requests in flight (what the gateway pays
     under load), and the wall time of one admission alone (the round trip).
+And the same for a key of a team of an organisation with limits of the same shape at all three levels (the key's,
+the team's, the organisation's: every window, concurrency, one script call for all of them).
 Run: .venv/bin/python bench/quota_cost.py [--redis redis://127.0.0.1:6379/0]   (prints one JSON line)
 """
 
@@ -61,11 +63,29 @@ async def _one(quota: Quota, principal: Principal) -> None:
         f.done(ex, 200)
 
 
-async def memory_us(n: int = 50_000, rounds: int = 5) -> float:
+def _principal(user: str, key_id: str, *, levels: bool, tier: str = "bench") -> Principal:
+    """A bench key; with `levels`, of a team of an organisation that have the same limits as the key."""
+    if not levels:
+        return Principal(user=user, tier=tier, scopes=frozenset(), key_id=key_id)
+    return Principal(
+        user=user,
+        tier=tier,
+        scopes=frozenset(),
+        key_id=key_id,
+        org="org_bench",
+        team="team_bench",
+        team_limits=LIMITS,
+        org_limits=LIMITS,
+        team_name="bench",
+        org_name="bench",
+    )
+
+
+async def memory_us(n: int = 50_000, rounds: int = 5, *, levels: bool = False) -> float:
     """Admit + settle per request, minus the same loop for a principal without limits (the request and
     exchange objects the harness builds are not the limiter's cost)."""
     quota = _stage("memory", None)
-    limited = Principal(user="bench", tier="bench", scopes=frozenset(), key_id="k1")
+    limited = _principal("bench", "k1", levels=levels)
     unlimited = Principal(user="bench", tier="unlimited", scopes=frozenset(), key_id="k2")
     samples = []
     for _ in range(rounds):
@@ -79,10 +99,10 @@ async def memory_us(n: int = 50_000, rounds: int = 5) -> float:
     return statistics.median(samples)
 
 
-async def redis_costs(url: str, n: int = 20_000, rounds: int = 5) -> tuple[float, float]:
+async def redis_costs(url: str, n: int = 20_000, rounds: int = 5, *, levels: bool = False) -> tuple[float, float]:
     quota = _stage("redis", url)
     quota.start()
-    principal = Principal(user=f"bench-{os.getpid()}", tier="bench", scopes=frozenset(), key_id="k1")
+    principal = _principal(f"bench-{os.getpid()}", "k1", levels=levels)
     await _one(quota, principal)  # connect, load the scripts
     cpu = []
     for _ in range(rounds):
@@ -120,6 +140,10 @@ def main() -> None:
         cpu, alone = runner.run(redis_costs(args.redis))
         out["redis_cpu_us_per_request_32_in_flight"] = cpu
         out["redis_admit_round_trip_us"] = alone
+        out["levels_memory_us_per_request"] = runner.run(memory_us(levels=True))
+        cpu, alone = runner.run(redis_costs(args.redis, levels=True))
+        out["levels_redis_cpu_us_per_request_32_in_flight"] = cpu
+        out["levels_redis_admit_round_trip_us"] = alone
     print(json.dumps(out))
 
 

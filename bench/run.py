@@ -160,6 +160,25 @@ def start_gateway(
     return port
 
 
+def levels_key(port: int) -> str:
+    """A key of a team of an organisation on a running gateway, with limits of BENCH_LIMITS' shape at all three
+    levels (its tier's, the team's, the organisation's): what three levels cost beside one."""
+    import urllib.request
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}",
+            data=json.dumps(body).encode(),
+            headers={"authorization": f"Bearer {BENCH_GATEWAY_KEY}", "content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    org = post("/admin/organizations", {"name": "bench", "limits": BENCH_LIMITS})
+    team = post("/admin/teams", {"org_id": org["id"], "name": "bench", "limits": BENCH_LIMITS})
+    return str(post("/admin/keys", {"user": "bench", "tier": "bench", "team_id": team["id"]})["key"])
+
+
 # -- streaming ------------------------------------------------------------------------------------
 
 
@@ -305,6 +324,9 @@ def main() -> int:
         # And with rate limits on every window, concurrency and all, counted in process or in Redis.
         gw_mem_port = start_gateway(servers, work, upstream, "gateway-limits-memory", keys=True, quota="memory")
         gw_redis_port = start_gateway(servers, work, upstream, "gateway-limits-redis", keys=True, quota="redis")
+        # And the same limits at three levels: the key's, its team's and its organisation's (issue 20).
+        gw_levels_port = start_gateway(servers, work, upstream, "gateway-levels-redis", keys=True, quota="redis")
+        levels = levels_key(gw_levels_port)
         # And answering from its response cache: no upstream involved.
         gw_hit_port = start_gateway(servers, work, upstream, "gateway-cache-hit", keys=True, cache=True)
         baseline_port = None
@@ -318,6 +340,7 @@ def main() -> int:
             ("gateway-nokeys", f"http://127.0.0.1:{gw_open_port}", None),
             ("gateway-limits-memory", f"http://127.0.0.1:{gw_mem_port}", BENCH_GATEWAY_KEY),
             ("gateway-limits-redis", f"http://127.0.0.1:{gw_redis_port}", BENCH_GATEWAY_KEY),
+            ("gateway-levels-redis", f"http://127.0.0.1:{gw_levels_port}", levels),
             ("gateway-cache-hit", f"http://127.0.0.1:{gw_hit_port}", BENCH_GATEWAY_KEY),
         ]
         if baseline_port is not None:
@@ -611,6 +634,30 @@ def write_report(
             f"of gateway CPU with 32 in flight (one script call per request: each settlement rides along with "
             f"the next admission); one admission alone waits {quota['redis_admit_round_trip_us']:.0f} µs for "
             "its round trip"
+        )
+    gwl = by.get(("gateway-levels-redis", 32))
+    if gwr and gwl:
+        lines += [
+            "",
+            "Levels (issue 20): the same limits at the key, its team and its organisation, all taken in one script "
+            "call per request:",
+            "",
+            f"- three levels: {gwl['rps'] / gwr['rps']:.1%} of one level's requests/s at 32 connections "
+            "(target: within 3%)"
+            + (
+                f"; server CPU per request {gwl['cpu_us']:.0f} µs vs {gwr['cpu_us']:.0f} µs"
+                if "cpu_us" in gwl and "cpu_us" in gwr
+                else ""
+            ),
+            "- round by round, three levels / one: "
+            + ", ".join(f"{a['rps'] / b['rps']:.0%}" for a, b in zip(gwl["runs"], gwr["runs"], strict=True)),
+        ]
+    if quota and "levels_memory_us_per_request" in quota:
+        lines.append(
+            f"- per request, admit + settle with three levels (`bench/quota_cost.py`): in process "
+            f"{quota['levels_memory_us_per_request']:.1f} µs (one level: {quota['memory_us_per_request']:.1f}); "
+            f"Redis {quota['levels_redis_cpu_us_per_request_32_in_flight']:.1f} µs of gateway CPU with 32 in flight "
+            f"(one level: {quota['redis_cpu_us_per_request_32_in_flight']:.1f})"
         )
     route = streaming.get("route")
     if route:

@@ -93,3 +93,65 @@ models: {m: {deployments: [{url: "http://127.0.0.1:9", cost: {prompt_per_1k: -1}
 )
 def test_reset_durations_read_like_openais(seconds: float, text: str) -> None:
     assert duration(seconds) == text
+
+
+# -- levels: a key's team and organisation ------------------------------------------------------------------
+
+
+def _member(user: str, org: str, team: str = "team_x", **levels: object) -> Principal:
+    from portcullis.identity.keys import KeyRecord
+
+    record = KeyRecord(
+        id=f"k{org[-3:]}",
+        key_hash="",
+        user=user,
+        tier="gold",
+        scopes=(),
+        models=None,
+        label=None,
+        limits=None,
+        budget=None,
+        created_at=None,  # type: ignore[arg-type]
+        team_id=team,
+        org_id=org,
+        team_name="search",
+        org_name="acme",
+        **levels,  # type: ignore[arg-type]
+    )
+    return record.principal()
+
+
+def test_a_users_budget_spans_their_keys_in_every_organisation() -> None:
+    from portcullis.quota.store import budget_key
+
+    cfg = config(tiers={"gold": {}}, quota={"users": {"ann": {"budget": {"day": 1}}}})
+    plans = [build_plan(cfg, _member("ann", org)) for org in ("org_default", "org_acme", "org_other")]
+    keys = {budget_key(p, [b.subject for b in p.budgets].index("user"), "d20270101") for p in plans}
+    assert keys == {user_tag("ann") + ":b:u:d20270101"}  # one counter, whichever organisation the key is in
+    # On Redis Cluster one script reaches one slot: the user's budget is counted per organisation there.
+    clustered = config(tiers={"gold": {}}, quota={"users": {"ann": {"budget": {"day": 1}}}, "redis_cluster": True})
+    in_acme = build_plan(clustered, _member("ann", "org_acme"))
+    assert budget_key(in_acme, 0, "d20270101").startswith("{pc:o:org_acme}:b:u:")
+
+
+def test_a_plan_is_made_again_when_its_levels_change() -> None:
+    """The plan cache is keyed by the levels' settings too: a request authenticated before a team's limits
+    changed, or a key loaded then, cannot bring the old plan back after the change."""
+    from portcullis.obs.logging import get_logger
+    from portcullis.obs.metrics import Metrics
+    from portcullis.quota.stage import Quota
+    from portcullis.routing.catalog import Catalog
+
+    cfg = config(tiers={"gold": {}})
+    catalog = Catalog.from_config(cfg)
+    quota = Quota(cfg, Metrics(catalog), get_logger("t"), catalog)
+    narrow = _member("ann", "org_acme", team_limits={"requests": {"minute": 10}, "concurrency": 3})
+    wide = _member("ann", "org_acme", team_limits={"requests": {"minute": 1000}})
+    assert [w.limit for w in quota.plan_for(narrow)[0].windows] == [10]
+    assert [w.limit for w in quota.plan_for(wide)[0].windows] == [1000]
+    assert [w.limit for w in quota.plan_for(narrow)[0].windows] == [10]
+    # The batch runner's in-flight cap is the tightest level's.
+    assert quota.concurrency_of(narrow) == 3 and quota.concurrency_of(wide) is None
+    # The default organisation's keys carry no levels (and keep the user's hash tag).
+    plain = quota.plan_for(_member("ann", "org_default", team_limits={"requests": {"minute": 10}}))[0]
+    assert plain.windows == () and plain.levels == () and plain.tag == user_tag("ann")

@@ -266,6 +266,65 @@ async def test_redis_carries_settlements_with_the_next_admission(redis_url: str)
         await store.close()
 
 
+async def test_redis_carried_settlements_keep_the_plan_they_were_made_by(redis_url: str) -> None:
+    """A key's plan is made again when its team's limits change; the settlements carried for the old plan are laid
+    out for it (a bucket per token window), and are sent with it: not merged into the new plan's call (where they
+    were read with the wrong layout: a slot never freed, or a script error that took the store down)."""
+    import asyncio
+
+    org = f"org_{secrets.token_hex(4)}"
+    team = Level("team", "t:x", "x", concurrency=1)
+    own = Window("tokens", "minute", 60, 100_000, "t60")
+    team_tpm = Window("tokens", "minute", 60, 100_000, "t60", level=1)
+    before = Plan(
+        tag=org_tag(org), subject="k:a", key_id="a", windows=(own,), concurrency=None, budgets=(), levels=(team,)
+    )
+    after = Plan(
+        tag=org_tag(org),
+        subject="k:a",
+        key_id="a",
+        windows=(own, team_tpm),
+        concurrency=None,
+        budgets=(),
+        levels=(team,),
+    )
+    other = Plan(
+        tag=org_tag(org),
+        subject="k:b",
+        key_id="b",
+        windows=(own, team_tpm),
+        concurrency=None,
+        budgets=(),
+        levels=(team,),
+    )
+    store = RedisQuotaStore(redis_url, timeout_s=2.0, lease_s=60.0)
+    try:
+        first = ask(before, T0, tokens=10)
+        assert (await store.admit(first)).admitted
+        store.settle_soon(first, 5, 0, ())  # carried: its delta, its one bucket, its lease
+        store.flush_soon()  # what forget_plans does when limits change
+        await asyncio.sleep(RedisQuotaStore.CARRY_S)
+        assert not store._carried
+        second = ask(after, T0 + 1, tokens=10)
+        assert (await store.admit(second)).admitted  # the team's one slot was freed
+        store.settle_soon(second, 5, 0, ())
+        assert (await store.admit(ask(other, T0 + 2, tokens=10))).failed == CONCURRENCY  # until it is sent
+        third = ask(after, T0 + 3, tokens=10)
+        assert (await store.admit(third)).admitted  # rode along with the same plan's next admission
+        # Old-plan settlements left carried when the new plan's admission comes: no error, sent on their own.
+        olds = [ask(before, T0 + 4, tokens=10) for _ in range(3)]
+        store.settle_soon(third, 5, 0, ())
+        await store.flush()
+        for old in olds:
+            old.buckets = [math.floor((T0 + 4) / 60)]
+            store.settle_soon(old, 5, 0, ())
+        assert (await store.admit(ask(after, T0 + 5, tokens=10))).admitted
+        await store.flush()
+        assert not store._carried
+    finally:
+        await store.close()
+
+
 async def test_redis_carried_settlement_corrects_the_previous_bucket(redis_url: str) -> None:
     """A reservation taken in one bucket and settled (carried) after the bucket rolled lands in `p`."""
     store = RedisQuotaStore(redis_url, timeout_s=2.0, lease_s=60.0)

@@ -91,7 +91,8 @@ def _changes(api: AdminDeps, spec: OrganizationChange) -> dict[str, Any]:
 
 
 async def _announce(api: AdminDeps, changes: dict[str, Any]) -> None:
-    if {"models", "limits", "budget"} & changes.keys():  # what its keys may use changed: every process reads again
+    # What its keys may use, or what their refusals call it, changed: every process reads them again.
+    if {"models", "limits", "budget", "name"} & changes.keys():
         await api.publish({"type": "tenancy"})
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, overload
 
+import orjson
 from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -239,7 +240,14 @@ class KeyRecord:
             org_budget=self.org_budget,
             team_name=self.team_name,
             org_name=self.org_name,
+            levels_key=self._levels_key(),
         )
+
+    def _levels_key(self) -> str:
+        if self.org_id == DEFAULT_ORG:
+            return ""
+        levels = [self.org_id, self.team_id, self.team_limits, self.team_budget, self.org_limits, self.org_budget]
+        return orjson.dumps([*levels, self.team_name, self.org_name], option=orjson.OPT_SORT_KEYS).decode()
 
     def public(self) -> dict[str, Any]:
         """What an operator sees: everything but the hash."""

@@ -52,3 +52,6 @@ class Principal:
     org_budget: dict[str, Any] | None = None
     team_name: str = ""
     org_name: str = ""
+    # All of the above about its levels, as one string (the quota stage's plans are cached under it: a change to a
+    # team's limits makes a new plan even for a request authenticated before the change). "" for no levels.
+    levels_key: str = ""

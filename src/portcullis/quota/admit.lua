@@ -90,7 +90,7 @@ for j = 1, ncarry do
         t = t + 1
         local bucket, b = tonumber(ARGV[base + t]), tonumber(stored[w][1])
         local i = nil
-        if b == bucket then i = 2 elseif b == bucket + 1 then i = 3 end
+        if bucket == nil or b == nil then i = nil elseif b == bucket then i = 2 elseif b == bucket + 1 then i = 3 end
         if i then
           local n = (tonumber(stored[w][i]) or 0) + delta
           if n < 0 then n = 0 end

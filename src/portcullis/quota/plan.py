@@ -62,6 +62,7 @@ class Budget:
     limit_display: float
     who: str = ""  # its counters' name under the plan's tag ("k:<id>", "u", "t:<team id>", "o")
     name: str = ""  # for people: the team's or the organisation's name
+    tag: str = ""  # the hash tag it lives under when not the plan's (a user's budget, which spans organisations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,25 +76,23 @@ class Plan:
     # The levels above the principal with limits of their own (team, organisation); window.level 1 is levels[0].
     levels: tuple[Level, ...] = ()
     owner: str = ""  # "<tag>:<subject>": whose counters, as one string
-    # Every level's "<tag>:<subject>", the principal's first (the counters' owners, in window.level order).
+    # Worked out once (the stores read them on every request):
+    # every level's "<tag>:<subject>", the principal's first (the counters' owners, in window.level order);
     owners: tuple[str, ...] = ()
+    # each level's concurrency limit, in the same order; and whether any level has one (a request holds a slot).
+    concurrencies: tuple[int | None, ...] = ()
+    holds_leases: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "owner", f"{self.tag}:{self.subject}")
         object.__setattr__(self, "owners", (self.owner, *(f"{self.tag}:{level.subject}" for level in self.levels)))
+        limits = (self.concurrency, *(level.concurrency for level in self.levels))
+        object.__setattr__(self, "concurrencies", limits)
+        object.__setattr__(self, "holds_leases", any(limit is not None for limit in limits))
 
     @property
     def empty(self) -> bool:
         return not self.windows and self.concurrency is None and not self.budgets and not self.levels
-
-    @property
-    def holds_leases(self) -> bool:
-        """Does an admitted request hold a concurrency slot at some level?"""
-        return self.concurrency is not None or any(level.concurrency is not None for level in self.levels)
-
-    def concurrencies(self) -> tuple[int | None, ...]:
-        """Each level's concurrency limit, the principal's first (in window.level order)."""
-        return (self.concurrency, *(level.concurrency for level in self.levels))
 
     def scope_of(self, level: int) -> tuple[Scope, str]:
         """Whose a level is, for a refusal: ("key", id), ("user", name), ("team", name), ("organization", name)."""
@@ -122,14 +121,14 @@ def _windows(limits: LimitsConfig, level: int) -> list[Window]:
     return windows
 
 
-def _budgets(budget: BudgetConfig | None, subject: Scope, who: str, name: str = "") -> list[Budget]:
+def _budgets(budget: BudgetConfig | None, subject: Scope, who: str, name: str = "", tag: str = "") -> list[Budget]:
     if budget is None:
         return []
     out = []
     for period in PERIODS:
         amount = getattr(budget, period)
         if amount is not None:
-            out.append(Budget(subject, period, round(amount * MICRO), amount, who, name))
+            out.append(Budget(subject, period, round(amount * MICRO), amount, who, name, tag))
     return out
 
 
@@ -157,11 +156,16 @@ def build_plan(config: Config, principal: Principal) -> Plan:
     # The levels above: only an organisation that was created has them (the default one carries no limits).
     shared = principal.org is not None and principal.org != DEFAULT_ORG
     tag = org_tag(principal.org) if shared and principal.org else user_tag(principal.user)
-    # The user's counters under an organisation's tag need the user in their name (many users share the tag).
-    user_who = "u:" + hashlib.blake2b(principal.user.encode(), digest_size=8).hexdigest() if shared else "u"
-    budgets = _budgets(key_budget, "key", subject) + _budgets(
-        user_budget_of(config, principal.user, tier), "user", user_who
-    )
+    # A user's budget spans all their keys, in every organisation: it stays under the user's own tag, the script
+    # taking it beside the organisation's counters. Redis Cluster cannot (one script, one slot): there it is
+    # counted per organisation, under the organisation's tag, with the user in its name (docs/quotas.md).
+    user_budget = user_budget_of(config, principal.user, tier)
+    budgets = _budgets(key_budget, "key", subject)
+    if shared and config.quota.redis_cluster:
+        user_who = "u:" + hashlib.blake2b(principal.user.encode(), digest_size=8).hexdigest()
+        budgets += _budgets(user_budget, "user", user_who)
+    else:
+        budgets += _budgets(user_budget, "user", "u", tag=user_tag(principal.user) if shared else "")
     levels: list[Level] = []
     if shared:
         for scope, who, name, level_limits, level_budget in (

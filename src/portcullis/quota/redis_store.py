@@ -49,7 +49,7 @@ def _leases_keys(plan: Plan) -> list[str]:
 
 def _held(plan: Plan) -> list[str]:
     """The leases sets an admitted request of this plan is in (the levels with a concurrency limit)."""
-    return [key for key, limit in zip(_leases_keys(plan), plan.concurrencies(), strict=True) if limit is not None]
+    return [key for key, limit in zip(_leases_keys(plan), plan.concurrencies, strict=True) if limit is not None]
 
 
 def _budget_keys(ask: Ask) -> list[str]:
@@ -66,7 +66,7 @@ def admit_head(ask: Ask, lease_s: float) -> list[Any]:
     head += [2 * max((w.seconds for w in plan.windows), default=60), 1 + len(plan.levels), len(plan.windows)]
     for w in plan.windows:
         head += [w.level + 1, w.field, w.seconds, w.limit]
-    head += [*(limit or 0 for limit in plan.concurrencies()), lease_s, len(plan.budgets)]
+    head += [*(limit or 0 for limit in plan.concurrencies), lease_s, len(plan.budgets)]
     head += [b.limit for b in plan.budgets]
     return head
 
@@ -109,7 +109,7 @@ def settle_head(ask: Ask, thresholds: tuple[float, ...]) -> list[Any]:
         *budgets,
         *alerts,
         1 + len(plan.levels),
-        *(1 if limit is not None else 0 for limit in plan.concurrencies()),
+        *(1 if limit is not None else 0 for limit in plan.concurrencies),
         len(fields) // 2,
         *fields,
         len(plan.budgets),
@@ -147,8 +147,11 @@ class RedisQuotaStore:
     def __init__(self, url: str, *, timeout_s: float, lease_s: float, cluster: bool = False) -> None:
         self.lease_s = lease_s
         self._heads: dict[tuple[str, int, tuple[str, ...]], tuple[Plan, list[Any], bytes]] = {}
-        # owner -> (an ask of that plan, flat carried settlements)
-        self._carried: dict[str, tuple[Ask, list[Any]]] = {}
+        # (owner, id of its plan) -> (an ask of that plan, flat carried settlements). By plan, not by owner alone: a
+        # settlement's layout is its plan's (a bucket per token window, at every level), and a principal's plan is
+        # made again when its team's or organisation's limits change; each list is sent with the plan it was made
+        # by. (The ask in the entry keeps that plan alive, so its id names no other plan meanwhile.)
+        self._carried: dict[tuple[str, int], tuple[Ask, list[Any]]] = {}
         self._flush_at: asyncio.TimerHandle | None = None
         self.cluster = None
         self.client: RespClient | None = None
@@ -216,7 +219,7 @@ class RedisQuotaStore:
 
     async def admit(self, ask: Ask) -> Verdict:
         head, cached = self._head("admit", ask, lambda: admit_head(ask, self.lease_s))
-        pending = self._carried.pop(ask.plan.owner, None)
+        pending = self._carried.pop((ask.plan.owner, id(ask.plan)), None)
         carried = pending[1] if pending is not None else []
         try:
             reply = await self._call(ADMIT, _nkeys(ask.plan)[0], head, admit_tail(ask, carried), cached)
@@ -227,14 +230,22 @@ class RedisQuotaStore:
         return verdict_from(reply, ask)
 
     def _carry(self, ask: Ask, settlement: list[Any], *, delay_s: float | None = None) -> None:
-        entry = self._carried.get(ask.plan.owner)
+        key = (ask.plan.owner, id(ask.plan))
+        entry = self._carried.get(key)
         if entry is None:
-            self._carried[ask.plan.owner] = (ask, list(settlement))
+            self._carried[key] = (ask, list(settlement))
         else:
             entry[1].extend(settlement)
         if self._flush_at is None:
             delay = self.CARRY_S if delay_s is None else delay_s
             self._flush_at = asyncio.get_running_loop().call_later(delay, self._flush_soon)
+
+    def flush_soon(self) -> None:
+        """Send the carried settlements now, without waiting (plans were made again: a settlement carried for an old
+        plan would otherwise wait for CARRY_S, holding its slot and tokens at the shared levels meanwhile)."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+        self._flush_soon()
 
     def _flush_soon(self) -> None:
         self._flush_at = None

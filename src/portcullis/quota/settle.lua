@@ -41,7 +41,7 @@ if delta ~= 0 and ntok > 0 then
       for i = 1, #bucket_of do
         local bucket, b = bucket_of[i], tonumber(stored[3 * i - 2])
         local slot = nil
-        if b == bucket then slot = 3 * i - 1 elseif b == bucket + 1 then slot = 3 * i end
+        if bucket == nil or b == nil then slot = nil elseif b == bucket then slot = 3 * i - 1 elseif b == bucket + 1 then slot = 3 * i end
         if slot then
           local n = (tonumber(stored[slot]) or 0) + delta
           if n < 0 then n = 0 end

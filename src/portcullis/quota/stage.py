@@ -129,7 +129,7 @@ class Quota:
         self.alerts = BudgetAlerts(self.q, metrics, log)
         self.thresholds = tuple(self.q.alert_thresholds)
         # principal -> (its plan, how its x-ratelimit-* headers are made)
-        self._plans: dict[tuple[str, str | None, str], tuple[Plan, list[_HeaderSpec]]] = {}
+        self._plans: dict[tuple[str, str | None, str, str], tuple[Plan, list[_HeaderSpec]]] = {}
         # Lease ids unique across processes: this process's prefix and a counter.
         self._lease_prefix = f"{os.getpid():x}.{os.urandom(3).hex()}."
         self._lease_count = itertools.count()
@@ -152,7 +152,7 @@ class Quota:
     # -- admission ------------------------------------------------------------------------------
 
     def plan_for(self, principal: Principal) -> tuple[Plan, list[_HeaderSpec]]:
-        cache_key = (principal.tier, principal.key_id, principal.user)
+        cache_key = (principal.tier, principal.key_id, principal.user, principal.levels_key)
         entry = self._plans.get(cache_key)
         if entry is None:
             if len(self._plans) >= _PLAN_CACHE:
@@ -163,7 +163,8 @@ class Quota:
 
     def concurrency_of(self, principal: Principal) -> int | None:
         """How many requests `principal` may have in flight (None: no limit)."""
-        return self.plan_for(principal)[0].concurrency
+        limits = [limit for limit in self.plan_for(principal)[0].concurrencies if limit is not None]
+        return min(limits) if limits else None  # (its team's or organisation's may be the tightest)
 
     async def admit(self, req: Request, ex: Exchange, request: Any) -> None:
         """`request`: the validated chat, completion or embedding request (sizes the reservation)."""
@@ -236,7 +237,7 @@ class Quota:
             self.metrics.quota_refusals.labels("concurrency").inc()
             at = "" if verdict.index == 0 else f" of {_level(scope, name)}"
             return TooManyRequests(
-                f"Rate limit reached for concurrent requests{at}: limit {plan.concurrencies()[verdict.index]} in "
+                f"Rate limit reached for concurrent requests{at}: limit {plan.concurrencies[verdict.index]} in "
                 f"flight. Please try again in {duration(retry)}.",
                 code="rate_limit_exceeded",
                 headers={**headers, "x-portcullis-limit-scope": scope},
@@ -254,8 +255,11 @@ class Quota:
         )
 
     def forget_plans(self) -> None:
-        """A team's or an organisation's limits changed: every principal's plan is made again when next used."""
+        """A team's or an organisation's limits changed: every principal's plan is made again when next used (the
+        cache key names the levels' settings too, so this frees memory; correctness does not wait for it)."""
         self._plans.clear()
+        if self.redis is not None:
+            self.redis.flush_soon()
 
     # -- streams that outgrow their reservation -------------------------------------------------
 

@@ -76,7 +76,7 @@ class QuotaStore(Protocol):
 def budget_key(plan: Plan, index: int, period: str) -> str:
     budget = plan.budgets[index]
     who = budget.who or (plan.subject if budget.subject == "key" else "u")
-    return f"{plan.tag}:b:{who}:{period}"
+    return f"{budget.tag or plan.tag}:b:{who}:{period}"
 
 
 class MemoryQuotaStore:
@@ -104,22 +104,27 @@ class MemoryQuotaStore:
         if now - self._swept_at > 60:
             self._sweep(now)
         owners = plan.owners
-        tables = []
-        for owner in owners:
-            windows = self._windows.get(owner)
-            if windows is None:
-                windows = self._windows[owner] = {}
-            tables.append(windows)
+        windows = self._windows.get(plan.owner)
+        if windows is None:
+            windows = self._windows[plan.owner] = {}
+        tables = None  # one per level, when there are levels above the principal
+        if plan.levels:
+            tables = [windows]
+            for owner in owners[1:]:
+                level_windows = self._windows.get(owner)
+                if level_windows is None:
+                    level_windows = self._windows[owner] = {}
+                tables.append(level_windows)
         scaled = self.share < 1.0
         failed, index, retry = OK, 0, 0.0
         states = []
         for i, w in enumerate(plan.windows):
             seconds = w.seconds
             idx = int(now // seconds)
-            windows = tables[w.level]
-            stored = windows.get(w.field)
+            table = windows if tables is None else tables[w.level]
+            stored = table.get(w.field)
             if stored is None:
-                stored = windows[w.field] = [idx, 0, 0]
+                stored = table[w.field] = [idx, 0, 0]
             b, c, p = stored
             if idx > b:
                 p = c if idx == b + 1 else 0
@@ -135,17 +140,15 @@ class MemoryQuotaStore:
                 wait = window.wait(c, p, frac, cost, limit, seconds)
                 if failed == OK or wait > retry:
                     failed, index, retry = (TOO_LARGE if wait == window.NEVER else WINDOW), i, wait
-        limits = plan.concurrencies()
-        for level, most in enumerate(limits):
-            if most is None:
-                continue
-            leases = self._in_flight.get(owners[level])
-            if (
-                leases is not None
-                and len(leases) >= self._limit(most)
-                and (failed == OK or CONCURRENCY_RETRY_S > retry)
-            ):
-                failed, index, retry = CONCURRENCY, level, max(retry, CONCURRENCY_RETRY_S)
+        holds = plan.holds_leases
+        if holds:
+            for level, most in enumerate(plan.concurrencies):
+                if most is None:
+                    continue
+                leases = self._in_flight.get(owners[level])
+                if leases is not None and len(leases) >= self._limit(most):
+                    if failed == OK or CONCURRENCY_RETRY_S > retry:
+                        failed, index, retry = CONCURRENCY, level, max(retry, CONCURRENCY_RETRY_S)
         for i, (budget, period) in enumerate(zip(plan.budgets, ask.periods, strict=True)):
             spent, reserved = self._budgets.get(budget_key(plan, i, period), (0, 0))
             if spent + reserved + ask.cost > budget.limit:
@@ -168,9 +171,10 @@ class MemoryQuotaStore:
             resets.append((2.0 - frac) * w.seconds if c else (1.0 - frac) * w.seconds if p else 0.0)
         ask.buckets = buckets
         if admitted:
-            for level, most in enumerate(limits):
-                if most is not None:
-                    self._in_flight.setdefault(owners[level], set()).add(ask.lease)
+            if holds:
+                for level, most in enumerate(plan.concurrencies):
+                    if most is not None:
+                        self._in_flight.setdefault(owners[level], set()).add(ask.lease)
             for i, period in enumerate(ask.periods):
                 self._budgets.setdefault(budget_key(plan, i, period), [0, 0])[1] += ask.cost
         return Verdict(failed, index, retry, remaining, resets)
@@ -191,12 +195,13 @@ class MemoryQuotaStore:
                     stored[1] = max(0, stored[1] + delta)
                 elif stored[0] == bucket + 1:
                     stored[2] = max(0, stored[2] + delta)
-        for owner, most in zip(plan.owners, plan.concurrencies(), strict=True):
-            leases = self._in_flight.get(owner) if most is not None else None
-            if leases is not None:
-                leases.discard(ask.lease)
-                if not leases:
-                    del self._in_flight[owner]
+        if plan.holds_leases:
+            for owner, most in zip(plan.owners, plan.concurrencies, strict=True):
+                leases = self._in_flight.get(owner) if most is not None else None
+                if leases is not None:
+                    leases.discard(ask.lease)
+                    if not leases:
+                        del self._in_flight[owner]
         if not plan.budgets:
             return []
         alerts: list[Alert] = []
