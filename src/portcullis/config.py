@@ -165,6 +165,13 @@ class JwtConfig(_Section):
     default_tier: str = "free"
     # The claim listing the models the caller may use (absent: all; present, it must be a list of names).
     models_claim: str = "models"
+    # The claim naming the caller's team (identity/tenancy.py), e.g. "groups": a team id (team_...) or
+    # "<organisation name>/<team name>", or a list of them (the first that names a team counts). The token's
+    # principal then has the team's and its organisation's model grants, limits and budgets. None: tokens belong
+    # to no team.
+    team_claim: str | None = None
+    # Refuse (401) a token whose team claim names no team (else it is served as belonging to none).
+    team_required: bool = False
     # The scopes a token may grant; any other scope it claims is dropped. Default: inference only (no
     # models:write/delete, usage:read, keys:admin, admin:read); list them to let tokens administer.
     allowed_scopes: list[str] = Field(default_factory=lambda: list(scope_names.DEFAULT))

@@ -243,3 +243,38 @@ def test_the_command_line_manages_organisations_and_teams(
     assert "umbrella" in cli("orgs", "list").stdout
     actions = [e["action"] for e in get(gw, "/admin/audit?actor=cli:ops&limit=10")["data"]]
     assert actions == ["key.create", "member.remove", "member.set", "team.create", "organization.create"]
+
+
+def test_a_tokens_team_claim_places_it_in_that_team(sim: Proc, tmp_path: Path) -> None:
+    """auth.jwt.team_claim: a token naming a team ("<organisation>/<team>" or its id) gets the team's and the
+    organisation's grants and limits; one naming no team is refused when team_required."""
+    import time
+
+    import jwt as pyjwt
+
+    secret = "jwt-team-secret-0123456789abcdef0123456789abcdef"
+    jwt_cfg = {"enabled": True, "team_claim": "groups", "team_required": True, "default_tier": "enterprise"}
+    cfg = gateway_config({"tiny": [sim.url], "other": [sim.url]}, auth={"jwt": jwt_cfg})
+    gw = start_gateway(cfg, tmp_path, ready_path="/readyz", env={"PORTCULLIS_JWT_SECRET": secret})
+    try:
+        _, org = post(gw, "/admin/organizations", {"name": "hooli", "models": ["tiny"]})
+        _, team = post(
+            gw, "/admin/teams", {"org_id": org["id"], "name": "nucleus", "limits": {"requests": {"minute": 3}}}
+        )
+
+        def token(sub: str, groups: Any) -> str:
+            claims = {"sub": sub, "exp": int(time.time()) + 300, "scope": "chat:write models:read", "groups": groups}
+            return pyjwt.encode(claims, secret, algorithm="HS256")
+
+        placed = token("gavin", ["everyone", "hooli/nucleus"])  # the first group that names a team counts
+        assert usable(gw, placed, "tiny") and not usable(gw, placed, "other")  # the organisation's grant
+        by_id = token("jared", team["id"])
+        assert usable(gw, by_id, "tiny") and usable(gw, by_id, "tiny")  # the team's third request this minute
+        with pytest.raises(openai.RateLimitError) as limited:
+            openai_client(gw, placed).chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+        assert limited.value.response.headers["x-portcullis-limit-scope"] == "team"
+        for groups in (["everyone"], "hooli/nobody", []):
+            with pytest.raises(openai.AuthenticationError):
+                openai_client(gw, token("dinesh", groups)).models.list()
+    finally:
+        gw.stop()

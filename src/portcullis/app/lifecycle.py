@@ -15,6 +15,7 @@ from portcullis.identity import scopes
 from portcullis.identity.auth import Identity
 from portcullis.identity.jwt import JwtSetupError, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeySecretMissing, KeyStore, key_id_of, key_secret
+from portcullis.identity.tenancy import TenancyStore
 from portcullis.obs.lag import LAG
 from portcullis.obs.logging import flush_logs
 from portcullis.obs.tracing import Tracing, TracingUnavailable
@@ -94,6 +95,7 @@ async def preflight(gw: Gateway) -> None:
         jwt,
         pushed_invalidation=False,
         health=gw.db_health,
+        tenancy=TenancyStore(gw.engine) if jwt is not None and auth.jwt.team_claim else None,
     )
     # Failed authentications are counted where the quotas are: in Redis, shared by every process.
     gw.identity.throttle.shared = gw.quota.redis

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ from portcullis.identity import scopes as scope_names
 from portcullis.identity.jwt import InvalidToken, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, key_id_of
 from portcullis.identity.principal import Principal
+from portcullis.identity.tenancy import Placement, TenancyStore
 from portcullis.identity.throttle import FailedAuthThrottle, client_address, trusted_networks
 from portcullis.obs.lag import LAG
 from portcullis.obs.logging import get_logger
@@ -70,8 +72,10 @@ class Identity:
         *,
         pushed_invalidation: bool,
         health: DatabaseHealth | None = None,
+        tenancy: TenancyStore | None = None,
     ) -> None:
         self.config = config.auth
+        self.tenancy = tenancy  # where a token's team claim is looked up
         self.store = store
         self.hasher = hasher
         self.jwt = jwt
@@ -88,6 +92,8 @@ class Identity:
         self._unknown: dict[str, float] = {}  # ids cached as unknown, oldest first → their expiry
         self._last_used: dict[str, float] = {}
         self._toucher: asyncio.Task[None] | None = None
+        # a token's team claim → (the team it names, or None; fresh until (monotonic)), like a key's record
+        self._placements: dict[tuple[str, ...], tuple[Placement | None, float]] = {}
         self.stale_served = 0  # requests authenticated from a stale record while the database was away
 
     @property
@@ -130,7 +136,8 @@ class Identity:
                 principal = self._cached_key(credential)
                 return principal if principal is not None else await self._api_key(credential)
             if self.jwt is not None and credential.count(".") == 2:
-                return self._token(credential)
+                principal = self._token(credential)
+                return await self._placed(principal) if principal.claimed_teams else principal
             raise Unauthenticated(_BAD_KEY, headers={"WWW-Authenticate": 'Bearer realm="portcullis"'})
         except Unauthenticated:
             await self._failed(req)
@@ -269,6 +276,41 @@ class Identity:
         if not task.cancelled():
             task.exception()  # retrieved: its waiters have seen it (or gave up waiting)
 
+    async def _placed(self, principal: Principal) -> Principal:
+        """A token's principal in the team its claim names (auth.jwt.team_claim), with that team's and its
+        organisation's grants and limits; the lookup cached like a key's record."""
+        claimed = principal.claimed_teams
+        entry = self._placements.get(claimed)
+        if entry is None or entry[1] <= time.monotonic():
+            placement = None
+            if self.tenancy is not None:
+                try:
+                    async with asyncio.timeout(self.config.key_lookup_timeout_s):
+                        for ref in claimed:
+                            placement = await self.tenancy.placement(ref)
+                            if placement is not None:
+                                break
+                except Exception as exc:
+                    if self.health is not None:
+                        self.health.failed(exc)
+                    raise ServiceUnavailable(
+                        "Credentials cannot be checked right now; try again shortly.",
+                        code="auth_store_unavailable",
+                        headers={"Retry-After": "2"},
+                    ) from exc
+            if len(self._placements) >= _UNKNOWN_MAX:
+                self._placements.clear()
+            entry = self._placements[claimed] = (placement, time.monotonic() + self.ttl)
+        if entry[0] is None:
+            if self.config.jwt.team_required:
+                raise Unauthenticated(
+                    "Invalid bearer token: its team claim names no team.",
+                    code="invalid_token",
+                    headers={"WWW-Authenticate": 'Bearer realm="portcullis", error="invalid_token"'},
+                )
+            return replace(principal, claimed_teams=())
+        return entry[0].apply(principal)
+
     def _token(self, token: str) -> Principal:
         assert self.jwt is not None
         try:
@@ -296,6 +338,7 @@ class Identity:
     def invalidate_all(self) -> None:
         self._cache.clear()
         self._unknown.clear()
+        self._placements.clear()
 
     def start(self) -> None:
         if self.store is not None:

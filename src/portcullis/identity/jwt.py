@@ -149,13 +149,28 @@ class JwtVerifier:
             if not _strings(listed):
                 raise InvalidToken(f"the claim {cfg.models_claim!r} must be a list of strings")
             models = frozenset(listed)
+        claimed: tuple[str, ...] = ()
+        if cfg.team_claim is not None and cfg.team_claim in claims:
+            value = claims[cfg.team_claim]
+            if isinstance(value, str):
+                claimed = (value,)
+            elif _strings(value):
+                claimed = tuple(value[:_MAX_TEAMS_CLAIMED])
+            else:
+                raise InvalidToken(f"the claim {cfg.team_claim!r} must be a string or a list of strings")
+        if cfg.team_required and not claimed:
+            raise InvalidToken(f"the token has no {cfg.team_claim!r} claim naming its team")
         return Principal(
             user=user,
             tier=tier,
             scopes=granted,
             via="jwt",
             models=models,
+            claimed_teams=claimed,
         )
+
+
+_MAX_TEAMS_CLAIMED = 32  # (an identity provider's groups claim can be long: only the first ones are looked up)
 
 
 def _strings(value: Any) -> bool:

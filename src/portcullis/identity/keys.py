@@ -19,14 +19,21 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, overload
 
-import orjson
 from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from portcullis.config import Config
 from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes as scope_names
-from portcullis.identity.principal import DEFAULT_ORG, DEFAULT_TEAM, JWT_USER_PREFIX, Principal, unstorable
+from portcullis.identity.principal import (
+    DEFAULT_ORG,
+    DEFAULT_TEAM,
+    JWT_USER_PREFIX,
+    Principal,
+    levels_key,
+    narrow,
+    unstorable,
+)
 from portcullis.store import audit
 from portcullis.store.schema import api_keys, organizations, teams
 
@@ -222,7 +229,7 @@ class KeyRecord:
 
     def principal(self) -> Principal:
         # A model is the key's to use only if its organisation, its team and the key itself all allow it.
-        models = _narrow(self.org_models, self.team_models, self.models)
+        models = narrow(self.org_models, self.team_models, self.models)
         return Principal(
             user=self.user,
             tier=self.tier,
@@ -244,10 +251,8 @@ class KeyRecord:
         )
 
     def _levels_key(self) -> str:
-        if self.org_id == DEFAULT_ORG:
-            return ""
-        levels = [self.org_id, self.team_id, self.team_limits, self.team_budget, self.org_limits, self.org_budget]
-        return orjson.dumps([*levels, self.team_name, self.org_name], option=orjson.OPT_SORT_KEYS).decode()
+        settings = (self.team_limits, self.team_budget, self.org_limits, self.org_budget, self.team_name, self.org_name)
+        return levels_key(self.org_id, self.team_id, *settings)
 
     def public(self) -> dict[str, Any]:
         """What an operator sees: everything but the hash."""
@@ -445,15 +450,6 @@ def _joined() -> Select[Any]:
     ).select_from(
         api_keys.outerjoin(teams, teams.c.id == team).outerjoin(organizations, organizations.c.id == teams.c.org_id)
     )
-
-
-def _narrow(*grants: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """The models every level allows (None: a level that allows every model)."""
-    allowed: tuple[str, ...] | None = None
-    for grant in grants:
-        if grant is not None:
-            allowed = grant if allowed is None else tuple(m for m in allowed if m in grant)
-    return allowed
 
 
 def _row(record: KeyRecord) -> dict[str, Any]:

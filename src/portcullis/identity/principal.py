@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 # One namespace per identity source: the user of a JWT is "jwt:<sub>" (unless auth.jwt.users maps the subject),
 # and an API key's user may not start with this, so a token's subject never names a key user's data.
 JWT_USER_PREFIX = "jwt:"
@@ -33,6 +35,22 @@ def unstorable(text: str, max_chars: int = USER_MAX_CHARS) -> str | None:
     return None
 
 
+def narrow(*grants: tuple[str, ...] | frozenset[str] | None) -> tuple[str, ...] | None:
+    """The models every level allows (None: a level that allows every model)."""
+    allowed: tuple[str, ...] | None = None
+    for grant in grants:
+        if grant is not None:
+            allowed = tuple(sorted(grant)) if allowed is None else tuple(m for m in allowed if m in grant)
+    return allowed
+
+
+def levels_key(org: str | None, team: str | None, *settings: Any) -> str:
+    """A principal's levels and their settings as one string (Principal.levels_key); "" for none."""
+    if org is None or org == DEFAULT_ORG:
+        return ""
+    return orjson.dumps([org, team, *settings], option=orjson.OPT_SORT_KEYS).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     user: str
@@ -55,3 +73,5 @@ class Principal:
     # All of the above about its levels, as one string (the quota stage's plans are cached under it: a change to a
     # team's limits makes a new plan even for a request authenticated before the change). "" for no levels.
     levels_key: str = ""
+    # A token's team claim, as it came (auth.jwt.team_claim): identity/auth.py places the principal in that team.
+    claimed_teams: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from portcullis.errors import Conflict, InvalidRequest, NotFound
 from portcullis.identity.keys import aware, now
-from portcullis.identity.principal import DEFAULT_ORG, unstorable
+from portcullis.identity.principal import DEFAULT_ORG, Principal, levels_key, narrow, unstorable
 from portcullis.store import audit
 from portcullis.store.schema import memberships, organizations, teams
 
@@ -92,6 +92,44 @@ def _checked_name(name: str) -> str:
             code="invalid_value",
         )
     return name
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A team and its organisation, as a principal placed in it takes them (a token's team claim)."""
+
+    team_id: str
+    org_id: str
+    team_name: str
+    org_name: str
+    team_models: tuple[str, ...] | None
+    org_models: tuple[str, ...] | None
+    team_limits: dict[str, Any] | None
+    team_budget: dict[str, Any] | None
+    org_limits: dict[str, Any] | None
+    org_budget: dict[str, Any] | None
+    levels: str = ""  # Principal.levels_key, worked out once (a token's principal is placed on every request)
+
+    def __post_init__(self) -> None:
+        settings = (self.team_limits, self.team_budget, self.org_limits, self.org_budget, self.team_name, self.org_name)
+        object.__setattr__(self, "levels", levels_key(self.org_id, self.team_id, *settings))
+
+    def apply(self, principal: Principal) -> Principal:
+        models = narrow(self.org_models, self.team_models, principal.models)
+        return replace(
+            principal,
+            models=frozenset(models) if models is not None else None,
+            org=self.org_id,
+            team=self.team_id,
+            team_limits=self.team_limits,
+            team_budget=self.team_budget,
+            org_limits=self.org_limits,
+            org_budget=self.org_budget,
+            team_name=self.team_name,
+            org_name=self.org_name,
+            levels_key=self.levels,
+            claimed_teams=(),
+        )
 
 
 class TenancyStore:
@@ -226,6 +264,45 @@ class TenancyStore:
     async def _org_of(self, team_id: str) -> str | None:
         async with self.engine.connect() as conn:
             return (await conn.execute(select(teams.c.org_id).where(teams.c.id == team_id))).scalar()
+
+    async def placement(self, ref: str) -> Placement | None:
+        """The team a reference names: its id (team_...), or "<organisation name>/<team name>"; None: no such team."""
+        query = select(
+            teams.c.id,
+            teams.c.name,
+            teams.c.models,
+            teams.c.limits,
+            teams.c.budget,
+            organizations.c.id.label("org_id"),
+            organizations.c.name.label("org_name"),
+            organizations.c.models.label("org_models"),
+            organizations.c.limits.label("org_limits"),
+            organizations.c.budget.label("org_budget"),
+        ).select_from(teams.join(organizations, organizations.c.id == teams.c.org_id))
+        if ref.startswith("team_"):
+            query = query.where(teams.c.id == ref)
+        elif "/" in ref:
+            org_name, team_name = ref.split("/", 1)
+            query = query.where(organizations.c.name == org_name, teams.c.name == team_name)
+        else:
+            return None
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        m = row._mapping
+        return Placement(
+            team_id=m["id"],
+            org_id=m["org_id"],
+            team_name=m["name"],
+            org_name=m["org_name"],
+            team_models=tuple(m["models"]) if m["models"] is not None else None,
+            org_models=tuple(m["org_models"]) if m["org_models"] is not None else None,
+            team_limits=m["limits"],
+            team_budget=m["budget"],
+            org_limits=m["org_limits"],
+            org_budget=m["org_budget"],
+        )
 
     # -- members ------------------------------------------------------------------------------------
 
