@@ -99,26 +99,11 @@ def test_reset_durations_read_like_openais(seconds: float, text: str) -> None:
 
 
 def _member(user: str, org: str, team: str = "team_x", **levels: object) -> Principal:
-    from portcullis.identity.keys import KeyRecord
+    """A key's principal in `team` of `org` (as KeyRecord.principal makes it)."""
+    from portcullis.identity.principal import Placement
 
-    record = KeyRecord(
-        id=f"k{org[-3:]}",
-        key_hash="",
-        user=user,
-        tier="gold",
-        scopes=(),
-        models=None,
-        label=None,
-        limits=None,
-        budget=None,
-        created_at=None,  # type: ignore[arg-type]
-        team_id=team,
-        org_id=org,
-        team_name="search",
-        org_name="acme",
-        **levels,  # type: ignore[arg-type]
-    )
-    return record.principal()
+    own = Principal(user=user, tier="gold", scopes=frozenset(), key_id=f"k{org[-3:]}")
+    return Placement(team_id=team, org_id=org, team_name="search", org_name="acme", **levels).apply(own)  # type: ignore[arg-type]
 
 
 def test_a_users_budget_spans_their_keys_in_every_organisation() -> None:

@@ -35,8 +35,8 @@ from portcullis.errors import Forbidden, InvalidRequest, ServiceUnavailable, Too
 from portcullis.identity import scopes as scope_names
 from portcullis.identity.jwt import InvalidToken, JwtVerifier
 from portcullis.identity.keys import KeyHasher, KeyRecord, KeyStore, key_id_of
-from portcullis.identity.principal import Principal
-from portcullis.identity.tenancy import Placement, TenancyStore
+from portcullis.identity.principal import Placement, Principal
+from portcullis.identity.tenancy import TenancyStore
 from portcullis.identity.throttle import FailedAuthThrottle, client_address, trusted_networks
 from portcullis.obs.lag import LAG
 from portcullis.obs.logging import get_logger

@@ -26,12 +26,10 @@ from portcullis.config import Config
 from portcullis.errors import InvalidRequest
 from portcullis.identity import scopes as scope_names
 from portcullis.identity.principal import (
-    DEFAULT_ORG,
     DEFAULT_TEAM,
     JWT_USER_PREFIX,
+    Placement,
     Principal,
-    levels_key,
-    narrow,
     unstorable,
 )
 from portcullis.store import audit
@@ -152,6 +150,9 @@ def aware(value: datetime | None) -> datetime | None:
     return value
 
 
+DEFAULT_PLACEMENT = Placement()  # the default organisation's default team (immutable: one shared instance)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str
@@ -170,21 +171,17 @@ class KeyRecord:
     rotated_to: str | None = None
     grace_until: datetime | None = None
     team_id: str = DEFAULT_TEAM
-    # Read with the key (KeyStore's queries join them): its team's organisation and what the two levels grant.
-    org_id: str = DEFAULT_ORG
-    team_models: tuple[str, ...] | None = None
-    org_models: tuple[str, ...] | None = None
-    team_limits: dict[str, Any] | None = None
-    team_budget: dict[str, Any] | None = None
-    org_limits: dict[str, Any] | None = None
-    org_budget: dict[str, Any] | None = None
-    team_name: str = ""
-    org_name: str = ""
+    # Read with the key (KeyStore's queries join them): its team's organisation, what the two grant and limit.
+    placement: Placement = DEFAULT_PLACEMENT
+
+    @property
+    def org_id(self) -> str:
+        return self.placement.org_id
 
     @classmethod
     def from_row(cls, row: Any) -> KeyRecord:
         m = row._mapping
-        team_models, org_models = m.get("team_models"), m.get("org_models")
+        team_id = m.get("team_id") or DEFAULT_TEAM
         return cls(
             id=m["id"],
             key_hash=m["key_hash"],
@@ -201,16 +198,8 @@ class KeyRecord:
             revoked_at=aware(m["revoked_at"]),
             rotated_to=m["rotated_to"],
             grace_until=aware(m["grace_until"]),
-            team_id=m.get("team_id") or DEFAULT_TEAM,
-            org_id=m.get("org_id") or DEFAULT_ORG,
-            team_models=tuple(team_models) if team_models is not None else None,
-            org_models=tuple(org_models) if org_models is not None else None,
-            team_limits=m.get("team_limits"),
-            team_budget=m.get("team_budget"),
-            org_limits=m.get("org_limits"),
-            org_budget=m.get("org_budget"),
-            team_name=m.get("team_name") or "",
-            org_name=m.get("org_name") or "",
+            team_id=team_id,
+            placement=Placement.from_mapping(m, team_id),
         )
 
     def usable_at(self, when: datetime) -> bool:
@@ -228,31 +217,17 @@ class KeyRecord:
         return min(ends) if ends else float("inf")
 
     def principal(self) -> Principal:
-        # A model is the key's to use only if its organisation, its team and the key itself all allow it.
-        models = narrow(self.org_models, self.team_models, self.models)
-        return Principal(
+        own = Principal(
             user=self.user,
             tier=self.tier,
             scopes=frozenset(self.scopes),
-            models=frozenset(models) if models is not None else None,
+            models=frozenset(self.models) if self.models is not None else None,
             key_id=self.id,
             via="api_key",
             limits=self.limits,
             budget=self.budget,
-            org=self.org_id,
-            team=self.team_id,
-            team_limits=self.team_limits,
-            team_budget=self.team_budget,
-            org_limits=self.org_limits,
-            org_budget=self.org_budget,
-            team_name=self.team_name,
-            org_name=self.org_name,
-            levels_key=self._levels_key(),
         )
-
-    def _levels_key(self) -> str:
-        settings = (self.team_limits, self.team_budget, self.org_limits, self.org_budget, self.team_name, self.org_name)
-        return levels_key(self.org_id, self.team_id, *settings)
+        return self.placement.apply(own)
 
     def public(self) -> dict[str, Any]:
         """What an operator sees: everything but the hash."""
@@ -433,21 +408,24 @@ class KeyStore:
                 await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=when))
 
 
+# What a key's team and its organisation say, as Placement.from_mapping reads it (a join of teams and organizations).
+LEVEL_COLUMNS = (
+    teams.c.org_id.label("org_id"),
+    teams.c.models.label("team_models"),
+    organizations.c.models.label("org_models"),
+    teams.c.limits.label("team_limits"),
+    teams.c.budget.label("team_budget"),
+    organizations.c.limits.label("org_limits"),
+    organizations.c.budget.label("org_budget"),
+    teams.c.name.label("team_name"),
+    organizations.c.name.label("org_name"),
+)
+
+
 def _joined() -> Select[Any]:
     """Keys with what their levels say: the team's organisation and both levels' model grants."""
     team = func.coalesce(api_keys.c.team_id, DEFAULT_TEAM)
-    return select(
-        api_keys,
-        teams.c.org_id.label("org_id"),
-        teams.c.models.label("team_models"),
-        organizations.c.models.label("org_models"),
-        teams.c.limits.label("team_limits"),
-        teams.c.budget.label("team_budget"),
-        organizations.c.limits.label("org_limits"),
-        organizations.c.budget.label("org_budget"),
-        teams.c.name.label("team_name"),
-        organizations.c.name.label("org_name"),
-    ).select_from(
+    return select(api_keys, *LEVEL_COLUMNS).select_from(
         api_keys.outerjoin(teams, teams.c.id == team).outerjoin(organizations, organizations.c.id == teams.c.org_id)
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -75,3 +75,60 @@ class Principal:
     levels_key: str = ""
     # A token's team claim, as it came (auth.jwt.team_claim): identity/auth.py places the principal in that team.
     claimed_teams: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A team and its organisation, as the principals in it take them: a key's team (identity/keys.py), or the team
+    a token's claim names (identity/auth.py). Read from the columns keys.LEVEL_COLUMNS selects."""
+
+    team_id: str = DEFAULT_TEAM
+    org_id: str = DEFAULT_ORG
+    team_name: str = ""
+    org_name: str = ""
+    team_models: tuple[str, ...] | None = None
+    org_models: tuple[str, ...] | None = None
+    team_limits: dict[str, Any] | None = None
+    team_budget: dict[str, Any] | None = None
+    org_limits: dict[str, Any] | None = None
+    org_budget: dict[str, Any] | None = None
+    levels: str = ""  # Principal.levels_key, worked out once (a token's principal is placed on every request)
+
+    def __post_init__(self) -> None:
+        settings = (self.team_limits, self.team_budget, self.org_limits, self.org_budget, self.team_name, self.org_name)
+        object.__setattr__(self, "levels", levels_key(self.org_id, self.team_id, *settings))
+
+    @classmethod
+    def from_mapping(cls, m: Any, team_id: str) -> Placement:
+        team_models, org_models = m.get("team_models"), m.get("org_models")
+        return cls(
+            team_id=team_id,
+            org_id=m.get("org_id") or DEFAULT_ORG,
+            team_name=m.get("team_name") or "",
+            org_name=m.get("org_name") or "",
+            team_models=tuple(team_models) if team_models is not None else None,
+            org_models=tuple(org_models) if org_models is not None else None,
+            team_limits=m.get("team_limits"),
+            team_budget=m.get("team_budget"),
+            org_limits=m.get("org_limits"),
+            org_budget=m.get("org_budget"),
+        )
+
+    def apply(self, principal: Principal) -> Principal:
+        """`principal` in this team: a model is its to use only if the organisation, the team and the principal
+        itself all allow it; the levels' limits and budgets go with it (quota/plan.py)."""
+        models = narrow(self.org_models, self.team_models, principal.models)
+        return replace(
+            principal,
+            models=frozenset(models) if models is not None else None,
+            org=self.org_id,
+            team=self.team_id,
+            team_limits=self.team_limits,
+            team_budget=self.team_budget,
+            org_limits=self.org_limits,
+            org_budget=self.org_budget,
+            team_name=self.team_name,
+            org_name=self.org_name,
+            levels_key=self.levels,
+            claimed_teams=(),
+        )

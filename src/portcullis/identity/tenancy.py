@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -26,8 +26,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from portcullis.errors import Conflict, InvalidRequest, NotFound
-from portcullis.identity.keys import aware, now
-from portcullis.identity.principal import DEFAULT_ORG, Principal, levels_key, narrow, unstorable
+from portcullis.identity.keys import LEVEL_COLUMNS, aware, now
+from portcullis.identity.principal import DEFAULT_ORG, Placement, unstorable
 from portcullis.store import audit
 from portcullis.store.schema import memberships, organizations, teams
 
@@ -94,44 +94,6 @@ def _checked_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """A team and its organisation, as a principal placed in it takes them (a token's team claim)."""
-
-    team_id: str
-    org_id: str
-    team_name: str
-    org_name: str
-    team_models: tuple[str, ...] | None
-    org_models: tuple[str, ...] | None
-    team_limits: dict[str, Any] | None
-    team_budget: dict[str, Any] | None
-    org_limits: dict[str, Any] | None
-    org_budget: dict[str, Any] | None
-    levels: str = ""  # Principal.levels_key, worked out once (a token's principal is placed on every request)
-
-    def __post_init__(self) -> None:
-        settings = (self.team_limits, self.team_budget, self.org_limits, self.org_budget, self.team_name, self.org_name)
-        object.__setattr__(self, "levels", levels_key(self.org_id, self.team_id, *settings))
-
-    def apply(self, principal: Principal) -> Principal:
-        models = narrow(self.org_models, self.team_models, principal.models)
-        return replace(
-            principal,
-            models=frozenset(models) if models is not None else None,
-            org=self.org_id,
-            team=self.team_id,
-            team_limits=self.team_limits,
-            team_budget=self.team_budget,
-            org_limits=self.org_limits,
-            org_budget=self.org_budget,
-            team_name=self.team_name,
-            org_name=self.org_name,
-            levels_key=self.levels,
-            claimed_teams=(),
-        )
-
-
 class TenancyStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -148,25 +110,26 @@ class TenancyStore:
         limits: dict[str, Any] | None = None,
         budget: dict[str, Any] | None = None,
     ) -> Level:
-        at = now()
-        org = Level(
-            "organization",
-            "org_" + secrets.token_hex(8),
-            _checked_name(name),
-            tuple(models) if models is not None else None,
-            default_tier,
-            at,
-            at,
-            limits=limits,
-            budget=budget,
-        )
+        org = _new("organization", name, models, default_tier, limits, budget)
+        return await self._create(organizations, org, actor, f"An organisation named '{name}' exists.")
+
+    async def _create(self, table: Any, level: Level, actor: audit.Actor, taken: str) -> Level:
+        """Write a new level and its audit entry (a team: once its organisation is found)."""
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(insert(organizations).values(**_level_row(org)))
-                await audit.record(conn, audit.Change(actor, "organization.create", org.id, None, org.public()))
+                values = _level_row(level)
+                if level.org_id is not None:
+                    where = organizations.c.id == level.org_id
+                    if (await conn.execute(select(organizations.c.id).where(where))).first() is None:
+                        raise NotFound(
+                            f"No organisation '{level.org_id}'.", param="org_id", code="organization_not_found"
+                        )
+                    values["org_id"] = level.org_id
+                await conn.execute(insert(table).values(**values))
+                await audit.record(conn, audit.Change(actor, f"{level.kind}.create", level.id, None, level.public()))
         except IntegrityError:
-            raise Conflict(f"An organisation named '{name}' exists.", param="name", code="name_taken") from None
-        return org
+            raise Conflict(taken, param="name", code="name_taken") from None
+        return level
 
     async def org(self, org_id: str) -> Level | None:
         async with self.engine.connect() as conn:
@@ -196,29 +159,8 @@ class TenancyStore:
     ) -> Level:
         if (limits or budget) and org_id == DEFAULT_ORG:
             raise InvalidRequest(_DEFAULT_FREE, param="limits" if limits else "budget", code="invalid_value")
-        at = now()
-        team = Level(
-            "team",
-            "team_" + secrets.token_hex(8),
-            _checked_name(name),
-            tuple(models) if models is not None else None,
-            default_tier,
-            at,
-            at,
-            org_id,
-            limits,
-            budget,
-        )
-        try:
-            async with self.engine.begin() as conn:
-                found = (await conn.execute(select(organizations.c.id).where(organizations.c.id == org_id))).first()
-                if found is None:
-                    raise NotFound(f"No organisation '{org_id}'.", param="org_id", code="organization_not_found")
-                await conn.execute(insert(teams).values(**_level_row(team), org_id=org_id))
-                await audit.record(conn, audit.Change(actor, "team.create", team.id, None, team.public()))
-        except IntegrityError:
-            raise Conflict(f"The organisation has a team named '{name}'.", param="name", code="name_taken") from None
-        return team
+        team = _new("team", name, models, default_tier, limits, budget, org_id)
+        return await self._create(teams, team, actor, f"The organisation has a team named '{name}'.")
 
     async def team(self, team_id: str) -> Level | None:
         async with self.engine.connect() as conn:
@@ -267,18 +209,9 @@ class TenancyStore:
 
     async def placement(self, ref: str) -> Placement | None:
         """The team a reference names: its id (team_...), or "<organisation name>/<team name>"; None: no such team."""
-        query = select(
-            teams.c.id,
-            teams.c.name,
-            teams.c.models,
-            teams.c.limits,
-            teams.c.budget,
-            organizations.c.id.label("org_id"),
-            organizations.c.name.label("org_name"),
-            organizations.c.models.label("org_models"),
-            organizations.c.limits.label("org_limits"),
-            organizations.c.budget.label("org_budget"),
-        ).select_from(teams.join(organizations, organizations.c.id == teams.c.org_id))
+        query = select(teams.c.id, *LEVEL_COLUMNS).select_from(
+            teams.join(organizations, organizations.c.id == teams.c.org_id)
+        )
         if ref.startswith("team_"):
             query = query.where(teams.c.id == ref)
         elif "/" in ref:
@@ -288,21 +221,7 @@ class TenancyStore:
             return None
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
-        if row is None:
-            return None
-        m = row._mapping
-        return Placement(
-            team_id=m["id"],
-            org_id=m["org_id"],
-            team_name=m["name"],
-            org_name=m["org_name"],
-            team_models=tuple(m["models"]) if m["models"] is not None else None,
-            org_models=tuple(m["org_models"]) if m["org_models"] is not None else None,
-            team_limits=m["limits"],
-            team_budget=m["budget"],
-            org_limits=m["org_limits"],
-            org_budget=m["org_budget"],
-        )
+        return Placement.from_mapping(row._mapping, row.id) if row is not None else None
 
     # -- members ------------------------------------------------------------------------------------
 
@@ -367,6 +286,23 @@ _DEFAULT_FREE = (
     "The default organisation and its teams carry no limits or budgets (they hold the keys made before there were "
     "organisations): create an organisation for the keys to limit."
 )
+
+
+def _new(
+    kind: str,
+    name: str,
+    models: list[str] | None,
+    default_tier: str | None,
+    limits: dict[str, Any] | None,
+    budget: dict[str, Any] | None,
+    org_id: str | None = None,
+) -> Level:
+    at = now()
+    prefix = "org_" if kind == "organization" else "team_"
+    grant = tuple(models) if models is not None else None
+    return Level(
+        kind, prefix + secrets.token_hex(8), _checked_name(name), grant, default_tier, at, at, org_id, limits, budget
+    )
 
 
 def _level_row(level: Level) -> dict[str, Any]:
