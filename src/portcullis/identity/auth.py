@@ -250,20 +250,24 @@ class Identity:
             async with asyncio.timeout(self.config.key_lookup_timeout_s):
                 record = await asyncio.shield(task)
         except Exception as exc:
-            # The health logs an outage once; a deadline passed while our own loop was busy is none.
-            known = self.health is not None and self.health.degraded
-            if not known and not (isinstance(exc, TimeoutError) and LAG.busy()):
-                log.warning("key_store_unavailable", error=type(exc).__name__)
-            if self.health is not None:
-                self.health.failed(exc)
-            raise ServiceUnavailable(
-                "Credentials cannot be checked right now; try again shortly.",
-                code="auth_store_unavailable",
-                headers={"Retry-After": "2"},
-            ) from exc
+            raise self._unavailable(exc) from exc
         if self.health is not None and self.health.degraded:
             self.health.succeeded()
         return record
+
+    def _unavailable(self, exc: Exception) -> ServiceUnavailable:
+        """The database failed a lookup (a key's record, a token's team): told to the health, and a 503."""
+        # The health logs an outage once; a deadline passed while our own loop was busy is none.
+        known = self.health is not None and self.health.degraded
+        if not known and not (isinstance(exc, TimeoutError) and LAG.busy()):
+            log.warning("key_store_unavailable", error=type(exc).__name__)
+        if self.health is not None:
+            self.health.failed(exc)
+        return ServiceUnavailable(
+            "Credentials cannot be checked right now; try again shortly.",
+            code="auth_store_unavailable",
+            headers={"Retry-After": "2"},
+        )
 
     async def _fetch(self, key_id: str) -> KeyRecord | None:
         assert self.store is not None
@@ -291,13 +295,7 @@ class Identity:
                             if placement is not None:
                                 break
                 except Exception as exc:
-                    if self.health is not None:
-                        self.health.failed(exc)
-                    raise ServiceUnavailable(
-                        "Credentials cannot be checked right now; try again shortly.",
-                        code="auth_store_unavailable",
-                        headers={"Retry-After": "2"},
-                    ) from exc
+                    raise self._unavailable(exc) from exc
             if len(self._placements) >= _UNKNOWN_MAX:
                 self._placements.clear()
             entry = self._placements[claimed] = (placement, time.monotonic() + self.ttl)
