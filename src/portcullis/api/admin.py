@@ -18,12 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from portcullis.api.common import actor, query_int, query_params, read_model
 from portcullis.config import BudgetConfig, LimitsConfig
-from portcullis.errors import InvalidRequest, NotFound
+from portcullis.errors import Forbidden, InvalidRequest, NotFound
 from portcullis.exchange import Exchange
 from portcullis.http import Request
-from portcullis.identity import scopes
+from portcullis.identity import roles, scopes
 from portcullis.identity.auth import require_model
-from portcullis.identity.keys import KeyStore, now
+from portcullis.identity.keys import KeyRecord, KeyStore, now
 from portcullis.identity.principal import DEFAULT_TEAM
 from portcullis.identity.tenancy import TenancyStore
 from portcullis.quota import usage
@@ -95,10 +95,30 @@ def _store(api: AdminDeps) -> KeyStore:
     return api.keys
 
 
+async def _reach(api: AdminDeps, ex: Exchange, scope: str) -> roles.Access | None:
+    """None: the principal holds `scope`; else what its roles reach (identity/roles.py)."""
+    assert ex.principal is not None
+    return await roles.access(TenancyStore(api.engine), ex.principal, scope)
+
+
+def _role_key(access: roles.Access | None, record: KeyRecord | None, *, manage: bool) -> KeyRecord:
+    """The key, if the principal's roles reach it (to see it, or to change it); 404 when they do not see it."""
+    if record is None or (access is not None and not access.sees_key(record.team_id, record.user)):
+        raise NotFound("No such key.", code="key_not_found")
+    if manage and access is not None and not access.manages_key(record.team_id, record.user):
+        raise Forbidden("Your role in the key's team lets you see it, not change it.", code="role_forbids")
+    return record
+
+
 async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
     store = _store(api)
     spec: NewKey = await read_model(api.config, req, NewKey)
-    team, tier = await _placed(api, spec.team_id, spec.tier)
+    access = await _reach(api, ex, scopes.KEYS_ADMIN)
+    if access is not None:
+        _by_role(access, spec)
+    team, tier = await _placed(api, spec.team_id, spec.tier if access is None else None)
+    if access is not None and spec.tier is not None and spec.tier != tier:
+        raise Forbidden(f"A key made by a role has its team's default tier ('{tier}').", code="role_forbids")
     key, record = await store.create(
         user=spec.user,
         tier=tier,
@@ -112,6 +132,19 @@ async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
         actor=actor(api.config, req, ex),
     )
     await req.respond_json(201, {**record.public(), "key": key})
+
+
+def _by_role(access: roles.Access, spec: NewKey) -> None:
+    """A key made by a role: in a team the role reaches, for its user (a member) or anyone (a team's admin), with
+    no more than an ordinary key's scopes."""
+    if spec.team_id is None or access.role(spec.team_id) is None:
+        raise InvalidRequest("'team_id' must name a team your roles reach.", param="team_id", code="invalid_value")
+    if not access.manages_key(spec.team_id, spec.user):
+        raise Forbidden("Your role in the team lets you make keys for yourself only.", code="role_forbids")
+    granted = set(spec.scopes if spec.scopes is not None else scopes.DEFAULT)
+    beyond = sorted(granted - {*scopes.DEFAULT, scopes.ROLES})
+    if beyond:
+        raise Forbidden(f"A key made by a role cannot hold {', '.join(beyond)}.", code="role_forbids", param="scopes")
 
 
 async def _placed(api: AdminDeps, team_id: str | None, tier: str | None) -> tuple[str, str]:
@@ -137,18 +170,23 @@ async def _placed(api: AdminDeps, team_id: str | None, tier: str | None) -> tupl
 
 async def list_keys(api: AdminDeps, req: Request, ex: Exchange) -> None:
     query = query_params(req)
+    access = await _reach(api, ex, scopes.KEYS_ADMIN)
     records = await _store(api).list(user=query.get("user"), team=query.get("team_id"))
+    if access is not None:
+        records = [r for r in records if access.sees_key(r.team_id, r.user)]
     await req.respond_json(200, {"object": "list", "data": [r.public() for r in records]})
 
 
 async def show_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
-    record = await _store(api).get(key_id)
-    if record is None:
-        raise NotFound("No such key.", code="key_not_found")
+    access = await _reach(api, ex, scopes.KEYS_ADMIN)
+    record = _role_key(access, await _store(api).get(key_id), manage=False)
     await req.respond_json(200, record.public())
 
 
 async def revoke_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
+    access = await _reach(api, ex, scopes.KEYS_ADMIN)
+    if access is not None:
+        _role_key(access, await _store(api).get(key_id), manage=True)
     record = await _store(api).revoke(key_id, actor=actor(api.config, req, ex))
     if record is None:
         raise NotFound("No such key.", code="key_not_found")
@@ -158,6 +196,9 @@ async def revoke_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) ->
 
 async def rotate_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
     spec: Rotation = await read_model(api.config, req, Rotation)
+    access = await _reach(api, ex, scopes.KEYS_ADMIN)
+    if access is not None:
+        _role_key(access, await _store(api).get(key_id), manage=True)
     grace = spec.grace_s if spec.grace_s is not None else api.config.auth.rotation_grace_s
     rotated = await _store(api).rotate(key_id, grace_s=grace, actor=actor(api.config, req, ex))
     if rotated is None:
@@ -178,6 +219,10 @@ async def usage_report(api: AdminDeps, req: Request, ex: Exchange) -> None:
         value = query.get(name)
         if value is not None and not _DAY.match(value):
             raise InvalidRequest(f"'{name}' must be a UTC day, YYYY-MM-DD.", param=name, code="invalid_value")
+    access = await _reach(api, ex, scopes.USAGE)
+    visible = None
+    if access is not None:  # the usage of the keys its roles let it see
+        visible = [r.id for r in await _store(api).list() if access.sees_key(r.team_id, r.user)]
     rows = await usage.aggregate(
         api.engine,
         group_by=group_by,
@@ -186,6 +231,7 @@ async def usage_report(api: AdminDeps, req: Request, ex: Exchange) -> None:
         user=query.get("user"),
         key_id=query.get("key_id"),
         model=query.get("model"),
+        key_ids=visible,
     )
     if query.get("format") == "table":
         table = usage.render_table(rows, group_by, api.config.quota.currency)

@@ -47,6 +47,9 @@ class Route:
     metered: bool = False  # settled against quotas, leaves a usage record
     quiet: bool = False  # no access-log line, request metrics or span (probes would drown the rest)
     anthropic: bool = False  # errors in Anthropic's shape (the Messages API)
+    # A credential without `scope` but with roles:act may call it: the handler limits it to what the user's roles
+    # reach (identity/roles.py).
+    by_roles: bool = False
 
     @property
     def pattern(self) -> re.Pattern[str] | None:
@@ -369,9 +372,16 @@ def table(
             admin_deps,
             scopes.KEYS_ADMIN,
             _op("Create an API key", _ok("Object", status="201"), body=_body(admin.NewKey)),
+            by_roles=True,
         ),
         Route(
-            "GET", "/admin/keys", admin.list_keys, admin_deps, scopes.KEYS_ADMIN, _op("List API keys", _ok("Object"))
+            "GET",
+            "/admin/keys",
+            admin.list_keys,
+            admin_deps,
+            scopes.KEYS_ADMIN,
+            _op("List API keys", _ok("Object")),
+            by_roles=True,
         ),
         Route(
             "GET",
@@ -380,6 +390,7 @@ def table(
             admin_deps,
             scopes.KEYS_ADMIN,
             _op("Show an API key", _ok("Object"), params=["key_id"]),
+            by_roles=True,
         ),
         Route(
             "DELETE",
@@ -388,6 +399,7 @@ def table(
             admin_deps,
             scopes.KEYS_ADMIN,
             _op("Revoke an API key", _ok("Object"), params=["key_id"]),
+            by_roles=True,
         ),
         Route(
             "POST",
@@ -396,6 +408,7 @@ def table(
             admin_deps,
             scopes.KEYS_ADMIN,
             _op("Revoke an API key", _ok("Object"), params=["key_id"]),
+            by_roles=True,
         ),
         Route(
             "POST",
@@ -404,8 +417,17 @@ def table(
             admin_deps,
             scopes.KEYS_ADMIN,
             _op("Rotate an API key", _ok("Object", status="201"), params=["key_id"], body=key_body),
+            by_roles=True,
         ),
-        Route("GET", "/admin/usage", admin.usage_report, admin_deps, scopes.USAGE, _op("Usage report", _ok("Object"))),
+        Route(
+            "GET",
+            "/admin/usage",
+            admin.usage_report,
+            admin_deps,
+            scopes.USAGE,
+            _op("Usage report", _ok("Object")),
+            by_roles=True,
+        ),
         Route(
             "GET",
             "/admin/backends",
@@ -446,6 +468,7 @@ def table(
             admin_deps,
             scopes.ADMIN_READ,
             _op("List organisations", _ok("Object")),
+            by_roles=True,
         ),
         Route(
             "GET",
@@ -454,6 +477,7 @@ def table(
             admin_deps,
             scopes.ADMIN_READ,
             _op("An organisation and its teams", _ok("Object"), params=["org_id"]),
+            by_roles=True,
         ),
         Route(
             "POST",
@@ -475,6 +499,7 @@ def table(
             admin_deps,
             scopes.ADMIN_READ,
             _op("Everyone with a role in an organisation or its teams", _ok("Object"), params=["org_id"]),
+            by_roles=True,
         ),
         Route(
             "POST",
@@ -488,6 +513,7 @@ def table(
                 params=["org_id"],
                 body=_body(tenancy.Membership),
             ),
+            by_roles=True,
         ),
         Route(
             "DELETE",
@@ -496,6 +522,7 @@ def table(
             admin_deps,
             scopes.ORGS_ADMIN,
             _op("Take a user's role in an organisation away", _ok("Object"), params=["org_id", "user"]),
+            by_roles=True,
         ),
         Route(
             "POST",
@@ -504,9 +531,16 @@ def table(
             admin_deps,
             scopes.ORGS_ADMIN,
             _op("Create a team", _ok("Object", status="201"), body=_body(tenancy.NewTeam)),
+            by_roles=True,
         ),
         Route(
-            "GET", "/admin/teams", tenancy.list_teams, admin_deps, scopes.ADMIN_READ, _op("List teams", _ok("Object"))
+            "GET",
+            "/admin/teams",
+            tenancy.list_teams,
+            admin_deps,
+            scopes.ADMIN_READ,
+            _op("List teams", _ok("Object")),
+            by_roles=True,
         ),
         Route(
             "GET",
@@ -515,6 +549,7 @@ def table(
             admin_deps,
             scopes.ADMIN_READ,
             _op("A team", _ok("Object"), params=["team_id"]),
+            by_roles=True,
         ),
         Route(
             "POST",
@@ -531,6 +566,7 @@ def table(
             admin_deps,
             scopes.ADMIN_READ,
             _op("A team's members", _ok("Object"), params=["team_id"]),
+            by_roles=True,
         ),
         Route(
             "POST",
@@ -539,6 +575,7 @@ def table(
             admin_deps,
             scopes.ORGS_ADMIN,
             _op("Give a user a role in a team", _ok("Object"), params=["team_id"], body=_body(tenancy.Membership)),
+            by_roles=True,
         ),
         Route(
             "DELETE",
@@ -547,6 +584,7 @@ def table(
             admin_deps,
             scopes.ORGS_ADMIN,
             _op("Take a user out of a team", _ok("Object"), params=["team_id", "user"]),
+            by_roles=True,
         ),
         Route(
             "GET",

@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from portcullis.api.admin import AdminDeps
 from portcullis.api.common import actor, query_params, read_model
 from portcullis.config import BudgetConfig, LimitsConfig
-from portcullis.errors import InvalidRequest, NotFound
+from portcullis.errors import Forbidden, InvalidRequest, NotFound
 from portcullis.exchange import Exchange
 from portcullis.http import Request
+from portcullis.identity import roles, scopes
 from portcullis.identity.tenancy import Level, TenancyStore
 
 
@@ -110,6 +111,16 @@ async def _team(api: AdminDeps, team_id: str) -> Level:
     return team
 
 
+async def _reach(api: AdminDeps, ex: Exchange, scope: str) -> roles.Access | None:
+    assert ex.principal is not None
+    return await roles.access(_store(api), ex.principal, scope)
+
+
+def _orgs_reached(access: roles.Access, teams: list[Level]) -> set[str]:
+    """The organisations a role reaches: those it administers and those of the teams it has a role in."""
+    return set(access.orgs) | {t.org_id for t in teams if t.org_id is not None and access.role(t.id) is not None}
+
+
 def _list(levels: list[Level]) -> dict[str, Any]:
     return {"object": "list", "data": [level.public() for level in levels]}
 
@@ -130,12 +141,23 @@ async def create_org(api: AdminDeps, req: Request, ex: Exchange) -> None:
 
 
 async def list_orgs(api: AdminDeps, req: Request, ex: Exchange) -> None:
-    await req.respond_json(200, _list(await _store(api).orgs()))
+    access = await _reach(api, ex, scopes.ADMIN_READ)
+    orgs = await _store(api).orgs()
+    if access is not None:
+        reached = _orgs_reached(access, await _store(api).teams())
+        orgs = [o for o in orgs if o.id in reached]
+    await req.respond_json(200, _list(orgs))
 
 
 async def show_org(api: AdminDeps, req: Request, ex: Exchange, org_id: str) -> None:
+    access = await _reach(api, ex, scopes.ADMIN_READ)
+    teams = await _store(api).teams(org_id)
+    if access is not None:
+        if org_id not in _orgs_reached(access, teams):
+            raise NotFound(f"No organisation '{org_id}'.", code="organization_not_found")
+        teams = [t for t in teams if access.role(t.id) is not None]
     org = await _org(api, org_id)
-    await req.respond_json(200, {**org.public(), "teams": _list(await _store(api).teams(org_id))["data"]})
+    await req.respond_json(200, {**org.public(), "teams": _list(teams)["data"]})
 
 
 async def change_org(api: AdminDeps, req: Request, ex: Exchange, org_id: str) -> None:
@@ -145,19 +167,28 @@ async def change_org(api: AdminDeps, req: Request, ex: Exchange, org_id: str) ->
     await req.respond_json(200, org.public())
 
 
-async def org_members(api: AdminDeps, req: Request, ex: Exchange, org_id: str) -> None:
+async def _org_admin(api: AdminDeps, ex: Exchange, scope: str, org_id: str) -> None:
+    """The organisation must exist and the principal hold `scope` or administer it (404 otherwise)."""
+    access = await _reach(api, ex, scope)
+    if access is not None and org_id not in access.orgs:
+        raise NotFound(f"No organisation '{org_id}'.", code="organization_not_found")
     await _org(api, org_id)
+
+
+async def org_members(api: AdminDeps, req: Request, ex: Exchange, org_id: str) -> None:
+    await _org_admin(api, ex, scopes.ADMIN_READ, org_id)
     await req.respond_json(200, {"object": "list", "data": await _store(api).members(org_id)})
 
 
 async def set_org_member(api: AdminDeps, req: Request, ex: Exchange, org_id: str) -> None:
     spec: Membership = await read_model(api.config, req, Membership)
-    await _org(api, org_id)
+    await _org_admin(api, ex, scopes.ORGS_ADMIN, org_id)
     member = await _store(api).set_member(None, org_id, spec.user, spec.role, actor=actor(api.config, req, ex))
     await req.respond_json(200, member)
 
 
 async def remove_org_member(api: AdminDeps, req: Request, ex: Exchange, org_id: str, user: str) -> None:
+    await _org_admin(api, ex, scopes.ORGS_ADMIN, org_id)
     if not await _store(api).remove_member(org_id, "", user, actor=actor(api.config, req, ex)):
         raise NotFound(f"'{user}' has no role in the organisation.", code="member_not_found")
     await req.respond_json(200, {"object": "member", "org_id": org_id, "user": user, "deleted": True})
@@ -168,6 +199,7 @@ async def remove_org_member(api: AdminDeps, req: Request, ex: Exchange, org_id: 
 
 async def create_team(api: AdminDeps, req: Request, ex: Exchange) -> None:
     spec: NewTeam = await read_model(api.config, req, NewTeam)
+    await _org_admin(api, ex, scopes.ORGS_ADMIN, spec.org_id)
     team = await _store(api).create_team(
         spec.org_id,
         spec.name,
@@ -180,11 +212,26 @@ async def create_team(api: AdminDeps, req: Request, ex: Exchange) -> None:
 
 
 async def list_teams(api: AdminDeps, req: Request, ex: Exchange) -> None:
-    await req.respond_json(200, _list(await _store(api).teams(query_params(req).get("org_id"))))
+    access = await _reach(api, ex, scopes.ADMIN_READ)
+    teams = await _store(api).teams(query_params(req).get("org_id"))
+    if access is not None:
+        teams = [t for t in teams if access.role(t.id) is not None]
+    await req.respond_json(200, _list(teams))
+
+
+async def _reached_team(api: AdminDeps, ex: Exchange, scope: str, team_id: str, *, manage: bool) -> Level:
+    """The team, if the principal holds `scope` or its roles reach it (to see it, or to manage its members)."""
+    access = await _reach(api, ex, scope)
+    if access is not None and access.role(team_id) is None:
+        raise NotFound(f"No team '{team_id}'.", code="team_not_found")
+    if manage and access is not None and not access.manages_members(team_id):
+        raise Forbidden("Your role in the team lets you see its members, not change them.", code="role_forbids")
+    return await _team(api, team_id)
 
 
 async def show_team(api: AdminDeps, req: Request, ex: Exchange, team_id: str) -> None:
-    await req.respond_json(200, (await _team(api, team_id)).public())
+    team = await _reached_team(api, ex, scopes.ADMIN_READ, team_id, manage=False)
+    await req.respond_json(200, team.public())
 
 
 async def change_team(api: AdminDeps, req: Request, ex: Exchange, team_id: str) -> None:
@@ -195,21 +242,21 @@ async def change_team(api: AdminDeps, req: Request, ex: Exchange, team_id: str) 
 
 
 async def team_members(api: AdminDeps, req: Request, ex: Exchange, team_id: str) -> None:
-    team = await _team(api, team_id)
+    team = await _reached_team(api, ex, scopes.ADMIN_READ, team_id, manage=False)
     assert team.org_id is not None
     await req.respond_json(200, {"object": "list", "data": await _store(api).members(team.org_id, team_id)})
 
 
 async def set_team_member(api: AdminDeps, req: Request, ex: Exchange, team_id: str) -> None:
     spec: Membership = await read_model(api.config, req, Membership)
-    team = await _team(api, team_id)
+    team = await _reached_team(api, ex, scopes.ORGS_ADMIN, team_id, manage=True)
     assert team.org_id is not None
     member = await _store(api).set_member(team, team.org_id, spec.user, spec.role, actor=actor(api.config, req, ex))
     await req.respond_json(200, member)
 
 
 async def remove_team_member(api: AdminDeps, req: Request, ex: Exchange, team_id: str, user: str) -> None:
-    team = await _team(api, team_id)
+    team = await _reached_team(api, ex, scopes.ORGS_ADMIN, team_id, manage=True)
     assert team.org_id is not None
     if not await _store(api).remove_member(team.org_id, team_id, user, actor=actor(api.config, req, ex)):
         raise NotFound(f"'{user}' is not a member of the team.", code="member_not_found")

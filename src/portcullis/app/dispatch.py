@@ -191,7 +191,8 @@ class Dispatcher:
                 if ex.trace is not None:
                     ex.trace.stage("authenticate")
                 ex.principal = await self.identity.authenticate(req)
-                require_scope(ex.principal, route.scope)
+                if not (route.by_roles and scopes.ROLES in ex.principal.scopes):
+                    require_scope(ex.principal, route.scope)
             bind_principal(ex.principal)
             if ex.trace is not None:
                 ex.trace.stage("validate")  # the handler reads, parses and validates the body first

@@ -17,6 +17,7 @@ BATCHES = "batches:write"
 USAGE = "usage:read"
 KEYS_ADMIN = "keys:admin"
 ORGS_ADMIN = "orgs:admin"  # organisations, teams and their members (reading them: admin:read)
+ROLES = "roles:act"  # do what the user's roles in organisations and teams allow (identity/roles.py)
 ADMIN_READ = "admin:read"
 
 ALL = frozenset(
@@ -36,6 +37,7 @@ ALL = frozenset(
         USAGE,
         KEYS_ADMIN,
         ORGS_ADMIN,
+        ROLES,
         ADMIN_READ,
     }
 )

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, case, func, select
+from sqlalchemy import bindparam, case, false, func, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -420,8 +420,10 @@ async def aggregate(
     user: str | None = None,
     key_id: str | None = None,
     model: str | None = None,
+    key_ids: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Sum usage by any of key, user, model, day; `since`/`until` are UTC days (YYYY-MM-DD, inclusive)."""
+    """Sum usage by any of key, user, model, day; `since`/`until` are UTC days (YYYY-MM-DD, inclusive).
+    `key_ids`: only these keys' records (what a role reaches: identity/roles.py)."""
     columns = [GROUPS[g].label(g) for g in group_by]
     query = select(
         *columns,
@@ -442,6 +444,8 @@ async def aggregate(
         query = query.where(usage.c.key_id == key_id)
     if model:
         query = query.where(usage.c.model == model)
+    if key_ids is not None:
+        query = query.where(usage.c.key_id.in_(key_ids) if key_ids else false())
     if columns:
         query = query.group_by(*[GROUPS[g] for g in group_by]).order_by(*[GROUPS[g] for g in group_by])
     async with engine.connect() as conn:
