@@ -203,9 +203,10 @@ def start_gateway(
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     nofile: int | None = None,
+    port: int = 0,
 ) -> Proc:
     """A gateway process; unless the config names a database, a fresh SQLite file in tmp_path. `nofile`: its
-    open-files limit (soft and hard)."""
+    open-files limit (soft and hard). `port`: a port chosen beforehand (free_port), when the config must name it."""
     stamp = time.monotonic_ns()
     store = config.setdefault("store", {})
     store.setdefault("database_url", f"sqlite+aiosqlite:///{tmp_path}/gateway-{stamp}.db")
@@ -219,6 +220,7 @@ def start_gateway(
         log_dir=tmp_path,
         name="gateway",
         nofile=nofile,
+        port=port,
     )
     proc.database_url = store["database_url"]
     return proc

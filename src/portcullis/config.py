@@ -1177,11 +1177,35 @@ class TracingConfig(_Section):
     sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
 
+class SsoConfig(_Section):
+    """Single sign-on to the console (/dashboard) over OpenID Connect: the authorization code flow with PKCE, with
+    any standard provider named by its issuer URL. The user's role comes from a claim (api/console.py)."""
+
+    # The provider's issuer URL; its endpoints are read from <issuer>/.well-known/openid-configuration.
+    issuer: str = Field(min_length=1)
+    # This gateway's client id at the provider.
+    client_id: str = Field(min_length=1)
+    # The environment variable holding the client secret (the gateway is a confidential client).
+    client_secret_env: str = "PORTCULLIS_SSO_CLIENT_SECRET"
+    # Where the provider sends the browser back, as registered there: <this gateway's URL>/dashboard/sso/callback.
+    redirect_uri: str = Field(min_length=1)
+    # The scopes asked for (openid is always asked).
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "email"])
+    # The claim that is the user's name at the gateway.
+    user_claim: str = "email"
+    # The claim holding the user's role: admin (every scope), org_admin, team_admin, member or viewer.
+    role_claim: str = "portcullis_role"
+    # The claim naming where that role applies: an organisation's name (org_admin), or "<organisation>/<team>".
+    team_claim: str = "portcullis_team"
+
+
 class DashboardConfig(_Section):
     """The operator dashboard (/dashboard): sign-in sessions kept server-side (Redis when configured)."""
 
     # How long a dashboard sign-in lasts; signing out ends it at once, in every process.
     session_ttl_s: float = Field(default=28_800.0, ge=1, le=604_800)
+    # Single sign-on over OpenID Connect (None: only admin keys sign in).
+    sso: SsoConfig | None = None
 
 
 class Config(_Section):

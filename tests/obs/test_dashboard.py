@@ -7,7 +7,6 @@ the sessions.)"""
 
 from __future__ import annotations
 
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +15,12 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from browser import chromium as _browser
 from dashboard_http import data as dashboard_data
 from dashboard_http import sign_in as http_sign_in
 from procs import (
     ADMIN_KEY,
     ARTIFACTS,
-    IN_CI,
     Proc,
     gateway_config,
     http_get,
@@ -30,27 +29,6 @@ from procs import (
     start_sim,
     wait_until,
 )
-
-
-def _browser() -> Any:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        message = (
-            "chromium and chromedriver are needed (Debian: chromium chromium-driver; scripts/services installs them)"
-        )
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: CSP violations show there
-    return webdriver.Chrome(service=Service(driver), options=options)
 
 
 @pytest.fixture(scope="module")

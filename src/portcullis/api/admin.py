@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -237,9 +237,78 @@ async def usage_report(api: AdminDeps, req: Request, ex: Exchange) -> None:
         table = usage.render_table(rows, group_by, api.config.quota.currency)
         await req.respond(200, table.encode(), [(b"content-type", b"text/plain; charset=utf-8")])
         return
+    if query.get("format") == "csv":
+        headers = [
+            (b"content-type", b"text/csv; charset=utf-8"),
+            (b"content-disposition", b'attachment; filename="usage.csv"'),
+        ]
+        await req.respond(200, usage.render_csv(rows, group_by).encode(), headers)
+        return
     await req.respond_json(
         200, {"object": "list", "group_by": group_by, "currency": api.config.quota.currency, "data": rows}
     )
+
+
+async def budgets(api: AdminDeps, req: Request, ex: Exchange) -> None:
+    """GET /admin/budgets: every budget of an organisation, a team or a key (those a role reaches), with what was spent
+    in its period so far (the usage table) and a forecast to the period's end at the rate so far."""
+    access = await _reach(api, ex, scopes.USAGE)
+    now = datetime.now(UTC)
+    starts = _period_starts(now)
+    keys = [k for k in await _store(api).list() if access is None or access.sees_key(k.team_id, k.user)]
+    spent = {
+        period: {
+            r["key"]: r["cost"]
+            for r in await usage.aggregate(api.engine, group_by=["key"], since=start.strftime("%Y-%m-%d"))
+        }
+        for period, (start, _) in starts.items()
+    }
+    levels: dict[tuple[str, str], tuple[str, dict[str, Any], list[str]]] = {}  # (kind, id) -> name, budget, its keys
+    for key in keys:
+        placement = key.placement
+        if key.budget:
+            levels[("key", key.id)] = (key.label or key.id, key.budget, [key.id])
+        if placement.team_budget and (access is None or access.role(key.team_id) not in (None, "member")):
+            levels.setdefault(("team", key.team_id), (placement.team_name, placement.team_budget, []))[2].append(key.id)
+        if placement.org_budget and (access is None or placement.org_id in access.orgs):
+            levels.setdefault(("organization", placement.org_id), (placement.org_name, placement.org_budget, []))[
+                2
+            ].append(key.id)
+    data = []
+    for (kind, level_id), (name, budget, key_ids) in sorted(levels.items()):
+        for period, limit in budget.items():
+            if period not in starts or not limit:
+                continue
+            start, end = starts[period]
+            used = round(sum(spent[period].get(k, 0.0) for k in key_ids), 6)
+            elapsed = max((now - start).total_seconds(), 60.0) / (end - start).total_seconds()
+            data.append(
+                {
+                    "level": kind,
+                    "id": level_id,
+                    "name": name,
+                    "period": period,
+                    "limit": limit,
+                    "spent": used,
+                    "share": round(used / limit, 4),
+                    "forecast": round(used / min(1.0, elapsed), 6),
+                    "period_ends": end.isoformat(),
+                }
+            )
+    await req.respond_json(200, {"object": "list", "currency": api.config.quota.currency, "data": data})
+
+
+def _period_starts(now: datetime) -> dict[str, tuple[datetime, datetime]]:
+    """Each budget period's start and end, UTC, around `now`."""
+    day = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    week = day - timedelta(days=now.weekday())
+    month = datetime(now.year, now.month, 1, tzinfo=UTC)
+    next_month = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+    return {
+        "day": (day, day + timedelta(days=1)),
+        "week": (week, week + timedelta(days=7)),
+        "month": (month, next_month),
+    }
 
 
 async def enable_model(api: AdminDeps, req: Request, ex: Exchange, model: str) -> None:

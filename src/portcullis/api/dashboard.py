@@ -66,7 +66,7 @@ COOKIE = "portcullis_dashboard"
 CSRF_COOKIE = "portcullis_dashboard_csrf"
 _REDIS_PREFIX = "portcullis:dashboard:session:"
 _HTML = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store")]
-_SECURITY = [
+SECURITY = _SECURITY = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
     (
@@ -76,7 +76,7 @@ _SECURITY = [
     ),
 ]
 _STATIC_TYPES = {"js": b"text/javascript; charset=utf-8", "css": b"text/css; charset=utf-8"}
-_STATIC = ("dashboard.js", "dashboard.css", "login.css")
+_STATIC = ("dashboard.js", "console.js", "dashboard.css", "login.css")
 # What secrets.token_urlsafe(32) makes: anything else in a cookie or form is refused before any lookup.
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 _LOGIN_CSRF_S = 3600  # the sign-in form's token: a form left open longer is simply shown again
@@ -88,6 +88,7 @@ def _page(name: str) -> bytes:
 
 
 _FILES = {name: _page(name) for name in _STATIC}
+SSO_LINK = [False]  # the sign-in form offers single sign-on (set at composition when dashboard.sso is configured)
 
 
 def _cookie(req: Request, name: str = COOKIE) -> str | None:
@@ -103,6 +104,15 @@ def _cookie(req: Request, name: str = COOKIE) -> str | None:
 
 def _token(value: str | None) -> str | None:
     return value if value is not None and _TOKEN.fullmatch(value) else None
+
+
+def cookie_token(req: Request) -> str | None:
+    """The session id the request's cookie holds, if it has the shape of one."""
+    return _token(_cookie(req))
+
+
+def session_cookie(sid: str, max_age: float) -> tuple[bytes, bytes]:
+    return _set_cookie(COOKIE, sid, max(1, int(max_age)))
 
 
 def _set_cookie(name: str, value: str, max_age: int) -> tuple[bytes, bytes]:
@@ -211,6 +221,9 @@ class DashboardDeps(Live):
     # Made at preflight: the key store (None: API keys are off), authentication.
     key_store: Callable[[], KeyStore | None]
     authentication: Callable[[], Identity | None]
+    # The console (api/console.py): the admin routes by method and path (the dispatcher's), single sign-on.
+    admin_route: Callable[[str, str], tuple[Any, tuple[str, ...]]] = lambda method, path: (None, ())
+    sso_client: Callable[[], Any] = lambda: None  # console.SsoClient when dashboard.sso is configured (preflight)
 
     @property
     def keys(self) -> KeyStore | None:
@@ -219,6 +232,10 @@ class DashboardDeps(Live):
     @property
     def identity(self) -> Identity | None:
         return self.authentication()
+
+    @property
+    def sso(self) -> Any:
+        return self.sso_client()
 
 
 def _session(raw: bytes) -> Session | None:
@@ -240,11 +257,14 @@ async def _redis(call: Any) -> Any:
         ) from exc
 
 
-def _store(api: DashboardDeps) -> tuple[Sessions, Redis | None]:
+def store_of(api: DashboardDeps) -> tuple[Sessions, Redis | None]:
     return api.dashboard_sessions, api.bus.redis if api.bus is not None else None
 
 
-async def _signed_in(api: DashboardDeps, req: Request) -> tuple[str, Session] | None:
+_store = store_of
+
+
+async def signed_in(api: DashboardDeps, req: Request) -> tuple[str, Session] | None:
     """The session of the request's cookie, if it is live and its key still holds admin:read."""
     sid = _token(_cookie(req))
     if sid is None:
@@ -293,6 +313,10 @@ async def _login_form(req: Request, status: int, error: bool = False) -> None:
     """The sign-in form with its CSRF token, set again as a cookie (double submit)."""
     token = _token(_cookie(req, CSRF_COOKIE)) or secrets.token_urlsafe(32)
     body = _with_csrf(_page("login.html"), token)
+    if SSO_LINK[0]:
+        body = body.replace(
+            b"<!--sso-->", b'<p class="sso"><a id="sso" href="/dashboard/sso">Sign in with single sign-on</a></p>'
+        )
     if error:
         body = body.replace(b"<!--error-->", b'<p class="error">That key cannot open the dashboard.</p>')
     await req.respond(status, body, [*_HTML, *_SECURITY, _set_cookie(CSRF_COOKIE, token, _LOGIN_CSRF_S)])
@@ -309,12 +333,12 @@ async def _form(req: Request) -> dict[str, list[str]]:
 
 async def page(api: DashboardDeps, req: Request, ex: Exchange) -> None:
     """GET /dashboard: the dashboard, or the sign-in form."""
-    signed_in = await _signed_in(api, req)
-    if signed_in is None:
+    found = await signed_in(api, req)
+    if found is None:
         await _login_form(req, 200)
         return
-    ex.principal = signed_in[1].principal()
-    await req.respond(200, _with_csrf(_page("dashboard.html"), signed_in[1].csrf), _HTML + _SECURITY)
+    ex.principal = found[1].principal()
+    await req.respond(200, _with_csrf(_page("dashboard.html"), found[1].csrf), _HTML + _SECURITY)
 
 
 async def static(api: DashboardDeps, req: Request, ex: Exchange, name: str) -> None:
@@ -394,10 +418,12 @@ async def logout(api: DashboardDeps, req: Request, ex: Exchange) -> None:
 
 async def data(api: DashboardDeps, req: Request, ex: Exchange) -> None:
     """GET /dashboard/data: everything the page shows, as JSON."""
-    signed_in = await _signed_in(api, req)
-    if signed_in is None:
+    found = await signed_in(api, req)
+    if found is None:
         raise Forbidden("Sign in to the dashboard with an admin key.", code="dashboard_sign_in")
-    ex.principal = signed_in[1].principal()
+    if scopes.ADMIN_READ not in found[1].scopes:  # (a console session acting by a role)
+        raise Forbidden("The live view needs admin:read.", code="missing_scope", param=scopes.ADMIN_READ)
+    ex.principal = found[1].principal()
     await req.respond_json(200, await snapshot(api))
 
 

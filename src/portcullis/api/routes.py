@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from portcullis.api import admin, batches, dashboard, llama, openai, openapi, ops, surfaces, tenancy
+from portcullis.api import admin, batches, console, dashboard, llama, openai, openapi, ops, surfaces, tenancy
 from portcullis.api.openapi import _HTML, _LOGIN_FORM, _REDIRECT, _STATIC, _TEXT, _UPLOAD, _body, _ok, _op
 from portcullis.identity import scopes
 from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModerationRequest
@@ -31,6 +31,7 @@ PARAMS = {
     "org_id": r"org_[a-z0-9]+",
     "team_id": r"team_[a-z0-9]+",
     "user": r"[^/]+",  # (percent-encoded as needed: a user may be an e-mail address)
+    "rest": r"[A-Za-z0-9_./%@+=-]+",  # the console's way to an admin route (api/console.py)
     "name": r"[a-z]+\.(?:js|css)",
 }
 _PARAM = re.compile(r"\{([a-z_]+)\}")
@@ -430,6 +431,15 @@ def table(
         ),
         Route(
             "GET",
+            "/admin/budgets",
+            admin.budgets,
+            admin_deps,
+            scopes.USAGE,
+            _op("Budgets of organisations, teams and keys: spent so far, forecast", _ok("Object")),
+            by_roles=True,
+        ),
+        Route(
+            "GET",
             "/admin/backends",
             admin.backends,
             admin_deps,
@@ -629,6 +639,48 @@ def table(
             openapi_deps,
             scopes.PUBLIC,
             _op("This document", _ok("Object"), public=True),
+        ),
+        # The console (api/console.py): single sign-on, and the admin API as the session's principal. Public as
+        # routes: the handlers check the session cookie (and the CSRF header of a change).
+        Route(
+            "GET",
+            "/dashboard/sso",
+            console.sso_start,
+            dashboard_deps,
+            scopes.PUBLIC,
+            _op("Sign in to the console with single sign-on (to the identity provider)", _REDIRECT, public=True),
+        ),
+        Route(
+            "GET",
+            "/dashboard/sso/callback",
+            console.sso_callback,
+            dashboard_deps,
+            scopes.PUBLIC,
+            _op("The identity provider's answer to a sign-in", _REDIRECT, public=True),
+        ),
+        Route(
+            "GET",
+            "/dashboard/api/me",
+            console.me,
+            dashboard_deps,
+            scopes.PUBLIC,
+            _op("The console session: its user, scopes and roles", _ok("Object"), public=True),
+        ),
+        *(
+            Route(
+                method,
+                "/dashboard/api/{rest}",
+                console.admin_api,
+                dashboard_deps,
+                scopes.PUBLIC,
+                _op(
+                    f"The admin API's {method} /admin/<rest>, as the console session",
+                    _ok("Object"),
+                    params=["rest"],
+                    public=True,
+                ),
+            )
+            for method in ("GET", "POST", "DELETE")
         ),
         # The dashboard signs in with an admin key held in its own cookie (api/dashboard.py checks it).
         Route(

@@ -271,21 +271,26 @@ class Dispatcher:
             self.log.warning("stream_not_ended", path=req.path)
 
     def _route(self, req: Request) -> tuple[Route, tuple[str, ...]]:
-        found = self.routes.get((req.method, req.path))
+        return self.match(req.method, req.path)
+
+    def match(self, method: str, path: str) -> tuple[Route, tuple[str, ...]]:
+        """The route of a method and a raw path, and its path parameters (decoded); 404 or 405 otherwise. (The
+        console calls the admin routes through it: api/console.py.)"""
+        found = self.routes.get((method, path))
         if found is not None:
             return found, ()
-        path_known = req.path in self._paths
+        path_known = path in self._paths
         for pattern, route in self.pattern_routes:
-            match = pattern.fullmatch(req.path)  # (match's $ also matched before a trailing %0a)
+            match = pattern.fullmatch(path)  # (match's $ also matched before a trailing %0a)
             if match:
-                if route.method == req.method:
-                    if "%" in req.path:  # a raw path (handle): the handler gets the decoded id
+                if route.method == method:
+                    if "%" in path:  # a raw path (handle): the handler gets the decoded id
                         return route, tuple(unquote(group) for group in match.groups())
                     return route, match.groups()
                 path_known = True
         if path_known:
-            raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}.")
-        raise NotFound(f"Unknown path {req.path}.", code="unknown_url")
+            raise MethodNotAllowed(f"{method} is not allowed on {path}.")
+        raise NotFound(f"Unknown path {path}.", code="unknown_url")
 
     async def _cors(self, req: Request) -> bool:
         """CORS: answer a preflight (True: answered), or mark an allowed origin on the response."""

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from portcullis.api import admin, batches, dashboard, openai, openapi, ops, routes
+from portcullis.api.console import SsoClient
 from portcullis.app import lifecycle
 from portcullis.app.dispatch import Dispatcher, refuse_websocket
 from portcullis.app.internal import InternalCaller
@@ -61,6 +62,8 @@ class Gateway:
         self.timeline = Timeline(self.metrics)  # the dashboard's time series
         # Dashboard sign-ins (in Redis through the bus's client when there is one, else here).
         self.dashboard_sessions = dashboard.Sessions(config.dashboard.session_ttl_s)
+        self.sso: SsoClient | None = None  # the console's single sign-on (made at preflight: it reads a secret)
+        dashboard.SSO_LINK[0] = config.dashboard.sso is not None
         self.log = get_logger("portcullis")
         self.admission = Admission(config, self.catalog, self.metrics)
         self.affinity = Affinity(config.routing.affinity)
@@ -173,6 +176,8 @@ class Gateway:
                 authentication=lambda: self.identity,
                 event_bus=lambda: self.bus,
                 is_draining=lambda: self.draining,
+                admin_route=lambda method, path: self.dispatch.match(method, path),
+                sso_client=lambda: self.sso,
             ),
             ops_deps=ops.OpsDeps(
                 config=config,

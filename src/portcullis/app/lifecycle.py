@@ -10,6 +10,7 @@ import gc
 import os
 from typing import TYPE_CHECKING
 
+from portcullis.api.console import SsoClient
 from portcullis.http import Receive, Send
 from portcullis.identity import scopes
 from portcullis.identity.auth import Identity
@@ -68,6 +69,11 @@ async def preflight(gw: Gateway) -> None:
             jwt = JwtVerifier(auth.jwt, set(gw.config.tiers))
         except (JwtSetupError, OSError, ValueError) as exc:
             raise StartupError(f"auth.jwt: {exc}") from exc
+    if gw.config.dashboard.sso is not None:
+        try:
+            gw.sso = SsoClient(gw.config.dashboard.sso)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
     try:
         needs_migration = await pending(gw.engine)
     except Exception as exc:
@@ -197,6 +203,8 @@ async def shutdown(gw: Gateway) -> None:
     await gw.usage.stop()
     if gw.bus is not None:
         await gw.bus.close()
+    if gw.sso is not None:
+        await gw.sso.close()
     await gw.db_health.stop()
     for replica in gw.catalog.all_replicas():
         if replica.client is not None:

@@ -461,6 +461,20 @@ async def aggregate(
         return out
 
 
+def render_csv(rows: list[dict[str, Any]], group_by: list[str]) -> str:
+    """The report as CSV (RFC 4180: quoted where needed), the grouping columns first."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    columns = [*group_by, "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost"]
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row.get(c) if row.get(c) is not None else "" for c in columns])
+    return out.getvalue()
+
+
 def parse_group_by(text: str | None) -> list[str]:
     items = [g.strip() for g in (text or "day,user,model").split(",") if g.strip()]
     unknown = [g for g in items if g not in GROUPS]

@@ -64,5 +64,5 @@ async function refresh() {
     $("status").textContent = "gateway unreachable";
   }
 }
-refresh();
-setInterval(refresh, 1000);
+// The live view polls only for a session that may read it (admin:read); console.js starts it.
+window.startLiveView = () => { refresh(); setInterval(refresh, 1000); };
