@@ -37,10 +37,19 @@ HERE = Path(__file__).parent
 OIDC = HERE / "oidc"
 CLIENT_ID, CLIENT_SECRET = "portcullis-console", "console-secret-0123456789abcdef"
 ACCOUNTS = {
-    "mia": {"email": "mia@acme.example", "portcullis_role": "member", "portcullis_team": "acme/search"},
-    "olga": {"email": "olga@acme.example", "portcullis_role": "org_admin", "portcullis_team": "acme"},
-    "root": {"email": "root@ops.example", "portcullis_role": "admin", "portcullis_team": ""},
-    "eve": {"email": "eve@acme.example", "portcullis_role": "superuser", "portcullis_team": "acme"},
+    login: {
+        "email": f"{login}@{domain}",
+        "email_verified": login != "ned",
+        "portcullis_role": role,
+        "portcullis_team": where,
+    }
+    for login, domain, role, where in (
+        ("mia", "acme.example", "member", "acme/search"),
+        ("olga", "acme.example", "org_admin", "acme"),
+        ("root", "ops.example", "admin", ""),
+        ("eve", "acme.example", "superuser", "acme"),  # a role the gateway does not know
+        ("ned", "acme.example", "member", "acme/search"),  # an address the provider has not verified
+    )
 }
 
 
@@ -208,7 +217,8 @@ def test_a_member_signs_in_makes_a_key_sees_it_once_uses_it_and_revokes_it(world
     for other in ("search", "ads", "labs"):
         assert keys[other]["id"] not in listed
     for other in ("ads", "labs"):
-        assert fetch(browser, f"/dashboard/api/keys/{keys[other]['id']}")[0] == 404
+        status, refused = fetch(browser, f"/dashboard/api/keys/{keys[other]['id']}")
+        assert status == 404 and refused["error"]["code"] == "key_not_found"
     status, api_list = fetch(browser, "/dashboard/api/keys")
     assert status == 200 and {k["user"] for k in api_list["data"]} == {"mia@acme.example"}
     # Revoked from the page: the SDK is refused at once.
@@ -226,7 +236,7 @@ def test_a_member_signs_in_makes_a_key_sees_it_once_uses_it_and_revokes_it(world
         ".then(async r => done([r.status, await r.text()]));",
         world["search"]["id"],
     )
-    assert status == 403
+    assert status == 403 and orjson.loads(_)["error"]["code"] == "csrf_token_invalid"
 
 
 def test_an_organisation_admin_sees_its_teams_keys_and_budgets(world: dict[str, Any], browser: Any) -> None:
@@ -286,24 +296,56 @@ def test_an_admin_sees_the_audit_and_the_usage_the_api_reports(world: dict[str, 
     assert len(csv.splitlines()) == len(console_usage["data"]) + 1
 
 
-def test_a_role_the_gateway_does_not_know_and_a_forged_answer_are_refused(
-    provider_and_gateway: tuple[str, Proc], browser: Any
-) -> None:
+def refused_sign_in(browser: Any, gw: Proc, login: str) -> str:
+    """Through the provider's pages as `login`, to the gateway's refusal: its code."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    _, gw = provider_and_gateway
     browser.get(gw.url + "/dashboard")
     browser.delete_all_cookies()
     browser.get(gw.url + "/dashboard")
     browser.find_element(By.ID, "sso").click()
     wait = WebDriverWait(browser, 20, poll_frequency=0.2)
     wait.until(lambda d: d.find_elements(By.NAME, "login"))
-    browser.find_element(By.NAME, "login").send_keys("eve")
+    browser.find_element(By.NAME, "login").send_keys(login)
     browser.find_element(By.NAME, "password").send_keys("any")
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    consent(browser, done="sso_no_role")
-    wait.until(lambda d: "sso_no_role" in d.page_source)
+    consent(browser, done='"code"')
+    wait.until(lambda d: '"code"' in d.page_source)
     assert browser.get_cookie("portcullis_dashboard") is None  # no session
-    status, _ = http_get(gw.url + "/dashboard/sso/callback?code=x&state=forged")
-    assert status == 403  # a state this gateway did not issue (or one already used)
+    return str(orjson.loads(browser.find_element(By.TAG_NAME, "body").text)["error"]["code"])
+
+
+def test_an_unknown_role_an_unverified_address_and_a_forged_answer_are_refused(
+    provider_and_gateway: tuple[str, Proc], browser: Any
+) -> None:
+    _, gw = provider_and_gateway
+    assert refused_sign_in(browser, gw, "eve") == "sso_no_role"
+    assert refused_sign_in(browser, gw, "ned") == "sso_no_user"
+    status, body = http_get(gw.url + "/dashboard/sso/callback?code=x&state=forged")
+    assert status == 403 and orjson.loads(body)["error"]["code"] == "sso_state_invalid"
+
+
+def test_a_callback_from_another_browser_is_refused(provider_and_gateway: tuple[str, Proc]) -> None:
+    """Login CSRF: an attacker's own sign-in answer, sent to a victim's browser, must not sign the victim in. The
+    sign-in is tied to the browser that started it (a cookie it alone holds)."""
+    import urllib.parse
+    import urllib.request
+
+    _, gw = provider_and_gateway
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        opener.open(gw.url + "/dashboard/sso", timeout=10)
+        raise AssertionError("expected a redirect")
+    except urllib.error.HTTPError as started:
+        assert started.code == 303
+        assert "portcullis_sso=" in started.headers["set-cookie"] and "SameSite=Lax" in started.headers["set-cookie"]
+        state = urllib.parse.parse_qs(urllib.parse.urlparse(started.headers["location"]).query)["state"][0]
+    # The same state, from a browser without that cookie (the victim's): refused before any code is exchanged.
+    status, body = http_get(gw.url + f"/dashboard/sso/callback?code=attackers-code&state={state}")
+    assert status == 403 and orjson.loads(body)["error"]["code"] == "sso_state_invalid"

@@ -101,13 +101,39 @@ async def _reach(api: AdminDeps, ex: Exchange, scope: str) -> roles.Access | Non
     return await roles.access(TenancyStore(api.engine), ex.principal, scope)
 
 
-def _role_key(access: roles.Access | None, record: KeyRecord | None, *, manage: bool) -> KeyRecord:
-    """The key, if the principal's roles reach it (to see it, or to change it); 404 when they do not see it."""
+async def _role_key(
+    api: AdminDeps, access: roles.Access | None, record: KeyRecord | None, *, manage: bool
+) -> KeyRecord:
+    """The key, if the principal's roles reach it (to see it, or to change it); 404 when they do not see it. A role
+    changes only ordinary keys (what a role could have made itself): rotating an operator's admin key would hand
+    its new secret to the role."""
     if record is None or (access is not None and not access.sees_key(record.team_id, record.user)):
         raise NotFound("No such key.", code="key_not_found")
-    if manage and access is not None and not access.manages_key(record.team_id, record.user):
-        raise Forbidden("Your role in the key's team lets you see it, not change it.", code="role_forbids")
+    if manage and access is not None:
+        if not access.manages_key(record.team_id, record.user):
+            raise Forbidden("Your role in the key's team lets you see it, not change it.", code="role_forbids")
+        default_tier = (await _placed(api, record.team_id, None))[1]
+        ordinary = set(record.scopes) <= {*scopes.DEFAULT, scopes.ROLES} and record.tier == default_tier
+        if not ordinary or not _tightens(api, record.limits, record.tier):
+            raise Forbidden(
+                "The key holds more than a role may give (scopes, tier or limits): an administrator changes it.",
+                code="role_forbids",
+            )
     return record
+
+
+def _tightens(api: AdminDeps, limits: dict[str, Any] | None, tier: str) -> bool:
+    """Whether a key's own limits only tighten its tier's (what a role may set): each window and the concurrency at
+    most the tier's (a tier's unlimited field takes any)."""
+    if not limits:
+        return True
+    own = LimitsConfig.model_validate(limits)
+    base = api.config.tiers[tier].limits if tier in api.config.tiers else LimitsConfig()
+    pairs = [(own.concurrency, base.concurrency)] if "concurrency" in own.model_fields_set else []
+    for kind in ("requests", "tokens"):
+        mine, theirs = getattr(own, kind), getattr(base, kind)
+        pairs += [(getattr(mine, f), getattr(theirs, f)) for f in mine.model_fields_set]
+    return all(theirs is None or (mine is not None and mine <= theirs) for mine, theirs in pairs)
 
 
 async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
@@ -115,10 +141,17 @@ async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
     spec: NewKey = await read_model(api.config, req, NewKey)
     access = await _reach(api, ex, scopes.KEYS_ADMIN)
     if access is not None:
-        _by_role(access, spec)
+        await _by_role(api, access, spec)
     team, tier = await _placed(api, spec.team_id, spec.tier if access is None else None)
-    if access is not None and spec.tier is not None and spec.tier != tier:
-        raise Forbidden(f"A key made by a role has its team's default tier ('{tier}').", code="role_forbids")
+    if access is not None:
+        if spec.tier is not None and spec.tier != tier:
+            raise Forbidden(f"A key made by a role has its team's default tier ('{tier}').", code="role_forbids")
+        if spec.limits is not None and not _tightens(api, spec.limits.model_dump(exclude_unset=True), tier):
+            raise Forbidden(
+                f"A key made by a role may only tighten its tier's limits ('{tier}').",
+                code="role_forbids",
+                param="limits",
+            )
     key, record = await store.create(
         user=spec.user,
         tier=tier,
@@ -134,9 +167,10 @@ async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
     await req.respond_json(201, {**record.public(), "key": key})
 
 
-def _by_role(access: roles.Access, spec: NewKey) -> None:
-    """A key made by a role: in a team the role reaches, for its user (a member) or anyone (a team's admin), with
-    no more than an ordinary key's scopes."""
+async def _by_role(api: AdminDeps, access: roles.Access, spec: NewKey) -> None:
+    """A key made by a role: in a team the role reaches; for the role's own user, or (a team's or an organisation's
+    admin) for a user who has a role in that team; with no more than an ordinary key's scopes, and `roles:act` only
+    for one's own user (a key acting with another user's roles would be theirs to wield)."""
     if spec.team_id is None or access.role(spec.team_id) is None:
         raise InvalidRequest("'team_id' must name a team your roles reach.", param="team_id", code="invalid_value")
     if not access.manages_key(spec.team_id, spec.user):
@@ -145,6 +179,17 @@ def _by_role(access: roles.Access, spec: NewKey) -> None:
     beyond = sorted(granted - {*scopes.DEFAULT, scopes.ROLES})
     if beyond:
         raise Forbidden(f"A key made by a role cannot hold {', '.join(beyond)}.", code="role_forbids", param="scopes")
+    if spec.user != access.user:
+        if scopes.ROLES in granted:
+            raise Forbidden("Only a key for yourself may act by roles (roles:act).", code="role_forbids")
+        team = await TenancyStore(api.engine).team(spec.team_id)
+        members = await TenancyStore(api.engine).members(team.org_id or "", spec.team_id) if team else []
+        if spec.user not in {m["user"] for m in members}:
+            raise Forbidden(
+                f"'{spec.user}' has no role in the team: give them one first, or make the key for yourself.",
+                code="role_forbids",
+                param="user",
+            )
 
 
 async def _placed(api: AdminDeps, team_id: str | None, tier: str | None) -> tuple[str, str]:
@@ -179,14 +224,14 @@ async def list_keys(api: AdminDeps, req: Request, ex: Exchange) -> None:
 
 async def show_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
     access = await _reach(api, ex, scopes.KEYS_ADMIN)
-    record = _role_key(access, await _store(api).get(key_id), manage=False)
+    record = await _role_key(api, access, await _store(api).get(key_id), manage=False)
     await req.respond_json(200, record.public())
 
 
 async def revoke_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) -> None:
     access = await _reach(api, ex, scopes.KEYS_ADMIN)
     if access is not None:
-        _role_key(access, await _store(api).get(key_id), manage=True)
+        await _role_key(api, access, await _store(api).get(key_id), manage=True)
     record = await _store(api).revoke(key_id, actor=actor(api.config, req, ex))
     if record is None:
         raise NotFound("No such key.", code="key_not_found")
@@ -198,7 +243,7 @@ async def rotate_key(api: AdminDeps, req: Request, ex: Exchange, key_id: str) ->
     spec: Rotation = await read_model(api.config, req, Rotation)
     access = await _reach(api, ex, scopes.KEYS_ADMIN)
     if access is not None:
-        _role_key(access, await _store(api).get(key_id), manage=True)
+        await _role_key(api, access, await _store(api).get(key_id), manage=True)
     grace = spec.grace_s if spec.grace_s is not None else api.config.auth.rotation_grace_s
     rotated = await _store(api).rotate(key_id, grace_s=grace, actor=actor(api.config, req, ex))
     if rotated is None:

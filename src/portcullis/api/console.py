@@ -22,8 +22,9 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
 import aiohttp
@@ -32,7 +33,7 @@ import orjson
 
 from portcullis.api import dashboard
 from portcullis.api.dashboard import DashboardDeps, Session
-from portcullis.errors import Forbidden, InvalidRequest, ServiceUnavailable
+from portcullis.errors import BadGateway, Forbidden, InvalidRequest
 from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity import scopes
@@ -47,11 +48,18 @@ if TYPE_CHECKING:
     from portcullis.config import SsoConfig
 
 log = get_logger("portcullis.console")
+T = TypeVar("T")
 
 _FLOW_S = 600  # a sign-in started and not finished is forgotten after this
 _FLOW_PREFIX = "portcullis:console:sso:"
+_FLOWS_MAX = 10_000  # sign-ins under way one process keeps without Redis (the oldest make room)
 _META_S = 3600  # the provider's discovery document and keys are read again after this
+_REFETCH_S = 60.0  # an unknown key id has the provider's keys read again at most this often
+# The browser that started a sign-in: its callback must come from that browser (a link to someone else's callback
+# would sign the victim in as them). SameSite=Lax: it must come back on the provider's top-level redirect.
+BROWSER_COOKIE = "portcullis_sso"
 ROLE_SCOPES = (*scopes.DEFAULT, scopes.ROLES)
+_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +68,12 @@ class Flow:
 
     nonce: str
     verifier: str
+    browser: str  # SHA-256 of the value in the starting browser's BROWSER_COOKIE
     expires: float
+
+
+class ProviderError(Exception):
+    """The identity provider answered what this gateway cannot use: a 502 (sso_error), never a 500."""
 
 
 class SsoClient:
@@ -77,87 +90,107 @@ class SsoClient:
         self.secret = secret
         self._meta: tuple[dict[str, Any], float] | None = None
         self._keys: tuple[pyjwt.PyJWKSet, float] | None = None
-        self._flows: dict[str, Flow] = {}  # (without Redis: this process's)
+        self._refetched = -_REFETCH_S  # when an unknown key id last had the keys read again (monotonic)
+        self._flows: dict[str, Flow] = {}  # (without Redis: this process's, oldest first)
         self._http: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
 
-    async def _get(self, url: str) -> dict[str, Any]:
+    def _client(self) -> aiohttp.ClientSession:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        async with self._http.get(url) as resp:
-            if resp.status != 200:
-                raise ServiceUnavailable(f"The identity provider answered {resp.status} for {url}.", code="sso_error")
-            body = orjson.loads(await resp.read())
-            if not isinstance(body, dict):
-                raise ServiceUnavailable("The identity provider's answer is not a JSON object.", code="sso_error")
-            return body
+        return self._http
+
+    async def _get(self, url: str) -> dict[str, Any]:
+        try:
+            async with self._client().get(url) as resp:
+                status, raw = resp.status, await resp.read()
+            body = orjson.loads(raw) if status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise ProviderError(f"{url}: {type(exc).__name__}") from exc
+        if not isinstance(body, dict):
+            raise ProviderError(f"{url}: HTTP {status}, not a JSON object")
+        return body
 
     async def meta(self) -> dict[str, Any]:
         if self._meta is None or self._meta[1] < time.monotonic():
             found = await self._get(self.config.issuer.rstrip("/") + "/.well-known/openid-configuration")
             if found.get("issuer") != self.config.issuer:
-                raise ServiceUnavailable("The identity provider names another issuer.", code="sso_error")
+                raise ProviderError("its discovery document names another issuer")
+            for endpoint in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+                if not isinstance(found.get(endpoint), str):
+                    raise ProviderError(f"its discovery document has no {endpoint}")
             self._meta = (found, time.monotonic() + _META_S)
         return self._meta[0]
 
-    async def _key(self, kid: str | None) -> pyjwt.PyJWK:
+    async def _key(self, kid: str | None, alg: str) -> pyjwt.PyJWK:
+        """The provider's key for a token: by its id, and of the algorithm's kind (an RS256 token meets an RSA key).
+        An unknown id has the keys read again (the provider rotated them), at most once a minute."""
+        kind = _KEY_TYPES.get(alg[:2])
         for fresh in (False, True):
-            if fresh or self._keys is None or self._keys[1] < time.monotonic():
-                jwks = await self._get(str((await self.meta())["jwks_uri"]))
-                self._keys = (pyjwt.PyJWKSet.from_dict(jwks), time.monotonic() + _META_S)
+            now = time.monotonic()
+            if fresh:
+                if now - self._refetched < _REFETCH_S:
+                    break
+                self._refetched = now
+            if fresh or self._keys is None or self._keys[1] < now:
+                try:
+                    keys = pyjwt.PyJWKSet.from_dict(await self._get(str((await self.meta())["jwks_uri"])))
+                except pyjwt.PyJWTError as exc:
+                    raise ProviderError(f"its keys: {exc}") from exc
+                self._keys = (keys, now + _META_S)
             for key in self._keys[0].keys:
-                if kid is None or key.key_id == kid:
+                if (kid is None or key.key_id == kid) and (kind is None or key.key_type == kind):
                     return key
         raise Forbidden("The ID token is signed with a key the identity provider does not list.", code="sso_error")
 
-    async def start(self, redis: Any) -> str:
-        """A new sign-in: the URL to send the browser to."""
+    async def start(self, redis: Any) -> tuple[str, str]:
+        """A new sign-in: the URL to send the browser to, and the value for its BROWSER_COOKIE."""
         meta = await self.meta()
-        state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
+        state, nonce, verifier, browser = (secrets.token_urlsafe(32) for _ in range(4))
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-        flow = Flow(nonce, verifier, time.time() + _FLOW_S)
+        flow = Flow(nonce, verifier, _digest(browser), time.time() + _FLOW_S)
         if redis is not None:
-            await redis.set(_FLOW_PREFIX + state, orjson.dumps([nonce, verifier]), ex=_FLOW_S)
+            await redis.set(_FLOW_PREFIX + state, orjson.dumps([nonce, verifier, flow.browser]), ex=_FLOW_S)
         else:
-            now = time.time()
-            self._flows = {k: f for k, f in self._flows.items() if f.expires > now}
-            if len(self._flows) >= 10_000:
-                self._flows.clear()
-            self._flows[state] = flow
-        wanted = ["openid", *(s for s in self.config.scopes if s != "openid")]
+            now, flows = time.time(), self._flows
+            while flows and (len(flows) >= _FLOWS_MAX or next(iter(flows.values())).expires <= now):
+                del flows[next(iter(flows))]  # the oldest: expired, or making room (O(1) each)
+            flows[state] = flow
         query = {
             "response_type": "code",
             "client_id": self.config.client_id,
             "redirect_uri": self.config.redirect_uri,
-            "scope": " ".join(wanted),
+            "scope": " ".join(["openid", *(s for s in self.config.scopes if s != "openid")]),
             "state": state,
             "nonce": nonce,
             "code_challenge": challenge,
             "code_challenge_method": "S256",
         }
-        return f"{meta['authorization_endpoint']}?{urlencode(query)}"
+        return f"{meta['authorization_endpoint']}?{urlencode(query)}", browser
 
     async def _flow(self, redis: Any, state: str) -> Flow | None:
+        """The sign-in `state` names, taken (each is good for one callback)."""
         if redis is not None:
             raw = await redis.getdel(_FLOW_PREFIX + state)
             if raw is None:
                 return None
-            nonce, verifier = orjson.loads(raw)
-            return Flow(nonce, verifier, 0.0)
+            nonce, verifier, browser = orjson.loads(raw)
+            return Flow(nonce, verifier, browser, 0.0)
         flow = self._flows.pop(state, None)
         return flow if flow is not None and flow.expires > time.time() else None
 
-    async def finish(self, redis: Any, code: str, state: str) -> dict[str, Any]:
-        """The callback: the code exchanged (with the PKCE verifier), the ID token checked; its claims."""
+    async def finish(self, redis: Any, code: str, state: str, browser: str | None) -> dict[str, Any]:
+        """The callback: the code exchanged (with the PKCE verifier), the ID token checked; its claims. `browser`: the
+        BROWSER_COOKIE the callback came with (the sign-in must have started in this browser)."""
         flow = await self._flow(redis, state)
         if flow is None:
             raise Forbidden("This sign-in is unknown or expired; start again.", code="sso_state_invalid")
+        if browser is None or not hmac.compare_digest(_digest(browser), flow.browser):
+            raise Forbidden("This sign-in was started in another browser; start again.", code="sso_state_invalid")
         meta = await self.meta()
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         form = {
             "grant_type": "authorization_code",
             "code": code,
@@ -165,20 +198,28 @@ class SsoClient:
             "code_verifier": flow.verifier,
         }
         auth = aiohttp.BasicAuth(self.config.client_id, self.secret)
-        async with self._http.post(str(meta["token_endpoint"]), data=form, auth=auth) as resp:
-            body = orjson.loads(await resp.read() or b"{}")
-            if resp.status != 200 or not isinstance(body, dict) or not isinstance(body.get("id_token"), str):
-                reason = body.get("error_description") or body.get("error") if isinstance(body, dict) else None
-                raise Forbidden(
-                    f"The identity provider refused the sign-in: {reason or resp.status}.", code="sso_error"
-                )
+        try:
+            async with self._client().post(str(meta["token_endpoint"]), data=form, auth=auth) as resp:
+                status, raw = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderError(f"its token endpoint: {type(exc).__name__}") from exc
+        try:
+            body = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError:
+            body = None
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("id_token"), str):
+            refused = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), str) else status
+            raise Forbidden(f"The identity provider refused the sign-in ({refused}).", code="sso_error")
         token = body["id_token"]
-        header = pyjwt.get_unverified_header(token)
-        alg = header.get("alg")
+        try:
+            header = pyjwt.get_unverified_header(token)
+        except pyjwt.PyJWTError as exc:
+            raise ProviderError(f"its ID token: {exc}") from exc
+        alg, kid = header.get("alg"), header.get("kid")
         allowed = meta.get("id_token_signing_alg_values_supported") or ["RS256"]
         if not isinstance(alg, str) or alg not in allowed or alg == "none" or alg.startswith("HS"):
             raise Forbidden("The ID token is signed with an algorithm this gateway does not take.", code="sso_error")
-        key = await self._key(header.get("kid"))
+        key = await self._key(kid if isinstance(kid, str) else None, alg)
         try:
             claims: dict[str, Any] = pyjwt.decode(
                 token,
@@ -189,11 +230,33 @@ class SsoClient:
                 leeway=30,
                 options={"require": ["exp", "iat", "sub"]},
             )
-        except pyjwt.PyJWTError as exc:
+        except (pyjwt.PyJWTError, TypeError, ValueError) as exc:
             raise Forbidden(f"The ID token is not valid: {exc}.", code="sso_error") from exc
-        if not isinstance(claims.get("nonce"), str) or not hmac.compare_digest(claims["nonce"], flow.nonce):
+        nonce = claims.get("nonce")
+        if not isinstance(nonce, str) or not hmac.compare_digest(nonce.encode(), flow.nonce.encode()):
             raise Forbidden("The ID token is not this sign-in's (nonce).", code="sso_error")
+        audience = claims.get("aud")
+        if isinstance(audience, list) and len(audience) > 1 and claims.get("azp") != self.config.client_id:
+            raise Forbidden("The ID token was issued to another client (azp).", code="sso_error")
         return claims
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+async def _provider(call: Awaitable[T]) -> T:
+    """A call to the identity provider: what it answered that cannot be used is a 502 (sso_error)."""
+    try:
+        return await call
+    except ProviderError as exc:
+        log.warning("sso_provider_error", error=str(exc))
+        raise BadGateway(f"The identity provider's answer cannot be used: {exc}.", code="sso_error") from exc
+
+
+def _browser_cookie(value: str, max_age: int) -> tuple[bytes, bytes]:
+    attributes = f"Path=/dashboard/sso; Max-Age={max_age}; HttpOnly; Secure; SameSite=Lax"
+    return b"set-cookie", f"{BROWSER_COOKIE}={value}; {attributes}".encode()
 
 
 # -- the routes ----------------------------------------------------------------------------------------
@@ -207,10 +270,11 @@ def _sso(api: DashboardDeps) -> SsoClient:
 
 
 async def sso_start(api: DashboardDeps, req: Request, ex: Exchange) -> None:
-    """GET /dashboard/sso: off to the identity provider."""
+    """GET /dashboard/sso: off to the identity provider (this browser marked as the one that started)."""
     _, redis = dashboard.store_of(api)
-    url = await _sso(api).start(redis)
-    await req.respond(303, b"", [(b"location", url.encode()), *dashboard.SECURITY])
+    url, browser = await _provider(_sso(api).start(redis))
+    headers = [(b"location", url.encode()), _browser_cookie(browser, _FLOW_S), *dashboard.SECURITY]
+    await req.respond(303, b"", headers)
 
 
 async def sso_callback(api: DashboardDeps, req: Request, ex: Exchange) -> None:
@@ -220,15 +284,18 @@ async def sso_callback(api: DashboardDeps, req: Request, ex: Exchange) -> None:
     sso = _sso(api)
     query = query_params(req)
     if "error" in query:
-        raise Forbidden(f"The identity provider did not sign you in: {query['error']}.", code="sso_error")
+        raise Forbidden("The identity provider did not sign you in.", code="sso_error")
     code, state = query.get("code"), query.get("state")
     if not code or not state:
         raise InvalidRequest("The sign-in's answer lacks its code or state.", code="sso_error")
     sessions, redis = dashboard.store_of(api)
-    claims = await sso.finish(redis, code, state)
+    claims = await _provider(sso.finish(redis, code, state, dashboard.cookie_value(req, BROWSER_COOKIE)))
     user, role, where = (claims.get(c) for c in (sso.config.user_claim, sso.config.role_claim, sso.config.team_claim))
     if not isinstance(user, str) or not user or unstorable(user) is not None:
         raise Forbidden(f"The ID token's {sso.config.user_claim!r} claim is not a user name.", code="sso_no_user")
+    if sso.config.user_claim == "email" and claims.get("email_verified") is not True:
+        # An address the provider did not verify could be anyone's: keys and roles go by this name.
+        raise Forbidden("The identity provider has not verified your e-mail address.", code="sso_no_user")
     granted = await _role(api, user, role, where, req)
     session = Session(
         user=user,
@@ -239,39 +306,42 @@ async def sso_callback(api: DashboardDeps, req: Request, ex: Exchange) -> None:
         csrf=secrets.token_urlsafe(32),
         expires=time.time() + sessions.ttl_s,
     )
-    old = dashboard.cookie_token(req)
-    if old is not None:  # never keep an id it did not make (session fixation)
-        await sessions.delete(redis, old)
-    sid = await sessions.create(redis, session)
+    sid = await sessions.create(redis, session)  # (a new id: one the browser brought is never kept)
     log.info("console_sign_in", user=user, role=role, via="sso")
-    await req.respond(
-        303,
-        b"",
-        [(b"location", b"/dashboard"), dashboard.session_cookie(sid, sessions.ttl_s), *dashboard.SECURITY],
-    )
+    headers = [
+        (b"location", b"/dashboard"),
+        dashboard.session_cookie(sid, sessions.ttl_s),
+        _browser_cookie("", 0),
+        *dashboard.SECURITY,
+    ]
+    await req.respond(303, b"", headers)
 
 
 async def _role(api: DashboardDeps, user: str, role: Any, where: Any, req: Request) -> tuple[str, ...]:
-    """The session's scopes from the role claim; a role in a level is recorded where the claim says (audited)."""
-    if role == "admin":
-        return tuple(sorted(scopes.ALL))
-    if role not in (*ORG_ROLES, *TEAM_ROLES) or not isinstance(where, str) or not where:
+    """The session's scopes from the role claim. A role in a level is recorded where the claim says (audited), and
+    the roles the provider gave before are taken back: it stays the source of truth for what it gives."""
+    if role != "admin" and (role not in (*ORG_ROLES, *TEAM_ROLES) or not isinstance(where, str) or not where):
         raise Forbidden("Your identity provider gave you no role this gateway knows.", code="sso_no_role")
     tenancy = TenancyStore(api.engine)
     server = api.config.server
     source = peer_address(req.scope, trusted_networks(server.trusted_proxies), server.trusted_proxy_hops)
     actor = audit.Actor(user=user, via="sso", source=source, request_id=req.request_id)
+    if role == "admin":
+        await tenancy.drop_sso_roles(user, ("", ""), actor=actor)
+        return tuple(sorted(scopes.ALL))
     if role in ORG_ROLES:
         org = next((o for o in await tenancy.orgs() if o.name == where), None)
         if org is None:
             raise Forbidden(f"No organisation '{where}' for your role.", code="sso_no_role")
-        await tenancy.set_member(None, org.id, user, role, actor=actor)
+        await tenancy.drop_sso_roles(user, (org.id, ""), actor=actor)
+        await tenancy.set_member(None, org.id, user, role, actor=actor, source="sso")
     else:
         placed = await tenancy.placement(where)
         team = await tenancy.team(placed.team_id) if placed is not None else None
         if team is None or team.org_id is None:
             raise Forbidden(f"No team '{where}' for your role.", code="sso_no_role")
-        await tenancy.set_member(team, team.org_id, user, role, actor=actor)
+        await tenancy.drop_sso_roles(user, (team.org_id, team.id), actor=actor)
+        await tenancy.set_member(team, team.org_id, user, role, actor=actor, source="sso")
     return tuple(sorted(ROLE_SCOPES))
 
 

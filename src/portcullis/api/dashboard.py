@@ -106,6 +106,11 @@ def _token(value: str | None) -> str | None:
     return value if value is not None and _TOKEN.fullmatch(value) else None
 
 
+def cookie_value(req: Request, name: str) -> str | None:
+    """A cookie's value, if it has the shape of a token this module makes (secrets.token_urlsafe(32))."""
+    return _token(_cookie(req, name))
+
+
 def cookie_token(req: Request) -> str | None:
     """The session id the request's cookie holds, if it has the shape of one."""
     return _token(_cookie(req))

@@ -200,6 +200,13 @@ async def remove_org_member(api: AdminDeps, req: Request, ex: Exchange, org_id: 
 async def create_team(api: AdminDeps, req: Request, ex: Exchange) -> None:
     spec: NewTeam = await read_model(api.config, req, NewTeam)
     await _org_admin(api, ex, scopes.ORGS_ADMIN, spec.org_id)
+    settings = {"default_tier", "limits", "budget", "models"} & spec.model_fields_set
+    if settings and scopes.ORGS_ADMIN not in (ex.principal.scopes if ex.principal else ()):
+        # A team's settings are its organisation's to give: by a role, a new team takes the organisation's.
+        raise Forbidden(
+            f"A team made by a role takes its organisation's settings: {', '.join(sorted(settings))} need orgs:admin.",
+            code="role_forbids",
+        )
     team = await _store(api).create_team(
         spec.org_id,
         spec.name,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from portcullis.errors import Forbidden
 from portcullis.identity import scopes
-from portcullis.identity.principal import Principal
+from portcullis.identity.principal import DEFAULT_ORG, Principal
 from portcullis.identity.tenancy import TenancyStore
 
 ADMIN_ROLES = frozenset({"org_admin", "team_admin"})
@@ -66,7 +66,12 @@ async def access(tenancy: TenancyStore, principal: Principal, scope: str) -> Acc
         )
     orgs: set[str] = set()
     teams: dict[str, str] = {}
+    # A key reaches only within its own organisation, whatever roles its user holds elsewhere (a console session
+    # or a token, placed in no organisation, reaches all of its user's).
+    within = principal.org if principal.org not in (None, DEFAULT_ORG) else None
     for held in await tenancy.roles_of(principal.user):
+        if within is not None and held["org_id"] != within:
+            continue
         if held["team_id"] is None:
             orgs.add(held["org_id"])
         else:

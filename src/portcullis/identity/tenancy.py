@@ -226,9 +226,10 @@ class TenancyStore:
     # -- members ------------------------------------------------------------------------------------
 
     async def set_member(
-        self, team: Level | None, org_id: str, user: str, role: str, *, actor: audit.Actor
+        self, team: Level | None, org_id: str, user: str, role: str, *, actor: audit.Actor, source: str = "admin"
     ) -> dict[str, Any]:
-        """`user` gets `role` in the team (or, team None, in the organisation); replaces the role it had there."""
+        """`user` gets `role` in the team (or, team None, in the organisation); replaces the role it had there.
+        `source`: "sso" when the identity provider's claim gave it (api/console.py)."""
         problem = unstorable(user)
         if problem is not None or not user:
             raise InvalidRequest(f"The user cannot be stored: {problem or 'it is empty'}.", param="user")
@@ -241,13 +242,13 @@ class TenancyStore:
         async with self.engine.begin() as conn:
             had = (await conn.execute(select(memberships.c.role).where(*where))).scalar()
             if had == role:
+                await conn.execute(update(memberships).where(*where).values(source=source))
                 return _member(org_id, team_id, user, role)
             if had is None:
-                await conn.execute(
-                    insert(memberships).values(org_id=org_id, team_id=team_id, user=user, role=role, created_at=now())
-                )
+                row = {"org_id": org_id, "team_id": team_id, "user": user, "role": role, "source": source}
+                await conn.execute(insert(memberships).values(**row, created_at=now()))
             else:
-                await conn.execute(update(memberships).where(*where).values(role=role))
+                await conn.execute(update(memberships).where(*where).values(role=role, source=source))
             before = _member(org_id, team_id, user, had) if had is not None else None
             after = _member(org_id, team_id, user, role)
             await audit.record(conn, audit.Change(actor, "member.set", target, before, after))
@@ -263,6 +264,14 @@ class TenancyStore:
             before = _member(org_id, team_id, user, had)
             await audit.record(conn, audit.Change(actor, "member.remove", f"{team_id or org_id}:{user}", before, None))
         return True
+
+    async def drop_sso_roles(self, user: str, keep: tuple[str, str], *, actor: audit.Actor) -> None:
+        """The roles the identity provider gave `user` earlier, but `keep` (org id, team id): it took them back."""
+        async with self.engine.connect() as conn:
+            query = select(memberships).where(memberships.c.user == user, memberships.c.source == "sso")
+            stale = [(r.org_id, r.team_id) for r in (await conn.execute(query)).all() if (r.org_id, r.team_id) != keep]
+        for org_id, team_id in stale:
+            await self.remove_member(org_id, team_id, user, actor=actor)
 
     async def members(self, org_id: str, team_id: str | None = None) -> list[dict[str, Any]]:
         query = select(memberships).where(memberships.c.org_id == org_id).order_by(memberships.c.created_at)

@@ -83,6 +83,9 @@ memberships = Table(
     Column("team_id", String(32), primary_key=True),
     Column("user", String(256), primary_key=True),
     Column("role", String(16), nullable=False),
+    # "admin": given with the admin API or the CLI; "sso": from the identity provider's claim at a console sign-in
+    # (replaced at the next one: the provider stays the source of truth for what it gave).
+    Column("source", String(8), nullable=False, server_default="admin"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_memberships_user", "user"),
 )

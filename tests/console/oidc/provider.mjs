@@ -25,7 +25,7 @@ const provider = new Provider(`http://127.0.0.1:${port}`, {
   ],
   pkce: { required: () => true },
   scopes: ['openid', 'email', 'portcullis'],
-  claims: { openid: ['sub'], email: ['email'], portcullis: ['portcullis_role', 'portcullis_team'] },
+  claims: { openid: ['sub'], email: ['email', 'email_verified'], portcullis: ['portcullis_role', 'portcullis_team'] },
   // The claims asked for by scope go in the ID token itself (not only at the userinfo endpoint).
   conformIdTokenClaims: false,
   async findAccount(ctx, id) {

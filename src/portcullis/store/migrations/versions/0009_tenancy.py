@@ -64,6 +64,7 @@ def upgrade() -> None:
             sa.Column("team_id", sa.String(32), primary_key=True),
             sa.Column("user", sa.String(256), primary_key=True),
             sa.Column("role", sa.String(16), nullable=False),
+            sa.Column("source", sa.String(8), nullable=False, server_default="admin"),
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
             sa.Index("ix_memberships_user", "user"),
         )
