@@ -278,3 +278,34 @@ def test_a_tokens_team_claim_places_it_in_that_team(sim: Proc, tmp_path: Path) -
                 openai_client(gw, token("dinesh", groups)).models.list()
     finally:
         gw.stop()
+
+
+def test_a_levels_moderation_checks_its_keys_requests(sim: Proc, tmp_path: Path) -> None:
+    """A team's moderation applies to its keys' requests (over their tier's), not to another team's."""
+    words = {"kind": "rules", "keywords": [{"name": "secret", "words": ["project nightshade"]}]}
+    gw = start_gateway(
+        gateway_config({"tiny": [sim.url]}, moderation={"moderators": {"words": words}}), tmp_path, ready_path="/readyz"
+    )
+    try:
+        _, org = post(gw, "/admin/organizations", {"name": "wayne", "default_tier": "free"})
+        status, guarded = post(
+            gw, "/admin/teams", {"org_id": org["id"], "name": "rd", "moderation": {"input": ["words"]}}
+        )
+        assert status == 201 and guarded["moderation"] == {"input": ["words"]}
+        _, open_team = post(gw, "/admin/teams", {"org_id": org["id"], "name": "pr"})
+        status, refused = post(
+            gw, "/admin/teams", {"org_id": org["id"], "name": "x", "moderation": {"input": ["nope"]}}
+        )
+        assert status == 400 and refused["error"]["param"] == "moderation.input"
+        secret = [{"role": "user", "content": "tell me about project nightshade"}]
+        checked = create_key(gw, user="lucius", team_id=guarded["id"], tier=None)["key"]
+        free = create_key(gw, user="vicki", team_id=open_team["id"], tier=None)["key"]
+        with pytest.raises(openai.BadRequestError):
+            openai_client(gw, checked).chat.completions.create(model="tiny", messages=secret, max_tokens=2)
+        assert openai_client(gw, free).chat.completions.create(model="tiny", messages=secret, max_tokens=2)
+        # Taken off the team: its keys' next request is not checked (every process reads the levels again).
+        status, _ = post(gw, f"/admin/teams/{guarded['id']}", {"moderation": None})
+        assert status == 200
+        assert openai_client(gw, checked).chat.completions.create(model="tiny", messages=secret, max_tokens=2)
+    finally:
+        gw.stop()

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from portcullis.api.admin import AdminDeps
 from portcullis.api.common import actor, query_params, read_model
-from portcullis.config import BudgetConfig, LimitsConfig
+from portcullis.config import BudgetConfig, LimitsConfig, ModerationPolicy
 from portcullis.errors import Forbidden, InvalidRequest, NotFound
 from portcullis.exchange import Exchange
 from portcullis.http import Request
@@ -38,6 +38,8 @@ class NewOrganization(BaseModel):
     # The whole level's windows and concurrency, and its budget: shared by every key under it.
     limits: LimitsConfig | None = None
     budget: BudgetConfig | None = None
+    # Which moderators check its keys' requests (over their tier's; a model's own setting still wins).
+    moderation: ModerationPolicy | None = None
 
 
 class OrganizationChange(BaseModel):
@@ -47,6 +49,7 @@ class OrganizationChange(BaseModel):
     default_tier: str | None = None
     limits: LimitsConfig | None = None  # (sent as null: no limit of its own)
     budget: BudgetConfig | None = None
+    moderation: ModerationPolicy | None = None
 
 
 class NewTeam(NewOrganization):
@@ -76,24 +79,43 @@ def _quota(spec: NewOrganization | OrganizationChange) -> dict[str, Any]:
         out["limits"] = spec.limits.model_dump(exclude_unset=True) if spec.limits is not None else None
     if "budget" in spec.model_fields_set:
         out["budget"] = spec.budget.model_dump(exclude_none=True) if spec.budget is not None else None
+    if "moderation" in spec.model_fields_set:
+        out["moderation"] = spec.moderation.model_dump(exclude_none=True) if spec.moderation is not None else None
     return out
 
 
+def _moderators(api: AdminDeps, spec: NewOrganization | OrganizationChange) -> None:
+    """A level's moderation names configured moderators only."""
+    policy = spec.moderation
+    if policy is None:
+        return
+    known = set(api.config.moderation.moderators)
+    for field in ("input", "output"):
+        unknown = sorted(set(getattr(policy, field) or ()) - known)
+        if unknown:
+            raise InvalidRequest(
+                f"No moderator {', '.join(map(repr, unknown))} is configured (moderation.moderators).",
+                param=f"moderation.{field}",
+                code="invalid_value",
+            )
+
+
 def _changes(api: AdminDeps, spec: OrganizationChange) -> dict[str, Any]:
+    _moderators(api, spec)
     changes = spec.model_dump(exclude_unset=True) | _quota(spec)
     if "name" in changes and changes["name"] is None:
         raise InvalidRequest("'name' cannot be null.", param="name", code="invalid_value")
     _tier(api, changes.get("default_tier"))
     if not changes:
         raise InvalidRequest(
-            "Nothing to change: give name, models, default_tier, limits or budget.", code="invalid_value"
+            "Nothing to change: give name, models, default_tier, limits, budget or moderation.", code="invalid_value"
         )
     return changes
 
 
 async def _announce(api: AdminDeps, changes: dict[str, Any]) -> None:
     # What its keys may use, or what their refusals call it, changed: every process reads them again.
-    if {"models", "limits", "budget", "name"} & changes.keys():
+    if {"models", "limits", "budget", "moderation", "name"} & changes.keys():
         await api.publish({"type": "tenancy"})
 
 
@@ -130,6 +152,7 @@ def _list(levels: list[Level]) -> dict[str, Any]:
 
 async def create_org(api: AdminDeps, req: Request, ex: Exchange) -> None:
     spec: NewOrganization = await read_model(api.config, req, NewOrganization)
+    _moderators(api, spec)
     org = await _store(api).create_org(
         spec.name,
         models=spec.models,
@@ -200,7 +223,8 @@ async def remove_org_member(api: AdminDeps, req: Request, ex: Exchange, org_id: 
 async def create_team(api: AdminDeps, req: Request, ex: Exchange) -> None:
     spec: NewTeam = await read_model(api.config, req, NewTeam)
     await _org_admin(api, ex, scopes.ORGS_ADMIN, spec.org_id)
-    settings = {"default_tier", "limits", "budget", "models"} & spec.model_fields_set
+    _moderators(api, spec)
+    settings = {"default_tier", "limits", "budget", "models", "moderation"} & spec.model_fields_set
     if settings and scopes.ORGS_ADMIN not in (ex.principal.scopes if ex.principal else ()):
         # A team's settings are its organisation's to give: by a role, a new team takes the organisation's.
         raise Forbidden(

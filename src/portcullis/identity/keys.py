@@ -419,6 +419,8 @@ LEVEL_COLUMNS = (
     organizations.c.budget.label("org_budget"),
     teams.c.name.label("team_name"),
     organizations.c.name.label("org_name"),
+    teams.c.moderation.label("team_moderation"),
+    organizations.c.moderation.label("org_moderation"),
 )
 
 

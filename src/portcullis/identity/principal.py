@@ -70,6 +70,9 @@ class Principal:
     org_budget: dict[str, Any] | None = None
     team_name: str = ""
     org_name: str = ""
+    # Its team's and organisation's moderation (ModerationPolicy's shape; safety/moderation.py).
+    team_moderation: dict[str, Any] | None = None
+    org_moderation: dict[str, Any] | None = None
     # All of the above about its levels, as one string (the quota stage's plans are cached under it: a change to a
     # team's limits makes a new plan even for a request authenticated before the change). "" for no levels.
     levels_key: str = ""
@@ -92,10 +95,21 @@ class Placement:
     team_budget: dict[str, Any] | None = None
     org_limits: dict[str, Any] | None = None
     org_budget: dict[str, Any] | None = None
+    team_moderation: dict[str, Any] | None = None
+    org_moderation: dict[str, Any] | None = None
     levels: str = ""  # Principal.levels_key, worked out once (a token's principal is placed on every request)
 
     def __post_init__(self) -> None:
-        settings = (self.team_limits, self.team_budget, self.org_limits, self.org_budget, self.team_name, self.org_name)
+        settings = (
+            self.team_limits,
+            self.team_budget,
+            self.org_limits,
+            self.org_budget,
+            self.team_name,
+            self.org_name,
+            self.team_moderation,
+            self.org_moderation,
+        )
         object.__setattr__(self, "levels", levels_key(self.org_id, self.team_id, *settings))
 
     @classmethod
@@ -112,6 +126,8 @@ class Placement:
             team_budget=m.get("team_budget"),
             org_limits=m.get("org_limits"),
             org_budget=m.get("org_budget"),
+            team_moderation=m.get("team_moderation"),
+            org_moderation=m.get("org_moderation"),
         )
 
     def apply(self, principal: Principal) -> Principal:
@@ -129,6 +145,8 @@ class Placement:
             org_budget=self.org_budget,
             team_name=self.team_name,
             org_name=self.org_name,
+            team_moderation=self.team_moderation,
+            org_moderation=self.org_moderation,
             levels_key=self.levels,
             claimed_teams=(),
         )

@@ -50,6 +50,7 @@ class Level:
     org_id: str | None = None  # a team's organisation
     limits: dict[str, Any] | None = None  # LimitsConfig's shape: the whole level's windows and concurrency
     budget: dict[str, Any] | None = None  # BudgetConfig's shape
+    moderation: dict[str, Any] | None = None  # ModerationPolicy's shape
 
     @classmethod
     def from_row(cls, kind: str, row: Any) -> Level:
@@ -65,6 +66,7 @@ class Level:
             org_id=m.get("org_id"),
             limits=m.get("limits"),
             budget=m.get("budget"),
+            moderation=m.get("moderation"),
         )
 
     def public(self) -> dict[str, Any]:
@@ -76,6 +78,7 @@ class Level:
             "default_tier": self.default_tier,
             "limits": self.limits,
             "budget": self.budget,
+            "moderation": self.moderation,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
@@ -109,8 +112,9 @@ class TenancyStore:
         actor: audit.Actor,
         limits: dict[str, Any] | None = None,
         budget: dict[str, Any] | None = None,
+        moderation: dict[str, Any] | None = None,
     ) -> Level:
-        org = _new("organization", name, models, default_tier, limits, budget)
+        org = _new("organization", name, models, default_tier, limits, budget, moderation=moderation)
         return await self._create(organizations, org, actor, f"An organisation named '{name}' exists.")
 
     async def _create(self, table: Any, level: Level, actor: audit.Actor, taken: str) -> Level:
@@ -156,10 +160,11 @@ class TenancyStore:
         actor: audit.Actor,
         limits: dict[str, Any] | None = None,
         budget: dict[str, Any] | None = None,
+        moderation: dict[str, Any] | None = None,
     ) -> Level:
-        if (limits or budget) and org_id == DEFAULT_ORG:
+        if (limits or budget or moderation) and org_id == DEFAULT_ORG:
             raise InvalidRequest(_DEFAULT_FREE, param="limits" if limits else "budget", code="invalid_value")
-        team = _new("team", name, models, default_tier, limits, budget, org_id)
+        team = _new("team", name, models, default_tier, limits, budget, org_id, moderation)
         return await self._create(teams, team, actor, f"The organisation has a team named '{name}'.")
 
     async def team(self, team_id: str) -> Level | None:
@@ -182,7 +187,7 @@ class TenancyStore:
         values = dict(changes)
         if "name" in values:
             _checked_name(values["name"])
-        if values.get("limits") or values.get("budget"):
+        if values.get("limits") or values.get("budget") or values.get("moderation"):
             org_id = level_id if kind == "organization" else await self._org_of(level_id)
             if org_id == DEFAULT_ORG:
                 raise InvalidRequest(_DEFAULT_FREE, param="limits" if values.get("limits") else "budget")
@@ -292,8 +297,8 @@ def _member(org_id: str, team_id: str, user: str, role: str) -> dict[str, Any]:
 
 
 _DEFAULT_FREE = (
-    "The default organisation and its teams carry no limits or budgets (they hold the keys made before there were "
-    "organisations): create an organisation for the keys to limit."
+    "The default organisation and its teams carry no limits, budgets or moderation of their own (they hold the keys "
+    "made before there were organisations): create an organisation for the keys to limit."
 )
 
 
@@ -305,19 +310,20 @@ def _new(
     limits: dict[str, Any] | None,
     budget: dict[str, Any] | None,
     org_id: str | None = None,
+    moderation: dict[str, Any] | None = None,
 ) -> Level:
     at = now()
     prefix = "org_" if kind == "organization" else "team_"
     grant = tuple(models) if models is not None else None
-    return Level(
-        kind, prefix + secrets.token_hex(8), _checked_name(name), grant, default_tier, at, at, org_id, limits, budget
-    )
+    level_id = prefix + secrets.token_hex(8)
+    return Level(kind, level_id, _checked_name(name), grant, default_tier, at, at, org_id, limits, budget, moderation)
 
 
 def _level_row(level: Level) -> dict[str, Any]:
     return {
         "limits": level.limits,
         "budget": level.budget,
+        "moderation": level.moderation,
         "id": level.id,
         "name": level.name,
         "models": list(level.models) if level.models is not None else None,

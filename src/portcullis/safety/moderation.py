@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from portcullis.config import Config, GuardModelConfig, OpenAIModerationConfig, RulesConfig
+from portcullis.config import Config, GuardModelConfig, ModerationPolicy, OpenAIModerationConfig, RulesConfig
 from portcullis.errors import GatewayError, InvalidRequest, NotFound, ServiceUnavailable
 from portcullis.exchange import Abort, Exchange
 from portcullis.http import Request
@@ -266,7 +266,7 @@ class Moderation:
                 self.remote[name] = OpenAIModeration(name, spec)
             elif isinstance(spec, GuardModelConfig):
                 self.remote[name] = GuardModel(name, spec, catalog, call)
-        self._policies: dict[tuple[str, str | None], Policy] = {}
+        self._policies: dict[tuple[str, str | None, str], Policy] = {}
         self._pipelines: dict[tuple[str, ...], Pipeline | None] = {}
         self.endpoint = self.pipeline(self.config.endpoint if self.config.endpoint is not None else self.config.input)
         self._rules_pool: ThreadPoolExecutor | None = None
@@ -296,16 +296,27 @@ class Moderation:
             self._pipelines[key] = Pipeline(rules, remote, self) if rules or remote else None
         return self._pipelines[key]
 
-    def policy(self, model: str, tier: str | None) -> Policy:
-        """The model's own setting, else its tier's, else the `moderation` section's, field by field."""
-        key = (model, tier)
+    def policy(self, model: str, tier: str | None, principal: Principal | None = None) -> Policy:
+        """The model's own setting, else the principal's team's, else its organisation's (identity/tenancy.py), else
+        its tier's, else the `moderation` section's, field by field."""
+        levels = principal.levels_key if principal is not None else ""
+        key = (model, tier, levels)
         policy = self._policies.get(key)
         if policy is None:
+            if len(self._policies) >= 10_000:  # (one per model, tier and levels' settings: bounded all the same)
+                self._policies.clear()
             model_conf = self.models[model].moderation if model in self.models else None
             tier_conf = self.tiers[tier].moderation if tier in self.tiers else None
+            team_conf, org_conf = (
+                ModerationPolicy.model_validate(p) if p else None
+                for p in (
+                    principal.team_moderation if principal is not None else None,
+                    principal.org_moderation if principal is not None else None,
+                )
+            )
 
             def pick(field: str) -> Any:
-                for source in (model_conf, tier_conf):
+                for source in (model_conf, team_conf, org_conf, tier_conf):
                     value = getattr(source, field) if source is not None else None
                     if value is not None:
                         return value
@@ -326,7 +337,7 @@ class Moderation:
         if not self.enabled:
             return _NO_SCREEN
         principal = ex.principal
-        policy = self.policy(model, principal.tier if principal is not None else None)
+        policy = self.policy(model, principal.tier if principal is not None else None, principal)
         if policy.output is not None:
             from portcullis.safety.output import OutputGuard
 

@@ -56,6 +56,7 @@ organizations = Table(
     Column("default_tier", String(64), nullable=True),
     Column("limits", JSON, nullable=True),  # LimitsConfig's shape: windows and concurrency of the whole level
     Column("budget", JSON, nullable=True),  # BudgetConfig's shape
+    Column("moderation", JSON, nullable=True),  # ModerationPolicy's shape: which moderators check its keys' requests
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
@@ -70,6 +71,7 @@ teams = Table(
     Column("default_tier", String(64), nullable=True),
     Column("limits", JSON, nullable=True),  # LimitsConfig's shape: windows and concurrency of the whole level
     Column("budget", JSON, nullable=True),  # BudgetConfig's shape
+    Column("moderation", JSON, nullable=True),  # ModerationPolicy's shape: which moderators check its keys' requests
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("org_id", "name", name="uq_teams_org_name"),

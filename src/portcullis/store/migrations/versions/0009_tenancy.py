@@ -33,6 +33,7 @@ def upgrade() -> None:
             sa.Column("default_tier", sa.String(64), nullable=True),
             sa.Column("limits", sa.JSON, nullable=True),
             sa.Column("budget", sa.JSON, nullable=True),
+            sa.Column("moderation", sa.JSON, nullable=True),
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
             sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         )
@@ -47,6 +48,7 @@ def upgrade() -> None:
             sa.Column("default_tier", sa.String(64), nullable=True),
             sa.Column("limits", sa.JSON, nullable=True),
             sa.Column("budget", sa.JSON, nullable=True),
+            sa.Column("moderation", sa.JSON, nullable=True),
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
             sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
             sa.UniqueConstraint("org_id", "name", name="uq_teams_org_name"),
