@@ -110,7 +110,7 @@ def world(provider_and_gateway: tuple[str, Proc]) -> dict[str, Any]:
         assert status == 201, raw
         return orjson.loads(raw)
 
-    acme = made("/admin/organizations", {"name": "acme", "default_tier": "free"})
+    acme = made("/admin/organizations", {"name": "acme", "default_tier": "free", "budget": {"month": 10}})
     search = made("/admin/teams", {"org_id": acme["id"], "name": "search", "budget": {"month": 5}})
     ads = made("/admin/teams", {"org_id": acme["id"], "name": "ads"})
     globex = made("/admin/organizations", {"name": "globex", "default_tier": "free"})
@@ -255,12 +255,15 @@ def test_an_organisation_admin_sees_its_teams_keys_and_budgets(world: dict[str, 
     status, budgets = fetch(browser, "/dashboard/api/budgets")
     assert status == 200
     team = next(b for b in budgets["data"] if b["level"] == "team" and b["id"] == world["search"]["id"])
-    # The team's spend is the usage table's, over the team's keys this month.
+    # Each level's spend is the usage table's, over the level's keys this month (GET /admin/usage, as the operator).
     _, raw = http_get(gw.url + "/admin/usage?group_by=key&since=" + time.strftime("%Y-%m-01", time.gmtime()))
-    _, listed = http_get(gw.url + f"/admin/keys?team_id={world['search']['id']}")
-    team_keys = {k["id"] for k in orjson.loads(listed)["data"]}
-    expected = sum(r["cost"] for r in orjson.loads(raw)["data"] if r["key"] in team_keys)
-    assert team["spent"] == pytest.approx(expected) and team["spent"] > 0 and team["limit"] == 5
+    cost = {r["key"]: r["cost"] for r in orjson.loads(raw)["data"]}
+    everyone = orjson.loads(http_get(gw.url + "/admin/keys")[1])["data"]
+    in_team = sum(cost.get(k["id"], 0.0) for k in everyone if k["team_id"] == world["search"]["id"])
+    in_org = sum(cost.get(k["id"], 0.0) for k in everyone if k["org_id"] == world["acme"]["id"])
+    assert team["spent"] == pytest.approx(in_team) and team["spent"] > 0 and team["limit"] == 5
+    org = next(b for b in budgets["data"] if b["level"] == "organization")
+    assert org["id"] == world["acme"]["id"] and org["spent"] == pytest.approx(in_org) and org["spent"] > team["spent"]
 
 
 def test_an_admin_sees_the_audit_and_the_usage_the_api_reports(world: dict[str, Any], browser: Any) -> None:
