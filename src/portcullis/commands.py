@@ -268,7 +268,9 @@ def _json_spec(
     if text is None:
         return None
     try:
-        return model.model_validate_json(text).model_dump(exclude_unset=exclude_unset, exclude_none=exclude_none)
+        return model.model_validate_json(text).model_dump(
+            mode="json", exclude_unset=exclude_unset, exclude_none=exclude_none
+        )
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "(value)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -259,8 +260,26 @@ class LimitsConfig(_Section):
     concurrency: int | None = Field(default=None, ge=1)
 
 
+class BudgetRange(_Section):
+    """A budget for a fixed span of days: spend from `start` (00:00 UTC) until `end` (00:00 UTC, not included)."""
+
+    # The first day it counts.
+    start: date
+    # The day it stops counting (outside [start, end) the budget does not apply).
+    end: date
+    # Spend allowed over the whole span, in quota.currency.
+    amount: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BudgetRange:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
 class BudgetConfig(_Section):
-    """Spend limits in `quota.currency` per UTC calendar day, week and month; None: no limit."""
+    """Spend limits in `quota.currency` per UTC calendar day, week and month, and over a fixed span of days; None:
+    no limit."""
 
     # Spend allowed per UTC day, in quota.currency.
     day: float | None = Field(default=None, gt=0)
@@ -268,6 +287,8 @@ class BudgetConfig(_Section):
     week: float | None = Field(default=None, gt=0)
     # Spend allowed per UTC month.
     month: float | None = Field(default=None, gt=0)
+    # Spend allowed from one day to another (a grant for an event, a trial): {start, end, amount}.
+    range: BudgetRange | None = None
 
 
 class ModerationPolicy(_Section):

@@ -188,3 +188,43 @@ def _refusals(url: str) -> int:
         for line in text.splitlines()
         if line.startswith("portcullis_quota_refusals_total{")
     )
+
+
+def test_a_budget_over_a_span_of_days_applies_only_within_it(pair: tuple[Proc, Proc]) -> None:
+    """A team's budget for a fixed span (a grant for an event): counted from its first day until its end, across
+    processes; a span that is over (or not begun) does not apply at all."""
+    import datetime as dt
+
+    today = dt.datetime.now(dt.UTC).date()
+    org = made(pair[0], "/admin/organizations", {"name": f"events-{time.monotonic_ns()}"})
+    running = {"range": {"start": str(today), "end": str(today + dt.timedelta(days=7)), "amount": 0.05}}
+    over = {"range": {"start": "2020-01-01", "end": "2020-01-02", "amount": 0.000001}}
+    live = team_with_keys(pair[0], org, 2, budget=running)
+    past = team_with_keys(pair[0], org, 1, budget=over)
+    urls = [p.url for p in pair]
+    # 0.05 is five requests' reservations of 0.01: the first burst can take no more than that at once.
+    results = asyncio.run(spread(urls, [k["key"] for k in live], 20, chat_body(max_tokens=10)))
+    counts, scopes = outcome(results)
+    assert 0 < counts.get(200, 0) <= 20 and scopes <= {"team"}
+    for _ in range(20):  # spend it all: the real costs settle below the reservations
+        status, body = http_post(
+            pair[0].url + "/v1/chat/completions", chat_body(max_tokens=10), headers=_bearer(live[0]["key"])
+        )
+        if status == 429:
+            break
+    error = orjson.loads(body)["error"]
+    assert status == 429 and error["code"] == "budget_exceeded"
+    assert f"from {today} to {today + dt.timedelta(days=7)}" in error["message"]
+    status, _ = http_post(
+        pair[1].url + "/v1/chat/completions", chat_body(max_tokens=10), headers=_bearer(past[0]["key"])
+    )
+    assert status == 200  # the other team's span ended in 2020: no budget
+    status, bad = http_post(
+        pair[0].url + "/admin/teams",
+        {
+            "org_id": org["id"],
+            "name": "bad",
+            "budget": {"range": {"start": "2027-01-02", "end": "2027-01-01", "amount": 1}},
+        },
+    )
+    assert status == 400 and "end must be after start" in orjson.loads(bad)["error"]["message"]

@@ -161,7 +161,7 @@ async def create_key(api: AdminDeps, req: Request, ex: Exchange) -> None:
         expires_at=now() + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None,
         label=spec.label,
         limits=spec.limits.model_dump(exclude_unset=True) if spec.limits is not None else None,
-        budget=spec.budget.model_dump(exclude_none=True) if spec.budget is not None else None,
+        budget=spec.budget.model_dump(mode="json", exclude_none=True) if spec.budget is not None else None,
         actor=actor(api.config, req, ex),
     )
     await req.respond_json(201, {**record.public(), "key": key})
@@ -322,10 +322,23 @@ async def budgets(api: AdminDeps, req: Request, ex: Exchange) -> None:
     data = []
     for (kind, level_id), (name, budget, key_ids) in sorted(levels.items()):
         for period, limit in budget.items():
-            if period not in starts or not limit:
+            if period == "range" and isinstance(limit, dict):  # a fixed span: reported while it runs
+                span = BudgetConfig.model_validate({"range": limit}).range
+                assert span is not None
+                start = datetime(span.start.year, span.start.month, span.start.day, tzinfo=UTC)
+                end = datetime(span.end.year, span.end.month, span.end.day, tzinfo=UTC)
+                if not start <= now < end:
+                    continue
+                last = (end - timedelta(days=1)).strftime("%Y-%m-%d")
+                rows = await usage.aggregate(api.engine, group_by=["key"], since=f"{start:%Y-%m-%d}", until=last)
+                spent_in = {r["key"]: r["cost"] for r in rows}
+                limit = span.amount
+            elif period in starts and limit:
+                start, end = starts[period]
+                spent_in = spent[period]
+            else:
                 continue
-            start, end = starts[period]
-            used = round(sum(spent[period].get(k, 0.0) for k in key_ids), 6)
+            used = round(sum(spent_in.get(k, 0.0) for k in key_ids), 6)
             elapsed = max((now - start).total_seconds(), 60.0) / (end - start).total_seconds()
             data.append(
                 {

@@ -78,7 +78,7 @@ def _quota(spec: NewOrganization | OrganizationChange) -> dict[str, Any]:
     if "limits" in spec.model_fields_set:
         out["limits"] = spec.limits.model_dump(exclude_unset=True) if spec.limits is not None else None
     if "budget" in spec.model_fields_set:
-        out["budget"] = spec.budget.model_dump(exclude_none=True) if spec.budget is not None else None
+        out["budget"] = spec.budget.model_dump(mode="json", exclude_none=True) if spec.budget is not None else None
     if "moderation" in spec.model_fields_set:
         out["moderation"] = spec.moderation.model_dump(exclude_none=True) if spec.moderation is not None else None
     return out

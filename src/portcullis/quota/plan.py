@@ -17,7 +17,8 @@ levels carry no limits), so those spread over a cluster by user as before organi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Literal
 
 from portcullis.config import BudgetConfig, Config, LimitsConfig, TierConfig
@@ -57,12 +58,15 @@ class Level:
 @dataclass(frozen=True, slots=True)
 class Budget:
     subject: Scope
-    period: Literal["day", "week", "month"]
+    period: Literal["day", "week", "month", "range"]
     limit: int  # micro-units
     limit_display: float
     who: str = ""  # its counters' name under the plan's tag ("k:<id>", "u", "t:<team id>", "o")
     name: str = ""  # for people: the team's or the organisation's name
     tag: str = ""  # the hash tag it lives under when not the plan's (a user's budget, which spans organisations)
+    # A "range" budget's span: POSIX start and end (it applies only between them), and its period id.
+    span: tuple[float, float] = (0.0, 0.0)
+    span_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,7 @@ class Plan:
     # each level's concurrency limit, in the same order; and whether any level has one (a request holds a slot).
     concurrencies: tuple[int | None, ...] = ()
     holds_leases: bool = False
+    has_spans: bool = False  # a range budget among its budgets (applies only within its span)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "owner", f"{self.tag}:{self.subject}")
@@ -89,10 +94,16 @@ class Plan:
         limits = (self.concurrency, *(level.concurrency for level in self.levels))
         object.__setattr__(self, "concurrencies", limits)
         object.__setattr__(self, "holds_leases", any(limit is not None for limit in limits))
+        object.__setattr__(self, "has_spans", any(b.period == "range" for b in self.budgets))
 
     @property
     def empty(self) -> bool:
         return not self.windows and self.concurrency is None and not self.budgets and not self.levels
+
+    def without(self, budgets: tuple[int, ...]) -> Plan:
+        """The same plan without these budgets (range budgets out of their span)."""
+        kept = tuple(b for i, b in enumerate(self.budgets) if i not in budgets)
+        return replace(self, budgets=kept, owner="", owners=())
 
     def scope_of(self, level: int) -> tuple[Scope, str]:
         """Whose a level is, for a refusal: ("key", id), ("user", name), ("team", name), ("organization", name)."""
@@ -129,6 +140,13 @@ def _budgets(budget: BudgetConfig | None, subject: Scope, who: str, name: str = 
         amount = getattr(budget, period)
         if amount is not None:
             out.append(Budget(subject, period, round(amount * MICRO), amount, who, name, tag))
+    span = budget.range
+    if span is not None:
+        start = datetime(span.start.year, span.start.month, span.start.day, tzinfo=UTC).timestamp()
+        end = datetime(span.end.year, span.end.month, span.end.day, tzinfo=UTC).timestamp()
+        span_id = f"r{span.start:%Y%m%d}-{span.end:%Y%m%d}"
+        limit = round(span.amount * MICRO)
+        out.append(Budget(subject, "range", limit, span.amount, who, name, tag, (start, end), span_id))
     return out
 
 

@@ -130,6 +130,8 @@ class Quota:
         self.thresholds = tuple(self.q.alert_thresholds)
         # principal -> (its plan, how its x-ratelimit-* headers are made)
         self._plans: dict[tuple[str, str | None, str, str], tuple[Plan, list[_HeaderSpec]]] = {}
+        # (id of a plan, its range budgets out of their span) -> (that plan: alive while cached, the plan without them)
+        self._variants: dict[tuple[int, tuple[int, ...]], tuple[Plan, Plan]] = {}
         # Lease ids unique across processes: this process's prefix and a counter.
         self._lease_prefix = f"{os.getpid():x}.{os.urandom(3).hex()}."
         self._lease_count = itertools.count()
@@ -182,9 +184,12 @@ class Quota:
         prompt_price, completion_price = self.catalog.max_price(ex.model or "")
         cost = math.ceil((prompt_tokens * prompt_price + completion_tokens * completion_price) * 1000)
         if plan.budgets:
-            ids, ends = _periods(datetime.now(UTC))
-            periods = tuple(ids[b.period] for b in plan.budgets)
-            period_ends = tuple(ends[b.period] for b in plan.budgets)
+            now = datetime.now(UTC)
+            if plan.has_spans:
+                plan = self._in_span(plan, now.timestamp())
+            ids, ends = _periods(now)
+            periods = tuple(b.span_id or ids[b.period] for b in plan.budgets)
+            period_ends = tuple(b.span[1] - now.timestamp() if b.span_id else ends[b.period] for b in plan.budgets)
         else:
             periods = period_ends = ()
         lease = f"{self._lease_prefix}{next(self._lease_count):x}"
@@ -226,9 +231,13 @@ class Quota:
             budget = plan.budgets[verdict.index]
             self.metrics.quota_refusals.labels("budget").inc()
             whose = {"key": "this key", "user": "your user"}.get(budget.subject) or _level(budget.subject, budget.name)
+            if budget.span_id:
+                since, until = (datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d") for t in budget.span)
+                what, renews = f"budget of {whose} from {since} to {until}", f"it ends in {duration(retry)}"
+            else:
+                what, renews = f"{_PERIOD_WORD[budget.period]} budget of {whose}", f"it renews in {duration(retry)}"
             return TooManyRequests(
-                f"The {_PERIOD_WORD[budget.period]} budget of {whose} "
-                f"({budget.limit_display:g} {self.q.currency}) is spent; it renews in {duration(retry)}.",
+                f"The {what} ({budget.limit_display:g} {self.q.currency}) is spent; {renews}.",
                 code="budget_exceeded",
                 headers={**headers, "x-portcullis-limit-scope": budget.subject},
             )
@@ -254,10 +263,25 @@ class Quota:
             headers={**headers, "x-portcullis-limit-scope": scope},
         )
 
+    def _in_span(self, plan: Plan, now: float) -> Plan:
+        """The plan with only the range budgets whose span `now` is in (the others do not apply): a variant plan,
+        made once per combination."""
+        out = tuple(i for i, b in enumerate(plan.budgets) if b.span_id and not b.span[0] <= now < b.span[1])
+        if not out:
+            return plan
+        key = (id(plan), out)
+        found = self._variants.get(key)
+        if found is None or found[0] is not plan:
+            if len(self._variants) >= _PLAN_CACHE:
+                self._variants.clear()
+            found = self._variants[key] = (plan, plan.without(out))
+        return found[1]
+
     def forget_plans(self) -> None:
         """A team's or an organisation's limits changed: every principal's plan is made again when next used (the
         cache key names the levels' settings too, so this frees memory; correctness does not wait for it)."""
         self._plans.clear()
+        self._variants.clear()
         if self.redis is not None:
             self.redis.flush_soon()
 
