@@ -75,7 +75,7 @@ def add_parsers(sub: Any) -> None:
     rotate.add_argument("--json", action="store_true")
 
     report = with_config(sub.add_parser("usage", help="usage and cost, aggregated"))
-    report.add_argument("--by", default="day,user,model", help="any of key,user,model,day (comma-separated)")
+    report.add_argument("--by", default="day,user,model", help="any of key,team,user,model,day (comma-separated)")
     report.add_argument("--since", default=None, help="first UTC day, YYYY-MM-DD")
     report.add_argument("--until", default=None, help="last UTC day, YYYY-MM-DD")
     report.add_argument("--user", default=None)

@@ -198,6 +198,8 @@ def test_a_member_signs_in_makes_a_key_sees_it_once_uses_it_and_revokes_it(world
     assert not browser.find_element(By.CSS_SELECTOR, "button[data-tab=audit]").is_displayed()  # not for a member
     Select(browser.find_element(By.ID, "new-key-team")).select_by_visible_text("acme / search")
     browser.find_element(By.ID, "new-key-label").send_keys("laptop")
+    browser.find_element(By.ID, "new-key-models").send_keys("tiny")
+    browser.find_element(By.ID, "new-key-rpm").send_keys("5")
     browser.find_element(By.ID, "create-key").click()
     wait.until(lambda d: d.find_element(By.ID, "new-key-value").text)
     key = browser.find_element(By.ID, "new-key-value").text
@@ -221,6 +223,8 @@ def test_a_member_signs_in_makes_a_key_sees_it_once_uses_it_and_revokes_it(world
         assert status == 404 and refused["error"]["code"] == "key_not_found"
     status, api_list = fetch(browser, "/dashboard/api/keys")
     assert status == 200 and {k["user"] for k in api_list["data"]} == {"mia@acme.example"}
+    made = next(k for k in api_list["data"] if k["label"] == "laptop")
+    assert made["models"] == ["tiny"] and made["limits"] == {"requests": {"minute": 5}}
     # Revoked from the page: the SDK is refused at once.
     row = browser.find_element(By.CSS_SELECTOR, "#key-list tbody tr")
     row.find_element(By.CLASS_NAME, "revoke").click()
@@ -284,6 +288,15 @@ def test_an_admin_sees_the_audit_and_the_usage_the_api_reports(world: dict[str, 
     browser.find_element(By.CSS_SELECTOR, "button[data-tab=usage]").click()
     wait.until(lambda d: rows(d, "usage-list") and "no usage" not in rows(d, "usage-list")[0])
     browser.save_screenshot(str(ARTIFACTS / "console-usage.png"))
+    # Per team too: each team's spend is its keys' (the usage table reads a record's team through its key).
+    _, by_team = fetch(browser, "/dashboard/api/usage?group_by=team")
+    _, by_key = fetch(browser, "/dashboard/api/usage?group_by=key")
+    everyone = orjson.loads(http_get(gw.url + "/admin/keys")[1])["data"]
+    team_of = {k["id"]: k["team_id"] for k in everyone}
+    for row in by_team["data"]:
+        keys_cost = sum(r["cost"] for r in by_key["data"] if team_of.get(r["key"]) == row["team"])
+        assert row["cost"] == pytest.approx(keys_cost), row
+    assert {row["team"] for row in by_team["data"]} >= {world["search"]["id"], world["ads"]["id"]}
     # What the console shows is what the API reports.
     _, console_usage = fetch(browser, "/dashboard/api/usage?group_by=day,key")
     assert console_usage["data"] == orjson.loads(http_get(gw.url + "/admin/usage?group_by=day,key")[1])["data"]

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from portcullis.config import UsageConfig
 from portcullis.obs.metrics import Metrics
 from portcullis.quota.spool import UsageSpool, default_spool_dir, read_orphan, remove_orphan, set_aside
-from portcullis.store.schema import usage
+from portcullis.store.schema import api_keys, usage
 
 if TYPE_CHECKING:
     from sqlalchemy.dialects.postgresql import Insert as PostgresInsert
@@ -408,7 +408,14 @@ def _reason(exc: BaseException) -> str:
     return text.encode("utf-8", "backslashreplace").decode()
 
 
-GROUPS = {"key": usage.c.key_id, "user": usage.c.user, "model": usage.c.model, "day": usage.c.day}
+GROUPS = {
+    "key": usage.c.key_id,
+    "user": usage.c.user,
+    "model": usage.c.model,
+    "day": usage.c.day,
+    # A record's key's team (identity/tenancy.py), read through its key: none for a token's requests.
+    "team": api_keys.c.team_id,
+}
 
 
 async def aggregate(
@@ -446,6 +453,8 @@ async def aggregate(
         query = query.where(usage.c.model == model)
     if key_ids is not None:
         query = query.where(usage.c.key_id.in_(key_ids) if key_ids else false())
+    if "team" in group_by:
+        query = query.select_from(usage.outerjoin(api_keys, api_keys.c.id == usage.c.key_id))
     if columns:
         query = query.group_by(*[GROUPS[g] for g in group_by]).order_by(*[GROUPS[g] for g in group_by])
     async with engine.connect() as conn:

@@ -54,6 +54,10 @@
     const body = {user: $("new-key-user").value.trim(), team_id: $("new-key-team").value};
     const label = $("new-key-label").value.trim();
     if (label) body.label = label;
+    const models = $("new-key-models").value.split(",").map((m) => m.trim()).filter(Boolean);
+    if (models.length) body.models = models;
+    const rpm = parseInt($("new-key-rpm").value, 10);
+    if (rpm > 0) body.limits = {requests: {minute: rpm}};
     try {
       const made = await api("POST", "keys", body);
       showKey(made.key);
@@ -90,7 +94,8 @@
     $("usage-col").textContent = by;
     $("usage-csv").href = `/dashboard/api/usage?group_by=day,${by}&format=csv`;
     const rows = (await api("GET", `usage?group_by=day,${by}`)).data;
-    table("usage-list", rows, (r) => `<tr><td>${esc(r.day)}</td><td>${esc(r[by] ?? "-")}</td><td class="num">${r.requests}</td>
+    const named = (v) => (by === "team" ? teamName(v) : v);
+    table("usage-list", rows, (r) => `<tr><td>${esc(r.day)}</td><td>${esc(named(r[by]) ?? "-")}</td><td class="num">${r.requests}</td>
       <td class="num">${r.total_tokens.toLocaleString()}</td><td class="num">${r.cost.toFixed(4)}</td></tr>`, "no usage yet");
     const days = {};
     for (const r of rows) days[r.day] = (days[r.day] ?? 0) + r.cost;
