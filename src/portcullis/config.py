@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -275,6 +275,13 @@ class BudgetRange(_Section):
         if self.end <= self.start:
             raise ValueError("end must be after start")
         return self
+
+    def bounds(self) -> tuple[datetime, datetime]:
+        """Its first instant and the one it stops at, UTC."""
+        return (
+            datetime(self.start.year, self.start.month, self.start.day, tzinfo=UTC),
+            datetime(self.end.year, self.end.month, self.end.day, tzinfo=UTC),
+        )
 
 
 class BudgetConfig(_Section):

@@ -27,6 +27,7 @@ from portcullis.identity.keys import KeyRecord, KeyStore, now
 from portcullis.identity.principal import DEFAULT_TEAM
 from portcullis.identity.tenancy import TenancyStore
 from portcullis.quota import usage
+from portcullis.quota.plan import period_bounds
 from portcullis.routing.catalog import NATIVE_RETRY_S, Replica
 from portcullis.safety.validation import parse_json_object, validate_chat, validate_completion
 from portcullis.store import audit
@@ -299,7 +300,7 @@ async def budgets(api: AdminDeps, req: Request, ex: Exchange) -> None:
     in its period so far (the usage table) and a forecast to the period's end at the rate so far."""
     access = await _reach(api, ex, scopes.USAGE)
     now = datetime.now(UTC)
-    starts = _period_starts(now)
+    starts = period_bounds(now)
     keys = [k for k in await _store(api).list() if access is None or access.sees_key(k.team_id, k.user)]
     spent = {
         period: {
@@ -325,8 +326,7 @@ async def budgets(api: AdminDeps, req: Request, ex: Exchange) -> None:
             if period == "range" and isinstance(limit, dict):  # a fixed span: reported while it runs
                 span = BudgetConfig.model_validate({"range": limit}).range
                 assert span is not None
-                start = datetime(span.start.year, span.start.month, span.start.day, tzinfo=UTC)
-                end = datetime(span.end.year, span.end.month, span.end.day, tzinfo=UTC)
+                start, end = span.bounds()
                 if not start <= now < end:
                     continue
                 last = (end - timedelta(days=1)).strftime("%Y-%m-%d")
@@ -354,19 +354,6 @@ async def budgets(api: AdminDeps, req: Request, ex: Exchange) -> None:
                 }
             )
     await req.respond_json(200, {"object": "list", "currency": api.config.quota.currency, "data": data})
-
-
-def _period_starts(now: datetime) -> dict[str, tuple[datetime, datetime]]:
-    """Each budget period's start and end, UTC, around `now`."""
-    day = datetime(now.year, now.month, now.day, tzinfo=UTC)
-    week = day - timedelta(days=now.weekday())
-    month = datetime(now.year, now.month, 1, tzinfo=UTC)
-    next_month = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
-    return {
-        "day": (day, day + timedelta(days=1)),
-        "week": (week, week + timedelta(days=7)),
-        "month": (month, next_month),
-    }
 
 
 async def enable_model(api: AdminDeps, req: Request, ex: Exchange, model: str) -> None:

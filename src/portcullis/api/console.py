@@ -37,7 +37,6 @@ from portcullis.errors import BadGateway, Forbidden, InvalidRequest
 from portcullis.exchange import Exchange
 from portcullis.http import Request
 from portcullis.identity import scopes
-from portcullis.identity.auth import require_scope
 from portcullis.identity.principal import unstorable
 from portcullis.identity.tenancy import ORG_ROLES, TEAM_ROLES, TenancyStore
 from portcullis.identity.throttle import peer_address, trusted_networks
@@ -366,8 +365,7 @@ async def admin_api(api: DashboardDeps, req: Request, ex: Exchange, rest: str) -
     raw = req.path[len("/dashboard/api/") :]
     route, args = api.admin_route(req.method, "/admin/" + raw)
     principal = session.principal()
-    if not (route.by_roles and scopes.ROLES in principal.scopes):
-        require_scope(principal, route.scope)
+    route.check(principal)
     ex.principal = principal
     await route.handler(route.deps, req, ex, *args)
 

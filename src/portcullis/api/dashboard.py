@@ -266,15 +266,12 @@ def store_of(api: DashboardDeps) -> tuple[Sessions, Redis | None]:
     return api.dashboard_sessions, api.bus.redis if api.bus is not None else None
 
 
-_store = store_of
-
-
 async def signed_in(api: DashboardDeps, req: Request) -> tuple[str, Session] | None:
     """The session of the request's cookie, if it is live and its key still holds admin:read."""
     sid = _token(_cookie(req))
     if sid is None:
         return None
-    sessions, redis = _store(api)
+    sessions, redis = store_of(api)
     session = await sessions.get(redis, sid)
     if session is None:
         return None
@@ -374,7 +371,7 @@ async def login(api: DashboardDeps, req: Request, ex: Exchange) -> None:
         await _login_form(req, 401, error=True)
         return
     ex.principal = principal
-    sessions, redis = _store(api)
+    sessions, redis = store_of(api)
     expires = time.time() + sessions.ttl_s
     if principal.via == "jwt":
         # The token is not kept: the session ends when it does (it was verified a moment ago).
@@ -408,7 +405,7 @@ async def logout(api: DashboardDeps, req: Request, ex: Exchange) -> None:
     """POST /dashboard/logout (a form with the session's `csrf`): the session is deleted server-side."""
     form = await _form(req)
     sid = _token(_cookie(req))
-    sessions, redis = _store(api)
+    sessions, redis = store_of(api)
     session = await sessions.get(redis, sid) if sid is not None else None
     if session is not None:
         if not _csrf_matches(session.csrf, form):

@@ -16,6 +16,8 @@ from typing import Any
 from portcullis.api import admin, batches, console, dashboard, llama, openai, openapi, ops, surfaces, tenancy
 from portcullis.api.openapi import _HTML, _LOGIN_FORM, _REDIRECT, _STATIC, _TEXT, _UPLOAD, _body, _ok, _op
 from portcullis.identity import scopes
+from portcullis.identity.auth import require_scope
+from portcullis.identity.principal import Principal
 from portcullis.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModerationRequest
 
 Handler = Callable[..., Awaitable[None]]
@@ -51,6 +53,12 @@ class Route:
     # A credential without `scope` but with roles:act may call it: the handler limits it to what the user's roles
     # reach (identity/roles.py).
     by_roles: bool = False
+
+    def check(self, principal: Principal) -> None:
+        """403 unless the principal holds the route's scope, or (a by_roles route) roles:act: the handler then limits
+        it to what its roles reach. (The dispatcher's check, and the console's for the admin routes it calls.)"""
+        if not (self.by_roles and scopes.ROLES in principal.scopes):
+            require_scope(principal, self.scope)
 
     @property
     def pattern(self) -> re.Pattern[str] | None:

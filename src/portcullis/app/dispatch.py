@@ -31,7 +31,6 @@ from portcullis.errors import (
 from portcullis.exchange import Abort, Exchange, Filter
 from portcullis.http import JSON_HEADERS, NOSNIFF, ClientDisconnected, Receive, Request, Scope, Send
 from portcullis.identity import scopes
-from portcullis.identity.auth import require_scope
 from portcullis.identity.principal import Principal
 from portcullis.obs.logging import access_line, bind_principal, bind_request
 
@@ -191,8 +190,7 @@ class Dispatcher:
                 if ex.trace is not None:
                     ex.trace.stage("authenticate")
                 ex.principal = await self.identity.authenticate(req)
-                if not (route.by_roles and scopes.ROLES in ex.principal.scopes):
-                    require_scope(ex.principal, route.scope)
+                route.check(ex.principal)
             bind_principal(ex.principal)
             if ex.trace is not None:
                 ex.trace.stage("validate")  # the handler reads, parses and validates the body first

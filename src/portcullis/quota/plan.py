@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from portcullis.config import BudgetConfig, Config, LimitsConfig, TierConfig
@@ -142,12 +142,24 @@ def _budgets(budget: BudgetConfig | None, subject: Scope, who: str, name: str = 
             out.append(Budget(subject, period, round(amount * MICRO), amount, who, name, tag))
     span = budget.range
     if span is not None:
-        start = datetime(span.start.year, span.start.month, span.start.day, tzinfo=UTC).timestamp()
-        end = datetime(span.end.year, span.end.month, span.end.day, tzinfo=UTC).timestamp()
+        start, end = (t.timestamp() for t in span.bounds())
         span_id = f"r{span.start:%Y%m%d}-{span.end:%Y%m%d}"
         limit = round(span.amount * MICRO)
         out.append(Budget(subject, "range", limit, span.amount, who, name, tag, (start, end), span_id))
     return out
+
+
+def period_bounds(now: datetime) -> dict[str, tuple[datetime, datetime]]:
+    """Each calendar budget period's start and end (UTC) around `now`: the day, the ISO week, the month."""
+    day = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    week = day - timedelta(days=now.weekday())
+    month = datetime(now.year, now.month, 1, tzinfo=UTC)
+    next_month = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+    return {
+        "day": (day, day + timedelta(days=1)),
+        "week": (week, week + timedelta(days=7)),
+        "month": (month, next_month),
+    }
 
 
 def _merged(tier: LimitsConfig, key: LimitsConfig | None) -> LimitsConfig:

@@ -21,8 +21,7 @@ import asyncio
 import itertools
 import math
 import os
-from calendar import monthrange
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from portcullis.config import Config
@@ -34,7 +33,7 @@ from portcullis.obs.metrics import Metrics
 from portcullis.quota import estimate
 from portcullis.quota.alerts import BudgetAlerts
 from portcullis.quota.failover import STORE_ERRORS, FailoverStore, StoreDown
-from portcullis.quota.plan import MICRO, Plan, build_plan
+from portcullis.quota.plan import MICRO, Plan, build_plan, period_bounds
 from portcullis.quota.redis_store import RedisQuotaStore
 from portcullis.quota.store import BUDGET, CONCURRENCY, TOO_LARGE, Alert, Ask, MemoryQuotaStore, Verdict
 from portcullis.routing.catalog import Catalog
@@ -90,16 +89,10 @@ def duration(seconds: float) -> str:
 
 
 def _periods(now: datetime) -> tuple[dict[str, str], dict[str, float]]:
-    day_end = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
-    week_end = day_end + timedelta(days=6 - now.weekday())  # the next Monday, 00:00
-    month_end = datetime(now.year, now.month, monthrange(now.year, now.month)[1], tzinfo=UTC) + timedelta(days=1)
+    """Each calendar budget period's id (its counters' name) and the seconds until it ends."""
     iso = now.isocalendar()
     ids = {"day": now.strftime("d%Y%m%d"), "week": f"w{iso.year}{iso.week:02d}", "month": now.strftime("m%Y%m")}
-    ends = {
-        "day": (day_end - now).total_seconds(),
-        "week": (week_end - now).total_seconds(),
-        "month": (month_end - now).total_seconds(),
-    }
+    ends = {period: (end - now).total_seconds() for period, (_, end) in period_bounds(now).items()}
     return ids, ends
 
 
