@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 from portcullis import commands, remote
 from portcullis.config import Config, ConfigError, build_config, demo_config, load_config
@@ -96,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer llama-server's own APIs (/v1/messages, /v1/responses, token counts) 404, as an older server",
     )
     sim.add_argument("--reasoning-words", type=int, default=0, help="think this many words (reasoning_content) first")
+    router = sim.add_argument_group("router mode (llama-server --models-dir: several models loaded on demand)")
+    router.add_argument("--router-models", default=None, help="comma-separated model names: serve them as a router")
+    router.add_argument("--models-max", type=int, default=4, help="models loaded at once (0: no limit)")
+    router.add_argument("--load-s", type=float, default=1.0, help="a model's load time")
+    router.add_argument("--no-models-autoload", action="store_true", help="requests never load their model")
+    router.add_argument(
+        "--evict-busy",
+        action="store_true",
+        help="unload the least recently used model even while it serves (llama.cpp#21678), failing its requests",
+    )
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -180,8 +191,22 @@ def _run_sim(args: argparse.Namespace) -> int:
             setattr(settings, field, dict(p.rsplit("=", 1) for p in pairs))
     import uvicorn
 
+    app: Any = Simulator(settings)
+    if args.router_models:
+        from portcullis.sim.router import RouterSettings, RouterSim
+
+        app = RouterSim(
+            RouterSettings(
+                models=[m.strip() for m in args.router_models.split(",") if m.strip()],
+                models_max=args.models_max,
+                autoload=not args.no_models_autoload,
+                load_s=args.load_s,
+                evict_busy=args.evict_busy,
+                model=settings,
+            )
+        )
     config = uvicorn_config(
-        Simulator(settings),
+        app,
         host=args.host or "127.0.0.1",
         port=args.port,
         # The simulator decides when a connection is dead (SimSettings.keep_alive_s); uvicorn's own timer only

@@ -759,9 +759,75 @@ NATIVE_PATHS = frozenset(
 )
 
 
+class HostSchedulingConfig(_Section):
+    """How a host that holds fewer models than it serves decides when to switch (docs/llama-server.md)."""
+
+    # swap_aware: the loaded models' requests go first, a switch happens when another model's oldest request
+    # has waited `max_wait_s` or a loaded model is idle. fifo: strictly in arrival order (a switch whenever the
+    # oldest request wants a model that is not loaded): fewer surprises, many more swaps.
+    policy: Literal["swap_aware", "fifo"] = "swap_aware"
+    # The longest a request waits for its model before a switch to it begins (the loaded model's requests in
+    # flight then finish, new ones wait, and the switch takes one load time). Tiers' priorities order the models
+    # that wait; batch lines never cause a switch in peak hours.
+    max_wait_s: PositiveFloat = 10.0
+    # A loaded model with nothing in flight for this long is idle: another model's request switches at once.
+    idle_s: float = Field(default=0.5, ge=0)
+    # Requests waiting for a model on this host, at most; beyond it a 503 with Retry-After.
+    max_queue: int = Field(default=256, ge=1)
+    # A model's load time assumed until one was measured (Retry-After, the switch's timing).
+    load_s: PositiveFloat = 30.0
+    # A load that takes longer has failed.
+    load_timeout_s: PositiveFloat = 600.0
+    # After a failed load, the model is not tried again for this long (its requests get 503 with Retry-After).
+    failed_retry_s: PositiveFloat = 30.0
+
+
+class HostConfig(_Section):
+    """A machine that holds fewer models at once than it serves: a llama-server in router mode (`kind: router`,
+    one server that loads and unloads models: --models-dir or --models-preset), or one llama-server process
+    per model started and stopped by the gateway (`kind: launch`). Deployments name it (`host:`)."""
+
+    kind: Literal["router", "launch"]
+    # router: the router's http(s)://host:port. launch: not used (each process gets a port of its own).
+    url: str | None = None
+    # Models loaded at once. router: the server's --models-max when not set (its /props max_instances);
+    # launch: 1 when not set.
+    max_models: int | None = Field(default=None, ge=1)
+    # Sets of models of which at most one runs at a time (they need the same GPU memory).
+    exclusive: list[list[str]] = []
+    # Unload a model after this long without a request (None: only to make room).
+    ttl_s: PositiveFloat | None = None
+    scheduling: HostSchedulingConfig = HostSchedulingConfig()
+    # launch: the address the processes listen on; the time a process has to answer /health 200; the time a
+    # stopping process has after SIGTERM before SIGKILL; restarts in a row after which a crashing model is failed.
+    listen_host: str = "127.0.0.1"
+    start_timeout_s: PositiveFloat = 120.0
+    stop_timeout_s: PositiveFloat = 10.0
+    max_restarts: int = Field(default=5, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _host_url(cls, value: str | None) -> str | None:
+        return None if value is None else DeploymentConfig._http_url(value)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> HostConfig:
+        if self.kind == "router" and self.url is None:
+            raise ValueError("a router host needs url (the llama-server started with --models-dir/--models-preset)")
+        if self.kind == "launch" and self.url is not None:
+            raise ValueError("a launch host has no url: each model's process gets a port chosen by the gateway")
+        return self
+
+
 class DeploymentConfig(_KeySource):
-    # http(s)://host:port of the backend (no path).
-    url: str
+    # http(s)://host:port of the backend (no path). Not with `host`.
+    url: str = ""
+    # The host (hosts.<name>) this model runs on, loaded when needed: a router-mode llama-server (upstream_model
+    # names the model there) or launched processes (`command`).
+    host: str | None = None
+    # launch hosts: the command that serves this model, one argument per item; `{port}` is replaced by the port the
+    # gateway chose, e.g. [llama-server, -m, /models/a.gguf, --port, "{port}"].
+    command: list[str] | None = None
     # llama_cpp: probed on /health, slots and context from /props; openai: any OpenAI-compatible server.
     kind: Literal["llama_cpp", "openai"] = "llama_cpp"
     # The model name sent upstream, when the backend knows the model by another name.
@@ -804,9 +870,21 @@ class DeploymentConfig(_KeySource):
             raise ValueError(f"unknown endpoint(s) {', '.join(unknown)}; known: {', '.join(sorted(NATIVE_PATHS))}")
         return value
 
+    @model_validator(mode="after")
+    def _url_or_host(self) -> DeploymentConfig:
+        if self.host is None and not self.url:
+            raise ValueError("give url (a backend) or host (hosts.<name>)")
+        if self.host is not None and self.url:
+            raise ValueError("give url or host, not both: a host's models are reached through it")
+        if self.command is not None and (not self.command or not any("{port}" in a for a in self.command)):
+            raise ValueError("command must name the port the gateway chose as {port}")
+        return self
+
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
+        if not value:
+            return value
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
@@ -1250,6 +1328,8 @@ class Config(_Section):
     cache: CacheConfig = CacheConfig()
     embedding_batching: EmbeddingBatchingConfig = EmbeddingBatchingConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
+    # Machines that hold fewer models at once than they serve (router-mode llama-servers, launched servers).
+    hosts: dict[str, HostConfig] = {}
     # Logical models that choose one of their candidates per request (e.g. `auto`).
     routers: dict[str, RouterConfig] = {}
     routing: RoutingConfig = RoutingConfig()
@@ -1280,6 +1360,35 @@ class Config(_Section):
             for name in names or ():
                 if name not in m.moderators:
                     raise ValueError(f"{where}: '{name}' is not in moderation.moderators")
+        return self
+
+    @model_validator(mode="after")
+    def _host_references(self) -> Config:
+        on_host: dict[str, set[str]] = {name: set() for name in self.hosts}
+        for model, conf in self.models.items():
+            for i, dep in enumerate(conf.deployments):
+                where = f"models.{model}.deployments.{i}"
+                if dep.host is None:
+                    if dep.command is not None:
+                        raise ValueError(f"{where}.command: only a deployment on a launch host has a command")
+                    continue
+                host = self.hosts.get(dep.host)
+                if host is None:
+                    raise ValueError(f"{where}.host: '{dep.host}' is not in hosts")
+                if dep.kind != "llama_cpp":
+                    raise ValueError(f"{where}.kind: a host's models are llama-servers (llama_cpp)")
+                if host.kind == "launch" and dep.command is None:
+                    raise ValueError(f"{where}.command: a launch host starts each model with its command")
+                if host.kind == "router" and dep.command is not None:
+                    raise ValueError(f"{where}.command: a router host loads its models itself (no command)")
+                if model in on_host[dep.host]:
+                    raise ValueError(f"{where}.host: model '{model}' is on host '{dep.host}' twice")
+                on_host[dep.host].add(model)
+        for name, host in self.hosts.items():
+            for j, group in enumerate(host.exclusive):
+                unknown = sorted(set(group) - on_host[name])
+                if unknown:
+                    raise ValueError(f"hosts.{name}.exclusive.{j}: {', '.join(unknown)} not deployed on this host")
         return self
 
     @model_validator(mode="after")

@@ -48,6 +48,12 @@ async def _prepare(config: Config) -> None:
 def run_workers(args: argparse.Namespace, config: Config) -> int:
     from portcullis.app import StartupError
 
+    if config.hosts:
+        _log(
+            f"--workers {args.workers}: hosts ({', '.join(config.hosts)}) need one gateway process: its scheduler "
+            "alone decides which models are loaded (docs/llama-server.md); run one process"
+        )
+        return 2
     if not config.store.redis_url:
         _log(
             f"--workers {args.workers}: store.redis_url must be set: the processes share limits, the cache, "

@@ -54,6 +54,8 @@ class AdminDeps:
     model_state: ModelState
     publish: Callable[[dict[str, Any]], Awaitable[None]]  # tell every process (a key revoked, a model back on)
     key_store: Callable[[], KeyStore | None]  # made at preflight (None: API keys are off)
+    # Hosts that load models on demand: each one's models, their state, queue and load time (hosts/schedule.py).
+    host_snapshots: Callable[[], list[dict[str, Any]]] = lambda: []
 
     @property
     def keys(self) -> KeyStore | None:
@@ -407,6 +409,12 @@ def _instant(value: str, name: str) -> float:
 _DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")  # ASCII digits (\d takes any script's); \Z: no trailing newline
 
 
+async def hosts(api: AdminDeps, req: Request, ex: Exchange) -> None:
+    """GET /admin/hosts: each host (router-mode llama-server, launched servers) with its models' state, requests in
+    flight and waiting, learned load times, and the swaps made (in all, and in the last hour)."""
+    await req.respond_json(200, {"object": "list", "data": api.host_snapshots()})
+
+
 async def backends(api: AdminDeps, req: Request, ex: Exchange) -> None:
     """GET /admin/backends: every model's slots and queue, every replica's health and breaker."""
     models = []
@@ -424,6 +432,8 @@ async def backends(api: AdminDeps, req: Request, ex: Exchange) -> None:
                     "state": r.state.value,
                     "last_error": r.last_error,
                     "in_flight": r.in_flight,
+                    "host": r.host,  # (on a host: whether its model is loaded now: GET /admin/hosts tells more)
+                    "loaded": r.loaded,
                     "slots": r.limit,
                     "n_ctx": r.n_ctx,
                     # The APIs it is sent as the client spoke them, and those it answered 404/405 lately (sent

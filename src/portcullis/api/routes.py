@@ -456,6 +456,14 @@ def table(
         ),
         Route(
             "GET",
+            "/admin/hosts",
+            admin.hosts,
+            admin_deps,
+            scopes.ADMIN_READ,
+            _op("Hosts that load models on demand: each model's state, queue, load time; swaps", _ok("Object")),
+        ),
+        Route(
+            "GET",
             "/admin/models",
             admin.models,
             admin_deps,

@@ -24,6 +24,8 @@ from portcullis.cache.batching import EmbeddingBatcher
 from portcullis.cache.exact import ResponseCache
 from portcullis.config import Config
 from portcullis.exchange import Abort, Exchange
+from portcullis.hosts import make_hosts
+from portcullis.hosts.schedule import HostCollector
 from portcullis.http import Receive, Scope, Send
 from portcullis.identity.auth import Identity
 from portcullis.identity.keys import KeyStore
@@ -34,6 +36,7 @@ from portcullis.obs.memory import MemoryReturn
 from portcullis.obs.metrics import Metrics
 from portcullis.obs.timeline import Timeline
 from portcullis.obs.tracing import Tracing
+from portcullis.offpeak import OffPeak
 from portcullis.quota.stage import Quota
 from portcullis.quota.usage import UsageRecorder
 from portcullis.routing.admission import Admission
@@ -67,8 +70,16 @@ class Gateway:
         self.log = get_logger("portcullis")
         self.admission = Admission(config, self.catalog, self.metrics)
         self.affinity = Affinity(config.routing.affinity)
+        # Hosts that load their models on demand (router-mode llama-servers, launched servers), each with its
+        # scheduler: the upstream stage waits there for a model before an attempt.
+        self.hosts = make_hosts(
+            config,
+            self.catalog,
+            offpeak=OffPeak(config.scheduling.off_peak),
+            priority_of=lambda ex: self.admission.priority_of(ex.principal, low=ex.low_priority),
+        )
         # Every call to a backend goes through the upstream stage: traffic (forward) and side calls alike.
-        self.upstream = Upstream(config.resilience, self.metrics, self.affinity)
+        self.upstream = Upstream(config.resilience, self.metrics, self.affinity, self.hosts)
         call = self.upstream.call
         self.router = Router(config, self.catalog, self.admission, self.affinity, self.metrics, call)
         self.moderation = Moderation(config, self.catalog, self.metrics, self.log, call)
@@ -78,7 +89,9 @@ class Gateway:
         for replica in self.catalog.all_replicas():
             replica.breaker.listener = self._on_breaker
             self._replica_of[replica.breaker] = replica
-        self.prober = Prober(self.catalog.all_replicas(), config.health, on_change=self._on_replica_change)
+        # (a host's replicas are watched by the host: a model not loaded has nothing to probe)
+        probed = [r for r in self.catalog.all_replicas() if r.host is None]
+        self.prober = Prober(probed, config.health, on_change=self._on_replica_change)
         self.started_at = time.time()
         self.draining = False
         self.exchanges: set[Exchange] = set()
@@ -126,6 +139,8 @@ class Gateway:
         for component in (self.catalog, self.admission, self.affinity, self.batch_runner):
             if component is not None:
                 self.metrics.register(component.collector())
+        if self.hosts:
+            self.metrics.register(HostCollector(self.hosts))
         self.background_tasks: list[asyncio.Task[None]] = []
         # What each group of handlers uses (api/*.py), and the route table made of them.
         self.openapi = openapi.OpenAPIDeps()
@@ -154,6 +169,7 @@ class Gateway:
                 model_state=self.model_state,
                 publish=self.publish,
                 key_store=lambda: self.keys,
+                host_snapshots=lambda: [host.snapshot() for host in self.hosts.values()],
             ),
             batches_deps=batches.BatchDeps(
                 config=config,

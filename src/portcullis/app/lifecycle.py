@@ -174,6 +174,8 @@ async def startup(gw: Gateway) -> None:
     gw.background_tasks.append(asyncio.create_task(_tick_throughput(gw)))
     await gw.prober.first_round()
     gw.prober.start()
+    for host in gw.hosts.values():  # (after the clients: a host may adopt models the server has loaded already)
+        await host.start()
     if gw.batch_runner is not None:
         gw.batch_runner.start()
     # Everything allocated so far lives as long as the process: move it out of the collector's
@@ -187,6 +189,8 @@ async def shutdown(gw: Gateway) -> None:
     if gw.batch_runner is not None:
         await gw.batch_runner.stop()
     await gw.prober.stop()
+    for host in gw.hosts.values():  # waiting requests get their 503, launched processes end
+        await host.stop()
     await gw.deadlines.stop()
     await gw.memory.stop()
     await LAG.stop()

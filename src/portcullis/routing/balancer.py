@@ -17,6 +17,8 @@ from portcullis.errors import ServiceUnavailable, retry_after_headers
 from portcullis.routing.catalog import Replica, ReplicaState
 from portcullis.routing.context import fits
 
+_COLD = 1e6
+
 
 def choose(
     replicas: list[Replica], avoid: Collection[Replica] = (), now: float | None = None, need: int = 0
@@ -29,6 +31,8 @@ def choose(
         if replica in avoid or not replica.usable(now) or (need and not fits(replica, need)):
             continue
         load = replica.in_flight / replica.capacity
+        if not replica.loaded:
+            load += _COLD  # a host's model that is not loaded: only when no loaded replica can take it
         if not best or load < best_load:
             best = [replica]
             best_load = load

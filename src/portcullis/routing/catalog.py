@@ -36,6 +36,7 @@ class Client(Protocol):
     """A replica's connection pool, as the rest of the gateway sees it (upstream/client.py makes them; the
     routing package names only this, so it never imports the upstream stage that imports it)."""
 
+    base_url: str  # the replica's url (a launched server's may change when it starts again on another port)
     in_use: int  # traffic connections taken
     fresh_retries: int  # requests re-sent on a fresh connection after a pooled one was dead
     pool_timeouts: int
@@ -120,6 +121,10 @@ class Replica:
     busy_s: float = 0.0
     tokens_out: int = 0
     _marks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_THROUGHPUT_MARKS), repr=False)
+    # On a host (hosts.<name>: router mode, launched servers): the model is loaded only when needed. The host's
+    # scheduler says whether it serves now (`loaded`); one that does not is chosen last and has no slots to count.
+    host: str | None = None
+    loaded: bool = True
 
     def speaks(self, path: str, now: float) -> bool:
         """Does it answer this API endpoint itself (as configured, and not found lacking it lately)?"""
@@ -205,6 +210,8 @@ class Replica:
     @property
     def limit(self) -> int | None:
         """Requests the gateway may have in flight here at once (None: no limit, no queueing)."""
+        if self.host is not None and not self.loaded:
+            return None  # waits at its host for the model to load, not in admission's queue
         if self.max_in_flight is not None:
             return self.max_in_flight
         return self.slots if self.kind == "llama_cpp" else None
@@ -215,14 +222,27 @@ class Replica:
 
     @classmethod
     def from_config(
-        cls, model: str, index: int, dep: DeploymentConfig, breaker: BreakerConfig, quality: float | None = None
+        cls,
+        model: str,
+        index: int,
+        dep: DeploymentConfig,
+        breaker: BreakerConfig,
+        quality: float | None = None,
+        url: str = "",
     ) -> Replica:
-        parts = urlsplit(dep.url)
-        name = dep.name or f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        """`url`: where a host's deployment is reached (the router's; a launched process's is set by its host)."""
+        parts = urlsplit(dep.url or url)
+        if dep.name:
+            name = dep.name
+        elif dep.host is not None:
+            name = dep.host
+        else:
+            name = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         replica = cls(
             model=model,
             name=name,
-            url=dep.url,
+            url=dep.url or url,
+            host=dep.host,
             kind=dep.kind,
             upstream_model=dep.upstream_model,
             weight=dep.weight,
@@ -284,7 +304,8 @@ class Catalog:
         return cls(
             {
                 name: [
-                    Replica.from_config(name, i, dep, breaker, model.quality) for i, dep in enumerate(model.deployments)
+                    Replica.from_config(name, i, dep, breaker, model.quality, url=_host_url(config, dep))
+                    for i, dep in enumerate(model.deployments)
                 ]
                 for name, model in config.models.items()
             },
@@ -354,6 +375,11 @@ class Catalog:
             if name not in self.disabled
             and not any(r.state is ReplicaState.READY and r.breaker.allows(now) for r in replicas)
         ]
+
+
+def _host_url(config: Config, dep: DeploymentConfig) -> str:
+    host = config.hosts.get(dep.host) if dep.host is not None else None
+    return host.url or "" if host is not None else ""
 
 
 class ReplicaCollector(Collector):

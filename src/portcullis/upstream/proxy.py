@@ -38,6 +38,7 @@ from portcullis.upstream.relay import end_stream_with_error, relay_sse
 
 if TYPE_CHECKING:
     from portcullis.config import ResilienceConfig
+    from portcullis.hosts.schedule import Host
     from portcullis.obs.metrics import Metrics
     from portcullis.routing.admission import Target
     from portcullis.routing.affinity import Affinity
@@ -49,10 +50,19 @@ _ATTEMPT_VALUES = [str(n).encode() for n in range(16)]
 class Upstream:
     """The upstream stage of one gateway: its retry settings and where it reports retries."""
 
-    def __init__(self, resilience: ResilienceConfig, metrics: Metrics, affinity: Affinity | None = None) -> None:
+    def __init__(
+        self,
+        resilience: ResilienceConfig,
+        metrics: Metrics,
+        affinity: Affinity | None = None,
+        hosts: dict[str, Host] | None = None,
+    ) -> None:
         self.resilience = resilience
         self.metrics = metrics
         self.affinity = affinity
+        # Hosts that load models on demand (router mode, launched servers): an attempt on one of their replicas
+        # first waits there for its model (hosts/schedule.py).
+        self.hosts = hosts or {}
 
     async def forward(
         self,
@@ -105,18 +115,29 @@ class Upstream:
                 source = native if ex.native and native is not None else payload
                 source["model"] = upstream_name
                 body = bodies[upstream_name, ex.native] = orjson.dumps(source)
+            host = self.hosts.get(replica.host) if replica.host is not None else None
+            if host is not None:
+                # Until its model serves (or a 503/504 that says why not): told as x-portcullis-model-wait-ms.
+                waited = await host.enter(replica, ex, deadline)
+                if waited:
+                    headers.append((b"x-portcullis-model-wait-ms", str(round(waited * 1000)).encode()))
             try:
-                await self._attempt(
-                    req,
-                    ex,
-                    replica,
-                    path=native_path if ex.native and native_path is not None else path,
-                    body=body,
-                    model=model,
-                    target=target,
-                    deadline=deadline,
-                    client_wants_usage=client_wants_usage,
-                )
+                entered = time.monotonic()
+                try:
+                    await self._attempt(
+                        req,
+                        ex,
+                        replica,
+                        path=native_path if ex.native and native_path is not None else path,
+                        body=body,
+                        model=model,
+                        target=target,
+                        deadline=deadline,
+                        client_wants_usage=client_wants_usage,
+                    )
+                finally:
+                    if host is not None:
+                        host.leave(replica, time.monotonic() - entered)
                 return
             except AttemptFailed as failure:
                 if ex.native and native_path is not None and _lacks(failure.error):
@@ -183,10 +204,14 @@ class Upstream:
             except PoolExhausted as exc:  # our own congestion: says nothing about the replica
                 raise AttemptFailed(exc, kind="pool", retryable=True) from None
             except BadGateway as exc:
-                if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
-                    # Passive health: a refused connection takes the replica out until the prober sees it back.
-                    replica.mark_down("connect failed")
                 ok, kind = False, "connect"
+                if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
+                    host = self.hosts.get(replica.host) if replica.host is not None else None
+                    if host is not None and host.lost(replica):
+                        ok = None  # its launched process is gone: the host starts it again for the retry
+                    else:
+                        # Passive health: a refused connection takes the replica out until the prober sees it back.
+                        replica.mark_down("connect failed")
                 raise AttemptFailed(exc, kind="connect", retryable=True) from None
             except GatewayTimeout as exc:
                 ok, kind = False, "timeout"
