@@ -35,14 +35,29 @@ def serve_llama(
     `write` makes its model (tiny_gguf's random one by default), `args` adds to its command line, `name` tells its
     files apart from another server's in the same module; `ctx` is the context of all its slots together."""
     model = write(module_tmp / f"{name}.gguf")
+    yield from _serve(module_tmp, ["-m", str(model), "-a", "tiny-alias"], args, name, ctx)
+
+
+def serve_llama_router(
+    module_tmp: Path, models: Sequence[str], *, models_max: int = 1, args: Sequence[str] = ()
+) -> Iterator[str]:
+    """A llama-server in router mode (--models-dir) holding tiny models named `models` (each its own random weights),
+    at most `models_max` loaded at once: its URL, for as long as the generator runs."""
+    folder = module_tmp / "router-models"
+    folder.mkdir(exist_ok=True)
+    for i, model in enumerate(models):
+        write_tiny_llama(folder / f"{model}.gguf", seed=i)
+    yield from _serve(module_tmp, ["--models-dir", str(folder), "--models-max", str(models_max)], args, "router", CTX)
+
+
+def _serve(module_tmp: Path, model_args: list[str], args: Sequence[str], name: str, ctx: int) -> Iterator[str]:
     port = _free_port()
     log_path = module_tmp / f"llama-server-{name}.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [
             LLAMA_BIN,
-            "-m",
-            str(model),
+            *model_args,
             "--host",
             "127.0.0.1",
             "--port",
@@ -51,8 +66,6 @@ def serve_llama(
             str(SLOTS),
             "-c",
             str(ctx),
-            "-a",
-            "tiny-alias",
             "-t",
             "1",
             "--no-warmup",

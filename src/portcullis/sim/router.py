@@ -58,6 +58,7 @@ class _Model:
     last_used: float = 0.0
     requests: set[asyncio.Task[None]] = field(default_factory=set)
     load_task: asyncio.Task[None] | None = None
+    stopping: bool = False  # being unloaded: takes no new request (the next instance serves it)
 
 
 class RouterSim:
@@ -151,7 +152,9 @@ class RouterSim:
         return limit <= 0 or len(self._running()) < limit
 
     def _victim(self, *, busy_ok: bool) -> _Model | None:
-        loaded = [m for m in self.models.values() if m.state == "loaded" and (busy_ok or not m.requests)]
+        loaded = [
+            m for m in self.models.values() if m.state == "loaded" and not m.stopping and (busy_ok or not m.requests)
+        ]
         return min(loaded, key=lambda m: m.last_used, default=None)
 
     def _set(self, m: _Model, state: str) -> None:
@@ -200,7 +203,7 @@ class RouterSim:
         if m.load_task is not None:
             m.load_task.cancel()
             return
-        if m.state != "loaded":
+        if m.state != "loaded" or m.stopping:
             return
         busy = list(m.requests)
         if eviction:
@@ -212,7 +215,9 @@ class RouterSim:
         self.stats["failed_by_eviction"] += len(busy) if eviction else 0
         self.stats["unloads"] += 1
         m.sim = None
+        m.stopping = True
         await asyncio.sleep(self.settings.unload_s)
+        m.stopping = False
         self._set(m, "unloaded")
         await self._notify()
 
@@ -249,7 +254,7 @@ class RouterSim:
     async def _ready(self, m: _Model, autoload: bool) -> str | None:
         """Wait until the model serves (loading it, making room as llama-server does); an error message if not."""
         while True:
-            if m.state == "loaded":
+            if m.state == "loaded" and not m.stopping:
                 return None
             if m.state == "unloaded":
                 if m.failed and not autoload:
