@@ -787,6 +787,7 @@ class HostConfig(_Section):
     one server that loads and unloads models: --models-dir or --models-preset), or one llama-server process
     per model started and stopped by the gateway (`kind: launch`). Deployments name it (`host:`)."""
 
+    # router: a llama-server in router mode; launch: one server process per model, started by the gateway.
     kind: Literal["router", "launch"]
     # router: the router's http(s)://host:port. launch: not used (each process gets a port of its own).
     url: str | None = None
@@ -798,11 +799,14 @@ class HostConfig(_Section):
     # Unload a model after this long without a request (None: only to make room).
     ttl_s: PositiveFloat | None = None
     scheduling: HostSchedulingConfig = HostSchedulingConfig()
-    # launch: the address the processes listen on; the time a process has to answer /health 200; the time a
-    # stopping process has after SIGTERM before SIGKILL; restarts in a row after which a crashing model is failed.
+    # launch: the address the processes listen on (each on a port the gateway chooses).
     listen_host: str = "127.0.0.1"
+    # launch: the time a starting process has to answer /health 200 (a model's load).
     start_timeout_s: PositiveFloat = 120.0
+    # launch: the time a stopping process has after SIGTERM before SIGKILL.
     stop_timeout_s: PositiveFloat = 10.0
+    # launch: crashes in a row (without a minute of serving between) after which the model is failed for
+    # scheduling.failed_retry_s.
     max_restarts: int = Field(default=5, ge=0)
 
     @field_validator("url")

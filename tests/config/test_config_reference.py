@@ -23,7 +23,7 @@ def test_every_key_is_documented_with_a_meaning() -> None:
     assert not undocumented, f"keys without a comment in config.py: {undocumented}"
     for section in Config.model_fields:
         assert f"\n## {section}\n" in text
-    assert "| `models.<name>.deployments[].url` | string | required |" in text
+    assert "| `hosts.<name>.kind` | router \\| launch | required |" in text
     assert "| `moderation.moderators.<name> (kind: guard_model)` | section |" in text
 
 

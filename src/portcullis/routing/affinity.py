@@ -88,7 +88,8 @@ class Affinity:
     ) -> Replica | None:
         """The replica this prefix belongs to, if it may take the request now; None: balance by load.
         `count=False`: a question (route explain), not a placement: the counters stay as they are."""
-        usable = [r for r in replicas if r not in avoid and r.usable(now) and fits(r, need)]
+        # (a host's replica whose model is not loaded holds no prefix: its cache went with the model)
+        usable = [r for r in replicas if r not in avoid and r.loaded and r.usable(now) and fits(r, need)]
         if not usable:
             return None
         total = sum(r.in_flight for r in usable)
