@@ -7,9 +7,11 @@ requests, and switches when a request has waited `max_wait_s`.
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +49,20 @@ def router(module_tmp: Path) -> Iterator[Proc]:
     proc.stop()
 
 
+def peak_now() -> dict[str, Any]:
+    """scheduling.off_peak with one hour, twelve hours from now: it is peak time for the whole module."""
+    hour = (datetime.now(UTC).hour + 12) % 24
+    return {"off_peak": [{"from": f"{hour:02d}:00", "to": f"{hour + 1:02d}:00", "tz": "UTC"}]}
+
+
 @pytest.fixture(scope="module")
 def gw(router: Proc, module_tmp: Path) -> Iterator[Proc]:
     cfg = gateway_config(
         {m: [{"host": "gpu"}] for m in MODELS},
         hosts={"gpu": {"kind": "router", "url": router.url, "scheduling": SCHEDULING}},
         resilience={"breaker": {"failures": 1000}},
+        scheduling=peak_now(),
+        batch={"poll_s": 0.2, "retry_delay_s": 0.2, "in_peak": "always"},  # (the host, not the runner, holds them)
     )
     proc = start_gateway(cfg, module_tmp, ready_path="/readyz")
     yield proc
@@ -182,3 +192,64 @@ def test_higher_tiers_models_load_first_and_metrics_tell_the_swaps(gw: Proc, rou
     assert 'portcullis_host_swaps_total{host="gpu"}' in metrics
     assert f'portcullis_host_model_state{{host="gpu",model="{low}",state="loaded"}} 1.0' in metrics
     assert 'portcullis_host_model_load_seconds{host="gpu",model="a"}' in metrics
+
+
+def test_batch_lines_never_swap_models_in_peak_hours(gw: Proc, router: Proc) -> None:
+    client = openai_client(gw)
+    client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    loads = sim_stats(router)["load_order"]
+    content = b"".join(
+        orjson.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            }
+        )
+        + b"\n"
+        for i in range(3)
+    )
+    file = client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    # The runner tries its lines (a is idle: any interactive request for b would switch now); each is refused.
+    wait_until(lambda: client.batches.retrieve(batch.id).status == "in_progress", timeout=10)
+    time.sleep(3)
+    assert sim_stats(router)["load_order"] == loads  # b never loaded, a never unloaded
+    assert hosts(gw)["a"]["state"] == "loaded" and hosts(gw)["b"]["state"] == "unloaded"
+    assert client.batches.retrieve(batch.id).request_counts.completed == 0  # type: ignore[union-attr]
+    # An interactive request for b does switch (the batch's lines then run on it, b being loaded).
+    client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    wait_until(lambda: client.batches.retrieve(batch.id).status == "completed", timeout=30, what="the batch")
+
+
+def test_the_dashboard_shows_each_models_state_load_time_and_swaps(gw: Proc) -> None:
+    from browser import chromium
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for model in ("a", "c"):  # (c replaces a: a swap)
+        openai_client(gw).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+    browser = chromium()
+    try:
+        browser.get(gw.url + "/dashboard")
+        browser.find_element(By.ID, "key").send_keys(ADMIN_KEY)
+        browser.find_element(By.ID, "sign-in").click()
+
+        def row(model: str) -> list[str]:
+            return browser.execute_script(
+                "const r = document.querySelector(`#hosts tr[data-host-model='${arguments[0]}']`);"
+                "return r ? [...r.querySelectorAll('td')].map((td) => td.textContent.trim()) : [];",
+                model,
+            )
+
+        wait = WebDriverWait(browser, 20, poll_frequency=0.2)
+        wait.until(lambda _: row("c")[2:3] == ["loaded"])
+        cells = row("c")
+        assert cells[0] == "gpu" and cells[5].endswith(" s") and float(cells[5][:-2]) > 0  # its learned load time
+        assert int(cells[6]) >= 1  # swaps in the last hour
+        assert row("a")[2] == "unloaded"
+    finally:
+        browser.quit()

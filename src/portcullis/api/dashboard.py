@@ -229,6 +229,8 @@ class DashboardDeps(Live):
     # The console (api/console.py): the admin routes by method and path (the dispatcher's), single sign-on.
     admin_route: Callable[[str, str], tuple[Any, tuple[str, ...]]] = lambda method, path: (None, ())
     sso_client: Callable[[], Any] = lambda: None  # console.SsoClient when dashboard.sso is configured (preflight)
+    # Hosts that load models on demand (hosts/schedule.py Host.snapshot): each model's state, load time; swaps.
+    host_snapshots: Callable[[], list[dict[str, Any]]] = lambda: []
 
     @property
     def keys(self) -> KeyStore | None:
@@ -436,6 +438,7 @@ async def snapshot(api: DashboardDeps) -> dict[str, Any]:
         "now": time.time(),
         "draining": api.draining,
         "models": _models(api),
+        "hosts": api.host_snapshots(),
         "series": api.timeline.series(),
         "top_keys": [],
         "budgets": [],

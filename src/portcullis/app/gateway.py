@@ -194,6 +194,7 @@ class Gateway:
                 is_draining=lambda: self.draining,
                 admin_route=lambda method, path: self.dispatch.match(method, path),
                 sso_client=lambda: self.sso,
+                host_snapshots=lambda: [host.snapshot() for host in self.hosts.values()],
             ),
             ops_deps=ops.OpsDeps(
                 config=config,

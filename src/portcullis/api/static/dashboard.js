@@ -7,6 +7,7 @@ const pill = (text, kind) => `<span class="pill ${kind}">${esc(text)}</span>`;
 const bar = (share) => `<div class="bar${share >= 0.9 ? " hot" : ""}"><div data-width="${Math.min(100, Math.round(share * 100))}"></div></div>`;
 const HEALTH = {ready: "ok", warming: "warn", unknown: "dim", down: "bad"};
 const BREAKER = {closed: "ok", half_open: "warn", open: "bad"};
+const SEAT = {loaded: "ok", sleeping: "ok", loading: "warn", unloading: "warn", unloaded: "dim", failed: "bad"};
 
 function rows(id, items, render, empty) {
   const body = $(id).querySelector("tbody");
@@ -38,6 +39,11 @@ function render(d) {
   rows("replicas", replicas, (r) => `<tr data-replica="${esc(r.name)}"><td>${esc(r.model)}</td><td>${esc(r.name)}</td>
     <td class="health">${pill(r.state, HEALTH[r.state] || "dim")}</td><td class="breaker">${pill(r.breaker, BREAKER[r.breaker] || "dim")}</td>
     <td>${r.in_flight} / ${r.slots ?? "∞"}</td><td>${esc(r.last_error)}</td></tr>`, "no replicas");
+  const seats = (d.hosts || []).flatMap((h) => h.models.map((m) => ({...m, host: h.name, swaps_last_hour: h.swaps_last_hour})));
+  $("hosts-section").hidden = !seats.length;
+  if (seats.length) rows("hosts", seats, (m) => `<tr data-host-model="${esc(m.model)}"><td>${esc(m.host)}</td><td>${esc(m.model)}</td>
+    <td class="state">${pill(m.draining ? "draining" : m.state, SEAT[m.state] || "dim")}</td><td class="num">${m.in_flight}</td><td class="num">${m.waiting}</td>
+    <td class="num">${m.load_s === null ? "-" : `${m.load_s.toFixed(2)} s`}</td><td class="num">${m.swaps_last_hour}</td></tr>`, "no hosts");
   rows("models", d.models, (m) => `<tr><td>${esc(m.model)}</td><td>${m.slots_in_use} / ${m.slots ?? "∞"}</td>
     <td>${m.slots ? bar(m.slots_in_use / m.slots) : ""}</td><td class="num">${m.queue}</td><td>${m.enabled ? pill("enabled", "ok") : pill("switched off", "bad")}</td></tr>`, "no models");
   rows("keys", d.top_keys, (k) => `<tr><td>${esc(k.key ?? "-")}</td><td>${esc(k.user ?? "-")}</td><td class="num">${k.requests}</td>
