@@ -956,6 +956,10 @@ class AffinityConfig(_Section):
     max_entries: int = Field(default=100_000, ge=16)
     # A replica keeps its prefixes while it has a free slot and at most this many times the average load.
     load_factor: float = Field(default=2.0, ge=1.0)
+    # Check each placement against the answer (llama-server's timings.cache_n, usage.prompt_tokens_details.
+    # cached_tokens): learn how well each replica keeps the prefixes placed on it, and place new prefixes in
+    # proportion to it (a replica whose cache does not keep them, too few slots for its conversations, gets fewer).
+    learn: bool = True
 
 
 class ContextFitConfig(_Section):

@@ -178,6 +178,10 @@ class Exchange:
     need: int = 0
     prompt_size: tuple[int, int] | None = None  # (UTF-8 bytes of the prompt's texts, framing tokens)
     affinity: tuple[bytes, ...] = ()
+    # The prefix blocks the affinity placement counted on finding at the replica (0: none), and the prompt tokens the
+    # answer says were taken from the replica's cache (usage.prompt_tokens_details.cached_tokens, timings.cache_n).
+    affinity_depth: int = 0
+    cached_tokens: int | None = None
     timings: dict[str, Any] | None = None
     # Background work (a batch line): never queued, preempted when an interactive request needs the slot.
     background: bool = False
@@ -248,6 +252,9 @@ class Exchange:
                 self.prompt_tokens = prompt
             if isinstance(completion, int):
                 self.completion_tokens = completion
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                self.cached_tokens = details["cached_tokens"]
 
     def account(self, status: int) -> None:
         """The request is over: its tokens are the upstream's own counts when it gave them, otherwise what

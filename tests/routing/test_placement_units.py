@@ -9,6 +9,7 @@ import pytest
 from portcullis.config import AffinityConfig, ConfigError, ContextFitConfig, OffPeakWindow, build_config
 from portcullis.offpeak import OffPeak
 from portcullis.routing.affinity import Affinity
+from portcullis.routing.affinity import render as render_prompt
 from portcullis.routing.catalog import Replica, ReplicaState
 from portcullis.routing.context import TokenCounter
 
@@ -64,6 +65,36 @@ def test_bounded_load_moves_on_when_the_prefix_replica_is_full() -> None:
     assert away is not None and away is not home and affinity.overflow == 1
     away.in_flight = 2
     assert affinity.pick(replicas, keys, (), 0.0, 0) is None  # nowhere with room: balance by load
+
+
+def test_placement_is_checked_against_the_cache_and_new_prefixes_follow_what_replicas_keep() -> None:
+    from portcullis.exchange import Exchange
+
+    affinity = Affinity(AffinityConfig(block_chars=64))
+    big, small = _replicas(2)
+    big.slots, small.slots = 8, 2
+    payload = _conversation("system prompt " * 20, 2)
+    keys = affinity.keys("m", payload)
+    size = len(render_prompt(payload))
+
+    def answered(replica: Replica, cached: int, depth: int) -> None:
+        ex = Exchange(route="chat", task=None, started_at=0.0, replica=replica, affinity=keys, affinity_depth=depth)
+        ex.prompt_tokens, ex.prompt_size = size // 4, (size, 0)  # 4 characters a token
+        ex.timings = {"cache_n": cached, "prompt_n": size // 4 - cached}
+        affinity.verify(ex, replica)
+
+    answered(big, cached=len(keys) * 16, depth=len(keys))  # it held all it was promised to hold
+    answered(small, cached=0, depth=len(keys))  # its slot had gone to other prompts
+    answered(small, cached=5, depth=0)  # no promise made: nothing to learn
+    assert (affinity.kept, affinity.broken) == (1, 1)
+    assert affinity.retention[big] == 1.0 and affinity.retention[small] == pytest.approx(0.9)
+    # New prefixes go by slots times retention: 8 against 1.8, about 82 % to the big one (today's: about half).
+    placed = [affinity.pick([big, small], (bytes([i, j]) * 8,), (), 0.0, 0) for i in range(20) for j in range(20)]
+    share = placed.count(big) / len(placed)
+    assert 0.75 < share < 0.89, share
+    today = Affinity(AffinityConfig(block_chars=64, learn=False))
+    placed = [today.pick([big, small], (bytes([i, j]) * 8,), (), 0.0, 0) for i in range(20) for j in range(20)]
+    assert 0.4 < placed.count(big) / len(placed) < 0.6
 
 
 def test_the_index_is_bounded() -> None:

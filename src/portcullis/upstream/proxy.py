@@ -304,6 +304,7 @@ class Upstream:
             if ok:
                 _observe(replica, ex)
                 if ex.affinity and self.affinity is not None:
+                    self.affinity.verify(ex, replica)  # did it hold what the placement counted on?
                     self.affinity.remember(ex.affinity, replica)
             if resp is not None:
                 if ok:
@@ -361,7 +362,7 @@ class Upstream:
         now = time.monotonic()
         need = ex.need
         if ex.affinity and self.affinity is not None:
-            replica = self.affinity.pick(target.replicas, ex.affinity, tried, now, need)
+            replica = self.affinity.place(target.replicas, ex, tried, now)
             if replica is not None:
                 return replica, target.model
         replica = choose(target.replicas, tried, now, need)
