@@ -695,6 +695,11 @@ class HealthConfig(_Section):
     up_after: int = Field(default=2, ge=1)
     # Wait this long at startup for a first probe of every replica before serving.
     startup_probe_timeout_s: float = Field(default=5.0, ge=0)
+    # With each probe of a ready llama-server, read its own load: /metrics (requests processing and deferred, when
+    # started with --metrics) and /slots (busy slots, the KV cache they hold). What it carries beyond the gateway's
+    # requests (other clients) counts against its capacity in balancing and admission; exported per replica in the
+    # shape of the Gateway API Inference Extension's model-server protocol (docs/llama-server.md).
+    load_signals: bool = True
 
 
 class CostConfig(_Section):

@@ -75,8 +75,10 @@ def test_an_interleaved_stream_under_load_on_a_real_router(gw: Proc, router: str
     states = server_states(router)
     assert sorted(states.values()).count("loaded") <= 1
     wait_until(
-        lambda: {m["model"] for m in host(gw)["models"] if m["state"] == "loaded"}
-        == {name for name, upstream in MODELS.items() if server_states(router)[upstream] == "loaded"},
+        lambda: (
+            {m["model"] for m in host(gw)["models"] if m["state"] == "loaded"}
+            == {name for name, upstream in MODELS.items() if server_states(router)[upstream] == "loaded"}
+        ),
         timeout=10,
         what="the gateway and the server to agree",
     )

@@ -409,6 +409,21 @@ def _instant(value: str, name: str) -> float:
 _DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")  # ASCII digits (\d takes any script's); \Z: no trailing newline
 
 
+def _signals(r: Replica, now: float) -> dict[str, Any] | None:
+    s = r.signals
+    if now >= s.fresh_until:
+        return None
+    return {
+        "processing": s.processing if s.metrics_at else None,
+        "deferred": s.deferred if s.metrics_at else None,
+        "busy_slots": s.busy_slots if s.slots_at else None,
+        "kv_utilization": round(s.kv_utilization, 4) if s.kv_utilization is not None else None,
+        "other_clients": s.external,
+        "prompt_tokens_per_s": s.prompt_tps,
+        "tokens_per_s": s.decode_tps,
+    }
+
+
 async def hosts(api: AdminDeps, req: Request, ex: Exchange) -> None:
     """GET /admin/hosts: each host (router-mode llama-server, launched servers) with its models' state, requests in
     flight and waiting, learned load times, and the swaps made (in all, and in the last hour)."""
@@ -434,6 +449,8 @@ async def backends(api: AdminDeps, req: Request, ex: Exchange) -> None:
                     "in_flight": r.in_flight,
                     "host": r.host,  # (on a host: whether its model is loaded now: GET /admin/hosts tells more)
                     "loaded": r.loaded,
+                    # llama-server's own reading of its load (health.load_signals), while fresh.
+                    "server_load": _signals(r, moment),
                     "slots": r.limit,
                     "n_ctx": r.n_ctx,
                     # The APIs it is sent as the client spoke them, and those it answered 404/405 lately (sent

@@ -153,13 +153,17 @@ class Gate:
     def capacity(self) -> float:
         """Slots of the usable replicas; math.inf when one of them has no slot count (it takes any number)."""
         total = 0
+        now = time.monotonic()
         for r in self.replicas:
             if r.state is not ReplicaState.READY:
                 continue
             limit = r.limit
             if limit is None:
                 return math.inf
-            total += r.breaker.capacity(limit)
+            # Slots other clients hold (the server's own reading) are not ours to give; but never all of them: a
+            # replica that is up takes at least one request (it waits in the server's queue, not refused here).
+            own = r.breaker.capacity(limit)
+            total += max(min(own, 1), own - r.external(now))
         return total
 
     def estimate_wait(self, position: int, priority: int | None = None) -> float:

@@ -30,7 +30,8 @@ def choose(
     for replica in replicas:
         if replica in avoid or not replica.usable(now) or (need and not fits(replica, need)):
             continue
-        load = replica.in_flight / replica.capacity
+        # (a llama-server's own reading adds what it carries for other clients: a saturated server is full)
+        load = (replica.in_flight + replica.external(now)) / replica.capacity
         if not replica.loaded:
             load += _COLD  # a host's model that is not loaded: only when no loaded replica can take it
         if not best or load < best_load:

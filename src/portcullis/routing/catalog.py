@@ -60,6 +60,28 @@ class SideCall(Protocol):
     ) -> tuple[int, Any]: ...
 
 
+@dataclass(slots=True)
+class Signals:
+    """What a llama-server says of its own load (upstream/probe.py read_signals), with when it said it."""
+
+    processing: int = 0  # /metrics requests_processing
+    deferred: int = 0  # /metrics requests_deferred: waiting inside the server for a slot
+    prompt_tps: float | None = None
+    decode_tps: float | None = None
+    busy_slots: int = 0  # /slots: slots processing
+    kv_utilization: float | None = None  # /slots: the share of the KV cache processing slots hold
+    external: int = 0  # requests it carries beyond the gateway's own (other clients), at the last reading
+    read_at: float = 0.0
+    metrics_at: float = 0.0
+    slots_at: float = 0.0
+    fresh_until: float = 0.0  # monotonic: after this the reading is too old to act on
+    metrics_off_until: float = 0.0  # /metrics answered 404/501: not asked again before this
+    slots_off_until: float = 0.0
+    # The replicas on this server (deployments of several models may share one llama-server): one reading for all,
+    # and "ours" is what the gateway has in flight on any of them.
+    members: list[Replica] = field(default_factory=list, repr=False)
+
+
 class ReplicaState(StrEnum):
     UNKNOWN = "unknown"  # not probed yet
     READY = "ready"
@@ -125,6 +147,7 @@ class Replica:
     # scheduler says whether it serves now (`loaded`); one that does not is chosen last and has no slots to count.
     host: str | None = None
     loaded: bool = True
+    signals: Signals = field(default_factory=Signals, repr=False)
 
     def speaks(self, path: str, now: float) -> bool:
         """Does it answer this API endpoint itself (as configured, and not found lacking it lately)?"""
@@ -148,6 +171,11 @@ class Replica:
         self.state = ReplicaState.DOWN
         self.last_error = reason
         self.probe_streak = 0
+
+    def external(self, now: float) -> int:
+        """Requests the server carries for other clients, by its last fresh reading (0 when it has none)."""
+        signals = self.signals
+        return signals.external if now < signals.fresh_until else 0
 
     @property
     def context(self) -> int | None:
@@ -427,7 +455,34 @@ class ReplicaCollector(Collector):
             "Requests that found every pooled connection to a replica busy for pool_s",
             labels=["model", "replica"],
         )
+        # The Gateway API Inference Extension's model-server protocol, per replica (docs/llama-server.md): what an
+        # endpoint picker scrapes from each model server, here for the llama.cpp fleet behind this gateway.
+        queued = GaugeMetricFamily(
+            "portcullis_replica_queued_requests",
+            "Requests waiting for a replica: inside llama-server (requests_deferred) when it reports it",
+            labels=["model", "replica"],
+        )
+        running = GaugeMetricFamily(
+            "portcullis_replica_running_requests",
+            "Requests a replica is processing: llama-server's requests_processing when fresh, else the gateway's own",
+            labels=["model", "replica"],
+        )
+        kv = GaugeMetricFamily(
+            "portcullis_replica_kv_cache_utilization",
+            "Share (0..1) of a replica's KV cache held by the requests it processes: from llama-server's /slots "
+            "when fresh, else estimated as busy slots over slots",
+            labels=["model", "replica"],
+        )
+        now = time.monotonic()
         for r in self.catalog.all_replicas():
+            signals = r.signals
+            current = now < signals.fresh_until
+            queued.add_metric([r.model, r.name], signals.deferred if current else 0)
+            running.add_metric([r.model, r.name], signals.processing if current and signals.metrics_at else r.in_flight)
+            if current and signals.kv_utilization is not None:
+                kv.add_metric([r.model, r.name], signals.kv_utilization)
+            else:
+                kv.add_metric([r.model, r.name], min(1.0, r.in_flight / max(1, r.capacity)))
             if r.client is not None:
                 connections.add_metric([r.model, r.name], r.client.in_use)
                 fresh.add_metric([r.model, r.name], r.client.fresh_retries)
@@ -447,3 +502,6 @@ class ReplicaCollector(Collector):
         yield connections
         yield fresh
         yield pool_timeouts
+        yield queued
+        yield running
+        yield kv

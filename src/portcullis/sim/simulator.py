@@ -232,6 +232,7 @@ class Simulator:
         self._slot_busy = [False] * self.settings.slots
         self._slot_cache: list[list[int]] = [[] for _ in range(self.settings.slots)]
         self._slot_used = [0.0] * self.settings.slots
+        self._slot_prompt = [0] * self.settings.slots  # the prompt tokens of the request a busy slot serves
         self.stats = {
             "requests": 0,
             "completed": 0,
@@ -389,8 +390,16 @@ class Simulator:
         }
 
     def _slots_json(self) -> list[dict[str, Any]]:
+        # (llama-server's shape: the tokens the slot holds, and what its current request has generated)
         return [
-            {"id": i, "n_ctx": self.settings.n_ctx, "is_processing": busy} for i, busy in enumerate(self._slot_busy)
+            {
+                "id": i,
+                "n_ctx": self.settings.n_ctx,
+                "is_processing": busy,
+                "n_prompt_tokens": self._slot_prompt[i] if busy else len(self._slot_cache[i]),
+                "next_token": [{"n_decoded": 0}],
+            }
+            for i, busy in enumerate(self._slot_busy)
         ]
 
     def _models(self) -> dict[str, Any]:
@@ -598,6 +607,7 @@ class Simulator:
                 self.stats["waiting"] -= 1
                 slot, cached = self._take_slot(prompt_ids)
                 self._slot_busy[slot] = True
+                self._slot_prompt[slot] = len(prompt_ids)
                 self.stats["active"] += 1
                 self.stats["max_active"] = max(self.stats["max_active"], self.stats["active"])
                 try:

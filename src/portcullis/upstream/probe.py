@@ -55,6 +55,20 @@ class ProbeClient:
         future = asyncio.run_coroutine_threadsafe(self._get(url, headers, timeout_s), self._loop)
         return await asyncio.wrap_future(future)
 
+    async def get_text(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, str]:
+        future = asyncio.run_coroutine_threadsafe(self._get_text(url, headers, timeout_s), self._loop)
+        return await asyncio.wrap_future(future)
+
+    async def _get_text(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, str]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=0), skip_auto_headers=("User-Agent",)
+            )
+        async with asyncio.timeout(timeout_s):
+            async with self._session.get(url, headers=headers) as resp:
+                raw = await resp.read()
+        return resp.status, raw.decode(errors="replace")
+
     async def _get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, Any]:
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -132,6 +146,85 @@ async def learn_capacity(client: ProbeClient, replica: Replica, timeout_s: float
         replica.meta = data[0]["meta"]
 
 
+_SIGNALS_EVERY_S = 1.0  # read at most this often (probes may run faster: a load reading is two more requests)
+_SIGNALS_OFF_S = 600.0  # a server that answered /metrics or /slots 404/501 (not enabled) is asked again after this
+
+
+async def read_signals(client: ProbeClient, replica: Replica, config: HealthConfig) -> None:
+    """llama-server's own view of its load, beside the gateway's (other clients may use it too):
+    `/metrics` (with --metrics): requests processing and deferred, its token rates; `/slots`: each slot's state and
+    the tokens it holds, from which the KV-cache estimate comes (docs/llama-server.md, "Load signals").
+    `replica.external` is what the server carries beyond the gateway's own requests, while the reading is fresh."""
+    now = time.monotonic()
+    signals = replica.signals
+    every = max(config.interval_s, _SIGNALS_EVERY_S)
+    if now < signals.read_at + every:
+        return
+    signals.read_at = now
+    if now >= signals.metrics_off_until:
+        try:
+            status, text = await client.get_text(*_target(replica, "/metrics"), config.timeout_s)
+        except Exception:
+            status, text = 0, ""
+        if status in (404, 501):
+            signals.metrics_off_until = now + _SIGNALS_OFF_S
+        elif status == 200:
+            values = parse_llamacpp_metrics(text)
+            signals.processing = int(values.get("requests_processing", 0))
+            signals.deferred = int(values.get("requests_deferred", 0))
+            signals.prompt_tps = values.get("prompt_tokens_seconds")
+            signals.decode_tps = values.get("predicted_tokens_seconds")
+            signals.metrics_at = now
+    if now >= signals.slots_off_until:
+        try:
+            status, slots = await client.get(*_target(replica, "/slots"), config.timeout_s)
+        except Exception:
+            status, slots = 0, None
+        if status in (404, 501):
+            signals.slots_off_until = now + _SIGNALS_OFF_S
+        elif status == 200 and isinstance(slots, list):
+            signals.busy_slots, signals.kv_utilization = kv_estimate(slots)
+            signals.slots_at = now
+    signals.fresh_until = now + 3 * every
+    # What the server carries beyond our own requests (in flight on it, for any of its models, at the reading).
+    theirs = signals.processing + signals.deferred if signals.metrics_at >= now - 1 else signals.busy_slots
+    ours = sum(r.in_flight for r in signals.members) if signals.members else replica.in_flight
+    signals.external = max(0, theirs - ours)
+
+
+def parse_llamacpp_metrics(text: str) -> dict[str, float]:
+    """`llamacpp:<name> <value>` lines of llama-server's Prometheus text."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("llamacpp:"):
+            name, _, value = line[len("llamacpp:") :].partition(" ")
+            try:
+                out[name.split("{", 1)[0]] = float(value.split()[0])
+            except (ValueError, IndexError):
+                continue
+    return out
+
+
+def kv_estimate(slots: list[Any]) -> tuple[int, float | None]:
+    """(slots processing, the share of the KV cache their requests hold): the tokens of each processing slot (its
+    prompt and what it has generated) over every slot's context. Idle slots' cached prompts are not counted: they
+    give way to any new request."""
+    busy = held = total = 0
+    for slot in slots:
+        if not isinstance(slot, dict) or not isinstance(slot.get("n_ctx"), int):
+            continue
+        total += slot["n_ctx"]
+        if slot.get("is_processing"):
+            busy += 1
+            tokens = slot.get("n_prompt_tokens")
+            held += tokens if isinstance(tokens, int) else 0
+            following = slot.get("next_token")
+            if isinstance(following, list) and following and isinstance(following[0], dict):
+                decoded = following[0].get("n_decoded")
+                held += decoded if isinstance(decoded, int) else 0
+    return busy, (min(1.0, held / total) if total else None)
+
+
 async def update(client: ProbeClient, replica: Replica, config: HealthConfig) -> bool:
     """Probe once; True when the replica's state or capacity changed."""
     started = time.monotonic()
@@ -142,6 +235,8 @@ async def update(client: ProbeClient, replica: Replica, config: HealthConfig) ->
     slots = replica.slots
     if state is ReplicaState.READY and replica.kind == "llama_cpp" and replica.state is not ReplicaState.READY:
         await learn_capacity(client, replica, config.timeout_s)
+    if state is ReplicaState.READY and replica.kind == "llama_cpp" and config.load_signals:
+        await read_signals(client, replica, config)
     if state is replica.state:
         return slots != replica.slots
     log.info(
@@ -181,6 +276,15 @@ class Prober:
         self.replicas = replicas
         self.config = config
         self.on_change = on_change
+        # One load reading per server, shared by the deployments on it (several models may share one llama-server).
+        by_url: dict[str, list[Replica]] = {}
+        for r in replicas:
+            by_url.setdefault(r.url, []).append(r)
+        for members in by_url.values():
+            shared = members[0].signals
+            shared.members = members
+            for r in members:
+                r.signals = shared
         self.client: ProbeClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
