@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer llama-server's own APIs (/v1/messages, /v1/responses, token counts) 404, as an older server",
     )
     sim.add_argument("--reasoning-words", type=int, default=0, help="think this many words (reasoning_content) first")
+    sim.add_argument("--slot-save-path", default=None, help="a folder for POST /slots/{id}?action=save|restore")
     router = sim.add_argument_group("router mode (llama-server --models-dir: several models loaded on demand)")
     router.add_argument("--router-models", default=None, help="comma-separated model names: serve them as a router")
     router.add_argument("--models-max", type=int, default=4, help="models loaded at once (0: no limit)")
@@ -179,6 +180,7 @@ def _run_sim(args: argparse.Namespace) -> int:
         max_requests_per_connection=args.max_requests_per_connection,
         native=not args.no_native,
         reasoning_words=args.reasoning_words,
+        slot_save_path=args.slot_save_path,
     )
     for option, field in (("moderation_trigger", "moderation_triggers"), ("guard_trigger", "guard_triggers")):
         pairs = getattr(args, option)

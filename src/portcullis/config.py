@@ -828,6 +828,18 @@ class HostConfig(_Section):
         return self
 
 
+class WarmRestartConfig(_Section):
+    """Save the KV cache of a model's most used system prompts on the replica's disk and restore it when the replica
+    comes back (llama-server started with --slot-save-path; docs/llama-server.md, "Warm restarts")."""
+
+    # System prompts kept warm, the most used first (one slot each: at most the replica's slots).
+    prefixes: int = Field(default=2, ge=1, le=64)
+    # How often they are primed and saved again.
+    save_every_s: PositiveFloat = 300.0
+    # A system prompt shorter than this many characters is not worth a slot.
+    min_chars: int = Field(default=512, ge=1)
+
+
 class DeploymentConfig(_KeySource):
     # http(s)://host:port of the backend (no path). Not with `host`.
     url: str = ""
@@ -870,6 +882,8 @@ class DeploymentConfig(_KeySource):
     # None: every one of them for llama_cpp (a path it answers 404 or 501 is then learned and translated), none
     # for openai.
     native: list[str] | None = None
+    # llama_cpp: keep the most used system prompts' KV cache on the server's disk and restore it after a restart.
+    warm_restart: WarmRestartConfig | None = None
 
     @field_validator("native")
     @classmethod
@@ -1381,6 +1395,8 @@ class Config(_Section):
         for model, conf in self.models.items():
             for i, dep in enumerate(conf.deployments):
                 where = f"models.{model}.deployments.{i}"
+                if dep.warm_restart is not None and (dep.host is not None or dep.kind != "llama_cpp"):
+                    raise ValueError(f"{where}.warm_restart: only a llama-server deployment of its own (not on a host)")
                 if dep.host is None:
                     if dep.command is not None:
                         raise ValueError(f"{where}.command: only a deployment on a launch host has a command")

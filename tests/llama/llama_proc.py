@@ -30,12 +30,14 @@ def serve_llama(
     args: Sequence[str] = (),
     name: str = "tiny",
     ctx: int = CTX,
+    port: int = 0,
 ) -> Iterator[str]:
     """A llama-server on a free port (its URL) for as long as the generator runs: a module's `llama` fixture.
     `write` makes its model (tiny_gguf's random one by default), `args` adds to its command line, `name` tells its
-    files apart from another server's in the same module; `ctx` is the context of all its slots together."""
+    files apart from another server's in the same module; `ctx` is the context of all its slots together; `port`: a
+    port to listen on (a server started again where the gateway expects it), else a free one."""
     model = write(module_tmp / f"{name}.gguf")
-    yield from _serve(module_tmp, ["-m", str(model), "-a", "tiny-alias"], args, name, ctx)
+    yield from _serve(module_tmp, ["-m", str(model), "-a", "tiny-alias"], args, name, ctx, port)
 
 
 def serve_llama_router(
@@ -50,8 +52,10 @@ def serve_llama_router(
     yield from _serve(module_tmp, ["--models-dir", str(folder), "--models-max", str(models_max)], args, "router", CTX)
 
 
-def _serve(module_tmp: Path, model_args: list[str], args: Sequence[str], name: str, ctx: int) -> Iterator[str]:
-    port = _free_port()
+def _serve(
+    module_tmp: Path, model_args: list[str], args: Sequence[str], name: str, ctx: int, port: int = 0
+) -> Iterator[str]:
+    port = port or _free_port()
     log_path = module_tmp / f"llama-server-{name}.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(

@@ -53,6 +53,7 @@ from portcullis.surfaces.store import ResponseStore
 from portcullis.upstream.deadline import Deadlines
 from portcullis.upstream.probe import Prober
 from portcullis.upstream.proxy import Upstream
+from portcullis.upstream.warm import WarmRestarts
 
 __all__ = ["Gateway", "StartupError", "create_app"]
 
@@ -81,6 +82,17 @@ class Gateway:
         # Every call to a backend goes through the upstream stage: traffic (forward) and side calls alike.
         self.upstream = Upstream(config.resilience, self.metrics, self.affinity, self.hosts)
         call = self.upstream.call
+        self.warm = WarmRestarts(config, self.catalog, call)
+        if self.warm.enabled:
+            self.upstream.warm = self.warm
+            self.metrics.count(
+                "portcullis_warm_saved", "Slots primed and saved with a system prompt", lambda: self.warm.saves
+            )
+            self.metrics.count(
+                "portcullis_warm_restored",
+                "Saved slots restored into a replica back from a restart",
+                lambda: self.warm.restores,
+            )
         self.router = Router(config, self.catalog, self.admission, self.affinity, self.metrics, call)
         self.moderation = Moderation(config, self.catalog, self.metrics, self.log, call)
         self.cache = ResponseCache(config.cache, config.store.redis_url, self.metrics, self.catalog, call)
@@ -307,6 +319,8 @@ class Gateway:
             self.admission.kick_later(replica.model, breaker.config.open_s)
 
     def _on_replica_change(self, replica: Replica) -> None:
+        if self.warm.enabled:
+            self.warm.changed(replica)  # back after being down: its saved system prompts go back into its slots
         if replica.state is ReplicaState.DOWN and self._elsewhere(replica):
             # Probes found it dead (hung, gone): the attempts still waiting on it for an answer would wait out
             # their whole time limit. Cut them now (the watchdog's next tick) and retry them elsewhere. Streams

@@ -176,6 +176,7 @@ async def startup(gw: Gateway) -> None:
     gw.prober.start()
     for host in gw.hosts.values():  # (after the clients: a host may adopt models the server has loaded already)
         await host.start()
+    gw.warm.start()
     if gw.batch_runner is not None:
         gw.batch_runner.start()
     # Everything allocated so far lives as long as the process: move it out of the collector's
@@ -191,6 +192,7 @@ async def shutdown(gw: Gateway) -> None:
     await gw.prober.stop()
     for host in gw.hosts.values():  # waiting requests get their 503, launched processes end
         await host.stop()
+    await gw.warm.stop()
     await gw.deadlines.stop()
     await gw.memory.stop()
     await LAG.stop()

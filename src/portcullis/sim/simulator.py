@@ -37,6 +37,7 @@ import re
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -115,6 +116,8 @@ class SimSettings:
     native: bool = True
     # A thinking model: this many words of reasoning (`reasoning_content`) before the answer.
     reasoning_words: int = 0
+    # llama-server's --slot-save-path: POST /slots/{id}?action=save|restore write and read a slot's cached tokens there.
+    slot_save_path: str | None = None
 
 
 _VOCAB: dict[int, str] = {}  # the pieces seen, by id (/detokenize)
@@ -249,6 +252,8 @@ class Simulator:
             "moderation_calls": 0,
             "guard_calls": 0,
             "dropped_reused": 0,
+            "slot_saves": 0,
+            "slot_restores": 0,
             "native": 0,  # requests to llama-server's own APIs (/v1/messages, /v1/responses, counts, templates)
         }
         self.last_guard_prompt: str | None = None
@@ -295,6 +300,8 @@ class Simulator:
                 await _json(send, 200, self._props())
             elif path == "/slots" and method == "GET":
                 await _json(send, 200, self._slots_json())
+            elif path.startswith("/slots/") and method == "POST":
+                await self._slot_file(path, scope.get("query_string", b"").decode(), body, send)
             elif path == "/metrics" and method == "GET":
                 await _send(send, 200, self._metrics(), b"text/plain; version=0.0.4")
             elif path in ("/v1/models", "/models") and method == "GET":
@@ -388,6 +395,42 @@ class Simulator:
             "modalities": {"vision": False, "audio": False},
             "build_info": "portcullis-sim",
         }
+
+    async def _slot_file(self, path: str, query: str, body: bytes, send: Any) -> None:
+        """POST /slots/{id}?action=save|restore {"filename"}: a slot's cached tokens to or from --slot-save-path."""
+        action = dict(p.partition("=")[::2] for p in query.split("&") if p).get("action")
+        folder = self.settings.slot_save_path
+        try:
+            slot = int(path.rsplit("/", 1)[1])
+            filename = str(orjson.loads(body or b"{}").get("filename", ""))
+        except (ValueError, orjson.JSONDecodeError, AttributeError):
+            await _json(send, 400, _invalid("bad request"))
+            return
+        if folder is None:
+            message = "This server does not support slots action. Use --slot-save-path to enable it."
+            await _json(send, 501, {"error": {"code": 501, "message": message, "type": "not_supported_error"}})
+            return
+        if not 0 <= slot < self.settings.slots or not filename or "/" in filename or filename.startswith("."):
+            await _json(
+                send,
+                400,
+                {"error": {"code": 400, "message": "invalid slot or filename", "type": "invalid_request_error"}},
+            )
+            return
+        file = Path(folder) / filename
+        if action == "save":
+            file.write_bytes(orjson.dumps(self._slot_cache[slot]))
+            self.stats["slot_saves"] += 1
+            await _json(send, 200, {"id_slot": slot, "filename": filename, "n_saved": len(self._slot_cache[slot])})
+        elif action == "restore" and file.exists():
+            self._slot_cache[slot] = [int(t) for t in orjson.loads(file.read_bytes())]
+            self._slot_used[slot] = time.monotonic()
+            self.stats["slot_restores"] += 1
+            await _json(send, 200, {"id_slot": slot, "filename": filename, "n_restored": len(self._slot_cache[slot])})
+        else:
+            await _json(
+                send, 400, {"error": {"code": 400, "message": "failed to restore", "type": "invalid_request_error"}}
+            )
 
     def _slots_json(self) -> list[dict[str, Any]]:
         # (llama-server's shape: the tokens the slot holds, and what its current request has generated)
@@ -605,7 +648,7 @@ class Simulator:
         try:
             async with self._slots:
                 self.stats["waiting"] -= 1
-                slot, cached = self._take_slot(prompt_ids)
+                slot, cached = self._take_slot(prompt_ids, req.get("id_slot"))
                 self._slot_busy[slot] = True
                 self._slot_prompt[slot] = len(prompt_ids)
                 self.stats["active"] += 1
@@ -639,11 +682,14 @@ class Simulator:
             watcher.cancel()
         self.stats["completed" if ok else "cancelled"] += 1
 
-    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+    def _take_slot(self, prompt: list[int], wanted: Any = None) -> tuple[int, int]:
         """The idle slot for a prompt (llama-server's choice: the longest cached prefix if similar enough,
-        else the least recently used) and how many of its tokens that slot has cached."""
+        else the least recently used; `id_slot` when the request names an idle one) and how many of its tokens that
+        slot has cached."""
         s = self.settings
         idle = [i for i, busy in enumerate(self._slot_busy) if not busy]
+        if isinstance(wanted, int) and wanted in idle:
+            idle = [wanted]
         best, best_common = None, 0
         if s.prompt_cache:
             for i in idle:
@@ -1037,6 +1083,10 @@ class _Encoding:
                 continue
             out += self.surface.events([chunk])
         await self.send({"type": "http.response.body", "body": out, "more_body": more})
+
+
+def _invalid(message: str) -> dict[str, Any]:
+    return {"error": {"code": 400, "message": message, "type": "invalid_request_error"}}
 
 
 def _context_error(n_prompt: int, n_ctx: int) -> dict[str, Any]:

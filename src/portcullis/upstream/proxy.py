@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from portcullis.obs.metrics import Metrics
     from portcullis.routing.admission import Target
     from portcullis.routing.affinity import Affinity
+    from portcullis.upstream.warm import WarmRestarts
 
 _ATTEMPTS = b"x-portcullis-attempts"
 _ATTEMPT_VALUES = [str(n).encode() for n in range(16)]
@@ -63,6 +64,7 @@ class Upstream:
         # Hosts that load models on demand (router mode, launched servers): an attempt on one of their replicas
         # first waits there for its model (hosts/schedule.py).
         self.hosts = hosts or {}
+        self.warm: WarmRestarts | None = None  # counts the system prompts worth keeping warm (warm.py)
 
     async def forward(
         self,
@@ -78,6 +80,8 @@ class Upstream:
         surface), a replica that answers that API's endpoint itself gets `native` there instead."""
         if ex.trace is not None:
             ex.trace.stage("upstream")
+        if self.warm is not None:
+            self.warm.observe(target.model, payload)
         client_wants_usage = True
         if ex.stream:
             options = payload.get("stream_options")
