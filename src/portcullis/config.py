@@ -1392,6 +1392,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _host_references(self) -> Config:
         on_host: dict[str, set[str]] = {name: set() for name in self.hosts}
+        upstreams: dict[str, set[str]] = {}  # a router's model names taken (two seats for one model: unloaded twice)
         for model, conf in self.models.items():
             for i, dep in enumerate(conf.deployments):
                 where = f"models.{model}.deployments.{i}"
@@ -1412,6 +1413,13 @@ class Config(_Section):
                     raise ValueError(f"{where}.command: a router host loads its models itself (no command)")
                 if model in on_host[dep.host]:
                     raise ValueError(f"{where}.host: model '{model}' is on host '{dep.host}' twice")
+                upstream = dep.upstream_model or model
+                taken = upstreams.setdefault(dep.host, set())
+                if host.kind == "router" and upstream in taken:
+                    raise ValueError(
+                        f"{where}.upstream_model: '{upstream}' is already a model of host '{dep.host}' (use aliases)"
+                    )
+                taken.add(upstream)
                 on_host[dep.host].add(model)
         for name, host in self.hosts.items():
             for j, group in enumerate(host.exclusive):

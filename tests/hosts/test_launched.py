@@ -87,7 +87,10 @@ def running() -> set[str]:
 
 def ask(client: openai.OpenAI, model: str, tokens: int = 4) -> Any:
     return client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=tokens
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=tokens,
+        extra_body={"ignore_eos": True},  # (exactly `tokens` long: the simulator's natural end is shorter)
     )
 
 

@@ -174,7 +174,10 @@ def test_higher_tiers_models_load_first_and_metrics_tell_the_swaps(gw: Proc, rou
     done: dict[str, float] = {}
 
     def ask(client: openai.OpenAI, model: str, tokens: int) -> None:
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=tokens)
+        messages = [{"role": "user", "content": "hi"}]
+        client.chat.completions.create(
+            model=model, messages=messages, max_tokens=tokens, extra_body={"ignore_eos": True}
+        )
         done[model] = time.monotonic()
 
     long = threading.Thread(target=ask, args=(enterprise, first, 80))  # about a second at 80 tokens/s

@@ -46,7 +46,8 @@ def gauge(gw: Proc, name: str, replica: str) -> float | None:
 
 def test_a_replica_busy_with_another_clients_requests_gets_none_of_ours(gw: Proc, sims: list[Proc]) -> None:
     busy, free = sims
-    body = orjson.dumps({"model": "x", "messages": [{"role": "user", "content": "hog"}], "max_tokens": 2000})
+    hog = {"model": "x", "messages": [{"role": "user", "content": "hog"}], "max_tokens": 2000, "ignore_eos": True}
+    body = orjson.dumps(hog)
     hogs = []
     for _ in range(4):  # two slots taken, two more waiting inside the server
         conn = http.client.HTTPConnection("127.0.0.1", int(busy.url.rsplit(":", 1)[1]), timeout=60)

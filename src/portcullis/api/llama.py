@@ -128,7 +128,7 @@ async def _side(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     name, replica = await _llama_replica(api, req, ex, payload.get("model"))
     _checked(api, req.path, payload, replica)
     payload["model"] = replica.upstream_model or name
-    status, answer = await api.upstream.call(replica, req.path, payload, model=name, timeout_s=30)
+    status, answer = await api.upstream.call(replica, req.path, payload, model=name, timeout_s=30, load=True)
     if status >= 400 or answer is None:
         message = answer.get("error", {}).get("message") if isinstance(answer, dict) else None
         raise GatewayError(

@@ -2,21 +2,22 @@
 and stopped when the scheduler makes room or its TTL passes (what llama-swap does, under the gateway's scheduler).
 
 Each model's `command` names the port as `{port}`; the gateway chooses a free one on `listen_host` (and another
-if it was taken by the time the process starts). A start is over when the process answers `GET /health` 200
-within `start_timeout_s`; a process that exits first failed to load (the error carries the last line it wrote:
-its output goes to a log file per model in the temporary directory). A stop is SIGTERM, then SIGKILL after
-`stop_timeout_s`. A process that dies on its own (a crash, SIGKILL) leaves its model unloaded: the requests it
-was serving fail over to their retries, which wait for it to start again. A model that crashes `max_restarts`
-times in a row without serving a minute in between is failed for a while. The processes end with the gateway
-(and with it if it dies: Linux's parent-death signal).
+if it was taken by the time the process is to start; one taken in the instant after fails that load). A start is
+over when the process answers `GET /health` 200 within `start_timeout_s`; a process that exits first failed to
+load (the error carries the last line it wrote: its output goes to a log file per model in the temporary
+directory). A stop is SIGTERM, then SIGKILL after `stop_timeout_s`. A process that dies on its own (a crash,
+SIGKILL) leaves its model unloaded: the requests it was serving fail over to their retries, which wait for it to
+start again. A model that crashes `max_restarts` times in a row without serving a minute in between is failed for
+a while. The processes end with the gateway (and with it if it dies: Linux's parent-death signal, set by
+util-linux's setpriv when the machine has it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -54,10 +55,12 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# The processes end with the gateway even when it dies without stopping them: util-linux's setpriv sets Linux's
+# parent-death signal and execs the command (a preexec_fn doing it in Python would run between fork and exec in a
+# process with threads: not safe). Without setpriv, only a gateway that stops cleanly stops them.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+_DEATH_SIGNAL: tuple[str, ...] = (_SETPRIV, "--pdeathsig", "TERM", "--") if _SETPRIV else ()
+_CHECK_S = 2.0  # a process whose connection was refused has this long to answer /health before it is ended
 
 
 class Launcher:
@@ -72,6 +75,7 @@ class Launcher:
         self._crashes: dict[str, int] = {}
         self._started: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._checking: set[str] = set()
         self.log_dir = Path(tempfile.gettempdir()) / f"portcullis-launch-{os.getpid()}"
 
     async def start(self, host: Host) -> None:
@@ -104,39 +108,55 @@ class Launcher:
         out = await asyncio.to_thread(log_path.open, "wb")
         try:
             proc = await asyncio.create_subprocess_exec(
+                *_DEATH_SIGNAL,
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise LoadFailed(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         finally:
             out.close()  # (the child has its own copy)
         self.procs[seat.model] = proc
-        self._started[seat.model] = time.monotonic()
+        self._started[seat.model] = float("inf")  # (serving time counts from its first healthy answer)
         self._watchers[seat.model] = asyncio.create_task(self._watch(seat, proc))
         log.info("host_process_started", host=self.name, model=seat.model, pid=proc.pid, port=port)
         try:
             await self._healthy(seat, proc, log_path)
+            self._started[seat.model] = time.monotonic()
+            await self._learn(seat)
         except BaseException:
             await self._terminate(seat.model)  # cancelled (nobody waits any more) or failed: it goes
             raise
-        await self._learn(seat)
 
     async def unload(self, seat: Seat) -> None:
         await self._terminate(seat.model)
 
     def lost(self, seat: Seat) -> bool:
-        """A request could not reach the model's process: it is gone or broken. A live one is ended (its watcher
-        then marks the model unloaded); the retries wait for it to start again."""
+        """A request could not connect to the model's process. Gone (its exit is on its way to the watcher, which
+        marks the model unloaded: the retries wait for it to start again), or alive and not answering: its /health
+        is asked, and a process that does not answer it either is ended. Never the breaker's business."""
         proc = self.procs.get(seat.model)
         if proc is not None and proc.returncode is None and seat.model not in self._stopping:
+            if seat.model not in self._checking:
+                self._checking.add(seat.model)
+                task = asyncio.get_running_loop().create_task(self._check(seat, proc))
+                task.add_done_callback(lambda _: self._checking.discard(seat.model))
+        return True
+
+    async def _check(self, seat: Seat, proc: asyncio.subprocess.Process) -> None:
+        assert self._session is not None
+        with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            async with asyncio.timeout(_CHECK_S):
+                async with self._session.get(seat.replica.url + "/health") as resp:
+                    if resp.status == 200:
+                        return  # alive and well: the failed connection was ours (a descriptor limit, say)
+        if proc.returncode is None and self.procs.get(seat.model) is proc:
+            log.warning("host_process_unresponsive", host=self.name, model=seat.model, pid=proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-        return True
 
     def details(self, seat: Seat) -> dict[str, object]:
         proc = self.procs.get(seat.model)

@@ -38,6 +38,7 @@ _STATES = {
     "sleeping": SeatState.SLEEPING,
 }
 _WATCH_POLL_S = 0.25  # while a load or unload of ours is under way, /models is read this often (besides the events)
+_STOP_TIMEOUT_S = 60.0  # a cancelled load's model has this long to be gone before its room is taken as free
 
 
 def server_state(status: Any) -> tuple[SeatState | None, str | None]:
@@ -62,13 +63,17 @@ class RouterDriver:
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()  # set whenever a status was read: load/unload waits look again
         self._server: dict[str, tuple[SeatState | None, str | None]] = {}  # upstream name → what the server said
+        self._aliases: dict[str, str] = {}  # an alias the server knows a model by → its name (/models `aliases`)
+        self._event_at: dict[str, float] = {}  # when the events last said something of a model (a poll older loses)
 
     # -- life -------------------------------------------------------------------------------------------
 
     async def start(self, host: Host) -> None:
         self.host = host
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True, limit=0), skip_auto_headers=("User-Agent",)
+            connector=aiohttp.TCPConnector(force_close=True, limit=0),
+            skip_auto_headers=("User-Agent",),
+            timeout=aiohttp.ClientTimeout(total=None),  # (the event stream lasts; each call has its own limit)
         )
         with contextlib.suppress(Exception):
             await self._sync()
@@ -84,40 +89,55 @@ class RouterDriver:
     # -- loads and unloads -----------------------------------------------------------------------------
 
     async def load(self, seat: Seat) -> None:
+        name = self._name(seat)
         try:
-            status, body = await self._post("/models/load", {"model": seat.upstream})
-            if status != 200 and not _already(body, "running"):
+            while True:
+                status, body = await self._post("/models/load", {"model": seat.upstream})
+                if status == 200 or _already(body, "running"):
+                    break
+                if "limit reached" in _message(body):
+                    # The room is still held by a model on its way out (its process ending): in a moment.
+                    await asyncio.sleep(_WATCH_POLL_S)
+                    continue
                 raise LoadFailed(f"the router answered {status}: {_message(body)}")
             if status == 200:
-                self._server[seat.upstream] = (SeatState.LOADING, None)  # (not what it said before: a failure, say)
+                self._server[name] = (SeatState.LOADING, None)  # (not what it said before: a failure, say)
             await self._until(seat, (SeatState.LOADED, SeatState.SLEEPING), fail=True)
+            await self._learn(seat)
         except asyncio.CancelledError:
-            # Nobody waits for it any more: the router stops the load (a loading model can be unloaded).
+            # Nobody waits for it any more: the router stops the load (a loading model can be unloaded), and the room
+            # is given back only once the server says the model is gone.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._post("/models/unload", {"model": seat.upstream}))
+                async with asyncio.timeout(_STOP_TIMEOUT_S):
+                    await self._post("/models/unload", {"model": seat.upstream})
+                    self._server[name] = (SeatState.UNLOADING, None)
+                    await self._until(seat, (SeatState.UNLOADED, SeatState.FAILED), fail=False)
             raise
-        await self._learn(seat)
 
     async def unload(self, seat: Seat) -> None:
         status, body = await self._post("/models/unload", {"model": seat.upstream})
         if status != 200 and not _already(body, "not running"):
             raise LoadFailed(f"the router answered {status}: {_message(body)}")
         if status == 200:
-            self._server[seat.upstream] = (SeatState.UNLOADING, None)
+            self._server[self._name(seat)] = (SeatState.UNLOADING, None)
         await self._until(seat, (SeatState.UNLOADED, SeatState.FAILED), fail=False)
 
     def lost(self, seat: Seat) -> bool:
         return False  # the router itself did not answer: its health decides for every model on it
 
+    def _name(self, seat: Seat) -> str:
+        """The server's name for the seat's model (its `upstream_model` may be one of the model's aliases)."""
+        return self._aliases.get(seat.upstream, seat.upstream)
+
     def details(self, seat: Seat) -> dict[str, object]:
-        state, _ = self._server.get(seat.upstream, (None, None))
+        state, _ = self._server.get(self._name(seat), (None, None))
         return {"server_state": state.value if state is not None else None}
 
     async def _until(self, seat: Seat, states: tuple[SeatState, ...], *, fail: bool) -> None:
         """Until the server reports one of `states` for the model (its events, a quick poll beside them)."""
         while True:
             self._changed.clear()
-            state, error = self._server.get(seat.upstream, (None, None))
+            state, error = self._server.get(self._name(seat), (None, None))
             if state in states:
                 return
             if fail and state is SeatState.FAILED:
@@ -156,22 +176,28 @@ class RouterDriver:
         await self._read_models()
 
     async def _read_models(self) -> None:
+        started = time.monotonic()
         status, body = await self._get("/models")
         data = body.get("data") if status == 200 and isinstance(body, dict) else None
         if not isinstance(data, list):
             return
         for entry in data:
             if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                for alias in entry.get("aliases") or ():
+                    if isinstance(alias, str):
+                        self._aliases[alias] = entry["id"]
+                if self._event_at.get(entry["id"], 0.0) > started:
+                    continue  # an event said something newer while this list was on its way
                 self._saw(entry["id"], *server_state(entry.get("status")))
 
-    def _saw(self, upstream: str, state: SeatState | None, error: str | None) -> None:
+    def _saw(self, name: str, state: SeatState | None, error: str | None) -> None:
         if state is None:
             return
-        self._server[upstream] = (state, error)
+        self._server[name] = (state, error)
         self._changed.set()
         assert self.host is not None
         for seat in self.host.seats.values():
-            if seat.upstream == upstream:
+            if self._name(seat) == name:
                 self.host.observed(seat, state, error=error)
 
     async def _poll(self) -> None:
@@ -220,6 +246,7 @@ class RouterDriver:
         except orjson.JSONDecodeError:
             return
         if isinstance(event, dict) and isinstance(event.get("model"), str):
+            self._event_at[event["model"]] = time.monotonic()
             self._saw(event["model"], *server_state(event.get("data")))
 
     # -- HTTP ----------------------------------------------------------------------------------------------

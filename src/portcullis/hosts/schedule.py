@@ -121,6 +121,16 @@ class Seat:
 
 
 _EWMA = 0.3
+_UNLOAD_TIMEOUT_S = 120.0  # an unload that has not ended by then is taken as done (the server is asked again later)
+
+
+def _room(seat: Seat) -> float:
+    """Requests the seat's model may have in flight: its slots once loaded (learned), else no limit known."""
+    limit = seat.replica.slots if seat.replica.kind == "llama_cpp" else None
+    configured = seat.replica.max_in_flight
+    if configured is not None:
+        return configured
+    return limit if limit is not None and limit > 0 else float("inf")
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -171,10 +181,10 @@ class Host:
 
     # -- the request path ----------------------------------------------------------------------------
 
-    async def enter(self, replica: Replica, ex: Exchange, deadline: float) -> float:
+    async def enter(self, replica: Replica, ex: Exchange | None, deadline: float) -> float:
         """Wait until the replica's model serves and this request may go (`deadline`: the loop's time); returns the
         seconds waited. Raises ServiceUnavailable (with Retry-After) or GatewayTimeout; a cancelled request leaves
-        the queue."""
+        the queue. `ex` None: a side call of the gateway's own (a passthrough /tokenize, a guard model's verdict)."""
         seat = self.seats[replica.model]
         now = time.monotonic()
         if self._may_pass(seat):
@@ -190,14 +200,15 @@ class Host:
                 code="model_queue_full",
                 headers=retry_after_headers(self.expected_wait(seat, now)),
             )
-        if ex.background and not self._off_peak() and not seat.serving and not self._free_room_for(seat):
+        background = ex is not None and ex.background
+        if background and not self._off_peak() and not seat.serving and not self._free_room_for(seat):
             raise ServiceUnavailable(
                 f"The model '{seat.model}' is not loaded and batch work does not swap models in peak hours.",
                 code="no_idle_capacity",
                 headers=retry_after_headers(self.expected_wait(seat, now)),
             )
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), now, self.priority_of(ex), ex.background)
+        waiter = _Waiter(loop.create_future(), now, self.priority_of(ex) if ex is not None else 0, background)
         seat.waiters.append(waiter)
         self._schedule()
         try:
@@ -220,7 +231,8 @@ class Host:
             raise
         finally:
             waited = time.monotonic() - now
-            ex.queue_s += waited
+            if ex is not None:
+                ex.queue_s += waited
         return waited
 
     def leave(self, replica: Replica, held_s: float) -> None:
@@ -239,7 +251,7 @@ class Host:
         return self.driver.lost(self.seats[replica.model])
 
     def _may_pass(self, seat: Seat) -> bool:
-        if not seat.serving or seat.draining or seat.waiters:
+        if not seat.serving or seat.draining or seat.waiters or seat.in_flight >= _room(seat):
             return False
         if self.settings.policy == "fifo":
             return not any(s.waiters for s in self.seats.values())
@@ -291,16 +303,20 @@ class Host:
         seats = list(self.seats.values())
         wake: list[float] = []
         # 1. Waiters of serving models go in (fifo: in arrival order, up to the first that must wait for a switch).
+        # At most the model's free slots at a time (the rest are let in as requests end), so a model that has just
+        # loaded is not handed its whole queue at once to queue again inside the server.
         if self.settings.policy == "fifo":
             queue = sorted(((w.arrived, s, w) for s in seats for w in s.waiters), key=lambda t: t[0])
             for _, s, w in queue:
-                if not s.serving or s.draining:
+                if not s.serving or s.draining or s.in_flight >= _room(s):
                     break
                 self._admit(s, w)
         else:
             for s in seats:
                 if s.waiters and s.serving and not s.draining:
-                    for w in list(s.waiters):
+                    for w in sorted(s.waiters, key=lambda w: (-w.priority, w.arrived)):
+                        if s.in_flight >= _room(s):
+                            break
                         self._admit(s, w)
         # 2. Loads nobody waits for are cancelled; drained models unload.
         for s in seats:
@@ -320,8 +336,19 @@ class Host:
                         self._start_unload(s, swap=False)
                     else:
                         wake.append(due)
-        # 4. The next model to load, and whether its switch is due.
+        # 4. The next model to load, and whether its switch is due. A switch whose requests all went away is undone:
+        # the model that was draining for it serves again.
         candidate = self._candidate(seats, now)
+        if candidate is None:
+            for s in seats:
+                if s.draining and s.serving:
+                    log.info("host_switch_undone", host=self.name, model=s.model)
+                    s.draining = False
+                    self._set_replica(s)
+                    for w in sorted(s.waiters, key=lambda w: (-w.priority, w.arrived)):
+                        if s.in_flight >= _room(s):
+                            break
+                        self._admit(s, w)
         if candidate is not None:
             due_at = self._switch(candidate, seats, now)
             if due_at is not None:
@@ -347,6 +374,10 @@ class Host:
             and (s.state is SeatState.UNLOADED or (s.state is SeatState.FAILED and now >= s.retry_at))
             and not s.draining
         ]
+        # Batch lines in peak hours never cause a switch: a model only they wait for is a candidate only where it fits
+        # without unloading anything (else it would block the switches other models' requests need).
+        off_peak = self._off_peak()
+        waiting = [s for s in waiting if off_peak or any(not w.background for w in s.waiters) or self._free_room_for(s)]
         if not waiting:
             return None
         if self.settings.policy == "fifo":
@@ -451,13 +482,10 @@ class Host:
             seat.error = "the load took too long" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
             seat.retry_at = time.monotonic() + self.settings.failed_retry_s
             log.warning("host_load_failed", host=self.name, model=seat.model, error=seat.error)
+            self._fail_waiters(seat)  # (at once: not after the clean-up below)
             with contextlib.suppress(Exception):
-                await self.driver.unload(seat)
-            error = self._failed(seat, time.monotonic())
-            for w in seat.waiters:
-                if not w.fut.done():
-                    w.fut.set_exception(error)
-            seat.waiters.clear()
+                async with asyncio.timeout(_UNLOAD_TIMEOUT_S):
+                    await self.driver.unload(seat)
         else:
             took = time.monotonic() - started
             seat.load_s = _ewma(seat.load_s, took)
@@ -481,7 +509,10 @@ class Host:
 
     async def _unload(self, seat: Seat) -> None:
         try:
-            await self.driver.unload(seat)
+            async with asyncio.timeout(_UNLOAD_TIMEOUT_S):
+                await self.driver.unload(seat)
+        except TimeoutError:
+            log.warning("host_unload_timeout", host=self.name, model=seat.model, seconds=_UNLOAD_TIMEOUT_S)
         except asyncio.CancelledError:
             if self.closed:
                 raise
@@ -499,13 +530,15 @@ class Host:
     def observed(self, seat: Seat, state: SeatState, *, error: str | None = None) -> None:
         """The server's own view of a model (router mode's /models and its events; a launched process that ended):
         taken where it differs from ours and no load or unload of ours is under way."""
+        if state is SeatState.FAILED:
+            state = SeatState.UNLOADED  # not ours: it may load when asked
         if seat.task is not None or state is seat.state:
             return
         if state in (SeatState.LOADING, SeatState.UNLOADING):
             return  # someone else's load or unload: its end will be seen
+        if state is SeatState.UNLOADED and seat.state is SeatState.FAILED and time.monotonic() < seat.retry_at:
+            return  # our failed load, held off until retry_at (the server says only that nothing runs)
         log.info("host_model_changed", host=self.name, model=seat.model, old=seat.state.value, new=state.value)
-        if state is SeatState.FAILED:
-            state = SeatState.UNLOADED  # not ours: it may load when asked
         seat.state = state
         seat.error = error
         if not seat.serving:
@@ -524,7 +557,15 @@ class Host:
         seat.load_failures += 1
         seat.retry_at = time.monotonic() + self.settings.failed_retry_s
         self._set_replica(seat)
+        self._fail_waiters(seat)
         self._schedule()
+
+    def _fail_waiters(self, seat: Seat) -> None:
+        error = self._failed(seat, time.monotonic())
+        for w in seat.waiters:
+            if not w.fut.done():
+                w.fut.set_exception(error)
+        seat.waiters.clear()
 
     def _set_replica(self, seat: Seat) -> None:
         """The balancer and admission read the replica: a model not serving has no slots to count."""

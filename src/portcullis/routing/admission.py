@@ -157,6 +157,12 @@ class Gate:
         for r in self.replicas:
             if r.state is not ReplicaState.READY:
                 continue
+            if r.host is not None and not r.loaded:
+                # Its model waits at its host to be loaded (hosts/schedule.py): no slots to count. A model that is
+                # only on hosts takes any number (they wait there); beside replicas of its own, it adds nothing.
+                if all(x.host is not None for x in self.replicas):
+                    return math.inf
+                continue
             limit = r.limit
             if limit is None:
                 return math.inf

@@ -157,7 +157,8 @@ class Affinity:
     def _ranked(self, usable: list[Replica], first: bytes) -> list[Replica]:
         """Rendezvous order for a prefix (its first block): every process agrees on it without talking. With `learn`,
         weighted (the lowest -ln(u)/w first) by what each replica can keep: its slots (a prefix lives in a slot) times
-        its learned retention, so new prefixes go where they will still be when their next turn comes."""
+        its learned retention, so new prefixes go where they will still be when their next turn comes. (Processes
+        learn their retentions apart: they agree where their weights agree, which the same answers make them do.)"""
         retention = self.retention
         weights = [r.capacity * retention.get(r, 1.0) for r in usable] if self.config.learn else None
         if weights is None or len(set(weights)) == 1:

@@ -56,7 +56,14 @@ class SideCall(Protocol):
     call to a backend counts in its in-flight requests and tells its breaker how it went."""
 
     async def __call__(
-        self, replica: Replica, path: str, obj: Any, *, model: str, timeout_s: float | None = None
+        self,
+        replica: Replica,
+        path: str,
+        obj: Any,
+        *,
+        model: str,
+        timeout_s: float | None = None,
+        load: bool = False,
     ) -> tuple[int, Any]: ...
 
 

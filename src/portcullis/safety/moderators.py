@@ -245,7 +245,7 @@ class GuardModel(RemoteModerator):
         if ex is not None:
             ex.replica = replica
         try:
-            status, answer = await self.call(replica, "/v1/chat/completions", body, model=self.model)
+            status, answer = await self.call(replica, "/v1/chat/completions", body, model=self.model, load=True)
         except Exception as exc:
             raise ModeratorError(f"the guard model could not be reached ({type(exc).__name__})") from exc
         if status != 200:

@@ -614,6 +614,8 @@ class Simulator:
             rng = random.Random()
         natural = rng.randint(max(1, s.default_max_tokens // 2), max(1, s.default_max_tokens))
         limit = min(max_tokens if max_tokens is not None and max_tokens > 0 else natural, s.n_ctx - n_prompt)
+        if req.get("ignore_eos") is True and max_tokens is not None and max_tokens > 0:
+            natural = limit + 1  # (llama-server's ignore_eos: no natural end, the length limit decides)
         n_gen = min(natural, limit)
         finish = "stop" if n_gen == natural else "length"
         words = [(" " if i else "") + rng.choice(_WORDS) for i in range(n_gen)]

@@ -161,6 +161,7 @@ async def read_signals(client: ProbeClient, replica: Replica, config: HealthConf
     if now < signals.read_at + every:
         return
     signals.read_at = now
+    ours = sum(r.in_flight for r in signals.members) if signals.members else replica.in_flight  # (as it is read)
     if now >= signals.metrics_off_until:
         try:
             status, text = await client.get_text(*_target(replica, "/metrics"), config.timeout_s)
@@ -185,10 +186,11 @@ async def read_signals(client: ProbeClient, replica: Replica, config: HealthConf
         elif status == 200 and isinstance(slots, list):
             signals.busy_slots, signals.kv_utilization = kv_estimate(slots)
             signals.slots_at = now
+    if signals.metrics_at < now and signals.slots_at < now:
+        return  # nothing read this time: the last reading goes stale on its own
     signals.fresh_until = now + 3 * every
     # What the server carries beyond our own requests (in flight on it, for any of its models, at the reading).
-    theirs = signals.processing + signals.deferred if signals.metrics_at >= now - 1 else signals.busy_slots
-    ours = sum(r.in_flight for r in signals.members) if signals.members else replica.in_flight
+    theirs = signals.processing + signals.deferred if signals.metrics_at >= now else signals.busy_slots
     signals.external = max(0, theirs - ours)
 
 

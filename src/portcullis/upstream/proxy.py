@@ -122,7 +122,17 @@ class Upstream:
             host = self.hosts.get(replica.host) if replica.host is not None else None
             if host is not None:
                 # Until its model serves (or a 503/504 that says why not): told as x-portcullis-model-wait-ms.
-                waited = await host.enter(replica, ex, deadline)
+                try:
+                    waited = await host.enter(replica, ex, deadline)
+                except ServiceUnavailable as exc:
+                    if exc.code != "model_load_failed":
+                        raise
+                    # Its model does not load: nothing goes to this replica until it is tried again; a fallback may
+                    # serve meanwhile (the loop finds none usable otherwise, and this error is the answer).
+                    last_error = exc
+                    hold = retry_after_of(exc.headers.get("Retry-After")) or 1.0
+                    replica.cooldown_until = time.monotonic() + hold
+                    continue
                 if waited:
                     headers.append((b"x-portcullis-model-wait-ms", str(round(waited * 1000)).encode()))
             try:
@@ -319,7 +329,14 @@ class Upstream:
                 replica.client.release()
 
     async def call(
-        self, replica: Replica, path: str, obj: Any, *, model: str, timeout_s: float | None = None
+        self,
+        replica: Replica,
+        path: str,
+        obj: Any,
+        *,
+        model: str,
+        timeout_s: float | None = None,
+        load: bool = False,
     ) -> tuple[int, Any]:
         """A side call (routing/catalog.py SideCall): (status, the answer's JSON or None). Raises our error
         tree (BadGateway, GatewayTimeout, PoolExhausted) when there is no answer.
@@ -330,6 +347,27 @@ class Upstream:
         never takes a half-open breaker's probe (a replica that answers /tokenize may still fail generation);
         and its answers do not count as the replica answering traffic (`answered_at`, which tells a swamped
         replica from a hung one)."""
+        assert replica.client is not None
+        host = self.hosts.get(replica.host) if replica.host is not None else None
+        if host is not None:
+            # A host's model: only while it serves, unless the call is what the client asked for (`load`: a passthrough
+            # /tokenize, a guard model's verdict); a count or an estimate is not worth a model switch.
+            if not load and not replica.loaded:
+                raise ServiceUnavailable(f"The model '{model}' is not loaded now.", code="model_not_loaded")
+            loop = asyncio.get_running_loop()
+            await host.enter(replica, None, loop.time() + host.settings.load_timeout_s + (timeout_s or 60.0))
+            if isinstance(obj, dict) and "model" not in obj:
+                obj = {**obj, "model": replica.upstream_model or model}  # (a router serves several: it routes by this)
+            entered = time.monotonic()
+            try:
+                return await self._call(replica, path, obj, model=model, timeout_s=timeout_s)
+            finally:
+                host.leave(replica, time.monotonic() - entered)
+        return await self._call(replica, path, obj, model=model, timeout_s=timeout_s)
+
+    async def _call(
+        self, replica: Replica, path: str, obj: Any, *, model: str, timeout_s: float | None
+    ) -> tuple[int, Any]:
         assert replica.client is not None
         breaker = replica.breaker
         replica.begin(time.perf_counter())
@@ -345,6 +383,8 @@ class Upstream:
                 raise GatewayTimeout(f"The upstream for model '{model}' did not answer {path} in time.") from None
             except (aiohttp.ClientError, OSError) as exc:
                 ok, kind = False, "connect"
+                if replica.host is not None and self.hosts[replica.host].lost(replica):
+                    ok = None  # a launched process gone: its host starts it again; not the breaker's business
                 raise BadGateway(f"The upstream for model '{model}' broke its answer to {path}.") from exc
             except GatewayError as exc:
                 if not isinstance(exc, PoolExhausted):
