@@ -382,7 +382,15 @@ class Host:
             return None
         if self.settings.policy == "fifo":
             return min(waiting, key=lambda s: s.waiters[0].arrived)
-        return max(waiting, key=lambda s: (max(w.priority for w in s.waiters), -min(w.arrived for w in s.waiters)))
+        # Interactive requests before batch lines (the room a switch made is theirs), then tiers, then the longest wait.
+        return max(
+            waiting,
+            key=lambda s: (
+                any(not w.background for w in s.waiters),
+                max(w.priority for w in s.waiters),
+                -min(w.arrived for w in s.waiters),
+            ),
+        )
 
     def _free_room_for(self, seat: Seat) -> bool:
         held = [s for s in self.seats.values() if s.state in _HELD and s is not seat]
