@@ -37,8 +37,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-import yaml
-from harness import embed, free_port, logger, percentile, pyplot, wait_http
+from harness import embed, free_port, logger, percentile, pyplot, serve_gateway, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -77,9 +76,8 @@ def start(cmd: list[str], cpu: int, log_path: Path, env: dict[str, str] | None =
 
 
 def start_gateway(work: Path, name: str, urls: list[str], affinity: bool) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
     config = {
-        "server": {"access_log": False, "port": port},
+        "server": {"access_log": False},
         "store": {"database_url": f"sqlite+aiosqlite:///{work}/{name}.db", "auto_migrate": True},
         "auth": {"api_keys": False, "allow_anonymous": True},
         "tiers": {"free": {"priority": 0}},
@@ -87,11 +85,7 @@ def start_gateway(work: Path, name: str, urls: list[str], affinity: bool) -> tup
         "routing": {"affinity": {"enabled": affinity}},
         "models": {"m": {"deployments": [{"url": u, "name": f"r{i}"} for i, u in enumerate(urls)]}},
     }
-    (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    proc = start([PY, "-m", "portcullis", "serve", "--config", str(work / f"{name}.yaml")], 0, work / f"{name}.log")
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/readyz", timeout=60)
-    return proc, url
+    return serve_gateway(work, name, config, cpu=0)
 
 
 async def stream(session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]], max_tokens: int) -> dict:

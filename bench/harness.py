@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -40,6 +42,24 @@ def start_portcullis(
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
+
+
+def serve_gateway(
+    work: Path, name: str, config: dict[str, Any], *, cpu: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A gateway on `config` (written to WORK/NAME.yaml; a free port added), its output in WORK/NAME.log, once it
+    answers /readyz: (the process, its URL). `cpu`: pinned to that core."""
+    port = free_port()
+    config = {**config, "server": {**config.get("server", {}), "port": port}}
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "portcullis", "serve", "--config", str(path)]
+    if cpu is not None:
+        command = ["taskset", "-c", str(cpu), *command]
+    proc = subprocess.Popen(command, stdout=(work / f"{name}.log").open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/readyz", timeout=60, proc=proc)
+    return proc, url
 
 
 def free_port() -> int:

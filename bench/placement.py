@@ -28,9 +28,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
 from affinity import workload
-from harness import embed, free_port, logger, pyplot, wait_http
+from harness import embed, free_port, logger, pyplot, serve_gateway, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -47,31 +46,17 @@ log = logger("placement")
 
 
 def start_gateway(work: Path, name: str, urls: list[str], learn: bool) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+    replicas = [{"url": u, "name": f"r{i}-{s}slots"} for i, (u, s) in enumerate(zip(urls, SLOTS, strict=True))]
     config = {
-        "server": {"access_log": False, "port": port},
+        "server": {"access_log": False},
         "store": {"database_url": f"sqlite+aiosqlite:///{work}/{name}.db", "auto_migrate": True},
         "auth": {"api_keys": False, "allow_anonymous": True},
         "tiers": {"free": {"priority": 0}},
         "cache": {"enabled": False},
         "routing": {"affinity": {"enabled": True, "learn": learn}},
-        "models": {
-            "m": {
-                "deployments": [
-                    {"url": u, "name": f"r{i}-{s}slots"} for i, (u, s) in enumerate(zip(urls, SLOTS, strict=True))
-                ]
-            }
-        },
+        "models": {"m": {"deployments": replicas}},
     }
-    (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen(
-        [PY, "-m", "portcullis", "serve", "--config", str(work / f"{name}.yaml")],
-        stdout=(work / f"{name}.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/readyz", timeout=60)
-    return proc, url
+    return serve_gateway(work, name, config)
 
 
 def start_sims(work: Path, tag: str) -> tuple[list[subprocess.Popen[bytes]], list[str]]:

@@ -34,8 +34,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-import yaml
-from harness import embed, free_port, logger, percentile, pyplot, wait_http
+from harness import embed, free_port, logger, percentile, pyplot, serve_gateway, wait_http
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -67,9 +66,8 @@ def start_router(work: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def start_gateway(work: Path, name: str, router: str, policy: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
     config: dict[str, Any] = {
-        "server": {"access_log": False, "port": port},
+        "server": {"access_log": False},
         "store": {"database_url": f"sqlite+aiosqlite:///{work}/{name}.db", "auto_migrate": True},
         "auth": {"api_keys": False, "allow_anonymous": True},
         "tiers": {"free": {"priority": 0}},
@@ -85,15 +83,7 @@ def start_gateway(work: Path, name: str, router: str, policy: str) -> tuple[subp
         sched = {"policy": policy, "max_wait_s": MAX_WAIT_S, "load_s": LOAD_S, "max_queue": 10_000}
         config["hosts"] = {"gpu": {"kind": "router", "url": router, "scheduling": sched}}
         config["models"] = {m: {"deployments": [{"host": "gpu"}]} for m in MODELS}
-    (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen(
-        [PY, "-m", "portcullis", "serve", "--config", str(work / f"{name}.yaml")],
-        stdout=(work / f"{name}.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/readyz", timeout=60)
-    return proc, url
+    return serve_gateway(work, name, config)
 
 
 async def play(url: str, arrivals: list[tuple[float, str]]) -> dict[str, Any]:

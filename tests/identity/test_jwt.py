@@ -58,9 +58,11 @@ def test_valid_hs256_maps_claims(hs: JwtVerifier) -> None:
 @pytest.mark.parametrize(
     ("claims", "reason"),
     [
-        ({"exp": int(time.time()) - 60}, "expired"),
-        ({"nbf": int(time.time()) + 600}, "not yet valid"),
-        ({"iat": int(time.time()) + 600}, "issued in the future"),
+        # (times as offsets from when the test runs: parameters are made when the suite is collected, and a long
+        # suite reaches this test more than ten minutes later)
+        ({"exp": -60}, "expired"),
+        ({"nbf": 600}, "not yet valid"),
+        ({"iat": 600}, "issued in the future"),
         ({"iss": "https://evil"}, "wrong issuer"),
         ({"aud": "someone-else"}, "wrong audience"),
         ({"sub": None}, "no subject"),
@@ -68,6 +70,8 @@ def test_valid_hs256_maps_claims(hs: JwtVerifier) -> None:
     ],
 )
 def test_bad_claims_are_refused(hs: JwtVerifier, claims: dict[str, Any], reason: str) -> None:
+    now = int(time.time())
+    claims = {k: now + v if k in ("exp", "nbf", "iat") else v for k, v in claims.items()}
     body = {**_claims(iss="https://idp", aud="portcullis"), **claims}
     body = {k: v for k, v in body.items() if v is not None}
     with pytest.raises(InvalidToken):

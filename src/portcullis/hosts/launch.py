@@ -190,13 +190,7 @@ class Launcher:
                 async with self._session.get(replica.url + "/props") as resp:
                     props = await resp.json() if resp.status == 200 else None
             if isinstance(props, dict):
-                slots = props.get("total_slots")
-                if isinstance(slots, int) and slots > 0:
-                    replica.slots = slots
-                settings = props.get("default_generation_settings")
-                if isinstance(settings, dict) and isinstance(settings.get("n_ctx"), int):
-                    replica.n_ctx = settings["n_ctx"]
-                replica.props = {k: v for k, v in props.items() if k not in ("model_path", "chat_template_path")}
+                replica.take_props(props)
 
     async def _terminate(self, model: str) -> None:
         proc = self.procs.get(model)

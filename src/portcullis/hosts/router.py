@@ -157,14 +157,7 @@ class RouterDriver:
             return
         if status != 200 or not isinstance(props, dict):
             return
-        replica = seat.replica
-        slots = props.get("total_slots")
-        if isinstance(slots, int) and slots > 0:
-            replica.slots = slots
-        settings = props.get("default_generation_settings")
-        if isinstance(settings, dict) and isinstance(settings.get("n_ctx"), int) and settings["n_ctx"] > 0:
-            replica.n_ctx = settings["n_ctx"]
-        replica.props = {k: v for k, v in props.items() if k not in ("model_path", "chat_template_path")}
+        seat.replica.take_props(props)
 
     # -- what the server says ----------------------------------------------------------------------------
 

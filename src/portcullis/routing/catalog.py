@@ -173,6 +173,19 @@ class Replica:
             self.native.discard(path)
             self.native_lost[path] = now
 
+    def take_props(self, props: dict[str, Any]) -> None:
+        """What llama-server's /props says of it: its slots (total_slots), the context per slot, the rest as shown by
+        GET /props (its file system paths left out: the operator's business, not the clients')."""
+        slots = props.get("total_slots")
+        if isinstance(slots, int) and slots > 0:
+            self.slots = slots
+        settings = props.get("default_generation_settings")
+        if isinstance(settings, dict) and isinstance(settings.get("n_ctx"), int) and settings["n_ctx"] > 0:
+            self.n_ctx = settings["n_ctx"]
+        self.props = {k: v for k, v in props.items() if k not in ("model_path", "chat_template_path")}
+        if isinstance(props.get("modalities"), dict):
+            self.modalities = props["modalities"]  # {"vision": ..., "audio": ...}: shown by /v1/models
+
     def mark_down(self, reason: str) -> None:
         """Passive health: a refused connection takes the replica out at once; probes bring it back."""
         self.state = ReplicaState.DOWN

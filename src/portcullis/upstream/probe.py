@@ -52,35 +52,28 @@ class ProbeClient:
 
     async def get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, Any]:
         """(status, parsed JSON or None); raises what the request raised. Awaited on the caller's loop."""
+        status, raw = await self._on_thread(url, headers, timeout_s)
+        try:
+            return status, orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return status, None
+
+    async def get_text(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, str]:
+        status, raw = await self._on_thread(url, headers, timeout_s)
+        return status, raw.decode(errors="replace")
+
+    async def _on_thread(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]:
         future = asyncio.run_coroutine_threadsafe(self._get(url, headers, timeout_s), self._loop)
         return await asyncio.wrap_future(future)
 
-    async def get_text(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, str]:
-        future = asyncio.run_coroutine_threadsafe(self._get_text(url, headers, timeout_s), self._loop)
-        return await asyncio.wrap_future(future)
-
-    async def _get_text(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, str]:
+    async def _get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(force_close=True, limit=0), skip_auto_headers=("User-Agent",)
             )
         async with asyncio.timeout(timeout_s):
             async with self._session.get(url, headers=headers) as resp:
-                raw = await resp.read()
-        return resp.status, raw.decode(errors="replace")
-
-    async def _get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, Any]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=0), skip_auto_headers=("User-Agent",)
-            )
-        async with asyncio.timeout(timeout_s):
-            async with self._session.get(url, headers=headers) as resp:
-                raw = await resp.read()
-        try:
-            return resp.status, orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            return resp.status, None
+                return resp.status, await resp.read()
 
     def close(self) -> None:
         async def shut() -> None:
@@ -126,16 +119,7 @@ async def learn_capacity(client: ProbeClient, replica: Replica, timeout_s: float
         return
     if status != 200 or not isinstance(props, dict):
         return
-    slots = props.get("total_slots")
-    if isinstance(slots, int) and slots > 0:
-        replica.slots = slots
-    settings = props.get("default_generation_settings")
-    if isinstance(settings, dict) and isinstance(settings.get("n_ctx"), int):
-        replica.n_ctx = settings["n_ctx"]
-    # (its file system paths are the operator's business, not the clients')
-    replica.props = {k: v for k, v in props.items() if k not in ("model_path", "chat_template_path")}
-    if isinstance(props.get("modalities"), dict):
-        replica.modalities = props["modalities"]  # {"vision": ..., "audio": ...}: shown by /v1/models
+    replica.take_props(props)
     # What the backend says of its model (/v1/models `meta`: parameters, context trained, vocabulary, size).
     try:
         status, models = await client.get(*_target(replica, "/v1/models"), timeout_s)
