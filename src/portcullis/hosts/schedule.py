@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -106,6 +107,7 @@ class Seat:
     in_flight: int = 0
     waiters: list[_Waiter] = field(default_factory=list)
     draining: bool = False  # chosen to make room: its new requests wait, it unloads once its in-flight are done
+    drain_cutoff: float = 0.0  # while draining: requests that came before this still go (they are its last batch)
     last_used: float = 0.0  # monotonic time a request last entered or left
     load_s: float | None = None  # learned load time (EWMA)
     service_s: float | None = None  # learned time a request holds the model (EWMA)
@@ -308,22 +310,23 @@ class Host:
         if self.settings.policy == "fifo":
             queue = sorted(((w.arrived, s, w) for s in seats for w in s.waiters), key=lambda t: t[0])
             for _, s, w in queue:
-                if not s.serving or s.draining or s.in_flight >= _room(s):
+                if not s.serving or s.in_flight >= _room(s) or (s.draining and w.arrived >= s.drain_cutoff):
                     break
                 self._admit(s, w)
         else:
             for s in seats:
-                if s.waiters and s.serving and not s.draining:
+                if s.waiters and s.serving:
                     for w in sorted(s.waiters, key=lambda w: (-w.priority, w.arrived)):
                         if s.in_flight >= _room(s):
                             break
-                        self._admit(s, w)
+                        if not s.draining or w.arrived < s.drain_cutoff:
+                            self._admit(s, w)
         # 2. Loads nobody waits for are cancelled; drained models unload.
         for s in seats:
             if s.state is SeatState.LOADING and not s.waiters and not s.in_flight and s.task is not None:
                 log.info("host_load_cancelled", host=self.name, model=s.model)
                 s.task.cancel()
-            elif s.draining and s.serving and s.in_flight == 0:
+            elif s.draining and s.serving and s.in_flight == 0 and not self._last_batch(s):
                 self._start_unload(s, swap=True)
         # 3. Idle models past their TTL unload.
         ttl = self.config.ttl_s
@@ -357,6 +360,10 @@ class Host:
             if s.state is SeatState.FAILED and s.waiters and now < s.retry_at:
                 wake.append(s.retry_at)
         self._set_timer(min(wake) if wake else None)
+
+    def _last_batch(self, seat: Seat) -> list[_Waiter]:
+        """A draining model's waiters that came before its switch was decided: served before it unloads."""
+        return [w for w in seat.waiters if w.arrived < seat.drain_cutoff] if seat.draining else []
 
     def _admit(self, seat: Seat, waiter: _Waiter) -> None:
         seat.waiters.remove(waiter)
@@ -429,7 +436,15 @@ class Host:
                 (v.last_used + self.settings.idle_s if not v.in_flight and not v.waiters else float("inf"))
                 for v in victims
             )
-            drain = max(((v.service_s or 0.0) for v in victims if v.in_flight), default=0.0)
+            # What the replaced models still have to do: their requests in flight and queued, in rounds of their slots.
+            drain = max(
+                (
+                    math.ceil((v.in_flight + len(v.waiters)) / _room(v)) * (v.service_s or 0.0)
+                    for v in victims
+                    if v.in_flight or v.waiters
+                ),
+                default=0.0,
+            )
             due_at = min(idle_at, self._pressing_at(seat, seats, drain))
         if now < due_at:
             return due_at
@@ -437,8 +452,10 @@ class Host:
             if not v.draining:
                 log.info("host_switch", host=self.name, unload=v.model, load=seat.model, waiting=len(seat.waiters))
                 v.draining = True
+                # Its last batch: what came before the switch (fifo: before the request the switch is for).
+                v.drain_cutoff = now if self.settings.policy == "swap_aware" else min(w.arrived for w in seat.waiters)
                 self._set_replica(v)
-            if v.in_flight == 0:
+            if v.in_flight == 0 and not self._last_batch(v):
                 self._start_unload(v, swap=True)
         return None
 
