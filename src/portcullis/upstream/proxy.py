@@ -119,7 +119,7 @@ class Upstream:
                 source = native if ex.native and native is not None else payload
                 source["model"] = upstream_name
                 body = bodies[upstream_name, ex.native] = orjson.dumps(source)
-            host = self.hosts.get(replica.host) if replica.host is not None else None
+            host = self._host_of(replica)
             if host is not None:
                 # Until its model serves (or a 503/504 that says why not): told as x-portcullis-model-wait-ms.
                 try:
@@ -220,7 +220,7 @@ class Upstream:
             except BadGateway as exc:
                 ok, kind = False, "connect"
                 if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
-                    host = self.hosts.get(replica.host) if replica.host is not None else None
+                    host = self._host_of(replica)
                     if host is not None and host.lost(replica):
                         ok = None  # its launched process is gone: the host starts it again for the retry
                     else:
@@ -348,7 +348,7 @@ class Upstream:
         and its answers do not count as the replica answering traffic (`answered_at`, which tells a swamped
         replica from a hung one)."""
         assert replica.client is not None
-        host = self.hosts.get(replica.host) if replica.host is not None else None
+        host = self._host_of(replica)
         if host is not None:
             # A host's model: only while it serves, unless the call is what the client asked for (`load`: a passthrough
             # /tokenize, a guard model's verdict); a count or an estimate is not worth a model switch.
@@ -383,7 +383,7 @@ class Upstream:
                 raise GatewayTimeout(f"The upstream for model '{model}' did not answer {path} in time.") from None
             except (aiohttp.ClientError, OSError) as exc:
                 ok, kind = False, "connect"
-                if replica.host is not None and self.hosts[replica.host].lost(replica):
+                if (host := self._host_of(replica)) is not None and host.lost(replica):
                     ok = None  # a launched process gone: its host starts it again; not the breaker's business
                 raise BadGateway(f"The upstream for model '{model}' broke its answer to {path}.") from exc
             except GatewayError as exc:
@@ -399,6 +399,10 @@ class Upstream:
         finally:
             replica.end(time.perf_counter())
             breaker.record(ok, kind)
+
+    def _host_of(self, replica: Replica) -> Host | None:
+        """The host whose scheduler loads the replica's model (None: a replica of its own)."""
+        return self.hosts.get(replica.host) if replica.host is not None else None
 
     def _next_replica(self, target: Target, tried: list[Replica], ex: Exchange) -> tuple[Replica, str] | None:
         """An untried replica of the model (where its prefix is, first), else of its fallbacks in order,
