@@ -29,7 +29,19 @@ FORBIDDEN = [("upstream", s) for s in ("quota", "cache", "safety")] + [("obs", s
 # Left out of the picture (still checked): the entry points and commands, which import everything, and the
 # leaf modules nearly every package imports (the config model, the error tree, the HTTP wrapper, the wire
 # models), whose arrows would hide the ones between the stages.
-_HIDDEN = {"__main__", "__init__", "entry", "cli", "commands", "remote", "workers", "server", "edge", "sim"}
+_HIDDEN = {
+    "__main__",
+    "__init__",
+    "entry",
+    "cli",
+    "commands",
+    "dbcommands",
+    "remote",
+    "workers",
+    "server",
+    "edge",
+    "sim",
+}
 _HIDDEN |= {"config", "config_reference", "errors", "http", "protocol"}
 
 

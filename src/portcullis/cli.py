@@ -1,24 +1,26 @@
 """`portcullis` command line: serve, sim, config check; db, keys, usage, token (commands.py); batch and
-route (remote.py, talking to a running gateway)."""
+route (remote.py, talking to a running gateway).
+
+Only the arguments are defined at import: each command imports what it needs when it runs (the config model,
+the server, SQLAlchemy and aiohttp took `portcullis --help` to 3 s).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
-import secrets
-import shutil
-import socket
 import sys
-import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portcullis import commands, remote
-from portcullis.config import Config, ConfigError, build_config, demo_config, load_config
-from portcullis.edge import Edge, EdgeCollector, edge_limits
-from portcullis.server import DrainingServer, QuietServer, bound_port, uvicorn_config
+
+if TYPE_CHECKING:
+    import socket
+
+    from portcullis.config import Config
+    from portcullis.server import DrainingServer
 
 
 def _add_listen_args(p: argparse.ArgumentParser, default_port: int | None) -> None:
@@ -138,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config_check(path: str) -> int:
+    from portcullis.config import ConfigError, load_config
+
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -193,6 +197,8 @@ def _run_sim(args: argparse.Namespace) -> int:
             setattr(settings, field, dict(p.rsplit("=", 1) for p in pairs))
     import uvicorn
 
+    from portcullis.server import uvicorn_config
+
     app: Any = Simulator(settings)
     if args.router_models:
         from portcullis.sim.router import RouterSettings, RouterSim
@@ -223,10 +229,15 @@ def _run_sim(args: argparse.Namespace) -> int:
 def _inherited(fd: int | None) -> list[socket.socket] | None:
     """A listening socket passed by fd, wrapped without a dup. (uvicorn's own `fd=` dups it, and the
     leftover descriptor would keep accepting connections after a graceful shutdown closed the other.)"""
+    import socket
+
     return None if fd is None else [socket.socket(fileno=fd)]
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from portcullis.config import ConfigError, load_config
     from portcullis.obs.logging import configure_logging
 
     if not args.demo and not args.config:
@@ -270,14 +281,25 @@ def _raise_open_files_limit() -> None:
 
 
 def _with_tls(config: Config, args: argparse.Namespace) -> Config:
+    from portcullis.config import build_config
+
     data = config.model_dump(mode="json")
     data["server"].update({"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile})
     return build_config(data, source="--ssl-certfile/--ssl-keyfile", environ={})
 
 
 async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
+    import asyncio
+    import secrets
+    import shutil
+    import socket
+    import tempfile
+
     from portcullis.app import StartupError, create_app
+    from portcullis.config import demo_config
+    from portcullis.edge import Edge, EdgeCollector, edge_limits
     from portcullis.identity import scopes
+    from portcullis.server import DrainingServer, QuietServer, uvicorn_config
 
     sim_server = None
     sim_task = None
@@ -346,6 +368,10 @@ async def _serve_async(args: argparse.Namespace, config: Config | None) -> int:
 
 
 async def _demo_banner(server: DrainingServer, key: str) -> None:
+    import asyncio
+
+    from portcullis.server import bound_port
+
     while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag
         await asyncio.sleep(0.05)
     port = bound_port(server)

@@ -13,14 +13,12 @@ answers from the configuration alone (every replica assumed ready and idle, noth
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
 _ENDED = ("completed", "failed", "expired", "cancelled")
@@ -65,6 +63,11 @@ class RemoteError(Exception):
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: `portcullis --help` should not pay for the client and the event loop (0.3 s).
+    import asyncio
+
+    import aiohttp
+
     try:
         if args.command == "route":
             return asyncio.run(_explain(args))
@@ -84,6 +87,8 @@ class _Gateway:
         if not key:
             raise RemoteError("no API key: give --key or set PORTCULLIS_API_KEY")
         self.headers = {"authorization": f"Bearer {key}"}
+        import aiohttp
+
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
 
     async def __aenter__(self) -> _Gateway:
@@ -146,6 +151,8 @@ async def _submit(gw: _Gateway, args: argparse.Namespace) -> int:
         raise RemoteError(f"cannot read {args.file}: {exc.strerror}") from exc
     lines = sum(1 for x in content.splitlines() if x.strip())
     print(f"uploading {args.file} ({len(content) / 1e6:.1f} MB, {lines} requests) ...", file=sys.stderr)
+    import aiohttp
+
     form = aiohttp.FormData()
     form.add_field("purpose", "batch")
     form.add_field("file", content, filename=args.file.name, content_type="application/jsonl")
@@ -172,6 +179,8 @@ async def _submit(gw: _Gateway, args: argparse.Namespace) -> int:
 
 async def _follow(gw: _Gateway, batch: dict[str, Any]) -> dict[str, Any]:
     """Poll once a second, drawing a progress bar on standard error, until the batch ends."""
+    import asyncio
+
     started = time.monotonic()
     tty = sys.stderr.isatty()
     last = ""
