@@ -10,7 +10,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -29,6 +29,21 @@ SSE_HEADERS = [
 _REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 # On every response: browsers must not sniff a JSON error (which may echo input) into HTML or script.
 NOSNIFF = (b"x-content-type-options", b"nosniff")
+OVERHEAD = b"x-portcullis-overhead-ms"
+
+
+class UpstreamTime(Protocol):
+    """What a request's answer tells of the time its upstream took (the Exchange)."""
+
+    upstream_s: float
+
+
+def _overhead(req: Request) -> tuple[bytes, bytes]:
+    """`x-portcullis-overhead-ms`: the time this request spent in the gateway, not waiting on the upstream, until its
+    answer's head (a whole answer: all of it but its sending; a stream: until its first event went out). The
+    portcullis_overhead_seconds histogram has each request's whole time, a stream's relay included."""
+    spent = time.perf_counter() - req.started - (req.timed.upstream_s if req.timed is not None else 0.0)
+    return (OVERHEAD, b"%.3f" % (max(spent, 0.0) * 1000))
 
 
 class Request:
@@ -49,6 +64,7 @@ class Request:
         "send",
         "started",
         "status",
+        "timed",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,6 +79,7 @@ class Request:
         self._headers: dict[bytes, bytes] | None = None
         self.status = 0
         self.disconnected = False
+        self.timed: UpstreamTime | None = None  # the exchange, once there is one (the overhead header)
         # Awaited before the first byte of an answer goes out (a parallel moderation verdict); it may raise.
         self.hold: Callable[[], Awaitable[None]] | None = None
         rid = self.header(b"x-request-id")
@@ -131,7 +148,8 @@ class Request:
         if self.hold is not None:
             await self.hold()
         self.status = status
-        await self.send({"type": "http.response.start", "status": status, "headers": self.response_headers + headers})
+        head = [*self.response_headers, _overhead(self), *headers]
+        await self.send({"type": "http.response.start", "status": status, "headers": head})
         await self.send({"type": "http.response.body", "body": body})
 
     async def respond_json(self, status: int, value: Any) -> None:
@@ -147,9 +165,8 @@ class Request:
         if self.hold is not None:
             await self.hold()
         self.status = status
-        await self.send(
-            {"type": "http.response.start", "status": status, "headers": self.response_headers + SSE_HEADERS}
-        )
+        head = [*self.response_headers, _overhead(self), *SSE_HEADERS]
+        await self.send({"type": "http.response.start", "status": status, "headers": head})
 
     async def stream_chunk(self, data: bytes) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})

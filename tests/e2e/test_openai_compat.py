@@ -176,3 +176,37 @@ def test_the_openai_routes_answer_without_v1(gateway: Proc) -> None:
     status, raw = http_post(gateway.url + "/v1/v1/chat/completions", {"model": "tiny", "messages": []})
     assert status == 404
     assert http_get(gateway.url + "/healthz")[0] == 200
+
+
+def test_the_overhead_header_leaves_the_upstream_out(gateway: Proc, sim: Proc) -> None:
+    # The simulator waits 300 ms before it answers: x-portcullis-overhead-ms is the gateway's own time only, so it
+    # is at least those 300 ms below what the client waited. Streamed, it is told before the first event.
+    import time
+    import urllib.error
+    import urllib.request
+
+    sim_control(sim, ttft_ms=300)
+    try:
+        for stream in (False, True):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": stream}
+            req = urllib.request.Request(
+                gateway.url + "/v1/chat/completions",
+                data=orjson.dumps(body),
+                headers={"authorization": f"Bearer {ADMIN_KEY}", "content-type": "application/json"},
+            )
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                resp.read()
+                waited_ms = (time.perf_counter() - t0) * 1000
+                overhead = float(resp.headers["x-portcullis-overhead-ms"])
+            assert waited_ms >= 300
+            assert 0 <= overhead <= waited_ms - 300, (stream, overhead, waited_ms)
+    finally:
+        sim_control(sim, ttft_ms=0)
+    # Every answer has it, an error too (the whole of its time is the gateway's).
+    req = urllib.request.Request(gateway.url + "/v1/models")
+    try:
+        urllib.request.urlopen(req, timeout=10)
+    except urllib.error.HTTPError as refused:
+        assert refused.code == 401
+        assert float(refused.headers["x-portcullis-overhead-ms"]) >= 0

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 INTERNAL = "portcullis.internal"
 _CORS_EXPOSE = (
     b"x-request-id, retry-after, retry-after-ms, x-portcullis-attempts, x-portcullis-degraded, x-portcullis-cache, "
-    b"x-portcullis-cache-similarity, "
+    b"x-portcullis-cache-similarity, x-portcullis-overhead-ms, "
     b"x-portcullis-queue-wait-ms, x-portcullis-route, "
     b"x-ratelimit-limit-requests, "
     b"x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
@@ -169,6 +169,7 @@ class Dispatcher:
         if self.hsts is not None:
             req.response_headers.append((b"strict-transport-security", self.hsts))
         ex = Exchange(route=req.path, task=asyncio.current_task(), started_at=req.started, request_id=req.request_id)
+        req.timed = ex
         quiet = req.path in self.quiet
         if self.tracing is not None and not quiet:
             ex.trace = self.tracing.begin(req)
