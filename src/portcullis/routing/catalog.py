@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,8 +28,21 @@ from portcullis.config import NATIVE_PATHS, BreakerConfig, Config, DeploymentCon
 from portcullis.errors import NotFound
 from portcullis.routing.breaker import Breaker, BreakerState
 
-if TYPE_CHECKING:
-    import aiohttp
+
+class Answer(Protocol):
+    """An upstream's answer whose head arrived (upstream/h1.py's H1Response): its body is read whole or line by line,
+    then the connection is released (back to the pool, the answer read to its end) or closed (the rest unwanted)."""
+
+    status: int
+    headers: Mapping[str, str]  # names in lower case
+
+    async def read(self) -> bytes: ...
+
+    async def readline(self) -> bytes: ...
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Client(Protocol):
@@ -45,7 +58,7 @@ class Client(Protocol):
 
     def release(self) -> None: ...
 
-    async def post(self, path: str, body: bytes, *, model: str) -> aiohttp.ClientResponse: ...
+    async def post(self, path: str, body: bytes, *, model: str) -> Answer: ...
 
     async def close(self) -> None: ...
 

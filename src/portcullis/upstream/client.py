@@ -1,6 +1,7 @@
 """One pooled HTTP client per upstream replica, and the translation of its failures into our tree.
 
-aiohttp rather than httpx: as the upstream client it measured 8-14x faster here (DESIGN.md). Each
+The connections are upstream/h1.py's (HTTP/1.1 on httptools): aiohttp, which they replace, was the largest part of
+the gateway's CPU per request, and the faster Rust clients do not stop a cancelled request (h1.py says more). Each
 replica has three sets of connections:
 
   traffic   a keep-alive pool of at most `max_connections` (the deployment's, or
@@ -11,11 +12,11 @@ replica has three sets of connections:
 (Health probes have connections of their own too, on a thread of their own: upstream/probe.py.)
 
 A pooled connection can die while idle: llama-server (cpp-httplib) closes a keep-alive connection idle
-for 5 s (uvicorn, under vLLM, too). aiohttp notices only when it reads the close; a request that takes the
-connection in the meantime fails writing (`ClientOSError`) or finds the server gone before any answer
-(`ServerDisconnectedError`). That says nothing about the replica, so the request is sent once more on a
-fresh connection at once; only if that one fails too is it a failure of the replica. Pooled connections
-are not reused after `keepalive_s` (default 4 s, under those servers' 5 s), which makes the race rare.
+for 5 s (uvicorn, under vLLM, too). The close is noticed only once the event loop reads it; a request that takes
+the connection in the meantime finds the server gone before any answer (h1.Broken, `stale`). That says nothing
+about the replica, so the request is sent once more on a fresh connection at once; only if that one fails too is
+it a failure of the replica. Pooled connections are not reused after `keepalive_s` (default 4 s, under those
+servers' 5 s), which makes the race rare.
 
 Error messages here never name the upstream's address: the client sees the model, not our network.
 """
@@ -38,15 +39,15 @@ from portcullis.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
+from portcullis.upstream.h1 import Broken, ConnectFailed, H1Pool, H1Response
 
 _JSON = {"content-type": "application/json"}
-# Side calls (guard models, embeddings of the semantic cache, /tokenize) go through the traffic pool
-# without waiting for its count: aiohttp's own limit leaves them this much room.
-_SIDE_CALLS = 64
+_POST = b"POST"
 
 
-# What a pooled connection that the server had already closed fails with (the request never reached it).
-# ClientConnectorError (a ClientOSError too) is not one of them: no connection could be made at all.
+# (The moderators' own aiohttp sessions, safety/moderators.py.) What a pooled connection that the server had
+# already closed fails with (the request never reached it). ClientConnectorError (a ClientOSError too) is not one
+# of them: no connection could be made at all.
 _STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
 
 
@@ -78,33 +79,45 @@ class UpstreamClient:
         self.in_use = 0
         self.fresh_retries = 0  # requests re-sent on a fresh connection after a pooled one was dead
         self.pool_timeouts = 0
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_connect=t.connect_s)
         self._headers = dict(_JSON)
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=self.max_connections + _SIDE_CALLS, keepalive_timeout=config.keepalive_s, ttl_dns_cache=300
-            ),
-            timeout=self._timeout,
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
-        self._fresh = one_shot_session(self._timeout)
+        self._connect_s = t.connect_s
+        self._keepalive_s = config.keepalive_s
+        self._pool = self._new_pool(base_url)
 
-    async def post(self, path: str, body: bytes, *, model: str) -> aiohttp.ClientResponse:
-        """Send the request; return the response once its headers arrived (the body is the caller's)."""
-        url = self.base_url + path
+    def _new_pool(self, base_url: str) -> H1Pool:
+        return H1Pool(base_url, connect_s=self._connect_s, keepalive_s=self._keepalive_s, headers=self._headers)
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    @base_url.setter
+    def base_url(self, url: str) -> None:
+        """A launched server started again on another port (hosts/launch.py): the old connections go."""
+        self._base_url = url
+        old = getattr(self, "_pool", None)
+        if old is not None:
+            old.close()
+            self._pool = self._new_pool(url)
+
+    async def post(self, path: str, body: bytes, *, model: str) -> H1Response:
+        """Send the request; return the answer once its head arrived (the body is the caller's)."""
         try:
-            return await self._session.post(url, data=body, headers=self._headers)
-        except Exception as exc:
-            _out_of_descriptors(exc)
-            if not stale_connection(exc):
+            return await self._pool.request(_POST, path, body)
+        except Broken as exc:
+            if not exc.stale:
                 raise translate_exception(exc, model) from exc
             # A pooled connection that was already dead (or the replica went away): try a fresh one.
+        except GatewayError:
+            raise
+        except Exception as exc:
+            _out_of_descriptors(exc)
+            raise translate_exception(exc, model) from exc
         self.fresh_retries += 1
         try:
-            return await self._fresh.post(url, data=body, headers=self._headers)
+            return await self._pool.request(_POST, path, body, fresh=True)
         except Exception as exc:
             _out_of_descriptors(exc)
             raise translate_exception(exc, model) from exc
@@ -135,24 +148,24 @@ class UpstreamClient:
 
     async def call(self, path: str, obj: Any, *, timeout_s: float = 5.0) -> tuple[int, Any]:
         """A small JSON POST beside the traffic (e.g. /tokenize): (status, parsed JSON or None)."""
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with self._session.post(
-            self.base_url + path, data=orjson.dumps(obj), timeout=timeout, headers=self._headers
-        ) as resp:
-            raw = await resp.read()
+        async with asyncio.timeout(timeout_s):
+            resp = await self._pool.request(_POST, path, orjson.dumps(obj))
             try:
-                return resp.status, orjson.loads(raw) if raw else None
-            except orjson.JSONDecodeError:
-                return resp.status, None
+                raw = await resp.read()
+            finally:
+                resp.release()  # (closed instead when the limit cut the read short)
+        try:
+            return resp.status, orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return resp.status, None
 
     async def close(self) -> None:
-        for session in (self._session, self._fresh):
-            await session.close()
+        self._pool.close()
 
 
 def _out_of_descriptors(exc: BaseException) -> None:
     """This process ran out of file descriptors (EMFILE, ENFILE): our own exhaustion, not the replica's."""
-    os_error = getattr(exc, "os_error", None)
+    os_error = exc.__cause__ if isinstance(exc, ConnectFailed) else getattr(exc, "os_error", None)
     if isinstance(os_error, OSError) and os_error.errno in (errno.EMFILE, errno.ENFILE):
         raise PoolExhausted(
             "The gateway has no file descriptors left for another upstream connection; try again shortly.",
@@ -176,7 +189,7 @@ def translate_exception(exc: BaseException, model: str) -> GatewayError:
         return exc
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return GatewayTimeout(f"The upstream for model '{model}' did not answer in time.")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed | aiohttp.ClientConnectorError):
         return BadGateway(f"The upstream for model '{model}' could not be reached.")
     if isinstance(exc, aiohttp.ClientError | OSError):
         return BadGateway(f"The connection to the upstream for model '{model}' failed.")

@@ -7,7 +7,7 @@ jitter between them, within the retry budget and the model's `total_s`. Only fai
 reached the client are retried (routing/retry.py says which). Every attempt's outcome goes to the
 replica's breaker. `x-portcullis-attempts` tells the client how many attempts were made.
 
-Timeouts of one model (`upstream.timeouts`, `models.<m>.timeouts`): connect (aiohttp), then one limit
+Timeouts of one model (`upstream.timeouts`, `models.<m>.timeouts`): connect (the client's), then one limit
 per attempt, kept by a watchdog (deadline.py) and moved as the request goes: time to first event for a
 stream, then the idle limit between events, never past the request's total.
 
@@ -23,7 +23,6 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 
 from portcullis.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
@@ -31,9 +30,10 @@ from portcullis.exchange import Abort, Exchange
 from portcullis.http import Request
 from portcullis.obs.lag import LAG
 from portcullis.routing.balancer import choose, unavailable
-from portcullis.routing.catalog import Replica
+from portcullis.routing.catalog import Answer, Replica
 from portcullis.routing.retry import RETRYABLE_STATUS, AttemptFailed, backoff_delay, retry_after_of
 from portcullis.upstream.client import PoolExhausted, upstream_error
+from portcullis.upstream.h1 import ConnectFailed
 from portcullis.upstream.relay import end_stream_with_error, relay_sse
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ class Upstream:
             ex.trace.attempt_started(replica.name, model)
         t0 = time.perf_counter()
         replica.begin(t0)
-        resp: aiohttp.ClientResponse | None = None
+        resp: Answer | None = None
         ok: bool | None = None
         kind: str | None = None
         connection = False  # holding one of the replica's traffic connections
@@ -219,7 +219,7 @@ class Upstream:
                 raise AttemptFailed(exc, kind="pool", retryable=True) from None
             except BadGateway as exc:
                 ok, kind = False, "connect"
-                if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
+                if isinstance(exc.__cause__, ConnectFailed):
                     host = self._host_of(replica)
                     if host is not None and host.lost(replica):
                         ok = None  # its launched process is gone: the host starts it again for the retry
@@ -257,7 +257,7 @@ class Upstream:
                 return
             try:
                 raw = await resp.read()
-            except (aiohttp.ClientError, OSError) as exc:  # nothing reached the client yet: retryable
+            except OSError as exc:  # (h1.Broken, a ConnectionError) nothing reached the client yet: retryable
                 ok, kind = False, "connect"
                 raise AttemptFailed(
                     BadGateway(f"The connection to the upstream for model '{model}' broke during its answer."),
@@ -377,11 +377,13 @@ class Upstream:
             try:
                 async with asyncio.timeout(timeout_s):
                     resp = await replica.client.post(path, orjson.dumps(obj), model=model)
-                    async with resp:
+                    try:
                         raw = await resp.read()
+                    finally:
+                        resp.release()  # (closed when the limit cut the read short)
             except TimeoutError:
                 raise GatewayTimeout(f"The upstream for model '{model}' did not answer {path} in time.") from None
-            except (aiohttp.ClientError, OSError) as exc:
+            except OSError as exc:  # (h1.Broken)
                 ok, kind = False, "connect"
                 if (host := self._host_of(replica)) is not None and host.lost(replica):
                     ok = None  # a launched process gone: its host starts it again; not the breaker's business

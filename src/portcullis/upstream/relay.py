@@ -21,12 +21,12 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 
 from portcullis.errors import BadGateway
 from portcullis.exchange import Exchange, ResponseFilter, Surface
 from portcullis.http import Request
+from portcullis.routing.catalog import Answer
 from portcullis.routing.retry import AttemptFailed
 from portcullis.upstream.client import upstream_error
 
@@ -35,7 +35,7 @@ _DONE = b"data: [DONE]\n\n"
 
 async def relay_sse(
     req: Request,
-    resp: aiohttp.ClientResponse,
+    resp: Answer,
     ex: Exchange,
     *,
     model: str,
@@ -53,7 +53,7 @@ async def relay_sse(
     `idle_s` after each event, never past `deadline` (0: no limits, as in tests of the relay alone).
     Every event passes the exchange's response filters that watch streams (exchange.py), in order.
     """
-    content = resp.content
+    readline = resp.readline
     chain = _Chain([f for f in ex.filters if f.streams], ex)
     # (most streams have no filter watching, nor another API to speak: no await per event then)
     filtered = bool(chain.filters) or ex.surface is not None
@@ -72,8 +72,8 @@ async def relay_sse(
     while True:
         t = perf()
         try:
-            line = await content.readline()
-        except (aiohttp.ClientError, OSError) as exc:
+            line = await readline()
+        except OSError as exc:  # (h1.Broken)
             broken = f"the connection to the upstream broke ({type(exc).__name__})"
             break
         ex.upstream_s += perf() - t
