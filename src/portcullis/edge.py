@@ -45,6 +45,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import resource
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,13 @@ import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 SWEEP_S = 1.0
 LINGER_S = 2.0
@@ -283,6 +290,92 @@ class Edge:
         self.lingering.pop(proto, None)
 
 
+class EdgeCycle(RequestResponseCycle):
+    """uvicorn's request cycle with a leaner answer: its head goes out with the first piece of its body (one write,
+    one segment, instead of two), and its header names and values are checked in two passes over all of them
+    instead of two per header. The same checks, framing and keep-alive rules as uvicorn's `send`."""
+
+    _pending: bytes | None = None  # the answer's head, until its first body message (or the next loop turn)
+
+    async def send(self, message: Any) -> None:  # (ASGISendEvent)
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        if self.response_started and not self.response_complete:
+            if message["type"] != "http.response.body":
+                raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{message['type']}'.")
+            body = message.get("body", b"")
+            more_body = message.get("more_body", False)
+            head, self._pending = self._pending, None
+            if self.scope["method"] == "HEAD":
+                self.expected_content_length = 0
+                out = b""
+            elif self.chunked_encoding:
+                out = (b"%x\r\n%s\r\n" % (len(body), body)) if body else b""
+                if not more_body:
+                    out += b"0\r\n\r\n"
+            else:
+                if len(body) > self.expected_content_length:
+                    raise RuntimeError("Response content longer than Content-Length")
+                self.expected_content_length -= len(body)
+                out = body
+            if head is not None:
+                out = head + out
+            if out:
+                self.transport.write(out)
+            if not more_body:
+                if self.expected_content_length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.message_event.set()
+                if not self.keep_alive:
+                    self.transport.close()
+                self.on_response()
+            return
+        if self.response_started or self.access_log:
+            await super().send(message)  # (a message after the end: uvicorn's error; an access log: uvicorn's line)
+            return
+        if message["type"] != "http.response.start":
+            raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{message['type']}'.")
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        status = message["status"]
+        headers = [*self.default_headers, *message.get("headers", ())]
+        if HEADER_RE.search(b"".join(name for name, _ in headers)):
+            raise RuntimeError("Invalid HTTP header name.")
+        if HEADER_VALUE_RE.search(b"".join(value for _, value in headers)):
+            raise RuntimeError("Invalid HTTP header value.")
+        content = [STATUS_LINE[status]]
+        closing = False
+        for name, value in headers:
+            name = name.lower()
+            if name == b"content-length" and self.chunked_encoding is None:
+                self.expected_content_length = int(value.decode())
+                self.chunked_encoding = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+            elif name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
+                self.keep_alive = False
+                closing = True
+            content += (name, b": ", value, b"\r\n")
+        if not self.keep_alive and not closing:
+            content.append(b"connection: close\r\n")
+        if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        self._pending = b"".join(content)
+        # The body follows in the same turn of the loop almost always; if not, the head goes out alone then.
+        asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        head, self._pending = self._pending, None
+        if head is not None and not self.disconnected:
+            self.transport.write(head)
+
+
 class EdgeProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the edge's limits (see the module's docstring)."""
 
@@ -486,12 +579,55 @@ class EdgeProtocol(HttpToolsProtocol):
         self._framing = 0
         self._body_bytes = 0
         pipelined = self.cycle is not None and not self.cycle.response_complete
-        super().on_headers_complete()
+        self._start_request()
         if not pipelined:
             # A pipelined request's body cannot arrive before the answer ahead of it ends (uvicorn stops
             # reading): its deadline starts then (on_response_complete).
             self._body_start = edge.now
             edge.bodies[self] = edge.now + self.body_timeout_s
+
+    def _start_request(self) -> None:
+        """uvicorn's on_headers_complete, with our cycle (EdgeCycle). Neither of what it also checks is on here:
+        a concurrency limit (uvicorn's own 503; the gateway's admission does better) falls back to uvicorn's."""
+        if self.limit_concurrency is not None:
+            super().on_headers_complete()
+            return
+        parser = self.parser
+        scope = self.scope
+        scope["method"] = parser.get_method().decode("ascii")
+        http_version = parser.get_http_version()
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        parsed = httptools.parse_url(self.url)
+        raw_path = parsed.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        root = self.root_path
+        scope["path"] = root + path
+        scope["raw_path"] = root.encode("ascii") + raw_path if root else raw_path
+        scope["query_string"] = parsed.query or b""
+        existing = self.cycle
+        self.cycle = cycle = EdgeCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, self.app)
+        else:  # pipelined: it waits for the answer ahead of it
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, self.app))
 
     def on_body(self, body: bytes) -> None:
         # uvicorn's, inline, less its upgrade check (no upgrades here: the parser stops at one), counting bytes.

@@ -148,7 +148,8 @@ class Request:
         if self.hold is not None:
             await self.hold()
         self.status = status
-        head = [*self.response_headers, _overhead(self), *headers]
+        # A length, not chunks: a whole answer is framed once, and the head and body go out in one write (edge.py).
+        head = [*self.response_headers, _overhead(self), *headers, (b"content-length", b"%d" % len(body))]
         await self.send({"type": "http.response.start", "status": status, "headers": head})
         await self.send({"type": "http.response.body", "body": body})
 
