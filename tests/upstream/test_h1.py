@@ -171,3 +171,19 @@ async def test_a_refused_connection_is_told_apart() -> None:
     pool = _pool("http://127.0.0.1:9")  # (discard: nothing listens there)
     with pytest.raises(ConnectFailed):
         await pool.request(b"POST", "/x", b"{}")
+
+
+async def test_an_answer_without_length_or_chunks_ends_with_its_connection(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    async def http10_style(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{"ok": true}')
+        await writer.drain()
+        writer.close()
+
+    pool = _pool(await serve(http10_style))
+    resp = await pool.request(b"POST", "/x", b"{}")
+    assert await resp.read() == b'{"ok": true}'
+    resp.release()
+    assert pool._idle == []  # (its connection ended with it)

@@ -97,15 +97,23 @@ class _Connection(asyncio.Protocol):
             self._fail(Broken("The upstream's answer was not valid HTTP/1.1."))
             self.close()
 
-    def eof_received(self) -> bool | None:
-        try:
-            self.parser.feed_data(b"")  # (httptools' way to end a body delimited by the connection's close)
-        except httptools.HttpParserError:
-            pass
-        return None
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        headers = self.headers
+        if (
+            self.status
+            and not self.complete
+            and exc is None
+            and "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+        ):
+            # An answer with neither a length nor chunks ends where its connection does (HTTP/1.0's way).
+            if self.inflate is not None:
+                self.body += self.inflate.flush()
+            self.complete = True
+            self.keep = False
+            self._wake()
+            return
         if not self.complete:
             stale = self.used > 1 and not self.got
             self._fail(Broken("The upstream closed the connection before its answer ended.", stale=stale))
