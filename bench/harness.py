@@ -68,6 +68,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_nginx(servers: list[Server], work: Path) -> str:
+    """bench/nginx.conf.template's fixed-response upstream, pinned to CPU 1 beside the load generator, appended to
+    `servers` once it answers; its base URL."""
+    port = free_port()
+    template = (Path(__file__).resolve().parent / "nginx.conf.template").read_text()
+    (work / "nginx.conf").write_text(template.replace("{dir}", str(work)).replace("{port}", str(port)))
+    upstream = f"http://127.0.0.1:{port}"
+    nginx = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"]
+    servers.append(Server("nginx", pinned(1, nginx), upstream + "/health", work))
+    return upstream
+
+
 def pinned(cpu: int, args: list[str]) -> list[str]:
     """`args` under `taskset -c CPU`, or as they are where there is no taskset or only one CPU."""
     return ["taskset", "-c", str(cpu), *args] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else args
@@ -210,13 +222,20 @@ def _ms(text: str) -> float:
 
 
 def wrk(
-    url: str, connections: int, seconds: float, key: str | None = None, *, failures_ok: bool = False
+    url: str,
+    connections: int,
+    seconds: float,
+    key: str | None = None,
+    *,
+    failures_ok: bool = False,
+    stream: bool = False,
 ) -> dict[str, Any]:
     """One wrk run (-t1, pinned to CPU 1) posting bench/post.lua's chat completion, with `key` as the bearer
-    token if given: requests/s, requests, p50 and p99 in ms, non-2xx answers and wrk's socket errors line.
+    token if given (`stream`: the body asks for a streamed answer): requests/s, requests, p50 and p99 in ms, non-2xx
+    answers and wrk's socket errors line.
     A non-2xx answer or a socket error raises, with wrk's output, unless `failures_ok`."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(HERE / "post.lua")]
-    env = {**os.environ, "BENCH_KEY": key or ""}
+    env = {**os.environ, "BENCH_KEY": key or "", "BENCH_STREAM": "1" if stream else ""}
     out = subprocess.run(pinned(1, [*cmd, url]), capture_output=True, text=True, check=True, env=env).stdout
     total = re.search(r"(\d+) requests in", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)

@@ -6,4 +6,9 @@ local key = os.getenv("BENCH_KEY")
 if key ~= nil and key ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. key
 end
-wrk.body = '{"model":"bench","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in five words."}],"max_tokens":16,"temperature":0}'
+-- BENCH_STREAM=1 asks for a streamed answer (bench/stack.py's streamed cases).
+local stream = ""
+if os.getenv("BENCH_STREAM") == "1" then
+  stream = ',"stream":true'
+end
+wrk.body = '{"model":"bench","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in five words."}],"max_tokens":16,"temperature":0' .. stream .. '}'

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import run  # bench/ is on the path when this script runs
-from harness import Server, free_port, logger, pinned, wrk
+from harness import Server, logger, start_nginx, wrk
 
 RATE = 500
 log = logger("profile")
@@ -56,12 +56,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="portcullis-profile-"))
     servers: list[Server] = []
     try:
-        port = free_port()
-        conf = (run.HERE / "nginx.conf.template").read_text().replace("{dir}", str(work)).replace("{port}", str(port))
-        (work / "nginx.conf").write_text(conf)
-        upstream = f"http://127.0.0.1:{port}"
-        nginx = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"]
-        servers.append(Server("nginx", pinned(1, nginx), upstream + "/health", work))
+        upstream = start_nginx(servers, work)
         ports = {
             "this build": run.start_gateway(servers, work, upstream, "this", keys=True),
             "baseline": run.start_gateway(
