@@ -149,7 +149,9 @@ class Request:
             await self.hold()
         self.status = status
         # A length, not chunks: a whole answer is framed once, and the head and body go out in one write (edge.py).
-        head = [*self.response_headers, _overhead(self), *headers, (b"content-length", b"%d" % len(body))]
+        head = [*self.response_headers, _overhead(self), *headers]
+        if status >= 200 and status not in (204, 304):  # (no length on those: RFC 9110)
+            head.append((b"content-length", b"%d" % len(body)))
         await self.send({"type": "http.response.start", "status": status, "headers": head})
         await self.send({"type": "http.response.body", "body": body})
 

@@ -95,6 +95,7 @@ def test_cors_preflight_allowed_and_refused(sim: Proc, tmp_path: Path) -> None:
 
         allowed = preflight("https://app.example")
         assert allowed.status == 204
+        assert allowed.getheader("content-length") is None  # (a 204 has no length: RFC 9110 section 8.6)
         assert allowed.getheader("access-control-allow-origin") == "https://app.example"
         assert "POST" in allowed.getheader("access-control-allow-methods")
         assert "authorization" in allowed.getheader("access-control-allow-headers")

@@ -187,3 +187,48 @@ async def test_an_answer_without_length_or_chunks_ends_with_its_connection(
     assert await resp.read() == b'{"ok": true}'
     resp.release()
     assert pool._idle == []  # (its connection ended with it)
+
+
+async def test_a_line_longer_than_the_mark_is_read_whole(serve: Callable[[Handler], Awaitable[str]]) -> None:
+    # Past HIGH_WATER with no newline yet the socket was paused, and nothing let it read on: the stream hung.
+    line = b"data: " + b"x" * (HIGH_WATER + 150_000) + b"\n"
+
+    async def long_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(line) + 1))
+        await writer.drain()
+        writer.write(line[:-1])  # all of the line but its end: past the mark with no newline
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(b"\n\n")
+
+    resp = await _pool(await serve(long_line)).request(b"POST", "/x", b"{}")
+    assert await asyncio.wait_for(resp.readline(), 10.0) == line
+    assert await asyncio.wait_for(resp.readline(), 10.0) == b"\n"
+
+
+async def test_a_connection_paused_at_its_answers_end_reads_the_next(
+    serve: Callable[[Handler], Awaitable[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The read that crossed the mark also ended the answer: the connection went back to the pool paused, and the
+    # next request on it waited for a head it never read.
+    from portcullis.upstream import h1
+
+    monkeypatch.setattr(h1, "HIGH_WATER", 1024)
+    rest = b"y" * 4096 + b"\n"
+
+    async def two_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\nfirst " % (6 + len(rest)))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the reader is waiting for its line by now
+        writer.write(rest)  # one read: past the mark, and the answer's end
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+
+    pool = _pool(await serve(two_answers))
+    resp = await pool.request(b"POST", "/x", b"{}")
+    assert await asyncio.wait_for(resp.readline(), 5.0) == b"first " + rest
+    resp.release()
+    second = await asyncio.wait_for(pool.request(b"POST", "/x", b"{}"), 5.0)
+    assert await second.read() == b"{}"

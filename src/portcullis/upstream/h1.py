@@ -11,7 +11,8 @@ them, and gzip/deflate undone when an upstream compresses anyway (we never ask i
 
 A connection carries one request at a time. Its answer's body is buffered as it arrives; a stream's reader
 (`readline`) pauses the socket when more than HIGH_WATER bytes wait unread, so a slow client holds back the
-upstream instead of filling our memory.
+upstream instead of filling our memory; reading resumes as soon as the reader needs bytes it does not have (a line
+longer than the mark included), and always by the end of the answer (a paused socket must not go back to the pool).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from urllib.parse import urlsplit
 import httptools
 
 HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
 
 
 class ConnectFailed(ConnectionError):
@@ -104,6 +104,7 @@ class _Connection(asyncio.Protocol):
             self.status
             and not self.complete
             and exc is None
+            and self.error is None
             and "content-length" not in headers
             and "chunked" not in headers.get("transfer-encoding", "").lower()
         ):
@@ -154,6 +155,7 @@ class _Connection(asyncio.Protocol):
         if self.inflate is not None:
             self.body += self.inflate.flush()
         self.complete = True
+        self._resume()  # (the answer's end may come in the read that paused it: the next answer needs reading)
         self._wake()
 
     # -- ours ----------------------------------------------------------------------------------------------------
@@ -166,6 +168,11 @@ class _Connection(asyncio.Protocol):
             head.set_exception(error)
         self._wake()
 
+    def _resume(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -175,9 +182,7 @@ class _Connection(asyncio.Protocol):
         """Until more of the body arrived, it ended, or the connection failed (raised)."""
         if self.error is not None:
             raise self.error
-        if self.paused and len(self.body) < LOW_WATER and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
+        self._resume()  # the reader needs bytes that are not here: let them in
         self.waiter = asyncio.get_running_loop().create_future()
         try:
             await self.waiter
@@ -187,6 +192,7 @@ class _Connection(asyncio.Protocol):
             raise self.error
 
     def reset(self) -> None:
+        self._resume()
         self.status, self.headers, self.body = 0, {}, bytearray()
         self.inflate, self.complete, self.keep, self.error, self.got, self.lines = (
             None,

@@ -233,7 +233,15 @@ class Upstream:
             replica.answered_at = time.monotonic()
             status = resp.status
             if status >= 400:
-                raw = await resp.read()
+                try:
+                    raw = await resp.read()
+                except OSError as exc:  # (h1.Broken) the error's own body broke off: nothing reached the client
+                    ok, kind = False, "connect"
+                    raise AttemptFailed(
+                        BadGateway(f"The connection to the upstream for model '{model}' broke during its answer."),
+                        kind="connect",
+                        retryable=True,
+                    ) from exc
                 ex.upstream_s += time.perf_counter() - t0
                 failure = _failure(status, raw, resp.headers.get("retry-after"), model)
                 ok, kind = failure.kind is None, failure.kind
