@@ -87,6 +87,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--baseline", default=None, help="another build's source tree, profiled beside this one")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--cache-hit", action="store_true", help="profile the gateway answering from its cache")
     parser.add_argument("--out", default=str(run.HERE / "RESULTS-profile.md"))
     args = parser.parse_args()
     command = " ".join([".venv/bin/python bench/profile.py", *sys.argv[1:]])
@@ -94,12 +95,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="portcullis-profile-"))
     servers: list[Server] = []
     builds = {"this build": None} | ({"baseline": args.baseline} if args.baseline else {})
-    found: dict[str, tuple[collections.Counter[str], collections.Counter[str], int, int]] = {}
+    found: dict[str, tuple[collections.Counter[str], collections.Counter[str], int, int, collections.Counter[str]]] = {}
     try:
         upstream = start_nginx(servers, work)
         for name, tree in builds.items():
             src = str(Path(tree) / "src") if tree else None
-            gw_port = run.start_gateway(servers, work, upstream, name.replace(" ", "-"), keys=True, src=src)
+            gw_port = run.start_gateway(
+                servers, work, upstream, name.replace(" ", "-"), keys=True, cache=args.cache_hit, src=src
+            )
             pid = servers[-1].proc.pid
             url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
             wrk(url, 32, 3, key=run.BENCH_GATEWAY_KEY)  # warm
@@ -109,14 +112,19 @@ def main() -> int:
             served = sample(spy, pid, url, args.seconds, raw, "raw")
             own: collections.Counter[str] = collections.Counter()
             groups: collections.Counter[str] = collections.Counter()
+            inclusive: collections.Counter[str] = collections.Counter()
             total = 0
             for line in raw.read_text().splitlines():
                 stack, _, count = line.rpartition(" ")
-                leaf = _frame(stack.split(";")[-1])
+                frames = [_frame(f) for f in stack.split(";")]
+                leaf = frames[-1]
                 own[leaf] += int(count)
                 groups[group(leaf)] += int(count)
+                for f in set(frames):  # (a recursive frame counts once per sample)
+                    if "portcullis/" in f:
+                        inclusive[f] += int(count)
                 total += int(count)
-            found[name] = (own, groups, total, served)
+            found[name] = (own, groups, total, served, inclusive)
             log(f"{name}: {served_svg} and {served} requests sampled, {total} samples")
     finally:
         for server in reversed(servers):
@@ -129,7 +137,7 @@ def write_report(
     out: Path,
     command: str,
     seconds: int,
-    found: dict[str, tuple[collections.Counter[str], collections.Counter[str], int, int]],
+    found: dict[str, tuple[collections.Counter[str], collections.Counter[str], int, int, collections.Counter[str]]],
     top: int,
 ) -> None:
     names = list(found)
@@ -156,6 +164,10 @@ def write_report(
     lines.append("|---:|---|")
     own = found[names[0]][0]
     for f, count in own.most_common(top):
+        lines.append(f"| {count * per[names[0]]:.1f} | `{f[:150]}` |")
+    lines += ["", f"## The {top} gateway functions with the most time inside them ({names[0]})", ""]
+    lines += ["| µs/request | function |", "|---:|---|"]
+    for f, count in found[names[0]][4].most_common(top):
         lines.append(f"| {count * per[names[0]]:.1f} | `{f[:150]}` |")
     lines.append("")
     out.write_text("\n".join(lines))

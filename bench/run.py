@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import re
@@ -232,14 +233,22 @@ async def _open_streams(url: str, n: int, server: Server) -> tuple[int, float]:
         responses = []
 
         failed = 0
+        why: collections.Counter[str] = collections.Counter()  # each failure's status and error code
 
         async def one() -> None:
             nonlocal count, failed
-            resp = await session.post(url + "/v1/chat/completions", json=body)
-            responses.append(resp)
-            await resp.content.readline()  # the first event has arrived: the stream is open end to end
+            try:
+                resp = await session.post(url + "/v1/chat/completions", json=body)
+                responses.append(resp)
+                line = await resp.content.readline()  # the first event has arrived: the stream is open end to end
+                if resp.status != 200:
+                    failed += 1
+                    code = re.search(rb'"code":\s*"([^"]+)"', line + await resp.content.read(2048))
+                    why[f"{resp.status} {code.group(1).decode() if code else ''}".strip()] += 1
+            except (aiohttp.ClientError, OSError) as exc:
+                failed += 1
+                why[type(exc).__name__] += 1
             count += 1
-            failed += resp.status != 200
             if count == n:
                 started.set()
 
@@ -250,7 +259,7 @@ async def _open_streams(url: str, n: int, server: Server) -> tuple[int, float]:
                 await asyncio.sleep(0.5)
         await asyncio.wait_for(started.wait(), timeout=900)
         if failed:
-            raise RuntimeError(f"{failed} of {n} streams were refused or failed")
+            raise RuntimeError(f"{failed} of {n} streams were refused or failed: {dict(why.most_common(5))}")
         await asyncio.sleep(1.0)  # let allocations settle
         rss = server.rss_kib()
         loaded_ttft = statistics.median(await _ttft(url, "fast", 20))

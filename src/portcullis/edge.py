@@ -46,7 +46,7 @@ import dataclasses
 import ipaddress
 import resource
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,8 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
     RequestResponseCycle,
 )
+
+from portcullis.http import DISCONNECT
 
 SWEEP_S = 1.0
 LINGER_S = 2.0
@@ -296,6 +298,20 @@ class EdgeCycle(RequestResponseCycle):
     instead of two per header. The same checks, framing and keep-alive rules as uvicorn's `send`."""
 
     _pending: bytes | None = None  # the answer's head, until its first body message (or the next loop turn)
+    _on_gone: Callable[[], None] | None = None
+
+    def watch(self, callback: Callable[[], None] | None) -> None:
+        """The ASGI extension DISCONNECT (http.py): `callback` is called when the client goes away before the
+        answer is complete (None: no longer). The handler learns it with no task of its own waiting in
+        `receive` (one task per request, ~8 µs, and its memory per open stream)."""
+        self._on_gone = callback
+        if callback is not None and self.disconnected:
+            self.gone()
+
+    def gone(self) -> None:
+        callback, self._on_gone = self._on_gone, None
+        if callback is not None:
+            callback()
 
     async def send(self, message: Any) -> None:  # (ASGISendEvent)
         if self.flow.write_paused and not self.disconnected:
@@ -424,6 +440,9 @@ class EdgeProtocol(HttpToolsProtocol):
             self.edge.lingering.pop(self, None)
             return  # never admitted: uvicorn never knew this connection
         super().connection_lost(exc)
+        cycle = self.cycle
+        if isinstance(cycle, EdgeCycle) and cycle.disconnected:
+            cycle.gone()
 
     def eof_received(self) -> None:
         if self._discarding:
@@ -464,6 +483,8 @@ class EdgeProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.waiting_for_100_continue = False  # no "100 Continue" after our answer and half-close
             cycle.message_event.set()
+            if isinstance(cycle, EdgeCycle):
+                cycle.gone()
 
     def _linger(self) -> None:
         """Half-close, drop what the client still sends, and close after LINGER_S: closing with unread input
@@ -623,6 +644,7 @@ class EdgeProtocol(HttpToolsProtocol):
             keep_alive=http_version != "1.0" and parser.should_keep_alive(),
             on_response=self.on_response_complete,
         )
+        scope["extensions"] = {DISCONNECT: cycle.watch}  # type: ignore[dict-item]  # (uvicorn types them narrowly)
         if existing is None or existing.response_complete:
             self._start_asgi_task(cycle, self.app)
         else:  # pipelined: it waits for the answer ahead of it

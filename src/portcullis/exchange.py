@@ -134,6 +134,14 @@ class Surface(Protocol):
     def error(self, message: str, *, type: str, code: str | None) -> bytes: ...
 
 
+class Client(Protocol):
+    """What the disconnect watch needs of a request (http.Request)."""
+
+    def on_disconnect(self, callback: Callable[[], None] | None) -> bool: ...
+
+    def wait_disconnect(self) -> Coroutine[Any, Any, None]: ...
+
+
 @dataclass(slots=True, eq=False)
 class Exchange:
     route: str
@@ -198,6 +206,7 @@ class Exchange:
     # Set just before the last byte is handed to the server: from then on nothing may cancel us.
     finished: bool = False
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    _hooked: Client | None = field(default=None, repr=False)  # told us it tells of a disconnect
 
     def abort(self, reason: Abort) -> None:
         """Cancel the request's task for `reason`; not once its last byte is on its way, and not over a reason
@@ -220,20 +229,31 @@ class Exchange:
             task.uncancel()
         return True
 
-    def watch_disconnect(self, wait_disconnect: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    def watch_disconnect(self, client: Client) -> None:
         """Abort when the client goes away (the body must have been read already). Once per exchange:
-        the queue starts watching, the upstream stage keeps the same watcher."""
-        if self._watcher is not None:
+        the queue starts watching, the upstream stage keeps the same watcher. Told by the server when it can
+        (no task), else by a task waiting in the request's `receive`."""
+        if self._watcher is not None or self._hooked is not None:
+            return
+        if client.on_disconnect(self._client_gone):
+            self._hooked = client
             return
 
         def _gone(fut: asyncio.Future[None]) -> None:
             if not fut.cancelled() and fut.exception() is None:
                 self.abort(Abort.CLIENT_GONE)
 
-        self._watcher = asyncio.ensure_future(wait_disconnect())
+        self._watcher = asyncio.ensure_future(client.wait_disconnect())
         self._watcher.add_done_callback(_gone)
 
+    def _client_gone(self) -> None:
+        self._hooked = None
+        self.abort(Abort.CLIENT_GONE)
+
     def stop_watching(self) -> None:
+        if self._hooked is not None:
+            self._hooked.on_disconnect(None)
+            self._hooked = None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None

@@ -30,6 +30,9 @@ _REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 # On every response: browsers must not sniff a JSON error (which may echo input) into HTML or script.
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 OVERHEAD = b"x-portcullis-overhead-ms"
+# An ASGI extension of our server (edge.py): scope["extensions"][DISCONNECT](callback) has `callback` called when
+# the client goes away mid-request (None: no longer). Under another server, a task waits in `receive` instead.
+DISCONNECT = "portcullis.disconnect"
 
 
 class UpstreamTime(Protocol):
@@ -135,6 +138,16 @@ class Request:
             if chunk:
                 yield chunk
             more = message.get("more_body", False)
+
+    def on_disconnect(self, callback: Callable[[], None] | None) -> bool:
+        """Have `callback` called when the client goes away (None: no longer); False when the server cannot
+        (then wait_disconnect)."""
+        extensions = self.scope.get("extensions")
+        hook = extensions.get(DISCONNECT) if extensions else None
+        if hook is None:
+            return False
+        hook(callback)
+        return True
 
     async def wait_disconnect(self) -> None:
         """Returns when the client goes away. Only call once the body has been read."""

@@ -156,7 +156,7 @@ class EmbeddingBatcher:
         batch.size += len(inputs)
         if batch.size >= self.config.max_batch_inputs:
             batch.full.set()
-        ex.watch_disconnect(req.wait_disconnect)
+        ex.watch_disconnect(req)
         try:
             answer, replica = await future
         except _BatchFailed:

@@ -166,7 +166,7 @@ class ResponseCache:
                 if not (lookup and self.config.coalesce and self.store.shared) or await self._lead(key):
                     break
                 # Another process is answering this key: wait for its answer in the shared cache.
-                ex.watch_disconnect(req.wait_disconnect)
+                ex.watch_disconnect(req)
                 raw = await self._await_other_process(key)
                 if raw is None:
                     continue  # it gave up (or died): start over, perhaps as the leader
@@ -174,7 +174,7 @@ class ResponseCache:
                 await self._serve(req, ex, raw, payload, chat=chat, how=_COALESCED)
                 return True
             # A client that leaves while waiting is let go at once (it must not become a leader later).
-            ex.watch_disconnect(req.wait_disconnect)
+            ex.watch_disconnect(req)
             try:
                 raw = await asyncio.shield(leader)  # our client leaving cancels only our wait
             except _LeaderFailed:

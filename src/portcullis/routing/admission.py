@@ -543,7 +543,7 @@ class Admission:
         if gate.background:
             gate.preempt()
         # A client that leaves while waiting leaves the queue at once (the abort cancels this task).
-        ex.watch_disconnect(req.wait_disconnect)
+        ex.watch_disconnect(req)
         queued_at = time.perf_counter()
         fut = waiter.fut
         try:

@@ -214,8 +214,11 @@ class _NoClient:
     def __init__(self) -> None:
         self.response_headers: list[tuple[bytes, bytes]] = []
 
+    def on_disconnect(self, callback: Callable[[], None] | None) -> bool:
+        return True  # (nobody to go away: nothing to watch)
+
     async def wait_disconnect(self) -> None:
-        await asyncio.Event().wait()  # never; the watcher is cancelled when the call ends
+        await asyncio.Event().wait()  # never
 
 
 class GuardSlots:

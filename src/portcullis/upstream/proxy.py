@@ -94,7 +94,7 @@ class Upstream:
         if surface is not None and native is not None and isinstance(payload.get("max_tokens"), int):
             # The length as validation capped it and admission may have degraded it: the native request obeys it too.
             native[surface.native_length] = payload["max_tokens"]
-        ex.watch_disconnect(req.wait_disconnect)
+        ex.watch_disconnect(req)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + target.timeouts.total_s
         target.budget.request()
