@@ -81,18 +81,21 @@ async def admit_as_request(api: OpenAIDeps, req: Request, ex: Exchange, asked: A
     return name
 
 
+_CHAT, _TEXT = "/v1/chat/completions", "/v1/completions"
+
+
 async def chat_completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     body = await req.read_body(api.config.server.max_body_bytes)
     payload = validation.parse_json_object(body, api.config.validation)
-    chat = validation.validate_chat(payload, api.config.validation)
-    await generate(api, req, ex, payload, chat, route="/v1/chat/completions")
+    del body  # (a stream's frame lives as long as it does: nothing it no longer needs stays here)
+    await generate(api, req, ex, payload, validation.validate_chat(payload, api.config.validation), route=_CHAT)
 
 
 async def completions(api: OpenAIDeps, req: Request, ex: Exchange) -> None:
     body = await req.read_body(api.config.server.max_body_bytes)
     payload = validation.parse_json_object(body, api.config.validation)
-    completion = validation.validate_completion(payload, api.config.validation)
-    await generate(api, req, ex, payload, completion, route="/v1/completions")
+    del body
+    await generate(api, req, ex, payload, validation.validate_completion(payload, api.config.validation), route=_TEXT)
 
 
 async def generate(
@@ -112,12 +115,13 @@ async def generate(
     ex.model, ex.stream = request.model, bool(request.stream)
     model = await api.router.route(req, ex, payload)
     await api.quota.admit(req, ex, request)
+    del request  # the validated model (~1.4 KiB) is not needed past admission; a stream's frame would hold it
     async with api.moderation.screen(req, ex, payload, model, chat=chat):
         if await api.cache.answer(req, ex, payload, route=route, chat=chat):
             return  # from the cache, or shared with an identical request in flight
         if ex.moderation is not None and "redact" in ex.moderation:
             native = None  # the input was redacted in the request read from it: only that may go upstream
-        path = "/v1/chat/completions" if chat else "/v1/completions"
+        path = _CHAT if chat else _TEXT
         async with api.admission.slot(req, ex, model, payload) as target:
             await api.upstream.forward(req, ex, path=path, payload=payload, target=target, native=native)
 

@@ -112,7 +112,7 @@ class UsageRecorder:
         metrics.count(
             "portcullis_usage_records_unspooled",
             "Usage records that could not be appended to the spool (queued, but lost if the process dies)",
-            lambda: self.unspooled,
+            lambda: self.unspooled + (self.spool.unwritten if self.spool is not None else 0),
         )
         metrics.count(
             "portcullis_usage_records_rejected",

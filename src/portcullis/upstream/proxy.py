@@ -118,7 +118,12 @@ class Upstream:
             if body is None:
                 source = native if ex.native and native is not None else payload
                 source["model"] = upstream_name
-                body = bodies[upstream_name, ex.native] = orjson.dumps(source)
+                body = orjson.dumps(source)
+                if ex.stream:
+                    # orjson's result keeps its whole buffer (4 KiB at least, up to twice its length); a stream
+                    # holds its body for its whole life (for a retry): a copy of its length, 4 KiB less per stream.
+                    body = memoryview(body).tobytes()
+                bodies[upstream_name, ex.native] = body
             host = self._host_of(replica)
             if host is not None:
                 # Until its model serves (or a 503/504 that says why not): told as x-portcullis-model-wait-ms.

@@ -135,6 +135,8 @@ async def relay_sse(
             break
         if deadline:
             ex.deadline = min(deadline, clock() + idle_s)
+        # Nothing of this event is held while the next is awaited (most of an open stream's life).
+        chunk = choices = last = None
     if waiting is not None and not finished:  # the stream ended (or broke) after its finish chunk
         sent = await chain.pass_on(waiting, b"", False) if filtered else _sse(waiting)
         if chain.closing is not None:
