@@ -149,7 +149,9 @@ def write_report(
         f"gateway as bench/run.py's 'gateway', pinned to CPU 0, nginx and wrk on CPU 1; {time.strftime('%Y-%m-%d')}). "
         "Flame graph: [flame-gateway.svg](flame-gateway.svg).",
         "",
-        "Sampled CPU per request: " + ", ".join(f"{n} {found[n][2] * per[n]:.0f} µs" for n in names) + ".",
+        "Sampled CPU per request: " + ", ".join(f"{n} {found[n][2] * per[n]:.0f} µs" for n in names) + ". (A thread's "
+        "samples count while it is runnable, not only while it runs: on the one pinned CPU the SQLite writer's thread "
+        "shows several times its CPU as /proc counts it; the event loop's figures are the ones to read.)",
         "",
         "## By part of the stack (the innermost frame of each sample)",
         "",
