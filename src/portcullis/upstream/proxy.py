@@ -237,21 +237,7 @@ class Upstream:
                 raise AttemptFailed(exc, kind="timeout", retryable=True) from None
             replica.answered_at = time.monotonic()
             status = resp.status
-            if status >= 400:
-                try:
-                    raw = await resp.read()
-                except OSError as exc:  # (h1.Broken) the error's own body broke off: nothing reached the client
-                    ok, kind = False, "connect"
-                    raise AttemptFailed(
-                        BadGateway(f"The connection to the upstream for model '{model}' broke during its answer."),
-                        kind="connect",
-                        retryable=True,
-                    ) from exc
-                ex.upstream_s += time.perf_counter() - t0
-                failure = _failure(status, raw, resp.headers.get("retry-after"), model)
-                ok, kind = failure.kind is None, failure.kind
-                raise failure
-            if ex.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+            if status < 400 and ex.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
                 ex.upstream_s += time.perf_counter() - t0
                 try:
                     fault = await relay_sse(
@@ -278,6 +264,10 @@ class Upstream:
                     retryable=True,
                 ) from exc
             ex.upstream_s += time.perf_counter() - t0
+            if status >= 400:  # (an error answer, read whole like any other)
+                refused = _failure(status, raw, resp.headers.get("retry-after"), model)
+                ok, kind = refused.kind is None, refused.kind
+                raise refused
             ok = True
             ex.deadline = 0.0  # from here on only the client is written to
             await respond_as_requested_model(req, ex, raw, model)
